@@ -1,0 +1,317 @@
+// Spherical harmonics on the CPU: forward and vector-Jacobian product.
+//
+// Work layout. One point at a time per thread (OpenMP over points); for that point the
+// degrees l run in the outer loop and the orders m in the inner loop. The inner loop is a
+// straight SIMD loop over m (coefficient tables, two state rows), and each degree's 2l+1
+// outputs are contiguous in memory, so stores stream. All arithmetic is float64 whatever
+// the output dtype: the float32 contract (2e-6 at degree 2048) is out of reach of a float32
+// recurrence, and at high degree the store, not the arithmetic, sets the speed.
+//
+// Underflow. Column m starts from the seed R_mm = c_m s^(m-1), which underflows near the
+// poles at high m. Such columns are first run alone in scaled arithmetic (mantissa and a
+// power of 2^SCALE_BITS) until their value is representable, then "injected" into the
+// vectorised recurrence at that degree. Below that degree their outputs are exact zeros
+// (they are under 2^-960).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "locdiff/sh_kernels.h"
+#include "locdiff/sh_math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// AVX2+FMA clone next to the portable one, chosen at load time.
+#define LOCDIFF_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define LOCDIFF_CLONES
+#endif
+
+namespace locdiff {
+namespace {
+
+inline int64_t tri(int l) { return int64_t(l) * (l + 1) / 2; }
+
+// Recurrence coefficients in triangular layout (row l holds m = 0..l), shared by all
+// degrees: the table for degree L is a prefix of the table for any larger degree.
+// Row l, m <= l-2: a_lm, b_lm. m = l-1: a = sqrt(2l+1), b = 0 (the first step of a column).
+// dz[tri(l)+m] = sqrt((l-m)(l+m+1)) (sqrt(2) folded in for m >= 1), used by the backward.
+struct Tables {
+  int degree = -1;
+  std::vector<double> a, b, dz, seed_ratio;
+};
+
+std::shared_ptr<const Tables> tables_for(int degree) {
+  static std::mutex mutex;
+  static std::shared_ptr<const Tables> cached;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cached && cached->degree >= degree) return cached;
+  auto t = std::make_shared<Tables>();
+  const int L = degree;
+  t->degree = L;
+  t->a.assign(tri(L + 1), 0.0);
+  t->b.assign(tri(L + 1), 0.0);
+  t->dz.assign(tri(L + 1), 0.0);
+  t->seed_ratio.assign(L + 1, 0.0);
+  for (int l = 0; l <= L; ++l) {
+    for (int m = 0; m <= l; ++m) {
+      const int64_t i = tri(l) + m;
+      if (m + 2 <= l) {
+        t->a[i] = sh_rec_a(l, m);
+        t->b[i] = sh_rec_b(l, m);
+      } else if (m + 1 == l) {
+        t->a[i] = std::sqrt(2.0 * l + 1.0);
+      }
+      t->dz[i] = (m == 0 ? 1.0 : kSqrt2) * sh_dz_factor(l, m);
+    }
+    if (l >= 1) t->seed_ratio[l] = sh_seed_ratio(l);
+  }
+  cached = t;
+  return cached;
+}
+
+// A column whose scaled recurrence became representable at degree l: its values at l and
+// l-1 take over in the vectorised loop from there on.
+struct Injection {
+  int l, m;
+  double value, previous;
+};
+
+// Per-thread scratch for one point.
+struct Scratch {
+  std::vector<double> x1, x2;          // column values at degrees l-1 and l-2 (then l)
+  std::vector<double> cs, sn;          // sqrt2 * s * cos(m phi), sqrt2 * s * sin(m phi)
+  std::vector<double> c1, s1;          // cos(m phi), sin(m phi)  (backward)
+  std::vector<double> wx, wy;          // backward: sqrt2 * m * cos((m-1)phi), sqrt2 * m * sin((m-1)phi)
+  std::vector<double> diag;            // seeds R_mm (0 where scaled)
+  std::vector<Injection> injections;
+  void resize(int L) {
+    const size_t n = size_t(L) + 2;
+    for (auto* v : {&x1, &x2, &cs, &sn, &c1, &s1, &wx, &wy, &diag}) v->assign(n, 0.0);
+    injections.clear();
+  }
+};
+
+struct Point {
+  double x, y, z, s, inv_norm;
+};
+
+template <typename T>
+Point unit_point(const T* p) {
+  const double x = double(p[0]), y = double(p[1]), z = double(p[2]);
+  // Scale first so that huge or tiny (but finite, non-zero) vectors normalise exactly.
+  const double big = std::max(std::fabs(x), std::max(std::fabs(y), std::fabs(z)));
+  const double xs = x / big, ys = y / big, zs = z / big;
+  const double norm = std::sqrt(xs * xs + ys * ys + zs * zs);
+  Point u;
+  u.x = xs / norm;
+  u.y = ys / norm;
+  u.z = zs / norm;
+  u.s = std::hypot(u.x, u.y);
+  u.inv_norm = 1.0 / (norm * big);
+  return u;
+}
+
+// cos(m phi), sin(m phi) for m = 0..L by repeated complex multiplication (error ~ m eps).
+void azimuth(const Point& u, int L, double* c, double* s) {
+  double c1 = 1.0, s1 = 0.0;
+  if (u.s > 0) {
+    c1 = u.x / u.s;
+    s1 = u.y / u.s;
+  }
+  c[0] = 1.0;
+  s[0] = 0.0;
+  for (int m = 1; m <= L; ++m) {
+    c[m] = c[m - 1] * c1 - s[m - 1] * s1;
+    s[m] = s[m - 1] * c1 + c[m - 1] * s1;
+  }
+}
+
+// Seeds of every column (diag[m] = R_mm, diag[0] = P_00), and the scaled recurrence of the
+// columns whose seed underflows; fills sc.injections sorted by degree.
+void seeds(const Point& u, int L, const Tables& t, Scratch& sc) {
+  double* diag = sc.diag.data();
+  diag[0] = kInvSqrt4Pi;
+  if (L == 0) return;
+  diag[1] = t.seed_ratio[1] * kInvSqrt4Pi;
+  const double floor = std::ldexp(1.0, -SEED_FLOOR_BITS);
+  int m = 2;
+  for (; m <= L; ++m) {
+    const double v = diag[m - 1] * t.seed_ratio[m] * u.s;
+    if (v < floor) break;
+    diag[m] = v;
+  }
+  if (m > L || u.s == 0.0) return;  // on the axis every column m >= 2 is exactly zero
+  // Scaled seeds: mantissa in [2^-SCALE_BITS, 1], value = mant * 2^(SCALE_BITS * e).
+  const double up = std::ldexp(1.0, SCALE_BITS), down = std::ldexp(1.0, -SCALE_BITS);
+  const double out_floor = std::ldexp(1.0, -OUTPUT_FLOOR_BITS);
+  double mant = diag[m - 1];
+  int e = 0;
+  for (; m <= L; ++m) {
+    mant *= t.seed_ratio[m] * u.s;
+    while (mant < down) {
+      mant *= up;
+      --e;
+    }
+    diag[m] = 0.0;
+    // Run column m in scaled form until it is representable above the output floor.
+    double prev = 0.0, cur = mant;
+    int ec = e;
+    for (int l = m; l <= L; ++l) {
+      if (l > m) {
+        const int64_t i = tri(l) + m;
+        const double next = t.a[i] * u.z * cur - t.b[i] * prev;
+        prev = cur;
+        cur = next;
+        if (std::fabs(cur) > up) {
+          cur *= down;
+          prev *= down;
+          ++ec;
+        }
+      }
+      if (ec >= -4) {
+        const double v = std::ldexp(cur, SCALE_BITS * ec);
+        if (std::fabs(v) >= out_floor) {
+          sc.injections.push_back({l, m, v, std::ldexp(prev, SCALE_BITS * ec)});
+          break;
+        }
+      }
+    }
+  }
+  std::sort(sc.injections.begin(), sc.injections.end(),
+            [](const Injection& p, const Injection& q) { return p.l < q.l; });
+}
+
+// Advances every column to degree l: x2[m] <- a z x1[m] - b x2[m] for m < l, seed at m = l,
+// then injects the scaled columns that become representable at l. Swaps so that x1 holds
+// degree l and x2 degree l-1.
+inline void step(int l, double z, const Tables& t, Scratch& sc, size_t& next_injection,
+                 double*& x1, double*& x2) {
+  const double* __restrict a = t.a.data() + tri(l);
+  const double* __restrict b = t.b.data() + tri(l);
+  double* __restrict p1 = x1;
+  double* __restrict p2 = x2;
+#pragma omp simd
+  for (int m = 0; m < l; ++m) p2[m] = a[m] * z * p1[m] - b[m] * p2[m];
+  p2[l] = sc.diag[l];
+  while (next_injection < sc.injections.size() && sc.injections[next_injection].l == l) {
+    const Injection& in = sc.injections[next_injection++];
+    p2[in.m] = in.value;
+    p1[in.m] = in.previous;
+  }
+  std::swap(x1, x2);
+}
+
+template <typename T>
+LOCDIFF_CLONES void forward_point(const T* xyz, int L, const Tables& t, Scratch& sc, T* out) {
+  const Point u = unit_point(xyz);
+  sc.resize(L);
+  azimuth(u, L, sc.c1.data(), sc.s1.data());
+  const double f = kSqrt2 * u.s;
+  for (int m = 0; m <= L; ++m) {
+    sc.cs[m] = f * sc.c1[m];
+    sc.sn[m] = f * sc.s1[m];
+  }
+  seeds(u, L, t, sc);
+  double* x1 = sc.x1.data();
+  double* x2 = sc.x2.data();
+  size_t next_injection = 0;
+  for (int l = 0; l <= L; ++l) {
+    step(l, u.z, t, sc, next_injection, x1, x2);
+    T* __restrict row = out + int64_t(l) * l + l;  // row[m] = Y_lm, m in [-l, l]
+    const double* __restrict x = x1;
+    const double* __restrict cs = sc.cs.data();
+    const double* __restrict sn = sc.sn.data();
+    row[0] = T(x[0]);
+#pragma omp simd
+    for (int m = 1; m <= l; ++m) row[m] = T(x[m] * cs[m]);
+#pragma omp simd
+    for (int m = 1; m <= l; ++m) row[-m] = T(x[m] * sn[m]);
+  }
+}
+
+template <typename T>
+LOCDIFF_CLONES void backward_point(const T* xyz, const T* grad, int L, const Tables& t,
+                                   Scratch& sc, T* grad_xyz) {
+  const Point u = unit_point(xyz);
+  sc.resize(L);
+  azimuth(u, L, sc.c1.data(), sc.s1.data());
+  // wx[m] = sqrt2 m cos((m-1) phi), wy[m] = sqrt2 m sin((m-1) phi): the x/y derivatives.
+  for (int m = 1; m <= L; ++m) {
+    sc.wx[m] = kSqrt2 * m * sc.c1[m - 1];
+    sc.wy[m] = kSqrt2 * m * sc.s1[m - 1];
+  }
+  seeds(u, L, t, sc);
+  double* x1 = sc.x1.data();
+  double* x2 = sc.x2.data();
+  size_t next_injection = 0;
+  double gx = 0, gy = 0, gz = 0;
+  for (int l = 0; l <= L; ++l) {
+    step(l, u.z, t, sc, next_injection, x1, x2);
+    if (l == 0) continue;  // Y_00 is constant
+    const T* __restrict g = grad + int64_t(l) * l + l;
+    const double* __restrict x = x1;
+    const double* __restrict wx = sc.wx.data();
+    const double* __restrict wy = sc.wy.data();
+    const double* __restrict c1 = sc.c1.data();
+    const double* __restrict s1 = sc.s1.data();
+    const double* __restrict dz = t.dz.data() + tri(l);
+    double ax = 0, ay = 0, az = dz[0] * double(g[0]) * x[1];
+#pragma omp simd reduction(+ : ax, ay, az)
+    for (int m = 1; m <= l; ++m) {
+      const double gp = double(g[m]), gm = double(g[-m]);
+      ax += x[m] * (gp * wx[m] + gm * wy[m]);
+      ay += x[m] * (gm * wx[m] - gp * wy[m]);
+      // R_{l,m+1} with x[l+1] = 0 (dz[l] = 0 as well).
+      az += dz[m] * x[m + 1] * (gp * c1[m] + gm * s1[m]);
+    }
+    gx += ax;
+    gy += ay;
+    gz += az;
+  }
+  // Project out the radial part: Y depends on r / |r| only.
+  const double radial = gx * u.x + gy * u.y + gz * u.z;
+  grad_xyz[0] = T((gx - radial * u.x) * u.inv_norm);
+  grad_xyz[1] = T((gy - radial * u.y) * u.inv_norm);
+  grad_xyz[2] = T((gz - radial * u.z) * u.inv_norm);
+}
+
+}  // namespace
+
+template <typename T>
+void sh_cpu_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads) {
+  if (n <= 0) return;
+  const auto tables = tables_for(degree);
+  const int64_t K = sh_size(degree);
+#pragma omp parallel num_threads(std::max(1, num_threads))
+  {
+    Scratch sc;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t i = 0; i < n; ++i) forward_point(xyz + 3 * i, degree, *tables, sc, out + K * i);
+  }
+}
+
+template <typename T>
+void sh_cpu_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz,
+                int num_threads) {
+  if (n <= 0) return;
+  const auto tables = tables_for(degree);
+  const int64_t K = sh_size(degree);
+#pragma omp parallel num_threads(std::max(1, num_threads))
+  {
+    Scratch sc;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t i = 0; i < n; ++i)
+      backward_point(xyz + 3 * i, grad_out + K * i, degree, *tables, sc, grad_xyz + 3 * i);
+  }
+}
+
+template void sh_cpu_fwd<float>(const float*, int64_t, int, float*, int);
+template void sh_cpu_fwd<double>(const double*, int64_t, int, double*, int);
+template void sh_cpu_bwd<float>(const float*, const float*, int64_t, int, float*, int);
+template void sh_cpu_bwd<double>(const double*, const double*, int64_t, int, double*, int);
+
+}  // namespace locdiff

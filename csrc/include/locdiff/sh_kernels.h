@@ -1,0 +1,25 @@
+// Spherical-harmonic kernels: raw pointers, sizes and a stream; no torch.
+// xyz: (n, 3) contiguous, any non-zero length (normalised inside, in float64).
+// out: (n, (degree+1)^2) contiguous, layout of sh_math.h. Callers validate inputs.
+#pragma once
+
+#include <cstdint>
+
+namespace locdiff {
+
+template <typename T>
+void sh_cpu_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads);
+// Vector-Jacobian product: grad_xyz = (dY/dxyz)^T grad_out.
+template <typename T>
+void sh_cpu_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz,
+                int num_threads);
+
+#ifdef LOCDIFF_WITH_CUDA
+template <typename T>
+void sh_cuda_fwd(const T* xyz, int64_t n, int degree, T* out, void* stream);
+template <typename T>
+void sh_cuda_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz,
+                 void* stream);
+#endif
+
+}  // namespace locdiff

@@ -1,0 +1,95 @@
+"""Coordinates on the sphere: (lat, lon) degrees <-> unit vectors, great-circle distances.
+
+Conventions (DESIGN.md): ``x = cos(lat) cos(lon)``, ``y = cos(lat) sin(lon)``,
+``z = sin(lat)``; distances on a sphere of radius 6371.0088 km. Every function takes numpy
+arrays or torch tensors and returns the same kind.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+EARTH_RADIUS_KM = 6371.0088
+
+
+def _backend(a):
+    return torch if isinstance(a, torch.Tensor) else np
+
+
+def _as_float_array(a, name: str):
+    if isinstance(a, torch.Tensor):
+        if not (a.is_floating_point()):
+            a = a.double()
+        return a
+    a = np.asarray(a)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    return a.astype(np.float64) if a.dtype.kind in "iu" else a
+
+
+def _check_last_dim(a, size: int, name: str):
+    if a.ndim == 0 or a.shape[-1] != size:
+        raise ValueError(f"{name} must have shape (..., {size}), got {tuple(a.shape)}")
+
+
+def latlon_to_xyz(latlon):
+    """Unit vectors of ``(..., 2)`` (lat, lon) in degrees; lon is wrapped, lat must be in [-90, 90].
+
+    >>> latlon_to_xyz(np.array([90.0, 0.0])).round(12)
+    array([0., 0., 1.])
+    """
+    latlon = _as_float_array(latlon, "latlon")
+    _check_last_dim(latlon, 2, "latlon")
+    xp = _backend(latlon)
+    lat, lon = latlon[..., 0], latlon[..., 1]
+    bad = ~(xp.abs(lat) <= 90)
+    if bool(bad.any()):
+        raise ValueError(
+            f"latlon: latitudes must be finite degrees in [-90, 90], got {float(lat[bad].reshape(-1)[0])}"
+        )
+    if not bool(xp.isfinite(lon).all()):
+        raise ValueError("latlon: longitudes must be finite")
+    lat, lon = lat * (math.pi / 180), lon * (math.pi / 180)
+    clat = xp.cos(lat)
+    return xp.stack([clat * xp.cos(lon), clat * xp.sin(lon), xp.sin(lat)], -1)
+
+
+def xyz_to_latlon(xyz):
+    """(lat, lon) degrees of ``(..., 3)`` vectors (any non-zero length); lon in (-180, 180].
+
+    On the poles lon is 0. ``atan2`` keeps full precision near the poles, where asin does not.
+    """
+    xyz = _as_float_array(xyz, "xyz")
+    _check_last_dim(xyz, 3, "xyz")
+    xp = _backend(xyz)
+    x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
+    lat = xp.arctan2(z, xp.hypot(x, y)) if xp is np else torch.atan2(z, torch.hypot(x, y))
+    lon = xp.arctan2(y, x) if xp is np else torch.atan2(y, x)
+    return xp.stack([lat * (180 / math.pi), lon * (180 / math.pi)], -1)
+
+
+def great_circle_km(a, b, radius_km: float = EARTH_RADIUS_KM):
+    """Great-circle distance in km between ``(..., 2)`` (lat, lon) degree arrays (broadcast).
+
+    Uses the atan2 form of Vincenty's formula, accurate for antipodes and tiny distances.
+
+    >>> round(float(great_circle_km(np.array([0.0, 0.0]), np.array([0.0, 90.0]))), 3)
+    10007.557
+    """
+    a, b = _as_float_array(a, "a"), _as_float_array(b, "b")
+    _check_last_dim(a, 2, "a")
+    _check_last_dim(b, 2, "b")
+    xp = _backend(a)
+    if xp is torch and not isinstance(b, torch.Tensor):
+        b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
+    lat1, lon1 = a[..., 0] * (math.pi / 180), a[..., 1] * (math.pi / 180)
+    lat2, lon2 = b[..., 0] * (math.pi / 180), b[..., 1] * (math.pi / 180)
+    dlon = lon2 - lon1
+    c1, s1, c2, s2 = xp.cos(lat1), xp.sin(lat1), xp.cos(lat2), xp.sin(lat2)
+    cd, sd = xp.cos(dlon), xp.sin(dlon)
+    num = xp.hypot(c2 * sd, c1 * s2 - s1 * c2 * cd) if xp is np else torch.hypot(c2 * sd, c1 * s2 - s1 * c2 * cd)
+    den = s1 * s2 + c1 * c2 * cd
+    ang = xp.arctan2(num, den) if xp is np else torch.atan2(num, den)
+    return ang * radius_km

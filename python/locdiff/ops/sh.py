@@ -1,0 +1,109 @@
+"""``locdiff::spherical_harmonics``: the torch op over the compiled kernels.
+
+Two ops, each with a fake kernel (shape only, for torch.compile) and per-device kernels:
+  locdiff::spherical_harmonics(xyz (N,3), degree) -> (N, (degree+1)^2)
+  locdiff::spherical_harmonics_backward(xyz, grad_out, degree) -> grad_xyz (N,3)
+The backward op is itself differentiable (double backward), through the pure-torch
+reference: slower, but exact, and only needed for second derivatives.
+Inputs here are already validated and contiguous (see locdiff.sh).
+"""
+from __future__ import annotations
+
+import torch
+
+from locdiff import _C
+from locdiff.ops.sh_reference import spherical_harmonics_reference
+
+
+def _dtype_tag(t: torch.Tensor) -> str:
+    return "float32" if t.dtype == torch.float32 else "float64"
+
+
+def _cuda_stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@torch.library.custom_op("locdiff::spherical_harmonics", mutates_args=(), device_types="cpu")
+def spherical_harmonics_op(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    out = torch.empty((xyz.shape[0], (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
+    if xyz.shape[0]:
+        _C.sh_cpu_fwd(xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr(), _dtype_tag(xyz),
+                      torch.get_num_threads())
+    return out
+
+
+@spherical_harmonics_op.register_kernel("cuda")
+def _(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    out = torch.empty((xyz.shape[0], (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
+    if xyz.shape[0]:
+        with torch.cuda.device(xyz.device):
+            _C.sh_cuda_fwd(xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr(), _dtype_tag(xyz),
+                           _cuda_stream(xyz))
+    return out
+
+
+@spherical_harmonics_op.register_fake
+def _(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    return xyz.new_empty((xyz.shape[0], (degree + 1) ** 2))
+
+
+@torch.library.custom_op("locdiff::spherical_harmonics_backward", mutates_args=(), device_types="cpu")
+def spherical_harmonics_backward_op(xyz: torch.Tensor, grad_out: torch.Tensor, degree: int) -> torch.Tensor:
+    grad_xyz = torch.empty_like(xyz)
+    if xyz.shape[0]:
+        _C.sh_cpu_bwd(xyz.data_ptr(), grad_out.data_ptr(), xyz.shape[0], degree, grad_xyz.data_ptr(),
+                      _dtype_tag(xyz), torch.get_num_threads())
+    return grad_xyz
+
+
+@spherical_harmonics_backward_op.register_kernel("cuda")
+def _(xyz: torch.Tensor, grad_out: torch.Tensor, degree: int) -> torch.Tensor:
+    grad_xyz = torch.empty_like(xyz)
+    if xyz.shape[0]:
+        with torch.cuda.device(xyz.device):
+            _C.sh_cuda_bwd(xyz.data_ptr(), grad_out.data_ptr(), xyz.shape[0], degree,
+                           grad_xyz.data_ptr(), _dtype_tag(xyz), _cuda_stream(xyz))
+    return grad_xyz
+
+
+@spherical_harmonics_backward_op.register_fake
+def _(xyz: torch.Tensor, grad_out: torch.Tensor, degree: int) -> torch.Tensor:
+    return torch.empty_like(xyz)
+
+
+def _setup_forward(ctx, inputs, output):
+    xyz, degree = inputs
+    ctx.save_for_backward(xyz)
+    ctx.degree = degree
+
+
+def _backward(ctx, grad_out):
+    (xyz,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    return spherical_harmonics_backward_op(xyz, grad_out.contiguous(), ctx.degree), None
+
+
+spherical_harmonics_op.register_autograd(_backward, setup_context=_setup_forward)
+
+
+def _setup_backward(ctx, inputs, output):
+    xyz, grad_out, degree = inputs
+    ctx.save_for_backward(xyz, grad_out)
+    ctx.degree = degree
+
+
+def _double_backward(ctx, grad_grad_xyz):
+    # Second derivatives through the differentiable pure-torch reference: the backward op is
+    # grad_xyz = J(xyz)^T g, so its VJPs are d(J^T g . v)/dxyz and J v.
+    xyz, grad_out = ctx.saved_tensors
+    with torch.enable_grad():
+        x = xyz.detach().requires_grad_(True)
+        g = grad_out.detach().requires_grad_(True)
+        y = spherical_harmonics_reference(x, ctx.degree)
+        (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
+        d_xyz, d_g = torch.autograd.grad(gx, (x, g), grad_grad_xyz, allow_unused=True)
+    return d_xyz, d_g, None
+
+
+spherical_harmonics_backward_op.register_autograd(_double_backward, setup_context=_setup_backward)

@@ -1,0 +1,75 @@
+"""Input checks shared by the op wrappers: messages name the argument, the value and what
+is expected (STYLE.md 6). Kernels assume what these functions guarantee."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Accuracy is verified up to 2048 (tests/test_sh_accuracy.py); the recurrences stay stable
+# beyond, so allow some headroom without promising the tolerance there.
+MAX_DEGREE = 4096
+
+
+def check_degree(degree, name: str = "degree", max_degree: int = MAX_DEGREE) -> int:
+    if isinstance(degree, bool) or not isinstance(degree, int):
+        try:
+            import numpy as np
+
+            if isinstance(degree, np.integer):
+                degree = int(degree)
+            else:
+                raise TypeError
+        except TypeError:
+            raise ValueError(f"{name} must be a non-negative int, got {degree!r} ({type(degree).__name__})") from None
+    if degree < 0 or degree > max_degree:
+        raise ValueError(f"{name} must be an int in [0, {max_degree}], got {degree}")
+    return degree
+
+
+def check_float_tensor(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got {x.dtype}")
+
+
+def check_last_dim(x: torch.Tensor, size: int, name: str) -> None:
+    if x.ndim == 0 or x.shape[-1] != size:
+        raise ValueError(f"{name} must have shape (..., {size}), got {tuple(x.shape)}")
+
+
+def check_finite_nonzero_rows(x: torch.Tensor, name: str) -> None:
+    """Non-finite entries or all-zero rows are errors (one device sync for both checks)."""
+    if x.numel() == 0:
+        return
+    finite = torch.isfinite(x).all(-1)
+    nonzero = (x != 0).any(-1)
+    ok = finite & nonzero
+    if bool(ok.all()):
+        return
+    bad = int((~ok).reshape(-1).nonzero()[0, 0])
+    row = x.reshape(-1, x.shape[-1])[bad].tolist()
+    what = "non-finite coordinates" if not bool(finite.reshape(-1)[bad]) else "a zero vector (no direction)"
+    raise ValueError(f"{name} row {bad} is {what}: {row}; expected finite, non-zero vectors")
+
+
+def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, name: str) -> None:
+    """Raise MemoryError before allocating an output that cannot fit."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    nbytes = numel * (torch.finfo(dtype).bits // 8)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        limit = free
+    else:
+        try:
+            limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            limit = 1 << 62
+    if nbytes > limit:
+        raise MemoryError(
+            f"{name} of shape {tuple(shape)} ({dtype}) needs {nbytes / 2**30:.1f} GiB, more than the "
+            f"{limit / 2**30:.1f} GiB available on {device}; use fewer points or a lower degree"
+        )

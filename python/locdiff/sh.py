@@ -1,0 +1,86 @@
+"""Public spherical harmonics: ``spherical_harmonics(xyz, degree)`` and the
+``SphericalHarmonics`` location-encoder module."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from locdiff.geo import latlon_to_xyz
+from locdiff.ops import validation
+from locdiff.ops.sh import spherical_harmonics_op
+
+BACKENDS = (None, "native", "triton")
+
+
+def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validate: bool = True):
+    """All real orthonormal spherical harmonics up to ``degree`` at the directions ``xyz``.
+
+    ``xyz`` is ``(..., 3)`` (normalised inside; zero vectors are errors), a torch tensor on
+    CPU or CUDA or a numpy array (numpy in, numpy out). Output ``(..., (degree+1)**2)`` in
+    the input's dtype, flat index ``k = l*l + l + m``, no Condon-Shortley phase; float64
+    within 1e-11 and float32 within 2e-6 of exact for every degree up to 2048.
+    Differentiable w.r.t. ``xyz`` (analytic gradient, finite at the poles).
+
+    ``backend``: None or "native" for the compiled kernels (C++ on CPU, CUDA on GPU), or
+    "triton" for the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1).
+    ``validate=False`` skips the finiteness / zero-vector check, which costs one device sync.
+
+    >>> import numpy as np, locdiff
+    >>> locdiff.spherical_harmonics(np.array([0.0, 0.0, 1.0]), 1).round(6)
+    array([0.282095, 0.      , 0.488603, 0.      ])
+    """
+    if isinstance(xyz, np.ndarray) or not isinstance(xyz, torch.Tensor):
+        arr = np.asarray(xyz)
+        if arr.dtype.kind not in "f":
+            raise TypeError(f"xyz must be a float32 or float64 array, got dtype {arr.dtype}")
+        out = spherical_harmonics(torch.from_numpy(np.ascontiguousarray(arr)), degree,
+                                  backend=backend, validate=validate)
+        return out.numpy()
+    validation.check_float_tensor(xyz, "xyz")
+    validation.check_last_dim(xyz, 3, "xyz")
+    degree = validation.check_degree(degree)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if validate:
+        validation.check_finite_nonzero_rows(xyz.detach(), "xyz")
+    lead = xyz.shape[:-1]
+    n = int(np.prod(lead)) if lead else 1
+    validation.check_allocation((n, (degree + 1) ** 2), xyz.dtype if xyz.dtype == torch.float64 else torch.float32,
+                                xyz.device, "spherical_harmonics output")
+    # Half precision has too few bits for a unit vector at high degree: compute in float32.
+    compute_dtype = xyz.dtype if xyz.dtype in (torch.float32, torch.float64) else torch.float32
+    flat = xyz.reshape(n, 3).to(compute_dtype).contiguous()
+    if backend == "triton":
+        from locdiff.ops.triton import spherical_harmonics_triton
+
+        out = spherical_harmonics_triton(flat, degree)
+    else:
+        out = spherical_harmonics_op(flat, degree)
+    return out.reshape(*lead, (degree + 1) ** 2).to(xyz.dtype)
+
+
+class SphericalHarmonics(nn.Module):
+    """Location encoder: ``(..., 2)`` (lat, lon) degrees -> ``(..., (degree+1)**2)`` SH features.
+
+    The first layer of SH + SirenNet location encoders (Russwurm et al., ICLR 2024), exact to
+    any degree. Not trainable; its output dtype follows the input.
+
+    >>> enc = SphericalHarmonics(10)
+    >>> enc(torch.tensor([[48.85, 2.35]])).shape
+    torch.Size([1, 121])
+    """
+
+    def __init__(self, degree: int):
+        super().__init__()
+        self.degree = validation.check_degree(degree)
+
+    @property
+    def embedding_dim(self) -> int:
+        return (self.degree + 1) ** 2
+
+    def forward(self, latlon: torch.Tensor) -> torch.Tensor:
+        return spherical_harmonics(latlon_to_xyz(latlon), self.degree)
+
+    def extra_repr(self) -> str:
+        return f"degree={self.degree}"
