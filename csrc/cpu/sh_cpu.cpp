@@ -39,9 +39,11 @@ inline int64_t tri(int l) { return int64_t(l) * (l + 1) / 2; }
 // degrees: the table for degree L is a prefix of the table for any larger degree.
 // Row l, m <= l-2: a_lm, b_lm. m = l-1: a = sqrt(2l+1), b = 0 (the first step of a column).
 // dz[tri(l)+m] = sqrt((l-m)(l+m+1)) (sqrt(2) folded in for m >= 1), used by the backward.
+// rho[tri(l)+m] = sqrt((2l+1)(l+m) / ((2l-1)(l-m))) is the ratio X_lm / X_{l-1,m} on the
+// pole and e = b_lm / rho_{l-1,m} (0 for m = l-1): the coefficients of Reinsch's form.
 struct Tables {
   int degree = -1;
-  std::vector<double> a, b, dz, seed_ratio;
+  std::vector<double> a, b, dz, rho, e, seed_ratio;
 };
 
 std::shared_ptr<const Tables> tables_for(int degree) {
@@ -55,16 +57,26 @@ std::shared_ptr<const Tables> tables_for(int degree) {
   t->a.assign(tri(L + 1), 0.0);
   t->b.assign(tri(L + 1), 0.0);
   t->dz.assign(tri(L + 1), 0.0);
+  t->rho.assign(tri(L + 1), 0.0);
+  t->e.assign(tri(L + 1), 0.0);
   t->seed_ratio.assign(L + 1, 0.0);
+  // long double: the tables are built once, and near the poles their rounding is what
+  // accumulates along a column.
+  using ld = long double;
+  auto rho = [](int l, int m) { return std::sqrt(ld(2 * l + 1) * (l + m) / (ld(2 * l - 1) * (l - m))); };
   for (int l = 0; l <= L; ++l) {
     for (int m = 0; m <= l; ++m) {
       const int64_t i = tri(l) + m;
+      const ld ll = ld(l) * l, mm = ld(m) * m, l1 = ld(l - 1) * (l - 1);
       if (m + 2 <= l) {
-        t->a[i] = sh_rec_a(l, m);
-        t->b[i] = sh_rec_b(l, m);
+        const ld b = std::sqrt((l1 - mm) * (2 * l + 1) / ((ll - mm) * (2 * l - 3)));
+        t->a[i] = double(std::sqrt((4 * ll - 1) / (ll - mm)));
+        t->b[i] = double(b);
+        t->e[i] = double(b / rho(l - 1, m));
       } else if (m + 1 == l) {
-        t->a[i] = std::sqrt(2.0 * l + 1.0);
+        t->a[i] = double(std::sqrt(ld(2 * l + 1)));
       }
+      if (m < l) t->rho[i] = double(rho(l, m));
       t->dz[i] = (m == 0 ? 1.0 : kSqrt2) * sh_dz_factor(l, m);
     }
     if (l >= 1) t->seed_ratio[l] = sh_seed_ratio(l);
@@ -88,6 +100,9 @@ struct Scratch {
   std::vector<double> wx, wy;          // backward: sqrt2 * m * cos((m-1)phi), sqrt2 * m * sin((m-1)phi)
   std::vector<double> diag;            // seeds R_mm (0 where scaled)
   std::vector<Injection> injections;
+  // Near the poles (|z| >= 1/2) the columns run in Reinsch's form; see step().
+  bool reinsch = false;
+  double sigma = 1, t = 0;  // sign of z, and 1 - |z| computed from s without cancellation
   void resize(int L) {
     const size_t n = size_t(L) + 2;
     for (auto* v : {&x1, &x2, &cs, &sn, &c1, &s1, &wx, &wy, &diag}) v->assign(n, 0.0);
@@ -133,6 +148,9 @@ void azimuth(const Point& u, int L, double* c, double* s) {
 // Seeds of every column (diag[m] = R_mm, diag[0] = P_00), and the scaled recurrence of the
 // columns whose seed underflows; fills sc.injections sorted by degree.
 void seeds(const Point& u, int L, const Tables& t, Scratch& sc) {
+  sc.reinsch = std::fabs(u.z) >= 0.5;
+  sc.sigma = u.z < 0 ? -1.0 : 1.0;
+  sc.t = u.s * u.s / (1.0 + std::fabs(u.z));
   double* diag = sc.diag.data();
   diag[0] = kInvSqrt4Pi;
   if (L == 0) return;
@@ -185,24 +203,53 @@ void seeds(const Point& u, int L, const Tables& t, Scratch& sc) {
             [](const Injection& p, const Injection& q) { return p.l < q.l; });
 }
 
-// Advances every column to degree l: x2[m] <- a z x1[m] - b x2[m] for m < l, seed at m = l,
-// then injects the scaled columns that become representable at l. Swaps so that x1 holds
-// degree l and x2 degree l-1.
-inline void step(int l, double z, const Tables& t, Scratch& sc, size_t& next_injection,
-                 double*& x1, double*& x2) {
-  const double* __restrict a = t.a.data() + tri(l);
-  const double* __restrict b = t.b.data() + tri(l);
-  double* __restrict p1 = x1;
-  double* __restrict p2 = x2;
+// Advances every column to degree l, seeds column l, and injects the scaled columns that
+// become representable at l. Afterwards x1[m] holds X_lm (P_l0 for m = 0, R_lm otherwise).
+//
+// Away from the poles: X_l = a z X_{l-1} - b X_{l-2}, with x2 holding degree l-2 (swapped).
+// Near the poles the plain recurrence does not oscillate and its rounding errors grow like
+// l^2 (5e-11 per unit at l = 2048 on the pole). Reinsch's form instead carries, in x2, the
+// small difference D_l = X_l - sigma rho_l X_{l-1} (rho: the column's ratio on the pole):
+//   D_l = sigma (e_l D_{l-1} - a_l t X_{l-1}),   X_l = sigma rho_l X_{l-1} + D_l,
+// with z = sigma (1 - t); the error then stays at a few ulp per unit.
+template <int kSign>
+inline void reinsch_step(int l, double t_abs, const Tables& tb, double* __restrict x,
+                         double* __restrict d) {
+  const double* __restrict a = tb.a.data() + tri(l);
+  const double* __restrict e = tb.e.data() + tri(l);
+  const double* __restrict rho = tb.rho.data() + tri(l);
+  const double st = kSign * t_abs;
 #pragma omp simd
-  for (int m = 0; m < l; ++m) p2[m] = a[m] * z * p1[m] - b[m] * p2[m];
-  p2[l] = sc.diag[l];
+  for (int m = 0; m < l; ++m) {
+    d[m] = (kSign * e[m]) * d[m] - a[m] * st * x[m];
+    x[m] = (kSign * rho[m]) * x[m] + d[m];
+  }
+}
+
+inline void step(int l, double z, const Tables& tb, Scratch& sc, size_t& next_injection,
+                 double*& x1, double*& x2) {
+  if (sc.reinsch) {
+    if (sc.sigma > 0) {
+      reinsch_step<1>(l, sc.t, tb, x1, x2);
+    } else {
+      reinsch_step<-1>(l, sc.t, tb, x1, x2);
+    }
+    x1[l] = x2[l] = sc.diag[l];  // D_l = X_l: nothing precedes the seed
+  } else {
+    const double* __restrict a = tb.a.data() + tri(l);
+    const double* __restrict b = tb.b.data() + tri(l);
+    double* __restrict p1 = x1;
+    double* __restrict p2 = x2;
+#pragma omp simd
+    for (int m = 0; m < l; ++m) p2[m] = a[m] * z * p1[m] - b[m] * p2[m];
+    p2[l] = sc.diag[l];
+    std::swap(x1, x2);
+  }
   while (next_injection < sc.injections.size() && sc.injections[next_injection].l == l) {
     const Injection& in = sc.injections[next_injection++];
-    p2[in.m] = in.value;
-    p1[in.m] = in.previous;
+    x1[in.m] = in.value;
+    x2[in.m] = sc.reinsch ? in.value - sc.sigma * tb.rho[tri(l) + in.m] * in.previous : in.previous;
   }
-  std::swap(x1, x2);
 }
 
 template <typename T>

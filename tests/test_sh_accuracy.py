@@ -1,0 +1,133 @@
+"""Accuracy of locdiff.spherical_harmonics against exact references (DESIGN.md numerics):
+float64 within 1e-11 and float32 within 2e-6, per unit of sqrt((2l+1)/(4 pi)), for every
+degree up to 2048, poles included, never NaN or inf."""
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import torch
+
+import locdiff
+from locdiff.testing import SH_ACCURACY
+from sh_exact import column_exact, legenp_exact
+
+HARD_POINTS = {
+    "north pole": [0.0, 0.0, 1.0],
+    "south pole": [0.0, 0.0, -1.0],
+    "near pole": [1e-9, -2e-9, 1.0],
+    "very near pole": [3e-160, 1e-170, -1.0],
+    "antimeridian +": [-1.0, 1e-17, 0.2],
+    "antimeridian -": [-1.0, -1e-17, -0.2],
+    "equator": [0.0, 1.0, 0.0],
+    "scaled": [3e5, -2e5, 7e5],
+}
+ORDERS = [0, 1, 2, 7, 64, 300, 700, 1000, 1400, 1800, 1990, 2047, 2048]
+
+
+def random_points(rng, n):
+    p = rng.normal(size=(n, 3))
+    # add points near the poles, where the seed s^m underflows at high order
+    p[: n // 2, :2] *= 10.0 ** rng.uniform(-4, -1, size=(n // 2, 1))
+    return p
+
+
+def per_degree_error(values, exact, degree):
+    worst = 0.0
+    for (l, m), v in exact.items():
+        scale = math.sqrt((2 * l + 1) / (4 * math.pi))
+        worst = max(worst, abs(float(values[l * l + l + m]) - v) / scale)
+    return worst
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_degree_2048_against_mpmath(dtype, rng):
+    degree = 2048
+    names = list(HARD_POINTS) + ["random"] * 4
+    points = np.concatenate([np.array(list(HARD_POINTS.values())), random_points(rng, 4)])
+    for name, p in zip(names, points):
+        xyz = torch.tensor(p, dtype=dtype)
+        y = locdiff.spherical_harmonics(xyz, degree)
+        assert torch.isfinite(y).all(), name
+        given = xyz.double().tolist()  # the reference sees the input exactly as rounded
+        for m in ORDERS:
+            err = per_degree_error(y, column_exact(given, m, degree), degree)
+            assert err <= SH_ACCURACY[dtype], f"{name} {given} m={m}: error {err:.3g}"
+
+
+@pytest.mark.parametrize("degree", [0, 1, 5, 33, 120])
+def test_all_orders_against_mpmath(degree, rng):
+    p = random_points(rng, 3)
+    y = locdiff.spherical_harmonics(torch.tensor(p), degree)
+    for i in range(len(p)):
+        for m in range(degree + 1):
+            err = per_degree_error(y[i], column_exact(p[i].tolist(), m, degree), degree)
+            assert err <= 1e-11, (p[i], m, err)
+
+
+def test_spot_checks_against_legenp(rng):
+    """An independent formula (hypergeometric series) at moderate degree."""
+    p = rng.normal(size=3)
+    y = locdiff.spherical_harmonics(torch.tensor(p), 300)
+    for l, m in [(0, 0), (1, -1), (17, 5), (100, -60), (250, 3), (300, -299)]:
+        assert abs(float(y[l * l + l + m]) - legenp_exact(p.tolist(), l, m)) < 1e-11 * math.sqrt(2 * l + 1)
+
+
+def test_against_scipy(rng):
+    degree = 30
+    lat = rng.uniform(-89, 89, 50)
+    lon = rng.uniform(-180, 180, 50)
+    xyz = locdiff.latlon_to_xyz(np.stack([lat, lon], -1))
+    y = locdiff.spherical_harmonics(xyz, degree)
+    theta, phi = np.radians(90 - lat), np.radians(lon)
+    for l in range(degree + 1):
+        for m in range(-l, l + 1):
+            c = scipy.special.sph_harm_y(l, abs(m), theta, phi) * (-1) ** abs(m)  # drop CS phase
+            expected = c.real if m == 0 else math.sqrt(2) * (c.real if m > 0 else c.imag)
+            np.testing.assert_allclose(y[:, l * l + l + m], expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("degree", [10, 200, 1000])
+def test_addition_theorem(degree, rng):
+    a, b = rng.normal(size=(2, 20, 3))
+    ya = locdiff.spherical_harmonics(torch.tensor(a), degree)
+    yb = locdiff.spherical_harmonics(torch.tensor(b), degree)
+    cos = np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    for l in [0, 1, degree // 3, degree]:
+        lhs = (ya[:, l * l : (l + 1) ** 2] * yb[:, l * l : (l + 1) ** 2]).sum(-1).numpy()
+        rhs = (2 * l + 1) / (4 * np.pi) * scipy.special.eval_legendre(l, cos)
+        np.testing.assert_allclose(lhs, rhs, atol=1e-11 * (2 * l + 1))
+
+
+def test_orthonormal_by_gauss_legendre_quadrature():
+    degree = 40
+    nodes, weights = np.polynomial.legendre.leggauss(degree + 1)
+    nlon = 2 * degree + 1
+    phi = 2 * np.pi * np.arange(nlon) / nlon
+    z = np.repeat(nodes, nlon)
+    s = np.sqrt(1 - z**2)
+    ph = np.tile(phi, degree + 1)
+    xyz = np.stack([s * np.cos(ph), s * np.sin(ph), z], -1)
+    w = np.repeat(weights, nlon) * (2 * np.pi / nlon)
+    y = locdiff.spherical_harmonics(xyz, degree)
+    gram = y.T @ (w[:, None] * y)
+    np.testing.assert_allclose(gram, np.eye((degree + 1) ** 2), atol=1e-12)
+
+
+def test_float32_matches_float64_at_the_rounded_input(rng):
+    p = torch.tensor(random_points(rng, 64), dtype=torch.float32)
+    y32 = locdiff.spherical_harmonics(p, 700)
+    y64 = locdiff.spherical_harmonics(p.double(), 700)
+    scale = torch.sqrt((2 * torch.arange(701, dtype=torch.float64) + 1) / (4 * math.pi))
+    scale = scale.repeat_interleave(2 * torch.arange(701) + 1)
+    assert ((y32.double() - y64).abs() / scale).max() <= SH_ACCURACY[torch.float32]
+
+
+def test_no_nan_or_inf_at_extreme_inputs():
+    pts = torch.tensor([[0, 0, 1e-300], [1e300, 1e300, 1e300], [5e-324, 0, 0], [0, 0, -1e308], [1, 1e-300, 0]],
+                       dtype=torch.float64)
+    y = locdiff.spherical_harmonics(pts, 2048)
+    assert torch.isfinite(y).all()
+    # scaling the vector never changes the result
+    torch.testing.assert_close(y[1], locdiff.spherical_harmonics(torch.ones(3, dtype=torch.float64), 2048),
+                               rtol=0, atol=1e-13)
