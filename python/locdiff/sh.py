@@ -2,6 +2,8 @@
 ``SphericalHarmonics`` location-encoder module."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -24,7 +26,8 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
 
     ``backend``: None or "native" for the compiled kernels (C++ on CPU, CUDA on GPU), or
     "triton" for the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1).
-    ``validate=False`` skips the finiteness / zero-vector check, which costs one device sync.
+    ``validate=False`` skips the finiteness / zero-vector check, which costs one device sync
+    (under ``torch.compile`` it is skipped too: shapes, dtypes and degree are still checked).
 
     >>> import numpy as np, locdiff
     >>> locdiff.spherical_harmonics(np.array([0.0, 0.0, 1.0]), 1).round(6)
@@ -42,12 +45,13 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
     degree = validation.check_degree(degree)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if validate:
-        validation.check_finite_nonzero_rows(xyz.detach(), "xyz")
     lead = xyz.shape[:-1]
-    n = int(np.prod(lead)) if lead else 1
-    validation.check_allocation((n, (degree + 1) ** 2), xyz.dtype if xyz.dtype == torch.float64 else torch.float32,
-                                xyz.device, "spherical_harmonics output")
+    n = math.prod(lead)
+    if not torch.compiler.is_compiling():
+        if validate:
+            validation.check_finite_nonzero_rows(xyz.detach(), "xyz")
+        validation.check_allocation((n, (degree + 1) ** 2), xyz.dtype if xyz.dtype == torch.float64 else torch.float32,
+                                    xyz.device, "spherical_harmonics output")
     # Half precision has too few bits for a unit vector at high degree: compute in float32.
     compute_dtype = xyz.dtype if xyz.dtype in (torch.float32, torch.float64) else torch.float32
     flat = xyz.reshape(n, 3).to(compute_dtype).contiguous()

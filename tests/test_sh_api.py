@@ -1,0 +1,167 @@
+"""Behaviour of the public spherical-harmonics API: shapes, dtypes, numpy, autograd,
+torch.library checks, torch.compile, and every bad input of issue 2."""
+import numpy as np
+import pytest
+import torch
+
+import locdiff
+from locdiff.ops import spherical_harmonics_op, spherical_harmonics_reference
+from locdiff.testing import assert_close
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("degree", [0, 1, 3, 12])
+def test_matches_reference(dtype, degree, rng):
+    xyz = torch.tensor(rng.normal(size=(40, 3)), dtype=dtype)
+    xyz[0] = torch.tensor([0.0, 0.0, 1.0])
+    xyz[1] = torch.tensor([-1.0, 0.0, 0.0])  # antimeridian
+    assert_close(locdiff.spherical_harmonics(xyz, degree), spherical_harmonics_reference(xyz, degree))
+
+
+def test_shapes_numpy_and_normalisation(rng):
+    p = rng.normal(size=(2, 5, 3))
+    y = locdiff.spherical_harmonics(p, 4)
+    assert isinstance(y, np.ndarray) and y.shape == (2, 5, 25) and y.dtype == np.float64
+    np.testing.assert_allclose(locdiff.spherical_harmonics(7.5 * p, 4), y, atol=1e-15)
+    y32 = locdiff.spherical_harmonics(p.astype(np.float32), 4)
+    assert y32.dtype == np.float32
+    assert locdiff.spherical_harmonics(p[0, 0], 2).shape == (9,)
+    assert locdiff.spherical_harmonics(np.zeros((0, 3)), 3).shape == (0, 16)
+    assert locdiff.spherical_harmonics(torch.zeros(4, 0, 3), 2).shape == (4, 0, 9)
+    # non-contiguous input
+    t = torch.tensor(rng.normal(size=(3, 8)))[:, 1:7:2]
+    assert_close(locdiff.spherical_harmonics(t, 5), locdiff.spherical_harmonics(t.contiguous(), 5))
+
+
+def test_half_precision_is_computed_in_float32():
+    x = torch.tensor([[0.6, 0.0, 0.8]], dtype=torch.bfloat16)
+    y = locdiff.spherical_harmonics(x, 3)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), locdiff.spherical_harmonics(x.float(), 3), atol=1e-2, rtol=1e-2)
+
+
+def test_thread_count_does_not_change_results(rng):
+    xyz = torch.tensor(rng.normal(size=(300, 3)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = locdiff.spherical_harmonics(xyz, 30)
+        torch.set_num_threads(2)
+        two = locdiff.spherical_harmonics(xyz, 30)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_gradcheck_and_gradgradcheck():
+    xyz = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -2.0], [1e-7, 0.0, 1.0], [0.3, -0.4, 0.5], [-1.0, 1e-12, 0.1]],
+                       dtype=torch.float64, requires_grad=True)
+    for degree in [0, 1, 2, 7]:
+        assert torch.autograd.gradcheck(lambda t: locdiff.spherical_harmonics(t, degree), (xyz,))
+    assert torch.autograd.gradgradcheck(lambda t: locdiff.spherical_harmonics(t, 4), (xyz,))
+
+
+def test_backward_matches_reference_autograd(rng):
+    xyz = torch.tensor(rng.normal(size=(30, 3)))
+    xyz[0] = torch.tensor([0.0, 0.0, 1.0])
+    a = xyz.clone().requires_grad_(True)
+    b = xyz.clone().requires_grad_(True)
+    g = torch.tensor(rng.normal(size=(30, 31**2)))
+    (locdiff.spherical_harmonics(a, 30) * g).sum().backward()
+    (spherical_harmonics_reference(b, 30) * g).sum().backward()
+    assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("point", [[0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [2e-9, 1e-9, -1.0], [0.6, -0.8, 1e-3]])
+def test_high_degree_gradient_is_finite_and_matches_finite_differences(point):
+    degree = 300
+    xyz = torch.tensor(point, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((degree + 1) ** 2, dtype=torch.float64)
+    (locdiff.spherical_harmonics(xyz, degree) @ w).backward()
+    assert torch.isfinite(xyz.grad).all()
+    h = 1e-7
+    for j in range(3):
+        e = torch.zeros(3, dtype=torch.float64)
+        e[j] = h
+        with torch.no_grad():
+            f = lambda v: float(locdiff.spherical_harmonics(v, degree) @ w)  # noqa: E731
+            fd = (f(xyz + e) - f(xyz - e)) / (2 * h)
+        assert abs(fd - float(xyz.grad[j])) <= 1e-5 * (1 + abs(fd)), (j, fd, float(xyz.grad[j]))
+
+
+def test_opcheck(rng):
+    xyz = torch.tensor(rng.normal(size=(7, 3)), requires_grad=True)
+    torch.library.opcheck(spherical_harmonics_op, (xyz, 5))
+    torch.library.opcheck(spherical_harmonics_op, (xyz.detach().float(), 3))
+
+
+def test_torch_compile_fullgraph_matches_eager(rng):
+    xyz = torch.tensor(rng.normal(size=(16, 3)), requires_grad=True)
+
+    def f(t):
+        return (locdiff.spherical_harmonics(t, 6, validate=False) ** 2).sum(-1).sin()
+
+    # aot_eager traces through the fake kernels and the registered autograd formulas.
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(xyz), f(xyz))
+    (ga,) = torch.autograd.grad(compiled(xyz).sum(), xyz)
+    (gb,) = torch.autograd.grad(f(xyz).sum(), xyz)
+    assert_close(ga, gb)
+
+
+def test_module_encodes_latlon():
+    enc = locdiff.SphericalHarmonics(8)
+    latlon = torch.tensor([[48.85, 2.35], [-33.9, 151.2]], dtype=torch.float64)
+    out = enc(latlon)
+    assert out.shape == (2, 81) and enc.embedding_dim == 81
+    assert_close(out, locdiff.spherical_harmonics(locdiff.latlon_to_xyz(latlon), 8))
+
+
+@pytest.mark.parametrize(
+    "xyz, degree, error, match",
+    [
+        (torch.tensor([[float("nan"), 0.0, 1.0]]), 3, ValueError, "non-finite"),
+        (torch.tensor([[float("inf"), 0.0, 1.0]]), 3, ValueError, "non-finite"),
+        (torch.zeros(2, 3), 3, ValueError, "zero vector"),
+        (torch.ones(2, 4), 3, ValueError, r"shape \(\.\.\., 3\)"),
+        (torch.ones(3), -1, ValueError, "degree"),
+        (torch.ones(3), 2.5, ValueError, "degree"),
+        (torch.ones(3), True, ValueError, "degree"),
+        (torch.ones(3), 10**6, ValueError, "degree"),
+        (torch.ones(3, dtype=torch.int64), 3, TypeError, "floating-point"),
+        (np.ones(3, dtype=np.int32), 3, TypeError, "float32 or float64"),
+        (torch.ones(10**6, 3), 4000, MemoryError, "GiB"),
+    ],
+)
+def test_bad_input(xyz, degree, error, match):
+    with pytest.raises(error, match=match):
+        locdiff.spherical_harmonics(xyz, degree)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend"):
+        locdiff.spherical_harmonics(torch.ones(3), 2, backend="fortran")
+
+
+def test_cuda_tensor_on_cpu_only_build_raises():
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="built without CUDA|CUDA"):
+            locdiff._C.sh_cuda_fwd(0, 1, 2, 0, "float32", 0) if not locdiff.has_cuda() else (_ for _ in ()).throw(
+                RuntimeError("CUDA build"))
+    elif not locdiff.has_cuda():
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            locdiff.spherical_harmonics(torch.ones(2, 3, device="cuda"), 2)
+
+
+def test_geo_round_trip_and_distances(rng):
+    latlon = np.stack([rng.uniform(-90, 90, 100), rng.uniform(-180, 180, 100)], -1)
+    back = locdiff.xyz_to_latlon(locdiff.latlon_to_xyz(latlon))
+    np.testing.assert_allclose(back, latlon, atol=1e-9)
+    d = locdiff.great_circle_km(np.array([0.0, 0.0]), np.array([[0.0, 180.0], [90.0, 0.0], [0.0, 1e-9]]))
+    np.testing.assert_allclose(d, [np.pi * 6371.0088, np.pi / 2 * 6371.0088, 1e-9 * np.pi / 180 * 6371.0088],
+                               rtol=1e-9)
+    assert locdiff.latlon_to_xyz(np.array([0.0, 540.0]))[0] == pytest.approx(-1.0)  # lon wraps
+    with pytest.raises(ValueError, match="latitude"):
+        locdiff.latlon_to_xyz(np.array([91.0, 0.0]))
+    with pytest.raises(ValueError, match="latitude"):
+        locdiff.latlon_to_xyz(torch.tensor([float("nan"), 0.0]))
