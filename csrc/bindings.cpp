@@ -10,6 +10,7 @@
 #include <string>
 
 #include "locdiff/sh_kernels.h"
+#include "locdiff/shdd_kernels.h"
 
 namespace py = pybind11;
 
@@ -53,11 +54,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("sh_cpu_fwd", [](std::uintptr_t xyz, int64_t n, int degree, std::uintptr_t out,
                          const std::string& dtype, int num_threads) {
     py::gil_scoped_release nogil;
+    int64_t first_bad = -1;
     dispatch_float(dtype, [&](auto tag) {
       using T = decltype(tag);
-      locdiff::sh_cpu_fwd<T>(ptr<const T>(xyz), n, degree, ptr<T>(out), num_threads);
+      first_bad = locdiff::sh_cpu_fwd<T>(ptr<const T>(xyz), n, degree, ptr<T>(out), num_threads);
     });
-  }, py::arg("xyz"), py::arg("n"), py::arg("degree"), py::arg("out"), py::arg("dtype"),
+    return first_bad;
+  }, "Returns -1, or the first row of xyz that is non-finite or zero.", py::arg("xyz"), py::arg("n"), py::arg("degree"), py::arg("out"), py::arg("dtype"),
      py::arg("num_threads"));
 
   m.def("sh_cpu_bwd", [](std::uintptr_t xyz, std::uintptr_t grad_out, int64_t n, int degree,
@@ -105,4 +108,182 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- SHDD decode and KL: see csrc/include/locdiff/shdd_kernels.h ----------------------
   // (bindings added below this line by the SHDD work)
+  // A ring grid arrives as (nlat, nlon, table, theta, log_area, lon0): float64 pointers.
+  auto ring = [](int nlat, int nlon, std::uintptr_t table, std::uintptr_t theta,
+                 std::uintptr_t log_area, double lon0) {
+    locdiff::RingGrid g;
+    g.nlat = nlat;
+    g.nlon = nlon;
+    g.table = ptr<const double>(table);
+    g.theta = ptr<const double>(theta);
+    g.log_area = ptr<const double>(log_area);
+    g.lon0 = lon0;
+    return g;
+  };
+#define LOCDIFF_GRID_ARGS int nlat, int nlon, std::uintptr_t table, std::uintptr_t theta, \
+                          std::uintptr_t log_area, double lon0
+#define LOCDIFF_GRID ring(nlat, nlon, table, theta, log_area, lon0)
+#define LOCDIFF_GRID_PYARGS py::arg("nlat"), py::arg("nlon"), py::arg("table"), \
+                            py::arg("theta"), py::arg("log_area"), py::arg("lon0")
+
+  m.def("shdd_synth_cpu", [ring](std::uintptr_t coeffs, int64_t batch, int degree, LOCDIFF_GRID_ARGS,
+                                 std::uintptr_t out, const std::string& dtype, int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_synth_cpu<T>(ptr<const T>(coeffs), batch, degree, LOCDIFF_GRID, ptr<T>(out),
+                                 num_threads);
+    });
+  }, py::arg("coeffs"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS, py::arg("out"),
+     py::arg("dtype"), py::arg("num_threads"));
+
+  m.def("shdd_adjoint_cpu", [ring](std::uintptr_t weights, int64_t batch, int degree,
+                                   LOCDIFF_GRID_ARGS, std::uintptr_t out, const std::string& dtype,
+                                   int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_adjoint_cpu<T>(ptr<const T>(weights), batch, degree, LOCDIFF_GRID, ptr<T>(out),
+                                   num_threads);
+    });
+  }, py::arg("weights"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS, py::arg("out"),
+     py::arg("dtype"), py::arg("num_threads"));
+
+  m.def("shdd_candidates_cpu", [ring](std::uintptr_t coeffs, int64_t batch, int degree,
+                                      LOCDIFF_GRID_ARGS, int ncand, std::uintptr_t index,
+                                      std::uintptr_t value, std::uintptr_t start,
+                                      const std::string& dtype, int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_candidates_cpu<T>(ptr<const T>(coeffs), batch, degree, LOCDIFF_GRID, ncand,
+                                      ptr<int64_t>(index), ptr<double>(value), ptr<double>(start),
+                                      num_threads);
+    });
+  }, py::arg("coeffs"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS, py::arg("ncand"),
+     py::arg("index"), py::arg("value"), py::arg("start"), py::arg("dtype"), py::arg("num_threads"));
+
+  m.def("shdd_logz_cpu", [ring](std::uintptr_t coeffs, int64_t batch, int degree, LOCDIFF_GRID_ARGS,
+                                double inv_temperature, std::uintptr_t out, const std::string& dtype,
+                                int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_logz_cpu<T>(ptr<const T>(coeffs), batch, degree, LOCDIFF_GRID, inv_temperature,
+                                ptr<double>(out), num_threads);
+    });
+  }, py::arg("coeffs"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS,
+     py::arg("inv_temperature"), py::arg("out"), py::arg("dtype"), py::arg("num_threads"));
+
+  m.def("shdd_kl_fwd_cpu", [ring](std::uintptr_t pred, std::uintptr_t target, int64_t batch,
+                                  int degree, LOCDIFF_GRID_ARGS, double inv_temperature,
+                                  std::uintptr_t kl, const std::string& dtype, int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_kl_fwd_cpu<T>(ptr<const T>(pred), ptr<const T>(target), batch, degree,
+                                  LOCDIFF_GRID, inv_temperature, ptr<T>(kl), num_threads);
+    });
+  }, py::arg("pred"), py::arg("target"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS,
+     py::arg("inv_temperature"), py::arg("kl"), py::arg("dtype"), py::arg("num_threads"));
+
+  m.def("shdd_kl_bwd_cpu", [ring](std::uintptr_t pred, std::uintptr_t target, std::uintptr_t grad_kl,
+                                  int64_t batch, int degree, LOCDIFF_GRID_ARGS,
+                                  double inv_temperature, std::uintptr_t grad_pred,
+                                  std::uintptr_t grad_target, const std::string& dtype,
+                                  int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_kl_bwd_cpu<T>(ptr<const T>(pred), ptr<const T>(target), ptr<const T>(grad_kl),
+                                  batch, degree, LOCDIFF_GRID, inv_temperature, ptr<T>(grad_pred),
+                                  ptr<T>(grad_target), num_threads);
+    });
+  }, py::arg("pred"), py::arg("target"), py::arg("grad_kl"), py::arg("batch"), py::arg("degree"),
+     LOCDIFF_GRID_PYARGS, py::arg("inv_temperature"), py::arg("grad_pred"), py::arg("grad_target"),
+     py::arg("dtype"), py::arg("num_threads"));
+
+  m.def("shdd_legendre_table_cpu", [](std::uintptr_t theta, int nhalf, int degree, std::uintptr_t out,
+                                      int num_threads) {
+    py::gil_scoped_release nogil;
+    locdiff::shdd_legendre_table_cpu(ptr<const double>(theta), nhalf, degree, ptr<double>(out),
+                                     num_threads);
+  }, py::arg("theta"), py::arg("nhalf"), py::arg("degree"), py::arg("out"), py::arg("num_threads"));
+
+  // xyz (N, 3) float64, row (N,) int64; value (N,) and grad (N, 3) float64 (grad may be 0).
+  m.def("shdd_eval_cpu", [](std::uintptr_t coeffs, int degree, std::uintptr_t xyz,
+                            std::uintptr_t row, int64_t n, std::uintptr_t value,
+                            std::uintptr_t grad, const std::string& dtype, int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_eval_cpu<T>(ptr<const T>(coeffs), degree, ptr<const double>(xyz),
+                                ptr<const int64_t>(row), n, ptr<double>(value), ptr<double>(grad),
+                                num_threads);
+    });
+  }, py::arg("coeffs"), py::arg("degree"), py::arg("xyz"), py::arg("row"), py::arg("n"),
+     py::arg("value"), py::arg("grad"), py::arg("dtype"), py::arg("num_threads"));
+
+  m.def("shdd_kl_fwd_cuda", [ring](std::uintptr_t pred, std::uintptr_t target, int64_t batch,
+                                   int degree, LOCDIFF_GRID_ARGS, double inv_temperature,
+                                   std::uintptr_t kl, const std::string& dtype, std::uintptr_t stream) {
+#ifdef LOCDIFF_WITH_CUDA
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_kl_fwd_cuda<T>(ptr<const T>(pred), ptr<const T>(target), batch, degree,
+                                   LOCDIFF_GRID, inv_temperature, ptr<T>(kl),
+                                   reinterpret_cast<void*>(stream));
+    });
+#else
+    (void)ring, (void)pred, (void)target, (void)batch, (void)degree, (void)nlat, (void)nlon,
+        (void)table, (void)theta, (void)log_area, (void)lon0, (void)inv_temperature, (void)kl,
+        (void)dtype, (void)stream;
+    no_cuda("shdd_kl");
+#endif
+  }, py::arg("pred"), py::arg("target"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS,
+     py::arg("inv_temperature"), py::arg("kl"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("shdd_kl_bwd_cuda", [ring](std::uintptr_t pred, std::uintptr_t target, std::uintptr_t grad_kl,
+                                   int64_t batch, int degree, LOCDIFF_GRID_ARGS,
+                                   double inv_temperature, std::uintptr_t grad_pred,
+                                   std::uintptr_t grad_target, const std::string& dtype,
+                                   std::uintptr_t stream) {
+#ifdef LOCDIFF_WITH_CUDA
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_kl_bwd_cuda<T>(ptr<const T>(pred), ptr<const T>(target), ptr<const T>(grad_kl),
+                                   batch, degree, LOCDIFF_GRID, inv_temperature, ptr<T>(grad_pred),
+                                   ptr<T>(grad_target), reinterpret_cast<void*>(stream));
+    });
+#else
+    (void)ring, (void)pred, (void)target, (void)grad_kl, (void)batch, (void)degree, (void)nlat,
+        (void)nlon, (void)table, (void)theta, (void)log_area, (void)lon0, (void)inv_temperature,
+        (void)grad_pred, (void)grad_target, (void)dtype, (void)stream;
+    no_cuda("shdd_kl backward");
+#endif
+  }, py::arg("pred"), py::arg("target"), py::arg("grad_kl"), py::arg("batch"), py::arg("degree"),
+     LOCDIFF_GRID_PYARGS, py::arg("inv_temperature"), py::arg("grad_pred"), py::arg("grad_target"),
+     py::arg("dtype"), py::arg("stream"));
+
+  m.def("shdd_synth_cuda", [ring](std::uintptr_t coeffs, int64_t batch, int degree, LOCDIFF_GRID_ARGS,
+                                  std::uintptr_t out, const std::string& dtype, std::uintptr_t stream) {
+#ifdef LOCDIFF_WITH_CUDA
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_synth_cuda<T>(ptr<const T>(coeffs), batch, degree, LOCDIFF_GRID, ptr<T>(out),
+                                  reinterpret_cast<void*>(stream));
+    });
+#else
+    (void)ring, (void)coeffs, (void)batch, (void)degree, (void)nlat, (void)nlon, (void)table,
+        (void)theta, (void)log_area, (void)lon0, (void)out, (void)dtype, (void)stream;
+    no_cuda("shdd grid synthesis");
+#endif
+  }, py::arg("coeffs"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS, py::arg("out"),
+     py::arg("dtype"), py::arg("stream"));
+#undef LOCDIFF_GRID_ARGS
+#undef LOCDIFF_GRID
+#undef LOCDIFF_GRID_PYARGS
 }

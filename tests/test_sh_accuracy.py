@@ -126,8 +126,11 @@ def test_float32_matches_float64_at_the_rounded_input(rng):
 def test_no_nan_or_inf_at_extreme_inputs():
     pts = torch.tensor([[0, 0, 1e-300], [1e300, 1e300, 1e300], [5e-324, 0, 0], [0, 0, -1e308], [1, 1e-300, 0]],
                        dtype=torch.float64)
-    y = locdiff.spherical_harmonics(pts, 2048)
-    assert torch.isfinite(y).all()
-    # scaling the vector never changes the result
-    torch.testing.assert_close(y[1], locdiff.spherical_harmonics(torch.ones(3, dtype=torch.float64), 2048),
-                               rtol=0, atol=1e-13)
+    for degree in [4, 2048]:  # the small-degree and the general kernel
+        y = locdiff.spherical_harmonics(pts, degree)
+        assert torch.isfinite(y).all()
+        # scaling the vector never changes the result
+        torch.testing.assert_close(y[1], locdiff.spherical_harmonics(torch.ones(3, dtype=torch.float64), degree),
+                                   rtol=0, atol=1e-13)
+        torch.testing.assert_close(y[2], locdiff.spherical_harmonics(torch.tensor([1.0, 0, 0]).double(), degree),
+                                   rtol=0, atol=1e-13)

@@ -7,8 +7,10 @@
 
 namespace locdiff {
 
+// Returns -1, or the index of the first row that is not finite or is zero (its output
+// row is then undefined): the check rides along with the normalisation, at no extra pass.
 template <typename T>
-void sh_cpu_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads);
+int64_t sh_cpu_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads);
 // Vector-Jacobian product: grad_xyz = (dY/dxyz)^T grad_out.
 template <typename T>
 void sh_cpu_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz,

@@ -13,6 +13,7 @@ import torch
 
 from locdiff import _C
 from locdiff.ops.sh_reference import spherical_harmonics_reference
+from locdiff.ops.validation import raise_bad_row
 
 
 def _dtype_tag(t: torch.Tensor) -> str:
@@ -27,8 +28,11 @@ def _cuda_stream(t: torch.Tensor) -> int:
 def spherical_harmonics_op(xyz: torch.Tensor, degree: int) -> torch.Tensor:
     out = torch.empty((xyz.shape[0], (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
     if xyz.shape[0]:
-        _C.sh_cpu_fwd(xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr(), _dtype_tag(xyz),
-                      torch.get_num_threads())
+        # The kernel checks rows as it normalises them (no separate pass over the input).
+        bad = _C.sh_cpu_fwd(xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr(), _dtype_tag(xyz),
+                            torch.get_num_threads())
+        if bad >= 0:
+            raise_bad_row(xyz, bad, "xyz")
     return out
 
 

@@ -48,10 +48,14 @@ def check_finite_nonzero_rows(x: torch.Tensor, name: str) -> None:
     ok = finite & nonzero
     if bool(ok.all()):
         return
-    bad = int((~ok).reshape(-1).nonzero()[0, 0])
-    row = x.reshape(-1, x.shape[-1])[bad].tolist()
-    what = "non-finite coordinates" if not bool(finite.reshape(-1)[bad]) else "a zero vector (no direction)"
-    raise ValueError(f"{name} row {bad} is {what}: {row}; expected finite, non-zero vectors")
+    raise_bad_row(x, int((~ok).reshape(-1).nonzero()[0, 0]), name)
+
+
+def raise_bad_row(x: torch.Tensor, index: int, name: str) -> None:
+    """ValueError for row ``index`` of ``x`` viewed as (-1, 3): non-finite or zero."""
+    row = x.reshape(-1, x.shape[-1])[index]
+    what = "non-finite coordinates" if not bool(torch.isfinite(row).all()) else "a zero vector (no direction)"
+    raise ValueError(f"{name} row {index} is {what}: {row.tolist()}; expected finite, non-zero vectors")
 
 
 def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, name: str) -> None:

@@ -1,0 +1,77 @@
+"""Markdown tables from a pytest-benchmark JSON of test_sh_bench.py / test_decode_bench.py.
+
+    python benchmarks/report.py benchmarks/results/sh_cpu.json
+
+Spherical harmonics: ns per output value (median time / values), per pass; a * marks a
+result that failed the accuracy check (error per unit over 2e-6 float32 / 1e-11 float64)
+with the degree it goes wrong from.
+"""
+import collections
+import json
+import sys
+
+
+def sh_table(benchmarks):
+    rows = collections.defaultdict(dict)
+    impls = []
+    for b in benchmarks:
+        e = b["extra_info"]
+        if e.get("op") != "sh":
+            continue
+        key = (e["device"], e["dtype"], e["degree"])
+        ns = b["stats"]["median"] * 1e9 / e["values"]
+        col = e["impl"] if e["impl"] == "store-floor" else f'{e["impl"]} {e["passes"]}'
+        if col not in impls:
+            impls.append(col)
+        mark = ""
+        if e.get("correct") is False:
+            mark = f'* (l>={e["wrong_from_degree"]})'
+        rows[key][col] = f"{ns:.3g}{mark}"
+        rows[key]["_" + col] = ns
+    order = sorted(impls, key=lambda c: (not c.startswith("locdiff"), c))
+    lines = ["| device | dtype | L | " + " | ".join(order) + " | sphericart / locdiff (fwd) |",
+             "|---" * (len(order) + 4) + "|"]
+    for key in sorted(rows):
+        r = rows[key]
+        ratio = ""
+        if "_locdiff fwd" in r and "_sphericart fwd" in r:
+            ratio = f'{r["_sphericart fwd"] / r["_locdiff fwd"]:.2f}x'
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(r.get(c, "") for c in order)
+                     + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def decode_table(benchmarks):
+    rows = collections.defaultdict(dict)
+    impls = []
+    for b in benchmarks:
+        e = b["extra_info"]
+        if e.get("op") != "decode":
+            continue
+        key = (e["device"], e["dtype"], e["degree"], e["items"])
+        if e["impl"] not in impls:
+            impls.append(e["impl"])
+        rows[key][e["impl"]] = f'{b["stats"]["median"] * 1e3:.3g}'
+    if not rows:
+        return ""
+    lines = ["| device | dtype | L | B | " + " | ".join(f"{i} (ms)" for i in impls) + " |",
+             "|---" * (len(impls) + 4) + "|"]
+    for key in sorted(rows):
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | "
+                     + " | ".join(rows[key].get(i, "") for i in impls) + " |")
+    return "\n".join(lines)
+
+
+def main(path):
+    with open(path) as f:
+        data = json.load(f)
+    info = data.get("machine_info", {})
+    print(f'<!-- {path}: {info.get("cpu", {}).get("brand_raw", "")}, commit {data.get("commit_info", {}).get("id", "")[:10]} -->')
+    for table in (sh_table(data["benchmarks"]), decode_table(data["benchmarks"])):
+        if table:
+            print(table)
+            print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

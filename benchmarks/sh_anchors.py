@@ -1,0 +1,148 @@
+"""The implementations measured side by side in test_sh_bench.py: locdiff (native kernels or
+Triton) and the anchors (sphericart, e3nn, the naive torch path). Each entry builds, for
+one device, degree and dtype, a forward function and a forward+backward function, and a
+way to read its output in locdiff's convention for the correctness check."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+import locdiff
+from locdiff.ops import spherical_harmonics_reference
+
+
+def _locdiff(backend):
+    def make(xyz, degree, grad):
+        x = xyz.detach().clone().requires_grad_(True)
+
+        def fwd():
+            return locdiff.spherical_harmonics(xyz, degree, backend=backend)
+
+        def fwd_bwd():
+            x.grad = None
+            y = locdiff.spherical_harmonics(x, degree, backend=backend)
+            y.backward(grad)
+            return x.grad
+
+        return fwd, fwd_bwd, lambda out: out
+
+    return make
+
+
+def _naive_torch(xyz, degree, grad):
+    # What a user without locdiff writes: the plain recurrence in torch ops, with autograd.
+    x = xyz.detach().clone().requires_grad_(True)
+
+    def fwd_bwd():
+        x.grad = None
+        spherical_harmonics_reference(x, degree).backward(grad)
+        return x.grad
+
+    return (lambda: spherical_harmonics_reference(xyz, degree)), fwd_bwd, (lambda out: out)
+
+
+def _sphericart(xyz, degree, grad):
+    if xyz.is_cuda:
+        import sphericart.torch as sct
+
+        sh = sct.SphericalHarmonics(degree)
+        x = xyz.detach().clone().requires_grad_(True)
+
+        def fwd_bwd():
+            x.grad = None
+            sh(x).backward(grad)
+            return x.grad
+
+        return (lambda: sh(xyz)), fwd_bwd, (lambda out: out)
+    import sphericart
+
+    sh = sphericart.SphericalHarmonics(degree)
+    xn, gn = xyz.numpy(), grad.numpy()
+
+    def fwd_bwd():
+        y, dy = sh.compute_with_gradients(xn)  # dy: (n, 3, K); contract to the VJP
+        return np.einsum("nck,nk->nc", dy, gn)
+
+    return (lambda: sh.compute(xn)), fwd_bwd, (lambda out: torch.from_numpy(np.asarray(out)))
+
+
+def _e3nn(xyz, degree, grad):
+    from e3nn import o3
+
+    ls = list(range(degree + 1))
+    x = xyz.detach().clone().requires_grad_(True)
+
+    def fwd_bwd():
+        x.grad = None
+        o3.spherical_harmonics(ls, x, normalize=True, normalization="integral").backward(grad)
+        return x.grad
+
+    # e3nn orders axes and signs differently: compare what is convention-free, the per-degree
+    # power sum_m Y_lm^2 = (2l+1)/(4 pi).
+    return (lambda: o3.spherical_harmonics(ls, xyz, normalize=True, normalization="integral")), fwd_bwd, None
+
+
+IMPLS = {
+    "locdiff": _locdiff(None),
+    "locdiff-triton": _locdiff("triton"),
+    "sphericart": _sphericart,
+    "e3nn": _e3nn,
+    "torch-naive": _naive_torch,
+}
+
+
+def available(impl: str, device: str, degree: int) -> str | None:
+    """None if impl can run here, else the reason to skip."""
+    try:
+        if impl == "locdiff-triton":
+            if device != "cuda":
+                return "Triton runs on CUDA (the CPU interpreter is for tests only)"
+            import triton  # noqa: F401
+        elif impl == "sphericart":
+            import sphericart  # noqa: F401
+
+            if device == "cuda":
+                import sphericart.torch  # noqa: F401
+        elif impl == "e3nn":
+            import e3nn  # noqa: F401
+
+            if degree > 12:
+                return "e3nn hard-codes degrees up to 11-12"
+        elif impl == "torch-naive" and degree > 64:
+            return "the naive torch path takes minutes beyond degree 64"
+    except ImportError as e:
+        return f"{impl} not installed ({e})"
+    if device == "cuda" and not (torch.cuda.is_available() and locdiff.has_cuda()):
+        return "no CUDA device or CPU-only build"
+    return None
+
+
+def power_per_degree(y: torch.Tensor, degree: int) -> torch.Tensor:
+    return torch.stack([(y[:, l * l : (l + 1) ** 2].double() ** 2).sum(-1) for l in range(degree + 1)], -1)
+
+
+def check(impl_out, as_locdiff, xyz, degree) -> dict:
+    """Max error (per unit of sqrt((2l+1)/4pi)) against locdiff's float64 result."""
+    exact = locdiff.spherical_harmonics(xyz.double().cpu(), degree)
+    out = impl_out.detach().cpu() if isinstance(impl_out, torch.Tensor) else torch.from_numpy(np.asarray(impl_out))
+    if as_locdiff is None:  # compare convention-free power per degree
+        got, want = power_per_degree(out, degree), power_per_degree(exact, degree)
+        scale = torch.tensor([(2 * l + 1) / (4 * math.pi) for l in range(degree + 1)], dtype=torch.float64)
+    else:
+        got, want = as_locdiff(out).double(), exact
+        ls = torch.arange(degree + 1, dtype=torch.float64)
+        scale = torch.sqrt((2 * ls + 1) / (4 * math.pi)).repeat_interleave(2 * torch.arange(degree + 1) + 1)
+    err = ((got - want).abs() / scale).nan_to_num(float("inf"))
+    worst = float(err.max()) if err.numel() else 0.0
+    tol = 2e-6 if xyz.dtype == torch.float32 else 1e-11
+    bad_from = None
+    if worst > tol:
+        per_l = err.amax(0)
+        if as_locdiff is not None:
+            ks = torch.nonzero(per_l > tol)[0, 0].item()
+            bad_from = int(math.isqrt(int(ks)))
+        else:
+            bad_from = int(torch.nonzero(per_l > tol)[0, 0])
+    return {"max_err": worst, "correct": worst <= tol, "wrong_from_degree": bad_from}

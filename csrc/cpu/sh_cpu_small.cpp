@@ -1,0 +1,266 @@
+// Spherical harmonics at low degree (L <= kSmallDegreeMax), CPU.
+//
+// At low degree a point has few outputs (25 at L = 4), so the per-point set-up of the
+// general kernel (tables, seeds, scratch rows) costs more than the harmonics. Here the
+// SIMD lanes run across a block of kLanes points instead, in the Cartesian form
+//   Y_l,+-m = sqrt2 Qbar_lm(z) Re/Im (x + i y)^m,
+// with Qbar_lm = P_lm / s^m, a polynomial in z. At these degrees Qbar stays below 1e9 and
+// the plain recurrence loses under 1e-14, so neither scaled seeds nor Reinsch's form are
+// needed; (x + i y)^m may underflow for tiny s, but only where Y itself is below 1e-300.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "locdiff/sh_math.h"
+#include "sh_cpu_small.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LOCDIFF_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define LOCDIFF_CLONES
+#endif
+
+namespace locdiff {
+namespace {
+
+constexpr int kLanes = 8;
+constexpr int kMax = kSmallDegreeMax;
+
+// Coefficients for every (l, m) up to kMax, built once (sqrt per block would dominate).
+struct SmallTables {
+  double a[kMax + 1][kMax + 1] = {}, b[kMax + 1][kMax + 1] = {}, dz[kMax + 1][kMax + 1] = {};
+  double seed[kMax + 1] = {};
+  SmallTables() {
+    seed[0] = kInvSqrt4Pi;
+    for (int m = 1; m <= kMax; ++m) seed[m] = seed[m - 1] * sh_seed_ratio(m);
+    for (int l = 0; l <= kMax; ++l)
+      for (int m = 0; m <= l; ++m) {
+        if (m + 2 <= l) {
+          a[l][m] = sh_rec_a(l, m);
+          b[l][m] = sh_rec_b(l, m);
+        } else if (m + 1 == l) {
+          a[l][m] = std::sqrt(2.0 * m + 3.0);
+        }
+        dz[l][m] = (m == 0 ? 1.0 : kSqrt2) * sh_dz_factor(l, m);
+      }
+  }
+};
+const SmallTables& small_tables() {
+  static const SmallTables tables;
+  return tables;
+}
+
+// Normalised coordinates and (x + i y)^m for a block of points (padding lanes get the pole).
+struct Block {
+  int count;
+  double x[kLanes], y[kLanes], z[kLanes], inv_norm[kLanes];
+  std::vector<double> re, im;  // re[m * kLanes + p] = Re (x_p + i y_p)^m
+
+  // Returns the first lane that is non-finite or zero, or -1 (such lanes compute the pole).
+  template <typename T>
+  int load(const T* xyz, int count_, int L) {
+    count = count_;
+    int bad = -1;
+    for (int p = 0; p < kLanes; ++p) {
+      const bool real = p < count;
+      double px = real ? double(xyz[3 * p]) : 0.0, py = real ? double(xyz[3 * p + 1]) : 0.0,
+             pz = real ? double(xyz[3 * p + 2]) : 1.0;
+      const double big = std::max(std::fabs(px), std::max(std::fabs(py), std::fabs(pz)));
+      if (!(big > 0.0 && big <= 1.7976931348623157e308)) {  // NaN fails both comparisons
+        if (bad < 0) bad = p;
+        px = py = 0.0;
+        pz = 1.0;
+      }
+      // 1 / big overflows for subnormal vectors: lift those by 2^600 first (exact).
+      const double lift = big < 0x1p-600 ? 0x1p600 : 1.0;
+      const double scale = big > 0.0 && big <= 1.7976931348623157e308 ? 1.0 / (big * lift) : 1.0;
+      const double sx = px * lift * scale, sy = py * lift * scale, sz = pz * lift * scale;
+      const double norm = std::sqrt(sx * sx + sy * sy + sz * sz), inv = 1.0 / norm;
+      x[p] = sx * inv;
+      y[p] = sy * inv;
+      z[p] = sz * inv;
+      inv_norm[p] = inv * scale * lift;
+    }
+    re.resize(size_t(L + 1) * kLanes);
+    im.resize(size_t(L + 1) * kLanes);
+    for (int p = 0; p < kLanes; ++p) {
+      re[p] = 1.0;
+      im[p] = 0.0;
+    }
+    for (int m = 1; m <= L; ++m) {
+      const double* pr = &re[(m - 1) * kLanes];
+      const double* pi = &im[(m - 1) * kLanes];
+#pragma omp simd
+      for (int p = 0; p < kLanes; ++p) {
+        re[m * kLanes + p] = pr[p] * x[p] - pi[p] * y[p];
+        im[m * kLanes + p] = pr[p] * y[p] + pi[p] * x[p];
+      }
+    }
+    return bad;
+  }
+};
+
+// Column m of Qbar for every degree l = m..L: q[l * kLanes + p].
+void qbar_column(const Block& bk, int m, int L, double* q) {
+  const SmallTables& tb = small_tables();
+  const double seed = tb.seed[m];
+  for (int p = 0; p < kLanes; ++p) q[m * kLanes + p] = seed;
+  if (m + 1 <= L) {
+    const double a = tb.a[m + 1][m];
+#pragma omp simd
+    for (int p = 0; p < kLanes; ++p) q[(m + 1) * kLanes + p] = a * bk.z[p] * seed;
+  }
+  for (int l = m + 2; l <= L; ++l) {
+    const double a = tb.a[l][m], b = tb.b[l][m];
+    const double* q1 = q + (l - 1) * kLanes;
+    const double* q2 = q + (l - 2) * kLanes;
+#pragma omp simd
+    for (int p = 0; p < kLanes; ++p) q[l * kLanes + p] = a * bk.z[p] * q1[p] - b * q2[p];
+  }
+}
+
+// One block of points at compile-time degree L: every loop bound is a constant, so the
+// compiler unrolls over l and vectorises over lanes. The block is built in an L1 tile laid
+// out like the output (point-major) and copied out contiguously.
+template <typename T, int L>
+LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* out) {
+  constexpr int K = (L + 1) * (L + 1);
+  const SmallTables& tb = small_tables();
+  const int bad = bk.load(xyz, count, L);
+  alignas(64) T tile[kLanes][K];
+  alignas(64) double q[L + 1][kLanes];
+  for (int m = 0; m <= L; ++m) {
+    const double* re = &bk.re[m * kLanes];
+    const double* im = &bk.im[m * kLanes];
+    for (int p = 0; p < kLanes; ++p) q[m][p] = tb.seed[m];
+    if (m + 1 <= L) {
+#pragma omp simd
+      for (int p = 0; p < kLanes; ++p) q[m + 1][p] = tb.a[m + 1][m] * bk.z[p] * q[m][p];
+    }
+    for (int l = m + 2; l <= L; ++l) {
+      const double a = tb.a[l][m], b = tb.b[l][m];
+#pragma omp simd
+      for (int p = 0; p < kLanes; ++p) q[l][p] = a * bk.z[p] * q[l - 1][p] - b * q[l - 2][p];
+    }
+    for (int l = m; l <= L; ++l) {
+      const int k = l * l + l;
+      if (m == 0) {
+#pragma omp simd
+        for (int p = 0; p < kLanes; ++p) tile[p][k] = T(q[l][p]);
+      } else {
+#pragma omp simd
+        for (int p = 0; p < kLanes; ++p) {
+          tile[p][k + m] = T(kSqrt2 * q[l][p] * re[p]);
+          tile[p][k - m] = T(kSqrt2 * q[l][p] * im[p]);
+        }
+      }
+    }
+  }
+  std::memcpy(out, &tile[0][0], sizeof(T) * size_t(K) * count);
+  return bad;
+}
+
+template <typename T, int L>
+int64_t forward_fixed(const T* xyz, int64_t n, T* out, int num_threads) {
+  constexpr int64_t K = (L + 1) * (L + 1);
+  const int64_t blocks = (n + kLanes - 1) / kLanes;
+  int64_t first_bad = n;
+#pragma omp parallel num_threads(std::max(1, num_threads)) reduction(min : first_bad)
+  {
+    Block bk;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first = b * kLanes;
+      const int count = int(std::min<int64_t>(kLanes, n - first));
+      const int bad = forward_block_fixed<T, L>(xyz + 3 * first, count, bk, out + K * first);
+      if (bad >= 0) first_bad = std::min(first_bad, first + bad);
+    }
+  }
+  return first_bad == n ? -1 : first_bad;
+}
+
+template <typename T, int... Ls>
+int64_t forward_dispatch(const T* xyz, int64_t n, int degree, T* out, int num_threads,
+                         std::integer_sequence<int, Ls...>) {
+  int64_t first_bad = -1;
+  ((degree == Ls ? void(first_bad = forward_fixed<T, Ls>(xyz, n, out, num_threads)) : void()), ...);
+  return first_bad;
+}
+
+// Columns in descending m, so that column m+1 (for the z-derivative) is at hand.
+template <typename T>
+LOCDIFF_CLONES void backward_block(const T* xyz, const T* grad, int count, int L, Block& bk,
+                                   double* q, double* q_next, T* grad_xyz) {
+  bk.load(xyz, count, L);
+  const int64_t K = sh_size(L);
+  double gx[kLanes] = {}, gy[kLanes] = {}, gz[kLanes] = {};
+  for (int p = 0; p < kLanes * (L + 2); ++p) q_next[p] = 0.0;
+  for (int m = L; m >= 0; --m) {
+    qbar_column(bk, m, L, q);
+    for (int l = m; l <= L; ++l) {
+      const double* ql = q + l * kLanes;
+      const double* qn = q_next + l * kLanes;  // Qbar_{l,m+1} (0 for m = l)
+      const double dzf = small_tables().dz[l][m];
+      const int64_t k = sh_index(l, m), kn = sh_index(l, -m);
+      for (int p = 0; p < count; ++p) {
+        const double gp = double(grad[p * K + k]);
+        if (m == 0) {
+          gz[p] += gp * dzf * qn[p];
+          continue;
+        }
+        const double gm = double(grad[p * K + kn]);
+        const double re = bk.re[m * kLanes + p], im = bk.im[m * kLanes + p];
+        const double re1 = bk.re[(m - 1) * kLanes + p], im1 = bk.im[(m - 1) * kLanes + p];
+        const double w = kSqrt2 * m * ql[p];
+        gx[p] += w * (gp * re1 + gm * im1);
+        gy[p] += w * (gm * re1 - gp * im1);
+        gz[p] += dzf * qn[p] * (gp * re + gm * im);
+      }
+    }
+    std::swap(q, q_next);
+    for (int p = 0; p < kLanes; ++p) q_next[(m - 1 >= 0 ? m - 1 : 0) * kLanes + p] = 0.0;
+  }
+  for (int p = 0; p < count; ++p) {
+    const double radial = gx[p] * bk.x[p] + gy[p] * bk.y[p] + gz[p] * bk.z[p];
+    grad_xyz[3 * p] = T((gx[p] - radial * bk.x[p]) * bk.inv_norm[p]);
+    grad_xyz[3 * p + 1] = T((gy[p] - radial * bk.y[p]) * bk.inv_norm[p]);
+    grad_xyz[3 * p + 2] = T((gz[p] - radial * bk.z[p]) * bk.inv_norm[p]);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+int64_t sh_cpu_small_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads) {
+  return forward_dispatch(xyz, n, degree, out, num_threads, std::make_integer_sequence<int, kMax + 1>{});
+}
+
+template <typename T>
+void sh_cpu_small_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz,
+                      int num_threads) {
+  const int64_t blocks = (n + kLanes - 1) / kLanes;
+  const int64_t K = sh_size(degree);
+#pragma omp parallel num_threads(std::max(1, num_threads))
+  {
+    Block bk;
+    std::vector<double> q(size_t(degree + 2) * kLanes), q_next(size_t(degree + 2) * kLanes);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first = b * kLanes;
+      const int count = int(std::min<int64_t>(kLanes, n - first));
+      backward_block(xyz + 3 * first, grad_out + K * first, count, degree, bk, q.data(),
+                     q_next.data(), grad_xyz + 3 * first);
+    }
+  }
+}
+
+template int64_t sh_cpu_small_fwd<float>(const float*, int64_t, int, float*, int);
+template int64_t sh_cpu_small_fwd<double>(const double*, int64_t, int, double*, int);
+template void sh_cpu_small_bwd<float>(const float*, const float*, int64_t, int, float*, int);
+template void sh_cpu_small_bwd<double>(const double*, const double*, int64_t, int, double*, int);
+
+}  // namespace locdiff
