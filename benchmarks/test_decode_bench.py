@@ -1,0 +1,127 @@
+"""SHDD decode: locdiff vs the naive torch path vs torch-harmonics' inverse SHT + argmax.
+
+    pytest benchmarks/test_decode_bench.py --benchmark-only -k decode
+
+impls (each checked for accuracy once, on the same encoded points, before timing):
+  locdiff        shdd.decode: fused ring-grid synthesis + local maxima (C++), Newton refinement
+  locdiff-dense  shdd.decode on a Fibonacci grid of the same spacing: dense product against a
+                 cached Y table (torch matmul), then the same refinement (the alternative route)
+  naive          precomputed Y on a 100,000-point Fibonacci grid, matmul, argmax (issue 4)
+  th-isht        torch-harmonics InverseRealSHT on locdiff's grid size + argmax, in batch
+                 chunks of at most 2^24 grid values (accuracy: the grid spacing, worse than
+                 locdiff's refined float precision)
+Shrunk where infeasible here (skip reasons say so): the naive table needs 100k x (L+1)^2
+floats (L <= 64 only) and B = 4096 takes minutes; L = 256 at B = 4096 is skipped for all.
+float32 coefficients; threads from conftest.py (2 by default).
+"""
+import math
+
+import pytest
+import torch
+
+import locdiff
+from locdiff import grids, shdd
+
+DEGREES = [16, 32, 64, 128, 256]
+BATCHES = [1, 64, 4096]
+IMPLS = ["locdiff", "locdiff-dense", "naive", "th-isht"]
+_CACHE = {}
+
+
+def _points(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.asin(torch.rand(n, dtype=torch.float64, generator=g) * 2 - 1) * 180 / math.pi
+    lon = torch.rand(n, dtype=torch.float64, generator=g) * 360 - 180
+    return torch.stack([lat, lon], -1)
+
+
+def _naive_table(degree):
+    key = ("naive", degree)
+    if key not in _CACHE:
+        _CACHE.clear()  # one big table at a time
+        g = grids.fibonacci(100_000)
+        _CACHE[key] = (g, locdiff.spherical_harmonics(g.xyz.float(), degree))
+    return _CACHE[key]
+
+
+def _th(degree):
+    import torch_harmonics as th
+    from torch_harmonics.quadrature import precompute_latitudes
+
+    grid = grids.for_degree(degree)
+    isht = th.InverseRealSHT(grid.nlat, grid.nlon, lmax=degree + 1, mmax=degree + 1,
+                             grid="equiangular", csphase=False)
+    colat = precompute_latitudes(grid.nlat, grid="equiangular")[0]
+    return isht, colat, grid.nlon
+
+
+def _to_th(c, degree):
+    """Real coefficients (B, K) -> torch-harmonics complex (B, L+1, L+1), orthonormal, no CS
+    phase: f = sum_l X_l0 P_l0 + 2 Re sum_{m>0} X_lm P_lm e^{i m phi}."""
+    L = degree
+    l = torch.arange(L + 1)
+    out = torch.zeros(c.shape[0], L + 1, L + 1, dtype=torch.complex64)
+    out[:, :, 0] = c[:, l * l + l].to(torch.complex64)
+    for m in range(1, L + 1):
+        ls = torch.arange(m, L + 1)
+        re, im = c[:, ls * ls + ls + m], c[:, ls * ls + ls - m]
+        out[:, m:, m] = torch.complex(re, -im) / math.sqrt(2)
+    return out
+
+
+def _runner(impl, degree, coeffs):
+    if impl == "locdiff":
+        grid = grids.for_degree(degree)
+        return lambda: shdd.decode(coeffs, grid=grid)
+    if impl == "locdiff-dense":
+        grid = grids.for_degree(degree, "fibonacci")
+        grid.sh_table(degree, "cpu", coeffs.dtype)
+        return lambda: shdd.decode(coeffs, grid=grid)
+    if impl == "naive":
+        g, y = _naive_table(degree)
+
+        def run():
+            i = (coeffs @ y.T).argmax(-1)
+            return g.latlon[i]
+        return run
+    isht, colat, nlon = _th(degree)
+    x = _to_th(coeffs, degree)
+    chunk = max(1, (1 << 24) // (colat.numel() * nlon))
+
+    def run():
+        idx = torch.cat([isht(x[i:i + chunk]).flatten(1).argmax(-1) for i in range(0, x.shape[0], chunk)])
+        lat = 90 - colat[idx // nlon] * 180 / math.pi
+        lon = torch.remainder(360 * (idx % nlon) / nlon + 180, 360) - 180
+        return torch.stack([lat, lon.double()], -1)
+    return run
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("degree", DEGREES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode(benchmark, impl, degree, batch):
+    if degree == 256 and batch == 4096:
+        pytest.skip("L=256, B=4096: minutes per round on a 2-core CPU")
+    if impl == "naive" and degree > 64:
+        pytest.skip(f"naive table 100k x {(degree + 1) ** 2} float32 does not fit this machine")
+    if impl == "naive" and batch > 64:
+        pytest.skip("naive path at B=4096: minutes per round (shrunk to B <= 64)")
+    if impl == "locdiff-dense" and (degree > 128 or batch > 64):
+        pytest.skip("dense route: G x K table and B x G products too large here")
+    torch.manual_seed(0)
+    truth = _points(batch, seed=degree)
+    coeffs = shdd.encode(truth, degree).float().contiguous()
+    run = _runner(impl, degree, coeffs)
+    # Accuracy once before timing: locdiff to float32 precision of its coefficients, grid
+    # routes to their spacing.
+    err_km = float(locdiff.great_circle_km(run(), truth).max())
+    spacing_km = {
+        "locdiff": 0.025, "locdiff-dense": 0.025,
+        "naive": 1.0 * math.sqrt(4 * math.pi / 100_000) * locdiff.EARTH_RADIUS_KM,
+        "th-isht": 1.5 * 2 * math.pi / grids.for_degree(degree).nlon * locdiff.EARTH_RADIUS_KM,
+    }[impl]
+    assert err_km <= spacing_km, (impl, degree, err_km, spacing_km)
+    benchmark.extra_info.update(device="cpu", impl=impl, op="decode", degree=degree, dtype="float32",
+                                items=batch, max_error_km=err_km, threads=torch.get_num_threads())
+    benchmark.pedantic(run, rounds=3 if batch * degree ** 3 < 4096 * 64 ** 3 else 1, iterations=1,
+                       warmup_rounds=0)

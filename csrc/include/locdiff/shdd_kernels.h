@@ -1,0 +1,94 @@
+// SHDD kernels: grid synthesis of f(x) = sum_k c_k Y_k(x), mode candidates, log-partition,
+// the SHDD-KL loss and its backward, and point evaluation with gradient. No torch here.
+//
+// Ring grids. Separable grids (equiangular, Gauss-Legendre) are nlat rings of nlon points,
+// ring j at colatitude theta_j (north to south, symmetric about the equator: ring
+// nlat-1-j mirrors ring j), point k at longitude lon0 + 2 pi k / nlon; flat index
+// j * nlon + k. `table` holds the orthonormal Legendre functions of the northern rings
+// j < (nlat+1)/2, m-major: for each m = 0..L a block (nhalf, L-m+1) of P_lm(cos theta_j),
+// l = m..L, with sqrt(2) folded in for m > 0 (see legendre_offset). On such a grid
+//   f(theta_j, phi) = sum_m A_jm cos(m phi) + B_jm sin(m phi),  A_jm = sum_l P_lm c_{l,+m},
+// so synthesis is a Legendre sum per ring (the two mirror rings share it: P_lm(-z) =
+// (-1)^(l+m) P_lm(z)) and one complex FFT per ring pair (north + i south): O(L^3) per
+// vector instead of O(L^2 x grid) for the dense product.
+//
+// Coefficients: (B, (L+1)^2) contiguous, flat index l*l + l + m (sh_math.h). All
+// arithmetic is float64; T is the storage type of coefficients and gradients.
+#pragma once
+
+#include <cstdint>
+
+namespace locdiff {
+
+struct RingGrid {
+  int nlat = 0, nlon = 0;
+  const double* table = nullptr;     // Legendre table, layout above
+  const double* theta = nullptr;     // (nlat,) colatitudes, radians
+  const double* log_area = nullptr;  // (nlat,) log of the cell area of each ring (steradians)
+  double lon0 = 0.0;                 // longitude of column 0, radians
+};
+
+// Start of the block of order m in the table (units of nhalf * ...): sum_{m'<m} (L+1-m').
+inline int64_t legendre_offset(int L, int m) { return int64_t(m) * (L + 1) - int64_t(m) * (m - 1) / 2; }
+
+// f on every grid point: out (B, nlat * nlon).
+template <typename T>
+void shdd_synth_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid, T* out,
+                    int num_threads);
+
+// Adjoint of synthesis: out_coeffs (B, K) = sum_i w_i Y(x_i) for weights w (B, nlat * nlon).
+template <typename T>
+void shdd_adjoint_cpu(const T* weights, int64_t batch, int degree, const RingGrid& grid,
+                      T* out_coeffs, int num_threads);
+
+// Up to ncand local maxima of f on the grid per vector (8-neighbourhood, across the poles
+// and the antimeridian), highest first. index: flat grid index (-1 where fewer exist);
+// value: grid value; start: (colatitude, longitude) radians after a parabolic sub-cell
+// step, a starting point for refinement.
+template <typename T>
+void shdd_candidates_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid,
+                         int ncand, int64_t* index, double* value, double* start,
+                         int num_threads);
+
+// log sum_i area_i exp(f_i / t) per vector (fused: the grid lives in per-thread scratch).
+template <typename T>
+void shdd_logz_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid,
+                   double inv_temperature, double* out, int num_threads);
+
+// KL(p || q), p = softmax(f_target / t + log area), q = softmax(f_pred / t + log area).
+template <typename T>
+void shdd_kl_fwd_cpu(const T* pred, const T* target, int64_t batch, int degree,
+                     const RingGrid& grid, double inv_temperature, T* kl, int num_threads);
+
+// Backward: grad_pred = g (q - p) / t . Y,  grad_target = g p (log p - log q - KL) / t . Y
+// (either output may be null).
+template <typename T>
+void shdd_kl_bwd_cpu(const T* pred, const T* target, const T* grad_kl, int64_t batch,
+                     int degree, const RingGrid& grid, double inv_temperature, T* grad_pred,
+                     T* grad_target, int num_threads);
+
+// f and its gradient at points: xyz (N, 3) (any non-zero length; the gradient is w.r.t. the
+// vector as given, i.e. (I - u u^T) grad f / |r|), row (N,) the coefficient row of each
+// point. grad may be null.
+template <typename T>
+void shdd_eval_cpu(const T* coeffs, int degree, const double* xyz, const int64_t* row, int64_t n,
+                   double* value, double* grad, int num_threads);
+
+// The Legendre table of a ring grid (layout above) for colatitudes theta[0..nhalf).
+void shdd_legendre_table_cpu(const double* theta, int nhalf, int degree, double* out,
+                             int num_threads);
+
+#ifdef LOCDIFF_WITH_CUDA
+template <typename T>
+void shdd_synth_cuda(const T* coeffs, int64_t batch, int degree, const RingGrid& grid, T* out,
+                     void* stream);
+template <typename T>
+void shdd_kl_fwd_cuda(const T* pred, const T* target, int64_t batch, int degree,
+                      const RingGrid& grid, double inv_temperature, T* kl, void* stream);
+template <typename T>
+void shdd_kl_bwd_cuda(const T* pred, const T* target, const T* grad_kl, int64_t batch,
+                      int degree, const RingGrid& grid, double inv_temperature, T* grad_pred,
+                      T* grad_target, void* stream);
+#endif
+
+}  // namespace locdiff

@@ -1,0 +1,272 @@
+"""SHDD: encode / decode to the metre, noisy decoding, top-k, densities, the SHDD-KL op, the
+fused kernels against the pure-torch reference, opcheck, gradcheck and bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import locdiff
+from locdiff import grids, shdd
+from locdiff.ops import shdd as ops
+from locdiff.ops import shdd_reference as ref
+from locdiff.ops.sh_reference import spherical_harmonics_reference
+from locdiff.testing import assert_close
+
+torch.manual_seed(0)
+
+
+def random_latlon(n, gen=None):
+    gen = gen or torch.Generator().manual_seed(n)
+    z = torch.rand(n, dtype=torch.float64, generator=gen) * 2 - 1
+    lat = torch.asin(z) * 180 / math.pi
+    lon = torch.rand(n, dtype=torch.float64, generator=gen) * 360 - 180
+    return torch.stack([lat, lon], -1)
+
+
+SPECIAL = torch.tensor([[90.0, 0.0], [-90.0, 0.0], [90.0, 123.0], [0.0, 180.0], [0.0, -180.0],
+                        [35.0, 179.99999], [-35.0, -179.99999], [89.9999, 45.0], [-89.99, -170.0]],
+                       dtype=torch.float64)
+
+
+@pytest.mark.parametrize("degree", [4, 5, 8, 16, 31, 64, 100, 128, 256, 512])
+def test_encode_decode_exact_to_a_metre(degree):
+    n = 24 if degree <= 128 else 6
+    ll = torch.cat([random_latlon(n), SPECIAL])
+    d = shdd.decode(shdd.encode(ll, degree))
+    err_m = locdiff.great_circle_km(d, ll) * 1000
+    assert float(err_m.max()) < 1.0, (degree, err_m.max())
+
+
+def test_encode_decode_float32_and_numpy():
+    ll = random_latlon(10).numpy()
+    c = shdd.encode(ll.astype(np.float32), 64)
+    assert isinstance(c, np.ndarray) and c.dtype == np.float32 and c.shape == (10, 65 ** 2)
+    d = shdd.decode(c)
+    assert isinstance(d, np.ndarray) and d.shape == (10, 2)
+    # float32 coefficients round the point by ~1e-7 relative: far under 25 m.
+    assert float(locdiff.great_circle_km(d, ll).max()) < 0.025
+    # A single vector gives a single point; refine=False gives a grid point.
+    one = shdd.decode(torch.from_numpy(c[0]).double(), refine=False)
+    assert one.shape == (2,)
+    assert float(locdiff.great_circle_km(one, torch.from_numpy(ll[0]))) < 217 * 1.5
+
+
+def test_decode_on_other_grids():
+    ll = torch.cat([random_latlon(6), SPECIAL[:4]])
+    c = shdd.encode(ll, 32)
+    for kind in grids.KINDS:
+        d = shdd.decode(c, grid=grids.for_degree(32, kind))
+        assert float(locdiff.great_circle_km(d, ll).max()) * 1000 < 1.0, kind
+
+
+@pytest.mark.parametrize("degree", [16, 48])
+@pytest.mark.parametrize("noise", [0.5, 2.0, 8.0])
+def test_noisy_decode_beats_denser_grid(degree, noise):
+    gen = torch.Generator().manual_seed(degree)
+    c = shdd.encode(random_latlon(40, gen), degree)
+    c = c + noise * torch.randn(c.shape, generator=gen, dtype=torch.float64) / math.sqrt(4 * math.pi)
+    d = shdd.decode(c)
+    fd = (c * locdiff.spherical_harmonics(locdiff.latlon_to_xyz(d), degree)).sum(-1)
+    dense = grids.for_degree(degree, oversample=2.0)  # four times the points
+    assert dense.size >= 4 * grids.for_degree(degree).size * 0.9
+    fmax = shdd.grid_values(c, dense).max(-1).values
+    assert bool((fd >= fmax - 1e-9 * fmax.abs()).all()), (fd - fmax).min()
+    # ... and as high as the best grid point of a Fibonacci grid of the same density.
+    fib = ref.shdd_synth_reference(c, grids.for_degree(degree, "fibonacci", 2.0).xyz, locdiff.spherical_harmonics)
+    assert bool((fd >= fib.max(-1).values - 1e-9).all())
+
+
+@pytest.mark.parametrize("degree", [24, 64])
+def test_top_k_recovers_separated_deltas(degree):
+    pts = torch.tensor([[48.85, 2.35], [-33.87, 151.21], [40.71, -74.0], [35.68, 139.69], [-1.29, 36.82],
+                        [-90.0, 0.0], [64.1, -21.9]], dtype=torch.float64)
+    w = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45], dtype=torch.float64)
+    c = (w[:, None] * shdd.encode(pts, degree)).sum(0)
+    ll, vals = shdd.top_k(c, len(pts))
+    assert ll.shape == (len(pts), 2) and vals.shape == (len(pts),)
+    assert bool((vals[1:] <= vals[:-1]).all())
+    # Each delta is found, within a tenth of its lobe (the others' side lobes shift it).
+    dist = locdiff.great_circle_km(ll[:, None], pts[None])
+    r_km = grids.half_max_radius(degree) * locdiff.EARTH_RADIUS_KM
+    assert float(dist.min(0).values.max()) < 0.12 * r_km
+    assert float(dist.min(1).values.max()) < 0.12 * r_km
+    # Batched, and asking for more modes than exist at a large separation: NaN / -inf padding.
+    ll2, v2 = shdd.top_k(torch.stack([c, c]), 3, min_separation_km=15000.0)
+    assert ll2.shape == (2, 3, 2)
+    assert torch.isnan(ll2[0, -1]).all() and v2[0, -1] == -math.inf
+
+
+def test_density_and_log_density():
+    c = shdd.encode(random_latlon(3), 16, smoothing=0.05)
+    g = grids.for_degree(16)
+    t = 4.0
+    p = shdd.density(c, g, temperature=t)
+    assert p.shape == (3, g.size)
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, dtype=torch.float64))
+    # log density per steradian at grid points = log(p_i / area_i).
+    i = torch.tensor([5, 100, 700])
+    lp = shdd.log_density_at(c, g.latlon[i], g, temperature=t)
+    torch.testing.assert_close(lp, (p[torch.arange(3), i] / g.area[i]).log())
+    # Same on a non-ring grid (dense route): both normalisations integrate the same density.
+    fib = grids.for_degree(16, "fibonacci", 2.0)
+    lp2 = shdd.log_density_at(c, g.latlon[i], fib, temperature=t)
+    torch.testing.assert_close(lp2, lp, rtol=0, atol=2e-2)  # two Riemann sums
+    # Differentiable w.r.t. the coefficients (gradient = Y(x)/t - E_p[Y]/t).
+    cc = c.clone().requires_grad_(True)
+    shdd.log_density_at(cc, g.latlon[i], g, temperature=t).sum().backward()
+    y = locdiff.spherical_harmonics(g.xyz, 16)
+    expect = (locdiff.spherical_harmonics(g.xyz[i], 16) - p @ y) / t
+    torch.testing.assert_close(cc.grad, expect)
+
+
+def test_encode_smoothing():
+    ll = random_latlon(4)
+    c = shdd.encode(ll, 8)
+    s = 0.1
+    l = torch.arange(9, dtype=torch.float64)
+    w = torch.exp(-l * (l + 1) * s * s / 2).repeat_interleave(2 * torch.arange(9) + 1)
+    torch.testing.assert_close(shdd.encode(ll, 8, smoothing=s), c * w)
+    per = torch.linspace(1, 0, 9, dtype=torch.float64)
+    torch.testing.assert_close(shdd.encode(ll, 8, smoothing=per),
+                               c * per.repeat_interleave(2 * torch.arange(9) + 1))
+    # A smoothed delta decodes to the same point.
+    d = shdd.decode(shdd.encode(ll, 32, smoothing=0.05))
+    assert float(locdiff.great_circle_km(d, ll).max()) * 1000 < 1.0
+
+
+# ---- fused kernels vs the pure-torch reference ------------------------------------------------
+GRID = grids.equiangular(9, 16)  # odd nlat: the equator ring has no mirror
+GRID2 = grids.gauss_legendre(8, 12)  # nlon not a power of two: direct DFT
+
+
+def ring_args(grid, degree):
+    return shdd._ring_args(grid, degree, "cpu")
+
+
+@pytest.mark.parametrize("grid", [GRID, GRID2], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_synth_adjoint_logz_match_reference(grid, dtype):
+    L = 6
+    c = torch.randn(11, (L + 1) ** 2, dtype=dtype)
+    a = ring_args(grid, L)
+    assert_close(ops.shdd_synth_op(c, *a), ref.shdd_synth_reference(c, grid.xyz))
+    w = torch.randn(11, grid.size, dtype=dtype)
+    y = spherical_harmonics_reference(grid.xyz, L).to(dtype)
+    assert_close(ops.shdd_adjoint_op(w, *a), w @ y)
+    assert_close(ops.shdd_logz_op(c, *a, 2.0),
+                 ref.shdd_logz_reference(c.double(), grid.xyz, grid.area, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_matches_reference(dtype):
+    L = 5
+    p = torch.randn(7, (L + 1) ** 2, dtype=dtype)
+    t = torch.randn(7, (L + 1) ** 2, dtype=dtype)
+    got = shdd.kl_divergence(p, t, grid=GRID, temperature=0.7, reduction="none")
+    assert_close(got, ref.shdd_kl_reference(p, t, GRID.xyz, GRID.area, 0.7))
+    assert_close(shdd.kl_divergence(p, t, grid=GRID, temperature=0.7), got.mean())
+    assert_close(shdd.kl_divergence(p, t, grid=GRID, temperature=0.7, reduction="sum"), got.sum())
+    assert float(shdd.kl_divergence(t, t, grid=GRID).abs()) < 1e-5
+    # Backward against autograd through the reference.
+    p1, t1 = p.double().requires_grad_(True), t.double().requires_grad_(True)
+    p2, t2 = p.double().requires_grad_(True), t.double().requires_grad_(True)
+    g = torch.rand(7, dtype=torch.float64)
+    (shdd.kl_divergence(p1, t1, grid=GRID, temperature=0.7, reduction="none") * g).sum().backward()
+    (ref.shdd_kl_reference(p2, t2, GRID.xyz, GRID.area, 0.7) * g).sum().backward()
+    assert_close(p1.grad, p2.grad)
+    assert_close(t1.grad, t2.grad)
+
+
+def test_kl_gradcheck():
+    L = 3
+    p = torch.randn(3, (L + 1) ** 2, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, (L + 1) ** 2, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, b: shdd.kl_divergence(a, b, grid=GRID, temperature=0.8, reduction="none")
+    assert torch.autograd.gradcheck(fn, (p, t))
+    assert torch.autograd.gradcheck(lambda a: fn(a, t.detach()), (p,))
+    # Synthesis and its adjoint are each other's backward.
+    a = ring_args(GRID, L)
+    assert torch.autograd.gradcheck(lambda c: ops.shdd_synth_op(c, *a), (p,))
+    w = torch.randn(2, GRID.size, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ops.shdd_adjoint_op(x, *a), (w,))
+
+
+def test_eval_and_candidates_match_reference():
+    L = 12
+    c = torch.randn(5, (L + 1) ** 2, dtype=torch.float64)
+    xyz = torch.cat([torch.randn(40, 3, dtype=torch.float64) * 3, torch.tensor([[0, 0, 2.0], [0, 0, -1.0]])])
+    row = torch.randint(0, 5, (42,))
+    v, g = ops.shdd_eval_op(c, xyz, row, L)
+    vr, gr = ref.shdd_eval_reference(c, xyz, row)
+    assert_close(v, vr)
+    assert_close(g, gr)
+    # float32 coefficients are read as they are (all arithmetic in float64)
+    v32, _ = ops.shdd_eval_op(c.float(), xyz, row, L)
+    assert_close(v32, ref.shdd_eval_reference(c.float().double(), xyz, row)[0])
+    grid = grids.equiangular(14, 32)
+    idx, val, start = ops.shdd_candidates_op(c, *ring_args(grid, L), 6)
+    f = ref.shdd_synth_reference(c, grid.xyz)
+    torch.testing.assert_close(val[:, 0], f.max(-1).values)
+    torch.testing.assert_close(idx[:, 0], f.argmax(-1))
+    assert bool((val[:, 1:] <= val[:, :-1]).all())
+    torch.testing.assert_close(val, torch.gather(f, 1, idx.clamp_min(0)).where(idx >= 0, val))
+    assert start.shape == (5, 6, 2)
+
+
+def test_opcheck():
+    L = 4
+    a = ring_args(GRID, L)
+    c = torch.randn(3, (L + 1) ** 2, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, (L + 1) ** 2, dtype=torch.float64)
+    w = torch.randn(3, GRID.size, dtype=torch.float64, requires_grad=True)
+    xyz = torch.randn(6, 3, dtype=torch.float64)
+    row = torch.randint(0, 3, (6,))
+    checks = [
+        (ops.shdd_synth_op, (c, *a)),
+        (ops.shdd_adjoint_op, (w, *a)),
+        (ops.shdd_candidates_op, (c.detach(), *a, 3)),
+        (ops.shdd_logz_op, (c, *a, 1.5)),
+        (ops.shdd_eval_op, (c.detach(), xyz, row, L)),
+        (ops.shdd_kl_op, (c, t, *a, 1.5)),
+        (ops.shdd_kl_backward_op, (c.detach(), t, torch.rand(3, dtype=torch.float64), *a, 1.5, True, False)),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args)
+
+
+def test_empty_batch():
+    c = torch.empty(0, 25, dtype=torch.float64)
+    assert shdd.decode(c).shape == (0, 2)
+    assert shdd.kl_divergence(c, c, reduction="none").shape == (0,)
+    assert shdd.top_k(c, 2)[0].shape == (0, 2, 2)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+GOOD = shdd.encode(torch.tensor([[1.0, 2.0]], dtype=torch.float64), 3)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: shdd.decode(torch.zeros(2, 15)), "square.*15"),
+    (lambda: shdd.decode(torch.zeros(0)), "square.*0"),
+    (lambda: shdd.decode(GOOD.clone().index_fill_(1, torch.tensor([3]), math.nan)), "finite.*nan.*index 3"),
+    (lambda: shdd.decode(GOOD.clone().index_fill_(1, torch.tensor([0]), math.inf)), "finite.*inf"),
+    (lambda: shdd.top_k(GOOD, 0), "k must.*0"),
+    (lambda: shdd.top_k(GOOD, -2), "k must.*-2"),
+    (lambda: shdd.top_k(GOOD, 2, min_separation_km=-1.0), "min_separation_km.*-1"),
+    (lambda: shdd.density(GOOD, temperature=0), "temperature.*0"),
+    (lambda: shdd.density(GOOD, temperature=-1.5), r"temperature.*-1\.5"),
+    (lambda: shdd.kl_divergence(GOOD, GOOD, temperature=float("nan")), "temperature.*nan"),
+    (lambda: shdd.log_density_at(GOOD, [0.0, 0.0], temperature=0.0), "temperature.*0"),
+    (lambda: shdd.kl_divergence(GOOD, GOOD, reduction="max"), "reduction.*max"),
+    (lambda: shdd.kl_divergence(GOOD, torch.zeros(1, 25)), "same length.*16.*25"),
+    (lambda: shdd.kl_divergence(torch.zeros(1, 17), GOOD), "square.*17"),
+    (lambda: shdd.kl_divergence(GOOD, GOOD, grid=grids.fibonacci(100)), "ring grid.*fibonacci"),
+    (lambda: shdd.encode([[0.0, 0.0]], 3, smoothing=-0.1), "smoothing.*-0.1"),
+    (lambda: shdd.encode([[0.0, 0.0]], 3, smoothing=torch.ones(3)), r"smoothing.*\(4,\)"),
+    (lambda: shdd.encode([[95.0, 0.0]], 3), "latitudes.*95"),
+    (lambda: shdd.decode(GOOD, candidates=0), "candidates.*0"),
+])
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
