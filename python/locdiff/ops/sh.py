@@ -75,39 +75,42 @@ def _(xyz: torch.Tensor, grad_out: torch.Tensor, degree: int) -> torch.Tensor:
     return torch.empty_like(xyz)
 
 
-def _setup_forward(ctx, inputs, output):
-    xyz, degree = inputs
-    ctx.save_for_backward(xyz)
-    ctx.degree = degree
+def register_sh_autograd(forward_op, backward_op) -> None:
+    """Autograd for a (forward, backward) pair of spherical-harmonics ops, any backend.
+
+    The backward op computes grad_xyz = J(xyz)^T g. Its own derivative (double backward) goes
+    through the differentiable pure-torch reference: slower, exact, rarely needed. Its VJPs
+    are d(J^T g . v)/dxyz and J v.
+    """
+
+    def setup_forward(ctx, inputs, output):
+        xyz, degree = inputs
+        ctx.save_for_backward(xyz)
+        ctx.degree = degree
+
+    def backward(ctx, grad_out):
+        (xyz,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return backward_op(xyz, grad_out.contiguous(), ctx.degree), None
+
+    def setup_backward(ctx, inputs, output):
+        xyz, grad_out, degree = inputs
+        ctx.save_for_backward(xyz, grad_out)
+        ctx.degree = degree
+
+    def double_backward(ctx, grad_grad_xyz):
+        xyz, grad_out = ctx.saved_tensors
+        with torch.enable_grad():
+            x = xyz.detach().requires_grad_(True)
+            g = grad_out.detach().requires_grad_(True)
+            y = spherical_harmonics_reference(x, ctx.degree)
+            (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
+            d_xyz, d_g = torch.autograd.grad(gx, (x, g), grad_grad_xyz, allow_unused=True)
+        return d_xyz, d_g, None
+
+    forward_op.register_autograd(backward, setup_context=setup_forward)
+    backward_op.register_autograd(double_backward, setup_context=setup_backward)
 
 
-def _backward(ctx, grad_out):
-    (xyz,) = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None
-    return spherical_harmonics_backward_op(xyz, grad_out.contiguous(), ctx.degree), None
-
-
-spherical_harmonics_op.register_autograd(_backward, setup_context=_setup_forward)
-
-
-def _setup_backward(ctx, inputs, output):
-    xyz, grad_out, degree = inputs
-    ctx.save_for_backward(xyz, grad_out)
-    ctx.degree = degree
-
-
-def _double_backward(ctx, grad_grad_xyz):
-    # Second derivatives through the differentiable pure-torch reference: the backward op is
-    # grad_xyz = J(xyz)^T g, so its VJPs are d(J^T g . v)/dxyz and J v.
-    xyz, grad_out = ctx.saved_tensors
-    with torch.enable_grad():
-        x = xyz.detach().requires_grad_(True)
-        g = grad_out.detach().requires_grad_(True)
-        y = spherical_harmonics_reference(x, ctx.degree)
-        (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
-        d_xyz, d_g = torch.autograd.grad(gx, (x, g), grad_grad_xyz, allow_unused=True)
-    return d_xyz, d_g, None
-
-
-spherical_harmonics_backward_op.register_autograd(_double_backward, setup_context=_setup_backward)
+register_sh_autograd(spherical_harmonics_op, spherical_harmonics_backward_op)

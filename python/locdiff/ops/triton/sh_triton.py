@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from locdiff.ops.sh_reference import spherical_harmonics_reference
+from locdiff.ops.sh import register_sh_autograd
 
 _INV_SQRT_4PI = 0.28209479177387814347
 _SQRT2 = 1.41421356237309504880
@@ -316,42 +316,7 @@ def spherical_harmonics_triton_backward_op(xyz: torch.Tensor, grad_out: torch.Te
     return grad_xyz
 
 
-def _setup_forward(ctx, inputs, output):
-    xyz, degree = inputs
-    ctx.save_for_backward(xyz)
-    ctx.degree = degree
-
-
-def _backward(ctx, grad_out):
-    (xyz,) = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None
-    return spherical_harmonics_triton_backward_op(xyz, grad_out.contiguous(), ctx.degree), None
-
-
-spherical_harmonics_triton_op.register_autograd(_backward, setup_context=_setup_forward)
-
-
-def _setup_backward(ctx, inputs, output):
-    xyz, grad_out, degree = inputs
-    ctx.save_for_backward(xyz, grad_out)
-    ctx.degree = degree
-
-
-def _double_backward(ctx, grad_grad_xyz):
-    # Second derivatives through the pure-torch reference, as for the native op.
-    xyz, grad_out = ctx.saved_tensors
-    with torch.enable_grad():
-        x = xyz.detach().requires_grad_(True)
-        g = grad_out.detach().requires_grad_(True)
-        y = spherical_harmonics_reference(x, ctx.degree)
-        (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
-        d_xyz, d_g = torch.autograd.grad(gx, (x, g), grad_grad_xyz, allow_unused=True)
-    return d_xyz, d_g, None
-
-
-spherical_harmonics_triton_backward_op.register_autograd(_double_backward,
-                                                         setup_context=_setup_backward)
+register_sh_autograd(spherical_harmonics_triton_op, spherical_harmonics_triton_backward_op)
 
 
 def spherical_harmonics_triton(xyz: torch.Tensor, degree: int) -> torch.Tensor:
