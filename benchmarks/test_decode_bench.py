@@ -13,6 +13,9 @@ impls (each checked for accuracy once, on the same encoded points, before timing
 Shrunk where infeasible here (skip reasons say so): the naive table needs 100k x (L+1)^2
 floats (L <= 64 only) and B = 4096 takes minutes; L = 256 at B = 4096 is skipped for all.
 float32 coefficients; threads from conftest.py (2 by default).
+
+Quick same-run comparison (interleaved rounds, best of each; no pytest-benchmark), e.g.
+    python benchmarks/test_decode_bench.py --threads 1 --rounds 9
 """
 import math
 
@@ -125,3 +128,44 @@ def test_decode(benchmark, impl, degree, batch):
                                 items=batch, max_error_km=err_km, threads=torch.get_num_threads())
     benchmark.pedantic(run, rounds=3 if batch * degree ** 3 < 4096 * 64 ** 3 else 1, iterations=1,
                        warmup_rounds=0)
+
+
+def _compare(degrees, batches, threads, rounds, naive):
+    """Markdown table: best-of-``rounds`` ms of each impl, interleaved round by round."""
+    import time
+
+    torch.set_num_threads(threads)
+    impls = ["locdiff", "th-isht"] + (["naive"] if naive else [])
+    print(f"| L | B | threads | {' | '.join(impls)} | th-isht / locdiff |")
+    print("|" + "---|" * (len(impls) + 4))
+    for degree in degrees:
+        for batch in batches:
+            coeffs = shdd.encode(_points(batch, seed=degree), degree).float().contiguous()
+            runs = {i: _runner(i, degree, coeffs) for i in impls if i != "naive" or degree <= 64}
+            best = {i: math.inf for i in runs}
+            for i, run in runs.items():
+                run()  # warm-up: tables, plans
+            for r in range(rounds):
+                for i, run in runs.items():
+                    if i == "naive" and r:
+                        continue  # seconds per round: one is enough
+                    t0 = time.perf_counter()
+                    run()
+                    best[i] = min(best[i], time.perf_counter() - t0)
+            cells = [f"{best[i] * 1e3:.1f}" if i in best else "-" for i in impls]
+            print(f"| {degree} | {batch} | {threads} | {' | '.join(cells)} | "
+                  f"{best['th-isht'] / best['locdiff']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--degrees", default="32,64,128")
+    ap.add_argument("--batches", default="64,256")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--naive", action="store_true", help="also the naive path (L <= 64; slow)")
+    a = ap.parse_args()
+    _compare([int(x) for x in a.degrees.split(",")], [int(x) for x in a.batches.split(",")],
+             a.threads, a.rounds, a.naive)

@@ -224,6 +224,32 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("coeffs"), py::arg("degree"), py::arg("xyz"), py::arg("row"), py::arg("n"),
      py::arg("value"), py::arg("grad"), py::arg("dtype"), py::arg("num_threads"));
 
+  m.def("shdd_scan_cpu", [ring](std::uintptr_t f, int64_t batch, LOCDIFF_GRID_ARGS, bool folded,
+                                 int ncand, std::uintptr_t index, std::uintptr_t value,
+                                 std::uintptr_t start, const std::string& dtype, int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_scan_cpu<T>(ptr<const T>(f), batch, LOCDIFF_GRID, folded, ncand,
+                                ptr<int64_t>(index), ptr<double>(value), ptr<double>(start),
+                                num_threads);
+    });
+  }, py::arg("f"), py::arg("batch"), LOCDIFF_GRID_PYARGS, py::arg("folded"), py::arg("ncand"),
+     py::arg("index"), py::arg("value"), py::arg("start"), py::arg("dtype"), py::arg("num_threads"));
+
+  // xyz (N, 3) float64 starts, overwritten; value (N,) float64; row (N,) int64.
+  m.def("shdd_refine_cpu", [](std::uintptr_t coeffs, int degree, double radius, std::uintptr_t row,
+                              int64_t n, int max_iter, std::uintptr_t xyz, std::uintptr_t value,
+                              const std::string& dtype, int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_refine_cpu<T>(ptr<const T>(coeffs), degree, radius, ptr<const int64_t>(row), n,
+                                  max_iter, ptr<double>(xyz), ptr<double>(value), num_threads);
+    });
+  }, py::arg("coeffs"), py::arg("degree"), py::arg("radius"), py::arg("row"), py::arg("n"),
+     py::arg("max_iter"), py::arg("xyz"), py::arg("value"), py::arg("dtype"), py::arg("num_threads"));
+
   m.def("shdd_kl_fwd_cuda", [ring](std::uintptr_t pred, std::uintptr_t target, int64_t batch,
                                    int degree, LOCDIFF_GRID_ARGS, double inv_temperature,
                                    std::uintptr_t kl, const std::string& dtype, std::uintptr_t stream) {

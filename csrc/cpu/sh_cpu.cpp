@@ -19,100 +19,21 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "legendre_tables.h"
 #include "locdiff/sh_kernels.h"
 #include "locdiff/sh_math.h"
 #include "sh_cpu_small.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// AVX2+FMA clone next to the portable one, chosen at load time.
-#define LOCDIFF_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define LOCDIFF_CLONES
-#endif
-
 namespace locdiff {
 namespace {
 
-inline int64_t tri(int l) { return int64_t(l) * (l + 1) / 2; }
-
-// Recurrence coefficients in triangular layout (row l holds m = 0..l), shared by all
-// degrees: the table for degree L is a prefix of the table for any larger degree.
-// Row l, m <= l-2: a_lm, b_lm. m = l-1: a = sqrt(2l+1), b = 0 (the first step of a column).
-// dz[tri(l)+m] = sqrt((l-m)(l+m+1)) (sqrt(2) folded in for m >= 1), used by the backward.
-// rho[tri(l)+m] = sqrt((2l+1)(l+m) / ((2l-1)(l-m))) is the ratio X_lm / X_{l-1,m} on the
-// pole and e = b_lm / rho_{l-1,m} (0 for m = l-1): the coefficients of Reinsch's form.
-struct Tables {
-  int degree = -1;
-  std::vector<double> a, b, dz, rho, e, seed_ratio;
-};
-
-std::shared_ptr<const Tables> tables_for(int degree) {
-  static std::mutex mutex;
-  static std::shared_ptr<const Tables> cached;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (cached && cached->degree >= degree) return cached;
-  auto t = std::make_shared<Tables>();
-  const int L = degree;
-  t->degree = L;
-  t->a.assign(tri(L + 1), 0.0);
-  t->b.assign(tri(L + 1), 0.0);
-  t->dz.assign(tri(L + 1), 0.0);
-  t->rho.assign(tri(L + 1), 0.0);
-  t->e.assign(tri(L + 1), 0.0);
-  t->seed_ratio.assign(L + 1, 0.0);
-  // long double: the tables are built once, and near the poles their rounding is what
-  // accumulates along a column.
-  using ld = long double;
-  auto rho = [](int l, int m) { return std::sqrt(ld(2 * l + 1) * (l + m) / (ld(2 * l - 1) * (l - m))); };
-  for (int l = 0; l <= L; ++l) {
-    for (int m = 0; m <= l; ++m) {
-      const int64_t i = tri(l) + m;
-      const ld ll = ld(l) * l, mm = ld(m) * m, l1 = ld(l - 1) * (l - 1);
-      if (m + 2 <= l) {
-        const ld b = std::sqrt((l1 - mm) * (2 * l + 1) / ((ll - mm) * (2 * l - 3)));
-        t->a[i] = double(std::sqrt((4 * ll - 1) / (ll - mm)));
-        t->b[i] = double(b);
-        t->e[i] = double(b / rho(l - 1, m));
-      } else if (m + 1 == l) {
-        t->a[i] = double(std::sqrt(ld(2 * l + 1)));
-      }
-      if (m < l) t->rho[i] = double(rho(l, m));
-      t->dz[i] = (m == 0 ? 1.0 : kSqrt2) * sh_dz_factor(l, m);
-    }
-    if (l >= 1) t->seed_ratio[l] = sh_seed_ratio(l);
-  }
-  cached = t;
-  return cached;
-}
-
-// A column whose scaled recurrence became representable at degree l: its values at l and
-// l-1 take over in the vectorised loop from there on.
-struct Injection {
-  int l, m;
-  double value, previous;
-};
-
-// Per-thread scratch for one point.
-struct Scratch {
-  std::vector<double> x1, x2;          // column values at degrees l-1 and l-2 (then l)
-  std::vector<double> cs, sn;          // sqrt2 * s * cos(m phi), sqrt2 * s * sin(m phi)
-  std::vector<double> c1, s1;          // cos(m phi), sin(m phi)  (backward)
-  std::vector<double> wx, wy;          // backward: sqrt2 * m * cos((m-1)phi), sqrt2 * m * sin((m-1)phi)
-  std::vector<double> diag;            // seeds R_mm (0 where scaled)
-  std::vector<Injection> injections;
-  // Near the poles (|z| >= 1/2) the columns run in Reinsch's form; see step().
-  bool reinsch = false;
-  double sigma = 1, t = 0;  // sign of z, and 1 - |z| computed from s without cancellation
-  void resize(int L) {
-    const size_t n = size_t(L) + 2;
-    for (auto* v : {&x1, &x2, &cs, &sn, &c1, &s1, &wx, &wy, &diag}) v->assign(n, 0.0);
-    injections.clear();
-  }
-};
+using cpu::Injection;
+using cpu::Scratch;
+using cpu::Tables;
+using cpu::tables_for;
+using cpu::tri;
 
 struct Point {
   double x, y, z, s, inv_norm;
@@ -144,77 +65,14 @@ Point unit_point(const T* p) {
   return u;
 }
 
-// cos(m phi), sin(m phi) for m = 0..L by repeated complex multiplication (error ~ m eps).
-void azimuth(const Point& u, int L, double* c, double* s) {
-  double c1 = 1.0, s1 = 0.0;
-  if (u.s > 0) {
-    c1 = u.x / u.s;
-    s1 = u.y / u.s;
-  }
-  c[0] = 1.0;
-  s[0] = 0.0;
-  for (int m = 1; m <= L; ++m) {
-    c[m] = c[m - 1] * c1 - s[m - 1] * s1;
-    s[m] = s[m - 1] * c1 + c[m - 1] * s1;
-  }
-}
+void azimuth(const Point& u, int L, double* c, double* s) { cpu::azimuth(u.x, u.y, u.s, L, c, s); }
 
-// Seeds of every column (diag[m] = R_mm, diag[0] = P_00), and the scaled recurrence of the
-// columns whose seed underflows; fills sc.injections sorted by degree.
+// Seeds of every column (cpu::seeds), and the state of Reinsch's form near the poles.
 void seeds(const Point& u, int L, const Tables& t, Scratch& sc) {
   sc.reinsch = std::fabs(u.z) >= 0.5;
   sc.sigma = u.z < 0 ? -1.0 : 1.0;
   sc.t = u.s * u.s / (1.0 + std::fabs(u.z));
-  double* diag = sc.diag.data();
-  diag[0] = kInvSqrt4Pi;
-  if (L == 0) return;
-  diag[1] = t.seed_ratio[1] * kInvSqrt4Pi;
-  const double floor = std::ldexp(1.0, -SEED_FLOOR_BITS);
-  int m = 2;
-  for (; m <= L; ++m) {
-    const double v = diag[m - 1] * t.seed_ratio[m] * u.s;
-    if (v < floor) break;
-    diag[m] = v;
-  }
-  if (m > L || u.s == 0.0) return;  // on the axis every column m >= 2 is exactly zero
-  // Scaled seeds: mantissa in [2^-SCALE_BITS, 1], value = mant * 2^(SCALE_BITS * e).
-  const double up = std::ldexp(1.0, SCALE_BITS), down = std::ldexp(1.0, -SCALE_BITS);
-  const double out_floor = std::ldexp(1.0, -OUTPUT_FLOOR_BITS);
-  double mant = diag[m - 1];
-  int e = 0;
-  for (; m <= L; ++m) {
-    mant *= t.seed_ratio[m] * u.s;
-    while (mant < down) {
-      mant *= up;
-      --e;
-    }
-    diag[m] = 0.0;
-    // Run column m in scaled form until it is representable above the output floor.
-    double prev = 0.0, cur = mant;
-    int ec = e;
-    for (int l = m; l <= L; ++l) {
-      if (l > m) {
-        const int64_t i = tri(l) + m;
-        const double next = t.a[i] * u.z * cur - t.b[i] * prev;
-        prev = cur;
-        cur = next;
-        if (std::fabs(cur) > up) {
-          cur *= down;
-          prev *= down;
-          ++ec;
-        }
-      }
-      if (ec >= -4) {
-        const double v = std::ldexp(cur, SCALE_BITS * ec);
-        if (std::fabs(v) >= out_floor) {
-          sc.injections.push_back({l, m, v, std::ldexp(prev, SCALE_BITS * ec)});
-          break;
-        }
-      }
-    }
-  }
-  std::sort(sc.injections.begin(), sc.injections.end(),
-            [](const Injection& p, const Injection& q) { return p.l < q.l; });
+  cpu::seeds(u.s, u.z, L, t, sc);
 }
 
 // Advances every column to degree l, seeds column l, and injects the scaled columns that

@@ -16,13 +16,9 @@
 #include <vector>
 
 #include "locdiff/sh_math.h"
+#include "legendre_tables.h"  // LOCDIFF_CLONES
 #include "sh_cpu_small.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LOCDIFF_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define LOCDIFF_CLONES
-#endif
 
 namespace locdiff {
 namespace {

@@ -9,6 +9,11 @@
 // is the O(L^3) part and streams the table once per vector, (3) per ring pair, one complex
 // inverse FFT of (north + i south) gives both rings. The adjoint runs the same steps
 // backwards (forward FFT, then transposed Legendre sums).
+//
+// Decoding on the CPU takes another route for the grid (locdiff/ops/shdd.py: float32 GEMMs
+// for the Legendre sums and torch's real FFT, 2 to 3 times faster) and comes here for the
+// local-maximum scan (shdd_scan_cpu) and the Newton refinement (shdd_refine_cpu); the
+// fused shdd_candidates_cpu serves grids too coarse for that route (nlon <= 2L).
 #include <omp.h>
 
 #include <algorithm>
@@ -19,17 +24,19 @@
 #include <mutex>
 #include <vector>
 
+#include "legendre_tables.h"
 #include "locdiff/sh_math.h"
 #include "locdiff/shdd_kernels.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LOCDIFF_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define LOCDIFF_CLONES
-#endif
-
 namespace locdiff {
 namespace {
+
+using cpu::Scratch;
+using cpu::Tables;
+using cpu::seeds;
+using cpu::tables_for;
+using cpu::threads;
+using cpu::tri;
 
 constexpr double kPi = 3.14159265358979323846;
 
@@ -138,6 +145,7 @@ struct Work {
   std::vector<double> zr, zi, tmp;  // FFT buffers
   std::vector<double> pc, ps;       // cos, sin(m lon0)
   std::vector<double> grid, grid2;  // (nlat, nlon) f values of one vector
+  std::vector<const double*> rows;  // rows[j] = ring j of grid
   void resize(int degree, const RingGrid& g) {
     L = degree;
     nlat = g.nlat;
@@ -157,6 +165,8 @@ struct Work {
       ps[m] = std::sin(m * g.lon0);
     }
     grid.assign(size_t(nlat) * nlon, 0.0);
+    rows.resize(nlat);
+    for (int j = 0; j < nlat; ++j) rows[j] = grid.data() + int64_t(j) * nlon;
   }
 };
 
@@ -366,130 +376,16 @@ double log_partition(const double* f, const RingGrid& g, double inv_t) {
 }
 
 // ---- point evaluation (recurrence of sh_cpu.cpp, fused with the dot product) ----------
-inline int64_t tri(int l) { return int64_t(l) * (l + 1) / 2; }
-
-struct Tables {
-  int degree = -1;
-  std::vector<double> a, b, dz, seed_ratio;
-};
-
-std::shared_ptr<const Tables> tables_for(int degree) {
-  static std::mutex mutex;
-  static std::shared_ptr<const Tables> cached;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (cached && cached->degree >= degree) return cached;
-  auto t = std::make_shared<Tables>();
-  const int L = degree;
-  t->degree = L;
-  t->a.assign(tri(L + 1), 0.0);
-  t->b.assign(tri(L + 1), 0.0);
-  t->dz.assign(tri(L + 1), 0.0);
-  t->seed_ratio.assign(L + 1, 0.0);
-  for (int l = 0; l <= L; ++l) {
-    for (int m = 0; m <= l; ++m) {
-      const int64_t i = tri(l) + m;
-      if (m + 2 <= l) {
-        t->a[i] = sh_rec_a(l, m);
-        t->b[i] = sh_rec_b(l, m);
-      } else if (m + 1 == l) {
-        t->a[i] = std::sqrt(2.0 * l + 1.0);
-      }
-      t->dz[i] = (m == 0 ? 1.0 : kSqrt2) * sh_dz_factor(l, m);
-    }
-    if (l >= 1) t->seed_ratio[l] = sh_seed_ratio(l);
-  }
-  cached = t;
-  return cached;
-}
-
-struct Injection {
-  int l, m;
-  double value, previous;
-};
-
-struct EvalScratch {
-  std::vector<double> x1, x2, cs, sn, c1, s1, wx, wy, diag;
-  std::vector<Injection> injections;
-  void resize(int L) {
-    const size_t n = size_t(L) + 2;
-    for (auto* v : {&x1, &x2, &cs, &sn, &c1, &s1, &wx, &wy, &diag}) v->assign(n, 0.0);
-    injections.clear();
-  }
-};
-
-// Seeds R_mm of every column; columns whose seed underflows run in scaled arithmetic until
-// representable and are injected at that degree (as in sh_cpu.cpp).
-void seeds(double s, double z, int L, const Tables& t, EvalScratch& sc) {
-  double* diag = sc.diag.data();
-  diag[0] = kInvSqrt4Pi;
-  if (L == 0) return;
-  diag[1] = t.seed_ratio[1] * kInvSqrt4Pi;
-  const double floor = std::ldexp(1.0, -SEED_FLOOR_BITS);
-  int m = 2;
-  for (; m <= L; ++m) {
-    const double v = diag[m - 1] * t.seed_ratio[m] * s;
-    if (v < floor) break;
-    diag[m] = v;
-  }
-  if (m > L || s == 0.0) return;
-  const double up = std::ldexp(1.0, SCALE_BITS), down = std::ldexp(1.0, -SCALE_BITS);
-  const double out_floor = std::ldexp(1.0, -OUTPUT_FLOOR_BITS);
-  double mant = diag[m - 1];
-  int e = 0;
-  for (; m <= L; ++m) {
-    mant *= t.seed_ratio[m] * s;
-    while (mant < down) {
-      mant *= up;
-      --e;
-    }
-    diag[m] = 0.0;
-    double prev = 0.0, cur = mant;
-    int ec = e;
-    for (int l = m; l <= L; ++l) {
-      if (l > m) {
-        const int64_t i = tri(l) + m;
-        const double next = t.a[i] * z * cur - t.b[i] * prev;
-        prev = cur;
-        cur = next;
-        if (std::fabs(cur) > up) {
-          cur *= down;
-          prev *= down;
-          ++ec;
-        }
-      }
-      if (ec >= -4) {
-        const double v = std::ldexp(cur, SCALE_BITS * ec);
-        if (std::fabs(v) >= out_floor) {
-          sc.injections.push_back({l, m, v, std::ldexp(prev, SCALE_BITS * ec)});
-          break;
-        }
-      }
-    }
-  }
-  std::sort(sc.injections.begin(), sc.injections.end(),
-            [](const Injection& p, const Injection& q) { return p.l < q.l; });
-}
-
 template <typename T>
 LOCDIFF_CLONES void eval_point(const T* c, int L, const Tables& t, const double* r,
-                               EvalScratch& sc, double* value, double* grad) {
+                               Scratch& sc, double* value, double* grad) {
   const double big = std::max(std::fabs(r[0]), std::max(std::fabs(r[1]), std::fabs(r[2])));
   const double xs = r[0] / big, ys = r[1] / big, zs = r[2] / big;
   const double norm = std::sqrt(xs * xs + ys * ys + zs * zs);
   const double ux = xs / norm, uy = ys / norm, uz = zs / norm, us = std::hypot(ux, uy);
   const double inv_norm = 1.0 / (norm * big);
   sc.resize(L);
-  double c1 = 1.0, s1 = 0.0;
-  if (us > 0) {
-    c1 = ux / us;
-    s1 = uy / us;
-  }
-  sc.c1[0] = 1.0;
-  sc.s1[0] = 0.0;
-  for (int m = 1; m <= L; ++m) {
-    sc.c1[m] = sc.c1[m - 1] * c1 - sc.s1[m - 1] * s1;
-    sc.s1[m] = sc.s1[m - 1] * c1 + sc.c1[m - 1] * s1;
-  }
+  cpu::azimuth(ux, uy, us, L, sc.c1.data(), sc.s1.data());
   for (int m = 0; m <= L; ++m) {
     sc.cs[m] = kSqrt2 * us * sc.c1[m];
     sc.sn[m] = kSqrt2 * us * sc.s1[m];
@@ -514,7 +410,7 @@ LOCDIFF_CLONES void eval_point(const T* c, int L, const Tables& t, const double*
       p2[l] = sc.diag[l];
       p2[l + 1] = 0.0;
       while (next < sc.injections.size() && sc.injections[next].l == l) {
-        const Injection& in = sc.injections[next++];
+        const cpu::Injection& in = sc.injections[next++];
         p2[in.m] = in.value;
         p1[in.m] = in.previous;
       }
@@ -553,14 +449,14 @@ LOCDIFF_CLONES void eval_point(const T* c, int L, const Tables& t, const double*
   }
 }
 
-int threads(int requested, int64_t work) {
-  return int(std::max<int64_t>(1, std::min<int64_t>(std::max(1, requested), work)));
-}
 
 
-// Up to ncand grid local maxima of one vector's f, best first (see shdd_kernels.h).
-void scan_candidates(const double* f, const RingGrid& grid, int ncand, std::vector<double>& best_v,
-                     std::vector<int64_t>& best_i, int64_t* index, double* value, double* start) {
+// Up to ncand grid local maxima of one vector's f, best first (see shdd_kernels.h). rows[j]:
+// ring j's nlon values (the caller's layout may fold the southern rings elsewhere).
+template <typename F>
+void scan_candidates(const F* const* rows, const RingGrid& grid, int ncand, std::vector<double>& best_v,
+                     std::vector<int64_t>& best_i, std::vector<double>& ring_max,
+                     std::vector<int>& order, int64_t* index, double* value, double* start) {
   const int N = grid.nlon, nlat = grid.nlat, half = N / 2;
   // Value at (ring j, column k); rings past a pole fold back onto the same ring, half a turn
   // away, and columns wrap at the antimeridian.
@@ -574,21 +470,50 @@ void scan_candidates(const double* f, const RingGrid& grid, int ncand, std::vect
     }
     k %= N;
     if (k < 0) k += N;
-    return f[int64_t(j) * N + k];
+    return double(rows[j][k]);
   };
-  int count = 0;
+  // Rings in decreasing order of their maximum: once ncand maxima are held, the first ring
+  // whose maximum is not above the lowest of them ends the scan (on a delta-like f only the
+  // rings through the main lobe and the first side lobes are visited).
+  order.resize(nlat);
+  ring_max.resize(nlat);
   for (int j = 0; j < nlat; ++j) {
+    const F* __restrict row = rows[j];
+    F mx = row[0];
+#pragma omp simd reduction(max : mx)
+    for (int k = 1; k < N; ++k) mx = row[k] > mx ? row[k] : mx;
+    ring_max[j] = double(mx);
+    order[j] = j;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int p, int q) { return ring_max[p] > ring_max[q]; });
+  int count = 0;
+  double floor = -std::numeric_limits<double>::infinity();  // best_v[ncand-1] once full
+  for (const int j : order) {
+    if (ring_max[j] <= floor) break;
+    const F* row = rows[j];
+    // Interior rings compare with the rows above and below directly; the polar rings go
+    // through at() (their neighbours across the pole are half a turn away).
+    const bool interior = j > 0 && j < nlat - 1;
+    const F* above = interior ? rows[j - 1] : row;
+    const F* below = interior ? rows[j + 1] : row;
     for (int k = 0; k < N; ++k) {
-      const double v = f[int64_t(j) * N + k];
-      if (count == ncand && v <= best_v[ncand - 1]) continue;
+      const double v = double(row[k]);
+      if (v <= floor) continue;
+      const int kl = k ? k - 1 : N - 1, kr = k + 1 < N ? k + 1 : 0;
+      // Same-ring neighbours first: on an oscillating f they reject most points.
+      if (double(row[kl]) > v || double(row[kr]) > v) continue;
       bool peak = true;
-      for (int dj = -1; dj <= 1 && peak; ++dj)
-        for (int dk = -1; dk <= 1; ++dk) {
-          if ((dj || dk) && at(j + dj, k + dk) > v) {
-            peak = false;
-            break;
-          }
-        }
+      if (interior) {
+        peak = !(double(above[kl]) > v || double(above[k]) > v || double(above[kr]) > v ||
+                 double(below[kl]) > v || double(below[k]) > v || double(below[kr]) > v);
+      } else {
+        for (int dj = -1; dj <= 1 && peak; dj += 2)
+          for (int dk = -1; dk <= 1; ++dk)
+            if (at(j + dj, k + dk) > v) {
+              peak = false;
+              break;
+            }
+      }
       if (!peak) continue;
       int pos = count < ncand ? count++ : ncand - 1;
       while (pos > 0 && best_v[pos - 1] < v) {
@@ -598,6 +523,7 @@ void scan_candidates(const double* f, const RingGrid& grid, int ncand, std::vect
       }
       best_v[pos] = v;
       best_i[pos] = int64_t(j) * N + k;
+      if (count == ncand) floor = best_v[ncand - 1];
     }
   }
   // Parabolic step in each direction (index units, clamped to half a cell).
@@ -626,6 +552,97 @@ void scan_candidates(const double* f, const RingGrid& grid, int ncand, std::vect
     start[2 * c] = dj >= 0 ? th + dj * (dn - th) : th + dj * (th - up);
     start[2 * c + 1] = grid.lon0 + 2 * kPi * (k + dk) / N;
   }
+}
+
+// Trust-region Newton ascent of f on the sphere from u (unit vector, updated in place);
+// returns f there. Chart around u: g(a, b) = f(normalise(u + a e1 + b e2)); its gradient is
+// exact (eval_point), its Hessian a forward difference of that gradient with step 1e-5 r,
+// whose relative error (~1e-5) leaves the convergence superlinear. Steps that do not
+// increase f shrink the trust radius; non-concave charts take a gradient step to it.
+//
+// Stop when a concave step is under 1e-9 r, or earlier once convergence is quadratic: after
+// steps d1 > d2 the next one is about d2^3 / d1^2, so when that and the Hessian's own floor
+// (1e-5 d2) are both under 1e-9 r the last step already landed at that precision, and the
+// extra iteration (three more evaluations) would not move the point.
+template <typename T>
+double refine_point(const T* c, int L, const Tables& t, double r, double fscale, int max_iter,
+                    Scratch& sc, double* u) {
+  auto dot = [](const double* a, const double* b) { return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]; };
+  auto normalise = [](double* a) {
+    const double n = std::sqrt(a[0] * a[0] + a[1] * a[1] + a[2] * a[2]);
+    for (int i = 0; i < 3; ++i) a[i] /= n;
+  };
+  const double h = 1e-5 * r;
+  normalise(u);
+  double f, g[3];
+  eval_point(c, L, t, u, sc, &f, g);
+  double trust = r, prev_step = 0;  // prev_step: the last accepted concave step (0: none)
+  for (int it = 0; it < max_iter; ++it) {
+    // Tangent basis e1 = normalise(a x u), e2 = u x e1, a = z unless u is near the axis.
+    double e1[3], e2[3];
+    if (std::fabs(u[2]) < 0.9) {
+      e1[0] = -u[1], e1[1] = u[0], e1[2] = 0;  // z x u
+    } else {
+      e1[0] = 0, e1[1] = -u[2], e1[2] = u[1];  // x x u
+    }
+    normalise(e1);
+    e2[0] = u[1] * e1[2] - u[2] * e1[1];
+    e2[1] = u[2] * e1[0] - u[0] * e1[2];
+    e2[2] = u[0] * e1[1] - u[1] * e1[0];
+    const double G0 = dot(g, e1), G1 = dot(g, e2);
+    const double gnorm = std::sqrt(G0 * G0 + G1 * G1);
+    if (gnorm == 0) break;
+    double p1[3], p2[3], g1[3], g2[3], fd;
+    for (int i = 0; i < 3; ++i) {
+      p1[i] = u[i] + h * e1[i];
+      p2[i] = u[i] + h * e2[i];
+    }
+    eval_point(c, L, t, p1, sc, &fd, g1);
+    eval_point(c, L, t, p2, sc, &fd, g2);
+    const double H11 = (dot(g1, e1) - G0) / h, H22 = (dot(g2, e2) - G1) / h;
+    const double H12 = 0.5 * ((dot(g1, e2) - G1) + (dot(g2, e1) - G0)) / h;
+    const double det = H11 * H22 - H12 * H12;
+    const bool concave = H11 + H22 < 0 && det > 0;
+    double d0, d1;
+    if (concave) {
+      d0 = -(H22 * G0 - H12 * G1) / det;
+      d1 = -(H11 * G1 - H12 * G0) / det;
+    } else {
+      d0 = G0 * trust / gnorm;
+      d1 = G1 * trust / gnorm;
+    }
+    double dn = std::sqrt(d0 * d0 + d1 * d1);
+    if (dn > trust) {
+      d0 *= trust / dn;
+      d1 *= trust / dn;
+      dn = trust;
+    }
+    double un[3], fn, gn[3];
+    for (int i = 0; i < 3; ++i) un[i] = u[i] + d0 * e1[i] + d1 * e2[i];
+    normalise(un);
+    eval_point(c, L, t, un, sc, &fn, gn);
+    const bool tiny = dn < 1e-6 * r;  // below this, f differences are rounding noise: trust Newton
+    const bool ok = fn >= f - 1e-14 * fscale || (concave && tiny);
+    if (ok) {
+      std::copy(un, un + 3, u);
+      std::copy(gn, gn + 3, g);
+      f = fn;
+      trust = std::min(std::max(trust, 2 * dn), r);
+      if (concave) {
+        const bool converged = dn < 1e-9 * r;
+        const bool quadratic = prev_step > dn && dn < 1e-4 * r &&
+                               dn * dn * dn < 1e-9 * r * prev_step * prev_step;
+        if (converged || quadratic) break;
+        prev_step = dn;
+      } else {
+        prev_step = 0;
+      }
+    } else {
+      trust = dn / 4;
+      if (trust < 1e-14 * r) break;
+    }
+  }
+  return f;
 }
 
 // KL(p || q) of one pair, with fp, ft the grid values; fills weights for the backward
@@ -734,6 +751,8 @@ void shdd_candidates_cpu(const T* coeffs, int64_t batch, int degree, const RingG
     w.resize(degree, grid);
     std::vector<double> best_v(ncand);
     std::vector<int64_t> best_i(ncand);
+    std::vector<double> ring_max;
+    std::vector<int> order;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t b0 = blk * kBlock;
@@ -744,9 +763,55 @@ void shdd_candidates_cpu(const T* coeffs, int64_t batch, int degree, const RingG
       for (int v = 0; v < nb; ++v) {
         fourier_synth(degree, grid, *plan, w, v, w.grid.data());
         const int64_t o = (b0 + v) * ncand;
-        scan_candidates(w.grid.data(), grid, ncand, best_v, best_i, index + o, value + o,
+        scan_candidates(w.rows.data(), grid, ncand, best_v, best_i, ring_max, order, index + o, value + o,
                         start + 2 * o);
       }
+    }
+  }
+}
+
+template <typename T>
+void shdd_scan_cpu(const T* f, int64_t batch, const RingGrid& grid, bool folded, int ncand,
+                   int64_t* index, double* value, double* start, int num_threads) {
+  if (batch <= 0) return;
+  const int N = grid.nlon, nlat = grid.nlat, nhalf = (nlat + 1) / 2;
+  const int64_t G = int64_t(folded ? 2 * nhalf : nlat) * N;
+#pragma omp parallel num_threads(threads(num_threads, batch / 4 + 1))
+  {
+    std::vector<double> best_v(ncand);
+    std::vector<int64_t> best_i(ncand);
+    std::vector<const T*> rows(nlat);
+    std::vector<double> ring_max;
+    std::vector<int> order;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int j = 0; j < nlat; ++j) {
+        const int r = !folded || j < nhalf ? j : nhalf + (nlat - 1 - j);
+        rows[j] = f + G * b + int64_t(r) * N;
+      }
+      scan_candidates(rows.data(), grid, ncand, best_v, best_i, ring_max, order, index + b * ncand,
+                      value + b * ncand, start + 2 * b * ncand);
+    }
+  }
+}
+
+template <typename T>
+void shdd_refine_cpu(const T* coeffs, int degree, double radius, const int64_t* row, int64_t n,
+                     int max_iter, double* xyz, double* value, int num_threads) {
+  if (n <= 0) return;
+  const auto tables = tables_for(degree);
+  const int64_t K = sh_size(degree);
+#pragma omp parallel num_threads(threads(num_threads, n / 4 + 1))
+  {
+    Scratch sc;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* c = coeffs + K * row[i];
+      // The scale of f: a step that loses less than 1e-14 of it is rounding, not a loss.
+      double fscale = 0;
+      for (int64_t k = 0; k < K; ++k) fscale += std::fabs(double(c[k]));
+      fscale *= kInvSqrt4Pi * (degree + 1);
+      value[i] = refine_point(c, degree, *tables, radius, fscale, max_iter, sc, xyz + 3 * i);
     }
   }
 }
@@ -866,7 +931,7 @@ void shdd_eval_cpu(const T* coeffs, int degree, const double* xyz, const int64_t
   const int64_t K = sh_size(degree);
 #pragma omp parallel num_threads(threads(num_threads, n / 16 + 1))
   {
-    EvalScratch sc;
+    Scratch sc;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t i = 0; i < n; ++i)
       eval_point(coeffs + K * row[i], degree, *tables, xyz + 3 * i, sc, value + i,
@@ -881,7 +946,7 @@ void shdd_legendre_table_cpu(const double* theta, int nhalf, int degree, double*
   const int L = degree;
 #pragma omp parallel num_threads(threads(num_threads, nhalf))
   {
-    EvalScratch sc;
+    Scratch sc;
 #pragma omp for schedule(dynamic, 1)
     for (int j = 0; j < nhalf; ++j) {
       const double s = std::sin(theta[j]), z = std::cos(theta[j]);
@@ -896,7 +961,7 @@ void shdd_legendre_table_cpu(const double* theta, int nhalf, int degree, double*
         for (int m = 0; m < l; ++m) x2[m] = a[m] * z * x1[m] - b[m] * x2[m];
         x2[l] = sc.diag[l];
         while (next < sc.injections.size() && sc.injections[next].l == l) {
-          const Injection& in = sc.injections[next++];
+          const cpu::Injection& in = sc.injections[next++];
           x2[in.m] = in.value;
           x1[in.m] = in.previous;
         }
@@ -921,7 +986,11 @@ void shdd_legendre_table_cpu(const double* theta, int nhalf, int degree, double*
   template void shdd_kl_bwd_cpu<T>(const T*, const T*, const T*, int64_t, int, const RingGrid&, \
                                    double, T*, T*, int);                                       \
   template void shdd_eval_cpu<T>(const T*, int, const double*, const int64_t*, int64_t, double*, \
-                                 double*, int);
+                                 double*, int);                                                \
+  template void shdd_scan_cpu<T>(const T*, int64_t, const RingGrid&, bool, int, int64_t*,       \
+                                 double*, double*, int);                                              \
+  template void shdd_refine_cpu<T>(const T*, int, double, const int64_t*, int64_t, int, double*, \
+                                   double*, int);
 LOCDIFF_INSTANTIATE(float)
 LOCDIFF_INSTANTIATE(double)
 #undef LOCDIFF_INSTANTIATE

@@ -50,6 +50,22 @@ void shdd_candidates_cpu(const T* coeffs, int64_t batch, int degree, const RingG
                          int ncand, int64_t* index, double* value, double* start,
                          int num_threads);
 
+// The scan of shdd_candidates_cpu alone, on grid values f computed elsewhere (locdiff.ops.shdd:
+// Legendre stage as a BLAS GEMM, torch's real FFT): per vector (nlat, nlon), or if folded
+// (2, nhalf, nlon): the northern rings j < nhalf, then their mirrors nlat-1-j (for odd nlat
+// the last row of the second half is unused). Indices in the output are ring-major as usual.
+template <typename T>
+void shdd_scan_cpu(const T* f, int64_t batch, const RingGrid& grid, bool folded, int ncand,
+                   int64_t* index, double* value, double* start, int num_threads);
+
+// Trust-region Newton ascent of f to its local maximum from each point: xyz (N, 3) float64
+// starts (any non-zero length), overwritten by the unit vector reached; value (N,) f there;
+// row (N,) the coefficient row of each point; radius: the kernel's half-maximum radius
+// (trust region and tolerances scale with it).
+template <typename T>
+void shdd_refine_cpu(const T* coeffs, int degree, double radius, const int64_t* row, int64_t n,
+                     int max_iter, double* xyz, double* value, int num_threads);
+
 // log sum_i area_i exp(f_i / t) per vector (fused: the grid lives in per-thread scratch).
 template <typename T>
 void shdd_logz_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid,

@@ -1,0 +1,206 @@
+"""Data files of EVAL.md: embeddings as ``.npy`` (memory-mapped) or a folder of ``.npy``
+shards, coordinates as CSV (header with ``lat`` and ``lon``) or ``.npy`` ``(N, 2)``.
+
+Every problem raises :class:`DataError` with a one-line message naming the file, which the
+command line prints as is (exit code 2).
+
+>>> emb = open_embeddings("train_emb.npy")        # doctest: +SKIP
+>>> coords = read_coords("train.csv", rows=len(emb))  # doctest: +SKIP
+>>> emb[np.array([0, 5, 7])].shape                 # doctest: +SKIP
+(3, 768)
+"""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed or inconsistent; the message names the file."""
+
+
+def cache_dir() -> Path:
+    """``$LOCDIFF_CACHE`` or ``~/.cache/locdiff``."""
+    return Path(os.environ.get("LOCDIFF_CACHE") or Path.home() / ".cache" / "locdiff").expanduser()
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it, so a
+    killed process leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        # mkstemp creates 0600 files; give the result the permissions of a normal file.
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_npy(path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ShardedArray:
+    """Rows of several ``(n_i, D)`` memory-mapped ``.npy`` shards seen as one ``(N, D)`` array.
+
+    Only the rows asked for are read, so the shards never sit in RAM at once. Indexing takes
+    an integer array (or a slice) and returns a float32 numpy array.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], names: list[str]):
+        self.arrays, self.names = arrays, names
+        self.offsets = np.cumsum([0] + [len(a) for a in arrays])
+        self.shape = (int(self.offsets[-1]), arrays[0].shape[1])
+        self.dtype = arrays[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(len(self)))
+        idx = np.asarray(idx, np.int64)
+        out = np.empty((len(idx), self.shape[1]), np.float32)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self.arrays[s][idx[sel] - self.offsets[s]]
+        return out
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as err:  # numpy raises several types for a corrupt header
+        raise DataError(f"{path}: not a readable .npy file ({err})") from None
+    return arr
+
+
+def open_embeddings(path) -> np.ndarray | ShardedArray:
+    """Memory-map ``path`` (an ``(N, D)`` float16/float32 ``.npy`` or a folder of shards).
+
+    Raises :class:`DataError` naming the file for a missing path, wrong rank or dtype.
+    Values are not scanned here (that would read everything); training checks each batch.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: embeddings file not found")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".npy")
+        if not files:
+            raise DataError(f"{path}: folder holds no .npy shards")
+        arrays = [_check_emb(_open_npy(f), f) for f in files]
+        dims = {a.shape[1] for a in arrays}
+        if len(dims) != 1:
+            raise DataError(f"{path}: shards have different embedding dimensions {sorted(dims)}")
+        return ShardedArray(arrays, [str(f) for f in files])
+    if path.suffix != ".npy":
+        raise DataError(f"{path}: embeddings must be a .npy file or a folder of .npy shards")
+    return _check_emb(_open_npy(path), path)
+
+
+def _check_emb(arr: np.ndarray, path) -> np.ndarray:
+    if arr.ndim != 2:
+        raise DataError(f"{path}: embeddings must be 2-D (N, D), got shape {arr.shape}")
+    if arr.dtype.kind != "f":
+        raise DataError(f"{path}: embeddings must be float16 or float32, got {arr.dtype}")
+    if len(arr) == 0:
+        raise DataError(f"{path}: embeddings file has no rows")
+    return arr
+
+
+def read_coords(path, rows: int | None = None) -> np.ndarray:
+    """``(N, 2)`` float64 (lat, lon) from a CSV with ``lat`` and ``lon`` columns (header names
+    ``latitude``/``longitude``/``lng`` are accepted too) or an ``(N, 2)`` ``.npy``.
+
+    Checks: the file exists and parses, no NaN, latitudes in [-90, 90], longitudes finite,
+    and, when ``rows`` is given, the row count matches. Longitudes outside [-180, 180] are wrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: coordinates file not found")
+    if path.suffix == ".npy":
+        arr = np.array(_open_npy(path), np.float64)
+        if arr.ndim != 2 or arr.shape[1] != 2:
+            raise DataError(f"{path}: coordinates must have shape (N, 2), got {arr.shape}")
+    else:
+        arr = _read_csv(path)
+    if rows is not None and len(arr) != rows:
+        raise DataError(f"{path}: {len(arr)} coordinate rows but the embeddings have {rows}")
+    bad = np.flatnonzero(~np.isfinite(arr).all(1))
+    if len(bad):
+        raise DataError(f"{path}: row {bad[0]} has a NaN or infinite coordinate")
+    bad = np.flatnonzero(np.abs(arr[:, 0]) > 90)
+    if len(bad):
+        raise DataError(f"{path}: row {bad[0]} has latitude {arr[bad[0], 0]} outside [-90, 90]")
+    out = np.abs(arr[:, 1]) > 180
+    arr[out, 1] = (arr[out, 1] + 180.0) % 360.0 - 180.0
+    return arr
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = [h.strip().lower() for h in next(reader)]
+        except StopIteration:
+            raise DataError(f"{path}: empty CSV file") from None
+        lat = next((header.index(n) for n in ("lat", "latitude") if n in header), None)
+        lon = next((header.index(n) for n in ("lon", "lng", "longitude") if n in header), None)
+        if lat is None or lon is None:
+            raise DataError(f"{path}: CSV header needs 'lat' and 'lon' columns, got {header}")
+        out = []
+        for i, row in enumerate(reader):
+            if not row:
+                continue
+            try:
+                out.append((float(row[lat]), float(row[lon])))
+            except (ValueError, IndexError):
+                raise DataError(f"{path}: line {i + 2} has no numeric lat/lon") from None
+    if not out:
+        raise DataError(f"{path}: CSV file has no data rows")
+    return np.array(out, np.float64)
+
+
+def write_coords_csv(path, latlon: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write ``lat,lon`` (plus ``extra`` columns) atomically."""
+    import io
+
+    buf = io.StringIO()
+    cols = ["lat", "lon"] + list(extra or {})
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    ex = [np.asarray(v) for v in (extra or {}).values()]
+    for i in range(len(latlon)):
+        w.writerow([f"{latlon[i, 0]:.6f}", f"{latlon[i, 1]:.6f}"] + [_fmt(e[i]) for e in ex])
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, (float, np.floating)) else str(v)

@@ -1,0 +1,114 @@
+"""Geolocation metrics of EVAL.md: accuracies within 1 / 25 / 200 / 750 / 2500 km, median and
+mean great-circle error, GeoScore, and for densities the negative log-likelihood of the
+truth and Recall vs Area (RvA).
+
+>>> import numpy as np
+>>> m = distance_metrics(np.array([[0.0, 0.0]]), np.array([[0.0, 1.0]]))
+>>> round(m["median_km"], 1), m["acc_200km"], m["acc_25km"]
+(111.2, 1.0, 0.0)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from locdiff.geo import EARTH_RADIUS_KM, great_circle_km
+
+THRESHOLDS_KM = (1, 25, 200, 750, 2500)
+GEOSCORE_SCALE_KM = 1492.7
+EARTH_AREA_KM2 = 4 * math.pi * EARTH_RADIUS_KM ** 2
+# Area budgets of the RvA curve: from 1 km^2 to the whole Earth, log-spaced.
+RVA_MIN_KM2 = 1.0
+
+
+def _np(a) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(a, torch.Tensor):
+            return a.detach().cpu().double().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return np.asarray(a, np.float64)
+
+
+def geoscore(distance_km) -> float:
+    """Mean of ``5000 exp(-d / 1492.7 km)`` (the GeoGuessr score)."""
+    d = _np(distance_km)
+    return float(np.mean(5000.0 * np.exp(-d / GEOSCORE_SCALE_KM)))
+
+
+def distance_metrics(pred_latlon, true_latlon) -> dict[str, float]:
+    """``acc_<t>km`` (fractions) for t in 1, 25, 200, 750, 2500, ``median_km``, ``mean_km``
+    and ``geoscore`` of predictions against truths, both ``(N, 2)`` (lat, lon) degrees."""
+    d = _np(great_circle_km(_np(pred_latlon), _np(true_latlon)))
+    return metrics_from_distances(d)
+
+
+def metrics_from_distances(d) -> dict[str, float]:
+    """The point metrics of :func:`distance_metrics` from distances in km."""
+    d = _np(d)
+    if d.size == 0:
+        raise ValueError("metrics need at least one prediction")
+    out = {f"acc_{t}km": float(np.mean(d <= t)) for t in THRESHOLDS_KM}
+    out.update(median_km=float(np.median(d)), mean_km=float(np.mean(d)), geoscore=geoscore(d))
+    return out
+
+
+def nll(log_density) -> float:
+    """Mean negative log-likelihood (nats) of the truths from their log densities per
+    steradian (e.g. ``locdiff.shdd.log_density_at``). Uniform on the sphere is log(4 pi) = 2.531."""
+    return float(-np.mean(_np(log_density)))
+
+
+def search_area_km2(prob, cell_area_sr, true_cell) -> np.ndarray:
+    """Search area (km^2) needed per sample: grid cells sorted by predicted density
+    (probability / area) from high to low, areas accumulated up to and including the cell
+    that holds the truth (cells tied with it count half). ``prob`` (B, G) cell probabilities, ``cell_area_sr`` (G,) in
+    steradians, ``true_cell`` (B,) index of the truth's cell."""
+    prob, area = _np(prob), _np(cell_area_sr)
+    true_cell = np.asarray(true_cell, np.int64)
+    dens = prob / area[None]
+    true_d = dens[np.arange(len(dens)), true_cell][:, None]
+    # Cells denser than the truth's come first; cells of equal density (within rounding)
+    # count half, the expected cost of searching them in random order.
+    tie = np.abs(dens - true_d) <= 1e-9 * np.abs(true_d)
+    ahead = ((dens > true_d) & ~tie) * area[None] + 0.5 * tie * area[None]
+    ahead[np.arange(len(dens)), true_cell] = 0.0
+    return (ahead.sum(1) + area[true_cell]) * EARTH_RADIUS_KM ** 2
+
+
+def recall_vs_area(search_km2, budgets_km2=None):
+    """``(budgets, recall)``: the fraction of samples whose search area fits each budget;
+    budgets default to 200 log-spaced values from 1 km^2 to the Earth's area."""
+    s = _np(search_km2)
+    if budgets_km2 is None:
+        budgets_km2 = np.logspace(math.log10(RVA_MIN_KM2), math.log10(EARTH_AREA_KM2), 200)
+    budgets_km2 = _np(budgets_km2)
+    return budgets_km2, (s[None, :] <= budgets_km2[:, None] * (1 + 1e-12)).mean(1)
+
+
+def rva_auc(search_km2) -> float:
+    """Area under the Recall-vs-Area curve on a log10-area axis from 1 km^2 to the Earth's
+    area, normalised to [0, 1] (1: every truth found in 1 km^2; a uniform density scores
+    about 0.05). Computed exactly: the mean over samples of the fraction of the log-area
+    range after the sample's search area."""
+    s = np.clip(_np(search_km2), RVA_MIN_KM2, EARTH_AREA_KM2)
+    lo, hi = math.log10(RVA_MIN_KM2), math.log10(EARTH_AREA_KM2)
+    return float(np.mean((hi - np.log10(s)) / (hi - lo)))
+
+
+def density_metrics(prob, cell_area_sr, cell_xyz, true_latlon, log_density=None) -> dict[str, float]:
+    """``rva_auc`` (and ``nll`` when ``log_density`` of the truths is given) for densities on a
+    grid: ``prob`` (B, G), ``cell_area_sr`` (G,), ``cell_xyz`` (G, 3) cell centres."""
+    from locdiff.geo import latlon_to_xyz
+
+    xyz = latlon_to_xyz(_np(true_latlon))
+    cells = _np(cell_xyz)
+    # The truth's cell is the nearest centre (largest dot product), in chunks to bound memory.
+    true_cell = np.concatenate([np.argmax(xyz[i:i + 4096] @ cells.T, 1) for i in range(0, len(xyz), 4096)])
+    out = {"rva_auc": rva_auc(search_area_km2(prob, cell_area_sr, true_cell))}
+    if log_density is not None:
+        out["nll"] = nll(log_density)
+    return out

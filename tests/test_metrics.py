@@ -1,0 +1,68 @@
+"""Metrics of EVAL.md against hand-computed values."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from locdiff import metrics as M
+from locdiff.geo import EARTH_RADIUS_KM
+
+
+def test_distance_metrics_known_values():
+    truth = np.zeros((5, 2))
+    # Points due north of (0, 0) at known distances.
+    d_km = np.array([0.5, 20.0, 150.0, 700.0, 3000.0])
+    pred = np.stack([np.degrees(d_km / EARTH_RADIUS_KM), np.zeros(5)], 1)
+    m = M.distance_metrics(pred, truth)
+    assert [m[f"acc_{t}km"] for t in (1, 25, 200, 750, 2500)] == [0.2, 0.4, 0.6, 0.8, 0.8]
+    assert m["median_km"] == pytest.approx(150.0, rel=1e-9)
+    assert m["mean_km"] == pytest.approx(d_km.mean(), rel=1e-9)
+    assert m["geoscore"] == pytest.approx(np.mean(5000 * np.exp(-d_km / 1492.7)), rel=1e-9)
+    assert set(m) == {"acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km",
+                      "mean_km", "geoscore"}
+
+
+def test_distance_metrics_torch_and_errors():
+    m = M.distance_metrics(torch.zeros(3, 2), torch.zeros(3, 2))
+    assert m["acc_1km"] == 1.0 and m["geoscore"] == 5000.0
+    with pytest.raises(ValueError):
+        M.metrics_from_distances(np.array([]))
+
+
+def test_nll_uniform():
+    assert M.nll(np.full(4, -math.log(4 * math.pi))) == pytest.approx(2.531, abs=1e-3)
+
+
+def test_search_area_and_rva():
+    area = np.full(4, math.pi)  # four cells of one steradian-pi each
+    prob = np.array([[0.7, 0.1, 0.1, 0.1],    # truth in the top cell
+                     [0.1, 0.2, 0.3, 0.4]])   # truth in the least likely cell
+    s = M.search_area_km2(prob, area, np.array([0, 0]))
+    r2 = EARTH_RADIUS_KM ** 2
+    np.testing.assert_allclose(s, [math.pi * r2, 4 * math.pi * r2])
+    budgets, recall = M.recall_vs_area(s, [1.0, 2 * math.pi * r2, 4 * math.pi * r2])
+    np.testing.assert_allclose(recall, [0.0, 0.5, 1.0])
+    # AUC: fraction of the log-area range left after each search area.
+    hi = math.log10(4 * math.pi * r2)
+    assert M.rva_auc(s) == pytest.approx(np.mean([(hi - math.log10(math.pi * r2)) / hi, 0.0]))
+    assert M.rva_auc(np.array([0.5])) == 1.0
+
+
+def test_density_metrics_uniform_vs_peaked():
+    from locdiff import grids, shdd
+
+    grid = grids.for_degree(16)
+    truth = np.array([[10.0, 20.0], [-30.0, -60.0]])
+    c = shdd.encode(torch.tensor(truth), 16)
+    prob = shdd.density(c, grid, 0.5).numpy()
+    peaked = M.density_metrics(prob, grid.area.numpy(), grid.xyz.numpy(), truth,
+                               shdd.log_density_at(c, torch.tensor(truth), grid, 0.5).numpy())
+    flat = np.full_like(prob, 1 / prob.shape[1])
+    uniform = M.density_metrics(flat * grid.area.numpy() / grid.area.numpy().mean(), grid.area.numpy(),
+                                grid.xyz.numpy(), truth)
+    # Uniform: about half the Earth searched on average.
+    assert uniform["rva_auc"] == pytest.approx(math.log10(2) / math.log10(4 * math.pi * EARTH_RADIUS_KM ** 2),
+                                               abs=0.01)
+    assert peaked["rva_auc"] > uniform["rva_auc"] + 0.25
+    assert peaked["nll"] < 0
