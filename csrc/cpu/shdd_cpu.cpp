@@ -678,22 +678,22 @@ double kl_pair(const double* fp, const double* ft, const RingGrid& g, double inv
   return kl;
 }
 
-}  // namespace
-
-// ---- entry points ------------------------------------------------------------------------
-// Each parallelises over blocks of vectors (kBlock, or kBlock / 2 pairs for the KL).
-
-template <typename T>
-void shdd_synth_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid, T* out,
-                    int num_threads) {
+// Synthesises f on the grid for every coefficient vector, in parallel blocks of kBlock
+// vectors (one Legendre pass per block), and calls visit(w, b) with vector b's values in the
+// thread's Work (w.grid, w.rows). make_visitor() runs once per thread, so a visitor can keep
+// its own scratch.
+template <typename T, class MakeVisitor>
+void for_each_synthesis(const T* coeffs, int64_t batch, int degree, const RingGrid& grid,
+                        int num_threads, MakeVisitor make_visitor) {
   if (batch <= 0) return;
   const auto plan = fft_plan(grid.nlon);
-  const int64_t K = sh_size(degree), G = int64_t(grid.nlat) * grid.nlon;
+  const int64_t K = sh_size(degree);
   const int64_t nblocks = (batch + kBlock - 1) / kBlock;
 #pragma omp parallel num_threads(threads(num_threads, nblocks))
   {
     Work w;
     w.resize(degree, grid);
+    auto visit = make_visitor();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t b0 = blk * kBlock;
@@ -703,11 +703,27 @@ void shdd_synth_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& 
       legendre_block(rows, nb, degree, grid, w);
       for (int v = 0; v < nb; ++v) {
         fourier_synth(degree, grid, *plan, w, v, w.grid.data());
-        T* o = out + G * (b0 + v);
-        for (int64_t i = 0; i < G; ++i) o[i] = T(w.grid[i]);
+        visit(w, b0 + v);
       }
     }
   }
+}
+
+}  // namespace
+
+// ---- entry points ------------------------------------------------------------------------
+// Each parallelises over blocks of vectors (kBlock, or kBlock / 2 pairs for the KL).
+
+template <typename T>
+void shdd_synth_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid, T* out,
+                    int num_threads) {
+  const int64_t G = int64_t(grid.nlat) * grid.nlon;
+  for_each_synthesis(coeffs, batch, degree, grid, num_threads, [&] {
+    return [&](Work& w, int64_t b) {
+      T* o = out + G * b;
+      for (int64_t i = 0; i < G; ++i) o[i] = T(w.grid[i]);
+    };
+  });
 }
 
 template <typename T>
@@ -741,33 +757,14 @@ template <typename T>
 void shdd_candidates_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid,
                          int ncand, int64_t* index, double* value, double* start,
                          int num_threads) {
-  if (batch <= 0) return;
-  const auto plan = fft_plan(grid.nlon);
-  const int64_t K = sh_size(degree);
-  const int64_t nblocks = (batch + kBlock - 1) / kBlock;
-#pragma omp parallel num_threads(threads(num_threads, nblocks))
-  {
-    Work w;
-    w.resize(degree, grid);
-    std::vector<double> best_v(ncand);
-    std::vector<int64_t> best_i(ncand);
-    std::vector<double> ring_max;
-    std::vector<int> order;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t b0 = blk * kBlock;
-      const int nb = int(std::min<int64_t>(kBlock, batch - b0));
-      const T* rows[kBlock];
-      for (int v = 0; v < nb; ++v) rows[v] = coeffs + K * (b0 + v);
-      legendre_block(rows, nb, degree, grid, w);
-      for (int v = 0; v < nb; ++v) {
-        fourier_synth(degree, grid, *plan, w, v, w.grid.data());
-        const int64_t o = (b0 + v) * ncand;
-        scan_candidates(w.rows.data(), grid, ncand, best_v, best_i, ring_max, order, index + o, value + o,
-                        start + 2 * o);
-      }
-    }
-  }
+  for_each_synthesis(coeffs, batch, degree, grid, num_threads, [&] {
+    return [&, best_v = std::vector<double>(ncand), best_i = std::vector<int64_t>(ncand),
+            ring_max = std::vector<double>(), order = std::vector<int>()](Work& w, int64_t b) mutable {
+      const int64_t o = b * ncand;
+      scan_candidates(w.rows.data(), grid, ncand, best_v, best_i, ring_max, order, index + o, value + o,
+                      start + 2 * o);
+    };
+  });
 }
 
 template <typename T>
@@ -819,27 +816,9 @@ void shdd_refine_cpu(const T* coeffs, int degree, double radius, const int64_t* 
 template <typename T>
 void shdd_logz_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid,
                    double inv_temperature, double* out, int num_threads) {
-  if (batch <= 0) return;
-  const auto plan = fft_plan(grid.nlon);
-  const int64_t K = sh_size(degree);
-  const int64_t nblocks = (batch + kBlock - 1) / kBlock;
-#pragma omp parallel num_threads(threads(num_threads, nblocks))
-  {
-    Work w;
-    w.resize(degree, grid);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t b0 = blk * kBlock;
-      const int nb = int(std::min<int64_t>(kBlock, batch - b0));
-      const T* rows[kBlock];
-      for (int v = 0; v < nb; ++v) rows[v] = coeffs + K * (b0 + v);
-      legendre_block(rows, nb, degree, grid, w);
-      for (int v = 0; v < nb; ++v) {
-        fourier_synth(degree, grid, *plan, w, v, w.grid.data());
-        out[b0 + v] = log_partition(w.grid.data(), grid, inv_temperature);
-      }
-    }
-  }
+  for_each_synthesis(coeffs, batch, degree, grid, num_threads, [&] {
+    return [&](Work& w, int64_t b) { out[b] = log_partition(w.grid.data(), grid, inv_temperature); };
+  });
 }
 
 template <typename T>
