@@ -250,6 +250,23 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("coeffs"), py::arg("degree"), py::arg("radius"), py::arg("row"), py::arg("n"),
      py::arg("max_iter"), py::arg("xyz"), py::arg("value"), py::arg("dtype"), py::arg("num_threads"));
 
+  // cand_value (B, ncand), cand_start (B, ncand, 2) float64; out xyz (B, ncand, 3), value (B, ncand).
+  m.def("shdd_decode_refine_cpu", [](std::uintptr_t coeffs, int64_t batch, int degree, double radius,
+                                     int ncand, std::uintptr_t cand_value, std::uintptr_t cand_start,
+                                     int nrefine, int max_iter, std::uintptr_t xyz, std::uintptr_t value,
+                                     const std::string& dtype, int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_decode_refine_cpu<T>(ptr<const T>(coeffs), batch, degree, radius, ncand,
+                                         ptr<const double>(cand_value), ptr<const double>(cand_start),
+                                         nrefine, max_iter, ptr<double>(xyz), ptr<double>(value),
+                                         num_threads);
+    });
+  }, py::arg("coeffs"), py::arg("batch"), py::arg("degree"), py::arg("radius"), py::arg("ncand"),
+     py::arg("cand_value"), py::arg("cand_start"), py::arg("nrefine"), py::arg("max_iter"),
+     py::arg("xyz"), py::arg("value"), py::arg("dtype"), py::arg("num_threads"));
+
   m.def("shdd_kl_fwd_cuda", [ring](std::uintptr_t pred, std::uintptr_t target, int64_t batch,
                                    int degree, LOCDIFF_GRID_ARGS, double inv_temperature,
                                    std::uintptr_t kl, const std::string& dtype, std::uintptr_t stream) {

@@ -2,8 +2,8 @@
 
 `column_exact` runs the orthonormal Legendre recurrence of one order m in 60-digit
 arithmetic: no rounding that matters and no underflow, so it is exact where float kernels
-need scaled seeds. `legenp_exact` evaluates a single value from mpmath's hypergeometric
-`legenp`, an independent formula, for spot checks at moderate degree.
+need scaled seeds. `legenp_exact` evaluates a single value from the hypergeometric (2F1)
+form of the Legendre function, an independent formula, for spot checks at moderate degree.
 """
 from __future__ import annotations
 
@@ -49,12 +49,17 @@ def column_exact(xyz, m: int, degree: int) -> dict[tuple[int, int], float]:
 
 
 def legenp_exact(xyz, l: int, m: int) -> float:
-    """Y_lm from mpmath's legenp (hypergeometric series; Condon-Shortley phase removed)."""
+    """Y_lm from the hypergeometric form of the Legendre function (no recurrence):
+    P_l^|m|(z) = (l+|m|)! / (2^|m| |m|! (l-|m|)!) (1-z^2)^(|m|/2) 2F1(|m|-l, |m|+l+1; |m|+1; (1-z)/2)
+    without Condon-Shortley phase; a terminating series that mpmath sums adaptively.
+    (mpmath's legenp takes the form with 1-|m| in the denominator, a pole for integer m, and
+    fails to converge at some points.)"""
     with mp.workdps(30):
         x, y, z = _unit(xyz)
         am = abs(m)
         norm = mp.sqrt((2 * l + 1) / (4 * mp.pi) * mp.factorial(l - am) / mp.factorial(l + am))
-        p = mp.legenp(l, am, z, type=2) * (-1) ** am
+        p = (mp.factorial(l + am) / (2 ** am * mp.factorial(am) * mp.factorial(l - am))
+             * (1 - z * z) ** (mp.mpf(am) / 2) * mp.hyp2f1(am - l, am + l + 1, am + 1, (1 - z) / 2))
         if m == 0:
             return float(norm * p)
         phi = mp.atan2(y, x)

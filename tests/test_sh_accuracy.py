@@ -65,7 +65,7 @@ def test_all_orders_against_mpmath(degree, rng):
             assert err <= 1e-11, (p[i], m, err)
 
 
-def test_spot_checks_against_legenp(rng):
+def test_spot_checks_against_hypergeometric_form(rng):
     """An independent formula (hypergeometric series) at moderate degree."""
     p = rng.normal(size=3)
     y = locdiff.spherical_harmonics(torch.tensor(p), 300)
@@ -134,3 +134,30 @@ def test_no_nan_or_inf_at_extreme_inputs():
                                    rtol=0, atol=1e-13)
         torch.testing.assert_close(y[2], locdiff.spherical_harmonics(torch.tensor([1.0, 0, 0]).double(), degree),
                                    rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("degree", [1, 4, 8, 17, 32, 33])
+def test_extreme_rows_inside_full_blocks(degree, dtype, rng):
+    # The low-degree kernel normalises 8 rows at a time, with a fast path for blocks of
+    # ordinary rows; a block holding one huge or tiny row must take the careful path for the
+    # whole block and still give every row the value of its direction.
+    unit = rng.normal(size=(40, 3))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    scaled = unit.copy()
+    # huge, tiny, and (float64) just below the fast path's 2^-500 bound
+    scales = [1e30, 1e-30, 1e-33] if dtype == torch.float32 else [1e300, 1e-300, 2.0**-510]
+    scaled[[3, 17, 30]] *= np.array(scales)[:, None]
+    y = locdiff.spherical_harmonics(torch.tensor(scaled, dtype=dtype), degree)
+    expected = locdiff.spherical_harmonics(torch.tensor(unit, dtype=torch.float64), degree)
+    atol = 1e-13 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=atol * math.sqrt(2 * degree + 1))
+
+
+@pytest.mark.parametrize("degree", [4, 40])
+def test_bad_row_inside_a_full_block_is_named(degree, rng):
+    xyz = torch.tensor(rng.normal(size=(64, 3)))
+    xyz[13] = torch.tensor([0.0, float("nan"), 1.0])
+    xyz[40] = 0.0
+    with pytest.raises(ValueError, match="xyz row 13 is non-finite"):
+        locdiff.spherical_harmonics(xyz, degree)

@@ -245,6 +245,27 @@ def test_refine_matches_reference():
     assert_close(u.norm(dim=-1), torch.ones(12, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("noise", [0.0, 1.0, 6.0])
+def test_decode_refine_kernel_matches_torch_form(noise):
+    # The C++ choice-and-refinement loop (shdd_decode_refine) against its torch form, on the
+    # same candidates: clean deltas refine one candidate, noisy vectors several rounds.
+    L = 24
+    gen = torch.Generator().manual_seed(7)
+    c = shdd.encode(random_latlon(20, gen), L) + noise * torch.randn(20, (L + 1) ** 2, generator=gen,
+                                                                     dtype=torch.float64)
+    grid = grids.for_degree(L)
+    _, value, start = ops.shdd_candidates_op(c.float(), *ring_args(grid, L), 16)
+    th, ph = start[..., 0], start[..., 1]
+    start_xyz = torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()], -1)
+    xyz, f = ops.shdd_decode_refine_op(c, value, start, L, grids.half_max_radius(L), 3, 40)
+    xyz_t, f_t = shdd._refine_candidates(c, L, value, start_xyz, 3)
+    refined = torch.isfinite(f_t)
+    torch.testing.assert_close(torch.isfinite(f), refined)
+    torch.testing.assert_close(f[refined], f_t[refined], rtol=0, atol=1e-12)
+    assert float((xyz - xyz_t)[refined].norm(dim=-1).max()) < 1e-9
+    assert bool((f[:, 1:] <= f[:, :-1]).all())
+
+
 def test_opcheck():
     L = 4
     a = ring_args(GRID, L)
@@ -260,6 +281,7 @@ def test_opcheck():
         (ops.shdd_logz_op, (c, *a, 1.5)),
         (ops.shdd_eval_op, (c.detach(), xyz, row, L)),
         (ops.shdd_refine_op, (c.detach(), xyz, row, L, 0.5, 10)),
+        (ops.shdd_decode_refine_op, (c.detach(), *ops.shdd_candidates_op(c.detach(), *a, 4)[1:], L, 0.5, 2, 10)),
         (ops.shdd_kl_op, (c, t, *a, 1.5)),
         (ops.shdd_kl_backward_op, (c.detach(), t, torch.rand(3, dtype=torch.float64), *a, 1.5, True, False)),
     ]

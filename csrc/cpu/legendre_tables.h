@@ -14,11 +14,16 @@
 #include "locdiff/sh_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// AVX2+FMA clone next to the portable one, chosen at load time.
-#define LOCDIFF_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// AVX2+FMA clone next to the portable one, chosen at load time. Not "arch=haswell": GCC
+// dispatches that on the CPU model (__builtin_cpu_is), so AMD CPUs with AVX2 got the
+// portable clone; "arch=x86-64-v3" dispatches on the ISA level (AVX2, FMA, BMI2).
+#define LOCDIFF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define LOCDIFF_CLONES
 #endif
+// Hot helpers called from a LOCDIFF_CLONES function must be inlined into it: an
+// out-of-line copy is compiled once, for the portable target, whatever the caller's clone.
+#define LOCDIFF_INLINE __attribute__((always_inline)) inline
 
 namespace locdiff {
 namespace cpu {
@@ -103,7 +108,7 @@ struct Scratch {
 
 // cos(m phi), sin(m phi) for m = 0..L by repeated complex multiplication (error ~ m eps),
 // from a unit vector's x, y and s = hypot(x, y) (phi = 0 on the axis).
-inline void azimuth(double x, double y, double s, int L, double* c, double* sn) {
+LOCDIFF_INLINE void azimuth(double x, double y, double s, int L, double* c, double* sn) {
   double c1 = 1.0, s1 = 0.0;
   if (s > 0) {
     c1 = x / s;

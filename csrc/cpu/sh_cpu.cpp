@@ -65,7 +65,7 @@ Point unit_point(const T* p) {
   return u;
 }
 
-void azimuth(const Point& u, int L, double* c, double* s) { cpu::azimuth(u.x, u.y, u.s, L, c, s); }
+LOCDIFF_INLINE void azimuth(const Point& u, int L, double* c, double* s) { cpu::azimuth(u.x, u.y, u.s, L, c, s); }
 
 // Seeds of every column (cpu::seeds), and the state of Reinsch's form near the poles.
 void seeds(const Point& u, int L, const Tables& t, Scratch& sc) {
@@ -87,7 +87,7 @@ void seeds(const Point& u, int L, const Tables& t, Scratch& sc) {
 //   D_l = sigma (e_l D_{l-1} - a_l t X_{l-1}),   X_l = sigma rho_l X_{l-1} + D_l,
 // with z = sigma (1 - t); the error then stays at a few ulp per unit.
 template <int kSign, class Emit>
-inline void reinsch_step(int l, double t_abs, const Tables& tb, double* __restrict x,
+LOCDIFF_INLINE void reinsch_step(int l, double t_abs, const Tables& tb, double* __restrict x,
                          double* __restrict d, const Emit& emit) {
   const double* __restrict a = tb.a.data() + tri(l);
   const double* __restrict e = tb.e.data() + tri(l);
@@ -104,7 +104,7 @@ inline void reinsch_step(int l, double t_abs, const Tables& tb, double* __restri
 }
 
 template <class Emit>
-inline void plain_step(int l, double z, const Tables& tb, const double* __restrict x1,
+LOCDIFF_INLINE void plain_step(int l, double z, const Tables& tb, const double* __restrict x1,
                        double* __restrict x2, const Emit& emit) {
   const double* __restrict a = tb.a.data() + tri(l);
   const double* __restrict b = tb.b.data() + tri(l);
@@ -117,7 +117,7 @@ inline void plain_step(int l, double z, const Tables& tb, const double* __restri
 }
 
 template <class Emit>
-inline void step(int l, double z, const Tables& tb, Scratch& sc, size_t& next_injection,
+LOCDIFF_INLINE void step(int l, double z, const Tables& tb, Scratch& sc, size_t& next_injection,
                  double*& x1, double*& x2, const Emit& emit) {
   if (sc.reinsch) {
     if (sc.sigma > 0) {
@@ -148,7 +148,7 @@ struct RowWriter {
   T* row;
   const double* cs;
   const double* sn;
-  inline void operator()(int m, double v) const {
+  LOCDIFF_INLINE void operator()(int m, double v) const {
     row[-m] = T(v * sn[m]);
     row[m] = T(v * cs[m]);
   }
@@ -244,6 +244,13 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+// Points per dynamic-schedule chunk: 16 amortises the scheduling, but at high degree a call
+// may have only a few dozen points (L = 512: 263,169 values each), and one chunk of 16
+// would leave the other threads idle.
+int points_per_chunk(int64_t n, int num_threads) {
+  return int(std::clamp<int64_t>(n / (4 * std::max(1, num_threads)), 1, 16));
+}
+
 }  // namespace
 
 template <typename T>
@@ -253,11 +260,12 @@ int64_t sh_cpu_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads)
   advise_huge_pages(out, size_t(n) * K * sizeof(T));
   if (degree <= kSmallDegreeMax) return sh_cpu_small_fwd(xyz, n, degree, out, num_threads);
   const auto tables = tables_for(degree);
+  const int chunk = points_per_chunk(n, num_threads);
   int64_t first_bad = n;
 #pragma omp parallel num_threads(std::max(1, num_threads)) reduction(min : first_bad)
   {
     Scratch sc;
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < n; ++i)
       if (!forward_point(xyz + 3 * i, degree, *tables, sc, out + K * i)) first_bad = std::min(first_bad, i);
   }
@@ -271,10 +279,11 @@ void sh_cpu_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_
   if (degree <= kSmallDegreeMax) return sh_cpu_small_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);
   const auto tables = tables_for(degree);
   const int64_t K = sh_size(degree);
+  const int chunk = points_per_chunk(n, num_threads);
 #pragma omp parallel num_threads(std::max(1, num_threads))
   {
     Scratch sc;
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < n; ++i)
       backward_point(xyz + 3 * i, grad_out + K * i, degree, *tables, sc, grad_xyz + 3 * i);
   }

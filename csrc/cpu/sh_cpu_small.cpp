@@ -53,13 +53,68 @@ const SmallTables& small_tables() {
 // Normalised coordinates and (x + i y)^m for a block of points (padding lanes get the pole).
 struct Block {
   int count;
-  double x[kLanes], y[kLanes], z[kLanes], inv_norm[kLanes];
-  std::vector<double> re, im;  // re[m * kLanes + p] = Re (x_p + i y_p)^m
+  alignas(64) double x[kLanes], y[kLanes], z[kLanes], inv_norm[kLanes];
+  alignas(64) double re[(kMax + 1) * kLanes], im[(kMax + 1) * kLanes];  // re[m*kLanes+p] = Re (x_p+i y_p)^m
 
   // Returns the first lane that is non-finite or zero, or -1 (such lanes compute the pole).
+  // Inlined so that it is compiled for the caller's clone (out of line it would be the
+  // portable SSE2 code whatever the CPU).
   template <typename T>
-  int load(const T* xyz, int count_, int L) {
+  __attribute__((always_inline)) int load(const T* xyz, int count_, int L) {
     count = count_;
+    const int bad = count == kLanes && load_ordinary(xyz) ? -1 : load_careful(xyz);
+    for (int p = 0; p < kLanes; ++p) {
+      re[p] = 1.0;
+      im[p] = 0.0;
+    }
+    for (int m = 1; m <= L; ++m) {
+      const double* pr = &re[(m - 1) * kLanes];
+      const double* pi = &im[(m - 1) * kLanes];
+#pragma omp simd
+      for (int p = 0; p < kLanes; ++p) {
+        re[m * kLanes + p] = pr[p] * x[p] - pi[p] * y[p];
+        im[m * kLanes + p] = pr[p] * y[p] + pi[p] * x[p];
+      }
+    }
+    return bad;
+  }
+
+  // The common case, branch-free across lanes: a full block whose largest components lie
+  // in [2^-500, 2^500], where x^2 + y^2 + z^2 can neither overflow nor lose the direction.
+  // Returns false (having written nothing) otherwise.
+  template <typename T>
+  __attribute__((always_inline)) bool load_ordinary(const T* xyz) {
+    double px[kLanes], py[kLanes], pz[kLanes];
+    for (int p = 0; p < kLanes; ++p) {
+      px[p] = double(xyz[3 * p]);
+      py[p] = double(xyz[3 * p + 1]);
+      pz[p] = double(xyz[3 * p + 2]);
+    }
+    int ordinary = 1;
+#pragma omp simd reduction(& : ordinary)
+    for (int p = 0; p < kLanes; ++p) {
+      const double ax = std::fabs(px[p]), ay = std::fabs(py[p]), az = std::fabs(pz[p]);
+      const double big = ax > ay ? (ax > az ? ax : az) : (ay > az ? ay : az);
+      // NaN fails the <= tests, so every lane here is finite.
+      ordinary &= int(ax <= 0x1p500) & int(ay <= 0x1p500) & int(az <= 0x1p500) & int(big >= 0x1p-500);
+    }
+    if (!ordinary) return false;
+#pragma omp simd
+    for (int p = 0; p < kLanes; ++p) {
+      const double inv = 1.0 / std::sqrt(px[p] * px[p] + py[p] * py[p] + pz[p] * pz[p]);
+      x[p] = px[p] * inv;
+      y[p] = py[p] * inv;
+      z[p] = pz[p] * inv;
+      inv_norm[p] = inv;
+    }
+    return true;
+  }
+
+  // Any block: rescales by the largest component first (exact powers of two for subnormal
+  // vectors), so huge and tiny vectors keep their direction; non-finite or zero lanes get
+  // the pole. Returns the first such lane, or -1.
+  template <typename T>
+  int load_careful(const T* xyz) {
     int bad = -1;
     for (int p = 0; p < kLanes; ++p) {
       const bool real = p < count;
@@ -81,27 +136,12 @@ struct Block {
       z[p] = sz * inv;
       inv_norm[p] = inv * scale * lift;
     }
-    re.resize(size_t(L + 1) * kLanes);
-    im.resize(size_t(L + 1) * kLanes);
-    for (int p = 0; p < kLanes; ++p) {
-      re[p] = 1.0;
-      im[p] = 0.0;
-    }
-    for (int m = 1; m <= L; ++m) {
-      const double* pr = &re[(m - 1) * kLanes];
-      const double* pi = &im[(m - 1) * kLanes];
-#pragma omp simd
-      for (int p = 0; p < kLanes; ++p) {
-        re[m * kLanes + p] = pr[p] * x[p] - pi[p] * y[p];
-        im[m * kLanes + p] = pr[p] * y[p] + pi[p] * x[p];
-      }
-    }
     return bad;
   }
 };
 
 // Column m of Qbar for every degree l = m..L: q[l * kLanes + p].
-void qbar_column(const Block& bk, int m, int L, double* q) {
+LOCDIFF_INLINE void qbar_column(const Block& bk, int m, int L, double* q) {
   const SmallTables& tb = small_tables();
   const double seed = tb.seed[m];
   for (int p = 0; p < kLanes; ++p) q[m * kLanes + p] = seed;
@@ -119,15 +159,79 @@ void qbar_column(const Block& bk, int m, int L, double* q) {
   }
 }
 
+// Lane-major to point-major: the kernels compute value k of 4 points as one 4-lane vector
+// (cols[k][p]); the output wants each point's K values contiguous. A 4x4 transpose in
+// registers (vector extensions: AVX in the x86-64-v3 clone, SSE pairs in the default one)
+// turns 4 such vectors into 4 contiguous runs, so the stores are full-width instead of
+// one lane at a time (the scalar scatter cost more than the harmonics at L <= 16).
+template <typename T>
+struct Vec4;
+template <>
+struct Vec4<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef long long mask __attribute__((vector_size(32)));
+};
+template <>
+struct Vec4<float> {
+  typedef float type __attribute__((vector_size(16)));
+  typedef int mask __attribute__((vector_size(16)));
+};
+
+#if defined(__clang__)
+#define LOCDIFF_SHUFFLE(a, b, i, j, k, l) __builtin_shufflevector(a, b, i, j, k, l)
+#else
+#define LOCDIFF_SHUFFLE(a, b, i, j, k, l) __builtin_shuffle(a, b, typename Vec4<T>::mask{i, j, k, l})
+#endif
+
+// out[p * K + k0 + j] = cols[k0 + j][lane0 + p] for p, j < 4.
+template <typename T>
+__attribute__((always_inline)) inline void transpose4_store(const T* c0, const T* c1, const T* c2,
+                                                            const T* c3, T* out, int64_t K) {
+  typedef typename Vec4<T>::type V;
+  V r0, r1, r2, r3;
+  std::memcpy(&r0, c0, sizeof(V));
+  std::memcpy(&r1, c1, sizeof(V));
+  std::memcpy(&r2, c2, sizeof(V));
+  std::memcpy(&r3, c3, sizeof(V));
+  const V t0 = LOCDIFF_SHUFFLE(r0, r1, 0, 4, 2, 6), t1 = LOCDIFF_SHUFFLE(r0, r1, 1, 5, 3, 7);
+  const V t2 = LOCDIFF_SHUFFLE(r2, r3, 0, 4, 2, 6), t3 = LOCDIFF_SHUFFLE(r2, r3, 1, 5, 3, 7);
+  const V o0 = LOCDIFF_SHUFFLE(t0, t2, 0, 1, 4, 5), o1 = LOCDIFF_SHUFFLE(t1, t3, 0, 1, 4, 5);
+  const V o2 = LOCDIFF_SHUFFLE(t0, t2, 2, 3, 6, 7), o3 = LOCDIFF_SHUFFLE(t1, t3, 2, 3, 6, 7);
+  std::memcpy(out, &o0, sizeof(V));
+  std::memcpy(out + K, &o1, sizeof(V));
+  std::memcpy(out + 2 * K, &o2, sizeof(V));
+  std::memcpy(out + 3 * K, &o3, sizeof(V));
+}
+
+// Writes `count` points of cols[K][kLanes] (lane-major) to out (point-major, K per point).
+// (Measured: staging full blocks in a point-major tile and copying it out contiguously,
+// plain or with non-temporal stores, was slower than these direct transposed stores.)
+template <typename T, int K>
+__attribute__((always_inline)) inline void store_point_major(const T (&cols)[K][kLanes], int count, T* out) {
+  if (count < kLanes) {
+    for (int p = 0; p < count; ++p)
+      for (int k = 0; k < K; ++k) out[int64_t(p) * K + k] = cols[k][p];
+    return;
+  }
+  for (int half = 0; half < kLanes; half += 4) {
+    T* o = out + int64_t(half) * K;
+    int k = 0;
+    for (; k + 4 <= K; k += 4)
+      transpose4_store(&cols[k][half], &cols[k + 1][half], &cols[k + 2][half], &cols[k + 3][half], o + k, K);
+    for (; k < K; ++k)
+      for (int p = 0; p < 4; ++p) o[int64_t(p) * K + k] = cols[k][half + p];
+  }
+}
+
 // One block of points at compile-time degree L: every loop bound is a constant, so the
-// compiler unrolls over l and vectorises over lanes. The block is built in an L1 tile laid
-// out like the output (point-major) and copied out contiguously.
+// compiler unrolls over l and vectorises over lanes. Values go to an L1 tile in lane-major
+// order (full-width stores) and leave it through the transposing store above.
 template <typename T, int L>
 LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* out) {
   constexpr int K = (L + 1) * (L + 1);
   const SmallTables& tb = small_tables();
   const int bad = bk.load(xyz, count, L);
-  alignas(64) T tile[kLanes][K];
+  alignas(64) T cols[K][kLanes];
   alignas(64) double q[L + 1][kLanes];
   for (int m = 0; m <= L; ++m) {
     const double* re = &bk.re[m * kLanes];
@@ -146,17 +250,17 @@ LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
       const int k = l * l + l;
       if (m == 0) {
 #pragma omp simd
-        for (int p = 0; p < kLanes; ++p) tile[p][k] = T(q[l][p]);
+        for (int p = 0; p < kLanes; ++p) cols[k][p] = T(q[l][p]);
       } else {
 #pragma omp simd
         for (int p = 0; p < kLanes; ++p) {
-          tile[p][k + m] = T(kSqrt2 * q[l][p] * re[p]);
-          tile[p][k - m] = T(kSqrt2 * q[l][p] * im[p]);
+          cols[k + m][p] = T(kSqrt2 * q[l][p] * re[p]);
+          cols[k - m][p] = T(kSqrt2 * q[l][p] * im[p]);
         }
       }
     }
   }
-  std::memcpy(out, &tile[0][0], sizeof(T) * size_t(K) * count);
+  store_point_major<T, K>(cols, count, out);
   return bad;
 }
 

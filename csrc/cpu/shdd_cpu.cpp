@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <memory>
@@ -39,6 +40,7 @@ using cpu::threads;
 using cpu::tri;
 
 constexpr double kPi = 3.14159265358979323846;
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "scan_candidates reads byte flags as words");
 
 // ---- FFT ---------------------------------------------------------------------------------
 // Iterative radix-2 complex FFT on split re/im arrays for power-of-two sizes; other sizes
@@ -80,7 +82,7 @@ std::shared_ptr<const FftPlan> fft_plan(int n) {
 }
 
 // In place: x_k <- sum_j x_j exp(sign * 2 pi i j k / n). tmp: 2n doubles of scratch.
-void fft(const FftPlan& p, double* re, double* im, int sign, double* tmp) {
+LOCDIFF_CLONES void fft(const FftPlan& p, double* re, double* im, int sign, double* tmp) {
   const int n = p.n;
   if (!p.pow2) {
     double* tr = tmp;
@@ -223,7 +225,7 @@ LOCDIFF_CLONES void legendre_sums(int L, const RingGrid& g, Work& w, int nb) {
 }
 
 // f of vector v of the block on the whole grid: one complex FFT per ring pair.
-void fourier_synth(int L, const RingGrid& g, const FftPlan& plan, Work& w, int v, double* f) {
+LOCDIFF_CLONES void fourier_synth(int L, const RingGrid& g, const FftPlan& plan, Work& w, int v, double* f) {
   const int N = g.nlon, nlat = g.nlat;
   for (int j = 0; j < w.nhalf; ++j) {
     const int js = nlat - 1 - j;
@@ -270,7 +272,7 @@ void legendre_block(const T* const* rows, int nb, int L, const RingGrid& g, Work
 
 // Adjoint, per vector v of the block: spectra of the weight grid wgt (forward FFT per ring
 // pair) into AN.. (cos / sin parts).
-void fourier_adjoint(const double* wgt, int L, const RingGrid& g, const FftPlan& plan, Work& w, int v) {
+LOCDIFF_CLONES void fourier_adjoint(const double* wgt, int L, const RingGrid& g, const FftPlan& plan, Work& w, int v) {
   const int N = g.nlon, nlat = g.nlat, nhalf = w.nhalf;
   for (int j = 0; j < nhalf; ++j) {
     const int js = nlat - 1 - j;
@@ -453,10 +455,23 @@ LOCDIFF_CLONES void eval_point(const T* c, int L, const Tables& t, const double*
 
 // Up to ncand grid local maxima of one vector's f, best first (see shdd_kernels.h). rows[j]:
 // ring j's nlon values (the caller's layout may fold the southern rings elsewhere).
+// Per-thread scratch of scan_candidates.
+struct ScanScratch {
+  std::vector<double> best_v, ring_max;
+  std::vector<int64_t> best_i;
+  std::vector<int> order;
+  std::vector<unsigned char> flat_peak;  // same-ring maxima of the current ring
+};
+
 template <typename F>
-void scan_candidates(const F* const* rows, const RingGrid& grid, int ncand, std::vector<double>& best_v,
-                     std::vector<int64_t>& best_i, std::vector<double>& ring_max,
-                     std::vector<int>& order, int64_t* index, double* value, double* start) {
+LOCDIFF_CLONES void scan_candidates(const F* const* rows, const RingGrid& grid, int ncand, ScanScratch& ss,
+                                    int64_t* index, double* value, double* start) {
+  std::vector<double>& best_v = ss.best_v;
+  std::vector<int64_t>& best_i = ss.best_i;
+  std::vector<double>& ring_max = ss.ring_max;
+  std::vector<int>& order = ss.order;
+  best_v.resize(ncand);
+  best_i.resize(ncand);
   const int N = grid.nlon, nlat = grid.nlat, half = N / 2;
   // Value at (ring j, column k); rings past a pole fold back onto the same ring, half a turn
   // away, and columns wrap at the antimeridian.
@@ -477,6 +492,7 @@ void scan_candidates(const F* const* rows, const RingGrid& grid, int ncand, std:
   // rings through the main lobe and the first side lobes are visited).
   order.resize(nlat);
   ring_max.resize(nlat);
+  ss.flat_peak.resize(N);
   for (int j = 0; j < nlat; ++j) {
     const F* __restrict row = rows[j];
     F mx = row[0];
@@ -496,34 +512,49 @@ void scan_candidates(const F* const* rows, const RingGrid& grid, int ncand, std:
     const bool interior = j > 0 && j < nlat - 1;
     const F* above = interior ? rows[j - 1] : row;
     const F* below = interior ? rows[j + 1] : row;
-    for (int k = 0; k < N; ++k) {
-      const double v = double(row[k]);
-      if (v <= floor) continue;
-      const int kl = k ? k - 1 : N - 1, kr = k + 1 < N ? k + 1 : 0;
-      // Same-ring neighbours first: on an oscillating f they reject most points.
-      if (double(row[kl]) > v || double(row[kr]) > v) continue;
-      bool peak = true;
-      if (interior) {
-        peak = !(double(above[kl]) > v || double(above[k]) > v || double(above[kr]) > v ||
-                 double(below[kl]) > v || double(below[k]) > v || double(below[kr]) > v);
-      } else {
-        for (int dj = -1; dj <= 1 && peak; dj += 2)
-          for (int dk = -1; dk <= 1; ++dk)
-            if (at(j + dj, k + dk) > v) {
-              peak = false;
-              break;
-            }
+    // Same-ring neighbours first, branch-free across the ring: on an oscillating f they
+    // reject most points, and only the survivors get the six tests against the next rings.
+    // (floor is an F value or -inf, so comparing in F is exact.)
+    const F ffloor = F(floor);
+    unsigned char* hp = ss.flat_peak.data();
+    hp[0] = row[0] > ffloor && row[0] >= row[N - 1] && row[0] >= row[N > 1 ? 1 : 0];
+#pragma omp simd
+    for (int k = 1; k < N - 1; ++k)
+      hp[k] = (unsigned char)((row[k] > ffloor) & (row[k] >= row[k - 1]) & (row[k] >= row[k + 1]));
+    if (N > 1) hp[N - 1] = row[N - 1] > ffloor && row[N - 1] >= row[N - 2] && row[N - 1] >= row[0];
+    // Survivors are sparse: skip 8 flags at a time, then visit the set ones in order.
+    for (int k0 = 0; k0 < N; k0 += 8) {
+      uint64_t word = 0;  // byte i: flag of column k0 + i (little-endian)
+      std::memcpy(&word, hp + k0, std::min(8, N - k0));
+      while (word) {
+        const int k = k0 + __builtin_ctzll(word) / 8;
+        word &= word - 1;
+        const double v = double(row[k]);
+        if (v <= floor) continue;  // the floor rises as the ring is scanned
+        const int kl = k ? k - 1 : N - 1, kr = k + 1 < N ? k + 1 : 0;
+        bool peak = true;
+        if (interior) {
+          peak = !(double(above[kl]) > v || double(above[k]) > v || double(above[kr]) > v ||
+                   double(below[kl]) > v || double(below[k]) > v || double(below[kr]) > v);
+        } else {
+          for (int dj = -1; dj <= 1 && peak; dj += 2)
+            for (int dk = -1; dk <= 1; ++dk)
+              if (at(j + dj, k + dk) > v) {
+                peak = false;
+                break;
+              }
+        }
+        if (!peak) continue;
+        int pos = count < ncand ? count++ : ncand - 1;
+        while (pos > 0 && best_v[pos - 1] < v) {
+          best_v[pos] = best_v[pos - 1];
+          best_i[pos] = best_i[pos - 1];
+          --pos;
+        }
+        best_v[pos] = v;
+        best_i[pos] = int64_t(j) * N + k;
+        if (count == ncand) floor = best_v[ncand - 1];
       }
-      if (!peak) continue;
-      int pos = count < ncand ? count++ : ncand - 1;
-      while (pos > 0 && best_v[pos - 1] < v) {
-        best_v[pos] = best_v[pos - 1];
-        best_i[pos] = best_i[pos - 1];
-        --pos;
-      }
-      best_v[pos] = v;
-      best_i[pos] = int64_t(j) * N + k;
-      if (count == ncand) floor = best_v[ncand - 1];
     }
   }
   // Parabolic step in each direction (index units, clamped to half a cell).
@@ -758,11 +789,9 @@ void shdd_candidates_cpu(const T* coeffs, int64_t batch, int degree, const RingG
                          int ncand, int64_t* index, double* value, double* start,
                          int num_threads) {
   for_each_synthesis(coeffs, batch, degree, grid, num_threads, [&] {
-    return [&, best_v = std::vector<double>(ncand), best_i = std::vector<int64_t>(ncand),
-            ring_max = std::vector<double>(), order = std::vector<int>()](Work& w, int64_t b) mutable {
+    return [&, scratch = ScanScratch()](Work& w, int64_t b) mutable {
       const int64_t o = b * ncand;
-      scan_candidates(w.rows.data(), grid, ncand, best_v, best_i, ring_max, order, index + o, value + o,
-                      start + 2 * o);
+      scan_candidates(w.rows.data(), grid, ncand, scratch, index + o, value + o, start + 2 * o);
     };
   });
 }
@@ -775,19 +804,16 @@ void shdd_scan_cpu(const T* f, int64_t batch, const RingGrid& grid, bool folded,
   const int64_t G = int64_t(folded ? 2 * nhalf : nlat) * N;
 #pragma omp parallel num_threads(threads(num_threads, batch / 4 + 1))
   {
-    std::vector<double> best_v(ncand);
-    std::vector<int64_t> best_i(ncand);
+    ScanScratch scratch;
     std::vector<const T*> rows(nlat);
-    std::vector<double> ring_max;
-    std::vector<int> order;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       for (int j = 0; j < nlat; ++j) {
         const int r = !folded || j < nhalf ? j : nhalf + (nlat - 1 - j);
         rows[j] = f + G * b + int64_t(r) * N;
       }
-      scan_candidates(rows.data(), grid, ncand, best_v, best_i, ring_max, order, index + b * ncand,
-                      value + b * ncand, start + 2 * b * ncand);
+      scan_candidates(rows.data(), grid, ncand, scratch, index + b * ncand, value + b * ncand,
+                      start + 2 * b * ncand);
     }
   }
 }
@@ -809,6 +835,68 @@ void shdd_refine_cpu(const T* coeffs, int degree, double radius, const int64_t* 
       for (int64_t k = 0; k < K; ++k) fscale += std::fabs(double(c[k]));
       fscale *= kInvSqrt4Pi * (degree + 1);
       value[i] = refine_point(c, degree, *tables, radius, fscale, max_iter, sc, xyz + 3 * i);
+    }
+  }
+}
+
+template <typename T>
+void shdd_decode_refine_cpu(const T* coeffs, int64_t batch, int degree, double radius, int ncand,
+                            const double* cand_value, const double* cand_start, int nrefine,
+                            int max_iter, double* xyz, double* value, int num_threads) {
+  if (batch <= 0) return;
+  const auto tables = tables_for(degree);
+  const int64_t K = sh_size(degree);
+  const double inf = std::numeric_limits<double>::infinity();
+#pragma omp parallel num_threads(threads(num_threads, batch / 4 + 1))
+  {
+    Scratch sc;
+    std::vector<double> u(3 * size_t(ncand)), f(ncand);
+    std::vector<char> done(ncand), todo(ncand);
+    std::vector<int> order(ncand);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < batch; ++b) {
+      const T* c = coeffs + K * b;
+      const double* v0 = cand_value + b * ncand;
+      const double* st = cand_start + 2 * b * ncand;
+      double fscale = 0;  // as in shdd_refine_cpu
+      for (int64_t k = 0; k < K; ++k) fscale += std::fabs(double(c[k]));
+      fscale *= kInvSqrt4Pi * (degree + 1);
+      const double mean = double(c[0]) * kInvSqrt4Pi;  // the average of f over the sphere
+      for (int i = 0; i < ncand; ++i) {
+        const double th = st[2 * i], ph = st[2 * i + 1];
+        u[3 * i] = std::sin(th) * std::cos(ph);
+        u[3 * i + 1] = std::sin(th) * std::sin(ph);
+        u[3 * i + 2] = std::cos(th);
+        f[i] = -inf;
+        done[i] = 0;
+        todo[i] = std::isfinite(v0[i]) && (i == 0 || (i < nrefine && v0[i] >= mean + 0.5 * (v0[0] - mean)));
+      }
+      for (bool any = true; any;) {
+        for (int i = 0; i < ncand; ++i) {
+          if (!todo[i]) continue;
+          f[i] = refine_point(c, degree, *tables, radius, fscale, max_iter, sc, &u[3 * i]);
+          done[i] = 1;
+        }
+        double gain = 0, best = -inf;
+        for (int i = 0; i < ncand; ++i)
+          if (done[i]) {
+            gain = std::max(gain, f[i] - v0[i]);
+            best = std::max(best, f[i]);
+          }
+        any = false;
+        for (int i = 0; i < ncand; ++i) {
+          todo[i] = std::isfinite(v0[i]) && !done[i] &&
+                    (v0[i] + 2 * gain >= best || v0[i] >= mean + 0.5 * (best - mean));
+          any |= bool(todo[i]);
+        }
+      }
+      for (int i = 0; i < ncand; ++i) order[i] = i;
+      std::stable_sort(order.begin(), order.end(), [&](int p, int q) { return f[p] > f[q]; });
+      for (int r = 0; r < ncand; ++r) {
+        const int i = order[r];
+        value[b * ncand + r] = f[i];
+        for (int d = 0; d < 3; ++d) xyz[3 * (b * ncand + r) + d] = u[3 * i + d];
+      }
     }
   }
 }
@@ -969,7 +1057,9 @@ void shdd_legendre_table_cpu(const double* theta, int nhalf, int degree, double*
   template void shdd_scan_cpu<T>(const T*, int64_t, const RingGrid&, bool, int, int64_t*,       \
                                  double*, double*, int);                                              \
   template void shdd_refine_cpu<T>(const T*, int, double, const int64_t*, int64_t, int, double*, \
-                                   double*, int);
+                                   double*, int);                                              \
+  template void shdd_decode_refine_cpu<T>(const T*, int64_t, int, double, int, const double*,  \
+                                          const double*, int, int, double*, double*, int);
 LOCDIFF_INSTANTIATE(float)
 LOCDIFF_INSTANTIATE(double)
 #undef LOCDIFF_INSTANTIATE

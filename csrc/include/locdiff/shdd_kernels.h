@@ -66,6 +66,18 @@ template <typename T>
 void shdd_refine_cpu(const T* coeffs, int degree, double radius, const int64_t* row, int64_t n,
                      int max_iter, double* xyz, double* value, int num_threads);
 
+// The decode's refinement of grid candidates (value (B, ncand), start (B, ncand, 2) as
+// from shdd_scan_cpu), per vector: first the best candidate and, of the first nrefine, those
+// whose grid value is at least halfway from the mean of f to the best; then, while any is
+// left, every candidate whose value plus twice the largest gain of refinement so far
+// (refined - grid value) reaches the best refined value, or that is halfway there. Out:
+// xyz (B, ncand, 3) unit vectors and value (B, ncand) refined f, best first; candidates not
+// refined get -inf (and their grid point).
+template <typename T>
+void shdd_decode_refine_cpu(const T* coeffs, int64_t batch, int degree, double radius, int ncand,
+                            const double* cand_value, const double* cand_start, int nrefine,
+                            int max_iter, double* xyz, double* value, int num_threads);
+
 // log sum_i area_i exp(f_i / t) per vector (fused: the grid lives in per-thread scratch).
 template <typename T>
 void shdd_logz_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid,

@@ -297,6 +297,30 @@ def _(coeffs, xyz, row, degree, radius, max_iter):
             torch.empty((n,), dtype=torch.float64, device=xyz.device))
 
 
+@torch.library.custom_op("locdiff::shdd_decode_refine", mutates_args=(), device_types="cpu")
+def shdd_decode_refine_op(coeffs: Tensor, value: Tensor, start: Tensor, degree: int, radius: float,
+                          nrefine: int, max_iter: int) -> tuple[Tensor, Tensor]:
+    """The decode's choice and refinement of grid candidates, one C++ call (see
+    shdd_decode_refine_cpu in locdiff/shdd_kernels.h): value (B, n) and start (B, n, 2)
+    (colatitude, longitude) from shdd_candidates -> (xyz (B, n, 3), refined f (B, n)), best
+    first, -inf where not refined."""
+    b, n = value.shape
+    xyz = torch.empty((b, n, 3), dtype=torch.float64)
+    out = torch.empty((b, n), dtype=torch.float64)
+    if b:
+        _C.shdd_decode_refine_cpu(coeffs.data_ptr(), b, degree, float(radius), n, value.data_ptr(),
+                                  start.data_ptr(), nrefine, max_iter, xyz.data_ptr(), out.data_ptr(),
+                                  _tag(coeffs), _threads())
+    return xyz, out
+
+
+@shdd_decode_refine_op.register_fake
+def _(coeffs, value, start, degree, radius, nrefine, max_iter):
+    b, n = value.shape
+    return (torch.empty((b, n, 3), dtype=torch.float64, device=value.device),
+            torch.empty((b, n), dtype=torch.float64, device=value.device))
+
+
 # ---- SHDD-KL ----------------------------------------------------------------------------------
 @torch.library.custom_op("locdiff::shdd_kl", mutates_args=(), device_types="cpu")
 def shdd_kl_op(pred: Tensor, target: Tensor, table: Tensor, theta: Tensor, log_area: Tensor,
