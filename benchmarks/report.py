@@ -2,9 +2,10 @@
 
     python benchmarks/report.py benchmarks/results/sh_cpu.json
 
-Spherical harmonics: ns per output value (median time / values), per pass; a * marks a
-result that failed the accuracy check (error per unit over 2e-6 float32 / 1e-11 float64)
-with the degree it goes wrong from.
+Spherical harmonics: ns per output value (best time of the rounds / values; on a shared
+machine the median carries the neighbours' load), per pass; a * marks a result that failed
+the accuracy check (error per unit over 2e-6 float32 / 1e-11 float64) with the degree it
+goes wrong from. Decode: best time in ms.
 """
 import collections
 import json
@@ -19,7 +20,7 @@ def sh_table(benchmarks):
         if e.get("op") != "sh":
             continue
         key = (e["device"], e["dtype"], e["degree"])
-        ns = b["stats"]["median"] * 1e9 / e["values"]
+        ns = b["stats"]["min"] * 1e9 / e["values"]
         col = e["impl"] if e["impl"] == "store-floor" else f'{e["impl"]} {e["passes"]}'
         if col not in impls:
             impls.append(col)
@@ -28,6 +29,8 @@ def sh_table(benchmarks):
             mark = f'* (l>={e["wrong_from_degree"]})'
         rows[key][col] = f"{ns:.3g}{mark}"
         rows[key]["_" + col] = ns
+    if not rows:
+        return ""
     order = sorted(impls, key=lambda c: (not c.startswith("locdiff"), c))
     lines = ["| device | dtype | L | " + " | ".join(order) + " | sphericart / locdiff (fwd) |",
              "|---" * (len(order) + 4) + "|"]
@@ -51,14 +54,20 @@ def decode_table(benchmarks):
         key = (e["device"], e["dtype"], e["degree"], e["items"])
         if e["impl"] not in impls:
             impls.append(e["impl"])
-        rows[key][e["impl"]] = f'{b["stats"]["median"] * 1e3:.3g}'
+        rows[key][e["impl"]] = f'{b["stats"]["min"] * 1e3:.3g}'
     if not rows:
         return ""
-    lines = ["| device | dtype | L | B | " + " | ".join(f"{i} (ms)" for i in impls) + " |",
-             "|---" * (len(impls) + 4) + "|"]
+    ratio = "th-isht" in impls and "locdiff" in impls
+    lines = ["| device | dtype | L | B | " + " | ".join(f"{i} (ms)" for i in impls)
+             + (" | th-isht / locdiff" if ratio else "") + " |",
+             "|---" * (len(impls) + 4 + ratio) + "|"]
     for key in sorted(rows):
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | "
-                     + " | ".join(rows[key].get(i, "") for i in impls) + " |")
+        r = rows[key]
+        cells = " | ".join(r.get(i, "") for i in impls)
+        if ratio:
+            cells += " | " + (f'{float(r["th-isht"]) / float(r["locdiff"]):.2f}x'
+                              if "th-isht" in r and "locdiff" in r else "")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {cells} |")
     return "\n".join(lines)
 
 

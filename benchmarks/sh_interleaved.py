@@ -1,0 +1,56 @@
+"""locdiff vs sphericart forward, interleaved round by round (best of each), as ratios.
+
+    python benchmarks/sh_interleaved.py [--threads 1] [--rounds 40] [--degrees 4,8,...]
+
+pytest-benchmark times one implementation after the other; on a shared machine whose load
+drifts, that can tilt a ratio by 30%. Here each round times every implementation once, in
+turn, into the same preallocated output sizes, so drift hits all of them alike. `fill` is
+numpy filling a warm array of the output's size (the store floor without page faults).
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import locdiff
+
+
+def best_of(fns, rounds):
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--degrees", default="4,8,16,32,64,128,256,512")
+    ap.add_argument("--values", type=int, default=2_000_000, help="output values per call")
+    a = ap.parse_args()
+    import sphericart
+
+    torch.set_num_threads(a.threads)
+    print(f"| dtype | L | locdiff ns/value | sphericart ns/value | fill ns/value | sphericart / locdiff |")
+    print("|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.float64):
+        for degree in map(int, a.degrees.split(",")):
+            K = (degree + 1) ** 2
+            n = max(64, a.values // K)
+            xyz = torch.randn(n, 3, dtype=dtype)
+            sc, xn = sphericart.SphericalHarmonics(degree), xyz.numpy()
+            warm = np.empty((n, K), dtype=xn.dtype)
+            t = best_of([lambda: locdiff.spherical_harmonics(xyz, degree), lambda: sc.compute(xn),
+                         lambda: warm.fill(1.0)], a.rounds)
+            ns = [x / (n * K) * 1e9 for x in t]
+            print(f"| {str(dtype).split('.')[1]} | {degree} | {ns[0]:.3f} | {ns[1]:.3f} | {ns[2]:.3f} | "
+                  f"{t[1] / t[0]:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
