@@ -106,6 +106,39 @@ struct Scratch {
   }
 };
 
+// A direction: the unit vector, s = hypot(x, y), and 1 / |r| for the input gradient.
+struct Point {
+  double x, y, z, s, inv_norm;
+  bool valid;  // finite and non-zero
+};
+
+// Normalises one input vector. Scales by the largest component first so that huge or tiny
+// (but finite, non-zero) vectors normalise exactly; non-finite or zero vectors are not
+// valid and give the north pole (so the kernels compute something finite meanwhile).
+template <typename T>
+Point unit_point(const T* p) {
+  const double x = double(p[0]), y = double(p[1]), z = double(p[2]);
+  const double big = std::max(std::fabs(x), std::max(std::fabs(y), std::fabs(z)));
+  Point u;
+  u.valid = big > 0.0 && big <= 1.7976931348623157e308;  // false for NaN too
+  if (!u.valid) {
+    u.x = u.y = u.s = 0.0;
+    u.z = u.inv_norm = 1.0;
+    return u;
+  }
+  // 1 / big overflows for subnormal vectors: lift those by 2^600 first (exact).
+  const double lift = big < 0x1p-600 ? 0x1p600 : 1.0;
+  const double scale = 1.0 / (big * lift);
+  const double xs = x * lift * scale, ys = y * lift * scale, zs = z * lift * scale;
+  const double norm = std::sqrt(xs * xs + ys * ys + zs * zs), inv = 1.0 / norm;
+  u.x = xs * inv;
+  u.y = ys * inv;
+  u.z = zs * inv;
+  u.s = std::hypot(u.x, u.y);
+  u.inv_norm = inv * scale * lift;
+  return u;
+}
+
 // cos(m phi), sin(m phi) for m = 0..L by repeated complex multiplication (error ~ m eps),
 // from a unit vector's x, y and s = hypot(x, y) (phi = 0 on the axis).
 LOCDIFF_INLINE void azimuth(double x, double y, double s, int L, double* c, double* sn) {

@@ -110,31 +110,19 @@ struct Block {
     return true;
   }
 
-  // Any block: rescales by the largest component first (exact powers of two for subnormal
-  // vectors), so huge and tiny vectors keep their direction; non-finite or zero lanes get
-  // the pole. Returns the first such lane, or -1.
+  // Any block, through cpu::unit_point (exact for huge and tiny vectors); non-finite or
+  // zero lanes, and the padding past count, get the pole. Returns the first bad lane, or -1.
   template <typename T>
   int load_careful(const T* xyz) {
+    static const T pole[3] = {T(0), T(0), T(1)};
     int bad = -1;
     for (int p = 0; p < kLanes; ++p) {
-      const bool real = p < count;
-      double px = real ? double(xyz[3 * p]) : 0.0, py = real ? double(xyz[3 * p + 1]) : 0.0,
-             pz = real ? double(xyz[3 * p + 2]) : 1.0;
-      const double big = std::max(std::fabs(px), std::max(std::fabs(py), std::fabs(pz)));
-      if (!(big > 0.0 && big <= 1.7976931348623157e308)) {  // NaN fails both comparisons
-        if (bad < 0) bad = p;
-        px = py = 0.0;
-        pz = 1.0;
-      }
-      // 1 / big overflows for subnormal vectors: lift those by 2^600 first (exact).
-      const double lift = big < 0x1p-600 ? 0x1p600 : 1.0;
-      const double scale = big > 0.0 && big <= 1.7976931348623157e308 ? 1.0 / (big * lift) : 1.0;
-      const double sx = px * lift * scale, sy = py * lift * scale, sz = pz * lift * scale;
-      const double norm = std::sqrt(sx * sx + sy * sy + sz * sz), inv = 1.0 / norm;
-      x[p] = sx * inv;
-      y[p] = sy * inv;
-      z[p] = sz * inv;
-      inv_norm[p] = inv * scale * lift;
+      const cpu::Point u = cpu::unit_point(p < count ? xyz + 3 * p : pole);
+      if (!u.valid && bad < 0) bad = p;
+      x[p] = u.x;
+      y[p] = u.y;
+      z[p] = u.z;
+      inv_norm[p] = u.inv_norm;
     }
     return bad;
   }

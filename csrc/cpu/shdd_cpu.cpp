@@ -585,6 +585,16 @@ LOCDIFF_CLONES void scan_candidates(const F* const* rows, const RingGrid& grid, 
   }
 }
 
+// The scale of f for refine_point (a bound on |f| over the sphere): a step that loses less
+// than 1e-14 of it is rounding, not a loss.
+template <typename T>
+double f_scale(const T* c, int L) {
+  const int64_t K = sh_size(L);
+  double sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += std::fabs(double(c[k]));
+  return sum * kInvSqrt4Pi * (L + 1);
+}
+
 // Trust-region Newton ascent of f on the sphere from u (unit vector, updated in place);
 // returns f there. Chart around u: g(a, b) = f(normalise(u + a e1 + b e2)); its gradient is
 // exact (eval_point), its Hessian a forward difference of that gradient with step 1e-5 r,
@@ -740,6 +750,45 @@ void for_each_synthesis(const T* coeffs, int64_t batch, int degree, const RingGr
   }
 }
 
+// The SHDD-KL pairs (pred b, target b) in parallel blocks of kBlock / 2 pairs: one Legendre
+// pass per block for both vectors of every pair, whose ring sums land in slots 2s (pred
+// b0 + s) and 2s + 1 (target b0 + s); then visit(w, plan, b0, ns). make_visitor() runs once
+// per thread, so a visitor can keep its own scratch.
+template <typename T, class MakeVisitor>
+void for_each_pair_block(const T* pred, const T* target, int64_t batch, int degree, const RingGrid& grid,
+                         int num_threads, MakeVisitor make_visitor) {
+  if (batch <= 0) return;
+  const auto plan = fft_plan(grid.nlon);
+  const int64_t K = sh_size(degree);
+  constexpr int kPairs = kBlock / 2;
+  const int64_t nblocks = (batch + kPairs - 1) / kPairs;
+#pragma omp parallel num_threads(threads(num_threads, nblocks))
+  {
+    Work w;
+    w.resize(degree, grid);
+    w.grid2.assign(int64_t(grid.nlat) * grid.nlon, 0.0);
+    auto visit = make_visitor();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t b0 = blk * kPairs;
+      const int ns = int(std::min<int64_t>(kPairs, batch - b0));
+      const T* rows[kBlock];
+      for (int s = 0; s < ns; ++s) {
+        rows[2 * s] = pred + K * (b0 + s);
+        rows[2 * s + 1] = target + K * (b0 + s);
+      }
+      legendre_block(rows, 2 * ns, degree, grid, w);
+      visit(w, *plan, b0, ns);
+    }
+  }
+}
+
+// f of pair s of the block: pred into w.grid, target into w.grid2.
+void synth_pair(int L, const RingGrid& g, const FftPlan& plan, Work& w, int s) {
+  fourier_synth(L, g, plan, w, 2 * s, w.grid.data());
+  fourier_synth(L, g, plan, w, 2 * s + 1, w.grid2.data());
+}
+
 }  // namespace
 
 // ---- entry points ------------------------------------------------------------------------
@@ -830,11 +879,7 @@ void shdd_refine_cpu(const T* coeffs, int degree, double radius, const int64_t* 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n; ++i) {
       const T* c = coeffs + K * row[i];
-      // The scale of f: a step that loses less than 1e-14 of it is rounding, not a loss.
-      double fscale = 0;
-      for (int64_t k = 0; k < K; ++k) fscale += std::fabs(double(c[k]));
-      fscale *= kInvSqrt4Pi * (degree + 1);
-      value[i] = refine_point(c, degree, *tables, radius, fscale, max_iter, sc, xyz + 3 * i);
+      value[i] = refine_point(c, degree, *tables, radius, f_scale(c, degree), max_iter, sc, xyz + 3 * i);
     }
   }
 }
@@ -858,9 +903,7 @@ void shdd_decode_refine_cpu(const T* coeffs, int64_t batch, int degree, double r
       const T* c = coeffs + K * b;
       const double* v0 = cand_value + b * ncand;
       const double* st = cand_start + 2 * b * ncand;
-      double fscale = 0;  // as in shdd_refine_cpu
-      for (int64_t k = 0; k < K; ++k) fscale += std::fabs(double(c[k]));
-      fscale *= kInvSqrt4Pi * (degree + 1);
+      const double fscale = f_scale(c, degree);
       const double mean = double(c[0]) * kInvSqrt4Pi;  // the average of f over the sphere
       for (int i = 0; i < ncand; ++i) {
         const double th = st[2 * i], ph = st[2 * i + 1];
@@ -912,82 +955,47 @@ void shdd_logz_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& g
 template <typename T>
 void shdd_kl_fwd_cpu(const T* pred, const T* target, int64_t batch, int degree,
                      const RingGrid& grid, double inv_temperature, T* kl, int num_threads) {
-  if (batch <= 0) return;
-  const auto plan = fft_plan(grid.nlon);
-  const int64_t K = sh_size(degree), G = int64_t(grid.nlat) * grid.nlon;
-  constexpr int kPairs = kBlock / 2;
-  const int64_t nblocks = (batch + kPairs - 1) / kPairs;
-#pragma omp parallel num_threads(threads(num_threads, nblocks))
-  {
-    Work w;
-    w.resize(degree, grid);
-    w.grid2.assign(G, 0.0);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t b0 = blk * kPairs;
-      const int ns = int(std::min<int64_t>(kPairs, batch - b0));
-      const T* rows[kBlock];
+  for_each_pair_block(pred, target, batch, degree, grid, num_threads, [&] {
+    return [&](Work& w, const FftPlan& plan, int64_t b0, int ns) {
       for (int s = 0; s < ns; ++s) {
-        rows[2 * s] = pred + K * (b0 + s);
-        rows[2 * s + 1] = target + K * (b0 + s);
-      }
-      legendre_block(rows, 2 * ns, degree, grid, w);
-      for (int s = 0; s < ns; ++s) {
-        fourier_synth(degree, grid, *plan, w, 2 * s, w.grid.data());
-        fourier_synth(degree, grid, *plan, w, 2 * s + 1, w.grid2.data());
+        synth_pair(degree, grid, plan, w, s);
         kl[b0 + s] = T(kl_pair(w.grid.data(), w.grid2.data(), grid, inv_temperature, 1.0,
                                nullptr, nullptr));
       }
-    }
-  }
+    };
+  });
 }
 
 template <typename T>
 void shdd_kl_bwd_cpu(const T* pred, const T* target, const T* grad_kl, int64_t batch,
                      int degree, const RingGrid& grid, double inv_temperature, T* grad_pred,
                      T* grad_target, int num_threads) {
-  if (batch <= 0 || (!grad_pred && !grad_target)) return;
-  const auto plan = fft_plan(grid.nlon);
+  if (!grad_pred && !grad_target) return;
   const int64_t K = sh_size(degree), G = int64_t(grid.nlat) * grid.nlon;
-  constexpr int kPairs = kBlock / 2;
-  const int64_t nblocks = (batch + kPairs - 1) / kPairs;
-#pragma omp parallel num_threads(threads(num_threads, nblocks))
-  {
-    Work w;
-    w.resize(degree, grid);
-    w.grid2.assign(G, 0.0);
-    std::vector<double> wp(grad_pred ? G : 0), wt(grad_target ? G : 0);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t b0 = blk * kPairs;
-      const int ns = int(std::min<int64_t>(kPairs, batch - b0));
-      const T* rows[kBlock];
-      for (int s = 0; s < ns; ++s) {
-        rows[2 * s] = pred + K * (b0 + s);
-        rows[2 * s + 1] = target + K * (b0 + s);
-      }
-      legendre_block(rows, 2 * ns, degree, grid, w);
-      // Sample s reads ring sums from slots 2s, 2s+1, then writes its adjoint spectra to the
+  for_each_pair_block(pred, target, batch, degree, grid, num_threads, [&] {
+    return [&, wp = std::vector<double>(grad_pred ? G : 0),
+            wt = std::vector<double>(grad_target ? G : 0)](Work& w, const FftPlan& plan, int64_t b0,
+                                                           int ns) mutable {
+      // Pair s reads ring sums from slots 2s, 2s+1, then writes its adjoint spectra to the
       // next free slots, which are never beyond 2s+1: a slot is overwritten only once read.
       T* outs[kBlock];
       int na = 0;
       for (int s = 0; s < ns; ++s) {
-        fourier_synth(degree, grid, *plan, w, 2 * s, w.grid.data());
-        fourier_synth(degree, grid, *plan, w, 2 * s + 1, w.grid2.data());
+        synth_pair(degree, grid, plan, w, s);
         kl_pair(w.grid.data(), w.grid2.data(), grid, inv_temperature, double(grad_kl[b0 + s]),
                 grad_pred ? wp.data() : nullptr, grad_target ? wt.data() : nullptr);
         if (grad_pred) {
-          fourier_adjoint(wp.data(), degree, grid, *plan, w, na);
+          fourier_adjoint(wp.data(), degree, grid, plan, w, na);
           outs[na++] = grad_pred + K * (b0 + s);
         }
         if (grad_target) {
-          fourier_adjoint(wt.data(), degree, grid, *plan, w, na);
+          fourier_adjoint(wt.data(), degree, grid, plan, w, na);
           outs[na++] = grad_target + K * (b0 + s);
         }
       }
       legendre_adjoint(degree, grid, w, na, outs);
-    }
-  }
+    };
+  });
 }
 
 template <typename T>
