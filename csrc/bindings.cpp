@@ -224,6 +224,19 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("coeffs"), py::arg("degree"), py::arg("xyz"), py::arg("row"), py::arg("n"),
      py::arg("value"), py::arg("grad"), py::arg("dtype"), py::arg("num_threads"));
 
+  // xyz (N, 3) float64, row (N,) int64; hess (N, 3, 3) float64.
+  m.def("shdd_hessian_cpu", [](std::uintptr_t coeffs, int degree, std::uintptr_t xyz,
+                               std::uintptr_t row, int64_t n, std::uintptr_t hess,
+                               const std::string& dtype, int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_hessian_cpu<T>(ptr<const T>(coeffs), degree, ptr<const double>(xyz),
+                                   ptr<const int64_t>(row), n, ptr<double>(hess), num_threads);
+    });
+  }, py::arg("coeffs"), py::arg("degree"), py::arg("xyz"), py::arg("row"), py::arg("n"),
+     py::arg("hess"), py::arg("dtype"), py::arg("num_threads"));
+
   m.def("shdd_scan_cpu", [ring](std::uintptr_t f, int64_t batch, LOCDIFF_GRID_ARGS, bool folded,
                                  int ncand, std::uintptr_t index, std::uintptr_t value,
                                  std::uintptr_t start, const std::string& dtype, int num_threads) {

@@ -17,6 +17,9 @@ HARD_POINTS = {
     "south pole": [0.0, 0.0, -1.0],
     "near pole": [1e-9, -2e-9, 1.0],
     "very near pole": [3e-160, 1e-170, -1.0],
+    # s * seed underflows to 0 (the scaled-seed loop once never ended here) or a subnormal
+    "ultra near pole": [1e-120, -2e-120, 1.0],
+    "subnormal offset": [5e-324, 1e-310, -1.0],
     "antimeridian +": [-1.0, 1e-17, 0.2],
     "antimeridian -": [-1.0, -1e-17, -0.2],
     "equator": [0.0, 1.0, 0.0],

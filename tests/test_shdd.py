@@ -214,11 +214,16 @@ def test_eval_and_candidates_match_reference():
     assert start.shape == (5, 6, 2)
 
 
+@pytest.mark.parametrize("route", ["gemm", "fused"])
 @pytest.mark.parametrize("grid", [GRID, GRID2], ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_candidates_both_routes_match_reference(grid, dtype):
-    # L = 6: GRID takes the GEMM + real-FFT route (odd nlat: the equator has no mirror),
-    # GRID2 (nlon = 2L) the fused kernel.
+def test_candidates_both_routes_match_reference(grid, dtype, route, monkeypatch):
+    # L = 6 and 9 vectors would take the fused kernel; "gemm" lowers its bounds so that
+    # GRID takes the GEMM + real-FFT route (odd nlat: the equator has no mirror). GRID2
+    # (nlon = 2L) always takes the fused kernel.
+    if route == "gemm":
+        monkeypatch.setattr(ops, "_FUSED_MAX_DEGREE", -1)
+        monkeypatch.setattr(ops, "_FUSED_MAX_BATCH", 0)
     L = 6
     c = torch.randn(9, (L + 1) ** 2, dtype=torch.float64)
     idx, val, _ = ops.shdd_candidates_op(c.to(dtype), *ring_args(grid, L), 5)
@@ -227,6 +232,27 @@ def test_candidates_both_routes_match_reference(grid, dtype):
     torch.testing.assert_close(idx[:, 0], f.argmax(-1))
     ok = idx >= 0
     assert_close(val[ok].to(dtype), torch.gather(f, 1, idx.clamp_min(0))[ok].to(dtype))
+
+
+@pytest.mark.parametrize("degree", [3, 12, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hessian_matches_reference(degree, dtype):
+    # Analytic Hessian on the sphere against double autograd through the torch reference, at
+    # random points, the poles, the antimeridian and 1e-120 from the axis (the axis form).
+    L = degree
+    gen = torch.Generator().manual_seed(L)
+    c = torch.randn(4, (L + 1) ** 2, dtype=torch.float64, generator=gen).to(dtype)
+    special = torch.cat([locdiff.latlon_to_xyz(SPECIAL),
+                         torch.tensor([[1e-120, -2e-120, 1.0], [3e-121, 1e-121, -1.0]], dtype=torch.float64)])
+    xyz = torch.cat([torch.randn(20, 3, dtype=torch.float64, generator=gen) * 2, special])
+    row = torch.arange(xyz.shape[0]) % 4
+    h = ops.shdd_hessian_op(c, xyz, row, L)
+    hr = ref.shdd_hessian_reference(c.double(), xyz, row)
+    scale = float(c.double().abs().sum(-1).max()) * (L + 1) ** 2 / 10
+    torch.testing.assert_close(h, hr, rtol=0, atol=1e-13 * scale)
+    torch.testing.assert_close(h, h.transpose(1, 2), rtol=0, atol=1e-13 * scale)
+    u = xyz / xyz.norm(dim=-1, keepdim=True)
+    assert float((h @ u[..., None]).abs().max()) <= 1e-13 * scale  # zero along the normal
 
 
 def test_refine_matches_reference():
@@ -280,6 +306,7 @@ def test_opcheck():
         (ops.shdd_candidates_op, (c.detach(), *a, 3)),
         (ops.shdd_logz_op, (c, *a, 1.5)),
         (ops.shdd_eval_op, (c.detach(), xyz, row, L)),
+        (ops.shdd_hessian_op, (c.detach(), xyz, row, L)),
         (ops.shdd_refine_op, (c.detach(), xyz, row, L, 0.5, 10)),
         (ops.shdd_decode_refine_op, (c.detach(), *ops.shdd_candidates_op(c.detach(), *a, 4)[1:], L, 0.5, 2, 10)),
         (ops.shdd_kl_op, (c, t, *a, 1.5)),

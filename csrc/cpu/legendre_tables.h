@@ -171,13 +171,25 @@ inline void seeds(double s, double z, int L, const Tables& t, Scratch& sc) {
     diag[m] = v;
   }
   if (m > L || s == 0.0) return;  // on the axis every column m >= 2 is exactly zero
-  // Scaled seeds: mantissa in [2^-SCALE_BITS, 1], value = mant * 2^(SCALE_BITS * e).
+  // Scaled seeds: mantissa in [2^-SCALE_BITS, 1], value = mant * 2^(SCALE_BITS * e). s is
+  // split the same way, and the first mantissa normalised: diag[m-1] * s alone underflows
+  // to 0 once s < ~1e-150 (and the loop below would never end), or to a subnormal that has
+  // lost the seed's low bits. Powers of two scale exactly, subnormal s included.
   const double up = std::ldexp(1.0, SCALE_BITS), down = std::ldexp(1.0, -SCALE_BITS);
   const double out_floor = std::ldexp(1.0, -OUTPUT_FLOOR_BITS);
-  double mant = diag[m - 1];
-  int e = 0;
+  double mant = diag[m - 1], s_mant = s;
+  int e = 0, s_e = 0;
+  while (mant < down) {
+    mant *= up;
+    --e;
+  }
+  while (s_mant < down) {
+    s_mant *= up;
+    --s_e;
+  }
   for (; m <= L; ++m) {
-    mant *= t.seed_ratio[m] * s;
+    mant *= t.seed_ratio[m] * s_mant;  // >= 2^-2 SCALE_BITS: normal
+    e += s_e;
     while (mant < down) {
       mant *= up;
       --e;

@@ -1,5 +1,6 @@
 // SHDD kernels on the CPU: ring-grid synthesis and its adjoint, mode candidates,
-// log-partition, the SHDD-KL loss and backward, point evaluation with gradient.
+// log-partition, the SHDD-KL loss and backward. (f at points and the Newton refinement:
+// shdd_point_cpu.cpp.)
 //
 // Work layout. OpenMP over coefficient vectors; each thread keeps one vector's grid in
 // scratch (nlat * nlon doubles, 12 MB at L = 512), so no batch x grid matrix is ever
@@ -12,8 +13,9 @@
 //
 // Decoding on the CPU takes another route for the grid (locdiff/ops/shdd.py: float32 GEMMs
 // for the Legendre sums and torch's real FFT, 2 to 3 times faster) and comes here for the
-// local-maximum scan (shdd_scan_cpu) and the Newton refinement (shdd_refine_cpu); the
-// fused shdd_candidates_cpu serves grids too coarse for that route (nlon <= 2L).
+// local-maximum scan (shdd_scan_cpu) and the Newton refinement (shdd_point_cpu.cpp); the
+// fused shdd_candidates_cpu serves low degrees (L <= 32), batches of one or two vectors,
+// and grids too coarse for that route (nlon <= 2L).
 #include <omp.h>
 
 #include <algorithm>
@@ -377,82 +379,6 @@ double log_partition(const double* f, const RingGrid& g, double inv_t) {
   return mx + std::log(sum);
 }
 
-// ---- point evaluation (recurrence of sh_cpu.cpp, fused with the dot product) ----------
-template <typename T>
-LOCDIFF_CLONES void eval_point(const T* c, int L, const Tables& t, const double* r,
-                               Scratch& sc, double* value, double* grad) {
-  const double big = std::max(std::fabs(r[0]), std::max(std::fabs(r[1]), std::fabs(r[2])));
-  const double xs = r[0] / big, ys = r[1] / big, zs = r[2] / big;
-  const double norm = std::sqrt(xs * xs + ys * ys + zs * zs);
-  const double ux = xs / norm, uy = ys / norm, uz = zs / norm, us = std::hypot(ux, uy);
-  const double inv_norm = 1.0 / (norm * big);
-  sc.resize(L);
-  cpu::azimuth(ux, uy, us, L, sc.c1.data(), sc.s1.data());
-  for (int m = 0; m <= L; ++m) {
-    sc.cs[m] = kSqrt2 * us * sc.c1[m];
-    sc.sn[m] = kSqrt2 * us * sc.s1[m];
-  }
-  for (int m = 1; m <= L; ++m) {
-    sc.wx[m] = kSqrt2 * m * sc.c1[m - 1];
-    sc.wy[m] = kSqrt2 * m * sc.s1[m - 1];
-  }
-  seeds(us, uz, L, t, sc);
-  double* x1 = sc.x1.data();
-  double* x2 = sc.x2.data();
-  size_t next = 0;
-  double f = 0, gx = 0, gy = 0, gz = 0;
-  for (int l = 0; l <= L; ++l) {
-    {
-      const double* __restrict a = t.a.data() + tri(l);
-      const double* __restrict b = t.b.data() + tri(l);
-      double* __restrict p1 = x1;
-      double* __restrict p2 = x2;
-#pragma omp simd
-      for (int m = 0; m < l; ++m) p2[m] = a[m] * uz * p1[m] - b[m] * p2[m];
-      p2[l] = sc.diag[l];
-      p2[l + 1] = 0.0;
-      while (next < sc.injections.size() && sc.injections[next].l == l) {
-        const cpu::Injection& in = sc.injections[next++];
-        p2[in.m] = in.value;
-        p1[in.m] = in.previous;
-      }
-      std::swap(x1, x2);
-    }
-    const T* __restrict g = c + int64_t(l) * l + l;
-    const double* __restrict x = x1;
-    const double* __restrict cs = sc.cs.data();
-    const double* __restrict sn = sc.sn.data();
-    const double* __restrict wx = sc.wx.data();
-    const double* __restrict wy = sc.wy.data();
-    const double* __restrict cc = sc.c1.data();
-    const double* __restrict ss = sc.s1.data();
-    const double* __restrict dz = t.dz.data() + tri(l);
-    double fl = double(g[0]) * x[0];
-    double ax = 0, ay = 0, az = l ? dz[0] * double(g[0]) * x[1] : 0.0;
-#pragma omp simd reduction(+ : fl, ax, ay, az)
-    for (int m = 1; m <= l; ++m) {
-      const double gp = double(g[m]), gm = double(g[-m]);
-      fl += x[m] * (gp * cs[m] + gm * sn[m]);
-      ax += x[m] * (gp * wx[m] + gm * wy[m]);
-      ay += x[m] * (gm * wx[m] - gp * wy[m]);
-      az += dz[m] * x[m + 1] * (gp * cc[m] + gm * ss[m]);
-    }
-    f += fl;
-    gx += ax;
-    gy += ay;
-    gz += az;
-  }
-  *value = f;
-  if (grad) {
-    const double radial = gx * ux + gy * uy + gz * uz;
-    grad[0] = (gx - radial * ux) * inv_norm;
-    grad[1] = (gy - radial * uy) * inv_norm;
-    grad[2] = (gz - radial * uz) * inv_norm;
-  }
-}
-
-
-
 // Up to ncand grid local maxima of one vector's f, best first (see shdd_kernels.h). rows[j]:
 // ring j's nlon values (the caller's layout may fold the southern rings elsewhere).
 // Per-thread scratch of scan_candidates.
@@ -583,107 +509,6 @@ LOCDIFF_CLONES void scan_candidates(const F* const* rows, const RingGrid& grid, 
     start[2 * c] = dj >= 0 ? th + dj * (dn - th) : th + dj * (th - up);
     start[2 * c + 1] = grid.lon0 + 2 * kPi * (k + dk) / N;
   }
-}
-
-// The scale of f for refine_point (a bound on |f| over the sphere): a step that loses less
-// than 1e-14 of it is rounding, not a loss.
-template <typename T>
-double f_scale(const T* c, int L) {
-  const int64_t K = sh_size(L);
-  double sum = 0;
-  for (int64_t k = 0; k < K; ++k) sum += std::fabs(double(c[k]));
-  return sum * kInvSqrt4Pi * (L + 1);
-}
-
-// Trust-region Newton ascent of f on the sphere from u (unit vector, updated in place);
-// returns f there. Chart around u: g(a, b) = f(normalise(u + a e1 + b e2)); its gradient is
-// exact (eval_point), its Hessian a forward difference of that gradient with step 1e-5 r,
-// whose relative error (~1e-5) leaves the convergence superlinear. Steps that do not
-// increase f shrink the trust radius; non-concave charts take a gradient step to it.
-//
-// Stop when a concave step is under 1e-9 r, or earlier once convergence is quadratic: after
-// steps d1 > d2 the next one is about d2^3 / d1^2, so when that and the Hessian's own floor
-// (1e-5 d2) are both under 1e-9 r the last step already landed at that precision, and the
-// extra iteration (three more evaluations) would not move the point.
-template <typename T>
-double refine_point(const T* c, int L, const Tables& t, double r, double fscale, int max_iter,
-                    Scratch& sc, double* u) {
-  auto dot = [](const double* a, const double* b) { return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]; };
-  auto normalise = [](double* a) {
-    const double n = std::sqrt(a[0] * a[0] + a[1] * a[1] + a[2] * a[2]);
-    for (int i = 0; i < 3; ++i) a[i] /= n;
-  };
-  const double h = 1e-5 * r;
-  normalise(u);
-  double f, g[3];
-  eval_point(c, L, t, u, sc, &f, g);
-  double trust = r, prev_step = 0;  // prev_step: the last accepted concave step (0: none)
-  for (int it = 0; it < max_iter; ++it) {
-    // Tangent basis e1 = normalise(a x u), e2 = u x e1, a = z unless u is near the axis.
-    double e1[3], e2[3];
-    if (std::fabs(u[2]) < 0.9) {
-      e1[0] = -u[1], e1[1] = u[0], e1[2] = 0;  // z x u
-    } else {
-      e1[0] = 0, e1[1] = -u[2], e1[2] = u[1];  // x x u
-    }
-    normalise(e1);
-    e2[0] = u[1] * e1[2] - u[2] * e1[1];
-    e2[1] = u[2] * e1[0] - u[0] * e1[2];
-    e2[2] = u[0] * e1[1] - u[1] * e1[0];
-    const double G0 = dot(g, e1), G1 = dot(g, e2);
-    const double gnorm = std::sqrt(G0 * G0 + G1 * G1);
-    if (gnorm == 0) break;
-    double p1[3], p2[3], g1[3], g2[3], fd;
-    for (int i = 0; i < 3; ++i) {
-      p1[i] = u[i] + h * e1[i];
-      p2[i] = u[i] + h * e2[i];
-    }
-    eval_point(c, L, t, p1, sc, &fd, g1);
-    eval_point(c, L, t, p2, sc, &fd, g2);
-    const double H11 = (dot(g1, e1) - G0) / h, H22 = (dot(g2, e2) - G1) / h;
-    const double H12 = 0.5 * ((dot(g1, e2) - G1) + (dot(g2, e1) - G0)) / h;
-    const double det = H11 * H22 - H12 * H12;
-    const bool concave = H11 + H22 < 0 && det > 0;
-    double d0, d1;
-    if (concave) {
-      d0 = -(H22 * G0 - H12 * G1) / det;
-      d1 = -(H11 * G1 - H12 * G0) / det;
-    } else {
-      d0 = G0 * trust / gnorm;
-      d1 = G1 * trust / gnorm;
-    }
-    double dn = std::sqrt(d0 * d0 + d1 * d1);
-    if (dn > trust) {
-      d0 *= trust / dn;
-      d1 *= trust / dn;
-      dn = trust;
-    }
-    double un[3], fn, gn[3];
-    for (int i = 0; i < 3; ++i) un[i] = u[i] + d0 * e1[i] + d1 * e2[i];
-    normalise(un);
-    eval_point(c, L, t, un, sc, &fn, gn);
-    const bool tiny = dn < 1e-6 * r;  // below this, f differences are rounding noise: trust Newton
-    const bool ok = fn >= f - 1e-14 * fscale || (concave && tiny);
-    if (ok) {
-      std::copy(un, un + 3, u);
-      std::copy(gn, gn + 3, g);
-      f = fn;
-      trust = std::min(std::max(trust, 2 * dn), r);
-      if (concave) {
-        const bool converged = dn < 1e-9 * r;
-        const bool quadratic = prev_step > dn && dn < 1e-4 * r &&
-                               dn * dn * dn < 1e-9 * r * prev_step * prev_step;
-        if (converged || quadratic) break;
-        prev_step = dn;
-      } else {
-        prev_step = 0;
-      }
-    } else {
-      trust = dn / 4;
-      if (trust < 1e-14 * r) break;
-    }
-  }
-  return f;
 }
 
 // KL(p || q) of one pair, with fp, ft the grid values; fills weights for the backward
@@ -868,83 +693,6 @@ void shdd_scan_cpu(const T* f, int64_t batch, const RingGrid& grid, bool folded,
 }
 
 template <typename T>
-void shdd_refine_cpu(const T* coeffs, int degree, double radius, const int64_t* row, int64_t n,
-                     int max_iter, double* xyz, double* value, int num_threads) {
-  if (n <= 0) return;
-  const auto tables = tables_for(degree);
-  const int64_t K = sh_size(degree);
-#pragma omp parallel num_threads(threads(num_threads, n / 4 + 1))
-  {
-    Scratch sc;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) {
-      const T* c = coeffs + K * row[i];
-      value[i] = refine_point(c, degree, *tables, radius, f_scale(c, degree), max_iter, sc, xyz + 3 * i);
-    }
-  }
-}
-
-template <typename T>
-void shdd_decode_refine_cpu(const T* coeffs, int64_t batch, int degree, double radius, int ncand,
-                            const double* cand_value, const double* cand_start, int nrefine,
-                            int max_iter, double* xyz, double* value, int num_threads) {
-  if (batch <= 0) return;
-  const auto tables = tables_for(degree);
-  const int64_t K = sh_size(degree);
-  const double inf = std::numeric_limits<double>::infinity();
-#pragma omp parallel num_threads(threads(num_threads, batch / 4 + 1))
-  {
-    Scratch sc;
-    std::vector<double> u(3 * size_t(ncand)), f(ncand);
-    std::vector<char> done(ncand), todo(ncand);
-    std::vector<int> order(ncand);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < batch; ++b) {
-      const T* c = coeffs + K * b;
-      const double* v0 = cand_value + b * ncand;
-      const double* st = cand_start + 2 * b * ncand;
-      const double fscale = f_scale(c, degree);
-      const double mean = double(c[0]) * kInvSqrt4Pi;  // the average of f over the sphere
-      for (int i = 0; i < ncand; ++i) {
-        const double th = st[2 * i], ph = st[2 * i + 1];
-        u[3 * i] = std::sin(th) * std::cos(ph);
-        u[3 * i + 1] = std::sin(th) * std::sin(ph);
-        u[3 * i + 2] = std::cos(th);
-        f[i] = -inf;
-        done[i] = 0;
-        todo[i] = std::isfinite(v0[i]) && (i == 0 || (i < nrefine && v0[i] >= mean + 0.5 * (v0[0] - mean)));
-      }
-      for (bool any = true; any;) {
-        for (int i = 0; i < ncand; ++i) {
-          if (!todo[i]) continue;
-          f[i] = refine_point(c, degree, *tables, radius, fscale, max_iter, sc, &u[3 * i]);
-          done[i] = 1;
-        }
-        double gain = 0, best = -inf;
-        for (int i = 0; i < ncand; ++i)
-          if (done[i]) {
-            gain = std::max(gain, f[i] - v0[i]);
-            best = std::max(best, f[i]);
-          }
-        any = false;
-        for (int i = 0; i < ncand; ++i) {
-          todo[i] = std::isfinite(v0[i]) && !done[i] &&
-                    (v0[i] + 2 * gain >= best || v0[i] >= mean + 0.5 * (best - mean));
-          any |= bool(todo[i]);
-        }
-      }
-      for (int i = 0; i < ncand; ++i) order[i] = i;
-      std::stable_sort(order.begin(), order.end(), [&](int p, int q) { return f[p] > f[q]; });
-      for (int r = 0; r < ncand; ++r) {
-        const int i = order[r];
-        value[b * ncand + r] = f[i];
-        for (int d = 0; d < 3; ++d) xyz[3 * (b * ncand + r) + d] = u[3 * i + d];
-      }
-    }
-  }
-}
-
-template <typename T>
 void shdd_logz_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid,
                    double inv_temperature, double* out, int num_threads) {
   for_each_synthesis(coeffs, batch, degree, grid, num_threads, [&] {
@@ -998,22 +746,6 @@ void shdd_kl_bwd_cpu(const T* pred, const T* target, const T* grad_kl, int64_t b
   });
 }
 
-template <typename T>
-void shdd_eval_cpu(const T* coeffs, int degree, const double* xyz, const int64_t* row, int64_t n,
-                   double* value, double* grad, int num_threads) {
-  if (n <= 0) return;
-  const auto tables = tables_for(degree);
-  const int64_t K = sh_size(degree);
-#pragma omp parallel num_threads(threads(num_threads, n / 16 + 1))
-  {
-    Scratch sc;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t i = 0; i < n; ++i)
-      eval_point(coeffs + K * row[i], degree, *tables, xyz + 3 * i, sc, value + i,
-                 grad ? grad + 3 * i : nullptr);
-  }
-}
-
 void shdd_legendre_table_cpu(const double* theta, int nhalf, int degree, double* out,
                              int num_threads) {
   if (nhalf <= 0) return;
@@ -1060,14 +792,8 @@ void shdd_legendre_table_cpu(const double* theta, int nhalf, int degree, double*
                                    T*, int);                                                   \
   template void shdd_kl_bwd_cpu<T>(const T*, const T*, const T*, int64_t, int, const RingGrid&, \
                                    double, T*, T*, int);                                       \
-  template void shdd_eval_cpu<T>(const T*, int, const double*, const int64_t*, int64_t, double*, \
-                                 double*, int);                                                \
   template void shdd_scan_cpu<T>(const T*, int64_t, const RingGrid&, bool, int, int64_t*,       \
-                                 double*, double*, int);                                              \
-  template void shdd_refine_cpu<T>(const T*, int, double, const int64_t*, int64_t, int, double*, \
-                                   double*, int);                                              \
-  template void shdd_decode_refine_cpu<T>(const T*, int64_t, int, double, int, const double*,  \
-                                          const double*, int, int, double*, double*, int);
+                                 double*, double*, int);
 LOCDIFF_INSTANTIATE(float)
 LOCDIFF_INSTANTIATE(double)
 #undef LOCDIFF_INSTANTIATE

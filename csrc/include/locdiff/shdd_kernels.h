@@ -102,6 +102,13 @@ template <typename T>
 void shdd_eval_cpu(const T* coeffs, int degree, const double* xyz, const int64_t* row, int64_t n,
                    double* value, double* grad, int num_threads);
 
+// The Hessian of f on the sphere at u = xyz / |xyz|: hess (N, 3, 3), the symmetric map of
+// the tangent plane at u (zero along u) whose quadratic form is the second derivative of f
+// along great circles through u. Analytic, poles included (shdd_point_cpu.cpp).
+template <typename T>
+void shdd_hessian_cpu(const T* coeffs, int degree, const double* xyz, const int64_t* row, int64_t n,
+                      double* hess, int num_threads);
+
 // The Legendre table of a ring grid (layout above) for colatitudes theta[0..nhalf).
 void shdd_legendre_table_cpu(const double* theta, int nhalf, int degree, double* out,
                              int num_threads);

@@ -10,6 +10,7 @@ coefficients' device, from ``locdiff.grids.Grid``) and ``degree, nlat, nlon, lon
   shdd_kl(pred, target, inv_t) -> KL(softmax(f_target/t) || softmax(f_pred/t)) (B,)
   shdd_kl_backward(pred, target, grad, inv_t, need_pred, need_target) -> (gp, gt)
   shdd_eval(coeffs, xyz (N,3) float64, row (N,)) -> f (N,), grad (N,3) float64   [CPU]
+  shdd_hessian(coeffs, xyz, row) -> Hessian on the sphere (N,3,3) float64        [CPU]
   shdd_refine(coeffs, xyz (N,3) float64, row (N,), radius, max_iter) -> xyz, f    [CPU]
 Inputs are validated and contiguous (see locdiff.shdd); grids are ring grids.
 """
@@ -114,6 +115,14 @@ shdd_adjoint_op.register_autograd(_adjoint_backward, setup_context=_setup_linear
 #     folded layout, so nothing is flipped.
 # Measured (one core, float32, B = 256, L = 64 / 128): 2 to 3 times faster than the fused
 # kernel's float64 Legendre sums and radix-2 FFT; see benchmarks/test_decode_bench.py.
+# Below that size the dozen torch ops per chunk cost more than the grid itself (about
+# 0.3 ms a call), and the fused C++ kernel (shdd_candidates_cpu) wins. Two threads, fused
+# vs GEMM ms: L = 16: 0.02 vs 0.28 (B = 1), 0.70 vs 1.36 (B = 64), 36 vs 48 (B = 4096);
+# L = 32: 0.10 vs 0.38, 2.0 vs 2.5, 123 vs 140; L = 48, 64, 128 at B = 1: 0.26 vs 0.68,
+# 0.29 vs 0.59, 1.7 vs 2.5; but L = 64, B = 8: 1.7 vs 1.0 (one block of 8 vectors, one
+# thread). So the fused kernel takes L <= 32 and batches of at most two vectors.
+_FUSED_MAX_DEGREE = 32
+_FUSED_MAX_BATCH = 2
 _CHUNK_VALUES = 1 << 21
 _M_GROUPS = 3
 _GEMM_LAYOUTS: dict = {}
@@ -198,7 +207,7 @@ def shdd_candidates_op(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: T
     if not b:
         return index, value, start
     grid = _grid_args(table, theta, log_area, nlat, nlon, lon0)
-    if 2 * degree >= nlon:
+    if 2 * degree >= nlon or degree <= _FUSED_MAX_DEGREE or b <= _FUSED_MAX_BATCH:
         _C.shdd_candidates_cpu(coeffs.data_ptr(), b, degree, *grid, ncand, index.data_ptr(),
                                value.data_ptr(), start.data_ptr(), _tag(coeffs), _threads())
         return index, value, start
@@ -274,6 +283,24 @@ def _(coeffs, xyz, row, degree):
     n = xyz.shape[0]
     return (torch.empty((n,), dtype=torch.float64, device=xyz.device),
             torch.empty((n, 3), dtype=torch.float64, device=xyz.device))
+
+
+@torch.library.custom_op("locdiff::shdd_hessian", mutates_args=(), device_types="cpu")
+def shdd_hessian_op(coeffs: Tensor, xyz: Tensor, row: Tensor, degree: int) -> Tensor:
+    """The Hessian of f on the sphere at xyz / |xyz| (N, 3) for coefficient rows ``row`` ->
+    (N, 3, 3) float64: the tangent-plane map (zero along the point) whose quadratic form is
+    f's second derivative along great circles."""
+    n = xyz.shape[0]
+    hess = torch.empty((n, 3, 3), dtype=torch.float64)
+    if n:
+        _C.shdd_hessian_cpu(coeffs.data_ptr(), degree, xyz.data_ptr(), row.data_ptr(), n,
+                            hess.data_ptr(), _tag(coeffs), _threads())
+    return hess
+
+
+@shdd_hessian_op.register_fake
+def _(coeffs, xyz, row, degree):
+    return torch.empty((xyz.shape[0], 3, 3), dtype=torch.float64, device=xyz.device)
 
 
 @torch.library.custom_op("locdiff::shdd_refine", mutates_args=(), device_types="cpu")
@@ -402,5 +429,5 @@ def _kl_backward(ctx, grad):
 
 shdd_kl_op.register_autograd(_kl_backward, setup_context=_setup_kl)
 
-__all__ = ["shdd_adjoint_op", "shdd_candidates_op", "shdd_eval_op", "shdd_kl_backward_op", "shdd_kl_op",
-           "shdd_logz_op", "shdd_refine_op", "shdd_synth_op"]
+__all__ = ["shdd_adjoint_op", "shdd_candidates_op", "shdd_decode_refine_op", "shdd_eval_op", "shdd_hessian_op",
+           "shdd_kl_backward_op", "shdd_kl_op", "shdd_logz_op", "shdd_refine_op", "shdd_synth_op"]

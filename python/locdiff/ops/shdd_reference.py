@@ -43,6 +43,22 @@ def shdd_eval_reference(coeffs, xyz, row, sh_fn=spherical_harmonics_reference):
     return f.detach(), g
 
 
+def shdd_hessian_reference(coeffs, xyz, row, sh_fn=spherical_harmonics_reference):
+    """The Hessian of f on the sphere at xyz / |xyz| -> (N, 3, 3): second derivatives of
+    g(a, b) = f(normalise(u + a e1 + b e2)) by double autograd, mapped back to 3-d as
+    sum_ij H_ij e_i e_j^T."""
+    u = (xyz / xyz.norm(dim=-1, keepdim=True)).to(coeffs.dtype)
+    e1, e2 = _tangent_basis(u)
+    with torch.enable_grad():
+        ab = torch.zeros(u.shape[0], 2, dtype=u.dtype, requires_grad=True)
+        v = u + ab[:, :1] * e1 + ab[:, 1:] * e2
+        f = (sh_fn(v, _degree(coeffs)) * coeffs[row]).sum(-1)
+        (g,) = torch.autograd.grad(f.sum(), ab, create_graph=True)
+        h = torch.stack([torch.autograd.grad(g[:, i].sum(), ab, retain_graph=True)[0] for i in range(2)], 1)
+    e = torch.stack([e1, e2], 1)  # (N, 2, 3)
+    return torch.einsum("nij,nia,njb->nab", h.detach(), e, e)
+
+
 def decode_naive(coeffs, xyz, y=None, chunk=8192):
     """The naive decode: dense f over a point set, argmax -> (B, 3) best points, (B,) values."""
     if y is None:
