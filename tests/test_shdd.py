@@ -285,6 +285,10 @@ def test_decode_refine_kernel_matches_torch_form(noise):
     start_xyz = torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()], -1)
     xyz, f = ops.shdd_decode_refine_op(c, value, start, L, grids.half_max_radius(L), 3, 40)
     xyz_t, f_t = shdd._refine_candidates(c, L, value, start_xyz, 3)
+    # the one-op decode is the same two steps
+    xyz_d, f_d = ops.shdd_decode_op(c, *ring_args(grid, L), 16, grids.half_max_radius(L), 3, 40)
+    torch.testing.assert_close(f_d, f, rtol=0, atol=0)
+    torch.testing.assert_close(xyz_d, xyz, rtol=0, atol=0)
     refined = torch.isfinite(f_t)
     torch.testing.assert_close(torch.isfinite(f), refined)
     torch.testing.assert_close(f[refined], f_t[refined], rtol=0, atol=1e-12)
@@ -309,6 +313,7 @@ def test_opcheck():
         (ops.shdd_hessian_op, (c.detach(), xyz, row, L)),
         (ops.shdd_refine_op, (c.detach(), xyz, row, L, 0.5, 10)),
         (ops.shdd_decode_refine_op, (c.detach(), *ops.shdd_candidates_op(c.detach(), *a, 4)[1:], L, 0.5, 2, 10)),
+        (ops.shdd_decode_op, (c.detach(), *a, 4, 0.5, 2, 10)),
         (ops.shdd_kl_op, (c, t, *a, 1.5)),
         (ops.shdd_kl_backward_op, (c.detach(), t, torch.rand(3, dtype=torch.float64), *a, 1.5, True, False)),
     ]

@@ -23,7 +23,7 @@ import torch
 from locdiff import grids as _grids
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 from locdiff.ops import validation
-from locdiff.ops.shdd import (shdd_candidates_op, shdd_decode_refine_op, shdd_eval_op, shdd_kl_op, shdd_logz_op,
+from locdiff.ops.shdd import (shdd_candidates_op, shdd_decode_op, shdd_eval_op, shdd_kl_op, shdd_logz_op,
                               shdd_refine_op, shdd_synth_op)
 from locdiff.sh import spherical_harmonics
 
@@ -237,11 +237,10 @@ def _decode_points(flat, degree, grid, refine: bool, ncand: int, nrefine: int):
     refined value is refined too, until none is left.
     """
     if refine and grid.is_ring and flat.device.type == "cpu":
-        # One C++ call for the loop below: at small batches the dozens of torch ops it
-        # takes cost more than the refinement itself.
-        _, value, start = shdd_candidates_op(flat.float(), *_ring_args(grid, degree, "cpu"), ncand)
-        return shdd_decode_refine_op(flat.double().contiguous(), value, start, degree,
-                                     _grids.half_max_radius(degree), nrefine, 40)
+        # One op (grid, then one C++ call for the loop below): at small batches the dozens
+        # of torch ops it takes cost more than the refinement itself.
+        return shdd_decode_op(flat, *_ring_args(grid, degree, "cpu"), ncand, _grids.half_max_radius(degree),
+                              nrefine, 40)
     value, start = _candidates(flat, degree, grid, ncand)
     if not refine:
         return start, value

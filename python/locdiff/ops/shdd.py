@@ -12,6 +12,8 @@ coefficients' device, from ``locdiff.grids.Grid``) and ``degree, nlat, nlon, lon
   shdd_eval(coeffs, xyz (N,3) float64, row (N,)) -> f (N,), grad (N,3) float64   [CPU]
   shdd_hessian(coeffs, xyz, row) -> Hessian on the sphere (N,3,3) float64        [CPU]
   shdd_refine(coeffs, xyz (N,3) float64, row (N,), radius, max_iter) -> xyz, f    [CPU]
+  shdd_decode_refine(coeffs, value, start, ...) -> refined candidates             [CPU]
+  shdd_decode(coeffs, ncand, radius, nrefine, max_iter) -> the two above in one op [CPU]
 Inputs are validated and contiguous (see locdiff.shdd); grids are ring grids.
 """
 from __future__ import annotations
@@ -197,9 +199,9 @@ def _grid_values_gemm(c: Tensor, layout, nlat: int, nlon: int, spec: Tensor) -> 
     return torch.fft.irfft(spec, n=nlon, dim=-1)
 
 
-@torch.library.custom_op("locdiff::shdd_candidates", mutates_args=(), device_types="cpu")
-def shdd_candidates_op(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int,
-                       nlat: int, nlon: int, lon0: float, ncand: int) -> tuple[Tensor, Tensor, Tensor]:
+def _candidates_cpu(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int,
+                    nlat: int, nlon: int, lon0: float, ncand: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The body of shdd_candidates (also called inside shdd_decode)."""
     b = coeffs.shape[0]
     index = torch.empty((b, ncand), dtype=torch.int64)
     value = torch.empty((b, ncand), dtype=torch.float64)
@@ -221,6 +223,12 @@ def shdd_candidates_op(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: T
         _C.shdd_scan_cpu(f.data_ptr(), f.shape[0], *grid, True, ncand, index[b0:].data_ptr(),
                          value[b0:].data_ptr(), start[b0:].data_ptr(), _tag(coeffs), _threads())
     return index, value, start
+
+
+@torch.library.custom_op("locdiff::shdd_candidates", mutates_args=(), device_types="cpu")
+def shdd_candidates_op(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int,
+                       nlat: int, nlon: int, lon0: float, ncand: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _candidates_cpu(coeffs, table, theta, log_area, degree, nlat, nlon, lon0, ncand)
 
 
 @shdd_candidates_op.register_fake
@@ -324,13 +332,9 @@ def _(coeffs, xyz, row, degree, radius, max_iter):
             torch.empty((n,), dtype=torch.float64, device=xyz.device))
 
 
-@torch.library.custom_op("locdiff::shdd_decode_refine", mutates_args=(), device_types="cpu")
-def shdd_decode_refine_op(coeffs: Tensor, value: Tensor, start: Tensor, degree: int, radius: float,
-                          nrefine: int, max_iter: int) -> tuple[Tensor, Tensor]:
-    """The decode's choice and refinement of grid candidates, one C++ call (see
-    shdd_decode_refine_cpu in locdiff/shdd_kernels.h): value (B, n) and start (B, n, 2)
-    (colatitude, longitude) from shdd_candidates -> (xyz (B, n, 3), refined f (B, n)), best
-    first, -inf where not refined."""
+def _decode_refine_cpu(coeffs: Tensor, value: Tensor, start: Tensor, degree: int, radius: float,
+                       nrefine: int, max_iter: int) -> tuple[Tensor, Tensor]:
+    """The body of shdd_decode_refine (also called inside shdd_decode)."""
     b, n = value.shape
     xyz = torch.empty((b, n, 3), dtype=torch.float64)
     out = torch.empty((b, n), dtype=torch.float64)
@@ -341,11 +345,41 @@ def shdd_decode_refine_op(coeffs: Tensor, value: Tensor, start: Tensor, degree: 
     return xyz, out
 
 
+@torch.library.custom_op("locdiff::shdd_decode_refine", mutates_args=(), device_types="cpu")
+def shdd_decode_refine_op(coeffs: Tensor, value: Tensor, start: Tensor, degree: int, radius: float,
+                          nrefine: int, max_iter: int) -> tuple[Tensor, Tensor]:
+    """The decode's choice and refinement of grid candidates, one C++ call (see
+    shdd_decode_refine_cpu in locdiff/shdd_kernels.h): value (B, n) and start (B, n, 2)
+    (colatitude, longitude) from shdd_candidates -> (xyz (B, n, 3), refined f (B, n)), best
+    first, -inf where not refined."""
+    return _decode_refine_cpu(coeffs, value, start, degree, radius, nrefine, max_iter)
+
+
 @shdd_decode_refine_op.register_fake
 def _(coeffs, value, start, degree, radius, nrefine, max_iter):
     b, n = value.shape
     return (torch.empty((b, n, 3), dtype=torch.float64, device=value.device),
             torch.empty((b, n), dtype=torch.float64, device=value.device))
+
+
+# One dispatch for the whole decode: each custom-op call costs ~50 us of Python, as much as
+# the kernels themselves for a single vector at L <= 32.
+@torch.library.custom_op("locdiff::shdd_decode", mutates_args=(), device_types="cpu")
+def shdd_decode_op(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int, nlat: int,
+                   nlon: int, lon0: float, ncand: int, radius: float, nrefine: int,
+                   max_iter: int) -> tuple[Tensor, Tensor]:
+    """shdd_candidates (float32 grid) then shdd_decode_refine (float64): coeffs (B, K) ->
+    (xyz (B, ncand, 3), refined f (B, ncand)), best first, -inf where not refined."""
+    # float32 grid whatever the input: it only picks starting points (see locdiff.shdd).
+    _, value, start = _candidates_cpu(coeffs.float(), table, theta, log_area, degree, nlat, nlon, lon0, ncand)
+    return _decode_refine_cpu(coeffs.double().contiguous(), value, start, degree, radius, nrefine, max_iter)
+
+
+@shdd_decode_op.register_fake
+def _(coeffs, table, theta, log_area, degree, nlat, nlon, lon0, ncand, radius, nrefine, max_iter):
+    b = coeffs.shape[0]
+    return (torch.empty((b, ncand, 3), dtype=torch.float64, device=coeffs.device),
+            torch.empty((b, ncand), dtype=torch.float64, device=coeffs.device))
 
 
 # ---- SHDD-KL ----------------------------------------------------------------------------------
@@ -429,5 +463,5 @@ def _kl_backward(ctx, grad):
 
 shdd_kl_op.register_autograd(_kl_backward, setup_context=_setup_kl)
 
-__all__ = ["shdd_adjoint_op", "shdd_candidates_op", "shdd_decode_refine_op", "shdd_eval_op", "shdd_hessian_op",
+__all__ = ["shdd_adjoint_op", "shdd_candidates_op", "shdd_decode_op", "shdd_decode_refine_op", "shdd_eval_op", "shdd_hessian_op",
            "shdd_kl_backward_op", "shdd_kl_op", "shdd_logz_op", "shdd_refine_op", "shdd_synth_op"]
