@@ -11,8 +11,9 @@ impls (each checked for accuracy once, on the same encoded points, before timing
                  chunks of at most 2^24 grid values (accuracy: the grid spacing, worse than
                  locdiff's refined float precision)
 Shrunk where infeasible here (skip reasons say so): the naive table needs 100k x (L+1)^2
-floats (L <= 64 only) and B = 4096 takes minutes; L = 256 at B = 4096 is skipped for all.
-float32 coefficients; threads from conftest.py (2 by default).
+floats (L <= 64 only on the CPU, L <= 128 on a GPU) and B = 4096 takes minutes on the CPU;
+L = 256 at B = 4096 is skipped for all. float32 coefficients; threads from conftest.py (2 by
+default). device "cuda" runs where a GPU is present (benchmarks/gpu/run_all.sh).
 
 Quick same-run comparison (interleaved rounds, best of each; no pytest-benchmark), e.g.
     python benchmarks/test_decode_bench.py --threads 1 --rounds 9
@@ -28,6 +29,7 @@ from locdiff import grids, shdd
 DEGREES = [16, 32, 64, 128, 256]
 BATCHES = [1, 64, 4096]
 IMPLS = ["locdiff", "locdiff-dense", "naive", "th-isht"]
+DEVICES = ["cpu", "cuda"]
 _CACHE = {}
 
 
@@ -38,23 +40,28 @@ def _points(n, seed=0):
     return torch.stack([lat, lon], -1)
 
 
-def _naive_table(degree):
-    key = ("naive", degree)
+def _naive_table(degree, device="cpu"):
+    key = ("naive", degree, device)
     if key not in _CACHE:
         _CACHE.clear()  # one big table at a time
         g = grids.fibonacci(100_000)
-        _CACHE[key] = (g, locdiff.spherical_harmonics(g.xyz.float(), degree))
+        _CACHE[key] = (g.latlon.to(device), locdiff.spherical_harmonics(g.xyz.float().to(device), degree))
     return _CACHE[key]
 
 
-def _th(degree):
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _th(degree, device="cpu"):
     import torch_harmonics as th
     from torch_harmonics.quadrature import precompute_latitudes
 
     grid = grids.for_degree(degree)
     isht = th.InverseRealSHT(grid.nlat, grid.nlon, lmax=degree + 1, mmax=degree + 1,
-                             grid="equiangular", csphase=False)
-    colat = precompute_latitudes(grid.nlat, grid="equiangular")[0]
+                             grid="equiangular", csphase=False).to(device)
+    colat = precompute_latitudes(grid.nlat, grid="equiangular")[0].to(device)
     return isht, colat, grid.nlon
 
 
@@ -73,59 +80,70 @@ def _to_th(c, degree):
 
 
 def _runner(impl, degree, coeffs):
+    """A function decoding ``coeffs`` on its device, synchronised (so that timings hold)."""
+    device = coeffs.device
+
+    def synced(fn):
+        def run():
+            out = fn()
+            _sync(device)
+            return out
+        return run
+
     if impl == "locdiff":
         grid = grids.for_degree(degree)
-        return lambda: shdd.decode(coeffs, grid=grid)
+        return synced(lambda: shdd.decode(coeffs, grid=grid))
     if impl == "locdiff-dense":
         grid = grids.for_degree(degree, "fibonacci")
-        grid.sh_table(degree, "cpu", coeffs.dtype)
-        return lambda: shdd.decode(coeffs, grid=grid)
+        grid.sh_table(degree, device, coeffs.dtype)
+        return synced(lambda: shdd.decode(coeffs, grid=grid))
     if impl == "naive":
-        g, y = _naive_table(degree)
-
-        def run():
-            i = (coeffs @ y.T).argmax(-1)
-            return g.latlon[i]
-        return run
-    isht, colat, nlon = _th(degree)
-    x = _to_th(coeffs, degree)
+        latlon, y = _naive_table(degree, device)
+        return synced(lambda: latlon[(coeffs @ y.T).argmax(-1)])
+    isht, colat, nlon = _th(degree, device)
+    x = _to_th(coeffs.cpu(), degree).to(device)
     chunk = max(1, (1 << 24) // (colat.numel() * nlon))
 
     def run():
         idx = torch.cat([isht(x[i:i + chunk]).flatten(1).argmax(-1) for i in range(0, x.shape[0], chunk)])
         lat = 90 - colat[idx // nlon] * 180 / math.pi
         lon = torch.remainder(360 * (idx % nlon) / nlon + 180, 360) - 180
-        return torch.stack([lat, lon.double()], -1)
-    return run
+        return torch.stack([lat.double(), lon.double()], -1)
+    return synced(run)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("degree", DEGREES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_decode(benchmark, impl, degree, batch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode(benchmark, device, impl, degree, batch):
+    cpu = device == "cpu"
+    if not cpu and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     if degree == 256 and batch == 4096:
         pytest.skip("L=256, B=4096: minutes per round on a 2-core CPU")
-    if impl == "naive" and degree > 64:
+    if impl == "naive" and degree > (64 if cpu else 128):
         pytest.skip(f"naive table 100k x {(degree + 1) ** 2} float32 does not fit this machine")
-    if impl == "naive" and batch > 64:
+    if impl == "naive" and batch > 64 and cpu:
         pytest.skip("naive path at B=4096: minutes per round (shrunk to B <= 64)")
     if impl == "locdiff-dense" and (degree > 128 or batch > 64):
         pytest.skip("dense route: G x K table and B x G products too large here")
     torch.manual_seed(0)
     truth = _points(batch, seed=degree)
-    coeffs = shdd.encode(truth, degree).float().contiguous()
+    coeffs = shdd.encode(truth, degree).float().contiguous().to(device)
     run = _runner(impl, degree, coeffs)
     # Accuracy once before timing: locdiff to float32 precision of its coefficients, grid
     # routes to their spacing.
-    err_km = float(locdiff.great_circle_km(run(), truth).max())
+    err_km = float(locdiff.great_circle_km(run().cpu().double(), truth).max())
     spacing_km = {
         "locdiff": 0.025, "locdiff-dense": 0.025,
         "naive": 1.0 * math.sqrt(4 * math.pi / 100_000) * locdiff.EARTH_RADIUS_KM,
         "th-isht": 1.5 * 2 * math.pi / grids.for_degree(degree).nlon * locdiff.EARTH_RADIUS_KM,
     }[impl]
     assert err_km <= spacing_km, (impl, degree, err_km, spacing_km)
-    benchmark.extra_info.update(device="cpu", impl=impl, op="decode", degree=degree, dtype="float32",
-                                items=batch, max_error_km=err_km, threads=torch.get_num_threads())
+    benchmark.extra_info.update(device=device if cpu else torch.cuda.get_device_name(), impl=impl, op="decode",
+                                degree=degree, dtype="float32", items=batch, max_error_km=err_km,
+                                threads=torch.get_num_threads())
     benchmark.pedantic(run, rounds=3 if batch * degree ** 3 < 4096 * 64 ** 3 else 1, iterations=1,
                        warmup_rounds=0)
 

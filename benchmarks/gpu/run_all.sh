@@ -5,6 +5,9 @@
 # Writes under $OUT (default ./gpu-out): environment, build log, test log, sh_cuda.json.
 # STAGES (default "build test bench") picks stages, e.g. STAGES=bench on a warm machine whose
 # build from an earlier call is still there. Stage timeouts keep the whole under 10 minutes.
+# STAGES=decode (a second call, right after the first: the build stays while the machine is
+# warm) times the SHDD decode on CUDA against the naive path and torch-harmonics on the same
+# GPU (decode_cuda.json, about 3 minutes).
 # Needs a Python with torch (CUDA build), triton, pytest, pytest-benchmark, scikit-build-core
 # and pybind11; sphericart / e3nn / cuequivariance are measured where installed.
 set -uo pipefail
@@ -49,7 +52,7 @@ fi
 
 if has test; then
 step "tests: CUDA vs CPU, Triton vs CUDA"
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_sh_cuda.py 2>&1 | tee "$OUT/test_sh_cuda.txt" | tail -25
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_sh_cuda.py tests/test_shdd_cuda.py 2>&1 | tee "$OUT/test_sh_cuda.txt" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "CUDA TESTS FAILED (benchmarks still run)"; status=1; }
 fi
 
@@ -57,13 +60,24 @@ if has bench; then
 step "benchmarks (device=cuda) and copy bandwidth, same run"
 # test_sh_bench.py (lead) parametrises device, impl, op, degree, dtype; keep the CUDA ones.
 # Short timing rounds: about 240 CUDA cases must fit in the budget.
-timeout 330 "$PY" -m pytest benchmarks --benchmark-only -p no:cacheprovider -q \
+timeout 300 "$PY" -m pytest benchmarks --benchmark-only -p no:cacheprovider -q \
   --benchmark-min-rounds=3 --benchmark-max-time=0.25 --benchmark-warmup=on --benchmark-warmup-iterations=1 \
-  -k "(sh and cuda) or gpu_bandwidth" --benchmark-json "$OUT/sh_cuda.json" \
+  -k "(sh and cuda and not decode) or gpu_bandwidth" --benchmark-json "$OUT/sh_cuda.json" \
   --benchmark-columns=min,median,rounds 2>&1 | tee "$OUT/bench.txt" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BENCHMARKS FAILED"; status=1; }
 fi
 
+if has decode; then
+step "decode benchmarks (device=cuda): locdiff vs naive vs torch-harmonics, same run"
+timeout 240 "$PY" -m pytest benchmarks/test_decode_bench.py --benchmark-only -p no:cacheprovider -q \
+  -k "cuda" --benchmark-json "$OUT/decode_cuda.json" --benchmark-columns=min,median,rounds 2>&1 \
+  | tee "$OUT/decode_bench.txt" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "DECODE BENCHMARKS FAILED"; status=1; }
+"$PY" benchmarks/report.py "$OUT/decode_cuda.json" 2>&1 | tee "$OUT/decode_summary.txt"
+fi
+
+if has bench; then
 step "summary: output bandwidth vs measured copy bandwidth"
 "$PY" benchmarks/gpu/summarize.py "$OUT/sh_cuda.json" 2>&1 | tee "$OUT/summary.txt"
+fi
 exit $status

@@ -1,0 +1,58 @@
+"""SHDD on CUDA against the CPU kernels: ring synthesis, the SHDD-KL loss and its backward,
+and the whole decode / top-k / density path. Skips without a GPU and a CUDA build."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import locdiff
+from locdiff import grids, shdd
+from locdiff.testing import assert_close, devices
+
+pytestmark = pytest.mark.skipif("cuda" not in devices(), reason="needs a GPU and a CUDA build of locdiff")
+
+
+def _latlon(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.asin(torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * 180 / math.pi
+    lon = torch.rand(n, generator=g, dtype=torch.float64) * 360 - 180
+    poles = torch.tensor([[90.0, 0.0], [-90.0, 0.0], [10.0, 180.0]], dtype=torch.float64)
+    return torch.cat([poles, torch.stack([lat, lon], -1)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("degree", [4, 16, 33])
+def test_synth_and_kl_match_cpu(degree, dtype):
+    g = torch.Generator().manual_seed(degree)
+    pred = torch.randn(6, (degree + 1) ** 2, generator=g, dtype=torch.float64).to(dtype)
+    target = shdd.encode(_latlon(3, degree), degree).to(dtype)
+    grid = grids.for_degree(degree)
+    assert_close(shdd.grid_values(pred.cuda(), grid).cpu(), shdd.grid_values(pred, grid))
+    p = pred.cuda().requires_grad_(True)
+    kl = shdd.kl_divergence(p, target.cuda(), temperature=0.5, reduction="sum")
+    kl.backward()
+    q = pred.clone().requires_grad_(True)
+    kl_cpu = shdd.kl_divergence(q, target, temperature=0.5, reduction="sum")
+    kl_cpu.backward()
+    assert_close(kl.detach().cpu(), kl_cpu.detach())
+    assert_close(p.grad.cpu(), q.grad)
+
+
+@pytest.mark.parametrize("degree", [8, 32, 64])
+def test_decode_top_k_density_match_cpu(degree):
+    truth = _latlon(29, degree)
+    exact = shdd.encode(truth, degree)
+    got = shdd.decode(exact.cuda())
+    assert got.device.type == "cuda"
+    assert float(locdiff.great_circle_km(got.cpu(), truth).max()) < 1e-3  # under a metre
+    g = torch.Generator().manual_seed(degree)
+    noisy = exact + 0.5 * torch.randn(exact.shape, generator=g, dtype=torch.float64)
+    # The same modes (the GPU refines in torch, the CPU in C++: values agree to rounding).
+    ll_gpu, v_gpu = shdd.top_k(noisy.cuda(), 3)
+    ll_cpu, v_cpu = shdd.top_k(noisy, 3)
+    ok = torch.isfinite(v_cpu)
+    torch.testing.assert_close(v_gpu.cpu()[ok], v_cpu[ok], rtol=0, atol=1e-9 * float(v_cpu[ok].abs().max()))
+    p = shdd.density(noisy.cuda(), temperature=0.3)
+    assert_close(p.cpu(), shdd.density(noisy, temperature=0.3))
