@@ -59,6 +59,12 @@ struct Curvature {
 
 double dot3(const double* a, const double* b) { return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]; }
 
+// a / |a| into out (out may be a).
+void normalise(const double* a, double* out) {
+  const double n = std::sqrt(dot3(a, a));
+  for (int i = 0; i < 3; ++i) out[i] = a[i] / n;
+}
+
 // a^T H_F b for tangent vectors a, b.
 double quad(const Curvature& h, const double* a, const double* b) {
   const double hyy = -h.xx;
@@ -134,36 +140,29 @@ LOCDIFF_CLONES void eval_point(const T* c, int L, const Tables& t, const double*
     const double* __restrict dz = t.dz.data() + tri(l);
     double fl = double(g[0]) * x[0];
     double ax = 0, ay = 0, az = l ? dz[0] * double(g[0]) * x[1] : 0.0;
-    if constexpr (!kHess) {
-#pragma omp simd reduction(+ : fl, ax, ay, az)
-      for (int m = 1; m <= l; ++m) {
-        const double gp = double(g[m]), gm = double(g[-m]);
-        fl += x[m] * (gp * cs[m] + gm * sn[m]);
-        ax += x[m] * (gp * wx[m] + gm * wy[m]);
-        ay += x[m] * (gm * wx[m] - gp * wy[m]);
-        az += dz[m] * x[m + 1] * (gp * cc[m] + gm * ss[m]);
-      }
-    } else {
-      // Second derivatives in units of R (divided by s at the end) and of sqrt2 for the z
-      // terms (see the top); they share the gradient's azimuthal combinations.
-      const double* __restrict vx = ps.vx.data();
-      const double* __restrict vy = ps.vy.data();
-      double bxx = 0, bxy = 0, bxz = 0, byz = 0, bzz = dz[0] * dz[1] * double(g[0]) * x[2];
+    // Second derivatives (kHess) in units of R (divided by s at the end) and of sqrt2 for
+    // the z terms (see the top); they share the gradient's azimuthal combinations A, B, C.
+    const double* __restrict vx = ps.vx.data();
+    const double* __restrict vy = ps.vy.data();
+    double bxx = 0, bxy = 0, bxz = 0, byz = 0, bzz = kHess ? dz[0] * dz[1] * double(g[0]) * x[2] : 0.0;
 #pragma omp simd reduction(+ : fl, ax, ay, az, bxx, bxy, bxz, byz, bzz)
-      for (int m = 1; m <= l; ++m) {
-        const double gp = double(g[m]), gm = double(g[-m]);
-        const double xm = x[m], xz = dz[m] * x[m + 1];
-        const double A = gp * wx[m] + gm * wy[m], B = gm * wx[m] - gp * wy[m], C = gp * cc[m] + gm * ss[m];
-        fl += xm * (gp * cs[m] + gm * sn[m]);
-        ax += xm * A;
-        ay += xm * B;
-        az += xz * C;
+    for (int m = 1; m <= l; ++m) {
+      const double gp = double(g[m]), gm = double(g[-m]);
+      const double xm = x[m], xz = dz[m] * x[m + 1];
+      const double A = gp * wx[m] + gm * wy[m], B = gm * wx[m] - gp * wy[m], C = gp * cc[m] + gm * ss[m];
+      fl += xm * (gp * cs[m] + gm * sn[m]);
+      ax += xm * A;
+      ay += xm * B;
+      az += xz * C;
+      if constexpr (kHess) {
         bxx += xm * (gp * vx[m] + gm * vy[m]);
         bxy += xm * (gm * vx[m] - gp * vy[m]);
         bxz += xz * A;
         byz += xz * B;
         bzz += dz[m] * dz[m + 1] * x[m + 2] * C;
       }
+    }
+    if constexpr (kHess) {
       if (!axis) {
         hxx += bxx;
         hxy += bxy;
@@ -218,8 +217,7 @@ void tangent_basis(const double* u, double* e1, double* e2) {
   } else {
     e1[0] = 0, e1[1] = -u[2], e1[2] = u[1];  // x x u
   }
-  const double n = std::sqrt(dot3(e1, e1));
-  for (int i = 0; i < 3; ++i) e1[i] /= n;
+  normalise(e1, e1);
   e2[0] = u[1] * e1[2] - u[2] * e1[1];
   e2[1] = u[2] * e1[0] - u[0] * e1[2];
   e2[2] = u[0] * e1[1] - u[1] * e1[0];
@@ -253,11 +251,7 @@ double f_scale(const T* c, int L) {
 template <typename T>
 double refine_point(const T* c, int L, const Tables& t, double r, double fscale, int max_iter,
                     PointScratch& ps, double* u) {
-  auto normalise = [](double* a) {
-    const double n = std::sqrt(dot3(a, a));
-    for (int i = 0; i < 3; ++i) a[i] /= n;
-  };
-  normalise(u);
+  normalise(u, u);
   double f, g[3];
   Curvature curv;
   eval_point<true>(c, L, t, u, ps, &f, g, &curv);
@@ -292,7 +286,7 @@ double refine_point(const T* c, int L, const Tables& t, double r, double fscale,
     double un[3], fn, gn[3];
     Curvature cn;
     for (int i = 0; i < 3; ++i) un[i] = u[i] + d0 * e1[i] + d1 * e2[i];
-    normalise(un);
+    normalise(un, un);
     if (last) {
       eval_point<false>(c, L, t, un, ps, &fn, nullptr, nullptr);
     } else {
@@ -349,8 +343,7 @@ void shdd_hessian_cpu(const T* coeffs, int degree, const double* xyz, const int6
     for (int64_t i = 0; i < n; ++i) {
       const T* c = coeffs + K * row[i];
       double u[3], e1[3], e2[3], g[3], H[3], f;
-      const double nrm = std::sqrt(dot3(xyz + 3 * i, xyz + 3 * i));
-      for (int d = 0; d < 3; ++d) u[d] = xyz[3 * i + d] / nrm;
+      normalise(xyz + 3 * i, u);
       Curvature curv;
       eval_point<true>(c, degree, *tables, u, ps, &f, g, &curv);
       tangent_basis(u, e1, e2);
