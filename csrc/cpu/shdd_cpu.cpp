@@ -2,20 +2,20 @@
 // log-partition, the SHDD-KL loss and backward. (f at points and the Newton refinement:
 // shdd_point_cpu.cpp.)
 //
-// Work layout. OpenMP over coefficient vectors; each thread keeps one vector's grid in
-// scratch (nlat * nlon doubles, 12 MB at L = 512), so no batch x grid matrix is ever
-// allocated. Per vector: (1) reorder the coefficients m-major, with a copy whose odd l-m
-// entries are negated (the southern mirror ring), (2) per order m, dot the Legendre block
-// of each northern ring with the four coefficient columns (cos/sin x north/south): this
-// is the O(L^3) part and streams the table once per vector, (3) per ring pair, one complex
-// inverse FFT of (north + i south) gives both rings. The adjoint runs the same steps
-// backwards (forward FFT, then transposed Legendre sums).
+// Work layout. OpenMP over blocks of coefficient vectors, so no batch x grid matrix is
+// ever allocated. Per vector: (1) reorder the coefficients m-major, (2) per order m, the
+// Legendre sums of each northern ring, even and odd l - m apart (north = even + odd, south
+// = even - odd): the O(L^3) part, (3) per ring pair, one complex inverse FFT of (north + i
+// south) gives both rings. Synthesis (shdd_synth_cpu) and the decode's candidates
+// (shdd_candidates_cpu) run these steps with one vector per SIMD lane (ring_lanes.h); the
+// log-partition and the SHDD-KL keep the per-vector form below (legendre_sums,
+// fourier_synth: each thread holds one float64 grid, 12 MB at L = 512), and the adjoint
+// runs it backwards (forward FFT, then transposed Legendre sums).
 //
-// Decoding on the CPU takes another route for the grid (locdiff/ops/shdd.py: float32 GEMMs
-// for the Legendre sums and torch's real FFT, 2 to 3 times faster) and comes here for the
-// local-maximum scan (shdd_scan_cpu) and the Newton refinement (shdd_point_cpu.cpp); the
-// fused shdd_candidates_cpu serves low degrees (L <= 32), batches of one or two vectors,
-// and grids too coarse for that route (nlon <= 2L).
+// Decoding on the CPU takes the GEMM route for the grid at L > 64 and at L = 33..64 below 32
+// vectors (locdiff/ops/shdd.py: float32 GEMMs for the Legendre sums and torch's real FFT)
+// and comes here for the local-maximum scan (shdd_scan_cpu) and the Newton refinement
+// (shdd_point_cpu.cpp).
 #include <omp.h>
 
 #include <algorithm>
@@ -27,14 +27,19 @@
 #include <mutex>
 #include <vector>
 
+#include "fft.h"
 #include "legendre_tables.h"
+#include "ring_lanes.h"
 #include "locdiff/sh_math.h"
 #include "locdiff/shdd_kernels.h"
 
 namespace locdiff {
 namespace {
 
+using cpu::FftPlan;
 using cpu::Scratch;
+using cpu::fft;
+using cpu::fft_plan;
 using cpu::Tables;
 using cpu::seeds;
 using cpu::tables_for;
@@ -43,94 +48,6 @@ using cpu::tri;
 
 constexpr double kPi = 3.14159265358979323846;
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "scan_candidates reads byte flags as words");
-
-// ---- FFT ---------------------------------------------------------------------------------
-// Iterative radix-2 complex FFT on split re/im arrays for power-of-two sizes; other sizes
-// use a direct O(n^2) DFT (correct, slow: grids from locdiff.grids use powers of two).
-struct FftPlan {
-  int n = 0;
-  bool pow2 = false;
-  std::vector<int> rev;
-  std::vector<double> c, s;  // cos, sin(2 pi k / n), k < n
-};
-
-std::shared_ptr<const FftPlan> fft_plan(int n) {
-  static std::mutex mutex;
-  static std::map<int, std::shared_ptr<const FftPlan>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(n);
-  if (it != cache.end()) return it->second;
-  auto p = std::make_shared<FftPlan>();
-  p->n = n;
-  p->pow2 = n > 0 && (n & (n - 1)) == 0;
-  p->c.resize(n);
-  p->s.resize(n);
-  for (int k = 0; k < n; ++k) {
-    p->c[k] = std::cos(2 * kPi * k / n);
-    p->s[k] = std::sin(2 * kPi * k / n);
-  }
-  if (p->pow2) {
-    int bits = 0;
-    while ((1 << bits) < n) ++bits;
-    p->rev.resize(n);
-    for (int k = 0; k < n; ++k) {
-      int r = 0;
-      for (int b = 0; b < bits; ++b) r |= ((k >> b) & 1) << (bits - 1 - b);
-      p->rev[k] = r;
-    }
-  }
-  cache[n] = p;
-  return p;
-}
-
-// In place: x_k <- sum_j x_j exp(sign * 2 pi i j k / n). tmp: 2n doubles of scratch.
-LOCDIFF_CLONES void fft(const FftPlan& p, double* re, double* im, int sign, double* tmp) {
-  const int n = p.n;
-  if (!p.pow2) {
-    double* tr = tmp;
-    double* ti = tmp + n;
-    for (int k = 0; k < n; ++k) {
-      double ar = 0, ai = 0;
-      int64_t idx = 0;
-      for (int j = 0; j < n; ++j) {
-        const double c = p.c[idx], s = sign * p.s[idx];
-        ar += re[j] * c - im[j] * s;
-        ai += re[j] * s + im[j] * c;
-        idx += k;
-        if (idx >= n) idx -= n;
-      }
-      tr[k] = ar;
-      ti[k] = ai;
-    }
-    std::copy(tr, tr + n, re);
-    std::copy(ti, ti + n, im);
-    return;
-  }
-  for (int k = 0; k < n; ++k) {
-    const int r = p.rev[k];
-    if (r > k) {
-      std::swap(re[k], re[r]);
-      std::swap(im[k], im[r]);
-    }
-  }
-  for (int len = 2; len <= n; len <<= 1) {
-    const int half = len >> 1, stride = n / len;
-    for (int start = 0; start < n; start += len) {
-      double* __restrict ar = re + start;
-      double* __restrict ai = im + start;
-      double* __restrict br = re + start + half;
-      double* __restrict bi = im + start + half;
-      for (int j = 0; j < half; ++j) {
-        const double wr = p.c[j * stride], wi = sign * p.s[j * stride];
-        const double xr = br[j] * wr - bi[j] * wi, xi = br[j] * wi + bi[j] * wr;
-        br[j] = ar[j] - xr;
-        bi[j] = ai[j] - xi;
-        ar[j] += xr;
-        ai[j] += xi;
-      }
-    }
-  }
-}
 
 // ---- ring-grid synthesis and adjoint -----------------------------------------------------
 // Vectors go through the Legendre stage in blocks of kBlock: each table row (one ring, one
@@ -259,7 +176,7 @@ LOCDIFF_CLONES void fourier_synth(int L, const RingGrid& g, const FftPlan& plan,
       zr[bm] += nr + si;
       zi[bm] += -ni + sr;
     }
-    fft(plan, zr, zi, +1, w.tmp.data());
+    fft<double>(plan, zr, zi, +1, w.tmp.data());
     std::copy(zr, zr + N, f + int64_t(j) * N);
     if (pair) std::copy(zi, zi + N, f + int64_t(js) * N);
   }
@@ -287,7 +204,7 @@ LOCDIFF_CLONES void fourier_adjoint(const double* wgt, int L, const RingGrid& g,
     } else {
       std::fill(zi, zi + N, 0.0);
     }
-    fft(plan, zr, zi, -1, w.tmp.data());
+    fft<double>(plan, zr, zi, -1, w.tmp.data());
     const int64_t o = v * w.rsize + int64_t(j) * (L + 1);
     double* RN = w.AN.data() + o;
     double* RS = w.AS.data() + o;
@@ -409,7 +326,9 @@ LOCDIFF_CLONES void scan_candidates(const F* const* rows, const RingGrid& grid, 
       j = nlat - 1;
       k += half;
     }
-    k %= N;
+    // k is within 1.5 turns of the ring (callers step one column): no division.
+    if (k >= N) k -= N;
+    if (k >= N) k -= N;
     if (k < 0) k += N;
     return double(rows[j][k]);
   };
@@ -424,10 +343,12 @@ LOCDIFF_CLONES void scan_candidates(const F* const* rows, const RingGrid& grid, 
     F mx = row[0];
 #pragma omp simd reduction(max : mx)
     for (int k = 1; k < N; ++k) mx = row[k] > mx ? row[k] : mx;
-    ring_max[j] = double(mx);
+    ring_max[j] = mx == mx ? double(mx) : -std::numeric_limits<double>::infinity();  // NaN: never first
     order[j] = j;
   }
-  std::stable_sort(order.begin(), order.end(), [&](int p, int q) { return ring_max[p] > ring_max[q]; });
+  // Ties in ring order (deterministic); std::sort, since stable_sort allocates per call.
+  std::sort(order.begin(), order.end(),
+            [&](int p, int q) { return ring_max[p] > ring_max[q] || (ring_max[p] == ring_max[q] && p < q); });
   int count = 0;
   double floor = -std::numeric_limits<double>::infinity();  // best_v[ncand-1] once full
   for (const int j : order) {
@@ -623,12 +544,7 @@ template <typename T>
 void shdd_synth_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid, T* out,
                     int num_threads) {
   const int64_t G = int64_t(grid.nlat) * grid.nlon;
-  for_each_synthesis(coeffs, batch, degree, grid, num_threads, [&] {
-    return [&](Work& w, int64_t b) {
-      T* o = out + G * b;
-      for (int64_t i = 0; i < G; ++i) o[i] = T(w.grid[i]);
-    };
-  });
+  cpu::synthesise_lanes<T>(coeffs, batch, degree, grid, num_threads, [&](int64_t b) { return out + G * b; });
 }
 
 template <typename T>
@@ -662,10 +578,10 @@ template <typename T>
 void shdd_candidates_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid,
                          int ncand, int64_t* index, double* value, double* start,
                          int num_threads) {
-  for_each_synthesis(coeffs, batch, degree, grid, num_threads, [&] {
-    return [&, scratch = ScanScratch()](Work& w, int64_t b) mutable {
+  cpu::for_each_synthesis_lanes<T>(coeffs, batch, degree, grid, num_threads, [&] {
+    return [&, scratch = ScanScratch()](const T*, const T* const* rows, int64_t b) mutable {
       const int64_t o = b * ncand;
-      scan_candidates(w.rows.data(), grid, ncand, scratch, index + o, value + o, start + 2 * o);
+      scan_candidates(rows, grid, ncand, scratch, index + o, value + o, start + 2 * o);
     };
   });
 }

@@ -115,16 +115,16 @@ shdd_adjoint_op.register_autograd(_adjoint_backward, setup_context=_setup_linear
 #     the fused C++ kernel, shdd_candidates_cpu, takes the grid). The spectra hold the
 #     northern rings first, then their mirrors in the same order: the scan reads that
 #     folded layout, so nothing is flipped.
-# Measured (one core, float32, B = 256, L = 64 / 128): 2 to 3 times faster than the fused
-# kernel's float64 Legendre sums and radix-2 FFT; see benchmarks/test_decode_bench.py.
-# Below that size the dozen torch ops per chunk cost more than the grid itself (about
-# 0.3 ms a call), and the fused C++ kernel (shdd_candidates_cpu) wins. Two threads, fused
-# vs GEMM ms: L = 16: 0.02 vs 0.28 (B = 1), 0.70 vs 1.36 (B = 64), 36 vs 48 (B = 4096);
-# L = 32: 0.10 vs 0.38, 2.0 vs 2.5, 123 vs 140; L = 48, 64, 128 at B = 1: 0.26 vs 0.68,
-# 0.29 vs 0.59, 1.7 vs 2.5; but L = 64, B = 8: 1.7 vs 1.0 (one block of 8 vectors, one
-# thread). So the fused kernel takes L <= 32 and batches of at most two vectors.
+# The fused C++ kernel (shdd_candidates_cpu) runs the synthesis with one vector per SIMD
+# lane (csrc/cpu/ring_lanes.h) in blocks of 8, then the same scan. Two threads, float32,
+# candidates ms, lanes vs GEMM route (this project's 2-core Xeon, ad hoc timing of
+# _candidates_cpu): L = 16: 0.019 vs 0.093 (B = 1), 0.067 vs 0.205 (B = 32); L = 32: 0.09 vs
+# 0.12 (B = 1), 0.53 vs 0.73 to 1.75 (B = 64); L = 64: 0.34 vs 0.18 (B = 1), 0.75 vs 0.47
+# (B = 8, one block for one thread), 2.2 vs 4.1 (B = 32), 3.8 vs 4.4 (B = 64), 26 vs 32
+# (B = 512); L = 128: 28 vs 27 (B = 64), 219 vs 223 (B = 512); L = 256: 249 vs 190 (B = 64).
+# So the fused kernel takes L <= 32, and L <= 64 from 32 vectors; GEMMs the rest.
 _FUSED_MAX_DEGREE = 32
-_FUSED_MAX_BATCH = 2
+_FUSED_WIDE_DEGREE, _FUSED_WIDE_BATCH = 64, 32
 _CHUNK_VALUES = 1 << 21
 _M_GROUPS = 3
 _GEMM_LAYOUTS: dict = {}
@@ -209,7 +209,8 @@ def _candidates_cpu(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tens
     if not b:
         return index, value, start
     grid = _grid_args(table, theta, log_area, nlat, nlon, lon0)
-    if 2 * degree >= nlon or degree <= _FUSED_MAX_DEGREE or b <= _FUSED_MAX_BATCH:
+    if (2 * degree >= nlon or degree <= _FUSED_MAX_DEGREE
+            or (degree <= _FUSED_WIDE_DEGREE and b >= _FUSED_WIDE_BATCH)):
         _C.shdd_candidates_cpu(coeffs.data_ptr(), b, degree, *grid, ncand, index.data_ptr(),
                                value.data_ptr(), start.data_ptr(), _tag(coeffs), _threads())
         return index, value, start
