@@ -138,13 +138,16 @@ def test_encode_smoothing():
 # ---- fused kernels vs the pure-torch reference ------------------------------------------------
 GRID = grids.equiangular(9, 16)  # odd nlat: the equator ring has no mirror
 GRID2 = grids.gauss_legendre(8, 12)  # nlon not a power of two: direct DFT
+# More than 2^17 values: the log-partition and the KL take the per-vector kernels instead of
+# the SIMD-lane ones.
+BIG_GRID = grids.equiangular(130, 1024)
 
 
 def ring_args(grid, degree):
     return shdd._ring_args(grid, degree, "cpu")
 
 
-@pytest.mark.parametrize("grid", [GRID, GRID2], ids=repr)
+@pytest.mark.parametrize("grid", [GRID, GRID2, BIG_GRID], ids=["odd-nlat", "dft", "per-vector"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_synth_adjoint_logz_match_reference(grid, dtype):
     L = 6
@@ -153,7 +156,7 @@ def test_synth_adjoint_logz_match_reference(grid, dtype):
     assert_close(ops.shdd_synth_op(c, *a), ref.shdd_synth_reference(c, grid.xyz))
     w = torch.randn(11, grid.size, dtype=dtype)
     y = spherical_harmonics_reference(grid.xyz, L).to(dtype)
-    assert_close(ops.shdd_adjoint_op(w, *a), w @ y)
+    assert_close(ops.shdd_adjoint_op(w, *a), (w.double() @ y.double()).to(dtype))  # float64 sums
     assert_close(ops.shdd_logz_op(c, *a, 2.0),
                  ref.shdd_logz_reference(c.double(), grid.xyz, grid.area, 0.5))
 
@@ -177,24 +180,30 @@ def test_synth_lane_blocks_match_reference(batch, dtype):
     idx, val, _ = ops.shdd_candidates_op(c, *ring_args(grid, L), 3)
     torch.testing.assert_close(idx[:, 0], f.argmax(-1))
 
+
+@pytest.mark.parametrize("grid", [GRID, GRID2, BIG_GRID], ids=["odd-nlat", "dft", "per-vector"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kl_matches_reference(dtype):
+def test_kl_matches_reference(dtype, grid):
     L = 5
     p = torch.randn(7, (L + 1) ** 2, dtype=dtype)
     t = torch.randn(7, (L + 1) ** 2, dtype=dtype)
-    got = shdd.kl_divergence(p, t, grid=GRID, temperature=0.7, reduction="none")
-    assert_close(got, ref.shdd_kl_reference(p, t, GRID.xyz, GRID.area, 0.7))
-    assert_close(shdd.kl_divergence(p, t, grid=GRID, temperature=0.7), got.mean())
-    assert_close(shdd.kl_divergence(p, t, grid=GRID, temperature=0.7, reduction="sum"), got.sum())
-    assert float(shdd.kl_divergence(t, t, grid=GRID).abs()) < 1e-5
-    # Backward against autograd through the reference.
+    got = shdd.kl_divergence(p, t, grid=grid, temperature=0.7, reduction="none")
+    assert_close(got, ref.shdd_kl_reference(p, t, grid.xyz, grid.area, 0.7))
+    assert_close(shdd.kl_divergence(p, t, grid=grid, temperature=0.7), got.mean())
+    assert_close(shdd.kl_divergence(p, t, grid=grid, temperature=0.7, reduction="sum"), got.sum())
+    assert float(shdd.kl_divergence(t, t, grid=grid).abs()) < 1e-5
+    # Backward against autograd through the reference; one gradient alone too (the training
+    # case: targets need none).
     p1, t1 = p.double().requires_grad_(True), t.double().requires_grad_(True)
     p2, t2 = p.double().requires_grad_(True), t.double().requires_grad_(True)
+    p3 = p.double().requires_grad_(True)
     g = torch.rand(7, dtype=torch.float64)
-    (shdd.kl_divergence(p1, t1, grid=GRID, temperature=0.7, reduction="none") * g).sum().backward()
-    (ref.shdd_kl_reference(p2, t2, GRID.xyz, GRID.area, 0.7) * g).sum().backward()
+    (shdd.kl_divergence(p1, t1, grid=grid, temperature=0.7, reduction="none") * g).sum().backward()
+    (ref.shdd_kl_reference(p2, t2, grid.xyz, grid.area, 0.7) * g).sum().backward()
+    (shdd.kl_divergence(p3, t.double(), grid=grid, temperature=0.7, reduction="none") * g).sum().backward()
     assert_close(p1.grad, p2.grad)
     assert_close(t1.grad, t2.grad)
+    assert_close(p3.grad, p2.grad)
 
 
 def test_kl_gradcheck():

@@ -31,9 +31,25 @@ constexpr int kLanes = 8;
 // portable target unless inlined.
 #define LOCDIFF_INLINE_LAMBDA __attribute__((always_inline))
 
-// GCC/Clang vector types of kLanes elements (8 floats: one AVX2 register; 8 doubles: two).
+// kLanes values as SIMD vectors: 8 floats are one GCC/Clang vector (one AVX2 register); 8
+// doubles are a pair of 4-double vectors, since a 64-byte vector type is lowered
+// generically without AVX-512 (every scalar broadcast went through the stack: 10 times
+// slower).
 typedef float FloatLanes __attribute__((vector_size(kLanes * sizeof(float))));
-typedef double DoubleLanes __attribute__((vector_size(kLanes * sizeof(double))));
+typedef double Double4 __attribute__((vector_size(4 * sizeof(double))));
+struct DoubleLanes {
+  Double4 lo, hi;
+  LOCDIFF_INLINE DoubleLanes& operator+=(const DoubleLanes& o) {
+    lo += o.lo;
+    hi += o.hi;
+    return *this;
+  }
+  LOCDIFF_INLINE double operator[](int v) const { return v < 4 ? lo[v] : hi[v - 4]; }
+};
+LOCDIFF_INLINE DoubleLanes operator+(const DoubleLanes& a, const DoubleLanes& b) { return {a.lo + b.lo, a.hi + b.hi}; }
+LOCDIFF_INLINE DoubleLanes operator-(const DoubleLanes& a, const DoubleLanes& b) { return {a.lo - b.lo, a.hi - b.hi}; }
+LOCDIFF_INLINE DoubleLanes operator*(double s, const DoubleLanes& a) { return {s * a.lo, s * a.hi}; }
+LOCDIFF_INLINE DoubleLanes operator*(const DoubleLanes& a, double s) { return {a.lo * s, a.hi * s}; }
 template <typename S>
 struct LaneType {
   typedef DoubleLanes type;
@@ -153,10 +169,13 @@ LOCDIFF_CLONES void synth_lanes(const T* const* coeffs, int nb, const RingGrid& 
       for (int v = 0; v < nb; ++v) outs[v][at + k] = x[v];
     }
   };
-  // Two northern rings per pass: each coefficient load serves both rings' sums (the loop
-  // is bound by loads and by the FMA latency chains, eight of them here).
-  for (int j = 0; j < nhalf; j += 2) {
-    const bool two = j + 1 < nhalf;
+  // Float lanes: two northern rings per pass, so that each coefficient load serves both
+  // rings' sums (the loop is bound by loads and by the FMA latency chains, eight of them
+  // here). Double lanes are two registers each: eight accumulators would fill all sixteen
+  // and spill to the stack (measured 10 times slower), so one ring per pass.
+  constexpr int kRings = sizeof(S) == sizeof(float) ? 2 : 1;
+  for (int j = 0; j < nhalf; j += kRings) {
+    const bool two = kRings == 2 && j + 1 < nhalf;
     std::fill(w.z.data, w.z.data + 4 * N * kLanes, S(0));
     V* zr0 = w.lanes(w.z, 0);
     V* zi0 = w.lanes(w.z, N);
@@ -173,22 +192,28 @@ LOCDIFF_CLONES void synth_lanes(const T* const* coeffs, int nb, const RingGrid& 
       int i = 0;
       for (; i + 1 < n; i += 2) {
         const V ae = a[i], ao = a[i + 1], be = b[i], bo = b[i + 1];
-        const S q0 = S(p0[i]), r0 = S(p0[i + 1]), q1 = S(p1[i]), r1 = S(p1[i + 1]);
+        const S q0 = S(p0[i]), r0 = S(p0[i + 1]);
         ea0 += q0 * ae;
         eb0 += q0 * be;
         oa0 += r0 * ao;
         ob0 += r0 * bo;
-        ea1 += q1 * ae;
-        eb1 += q1 * be;
-        oa1 += r1 * ao;
-        ob1 += r1 * bo;
+        if constexpr (kRings == 2) {
+          const S q1 = S(p1[i]), r1 = S(p1[i + 1]);
+          ea1 += q1 * ae;
+          eb1 += q1 * be;
+          oa1 += r1 * ao;
+          ob1 += r1 * bo;
+        }
       }
       if (i < n) {
-        const S q0 = S(p0[i]), q1 = S(p1[i]);
+        const S q0 = S(p0[i]);
         ea0 += q0 * a[i];
         eb0 += q0 * b[i];
-        ea1 += q1 * a[i];
-        eb1 += q1 * b[i];
+        if constexpr (kRings == 2) {
+          const S q1 = S(p1[i]);
+          ea1 += q1 * a[i];
+          eb1 += q1 * b[i];
+        }
       }
       add_order(zr0, zi0, m, nlat - 1 - j != j, ea0, oa0, eb0, ob0);
       if (two) add_order(zr1, zi1, m, nlat - 2 - j != j + 1, ea1, oa1, eb1, ob1);
@@ -200,6 +225,86 @@ LOCDIFF_CLONES void synth_lanes(const T* const* coeffs, int nb, const RingGrid& 
       fft<S>(plan, zr, zi, +1, tmp);
       store_ring(zr, jn);
       if (js != jn) store_ring(zi, js);
+    }
+  }
+}
+
+// The adjoint of synth_lanes: out[v] (K values, flat l*l + l + m) = sum_i wgt[v]_i Y(x_i)
+// over the grid, for nb <= kLanes weight grids (nlat * nlon each): per ring pair a forward
+// FFT (ring j real, its mirror imaginary), then the transposed Legendre sums into the
+// coefficient lanes.
+template <typename S, typename W, typename T>
+LOCDIFF_CLONES void adjoint_lanes(const W* const* wgt, int nb, const RingGrid& g, const FftPlan& plan,
+                                  LaneWork<S>& w, T* const* out) {
+  using V = Lanes<S>;
+  const int L = w.L, N = w.nlon, nlat = w.nlat, nhalf = w.nhalf;
+  std::fill(w.coef.data, w.coef.data + 2 * w.tsize * kLanes, S(0));
+  V* cA = w.lanes(w.coef, 0);
+  V* cB = w.lanes(w.coef, w.tsize);
+  V* zr = w.lanes(w.z, 0);
+  V* zi = w.lanes(w.z, N);
+  V* tmp = w.lanes(w.z, 4 * N);
+  S* zr_s = w.z.data;
+  S* zi_s = w.z.data + N * kLanes;
+  for (int j = 0; j < nhalf; ++j) {
+    const int js = nlat - 1 - j;
+    const bool pair = js != j;
+    // Lanes past nb keep stale values: lanes never mix, and their results are not read.
+    for (int v = 0; v < nb; ++v) {
+      const W* north = wgt[v] + int64_t(j) * N;
+      const W* south = wgt[v] + int64_t(js) * N;
+      for (int k = 0; k < N; ++k) {
+        zr_s[k * kLanes + v] = S(north[k]);
+        zi_s[k * kLanes + v] = pair ? S(south[k]) : S(0);
+      }
+    }
+    fft<S>(plan, zr, zi, -1, tmp);
+    for (int m = 0; m <= L; ++m) {
+      // X = FFT at m, X' = FFT at -m: the north ring's spectrum is (X + conj X') / 2, the
+      // south's (X - conj X') / 2i; rotated by exp(-i m lon0), their real parts and minus
+      // their imaginary parts are sum_k w cos(m phi_k) and sum_k w sin(m phi_k).
+      const int bp = m % N, bm = (N - bp) % N;
+      const V xr = zr[bp], xi = zi[bp], yr = zr[bm], yi = zi[bm];
+      const S c = w.half_cos[m], s = w.half_sin[m];
+      const V nre = xr + yr, nim = xi - yi, sre = xi + yi, sim = yr - xr;  // twice the spectra
+      const V rn = nre * c + nim * s, in = nre * s - nim * c;
+      V rs{}, is{};
+      if (pair) {
+        rs = sre * c + sim * s;
+        is = sre * s - sim * c;
+      }
+      // Transposed Legendre sums: even l - m take north + south, odd north - south.
+      const int n = L + 1 - m;
+      const int64_t off = legendre_offset(L, m);
+      const double* __restrict p = g.table + int64_t(nhalf) * off + int64_t(j) * n;
+      V* __restrict a = cA + off;
+      V* __restrict b = cB + off;
+      const V ea = rn + rs, oa = rn - rs, eb = in + is, ob = in - is;
+      int i = 0;
+      for (; i + 1 < n; i += 2) {
+        const S p0 = S(p[i]), p1 = S(p[i + 1]);
+        a[i] += p0 * ea;
+        b[i] += p0 * eb;
+        a[i + 1] += p1 * oa;
+        b[i + 1] += p1 * ob;
+      }
+      if (i < n) {
+        a[i] += S(p[i]) * ea;
+        b[i] += S(p[i]) * eb;
+      }
+    }
+  }
+  const S* a = w.coef.data;
+  const S* b = a + w.tsize * kLanes;
+  for (int v = 0; v < nb; ++v) {
+    T* o = out[v];
+    for (int m = 0; m <= L; ++m) {
+      const int64_t off = legendre_offset(L, m);
+      for (int l = m; l <= L; ++l) {
+        const int64_t at = (off + l - m) * kLanes + v;
+        o[int64_t(l) * l + l + m] = T(a[at]);
+        if (m) o[int64_t(l) * l + l - m] = T(b[at]);
+      }
     }
   }
 }

@@ -6,11 +6,12 @@
 // ever allocated. Per vector: (1) reorder the coefficients m-major, (2) per order m, the
 // Legendre sums of each northern ring, even and odd l - m apart (north = even + odd, south
 // = even - odd): the O(L^3) part, (3) per ring pair, one complex inverse FFT of (north + i
-// south) gives both rings. Synthesis (shdd_synth_cpu) and the decode's candidates
-// (shdd_candidates_cpu) run these steps with one vector per SIMD lane (ring_lanes.h); the
-// log-partition and the SHDD-KL keep the per-vector form below (legendre_sums,
-// fourier_synth: each thread holds one float64 grid, 12 MB at L = 512), and the adjoint
-// runs it backwards (forward FFT, then transposed Legendre sums).
+// south) gives both rings. The adjoint runs the same steps backwards (forward FFT, then
+// transposed Legendre sums). All of it runs with one vector per SIMD lane, blocks of 8
+// (ring_lanes.h); grids of more than kLaneGridMax values (L > ~150), whose 8-grid scratch
+// would not fit in cache, take the per-vector form below for the log-partition and the KL
+// (legendre_sums, fourier_synth, ...: one float64 grid per thread, 12 MB at L = 512).
+// Exponentials (log-partition, KL) run four lanes at a time (vector_exp.h).
 //
 // Decoding on the CPU takes the GEMM route for the grid at L > 64 and at L = 33..64 below 32
 // vectors (locdiff/ops/shdd.py: float32 GEMMs for the Legendre sums and torch's real FFT)
@@ -31,6 +32,7 @@
 #include "fft.h"
 #include "legendre_tables.h"
 #include "ring_lanes.h"
+#include "vector_exp.h"
 #include "locdiff/sh_math.h"
 #include "locdiff/shdd_kernels.h"
 
@@ -274,25 +276,29 @@ LOCDIFF_CLONES void legendre_adjoint(int L, const RingGrid& g, Work& w, int nb, 
   }
 }
 
+// sum_k exp(row[k] * a + b) over n values, four lanes at a time (vector_exp.h).
+LOCDIFF_INLINE double sum_exp(const double* row, int n, double a, double b) {
+  cpu::Double4 acc = cpu::splat4(0.0);
+  int k = 0;
+  for (; k + 4 <= n; k += 4) acc += cpu::exp4(cpu::load4(row + k) * a + b);
+  double sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (; k < n; ++k) sum += cpu::exp1(row[k] * a + b);
+  return sum;
+}
+
 // log sum_i exp(v_i) with v_i = f_i * inv_t + log_area(ring).
-double log_partition(const double* f, const RingGrid& g, double inv_t) {
+LOCDIFF_CLONES double log_partition(const double* f, const RingGrid& g, double inv_t) {
   const int N = g.nlon;
   double mx = -std::numeric_limits<double>::infinity();
   for (int j = 0; j < g.nlat; ++j) {
-    const double la = g.log_area[j];
     const double* row = f + int64_t(j) * N;
     double rmax = row[0];
-    for (int k = 1; k < N; ++k) rmax = std::max(rmax, row[k]);
-    mx = std::max(mx, rmax * inv_t + la);
+#pragma omp simd reduction(max : rmax)
+    for (int k = 1; k < N; ++k) rmax = row[k] > rmax ? row[k] : rmax;
+    mx = std::max(mx, rmax * inv_t + g.log_area[j]);
   }
   double sum = 0;
-  for (int j = 0; j < g.nlat; ++j) {
-    const double la = g.log_area[j];
-    const double* row = f + int64_t(j) * N;
-    double rs = 0;
-    for (int k = 0; k < N; ++k) rs += std::exp(row[k] * inv_t + la - mx);
-    sum += rs;
-  }
+  for (int j = 0; j < g.nlat; ++j) sum += sum_exp(f + int64_t(j) * N, N, inv_t, g.log_area[j] - mx);
   return mx + std::log(sum);
 }
 
@@ -462,31 +468,52 @@ LOCDIFF_CLONES void scan_candidates(const F* const* rows, const RingGrid& grid, 
 
 // KL(p || q) of one pair, with fp, ft the grid values; fills weights for the backward
 // when wp / wt are non-null: wp = (q - p) / t, wt = p (log p - log q - KL) / t.
-double kl_pair(const double* fp, const double* ft, const RingGrid& g, double inv_t, double scale,
-               double* wp, double* wt) {
+LOCDIFF_CLONES double kl_pair(const double* fp, const double* ft, const RingGrid& g, double inv_t, double scale,
+                              double* wp, double* wt) {
+  using cpu::Double4;
   const double lzp = log_partition(ft, g, inv_t);  // p from the target
   const double lzq = log_partition(fp, g, inv_t);
   const int N = g.nlon;
   double kl = 0;
   for (int j = 0; j < g.nlat; ++j) {
-    const double la = g.log_area[j];
-    double acc = 0;
-    for (int k = 0; k < N; ++k) {
-      const int64_t i = int64_t(j) * N + k;
-      acc += std::exp(ft[i] * inv_t + la - lzp) * (ft[i] - fp[i]);
+    const double bp = g.log_area[j] - lzp;
+    const double* t = ft + int64_t(j) * N;
+    const double* q = fp + int64_t(j) * N;
+    Double4 acc = cpu::splat4(0.0);
+    int k = 0;
+    for (; k + 4 <= N; k += 4) {
+      const Double4 t4 = cpu::load4(t + k);
+      acc += cpu::exp4(t4 * inv_t + bp) * (t4 - cpu::load4(q + k));
     }
-    kl += acc;
+    kl += (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (; k < N; ++k) kl += cpu::exp1(t[k] * inv_t + bp) * (t[k] - q[k]);
   }
   kl = kl * inv_t - lzp + lzq;
   if (wp || wt) {
+    // wp = (q - p) / t, wt = p (log p - log q - KL) / t, point by point: wp and wt may be
+    // fp and ft themselves (each value is read before its weight is written).
+    const double sw = scale * inv_t;
     for (int j = 0; j < g.nlat; ++j) {
       const double la = g.log_area[j];
-      for (int k = 0; k < N; ++k) {
-        const int64_t i = int64_t(j) * N + k;
-        const double lp = ft[i] * inv_t + la - lzp, lq = fp[i] * inv_t + la - lzq;
-        const double p = std::exp(lp);
-        if (wp) wp[i] = scale * (std::exp(lq) - p) * inv_t;
-        if (wt) wt[i] = scale * p * (lp - lq - kl) * inv_t;
+      const int64_t o = int64_t(j) * N;
+      auto weights = [&](Double4 t4, Double4 q4, Double4& w_p, Double4& w_t) LOCDIFF_INLINE_LAMBDA {
+        const Double4 lp = t4 * inv_t + (la - lzp), lq = q4 * inv_t + (la - lzq);
+        const Double4 p = cpu::exp4(lp);
+        w_p = (cpu::exp4(lq) - p) * sw;
+        w_t = p * (lp - lq - kl) * sw;
+      };
+      int k = 0;
+      for (; k + 4 <= N; k += 4) {
+        Double4 w_p, w_t;
+        weights(cpu::load4(ft + o + k), cpu::load4(fp + o + k), w_p, w_t);
+        if (wp) cpu::store4(wp + o + k, w_p);
+        if (wt) cpu::store4(wt + o + k, w_t);
+      }
+      for (; k < N; ++k) {
+        Double4 w_p, w_t;
+        weights(cpu::splat4(ft[o + k]), cpu::splat4(fp[o + k]), w_p, w_t);
+        if (wp) wp[o + k] = w_p[0];
+        if (wt) wt[o + k] = w_t[0];
       }
     }
   }
@@ -563,6 +590,47 @@ void synth_pair(int L, const RingGrid& g, const FftPlan& plan, Work& w, int s) {
   fourier_synth(L, g, plan, w, 2 * s + 1, w.grid2.data());
 }
 
+// The SHDD-KL on the lane engine (ring_lanes.h), for grids of at most kLaneGridMax
+// values (the log-partition too; larger grids take the per-vector engine, one grid per thread): blocks of kLanes pairs, the block's pred and target grids in the thread's scratch
+// (2 kLanes float64 grids: 12 MB at L = 128), the backward weights written over them, then
+// one adjoint pass per gradient asked for. kl, grad_pred, grad_target: null when not wanted.
+constexpr int64_t kLaneGridMax = int64_t(1) << 17;
+
+template <typename T>
+void kl_lanes(const T* pred, const T* target, const T* grad_kl, int64_t batch, int degree, const RingGrid& grid,
+              double inv_t, T* kl, T* grad_pred, T* grad_target, int num_threads) {
+  constexpr int kL = cpu::kLanes;
+  const int64_t K = sh_size(degree), G = int64_t(grid.nlat) * grid.nlon;
+  cpu::for_each_lane_block<double>(batch, degree, grid, num_threads, false, [&] {
+    return [&, fp = std::vector<double>(kL * G), ft = std::vector<double>(kL * G)](
+               cpu::LaneWork<double>& w, const FftPlan& plan, int64_t b0, int nb) mutable {
+      const T* rows[kL];
+      double* grids[2][kL];
+      for (int v = 0; v < nb; ++v) {
+        grids[0][v] = fp.data() + v * G;
+        grids[1][v] = ft.data() + v * G;
+      }
+      for (int side = 0; side < 2; ++side) {
+        for (int v = 0; v < nb; ++v) rows[v] = (side ? target : pred) + K * (b0 + v);
+        cpu::synth_lanes<double>(rows, nb, grid, plan, w, grids[side]);
+      }
+      for (int v = 0; v < nb; ++v) {
+        const double scale = grad_kl ? double(grad_kl[b0 + v]) : 1.0;
+        const double value = kl_pair(grids[0][v], grids[1][v], grid, inv_t, scale, grad_pred ? grids[0][v] : nullptr,
+                                     grad_target ? grids[1][v] : nullptr);
+        if (kl) kl[b0 + v] = T(value);
+      }
+      for (int side = 0; side < 2; ++side) {
+        T* grad = side ? grad_target : grad_pred;
+        if (!grad) continue;
+        T* outs[kL];
+        for (int v = 0; v < nb; ++v) outs[v] = grad + K * (b0 + v);
+        cpu::adjoint_lanes<double>(grids[side], nb, grid, plan, w, outs);
+      }
+    };
+  });
+}
+
 }  // namespace
 
 // ---- entry points ------------------------------------------------------------------------
@@ -578,28 +646,19 @@ void shdd_synth_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& 
 template <typename T>
 void shdd_adjoint_cpu(const T* weights, int64_t batch, int degree, const RingGrid& grid,
                       T* out_coeffs, int num_threads) {
-  if (batch <= 0) return;
-  const auto plan = fft_plan(grid.nlon);
+  // float64 lanes whatever T: each coefficient sums over the whole grid.
   const int64_t K = sh_size(degree), G = int64_t(grid.nlat) * grid.nlon;
-  const int64_t nblocks = (batch + kBlock - 1) / kBlock;
-#pragma omp parallel num_threads(threads(num_threads, nblocks))
-  {
-    Work w;
-    w.resize(degree, grid);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t b0 = blk * kBlock;
-      const int nb = int(std::min<int64_t>(kBlock, batch - b0));
-      T* outs[kBlock];
+  cpu::for_each_lane_block<double>(batch, degree, grid, num_threads, false, [&] {
+    return [&](cpu::LaneWork<double>& w, const FftPlan& plan, int64_t b0, int nb) {
+      const T* wgt[cpu::kLanes];
+      T* outs[cpu::kLanes];
       for (int v = 0; v < nb; ++v) {
-        const T* src = weights + G * (b0 + v);
-        for (int64_t i = 0; i < G; ++i) w.grid[i] = double(src[i]);
-        fourier_adjoint(w.grid.data(), degree, grid, *plan, w, v);
+        wgt[v] = weights + G * (b0 + v);
         outs[v] = out_coeffs + K * (b0 + v);
       }
-      legendre_adjoint(degree, grid, w, nb, outs);
-    }
-  }
+      cpu::adjoint_lanes<double>(wgt, nb, grid, plan, w, outs);
+    };
+  });
 }
 
 template <typename T>
@@ -639,6 +698,12 @@ void shdd_scan_cpu(const T* f, int64_t batch, const RingGrid& grid, bool folded,
 template <typename T>
 void shdd_logz_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& grid,
                    double inv_temperature, double* out, int num_threads) {
+  if (int64_t(grid.nlat) * grid.nlon <= kLaneGridMax) {
+    cpu::for_each_synthesis_lanes<double>(coeffs, batch, degree, grid, num_threads, [&] {
+      return [&](const double* f, const double* const*, int64_t b) { out[b] = log_partition(f, grid, inv_temperature); };
+    });
+    return;
+  }
   for_each_synthesis(coeffs, batch, degree, grid, num_threads, [&] {
     return [&](Work& w, int64_t b) { out[b] = log_partition(w.grid.data(), grid, inv_temperature); };
   });
@@ -647,6 +712,9 @@ void shdd_logz_cpu(const T* coeffs, int64_t batch, int degree, const RingGrid& g
 template <typename T>
 void shdd_kl_fwd_cpu(const T* pred, const T* target, int64_t batch, int degree,
                      const RingGrid& grid, double inv_temperature, T* kl, int num_threads) {
+  if (int64_t(grid.nlat) * grid.nlon <= kLaneGridMax)
+    return kl_lanes(pred, target, static_cast<const T*>(nullptr), batch, degree, grid, inv_temperature, kl,
+                    static_cast<T*>(nullptr), static_cast<T*>(nullptr), num_threads);
   for_each_pair_block(pred, target, batch, degree, grid, num_threads, [&] {
     return [&](Work& w, const FftPlan& plan, int64_t b0, int ns) {
       for (int s = 0; s < ns; ++s) {
@@ -664,6 +732,9 @@ void shdd_kl_bwd_cpu(const T* pred, const T* target, const T* grad_kl, int64_t b
                      T* grad_target, int num_threads) {
   if (!grad_pred && !grad_target) return;
   const int64_t K = sh_size(degree), G = int64_t(grid.nlat) * grid.nlon;
+  if (G <= kLaneGridMax)
+    return kl_lanes(pred, target, grad_kl, batch, degree, grid, inv_temperature, static_cast<T*>(nullptr),
+                    grad_pred, grad_target, num_threads);
   for_each_pair_block(pred, target, batch, degree, grid, num_threads, [&] {
     return [&, wp = std::vector<double>(grad_pred ? G : 0),
             wt = std::vector<double>(grad_target ? G : 0)](Work& w, const FftPlan& plan, int64_t b0,
