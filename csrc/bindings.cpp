@@ -203,6 +203,21 @@ PYBIND11_MODULE(_C, m) {
      LOCDIFF_GRID_PYARGS, py::arg("inv_temperature"), py::arg("grad_pred"), py::arg("grad_target"),
      py::arg("dtype"), py::arg("num_threads"));
 
+  m.def("shdd_kl_grad_cpu", [ring](std::uintptr_t pred, std::uintptr_t target, int64_t batch, int degree,
+                                   LOCDIFF_GRID_ARGS, double inv_temperature, std::uintptr_t kl,
+                                   std::uintptr_t grad_pred, std::uintptr_t grad_target,
+                                   const std::string& dtype, int num_threads) {
+    py::gil_scoped_release nogil;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      locdiff::shdd_kl_grad_cpu<T>(ptr<const T>(pred), ptr<const T>(target), batch, degree, LOCDIFF_GRID,
+                                   inv_temperature, ptr<T>(kl), ptr<T>(grad_pred), ptr<T>(grad_target),
+                                   num_threads);
+    });
+  }, "KL and its gradients w.r.t. pred and target at grad_kl = 1 (0: not wanted).", py::arg("pred"),
+     py::arg("target"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS, py::arg("inv_temperature"),
+     py::arg("kl"), py::arg("grad_pred"), py::arg("grad_target"), py::arg("dtype"), py::arg("num_threads"));
+
   m.def("shdd_legendre_table_cpu", [](std::uintptr_t theta, int nhalf, int degree, std::uintptr_t out,
                                       int num_threads) {
     py::gil_scoped_release nogil;

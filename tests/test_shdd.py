@@ -344,6 +344,8 @@ def test_opcheck():
         (ops.shdd_decode_op, (c.detach(), *a, 4, 0.5, 2, 10)),
         (ops.shdd_kl_op, (c, t, *a, 1.5)),
         (ops.shdd_kl_backward_op, (c.detach(), t, torch.rand(3, dtype=torch.float64), *a, 1.5, True, False)),
+        (ops.shdd_kl_grad_op, (c, t, *a, 1.5, True, False)),
+        (ops.shdd_kl_grad_op, (c, t.clone().requires_grad_(True), *a, 1.5, True, True)),
     ]
     for op, args in checks:
         torch.library.opcheck(op, args)

@@ -276,32 +276,6 @@ LOCDIFF_CLONES void legendre_adjoint(int L, const RingGrid& g, Work& w, int nb, 
   }
 }
 
-// sum_k exp(row[k] * a + b) over n values, four lanes at a time (vector_exp.h).
-LOCDIFF_INLINE double sum_exp(const double* row, int n, double a, double b) {
-  cpu::Double4 acc = cpu::splat4(0.0);
-  int k = 0;
-  for (; k + 4 <= n; k += 4) acc += cpu::exp4(cpu::load4(row + k) * a + b);
-  double sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  for (; k < n; ++k) sum += cpu::exp1(row[k] * a + b);
-  return sum;
-}
-
-// log sum_i exp(v_i) with v_i = f_i * inv_t + log_area(ring).
-LOCDIFF_CLONES double log_partition(const double* f, const RingGrid& g, double inv_t) {
-  const int N = g.nlon;
-  double mx = -std::numeric_limits<double>::infinity();
-  for (int j = 0; j < g.nlat; ++j) {
-    const double* row = f + int64_t(j) * N;
-    double rmax = row[0];
-#pragma omp simd reduction(max : rmax)
-    for (int k = 1; k < N; ++k) rmax = row[k] > rmax ? row[k] : rmax;
-    mx = std::max(mx, rmax * inv_t + g.log_area[j]);
-  }
-  double sum = 0;
-  for (int j = 0; j < g.nlat; ++j) sum += sum_exp(f + int64_t(j) * N, N, inv_t, g.log_area[j] - mx);
-  return mx + std::log(sum);
-}
-
 // Up to ncand grid local maxima of one vector's f, best first (see shdd_kernels.h). rows[j]:
 // ring j's nlon values (the caller's layout may fold the southern rings elsewhere).
 //
@@ -466,55 +440,82 @@ LOCDIFF_CLONES void scan_candidates(const F* const* rows, const RingGrid& grid, 
   }
 }
 
-// KL(p || q) of one pair, with fp, ft the grid values; fills weights for the backward
-// when wp / wt are non-null: wp = (q - p) / t, wt = p (log p - log q - KL) / t.
-LOCDIFF_CLONES double kl_pair(const double* fp, const double* ft, const RingGrid& g, double inv_t, double scale,
-                              double* wp, double* wt) {
-  using cpu::Double4;
-  const double lzp = log_partition(ft, g, inv_t);  // p from the target
-  const double lzq = log_partition(fp, g, inv_t);
+// exp(f_i * inv_t + log_area - max) into e (the grid's layout; not kept if e is null) ->
+// (max, sum of the exponentials): the unnormalised softmax of one vector's grid values, four
+// lanes at a time (vector_exp.h).
+LOCDIFF_INLINE std::pair<double, double> softmax_terms(const double* f, const RingGrid& g, double inv_t, double* e) {
   const int N = g.nlon;
-  double kl = 0;
+  double mx = -std::numeric_limits<double>::infinity();
   for (int j = 0; j < g.nlat; ++j) {
-    const double bp = g.log_area[j] - lzp;
-    const double* t = ft + int64_t(j) * N;
-    const double* q = fp + int64_t(j) * N;
-    Double4 acc = cpu::splat4(0.0);
+    const double* row = f + int64_t(j) * N;
+    double rmax = row[0];
+#pragma omp simd reduction(max : rmax)
+    for (int k = 1; k < N; ++k) rmax = row[k] > rmax ? row[k] : rmax;
+    mx = std::max(mx, rmax * inv_t + g.log_area[j]);
+  }
+  double sum = 0;
+  for (int j = 0; j < g.nlat; ++j) {
+    const double b = g.log_area[j] - mx;
+    const double* row = f + int64_t(j) * N;
+    double* out = e ? e + int64_t(j) * N : nullptr;
+    cpu::Double4 acc = cpu::splat4(0.0);
     int k = 0;
     for (; k + 4 <= N; k += 4) {
-      const Double4 t4 = cpu::load4(t + k);
-      acc += cpu::exp4(t4 * inv_t + bp) * (t4 - cpu::load4(q + k));
+      const cpu::Double4 v = cpu::exp4(cpu::load4(row + k) * inv_t + b);
+      if (out) cpu::store4(out + k, v);
+      acc += v;
     }
-    kl += (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    for (; k < N; ++k) kl += cpu::exp1(t[k] * inv_t + bp) * (t[k] - q[k]);
+    sum += (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (; k < N; ++k) {
+      const double v = cpu::exp1(row[k] * inv_t + b);
+      if (out) out[k] = v;
+      sum += v;
+    }
   }
-  kl = kl * inv_t - lzp + lzq;
+  return {mx, sum};
+}
+
+// log sum_i exp(v_i) with v_i = f_i * inv_t + log_area(ring).
+LOCDIFF_CLONES double log_partition(const double* f, const RingGrid& g, double inv_t) {
+  const auto [mx, sum] = softmax_terms(f, g, inv_t, nullptr);
+  return mx + std::log(sum);
+}
+
+// Scratch of kl_pair: the two softmax numerators (one grid each).
+struct KlScratch {
+  std::vector<double> ep, eq;
+};
+
+// KL(p || q) of one pair, with fp, ft the grid values; fills weights for the backward
+// when wp / wt are non-null: wp = (q - p) / t, wt = p (log p - log q - KL) / t, times scale.
+// Two exponentials per point (p and q, kept), where the log-partitions, the KL sum and the
+// weights each took their own before.
+LOCDIFF_CLONES double kl_pair(const double* fp, const double* ft, const RingGrid& g, double inv_t, double scale,
+                              double* wp, double* wt, KlScratch& ks) {
+  const int N = g.nlon;
+  const int64_t G = int64_t(g.nlat) * N;
+  ks.ep.resize(size_t(G));
+  ks.eq.resize(size_t(G));
+  const auto [mp, sp] = softmax_terms(ft, g, inv_t, ks.ep.data());  // p from the target
+  const auto [mq, sq] = softmax_terms(fp, g, inv_t, ks.eq.data());
+  const double lzp = mp + std::log(sp), lzq = mq + std::log(sq);
+  const double cp = 1 / sp, cq = 1 / sq;
+  const double* ep = ks.ep.data();
+  const double* eq = ks.eq.data();
+  // KL = sum_i p_i (log p_i - log q_i) = sum_i p_i (ft_i - fp_i) / t - lzp + lzq.
+  double acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < G; ++i) acc += ep[i] * (ft[i] - fp[i]);
+  const double kl = acc * cp * inv_t - lzp + lzq;
   if (wp || wt) {
-    // wp = (q - p) / t, wt = p (log p - log q - KL) / t, point by point: wp and wt may be
-    // fp and ft themselves (each value is read before its weight is written).
-    const double sw = scale * inv_t;
-    for (int j = 0; j < g.nlat; ++j) {
-      const double la = g.log_area[j];
-      const int64_t o = int64_t(j) * N;
-      auto weights = [&](Double4 t4, Double4 q4, Double4& w_p, Double4& w_t) LOCDIFF_INLINE_LAMBDA {
-        const Double4 lp = t4 * inv_t + (la - lzp), lq = q4 * inv_t + (la - lzq);
-        const Double4 p = cpu::exp4(lp);
-        w_p = (cpu::exp4(lq) - p) * sw;
-        w_t = p * (lp - lq - kl) * sw;
-      };
-      int k = 0;
-      for (; k + 4 <= N; k += 4) {
-        Double4 w_p, w_t;
-        weights(cpu::load4(ft + o + k), cpu::load4(fp + o + k), w_p, w_t);
-        if (wp) cpu::store4(wp + o + k, w_p);
-        if (wt) cpu::store4(wt + o + k, w_t);
-      }
-      for (; k < N; ++k) {
-        Double4 w_p, w_t;
-        weights(cpu::splat4(ft[o + k]), cpu::splat4(fp[o + k]), w_p, w_t);
-        if (wp) wp[o + k] = w_p[0];
-        if (wt) wt[o + k] = w_t[0];
-      }
+    // Point by point: wp and wt may be fp and ft themselves (each value is read before its
+    // weight is written).
+    const double sw = scale * inv_t, dz = lzq - lzp - kl;
+    for (int64_t i = 0; i < G; ++i) {
+      const double p = ep[i] * cp;
+      const double dl = (ft[i] - fp[i]) * inv_t + dz;  // log p - log q - KL
+      if (wt) wt[i] = sw * p * dl;
+      if (wp) wp[i] = sw * (eq[i] * cq - p);
     }
   }
   return kl;
@@ -602,7 +603,7 @@ void kl_lanes(const T* pred, const T* target, const T* grad_kl, int64_t batch, i
   constexpr int kL = cpu::kLanes;
   const int64_t K = sh_size(degree), G = int64_t(grid.nlat) * grid.nlon;
   cpu::for_each_lane_block<double>(batch, degree, grid, num_threads, false, [&] {
-    return [&, fp = std::vector<double>(kL * G), ft = std::vector<double>(kL * G)](
+    return [&, fp = std::vector<double>(kL * G), ft = std::vector<double>(kL * G), ks = KlScratch()](
                cpu::LaneWork<double>& w, const FftPlan& plan, int64_t b0, int nb) mutable {
       const T* rows[kL];
       double* grids[2][kL];
@@ -617,7 +618,7 @@ void kl_lanes(const T* pred, const T* target, const T* grad_kl, int64_t batch, i
       for (int v = 0; v < nb; ++v) {
         const double scale = grad_kl ? double(grad_kl[b0 + v]) : 1.0;
         const double value = kl_pair(grids[0][v], grids[1][v], grid, inv_t, scale, grad_pred ? grids[0][v] : nullptr,
-                                     grad_target ? grids[1][v] : nullptr);
+                                     grad_target ? grids[1][v] : nullptr, ks);
         if (kl) kl[b0 + v] = T(value);
       }
       for (int side = 0; side < 2; ++side) {
@@ -716,11 +717,10 @@ void shdd_kl_fwd_cpu(const T* pred, const T* target, int64_t batch, int degree,
     return kl_lanes(pred, target, static_cast<const T*>(nullptr), batch, degree, grid, inv_temperature, kl,
                     static_cast<T*>(nullptr), static_cast<T*>(nullptr), num_threads);
   for_each_pair_block(pred, target, batch, degree, grid, num_threads, [&] {
-    return [&](Work& w, const FftPlan& plan, int64_t b0, int ns) {
+    return [&, ks = KlScratch()](Work& w, const FftPlan& plan, int64_t b0, int ns) mutable {
       for (int s = 0; s < ns; ++s) {
         synth_pair(degree, grid, plan, w, s);
-        kl[b0 + s] = T(kl_pair(w.grid.data(), w.grid2.data(), grid, inv_temperature, 1.0,
-                               nullptr, nullptr));
+        kl[b0 + s] = T(kl_pair(w.grid.data(), w.grid2.data(), grid, inv_temperature, 1.0, nullptr, nullptr, ks));
       }
     };
   });
@@ -737,7 +737,7 @@ void shdd_kl_bwd_cpu(const T* pred, const T* target, const T* grad_kl, int64_t b
                     grad_pred, grad_target, num_threads);
   for_each_pair_block(pred, target, batch, degree, grid, num_threads, [&] {
     return [&, wp = std::vector<double>(grad_pred ? G : 0),
-            wt = std::vector<double>(grad_target ? G : 0)](Work& w, const FftPlan& plan, int64_t b0,
+            wt = std::vector<double>(grad_target ? G : 0), ks = KlScratch()](Work& w, const FftPlan& plan, int64_t b0,
                                                            int ns) mutable {
       // Pair s reads ring sums from slots 2s, 2s+1, then writes its adjoint spectra to the
       // next free slots, which are never beyond 2s+1: a slot is overwritten only once read.
@@ -746,7 +746,7 @@ void shdd_kl_bwd_cpu(const T* pred, const T* target, const T* grad_kl, int64_t b
       for (int s = 0; s < ns; ++s) {
         synth_pair(degree, grid, plan, w, s);
         kl_pair(w.grid.data(), w.grid2.data(), grid, inv_temperature, double(grad_kl[b0 + s]),
-                grad_pred ? wp.data() : nullptr, grad_target ? wt.data() : nullptr);
+                grad_pred ? wp.data() : nullptr, grad_target ? wt.data() : nullptr, ks);
         if (grad_pred) {
           fourier_adjoint(wp.data(), degree, grid, plan, w, na);
           outs[na++] = grad_pred + K * (b0 + s);
@@ -759,6 +759,18 @@ void shdd_kl_bwd_cpu(const T* pred, const T* target, const T* grad_kl, int64_t b
       legendre_adjoint(degree, grid, w, na, outs);
     };
   });
+}
+
+template <typename T>
+void shdd_kl_grad_cpu(const T* pred, const T* target, int64_t batch, int degree, const RingGrid& grid,
+                      double inv_temperature, T* kl, T* grad_pred, T* grad_target, int num_threads) {
+  if (int64_t(grid.nlat) * grid.nlon <= kLaneGridMax)
+    return kl_lanes(pred, target, static_cast<const T*>(nullptr), batch, degree, grid, inv_temperature, kl,
+                    grad_pred, grad_target, num_threads);
+  shdd_kl_fwd_cpu(pred, target, batch, degree, grid, inv_temperature, kl, num_threads);
+  const std::vector<T> ones(size_t(std::max<int64_t>(batch, 0)), T(1));
+  shdd_kl_bwd_cpu(pred, target, ones.data(), batch, degree, grid, inv_temperature, grad_pred, grad_target,
+                  num_threads);
 }
 
 void shdd_legendre_table_cpu(const double* theta, int nhalf, int degree, double* out,
@@ -807,6 +819,8 @@ void shdd_legendre_table_cpu(const double* theta, int nhalf, int degree, double*
                                    T*, int);                                                   \
   template void shdd_kl_bwd_cpu<T>(const T*, const T*, const T*, int64_t, int, const RingGrid&, \
                                    double, T*, T*, int);                                       \
+  template void shdd_kl_grad_cpu<T>(const T*, const T*, int64_t, int, const RingGrid&, double, T*, T*, T*, \
+                                    int);                                                        \
   template void shdd_scan_cpu<T>(const T*, int64_t, const RingGrid&, bool, int, int64_t*,       \
                                  double*, double*, int);
 LOCDIFF_INSTANTIATE(float)

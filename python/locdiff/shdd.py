@@ -23,8 +23,8 @@ import torch
 from locdiff import grids as _grids
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 from locdiff.ops import validation
-from locdiff.ops.shdd import (shdd_candidates_op, shdd_decode_op, shdd_eval_op, shdd_kl_op, shdd_logz_op,
-                              shdd_refine_op, shdd_synth_op)
+from locdiff.ops.shdd import (shdd_candidates_op, shdd_decode_op, shdd_eval_op, shdd_kl_grad_op, shdd_kl_op,
+                              shdd_logz_op, shdd_refine_op, shdd_synth_op)
 from locdiff.sh import spherical_harmonics
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -401,8 +401,9 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     """SHDD-KL: ``KL(softmax(f_target/t) || softmax(f_pred/t))`` over the cells of a ring grid
     (with their areas), per vector, reduced by ``reduction`` ("mean", "sum", "none").
 
-    The fused op ``locdiff::shdd_kl`` keeps one vector's grid in scratch at a time, and its
-    backward gives gradients w.r.t. both pred and target. Shapes ``(..., K)``, broadcast.
+    The fused op ``locdiff::shdd_kl`` keeps no batch x grid matrix; when either input needs a
+    gradient, ``locdiff::shdd_kl_grad`` computes the gradients in the same pass (backward
+    only scales them), w.r.t. pred and target. Shapes ``(..., K)``, broadcast.
 
     >>> c = encode(torch.tensor([[10.0, 20.0]]), 16)
     >>> float(kl_divergence(c, c))
@@ -423,7 +424,12 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     K = p.shape[-1]
     p = p.to(dtype).reshape(*lead_p, K).expand(*shape, K).reshape(-1, K).contiguous()
     q = q.to(dtype).reshape(*lead_t, K).expand(*shape, K).reshape(-1, K).contiguous()
-    kl = shdd_kl_op(p, q, *_ring_args(grid, degree, p.device), 1.0 / t).reshape(shape)
+    args = (*_ring_args(grid, degree, p.device), 1.0 / t)
+    if torch.is_grad_enabled() and (p.requires_grad or q.requires_grad):
+        kl = shdd_kl_grad_op(p, q, *args, p.requires_grad, q.requires_grad)[0]  # one pass for both
+    else:
+        kl = shdd_kl_op(p, q, *args)
+    kl = kl.reshape(shape)
     if reduction == "mean":
         kl = kl.mean()
     elif reduction == "sum":

@@ -95,6 +95,13 @@ void shdd_kl_bwd_cpu(const T* pred, const T* target, const T* grad_kl, int64_t b
                      int degree, const RingGrid& grid, double inv_temperature, T* grad_pred,
                      T* grad_target, int num_threads);
 
+// Forward and backward in one pass, for training: kl as shdd_kl_fwd_cpu, and the
+// gradients of each kl (grad_kl = 1) as shdd_kl_bwd_cpu (either may be null). The caller
+// scales them by the incoming gradient: the backward then needs no second synthesis.
+template <typename T>
+void shdd_kl_grad_cpu(const T* pred, const T* target, int64_t batch, int degree, const RingGrid& grid,
+                      double inv_temperature, T* kl, T* grad_pred, T* grad_target, int num_threads);
+
 // f and its gradient at points: xyz (N, 3) (any non-zero length; the gradient is w.r.t. the
 // vector as given, i.e. (I - u u^T) grad f / |r|), row (N,) the coefficient row of each
 // point. grad may be null.

@@ -9,6 +9,7 @@ coefficients' device, from ``locdiff.grids.Grid``) and ``degree, nlat, nlon, lon
   shdd_logz(coeffs, inv_t) -> log sum_i area_i exp(f_i / t) (B,) float64      [CPU]
   shdd_kl(pred, target, inv_t) -> KL(softmax(f_target/t) || softmax(f_pred/t)) (B,)
   shdd_kl_backward(pred, target, grad, inv_t, need_pred, need_target) -> (gp, gt)
+  shdd_kl_grad(pred, target, inv_t, need_pred, need_target) -> (kl, gp, gt) at grad 1 [autograd]
   shdd_eval(coeffs, xyz (N,3) float64, row (N,)) -> f (N,), grad (N,3) float64   [CPU]
   shdd_hessian(coeffs, xyz, row) -> Hessian on the sphere (N,3,3) float64        [CPU]
   shdd_refine(coeffs, xyz (N,3) float64, row (N,), radius, max_iter) -> xyz, f    [CPU]
@@ -449,6 +450,56 @@ def _(pred, target, grad, table, theta, log_area, degree, nlat, nlon, lon0, inv_
             torch.empty_like(target) if need_target else target.new_empty((0,)))
 
 
+# Training wants the KL and its gradient together: one pass gives both (the gradient at
+# grad_kl = 1, the size of pred), and the backward only scales it, instead of synthesising
+# both vectors of every pair a second time (1.7 to 2 times less work per step).
+@torch.library.custom_op("locdiff::shdd_kl_grad", mutates_args=(), device_types="cpu")
+def shdd_kl_grad_op(pred: Tensor, target: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int,
+                    nlat: int, nlon: int, lon0: float, inv_temperature: float, need_pred: bool,
+                    need_target: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (kl (B,), dkl/dpred (B, K) or empty, dkl/dtarget (B, K) or empty), per pair."""
+    kl = pred.new_empty((pred.shape[0],))
+    gp = torch.empty_like(pred) if need_pred else pred.new_empty((0,))
+    gt = torch.empty_like(target) if need_target else target.new_empty((0,))
+    if pred.shape[0]:
+        _C.shdd_kl_grad_cpu(pred.data_ptr(), target.data_ptr(), pred.shape[0], degree,
+                            *_grid_args(table, theta, log_area, nlat, nlon, lon0), inv_temperature,
+                            kl.data_ptr(), gp.data_ptr() if need_pred else 0, gt.data_ptr() if need_target else 0,
+                            _tag(pred), _threads())
+    return kl, gp, gt
+
+
+@shdd_kl_grad_op.register_kernel("cuda")
+def _(pred, target, table, theta, log_area, degree, nlat, nlon, lon0, inv_temperature, need_pred, need_target):
+    grid = (table, theta, log_area, degree, nlat, nlon, lon0, inv_temperature)
+    kl = shdd_kl_op(pred, target, *grid)
+    gp, gt = shdd_kl_backward_op(pred, target, torch.ones_like(kl), *grid, need_pred, need_target)
+    return kl, gp, gt
+
+
+@shdd_kl_grad_op.register_fake
+def _(pred, target, table, theta, log_area, degree, nlat, nlon, lon0, inv_temperature, need_pred, need_target):
+    return (pred.new_empty((pred.shape[0],)), torch.empty_like(pred) if need_pred else pred.new_empty((0,)),
+            torch.empty_like(target) if need_target else target.new_empty((0,)))
+
+
+def _setup_kl_grad(ctx, inputs, output):
+    _, gp, gt = output
+    ctx.save_for_backward(gp, gt)
+    ctx.mark_non_differentiable(gp, gt)
+    ctx.need = inputs[-2:]
+
+
+def _kl_grad_backward(ctx, grad, _grad_gp, _grad_gt):
+    gp, gt = ctx.saved_tensors
+    need_pred, need_target = ctx.need
+    return ((grad[:, None] * gp if need_pred else None, grad[:, None] * gt if need_target else None)
+            + (None,) * 10)
+
+
+shdd_kl_grad_op.register_autograd(_kl_grad_backward, setup_context=_setup_kl_grad)
+
+
 def _setup_kl(ctx, inputs, output):
     pred, target = inputs[:2]
     ctx.save_for_backward(pred, target)
@@ -465,4 +516,4 @@ def _kl_backward(ctx, grad):
 shdd_kl_op.register_autograd(_kl_backward, setup_context=_setup_kl)
 
 __all__ = ["shdd_adjoint_op", "shdd_candidates_op", "shdd_decode_op", "shdd_decode_refine_op", "shdd_eval_op", "shdd_hessian_op",
-           "shdd_kl_backward_op", "shdd_kl_op", "shdd_logz_op", "shdd_refine_op", "shdd_synth_op"]
+           "shdd_kl_backward_op", "shdd_kl_grad_op", "shdd_kl_op", "shdd_logz_op", "shdd_refine_op", "shdd_synth_op"]
