@@ -1,11 +1,12 @@
-"""Markdown tables from a pytest-benchmark JSON of test_sh_bench.py / test_decode_bench.py.
+"""Markdown tables from a pytest-benchmark JSON of test_sh_bench.py / test_decode_bench.py /
+test_kl_bench.py.
 
     python benchmarks/report.py benchmarks/results/sh_cpu.json
 
 Spherical harmonics: ns per output value (best time of the rounds / values; on a shared
 machine the median carries the neighbours' load), per pass; a * marks a result that failed
 the accuracy check (error per unit over 2e-6 float32 / 1e-11 float64) with the degree it
-goes wrong from. Decode: best time in ms.
+goes wrong from. Decode and SHDD-KL (forward + backward): best time in ms per call.
 """
 import collections
 import json
@@ -44,12 +45,13 @@ def sh_table(benchmarks):
     return "\n".join(lines)
 
 
-def decode_table(benchmarks):
+def timing_table(benchmarks, op):
+    """ms per call of every impl of ``op`` ("decode", "kl") per (device, dtype, L, B)."""
     rows = collections.defaultdict(dict)
     impls = []
     for b in benchmarks:
         e = b["extra_info"]
-        if e.get("op") != "decode":
+        if e.get("op") != op:
             continue
         key = (e["device"], e["dtype"], e["degree"], e["items"])
         if e["impl"] not in impls:
@@ -76,7 +78,8 @@ def main(path):
         data = json.load(f)
     info = data.get("machine_info", {})
     print(f'<!-- {path}: {info.get("cpu", {}).get("brand_raw", "")}, commit {data.get("commit_info", {}).get("id", "")[:10]} -->')
-    for table in (sh_table(data["benchmarks"]), decode_table(data["benchmarks"])):
+    for table in (sh_table(data["benchmarks"]), timing_table(data["benchmarks"], "decode"),
+                  timing_table(data["benchmarks"], "kl")):
         if table:
             print(table)
             print()

@@ -7,7 +7,8 @@
 # build from an earlier call is still there. Stage timeouts keep the whole under 10 minutes.
 # STAGES=decode (a second call, right after the first: the build stays while the machine is
 # warm) times the SHDD decode on CUDA against the naive path and torch-harmonics on the same
-# GPU (decode_cuda.json, about 3 minutes).
+# GPU, and the SHDD-KL against the dense path and torch-harmonics (decode_cuda.json, about 3
+# minutes).
 # Needs a Python with torch (CUDA build), triton, pytest, pytest-benchmark, scikit-build-core
 # and pybind11; sphericart / e3nn / cuequivariance are measured where installed.
 set -uo pipefail
@@ -62,14 +63,14 @@ step "benchmarks (device=cuda) and copy bandwidth, same run"
 # Short timing rounds: about 240 CUDA cases must fit in the budget.
 timeout 300 "$PY" -m pytest benchmarks --benchmark-only -p no:cacheprovider -q \
   --benchmark-min-rounds=3 --benchmark-max-time=0.25 --benchmark-warmup=on --benchmark-warmup-iterations=1 \
-  -k "(sh and cuda and not decode) or gpu_bandwidth" --benchmark-json "$OUT/sh_cuda.json" \
+  -k "(sh and cuda and not decode and not test_kl) or gpu_bandwidth" --benchmark-json "$OUT/sh_cuda.json" \
   --benchmark-columns=min,median,rounds 2>&1 | tee "$OUT/bench.txt" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BENCHMARKS FAILED"; status=1; }
 fi
 
 if has decode; then
-step "decode benchmarks (device=cuda): locdiff vs naive vs torch-harmonics, same run"
-timeout 240 "$PY" -m pytest benchmarks/test_decode_bench.py --benchmark-only -p no:cacheprovider -q \
+step "decode and SHDD-KL benchmarks (device=cuda): locdiff vs naive / dense vs torch-harmonics, same run"
+timeout 240 "$PY" -m pytest benchmarks/test_decode_bench.py benchmarks/test_kl_bench.py --benchmark-only -p no:cacheprovider -q \
   -k "cuda" --benchmark-json "$OUT/decode_cuda.json" --benchmark-columns=min,median,rounds 2>&1 \
   | tee "$OUT/decode_bench.txt" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "DECODE BENCHMARKS FAILED"; status=1; }
