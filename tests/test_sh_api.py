@@ -18,6 +18,20 @@ def test_matches_reference(dtype, degree, rng):
     assert_close(locdiff.spherical_harmonics(xyz, degree), spherical_harmonics_reference(xyz, degree))
 
 
+@pytest.mark.parametrize("degree", [6, 16])
+def test_large_float64_outputs_streamed_out_match(degree, rng):
+    # Outputs of 4 MB and more at 6 <= L <= 16 in float64 leave through non-temporal stores of
+    # whole blocks (sh_cpu_small.cpp): the same values as the direct stores of a small call,
+    # with a partial last block, and against the reference on a sample.
+    n = (4 << 20) // (8 * (degree + 1) ** 2) + 13
+    xyz = torch.tensor(rng.normal(size=(n, 3)))
+    big = locdiff.spherical_harmonics(xyz, degree)
+    small = torch.cat([locdiff.spherical_harmonics(xyz[i:i + 1000], degree) for i in range(0, n, 1000)])
+    assert torch.equal(big, small)
+    rows = torch.cat([torch.arange(16), torch.arange(n - 16, n)])
+    assert_close(big[rows], spherical_harmonics_reference(xyz[rows], degree))
+
+
 def test_shapes_numpy_and_normalisation(rng):
     p = rng.normal(size=(2, 5, 3))
     y = locdiff.spherical_harmonics(p, 4)
