@@ -262,6 +262,28 @@ def test_candidates_both_routes_match_reference(grid, dtype, route, monkeypatch)
     assert_close(val[ok].to(dtype), torch.gather(f, 1, idx.clamp_min(0))[ok].to(dtype))
 
 
+@pytest.mark.parametrize("grid, degree", [(GRID, 6), (GRID2, 5), (grids.for_degree(20), 20)], ids=["odd-nlat", "dft", "L20"])
+def test_torch_local_maxima_match_the_cpp_scan(grid, degree):
+    # The devices without the C++ scan (CUDA) take ring_local_maxima + topk: the same maxima,
+    # in the same order of value, and the same decode after refinement.
+    c = torch.randn(9, (degree + 1) ** 2, dtype=torch.float64)
+    _, val, _ = ops.shdd_candidates_op(c, *ring_args(grid, degree), 6)
+    val_t, start_t = shdd._ring_candidates_torch(c, degree, grid, 6)
+    assert_close(val_t, val)
+    value, start = shdd._candidates(c, degree, grid, 6)
+    xyz, f = shdd._refine_candidates(c, degree, val_t, start_t, 3)
+    xyz_c, f_c = shdd._refine_candidates(c, degree, value, start, 3)
+    assert_close(f[:, 0], f_c[:, 0])
+    # (from other starting points: a broad low-degree maximum is flat to ~1e-8 rad)
+    d_km = locdiff.great_circle_km(locdiff.xyz_to_latlon(xyz[:, 0]), locdiff.xyz_to_latlon(xyz_c[:, 0]))
+    assert float(d_km.max()) < 1e-3
+    # Polar fold: a maximum on the first ring next to higher values across the pole is not one.
+    f_pole = torch.zeros(1, 4, 8)
+    f_pole[0, 0, 0], f_pole[0, 0, 4] = 1.0, 2.0
+    peak = shdd.ring_local_maxima(f_pole)
+    assert not bool(peak[0, 0, 0]) and bool(peak[0, 0, 4])
+
+
 @pytest.mark.parametrize("degree", [3, 12, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_hessian_matches_reference(degree, dtype):

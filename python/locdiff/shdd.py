@@ -192,6 +192,8 @@ def _candidates(flat, degree, grid, ncand):
         th, ph = start[..., 0], start[..., 1]
         xyz = torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()], -1)
         return value, xyz
+    if grid.is_ring:
+        return _ring_candidates_torch(flat, degree, grid, ncand)
     gxyz = grid.xyz.to(flat.device)
     sep = math.cos(1.7 * _grids.half_max_radius(degree))
     values, points = [], []
@@ -211,6 +213,41 @@ def _candidates(flat, degree, grid, ncand):
         values.append(v)
         points.append(torch.gather(p, 1, order[..., None].expand(-1, -1, 3)))
     return torch.cat(values), torch.cat(points)
+
+
+def ring_local_maxima(f: torch.Tensor) -> torch.Tensor:
+    """Local maxima of grid values ``f`` (..., nlat, nlon) on a ring grid (bool, same shape),
+    as the C++ scan defines them: at least the two neighbours on the ring, and no higher
+    value among the three on each adjacent ring; columns wrap at the antimeridian, and the
+    ring beyond a pole is the polar ring itself half a turn away. A dozen elementwise ops,
+    so that devices without the C++ scan find candidates in a few kernels."""
+    half = f.shape[-1] // 2
+    up = torch.cat([f[..., :1, :].roll(half, -1), f[..., :-1, :]], -2)
+    down = torch.cat([f[..., 1:, :], f[..., -1:, :].roll(half, -1)], -2)
+    peak = (f >= f.roll(1, -1)) & (f >= f.roll(-1, -1))
+    for ring in (up, down):
+        peak &= ~(ring > f) & ~(ring.roll(1, -1) > f) & ~(ring.roll(-1, -1) > f)
+    return peak
+
+
+def _ring_candidates_torch(flat, degree, grid, ncand):
+    """_candidates for ring grids off the CPU: grid values in chunks, the local maxima
+    (ring_local_maxima), their ncand best -> (value (B, n) float64, grid xyz (B, n, 3))."""
+    gxyz = grid.xyz.to(flat.device)
+    values, points = [], []
+    step = max(1, (1 << 26) // max(grid.size, 1))
+    for b0 in range(0, flat.shape[0], step):
+        f = _synth(flat[b0:b0 + step], degree, grid).view(-1, grid.nlat, grid.nlon)
+        masked = torch.where(ring_local_maxima(f), f, -torch.inf).flatten(1)
+        v, i = masked.topk(min(ncand, grid.size), -1)
+        values.append(v.double())
+        points.append(gxyz[i])
+    value, start = torch.cat(values), torch.cat(points)
+    if value.shape[1] < ncand:  # grids with fewer points than candidates
+        pad = ncand - value.shape[1]
+        value = torch.cat([value, value.new_full((value.shape[0], pad), -torch.inf)], 1)
+        start = torch.cat([start, start[:, :1].expand(-1, pad, -1)], 1)
+    return value, start
 
 
 def _refine(coeffs64, degree, rows, xyz, max_iter: int = 40):
