@@ -1,6 +1,7 @@
 // SHDD kernels on the CPU: ring-grid synthesis and its adjoint, mode candidates,
 // log-partition, the SHDD-KL loss and backward. (f at points and the Newton refinement:
-// shdd_point_cpu.cpp.)
+// shdd_point_cpu.cpp; the synthesis in SIMD lanes: ring_lanes.h; the local-maximum scan:
+// grid_scan.h; softmax and KL of one pair: ring_softmax.h.)
 //
 // Work layout. OpenMP over blocks of coefficient vectors, so no batch x grid matrix is
 // ever allocated. Per vector: (1) reorder the coefficients m-major, (2) per order m, the
@@ -30,26 +31,30 @@
 #include <vector>
 
 #include "fft.h"
+#include "grid_scan.h"
 #include "legendre_tables.h"
 #include "ring_lanes.h"
-#include "vector_exp.h"
+#include "ring_softmax.h"
 #include "locdiff/sh_math.h"
 #include "locdiff/shdd_kernels.h"
 
 namespace locdiff {
 namespace {
 
-using cpu::FftPlan;
-using cpu::Scratch;
 using cpu::fft;
 using cpu::fft_plan;
-using cpu::Tables;
+using cpu::FftPlan;
+using cpu::kl_pair;
+using cpu::KlScratch;
+using cpu::log_partition;
+using cpu::scan_candidates;
+using cpu::ScanScratch;
+using cpu::Scratch;
 using cpu::seeds;
 using cpu::tables_for;
 using cpu::threads;
 using cpu::tri;
 
-constexpr double kPi = 3.14159265358979323846;
 
 // ---- ring-grid synthesis and adjoint -----------------------------------------------------
 // Vectors go through the Legendre stage in blocks of kBlock: each table row (one ring, one
@@ -274,251 +279,6 @@ LOCDIFF_CLONES void legendre_adjoint(int L, const RingGrid& g, Work& w, int nb, 
       }
     }
   }
-}
-
-// Up to ncand grid local maxima of one vector's f, best first (see shdd_kernels.h). rows[j]:
-// ring j's nlon values (the caller's layout may fold the southern rings elsewhere).
-//
-// An SHDD vector's f oscillates over the whole sphere (ring-shaped side lobes): at L = 16
-// the 24 x 64 grid holds about 95 local maxima, 1300 at L = 64, on every ring. So the scan
-// is three branch-light passes instead of a search point by point: (1) per ring, the eight
-// neighbour tests run vectorised across the ring and leave f at the local maxima, -inf
-// elsewhere (`masked`), then the maximum of each of 8 strided chunks... per chunk of the
-// ring (chunk c: columns c, c + nch, ..., so the chunk maxima are an elementwise max of 8
-// slices); (2) a floor that at least ncand chunk maxima reach, by bisection with
-// vectorised counts (distinct chunks hold distinct maxima, so the answer is above it);
-// (3) only chunks reaching the floor are searched, and the few maxima found are sorted.
-// (Inserting each maximum into a sorted list, ring by ring, cost twice the synthesis at
-// L = 16; nth_element for the floor cost more than the neighbour tests.)
-template <typename F>
-struct ScanScratch {
-  std::vector<F> masked;     // (nlat, nlon): f at local maxima, -inf elsewhere
-  std::vector<F> chunk_max;  // (ring blocks of 8, nlon)
-  std::vector<int64_t> selected;  // chunks reaching the floor
-  std::vector<std::pair<F, int64_t>> found;
-};
-
-template <typename F>
-LOCDIFF_CLONES void scan_candidates(const F* const* rows, const RingGrid& grid, int ncand, ScanScratch<F>& ss,
-                                    int64_t* index, double* value, double* start) {
-  const int N = grid.nlon, nlat = grid.nlat, half = N / 2;
-  const F ninf = -std::numeric_limits<F>::infinity();
-  // Value at (ring j, column k); rings past a pole fold back onto the same ring, half a turn
-  // away, and columns wrap at the antimeridian.
-  auto at = [&](int j, int k) {
-    if (j < 0) {
-      j = 0;
-      k += half;
-    } else if (j >= nlat) {
-      j = nlat - 1;
-      k += half;
-    }
-    // k is within 1.5 turns of the ring (callers step one column): no division.
-    if (k >= N) k -= N;
-    if (k >= N) k -= N;
-    if (k < 0) k += N;
-    return double(rows[j][k]);
-  };
-  ss.masked.resize(size_t(nlat) * N);
-  ss.chunk_max.assign(size_t((nlat + 7) / 8) * N, ninf);
-  for (int j = 0; j < nlat; ++j) {
-    const F* __restrict row = rows[j];
-    // Interior rings compare with the rows above and below directly; the polar rings
-    // compare along the ring here and across the pole below (half a turn away, via at()).
-    const bool interior = j > 0 && j < nlat - 1;
-    const F* __restrict above = interior ? rows[j - 1] : row;
-    const F* __restrict below = interior ? rows[j + 1] : row;
-    F* __restrict mj = ss.masked.data() + int64_t(j) * N;
-    // NaN is never a maximum (every comparison with it fails); a NaN neighbour blocks nothing.
-    auto peak = [&](int k, int kl, int kr) {
-      const F v = row[k];
-      const bool is = (v >= row[kl]) & (v >= row[kr]) & !(above[kl] > v) & !(above[k] > v) & !(above[kr] > v) &
-                      !(below[kl] > v) & !(below[k] > v) & !(below[kr] > v) & (v > ninf);
-      return is ? v : ninf;
-    };
-    mj[0] = peak(0, N - 1, N > 1 ? 1 : 0);
-#pragma omp simd
-    for (int k = 1; k < N - 1; ++k) mj[k] = peak(k, k - 1, k + 1);
-    if (N > 1) mj[N - 1] = peak(N - 1, N - 2, 0);
-    if (!interior) {
-      for (int k = 0; k < N; ++k) {
-        if (!(mj[k] > ninf)) continue;
-        const double v = double(mj[k]);
-        for (int dj = -1; dj <= 1; dj += 2)
-          for (int dk = -1; dk <= 1; ++dk)
-            if (at(j + dj, k + dk) > v) mj[k] = ninf;
-      }
-    }
-    F* __restrict cm = ss.chunk_max.data() + int64_t(j / 8) * N;
-#pragma omp simd
-    for (int k = 0; k < N; ++k) cm[k] = mj[k] > cm[k] ? mj[k] : cm[k];
-  }
-  // The floor: a value that at least ncand chunk maxima reach (-inf if fewer chunks hold
-  // maxima), within 1/1024 of the range of the exact ncand-th largest.
-  const int64_t nchunks = int64_t((nlat + 7) / 8) * N;
-  const F* cms = ss.chunk_max.data();
-  auto reaching = [&](F t) {
-    int64_t n = 0;
-#pragma omp simd reduction(+ : n)
-    for (int64_t c = 0; c < nchunks; ++c) n += cms[c] >= t;
-    return n;
-  };
-  F top = ninf;
-#pragma omp simd reduction(max : top)
-  for (int64_t c = 0; c < nchunks; ++c) top = cms[c] > top ? cms[c] : top;
-  F floor = ninf;
-  F lo = top;  // the lowest chunk maximum above -inf
-#pragma omp simd reduction(min : lo)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const F x = cms[c] > ninf ? cms[c] : top;
-    lo = x < lo ? x : lo;
-  }
-  if (top > ninf && reaching(top) >= ncand) {
-    floor = top;
-  } else if (top > ninf && reaching(lo) >= ncand) {
-    F hi = top;  // invariant: reaching(lo) >= ncand > reaching(hi)
-    for (int it = 0; it < 10; ++it) {
-      const F mid = lo + (hi - lo) / 2;
-      if (!(mid > lo && mid < hi)) break;
-      (reaching(mid) >= ncand ? lo : hi) = mid;
-    }
-    floor = lo;
-  }
-  // Chunks reaching the floor, then their maxima reaching it: compacted without branches
-  // (store always, advance when kept), since which chunks pass is unpredictable.
-  const F keep = floor > ninf ? floor : std::numeric_limits<F>::lowest();
-  auto& sel = ss.selected;
-  sel.resize(size_t(nchunks));
-  int64_t nsel = 0;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    sel[nsel] = c;
-    nsel += cms[c] >= keep;
-  }
-  auto& found = ss.found;
-  found.resize(size_t(8 * nsel));
-  int64_t nfound = 0;
-  for (int64_t i = 0; i < nsel; ++i) {
-    const int64_t c = sel[i];
-    const int j0 = 8 * int(c / N), k = int(c % N);
-    for (int j = j0; j < std::min(nlat, j0 + 8); ++j) {
-      const F v = ss.masked[int64_t(j) * N + k];
-      found[nfound] = {v, int64_t(j) * N + k};
-      nfound += v >= keep;
-    }
-  }
-  found.resize(size_t(nfound));
-  // Highest first, ties in grid order (deterministic).
-  std::sort(found.begin(), found.end(), [](const auto& p, const auto& q) {
-    return p.first > q.first || (p.first == q.first && p.second < q.second);
-  });
-  const int count = int(std::min<size_t>(size_t(ncand), found.size()));
-  // Parabolic step in each direction (index units, clamped to half a cell).
-  auto step = [](double fm, double f0, double fp) {
-    const double d = fm - 2 * f0 + fp;
-    if (!(d < 0)) return 0.0;
-    return std::clamp(0.5 * (fm - fp) / d, -0.5, 0.5);
-  };
-  for (int c = 0; c < ncand; ++c) {
-    if (c >= count) {
-      index[c] = -1;
-      value[c] = -std::numeric_limits<double>::infinity();
-      start[2 * c] = start[2 * c + 1] = 0.0;
-      continue;
-    }
-    const int j = int(found[c].second / N), k = int(found[c].second % N);
-    const double f0 = double(found[c].first);
-    const double dk = step(at(j, k - 1), f0, at(j, k + 1));
-    const double dj = step(at(j - 1, k), f0, at(j + 1, k));
-    const double th = grid.theta[j];
-    const double up = j > 0 ? grid.theta[j - 1] : -grid.theta[0];
-    const double dn = j < nlat - 1 ? grid.theta[j + 1] : 2 * kPi - grid.theta[nlat - 1];
-    index[c] = found[c].second;
-    value[c] = f0;
-    // A colatitude past a pole is fine: (sin t cos p, sin t sin p, cos t) stays valid.
-    start[2 * c] = dj >= 0 ? th + dj * (dn - th) : th + dj * (th - up);
-    start[2 * c + 1] = grid.lon0 + 2 * kPi * (k + dk) / N;
-  }
-}
-
-// exp(f_i * inv_t + log_area - max) into e (the grid's layout; not kept if e is null) ->
-// (max, sum of the exponentials): the unnormalised softmax of one vector's grid values, four
-// lanes at a time (vector_exp.h).
-LOCDIFF_INLINE std::pair<double, double> softmax_terms(const double* f, const RingGrid& g, double inv_t, double* e) {
-  const int N = g.nlon;
-  double mx = -std::numeric_limits<double>::infinity();
-  for (int j = 0; j < g.nlat; ++j) {
-    const double* row = f + int64_t(j) * N;
-    double rmax = row[0];
-#pragma omp simd reduction(max : rmax)
-    for (int k = 1; k < N; ++k) rmax = row[k] > rmax ? row[k] : rmax;
-    mx = std::max(mx, rmax * inv_t + g.log_area[j]);
-  }
-  double sum = 0;
-  for (int j = 0; j < g.nlat; ++j) {
-    const double b = g.log_area[j] - mx;
-    const double* row = f + int64_t(j) * N;
-    double* out = e ? e + int64_t(j) * N : nullptr;
-    cpu::Double4 acc = cpu::splat4(0.0);
-    int k = 0;
-    for (; k + 4 <= N; k += 4) {
-      const cpu::Double4 v = cpu::exp4(cpu::load4(row + k) * inv_t + b);
-      if (out) cpu::store4(out + k, v);
-      acc += v;
-    }
-    sum += (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    for (; k < N; ++k) {
-      const double v = cpu::exp1(row[k] * inv_t + b);
-      if (out) out[k] = v;
-      sum += v;
-    }
-  }
-  return {mx, sum};
-}
-
-// log sum_i exp(v_i) with v_i = f_i * inv_t + log_area(ring).
-LOCDIFF_CLONES double log_partition(const double* f, const RingGrid& g, double inv_t) {
-  const auto [mx, sum] = softmax_terms(f, g, inv_t, nullptr);
-  return mx + std::log(sum);
-}
-
-// Scratch of kl_pair: the two softmax numerators (one grid each).
-struct KlScratch {
-  std::vector<double> ep, eq;
-};
-
-// KL(p || q) of one pair, with fp, ft the grid values; fills weights for the backward
-// when wp / wt are non-null: wp = (q - p) / t, wt = p (log p - log q - KL) / t, times scale.
-// Two exponentials per point (p and q, kept), where the log-partitions, the KL sum and the
-// weights each took their own before.
-LOCDIFF_CLONES double kl_pair(const double* fp, const double* ft, const RingGrid& g, double inv_t, double scale,
-                              double* wp, double* wt, KlScratch& ks) {
-  const int N = g.nlon;
-  const int64_t G = int64_t(g.nlat) * N;
-  ks.ep.resize(size_t(G));
-  ks.eq.resize(size_t(G));
-  const auto [mp, sp] = softmax_terms(ft, g, inv_t, ks.ep.data());  // p from the target
-  const auto [mq, sq] = softmax_terms(fp, g, inv_t, ks.eq.data());
-  const double lzp = mp + std::log(sp), lzq = mq + std::log(sq);
-  const double cp = 1 / sp, cq = 1 / sq;
-  const double* ep = ks.ep.data();
-  const double* eq = ks.eq.data();
-  // KL = sum_i p_i (log p_i - log q_i) = sum_i p_i (ft_i - fp_i) / t - lzp + lzq.
-  double acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < G; ++i) acc += ep[i] * (ft[i] - fp[i]);
-  const double kl = acc * cp * inv_t - lzp + lzq;
-  if (wp || wt) {
-    // Point by point: wp and wt may be fp and ft themselves (each value is read before its
-    // weight is written).
-    const double sw = scale * inv_t, dz = lzq - lzp - kl;
-    for (int64_t i = 0; i < G; ++i) {
-      const double p = ep[i] * cp;
-      const double dl = (ft[i] - fp[i]) * inv_t + dz;  // log p - log q - KL
-      if (wt) wt[i] = sw * p * dl;
-      if (wp) wp[i] = sw * (eq[i] * cq - p);
-    }
-  }
-  return kl;
 }
 
 // Synthesises f on the grid for every coefficient vector, in parallel blocks of kBlock
