@@ -10,7 +10,7 @@
 // block's coefficients (no horizontal sums, the table streamed once per block), and every
 // FFT butterfly is one vector op over the block with the twiddle loaded once. Measured
 // (two threads, L = 16, B = 4096) the decode's candidates went from 21 to 9.8 ms, scan
-// included, and the SHDD-KL's synthesis and adjoint 3 to 4 times faster.
+// included, and the adjoint op at L = 24, B = 128 from 1.24 to 0.51 ms.
 //
 // Precision: S, the lane type, is the precision of the whole synthesis (float for the
 // decode's candidate grids, which only pick starting points for the float64 refinement;
