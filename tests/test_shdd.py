@@ -339,6 +339,7 @@ def test_decode_refine_kernel_matches_torch_form(noise):
     xyz_d, f_d = ops.shdd_decode_op(c, *ring_args(grid, L), 16, grids.half_max_radius(L), 3, 40)
     torch.testing.assert_close(f_d, f, rtol=0, atol=0)
     torch.testing.assert_close(xyz_d, xyz, rtol=0, atol=0)
+    assert bool((xyz[~torch.isfinite(f)] == 0).all())  # candidates not refined: zero vectors
     refined = torch.isfinite(f_t)
     torch.testing.assert_close(torch.isfinite(f), refined)
     torch.testing.assert_close(f[refined], f_t[refined], rtol=0, atol=1e-12)

@@ -395,10 +395,6 @@ void shdd_decode_refine_cpu(const T* coeffs, int64_t batch, int degree, double r
       const double fscale = f_scale(c, degree);
       const double mean = double(c[0]) * kInvSqrt4Pi;  // the average of f over the sphere
       for (int i = 0; i < ncand; ++i) {
-        const double th = st[2 * i], ph = st[2 * i + 1];
-        u[3 * i] = std::sin(th) * std::cos(ph);
-        u[3 * i + 1] = std::sin(th) * std::sin(ph);
-        u[3 * i + 2] = std::cos(th);
         f[i] = -inf;
         done[i] = 0;
         todo[i] = std::isfinite(v0[i]) && (i == 0 || (i < nrefine && v0[i] >= mean + 0.5 * (v0[0] - mean)));
@@ -406,6 +402,12 @@ void shdd_decode_refine_cpu(const T* coeffs, int64_t batch, int degree, double r
       for (bool any = true; any;) {
         for (int i = 0; i < ncand; ++i) {
           if (!todo[i]) continue;
+          // The start from (colatitude, longitude) only for candidates refined: most are not,
+          // and their sines and cosines cost as much as a refinement at L = 16.
+          const double th = st[2 * i], ph = st[2 * i + 1];
+          u[3 * i] = std::sin(th) * std::cos(ph);
+          u[3 * i + 1] = std::sin(th) * std::sin(ph);
+          u[3 * i + 2] = std::cos(th);
           f[i] = refine_point(c, degree, *tables, radius, fscale, max_iter, ps, &u[3 * i]);
           done[i] = 1;
         }
@@ -422,12 +424,14 @@ void shdd_decode_refine_cpu(const T* coeffs, int64_t batch, int degree, double r
           any |= bool(todo[i]);
         }
       }
+      // Best first, ties in candidate order (std::sort with an index tie-break: stable_sort
+      // allocates per call); candidates not refined (f = -inf) get zero vectors.
       for (int i = 0; i < ncand; ++i) order[i] = i;
-      std::stable_sort(order.begin(), order.end(), [&](int p, int q) { return f[p] > f[q]; });
+      std::sort(order.begin(), order.end(), [&](int p, int q) { return f[p] > f[q] || (f[p] == f[q] && p < q); });
       for (int r = 0; r < ncand; ++r) {
         const int i = order[r];
         value[b * ncand + r] = f[i];
-        for (int d = 0; d < 3; ++d) xyz[3 * (b * ncand + r) + d] = u[3 * i + d];
+        for (int d = 0; d < 3; ++d) xyz[3 * (b * ncand + r) + d] = done[i] ? u[3 * i + d] : 0.0;
       }
     }
   }

@@ -264,7 +264,8 @@ def _refine(coeffs64, degree, rows, xyz, max_iter: int = 40):
 
 # ---- decode, top-k ----------------------------------------------------------------------------
 def _decode_points(flat, degree, grid, refine: bool, ncand: int, nrefine: int):
-    """-> (xyz (B, ncand, 3), values (B, ncand)) best first; -inf values mark gaps.
+    """-> (xyz (B, ncand, 3), values (B, ncand)) best first; -inf values (and zero vectors
+    after refinement) mark gaps.
 
     Which grid local maxima to refine: first up to ``nrefine`` of those whose grid value is
     at least halfway from the mean of f (c_00 Y_00) to the best grid value (the grid spacing
@@ -286,7 +287,7 @@ def _decode_points(flat, degree, grid, refine: bool, ncand: int, nrefine: int):
 
 def _refine_candidates(c64, degree, value, start, nrefine: int):
     """The torch form of shdd_decode_refine (any device): candidates value (B, n), start
-    xyz (B, n, 3) -> (xyz, refined values) best first, -inf where not refined."""
+    xyz (B, n, 3) -> (xyz, refined values) best first; values -inf, xyz zero where not refined."""
     finite = torch.isfinite(value)
     mean = (c64[:, 0] * (0.5 / math.sqrt(math.pi)))[:, None]
     todo = finite & (value >= mean + 0.5 * (value[:, :1] - mean))
@@ -305,6 +306,7 @@ def _refine_candidates(c64, degree, value, start, nrefine: int):
         best = vals.amax(-1, keepdim=True)
         todo = finite & ~done & ((value + 2 * gain >= best) | (value >= mean + 0.5 * (best - mean)))
     vals = torch.where(done, vals, -torch.inf)
+    xyz = torch.where(done[..., None], xyz, 0.0)
     order = vals.argsort(-1, descending=True)
     return (torch.gather(xyz, 1, order[..., None].expand(-1, -1, 3)), torch.gather(vals, 1, order))
 

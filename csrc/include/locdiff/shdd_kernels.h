@@ -72,7 +72,7 @@ void shdd_refine_cpu(const T* coeffs, int degree, double radius, const int64_t* 
 // left, every candidate whose value plus twice the largest gain of refinement so far
 // (refined - grid value) reaches the best refined value, or that is halfway there. Out:
 // xyz (B, ncand, 3) unit vectors and value (B, ncand) refined f, best first; candidates not
-// refined get -inf (and their grid point).
+// refined get -inf (and zero vectors, not points).
 template <typename T>
 void shdd_decode_refine_cpu(const T* coeffs, int64_t batch, int degree, double radius, int ncand,
                             const double* cand_value, const double* cand_start, int nrefine,

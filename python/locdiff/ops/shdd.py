@@ -353,7 +353,7 @@ def shdd_decode_refine_op(coeffs: Tensor, value: Tensor, start: Tensor, degree: 
     """The decode's choice and refinement of grid candidates, one C++ call (see
     shdd_decode_refine_cpu in locdiff/shdd_kernels.h): value (B, n) and start (B, n, 2)
     (colatitude, longitude) from shdd_candidates -> (xyz (B, n, 3), refined f (B, n)), best
-    first, -inf where not refined."""
+    first; f -inf and xyz zero where not refined."""
     return _decode_refine_cpu(coeffs, value, start, degree, radius, nrefine, max_iter)
 
 
@@ -371,7 +371,7 @@ def shdd_decode_op(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tenso
                    nlon: int, lon0: float, ncand: int, radius: float, nrefine: int,
                    max_iter: int) -> tuple[Tensor, Tensor]:
     """shdd_candidates (float32 grid) then shdd_decode_refine (float64): coeffs (B, K) ->
-    (xyz (B, ncand, 3), refined f (B, ncand)), best first, -inf where not refined."""
+    (xyz (B, ncand, 3), refined f (B, ncand)), best first; f -inf, xyz zero where not refined."""
     # float32 grid whatever the input: it only picks starting points (see locdiff.shdd).
     _, value, start = _candidates_cpu(coeffs.float(), table, theta, log_area, degree, nlat, nlon, lon0, ncand)
     return _decode_refine_cpu(coeffs.double().contiguous(), value, start, degree, radius, nrefine, max_iter)
