@@ -8,12 +8,18 @@
 // the plain recurrence loses under 1e-14, so neither scaled seeds nor Reinsch's form are
 // needed; (x + i y)^m may underflow for tiny s, but only where Y itself is below 1e-300.
 #include <omp.h>
-#include <emmintrin.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>  // non-temporal stores (store_point_major)
+#define LOCDIFF_STREAM_STORES 1
+#else
+#define LOCDIFF_STREAM_STORES 0
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -228,23 +234,21 @@ __attribute__((always_inline)) inline void store_point_major(const T (&cols)[K][
       for (int k = 0; k < K; ++k) out[int64_t(p) * K + k] = cols[k][p];
     return;
   }
-  if (!stream) {
-    transpose_block(cols, out);
-    return;
+#if LOCDIFF_STREAM_STORES
+  // Only float64 streams (may_stream); kLanes * K is even, and out 16-byte aligned.
+  if constexpr (std::is_same_v<T, double>) {
+    if (stream) {
+      constexpr int kTotal = kLanes * K;
+      alignas(64) double tile[kTotal];
+      transpose_block(cols, tile);
+      for (int i = 0; i < kTotal; i += 2) _mm_stream_pd(out + i, _mm_load_pd(tile + i));
+      return;
+    }
   }
-  constexpr int kTotal = kLanes * K;
-  alignas(64) T tile[kTotal];
-  transpose_block(cols, tile);
-  // SSE2 streaming stores: in every clone, the portable one included.
-  int i = 0;
-  if constexpr (sizeof(T) == 8) {
-    for (; i + 2 <= kTotal; i += 2)
-      _mm_stream_pd(reinterpret_cast<double*>(out + i), _mm_load_pd(reinterpret_cast<const double*>(tile + i)));
-  } else {
-    for (; i + 4 <= kTotal; i += 4)
-      _mm_stream_ps(reinterpret_cast<float*>(out + i), _mm_load_ps(reinterpret_cast<const float*>(tile + i)));
-  }
-  for (; i < kTotal; ++i) out[i] = tile[i];
+#else
+  (void)stream;
+#endif
+  transpose_block(cols, out);
 }
 
 // One block of points at compile-time degree L: every loop bound is a constant, so the
@@ -290,7 +294,7 @@ LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
 
 // When store_point_major streams: float64 outputs of at least kStreamBytes (they cannot stay
 // in the L2 of a couple of cores anyway), at degrees whose values and tile both fit in L1
-// (2 x 8 x K doubles <= 40 KB: L <= 16), from L = 6. Measured on the Xeon, two threads, ns
+// (2 x 8 x K doubles <= 40 KB: L <= 16), from L = 6; on x86 (SSE2) only. Measured on the Xeon, two threads, ns
 // per value, direct -> streamed: float64 L = 6, 8, 12, 16: 0.39 -> 0.33, 0.40 -> 0.32,
 // 0.37 -> 0.34, 0.37 -> 0.33; but L = 24, 32: 0.31 -> 0.44 (the tile spills to L2), and
 // float32 (16-byte direct stores) 3-20% slower streamed at every L, L = 4 in both dtypes
@@ -299,7 +303,8 @@ constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 template <typename T, int L>
 constexpr bool may_stream() {
-  return sizeof(T) == 8 && L >= 6 && 2 * kLanes * (L + 1) * (L + 1) * sizeof(T) <= 40 * 1024;
+  return LOCDIFF_STREAM_STORES && std::is_same_v<T, double> && L >= 6 &&
+         2 * kLanes * (L + 1) * (L + 1) * sizeof(T) <= 40 * 1024;
 }
 
 template <typename T, int L>
@@ -319,7 +324,9 @@ int64_t forward_fixed(const T* xyz, int64_t n, T* out, int num_threads) {
       const int bad = forward_block_fixed<T, L>(xyz + 3 * first, count, bk, out + K * first, stream);
       if (bad >= 0) first_bad = std::min(first_bad, first + bad);
     }
-    _mm_sfence();  // streaming stores are weakly ordered: visible before the region ends
+#if LOCDIFF_STREAM_STORES
+    if (stream) _mm_sfence();  // streaming stores are weakly ordered: visible before the region ends
+#endif
   }
   return first_bad == n ? -1 : first_bad;
 }
