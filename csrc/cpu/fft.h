@@ -31,15 +31,14 @@ inline std::shared_ptr<const FftPlan> fft_plan(int n) {
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(n);
   if (it != cache.end()) return it->second;
-  constexpr double kTwoPi = 6.28318530717958647692;
   auto p = std::make_shared<FftPlan>();
   p->n = n;
   p->pow2 = n > 0 && (n & (n - 1)) == 0;
   p->c.resize(n);
   p->s.resize(n);
   for (int k = 0; k < n; ++k) {
-    p->c[k] = std::cos(kTwoPi * k / n);
-    p->s[k] = std::sin(kTwoPi * k / n);
+    p->c[k] = std::cos(2 * kPi * k / n);
+    p->s[k] = std::sin(2 * kPi * k / n);
   }
   if (p->pow2) {
     int bits = 0;

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -16,8 +15,6 @@
 namespace locdiff {
 namespace cpu {
 
-constexpr double kPiScan = 3.14159265358979323846;
-
 // Up to ncand grid local maxima of one vector's f, best first (see shdd_kernels.h). rows[j]:
 // ring j's nlon values (the caller's layout may fold the southern rings elsewhere).
 //
@@ -25,11 +22,11 @@ constexpr double kPiScan = 3.14159265358979323846;
 // the 24 x 64 grid holds about 95 local maxima, 1300 at L = 64, on every ring. So the scan
 // is three branch-light passes instead of a search point by point: (1) per ring, the eight
 // neighbour tests run vectorised across the ring and leave f at the local maxima, -inf
-// elsewhere (`masked`), then the maximum of each of 8 strided chunks... per chunk of the
-// ring (chunk c: columns c, c + nch, ..., so the chunk maxima are an elementwise max of 8
-// slices); (2) a floor that at least ncand chunk maxima reach, by bisection with
-// vectorised counts (distinct chunks hold distinct maxima, so the answer is above it);
-// (3) only chunks reaching the floor are searched, and the few maxima found are sorted.
+// elsewhere (`masked`), folded into the chunk maxima (chunk: one column of a block of 8
+// rings, an elementwise max over the block's rings); (2) a floor that at least ncand chunk
+// maxima reach, by bisection with vectorised counts (distinct chunks hold distinct maxima,
+// so the answer is above it); (3) only chunks reaching the floor are searched, and the few
+// maxima found are sorted.
 // (Inserting each maximum into a sorted list, ring by ring, cost twice the synthesis at
 // L = 16; nth_element for the floor cost more than the neighbour tests.)
 template <typename F>
@@ -173,12 +170,12 @@ LOCDIFF_CLONES void scan_candidates(const F* const* rows, const RingGrid& grid, 
     const double dj = step(at(j - 1, k), f0, at(j + 1, k));
     const double th = grid.theta[j];
     const double up = j > 0 ? grid.theta[j - 1] : -grid.theta[0];
-    const double dn = j < nlat - 1 ? grid.theta[j + 1] : 2 * kPiScan - grid.theta[nlat - 1];
+    const double dn = j < nlat - 1 ? grid.theta[j + 1] : 2 * kPi - grid.theta[nlat - 1];
     index[c] = found[c].second;
     value[c] = f0;
     // A colatitude past a pole is fine: (sin t cos p, sin t sin p, cos t) stays valid.
     start[2 * c] = dj >= 0 ? th + dj * (dn - th) : th + dj * (th - up);
-    start[2 * c + 1] = grid.lon0 + 2 * kPiScan * (k + dk) / N;
+    start[2 * c + 1] = grid.lon0 + 2 * kPi * (k + dk) / N;
   }
 }
 

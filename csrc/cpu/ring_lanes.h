@@ -24,6 +24,7 @@
 #include "fft.h"
 #include "legendre_tables.h"
 #include "locdiff/shdd_kernels.h"
+#include "vector_exp.h"  // Double4
 
 namespace locdiff {
 namespace cpu {
@@ -38,7 +39,6 @@ constexpr int kLanes = 8;
 // generically without AVX-512 (every scalar broadcast went through the stack: 10 times
 // slower).
 typedef float FloatLanes __attribute__((vector_size(kLanes * sizeof(float))));
-typedef double Double4 __attribute__((vector_size(4 * sizeof(double))));
 struct DoubleLanes {
   Double4 lo, hi;
   LOCDIFF_INLINE DoubleLanes& operator+=(const DoubleLanes& o) {

@@ -22,12 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <functional>
 #include <limits>
-#include <map>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #include "fft.h"

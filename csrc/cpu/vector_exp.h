@@ -22,7 +22,7 @@
 namespace locdiff {
 namespace cpu {
 
-typedef double Double4 __attribute__((vector_size(32)));
+typedef double Double4 __attribute__((vector_size(32)));  // also the halves of DoubleLanes (ring_lanes.h)
 typedef long long Long4 __attribute__((vector_size(32)));
 
 LOCDIFF_INLINE Double4 splat4(double v) { return Double4{v, v, v, v}; }

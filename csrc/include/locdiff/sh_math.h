@@ -45,6 +45,7 @@ constexpr int OUTPUT_FLOOR_BITS = 960;
 
 constexpr double kInvSqrt4Pi = 0.28209479177387814347;  // 1 / sqrt(4 pi) = Y_00
 constexpr double kSqrt2 = 1.41421356237309504880;
+constexpr double kPi = 3.14159265358979323846;
 
 LOCDIFF_HD int64_t sh_size(int degree) { return int64_t(degree + 1) * (degree + 1); }
 LOCDIFF_HD int64_t sh_index(int l, int m) { return int64_t(l) * l + l + m; }
