@@ -310,6 +310,19 @@ double refine_point(const T* c, int L, const Tables& t, double r, double fscale,
   return f;
 }
 
+// Runs point(ps, i) for every i < n in parallel, each thread with its own scratch: at
+// least per_thread points to a thread, in dynamic chunks of `chunk` (refinements vary in
+// length, evaluations do not).
+template <class Point>
+void for_each_point(int64_t n, int num_threads, int64_t per_thread, int chunk, Point point) {
+#pragma omp parallel num_threads(threads(num_threads, n / per_thread + 1))
+  {
+    PointScratch ps;
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < n; ++i) point(ps, i);
+  }
+}
+
 }  // namespace
 
 // ---- entry points ------------------------------------------------------------------------
@@ -320,14 +333,10 @@ void shdd_eval_cpu(const T* coeffs, int degree, const double* xyz, const int64_t
   if (n <= 0) return;
   const auto tables = tables_for(degree);
   const int64_t K = sh_size(degree);
-#pragma omp parallel num_threads(threads(num_threads, n / 16 + 1))
-  {
-    PointScratch ps;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t i = 0; i < n; ++i)
-      eval_point<false>(coeffs + K * row[i], degree, *tables, xyz + 3 * i, ps, value + i,
-                        grad ? grad + 3 * i : nullptr, nullptr);
-  }
+  for_each_point(n, num_threads, 16, 4, [&](PointScratch& ps, int64_t i) {
+    eval_point<false>(coeffs + K * row[i], degree, *tables, xyz + 3 * i, ps, value + i,
+                      grad ? grad + 3 * i : nullptr, nullptr);
+  });
 }
 
 template <typename T>
@@ -336,24 +345,18 @@ void shdd_hessian_cpu(const T* coeffs, int degree, const double* xyz, const int6
   if (n <= 0) return;
   const auto tables = tables_for(degree + 1);  // eval_point<true> reads dz of row L + 1
   const int64_t K = sh_size(degree);
-#pragma omp parallel num_threads(threads(num_threads, n / 16 + 1))
-  {
-    PointScratch ps;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t i = 0; i < n; ++i) {
-      const T* c = coeffs + K * row[i];
-      double u[3], e1[3], e2[3], g[3], H[3], f;
-      normalise(xyz + 3 * i, u);
-      Curvature curv;
-      eval_point<true>(c, degree, *tables, u, ps, &f, g, &curv);
-      tangent_basis(u, e1, e2);
-      chart_hessian(curv, e1, e2, H);
-      double* out = hess + 9 * i;
-      for (int a = 0; a < 3; ++a)
-        for (int b = 0; b < 3; ++b)
-          out[3 * a + b] = H[0] * e1[a] * e1[b] + H[1] * (e1[a] * e2[b] + e2[a] * e1[b]) + H[2] * e2[a] * e2[b];
-    }
-  }
+  for_each_point(n, num_threads, 16, 4, [&](PointScratch& ps, int64_t i) {
+    double u[3], e1[3], e2[3], g[3], H[3], f;
+    normalise(xyz + 3 * i, u);
+    Curvature curv;
+    eval_point<true>(coeffs + K * row[i], degree, *tables, u, ps, &f, g, &curv);
+    tangent_basis(u, e1, e2);
+    chart_hessian(curv, e1, e2, H);
+    double* out = hess + 9 * i;
+    for (int a = 0; a < 3; ++a)
+      for (int b = 0; b < 3; ++b)
+        out[3 * a + b] = H[0] * e1[a] * e1[b] + H[1] * (e1[a] * e2[b] + e2[a] * e1[b]) + H[2] * e2[a] * e2[b];
+  });
 }
 
 template <typename T>
@@ -362,15 +365,10 @@ void shdd_refine_cpu(const T* coeffs, int degree, double radius, const int64_t* 
   if (n <= 0) return;
   const auto tables = tables_for(degree + 1);  // eval_point<true> reads dz of row L + 1
   const int64_t K = sh_size(degree);
-#pragma omp parallel num_threads(threads(num_threads, n / 4 + 1))
-  {
-    PointScratch ps;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) {
-      const T* c = coeffs + K * row[i];
-      value[i] = refine_point(c, degree, *tables, radius, f_scale(c, degree), max_iter, ps, xyz + 3 * i);
-    }
-  }
+  for_each_point(n, num_threads, 4, 1, [&](PointScratch& ps, int64_t i) {
+    const T* c = coeffs + K * row[i];
+    value[i] = refine_point(c, degree, *tables, radius, f_scale(c, degree), max_iter, ps, xyz + 3 * i);
+  });
 }
 
 template <typename T>
