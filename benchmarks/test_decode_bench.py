@@ -25,6 +25,7 @@ import torch
 
 import locdiff
 from locdiff import grids, shdd
+from th_anchor import inverse_sht, th_grid, to_th
 
 DEGREES = [16, 32, 64, 128, 256]
 BATCHES = [1, 64, 4096]
@@ -54,31 +55,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _th(degree, device="cpu"):
-    import torch_harmonics as th
-    from torch_harmonics.quadrature import precompute_latitudes
-
-    grid = grids.for_degree(degree)
-    isht = th.InverseRealSHT(grid.nlat, grid.nlon, lmax=degree + 1, mmax=degree + 1,
-                             grid="equiangular", csphase=False).to(device)
-    colat = precompute_latitudes(grid.nlat, grid="equiangular")[0].to(device)
-    return isht, colat, grid.nlon
-
-
-def _to_th(c, degree):
-    """Real coefficients (B, K) -> torch-harmonics complex (B, L+1, L+1), orthonormal, no CS
-    phase: f = sum_l X_l0 P_l0 + 2 Re sum_{m>0} X_lm P_lm e^{i m phi}."""
-    L = degree
-    l = torch.arange(L + 1)
-    out = torch.zeros(c.shape[0], L + 1, L + 1, dtype=torch.complex64)
-    out[:, :, 0] = c[:, l * l + l].to(torch.complex64)
-    for m in range(1, L + 1):
-        ls = torch.arange(m, L + 1)
-        re, im = c[:, ls * ls + ls + m], c[:, ls * ls + ls - m]
-        out[:, m:, m] = torch.complex(re, -im) / math.sqrt(2)
-    return out
-
-
 def _runner(impl, degree, coeffs):
     """A function decoding ``coeffs`` on its device, synchronised (so that timings hold)."""
     device = coeffs.device
@@ -100,8 +76,8 @@ def _runner(impl, degree, coeffs):
     if impl == "naive":
         latlon, y = _naive_table(degree, device)
         return synced(lambda: latlon[(coeffs @ y.T).argmax(-1)])
-    isht, colat, nlon = _th(degree, device)
-    x = _to_th(coeffs.cpu(), degree).to(device)
+    isht, colat, nlon = inverse_sht(degree, device), th_grid(degree)[0].to(device), grids.for_degree(degree).nlon
+    x = to_th(coeffs, degree)
     chunk = max(1, (1 << 24) // (colat.numel() * nlon))
 
     def run():

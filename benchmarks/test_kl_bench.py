@@ -25,6 +25,7 @@ import torch
 from locdiff import grids, shdd
 from locdiff.ops.sh_reference import spherical_harmonics_reference
 from locdiff.ops.shdd_reference import shdd_kl_reference
+from th_anchor import inverse_sht, th_grid, to_th
 
 DEGREES = [16, 24, 32, 64]
 BATCH = 128
@@ -60,40 +61,8 @@ def _dense_table(degree, device):
 def _th(degree, device):
     key = ("th", degree, device)
     if key not in _CACHE:
-        import torch_harmonics as th
-        from torch_harmonics.quadrature import precompute_latitudes
-
-        grid = grids.for_degree(degree)
-        isht = th.InverseRealSHT(grid.nlat, grid.nlon, lmax=degree + 1, mmax=degree + 1,
-                                 grid="equiangular", csphase=False).to(device)
-        _, w = precompute_latitudes(grid.nlat, grid="equiangular")
-        log_area = (w.float() * (2 * math.pi / grid.nlon)).log()[:, None].expand(-1, grid.nlon).reshape(-1)
-        # Real coefficients (B, K) -> torch-harmonics' complex (B, L+1, L+1), differentiably:
-        # X_l0 = c_l0, X_lm = (c_l,m - i c_l,-m) / sqrt(2) (orthonormal, no CS phase).
-        L, K = degree, (degree + 1) ** 2
-        re = torch.full((L + 1, L + 1), K, dtype=torch.int64)
-        im = torch.full((L + 1, L + 1), K, dtype=torch.int64)
-        scale = torch.zeros(L + 1, L + 1)
-        for l in range(L + 1):
-            re[l, 0], scale[l, 0] = l * l + l, 1.0
-            for m in range(1, l + 1):
-                re[l, m], im[l, m], scale[l, m] = l * l + l + m, l * l + l - m, 1 / math.sqrt(2)
-        _CACHE[key] = (isht, log_area.to(device), re.flatten().to(device), im.flatten().to(device),
-                       scale.to(device))
+        _CACHE[key] = (inverse_sht(degree, device), th_grid(degree)[2].log().float().to(device))
     return _CACHE[key]
-
-
-def _th_grid(degree):
-    """torch-harmonics' equiangular grid of the same size: points (G, 3), cell areas (G,)."""
-    from torch_harmonics.quadrature import precompute_latitudes
-
-    grid = grids.for_degree(degree)
-    colat, w = precompute_latitudes(grid.nlat, grid="equiangular")
-    lon = torch.arange(grid.nlon, dtype=torch.float64) * (2 * math.pi / grid.nlon)
-    th, ph = torch.meshgrid(colat.double(), lon, indexing="ij")
-    xyz = torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()], -1).reshape(-1, 3)
-    area = (w.double() * (2 * math.pi / grid.nlon))[:, None].expand(-1, grid.nlon).reshape(-1)
-    return xyz, area
 
 
 def _kl_from_grid(fp, ft, log_area):
@@ -115,13 +84,8 @@ def _runner(impl, degree, pred, target):
             y, log_area = _dense_table(degree, device)
             kl = _kl_from_grid(p @ y.T, target @ y.T, log_area)
         else:
-            isht, log_area, re, im, scale = _th(degree, device)
-
-            def to_th(c):
-                cp = torch.cat([c, c.new_zeros(c.shape[0], 1)], 1)
-                shape = (c.shape[0], degree + 1, degree + 1)
-                return torch.complex(cp[:, re].view(shape) * scale, -cp[:, im].view(shape) * scale)
-            kl = _kl_from_grid(isht(to_th(p)).flatten(1), isht(to_th(target)).flatten(1), log_area)
+            isht, log_area = _th(degree, device)
+            kl = _kl_from_grid(isht(to_th(p, degree)).flatten(1), isht(to_th(target, degree)).flatten(1), log_area)
         kl.sum().backward()
         _sync(device)
         return kl.detach()
@@ -140,7 +104,7 @@ def test_kl(benchmark, device, impl, degree):
     # relative to their largest KL. (The two grids' KLs differ by up to 2x on pairs this
     # close: both sample peaked softmaxes at the kernel's half-maximum spacing; th-isht's
     # rings include the poles, ours are cell centres.) dense and th-isht round in float32.
-    xyz, area = _th_grid(degree) if impl == "th-isht" else (grids.for_degree(degree).xyz, grids.for_degree(degree).area)
+    xyz, area = th_grid(degree)[1:] if impl == "th-isht" else (grids.for_degree(degree).xyz, grids.for_degree(degree).area)
     exact = shdd_kl_reference(pred[:8].cpu().double(), target[:8].cpu().double(), xyz, area)
     got = run()[:8].cpu().double()
     rel = float((got - exact).abs().max() / exact.abs().max())
