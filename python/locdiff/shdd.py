@@ -164,6 +164,14 @@ def _synth(flat, degree, grid):
     return flat @ grid.sh_table(degree, flat.device, flat.dtype).T
 
 
+def _grid_value_chunks(flat, degree, grid):
+    """f on the grid for consecutive chunks of the vectors, (b, G) each with b G <= 2^26: the
+    candidate search off the fused C++ kernels never holds the whole batch x grid matrix."""
+    step = max(1, (1 << 26) // max(grid.size, 1))
+    for b0 in range(0, flat.shape[0], step):
+        yield _synth(flat[b0:b0 + step], degree, grid)
+
+
 def _evaluate(coeffs64: torch.Tensor, degree: int, xyz: torch.Tensor, rows: torch.Tensor):
     """f and its gradient (w.r.t. the vector as given) at points owned by coefficient rows."""
     if coeffs64.device.type == "cpu":
@@ -181,9 +189,9 @@ def _evaluate(coeffs64: torch.Tensor, degree: int, xyz: torch.Tensor, rows: torc
 
 def _candidates(flat, degree, grid, ncand):
     """Grid candidates per vector: (value (B,n) float64, start xyz (B,n,3) float64); -inf
-    values mark missing candidates. Ring grids on the CPU: fused kernel (local maxima);
-    otherwise grid values in chunks and the top values, suppressing neighbours."""
-    B = flat.shape[0]
+    values mark missing candidates. Ring grids: the local maxima, by the fused C++ kernel on
+    the CPU, by ring_local_maxima elsewhere; other grids: grid values in chunks and the top
+    values, suppressing neighbours."""
     if grid.is_ring and flat.device.type == "cpu":
         # float32 whatever the input: the grid only picks starting points (float32 grid
         # values are within ~1e-6 relative, far under the gap that the adaptive choice of
@@ -197,9 +205,8 @@ def _candidates(flat, degree, grid, ncand):
     gxyz = grid.xyz.to(flat.device)
     sep = math.cos(1.7 * _grids.half_max_radius(degree))
     values, points = [], []
-    step = max(1, (1 << 26) // max(grid.size, 1))
-    for b0 in range(0, B, step):
-        f = _synth(flat[b0:b0 + step], degree, grid).double()
+    for f in _grid_value_chunks(flat, degree, grid):
+        f = f.double()
         v, i = f.topk(min(grid.size, 32 * ncand), -1)
         p = gxyz[i]  # (b, n, 3)
         # Greedy suppression: keep a value only if no higher kept one lies within ~1.7 r_half.
@@ -235,9 +242,8 @@ def _ring_candidates_torch(flat, degree, grid, ncand):
     (ring_local_maxima), their ncand best -> (value (B, n) float64, grid xyz (B, n, 3))."""
     gxyz = grid.xyz.to(flat.device)
     values, points = [], []
-    step = max(1, (1 << 26) // max(grid.size, 1))
-    for b0 in range(0, flat.shape[0], step):
-        f = _synth(flat[b0:b0 + step], degree, grid).view(-1, grid.nlat, grid.nlon)
+    for f in _grid_value_chunks(flat, degree, grid):
+        f = f.view(-1, grid.nlat, grid.nlon)
         masked = torch.where(ring_local_maxima(f), f, -torch.inf).flatten(1)
         v, i = masked.topk(min(ncand, grid.size), -1)
         values.append(v.double())

@@ -471,9 +471,9 @@ def shdd_kl_grad_op(pred: Tensor, target: Tensor, table: Tensor, theta: Tensor, 
 
 @shdd_kl_grad_op.register_kernel("cuda")
 def _(pred, target, table, theta, log_area, degree, nlat, nlon, lon0, inv_temperature, need_pred, need_target):
-    grid = (table, theta, log_area, degree, nlat, nlon, lon0, inv_temperature)
-    kl = shdd_kl_op(pred, target, *grid)
-    gp, gt = shdd_kl_backward_op(pred, target, torch.ones_like(kl), *grid, need_pred, need_target)
+    args = (table, theta, log_area, degree, nlat, nlon, lon0, inv_temperature)
+    kl = shdd_kl_op(pred, target, *args)
+    gp, gt = shdd_kl_backward_op(pred, target, torch.ones_like(kl), *args, need_pred, need_target)
     return kl, gp, gt
 
 
