@@ -12,8 +12,10 @@
 // (-1)^(l+m) P_lm(z)) and one complex FFT per ring pair (north + i south): O(L^3) per
 // vector instead of O(L^2 x grid) for the dense product.
 //
-// Coefficients: (B, (L+1)^2) contiguous, flat index l*l + l + m (sh_math.h). All
-// arithmetic is float64; T is the storage type of coefficients and gradients.
+// Coefficients: (B, (L+1)^2) contiguous, flat index l*l + l + m (sh_math.h). T is the
+// storage type of coefficients and gradients. Arithmetic is float64, except the grid
+// synthesis of shdd_synth_cpu and shdd_candidates_cpu, which runs in T (float32 values
+// within a few roundings of the largest, enough to pick starting points).
 #pragma once
 
 #include <cstdint>
