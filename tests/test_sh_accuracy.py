@@ -58,6 +58,38 @@ def test_degree_2048_against_mpmath(dtype, rng):
             assert err <= SH_ACCURACY[dtype], f"{name} {given} m={m}: error {err:.3g}"
 
 
+# The CPU forward runs points in SIMD lanes, degree by degree, from L = 13 (float64) or 25
+# (float32) to L = 320 (csrc/cpu/sh_cpu_small.h), in the Cartesian form with the plain
+# recurrence: its errors grow toward the poles and with the degree, so check both ends.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("degree", [13, 25, 64, 320])
+def test_lane_kernel_degrees_against_mpmath(degree, dtype, rng):
+    names = list(HARD_POINTS) + ["random"] * 6
+    points = np.concatenate([np.array(list(HARD_POINTS.values())), random_points(rng, 6)])
+    y = locdiff.spherical_harmonics(torch.tensor(points, dtype=dtype), degree)
+    assert torch.isfinite(y).all()
+    orders = sorted({0, 1, 2, 3, 4, 5, degree // 3, degree // 2, degree - 4, degree - 3, degree - 1, degree})
+    for i, name in enumerate(names):
+        given = torch.tensor(points[i], dtype=dtype).double().tolist()
+        for m in orders:
+            err = per_degree_error(y[i], column_exact(given, m, degree), degree)
+            assert err <= SH_ACCURACY[dtype], f"{name} {given} m={m}: error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("degree", [13, 40, 320])
+def test_partial_point_blocks_match_full_blocks(degree, dtype, rng):
+    # Lanes hold 8 points and leave in halves of 4; a batch of n points ends in a block of
+    # n mod 8, whose stores are cut per point. (Such a block normalises its points by the
+    # careful path: its points may differ from a full block's in the last bit, which the
+    # harmonics amplify by about l.)
+    xyz = torch.tensor(rng.normal(size=(16, 3)), dtype=dtype)
+    full = locdiff.spherical_harmonics(xyz, degree)
+    atol = 2e-15 * (degree + 1) if dtype == torch.float64 else 2e-7 * math.sqrt(2 * degree + 1)
+    for n in [1, 3, 4, 5, 7, 9, 12, 13]:
+        torch.testing.assert_close(locdiff.spherical_harmonics(xyz[:n], degree), full[:n], rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("degree", [0, 1, 5, 33, 120])
 def test_all_orders_against_mpmath(degree, rng):
     p = random_points(rng, 3)
@@ -129,7 +161,7 @@ def test_float32_matches_float64_at_the_rounded_input(rng):
 def test_no_nan_or_inf_at_extreme_inputs():
     pts = torch.tensor([[0, 0, 1e-300], [1e300, 1e300, 1e300], [5e-324, 0, 0], [0, 0, -1e308], [1, 1e-300, 0]],
                        dtype=torch.float64)
-    for degree in [4, 2048]:  # the small-degree and the general kernel
+    for degree in [4, 64, 2048]:  # the small-degree, lanes and per-point kernels
         y = locdiff.spherical_harmonics(pts, degree)
         assert torch.isfinite(y).all()
         # scaling the vector never changes the result
@@ -140,7 +172,7 @@ def test_no_nan_or_inf_at_extreme_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("degree", [1, 4, 8, 17, 32, 33])
+@pytest.mark.parametrize("degree", [1, 4, 8, 17, 32, 33, 100])
 def test_extreme_rows_inside_full_blocks(degree, dtype, rng):
     # The low-degree kernel normalises 8 rows at a time, with a fast path for blocks of
     # ordinary rows; a block holding one huge or tiny row must take the careful path for the

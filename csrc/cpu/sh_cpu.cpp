@@ -230,7 +230,9 @@ int64_t sh_cpu_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads)
   if (n <= 0) return -1;
   const int64_t K = sh_size(degree);
   advise_huge_pages(out, size_t(n) * K * sizeof(T));
-  if (degree <= kSmallDegreeMax) return sh_cpu_small_fwd(xyz, n, degree, out, num_threads);
+  // Points in SIMD lanes up to kLanesDegreeMax (sh_cpu_small.h), one at a time above.
+  if (degree <= kSmallForwardMax<T>) return sh_cpu_small_fwd(xyz, n, degree, out, num_threads);
+  if (degree <= kLanesDegreeMax) return sh_cpu_lanes_fwd(xyz, n, degree, out, num_threads);
   const auto tables = tables_for(degree);
   const int chunk = points_per_chunk(n, num_threads);
   int64_t first_bad = n;

@@ -1,4 +1,5 @@
-// Spherical harmonics at low degree (L <= kSmallDegreeMax), CPU.
+// Spherical harmonics at low degree, CPU: forward up to kSmallForwardMax, backward up to
+// kSmallDegreeMax (sh_cpu_small.h).
 //
 // At low degree a point has few outputs (25 at L = 4), so the per-point set-up of the
 // general kernel (tables, seeds, scratch rows) costs more than the harmonics. Here the
@@ -24,15 +25,20 @@
 #include <vector>
 
 #include "locdiff/sh_math.h"
+#include "lane_transpose.h"
 #include "legendre_tables.h"  // LOCDIFF_CLONES
+#include "point_block.h"
 #include "sh_cpu_small.h"
 
 
 namespace locdiff {
 namespace {
 
-constexpr int kLanes = 8;
+using cpu::transpose4_store;
+using cpu::Vec4;
+constexpr int kLanes = cpu::kPointLanes;
 constexpr int kMax = kSmallDegreeMax;
+using Block = cpu::PointBlock<kMax>;
 
 // Coefficients for every (l, m) up to kMax, built once (sqrt per block would dominate).
 struct SmallTables {
@@ -58,83 +64,6 @@ const SmallTables& small_tables() {
   return tables;
 }
 
-// Normalised coordinates and (x + i y)^m for a block of points (padding lanes get the pole).
-struct Block {
-  int count;
-  alignas(64) double x[kLanes], y[kLanes], z[kLanes], inv_norm[kLanes];
-  alignas(64) double re[(kMax + 1) * kLanes], im[(kMax + 1) * kLanes];  // re[m*kLanes+p] = Re (x_p+i y_p)^m
-
-  // Returns the first lane that is non-finite or zero, or -1 (such lanes compute the pole).
-  // Inlined so that it is compiled for the caller's clone (out of line it would be the
-  // portable SSE2 code whatever the CPU).
-  template <typename T>
-  __attribute__((always_inline)) int load(const T* xyz, int count_, int L) {
-    count = count_;
-    const int bad = count == kLanes && load_ordinary(xyz) ? -1 : load_careful(xyz);
-    for (int p = 0; p < kLanes; ++p) {
-      re[p] = 1.0;
-      im[p] = 0.0;
-    }
-    for (int m = 1; m <= L; ++m) {
-      const double* pr = &re[(m - 1) * kLanes];
-      const double* pi = &im[(m - 1) * kLanes];
-#pragma omp simd
-      for (int p = 0; p < kLanes; ++p) {
-        re[m * kLanes + p] = pr[p] * x[p] - pi[p] * y[p];
-        im[m * kLanes + p] = pr[p] * y[p] + pi[p] * x[p];
-      }
-    }
-    return bad;
-  }
-
-  // The common case, branch-free across lanes: a full block whose largest components lie
-  // in [2^-500, 2^500], where x^2 + y^2 + z^2 can neither overflow nor lose the direction.
-  // Returns false (having written nothing) otherwise.
-  template <typename T>
-  __attribute__((always_inline)) bool load_ordinary(const T* xyz) {
-    double px[kLanes], py[kLanes], pz[kLanes];
-    for (int p = 0; p < kLanes; ++p) {
-      px[p] = double(xyz[3 * p]);
-      py[p] = double(xyz[3 * p + 1]);
-      pz[p] = double(xyz[3 * p + 2]);
-    }
-    int ordinary = 1;
-#pragma omp simd reduction(& : ordinary)
-    for (int p = 0; p < kLanes; ++p) {
-      const double ax = std::fabs(px[p]), ay = std::fabs(py[p]), az = std::fabs(pz[p]);
-      const double big = ax > ay ? (ax > az ? ax : az) : (ay > az ? ay : az);
-      // NaN fails the <= tests, so every lane here is finite.
-      ordinary &= int(ax <= 0x1p500) & int(ay <= 0x1p500) & int(az <= 0x1p500) & int(big >= 0x1p-500);
-    }
-    if (!ordinary) return false;
-#pragma omp simd
-    for (int p = 0; p < kLanes; ++p) {
-      const double inv = 1.0 / std::sqrt(px[p] * px[p] + py[p] * py[p] + pz[p] * pz[p]);
-      x[p] = px[p] * inv;
-      y[p] = py[p] * inv;
-      z[p] = pz[p] * inv;
-      inv_norm[p] = inv;
-    }
-    return true;
-  }
-
-  // Any block, through cpu::unit_point (exact for huge and tiny vectors); non-finite or
-  // zero lanes, and the padding past count, get the pole. Returns the first bad lane, or -1.
-  template <typename T>
-  int load_careful(const T* xyz) {
-    static const T pole[3] = {T(0), T(0), T(1)};
-    int bad = -1;
-    for (int p = 0; p < kLanes; ++p) {
-      const cpu::Point u = cpu::unit_point(p < count ? xyz + 3 * p : pole);
-      if (!u.valid && bad < 0) bad = p;
-      x[p] = u.x;
-      y[p] = u.y;
-      z[p] = u.z;
-      inv_norm[p] = u.inv_norm;
-    }
-    return bad;
-  }
-};
 
 // Column m of Qbar for every degree l = m..L: q[l * kLanes + p].
 LOCDIFF_INLINE void qbar_column(const Block& bk, int m, int L, double* q) {
@@ -155,49 +84,6 @@ LOCDIFF_INLINE void qbar_column(const Block& bk, int m, int L, double* q) {
   }
 }
 
-// Lane-major to point-major: the kernels compute value k of 4 points as one 4-lane vector
-// (cols[k][p]); the output wants each point's K values contiguous. A 4x4 transpose in
-// registers (vector extensions: AVX in the x86-64-v3 clone, SSE pairs in the default one)
-// turns 4 such vectors into 4 contiguous runs, so the stores are full-width instead of
-// one lane at a time (the scalar scatter cost more than the harmonics at L <= 16).
-template <typename T>
-struct Vec4;
-template <>
-struct Vec4<double> {
-  typedef double type __attribute__((vector_size(32)));
-  typedef long long mask __attribute__((vector_size(32)));
-};
-template <>
-struct Vec4<float> {
-  typedef float type __attribute__((vector_size(16)));
-  typedef int mask __attribute__((vector_size(16)));
-};
-
-#if defined(__clang__)
-#define LOCDIFF_SHUFFLE(a, b, i, j, k, l) __builtin_shufflevector(a, b, i, j, k, l)
-#else
-#define LOCDIFF_SHUFFLE(a, b, i, j, k, l) __builtin_shuffle(a, b, typename Vec4<T>::mask{i, j, k, l})
-#endif
-
-// out[p * K + k0 + j] = cols[k0 + j][lane0 + p] for p, j < 4.
-template <typename T>
-__attribute__((always_inline)) inline void transpose4_store(const T* c0, const T* c1, const T* c2,
-                                                            const T* c3, T* out, int64_t K) {
-  typedef typename Vec4<T>::type V;
-  V r0, r1, r2, r3;
-  std::memcpy(&r0, c0, sizeof(V));
-  std::memcpy(&r1, c1, sizeof(V));
-  std::memcpy(&r2, c2, sizeof(V));
-  std::memcpy(&r3, c3, sizeof(V));
-  const V t0 = LOCDIFF_SHUFFLE(r0, r1, 0, 4, 2, 6), t1 = LOCDIFF_SHUFFLE(r0, r1, 1, 5, 3, 7);
-  const V t2 = LOCDIFF_SHUFFLE(r2, r3, 0, 4, 2, 6), t3 = LOCDIFF_SHUFFLE(r2, r3, 1, 5, 3, 7);
-  const V o0 = LOCDIFF_SHUFFLE(t0, t2, 0, 1, 4, 5), o1 = LOCDIFF_SHUFFLE(t1, t3, 0, 1, 4, 5);
-  const V o2 = LOCDIFF_SHUFFLE(t0, t2, 2, 3, 6, 7), o3 = LOCDIFF_SHUFFLE(t1, t3, 2, 3, 6, 7);
-  std::memcpy(out, &o0, sizeof(V));
-  std::memcpy(out + K, &o1, sizeof(V));
-  std::memcpy(out + 2 * K, &o2, sizeof(V));
-  std::memcpy(out + 3 * K, &o3, sizeof(V));
-}
 
 // The full block of cols[K][kLanes] (lane-major) to out (point-major, K per point), by 4x4
 // transposes; the last K mod 4 columns (one, for every even L) by one more transpose over
@@ -384,7 +270,7 @@ LOCDIFF_CLONES void backward_block(const T* xyz, const T* grad, int count, int L
 
 template <typename T>
 int64_t sh_cpu_small_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads) {
-  return forward_dispatch(xyz, n, degree, out, num_threads, std::make_integer_sequence<int, kMax + 1>{});
+  return forward_dispatch(xyz, n, degree, out, num_threads, std::make_integer_sequence<int, kSmallForwardMax<T> + 1>{});
 }
 
 template <typename T>

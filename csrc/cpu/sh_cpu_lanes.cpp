@@ -1,0 +1,178 @@
+// Spherical harmonics at mid degree (kSmallForwardMax < L <= kLanesDegreeMax), CPU, forward.
+//
+// The general kernel (sh_cpu.cpp) runs one point at a time with its SIMD lanes across the
+// orders m: each step reloads two coefficients and the point's two state rows for two
+// outputs, so at these degrees its loads, not its stores, set the speed. Here the lanes run
+// across kPointLanes points instead, as in sh_cpu_small.cpp, so a coefficient is loaded once
+// per eight points, while the degrees stay in the outer loop (state: two rows of lane
+// vectors, in L1): degree l's 2l+1 outputs of four points then leave as 4x4 transposes of
+// groups of four orders, full-width stores into each point's contiguous row, with no tile
+// in between.
+//
+// Numerics: the Cartesian form of sh_cpu_small.cpp, Y_l,+-m = sqrt2 Qbar_lm(z) Re/Im (x+iy)^m
+// with Qbar_lm = P_lm / s^m. Up to L = 320, Qbar stays below 1e67 and the plain recurrence
+// loses about l^2 ulp near the poles (7e-13 per unit at L = 256 against the per-point
+// kernel), inside the 1e-11 contract, so neither scaled seeds nor Reinsch's form are
+// needed. (x + i y)^m underflows only where the harmonic is below 1e-300 times Qbar's bound,
+// so its absolute error stays far inside the contract. tests/test_sh_accuracy.py checks
+// these degrees against mpmath.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "lane_transpose.h"
+#include "legendre_tables.h"
+#include "locdiff/sh_math.h"
+#include "point_block.h"
+#include "sh_cpu_small.h"
+
+namespace locdiff {
+namespace {
+
+constexpr int kLanes = cpu::kPointLanes;
+using Block = cpu::PointBlock<kLanesDegreeMax>;
+using cpu::tri;
+using cpu::Vec4;
+typedef Vec4<double>::type Double4;
+
+// Per-thread state: the block, and column values at degrees l-1 and l-2 (q[m * kLanes + p]).
+struct LaneScratch {
+  Block block;
+  alignas(64) double q1[(kLanesDegreeMax + 2) * kLanes];
+  alignas(64) double q2[(kLanesDegreeMax + 2) * kLanes];
+};
+
+LOCDIFF_INLINE Double4 load4(const double* p) {
+  Double4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+LOCDIFF_INLINE typename Vec4<T>::type to_output(Double4 v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return __builtin_convertvector(v, typename Vec4<T>::type);
+  }
+}
+
+template <typename V, typename T>
+LOCDIFF_INLINE void store4(T* plus, const V& c, const V& s, T* minus) {
+  std::memcpy(plus, &c, sizeof(V));
+  std::memcpy(minus, &s, sizeof(V));
+}
+
+// Degree l of the block's points: row[p * K + m] = Y_l,m of point p (row points at m = 0),
+// from q[m * kLanes + p] = sqrt2 Qbar_lm (Qbar_l0 for m = 0). Groups of four orders
+// g..g+3 leave by transposes: the +m values ascending at row[g], the -m values, reversed, at
+// row[-g-3]. The last group is moved back to end at m = l, rewriting up to three values
+// with the same numbers (needs l >= 4).
+template <typename T>
+LOCDIFF_INLINE void write_degree(const double* __restrict q, const Block& bk, int l, int64_t K, int count,
+                                 T* __restrict row) {
+  typedef typename Vec4<T>::type V;
+  if (l < 4) {
+    for (int p = 0; p < count; ++p) {
+      row[p * K] = T(q[p]);
+      for (int m = 1; m <= l; ++m) {
+        row[p * K + m] = T(q[m * kLanes + p] * bk.re[m * kLanes + p]);
+        row[p * K - m] = T(q[m * kLanes + p] * bk.im[m * kLanes + p]);
+      }
+    }
+    return;
+  }
+  for (int p = 0; p < count; ++p) row[p * K] = T(q[p]);
+  for (int m0 = 1; m0 <= l; m0 += 4) {
+    const int g = std::min(m0, l - 3);
+    for (int half = 0; half < kLanes; half += 4) {
+      // Named vectors, not arrays: an array indexed in the store loop stays on the stack.
+      const double* qg = q + g * kLanes + half;
+      const double* re = bk.re + g * kLanes + half;
+      const double* im = bk.im + g * kLanes + half;
+      const Double4 q0 = load4(qg), q1 = load4(qg + kLanes), q2 = load4(qg + 2 * kLanes), q3 = load4(qg + 3 * kLanes);
+      V c0 = to_output<T>(q0 * load4(re)), c1 = to_output<T>(q1 * load4(re + kLanes));
+      V c2 = to_output<T>(q2 * load4(re + 2 * kLanes)), c3 = to_output<T>(q3 * load4(re + 3 * kLanes));
+      V s0 = to_output<T>(q0 * load4(im)), s1 = to_output<T>(q1 * load4(im + kLanes));
+      V s2 = to_output<T>(q2 * load4(im + 2 * kLanes)), s3 = to_output<T>(q3 * load4(im + 3 * kLanes));
+      cpu::transpose4<T>(c0, c1, c2, c3);
+      cpu::transpose4<T>(s3, s2, s1, s0);  // point p's -m run (m = g+3 .. g) is now in s(3-p)
+      T* r = row + half * K;
+      const int points = std::min(4, count - half);
+      if (points <= 0) break;
+      store4(r + g, c0, s3, r - g - 3);
+      if (points > 1) store4(r + K + g, c1, s2, r + K - g - 3);
+      if (points > 2) store4(r + 2 * K + g, c2, s1, r + 2 * K - g - 3);
+      if (points > 3) store4(r + 3 * K + g, c3, s0, r + 3 * K - g - 3);
+    }
+  }
+}
+
+// One block of `count` points at degree L; seed[m] = Qbar_mm, times sqrt2 for m >= 1.
+template <typename T>
+LOCDIFF_CLONES int forward_block(const T* xyz, int count, int L, const cpu::Tables& tb, const double* seed,
+                                 LaneScratch& ls, T* out) {
+  Block& bk = ls.block;
+  const int bad = bk.load(xyz, count, L);
+  const int64_t K = sh_size(L);
+  double* __restrict q1 = ls.q1;  // degree l-1
+  double* __restrict q2 = ls.q2;  // degree l-2, then l
+  // Entry m of a row is first written at degree m; the step to l = m+1 reads the other
+  // row's entry m (times b = 0), which must be finite.
+  std::fill(q1, q1 + (L + 2) * kLanes, 0.0);
+  std::fill(q2, q2 + (L + 2) * kLanes, 0.0);
+  for (int l = 0; l <= L; ++l) {
+    const double* __restrict a = tb.a.data() + tri(l);
+    const double* __restrict b = tb.b.data() + tri(l);
+    for (int m = 0; m < l; ++m) {
+      const double am = a[m], bm = b[m];
+      double* __restrict x2 = q2 + m * kLanes;
+      const double* __restrict x1 = q1 + m * kLanes;
+#pragma omp simd
+      for (int p = 0; p < kLanes; ++p) x2[p] = am * bk.z[p] * x1[p] - bm * x2[p];
+    }
+    for (int p = 0; p < kLanes; ++p) q2[l * kLanes + p] = seed[l];
+    std::swap(q1, q2);
+    write_degree<T>(q1, bk, l, K, count, out + int64_t(l) * l + l);
+  }
+  return bad;
+}
+
+}  // namespace
+
+template <typename T>
+int64_t sh_cpu_lanes_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads) {
+  const auto tables = cpu::tables_for(degree);
+  std::vector<double> seed(degree + 1);
+  seed[0] = kInvSqrt4Pi;
+  double c = kInvSqrt4Pi;
+  for (int m = 1; m <= degree; ++m) {
+    c *= tables->seed_ratio[m];
+    seed[m] = kSqrt2 * c;  // the sqrt2 of the m >= 1 harmonics, carried along the column
+  }
+  const int64_t K = sh_size(degree);
+  const int64_t blocks = (n + kLanes - 1) / kLanes;
+  int64_t first_bad = n;
+#pragma omp parallel num_threads(cpu::threads(num_threads, blocks)) reduction(min : first_bad)
+  {
+    auto ls = std::make_unique<LaneScratch>();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first = b * kLanes;
+      const int count = int(std::min<int64_t>(kLanes, n - first));
+      const int bad = forward_block(xyz + 3 * first, count, degree, *tables, seed.data(), *ls, out + K * first);
+      if (bad >= 0) first_bad = std::min(first_bad, first + bad);
+    }
+  }
+  return first_bad == n ? -1 : first_bad;
+}
+
+template int64_t sh_cpu_lanes_fwd<float>(const float*, int64_t, int, float*, int);
+template int64_t sh_cpu_lanes_fwd<double>(const double*, int64_t, int, double*, int);
+
+}  // namespace locdiff
