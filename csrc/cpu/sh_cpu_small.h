@@ -7,16 +7,18 @@
 
 namespace locdiff {
 
-// Forward, by degree (measured on AVX2, two threads, float64 / float32 ns per value, L = 16:
-// small 0.23 / 0.14, lanes 0.19 / 0.17; L = 64: lanes 0.26 / 0.19, per point 0.43 / 0.29;
-// L = 512: lanes 0.38 / 0.23, per point 0.28 / 0.13):
+// Forward, by degree (measured on AVX2, two threads unless noted, float64 / float32 ns per
+// value; L = 32: small 0.29 / 0.16, lanes 0.19 / 0.14; L = 64: lanes 0.26 / 0.19, per point
+// 0.43 / 0.29; L = 512: lanes 0.38 / 0.23, per point 0.28 / 0.13):
 // - small (sh_cpu_small.cpp, compile-time degree, column by column through an L1 tile) up to
-//   kSmallForwardMax: float32's tile holds twice the values, so it pays off to higher L;
+//   kSmallForwardMax. Below L = 19 lanes is level in float64 at best, and with some output
+//   addresses (relative to its scratch) twice as slow (one thread, L = 16: 0.35-0.82 against
+//   a steady 0.36); float32's tile holds twice the values, so small leads to higher L.
 // - lanes (sh_cpu_lanes.cpp, degree by degree, no tile) up to kLanesDegreeMax, where its
 //   four state rows of lane vectors (4 x (L+1) x 64 bytes) outgrow L1;
 // - per point (sh_cpu.cpp) above.
 template <typename T>
-constexpr int kSmallForwardMax = std::is_same_v<T, double> ? 12 : 24;
+constexpr int kSmallForwardMax = std::is_same_v<T, double> ? 18 : 24;
 constexpr int kLanesDegreeMax = 320;
 // The backward pass runs points in lanes up to this degree (sh_cpu_small.cpp), per point above.
 constexpr int kSmallDegreeMax = 32;
