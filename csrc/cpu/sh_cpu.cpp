@@ -1,4 +1,7 @@
-// Spherical harmonics on the CPU: forward and vector-Jacobian product.
+// Spherical harmonics on the CPU: forward and vector-Jacobian product. The forward pass
+// hands low and mid degrees to the kernels that run points in SIMD lanes (sh_cpu_small.h
+// says which degrees); the per-point kernel here serves the rest, and the backward pass
+// above kSmallDegreeMax.
 //
 // Work layout. One point at a time per thread (OpenMP over points); for that point the
 // degrees l run in the outer loop and the orders m in the inner loop. The inner loop is a
