@@ -1,7 +1,6 @@
 // Spherical harmonics on the CPU: forward and vector-Jacobian product. The forward pass
 // hands low and mid degrees to the kernels that run points in SIMD lanes (sh_cpu_small.h
-// says which degrees); the per-point kernel here serves the rest, and the backward pass
-// above kSmallDegreeMax.
+// says which degrees, for both passes); the per-point kernel here serves the rest.
 //
 // Work layout. One point at a time per thread (OpenMP over points); for that point the
 // degrees l run in the outer loop and the orders m in the inner loop. The inner loop is a
@@ -253,7 +252,8 @@ template <typename T>
 void sh_cpu_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz,
                 int num_threads) {
   if (n <= 0) return;
-  if (degree <= kSmallDegreeMax) return sh_cpu_small_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);
+  if (degree <= kSmallBackwardMax<T>) return sh_cpu_small_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);
+  if (degree <= kLanesBackwardMax) return sh_cpu_lanes_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);
   const auto tables = tables_for(degree);
   const int64_t K = sh_size(degree);
   const int chunk = points_per_chunk(n, num_threads);

@@ -1,4 +1,5 @@
-// Spherical harmonics at mid degree (kSmallForwardMax < L <= kLanesDegreeMax), CPU, forward.
+// Spherical harmonics at mid degree, CPU: forward (kSmallForwardMax < L <= kLanesDegreeMax)
+// and backward (kSmallBackwardMax < L <= kLanesBackwardMax), see sh_cpu_small.h.
 //
 // The general kernel (sh_cpu.cpp) runs one point at a time with its SIMD lanes across the
 // orders m: each step reloads two coefficients and the point's two state rows for two
@@ -39,6 +40,10 @@ using Block = cpu::PointBlock<kLanesDegreeMax>;
 using cpu::tri;
 using cpu::Vec4;
 typedef Vec4<double>::type Double4;
+constexpr double kInvSqrt2 = 0.70710678118654752440;
+// A lambda's body is a function of its own: compiled for the portable target unless it is
+// inlined into the caller's clone.
+#define LOCDIFF_LAMBDA_INLINE __attribute__((always_inline))
 
 // Per-thread state: the block, and column values at degrees l-1 and l-2 (q[m * kLanes + p]).
 struct LaneScratch {
@@ -66,6 +71,34 @@ template <typename V, typename T>
 LOCDIFF_INLINE void store4(T* plus, const V& c, const V& s, T* minus) {
   std::memcpy(plus, &c, sizeof(V));
   std::memcpy(minus, &s, sizeof(V));
+}
+
+// Runs every column up to degree L for the block's points and calls visit(l, q) with degree
+// l's values, q[m * kLanes + p] = Qbar_lm (times sqrt2 for m >= 1; q[l+1] = 0), the seeds
+// being seed[m] (Qbar_mm, times sqrt2 for m >= 1).
+template <class Visit>
+LOCDIFF_INLINE void for_each_degree(int L, const cpu::Tables& tb, const double* seed, const Block& bk,
+                                    LaneScratch& ls, const Visit& visit) {
+  double* __restrict q1 = ls.q1;  // degree l-1
+  double* __restrict q2 = ls.q2;  // degree l-2, then l
+  // Entry m of a row is first written at degree m; the step to l = m+1 reads the other
+  // row's entry m (times b = 0), and degree l reads entry l+1 as Qbar_l,l+1 = 0.
+  std::fill(q1, q1 + (L + 2) * kLanes, 0.0);
+  std::fill(q2, q2 + (L + 2) * kLanes, 0.0);
+  for (int l = 0; l <= L; ++l) {
+    const double* __restrict a = tb.a.data() + tri(l);
+    const double* __restrict b = tb.b.data() + tri(l);
+    for (int m = 0; m < l; ++m) {
+      const double am = a[m], bm = b[m];
+      double* __restrict x2 = q2 + m * kLanes;
+      const double* __restrict x1 = q1 + m * kLanes;
+#pragma omp simd
+      for (int p = 0; p < kLanes; ++p) x2[p] = am * bk.z[p] * x1[p] - bm * x2[p];
+    }
+    for (int p = 0; p < kLanes; ++p) q2[l * kLanes + p] = seed[l];
+    std::swap(q1, q2);
+    visit(l, q1);
+  }
 }
 
 // Degree l of the block's points: row[p * K + m] = Y_l,m of point p (row points at m = 0),
@@ -120,27 +153,119 @@ LOCDIFF_CLONES int forward_block(const T* xyz, int count, int L, const cpu::Tabl
   Block& bk = ls.block;
   const int bad = bk.load(xyz, count, L);
   const int64_t K = sh_size(L);
-  double* __restrict q1 = ls.q1;  // degree l-1
-  double* __restrict q2 = ls.q2;  // degree l-2, then l
-  // Entry m of a row is first written at degree m; the step to l = m+1 reads the other
-  // row's entry m (times b = 0), which must be finite.
-  std::fill(q1, q1 + (L + 2) * kLanes, 0.0);
-  std::fill(q2, q2 + (L + 2) * kLanes, 0.0);
-  for (int l = 0; l <= L; ++l) {
-    const double* __restrict a = tb.a.data() + tri(l);
-    const double* __restrict b = tb.b.data() + tri(l);
-    for (int m = 0; m < l; ++m) {
-      const double am = a[m], bm = b[m];
-      double* __restrict x2 = q2 + m * kLanes;
-      const double* __restrict x1 = q1 + m * kLanes;
-#pragma omp simd
-      for (int p = 0; p < kLanes; ++p) x2[p] = am * bk.z[p] * x1[p] - bm * x2[p];
-    }
-    for (int p = 0; p < kLanes; ++p) q2[l * kLanes + p] = seed[l];
-    std::swap(q1, q2);
-    write_degree<T>(q1, bk, l, K, count, out + int64_t(l) * l + l);
-  }
+  for_each_degree(L, tb, seed, bk, ls, [&](int l, const double* q) LOCDIFF_LAMBDA_INLINE {
+    write_degree<T>(q, bk, l, K, count, out + int64_t(l) * l + l);
+  });
   return bad;
+}
+
+// Point-major to lane-major, the inverse of write_degree's stores: v_j = grad[p * K + k0 + j]
+// of the four points p, as lanes.
+template <typename T>
+LOCDIFF_INLINE void load_group(const T* __restrict g, int64_t K, int points, Double4& v0, Double4& v1,
+                               Double4& v2, Double4& v3) {
+  typedef typename Vec4<T>::type V;
+  V r0{}, r1{}, r2{}, r3{};
+  std::memcpy(&r0, g, sizeof(V));
+  if (points > 1) std::memcpy(&r1, g + K, sizeof(V));
+  if (points > 2) std::memcpy(&r2, g + 2 * K, sizeof(V));
+  if (points > 3) std::memcpy(&r3, g + 3 * K, sizeof(V));
+  cpu::transpose4<T>(r0, r1, r2, r3);
+  if constexpr (std::is_same_v<T, double>) {
+    v0 = r0, v1 = r1, v2 = r2, v3 = r3;
+  } else {
+    v0 = __builtin_convertvector(r0, Double4), v1 = __builtin_convertvector(r1, Double4);
+    v2 = __builtin_convertvector(r2, Double4), v3 = __builtin_convertvector(r3, Double4);
+  }
+}
+
+// Gradient sums of one block, as lanes (halves of four points).
+struct GradSums {
+  Double4 x[2] = {}, y[2] = {}, z[2] = {};
+};
+
+// Degree l's share of dL/dxyz, from q[m * kLanes + p] = sqrt2 Qbar_lm (m >= 1; q[l+1] = 0):
+//   gx += m q_m (g+ Re w^(m-1) + g- Im w^(m-1)),  gy += m q_m (g- Re w^(m-1) - g+ Im w^(m-1)),
+//   gz += dz_lm / sqrt2 q_(m+1) (g+ Re w^m + g- Im w^m),  w = x + i y
+// (the terms of sh_cpu_small.cpp's backward_block, with the sqrt2 carried in q). Orders run in
+// groups of four as in write_degree; the last group, moved back to end at m = l, skips the
+// orders the group before it took. m = 0 adds only its gz term.
+template <typename T>
+LOCDIFF_INLINE void grad_degree(const double* __restrict q, const Block& bk, const double* __restrict dz, int l,
+                                int64_t K, int count, const T* __restrict row, GradSums& sum) {
+  const double* re = bk.re;
+  const double* im = bk.im;
+  for (int half = 0; half < kLanes && half < count; half += 4) {
+    const int points = std::min(4, count - half);
+    const T* r = row + half * K;
+    Double4 g0{};
+    for (int p = 0; p < points; ++p) g0[p] = double(r[p * K]);
+    sum.z[half / 4] += (dz[0] * kInvSqrt2) * load4(q + kLanes + half) * g0;
+    if (l < 4) {
+      for (int m = 1; m <= l; ++m) {
+        Double4 gp{}, gm{};
+        for (int p = 0; p < points; ++p) gp[p] = double(r[p * K + m]), gm[p] = double(r[p * K - m]);
+        const int i = m * kLanes + half, i1 = i - kLanes;
+        const Double4 w = double(m) * load4(q + i), c = (dz[m] * kInvSqrt2) * load4(q + i + kLanes);
+        const Double4 re1 = load4(re + i1), im1 = load4(im + i1);
+        sum.x[half / 4] += w * (gp * re1 + gm * im1);
+        sum.y[half / 4] += w * (gm * re1 - gp * im1);
+        sum.z[half / 4] += c * (gp * load4(re + i) + gm * load4(im + i));
+      }
+      continue;
+    }
+    for (int m0 = 1; m0 <= l; m0 += 4) {
+      const int g = std::min(m0, l - 3);
+      Double4 gp[4], gm[4];
+      load_group<T>(r + g, K, points, gp[0], gp[1], gp[2], gp[3]);
+      load_group<T>(r - g - 3, K, points, gm[3], gm[2], gm[1], gm[0]);
+      Double4 ax = sum.x[half / 4], ay = sum.y[half / 4], az = sum.z[half / 4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int m = g + j;
+        if (m < m0) continue;  // taken by the group before
+        const int i = m * kLanes + half, i1 = i - kLanes;
+        const Double4 w = double(m) * load4(q + i), c = (dz[m] * kInvSqrt2) * load4(q + i + kLanes);
+        const Double4 re1 = load4(re + i1), im1 = load4(im + i1);
+        ax += w * (gp[j] * re1 + gm[j] * im1);
+        ay += w * (gm[j] * re1 - gp[j] * im1);
+        az += c * (gp[j] * load4(re + i) + gm[j] * load4(im + i));
+      }
+      sum.x[half / 4] = ax, sum.y[half / 4] = ay, sum.z[half / 4] = az;
+    }
+  }
+}
+
+template <typename T>
+LOCDIFF_CLONES void backward_block(const T* xyz, const T* grad, int count, int L, const cpu::Tables& tb,
+                                   const double* seed, LaneScratch& ls, T* grad_xyz) {
+  Block& bk = ls.block;
+  bk.load(xyz, count, L);
+  const int64_t K = sh_size(L);
+  GradSums sum;
+  for_each_degree(L, tb, seed, bk, ls, [&](int l, const double* q) LOCDIFF_LAMBDA_INLINE {
+    if (l > 0) grad_degree<T>(q, bk, tb.dz.data() + tri(l), l, K, count, grad + int64_t(l) * l + l, sum);
+  });
+  // Project out the radial part: Y depends on r / |r| only.
+  for (int p = 0; p < count; ++p) {
+    const double gx = sum.x[p / 4][p % 4], gy = sum.y[p / 4][p % 4], gz = sum.z[p / 4][p % 4];
+    const double radial = gx * bk.x[p] + gy * bk.y[p] + gz * bk.z[p];
+    grad_xyz[3 * p] = T((gx - radial * bk.x[p]) * bk.inv_norm[p]);
+    grad_xyz[3 * p + 1] = T((gy - radial * bk.y[p]) * bk.inv_norm[p]);
+    grad_xyz[3 * p + 2] = T((gz - radial * bk.z[p]) * bk.inv_norm[p]);
+  }
+}
+
+// seed[m] = Qbar_mm, times sqrt2 for m >= 1.
+std::vector<double> lane_seeds(const cpu::Tables& t, int degree) {
+  std::vector<double> seed(degree + 1);
+  seed[0] = kInvSqrt4Pi;
+  double c = kInvSqrt4Pi;
+  for (int m = 1; m <= degree; ++m) {
+    c *= t.seed_ratio[m];
+    seed[m] = kSqrt2 * c;  // the sqrt2 of the m >= 1 harmonics, carried along the column
+  }
+  return seed;
 }
 
 }  // namespace
@@ -148,13 +273,7 @@ LOCDIFF_CLONES int forward_block(const T* xyz, int count, int L, const cpu::Tabl
 template <typename T>
 int64_t sh_cpu_lanes_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads) {
   const auto tables = cpu::tables_for(degree);
-  std::vector<double> seed(degree + 1);
-  seed[0] = kInvSqrt4Pi;
-  double c = kInvSqrt4Pi;
-  for (int m = 1; m <= degree; ++m) {
-    c *= tables->seed_ratio[m];
-    seed[m] = kSqrt2 * c;  // the sqrt2 of the m >= 1 harmonics, carried along the column
-  }
+  const std::vector<double> seed = lane_seeds(*tables, degree);
   const int64_t K = sh_size(degree);
   const int64_t blocks = (n + kLanes - 1) / kLanes;
   int64_t first_bad = n;
@@ -172,7 +291,28 @@ int64_t sh_cpu_lanes_fwd(const T* xyz, int64_t n, int degree, T* out, int num_th
   return first_bad == n ? -1 : first_bad;
 }
 
+template <typename T>
+void sh_cpu_lanes_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz, int num_threads) {
+  const auto tables = cpu::tables_for(degree);
+  const std::vector<double> seed = lane_seeds(*tables, degree);
+  const int64_t K = sh_size(degree);
+  const int64_t blocks = (n + kLanes - 1) / kLanes;
+#pragma omp parallel num_threads(cpu::threads(num_threads, blocks))
+  {
+    auto ls = std::make_unique<LaneScratch>();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first = b * kLanes;
+      const int count = int(std::min<int64_t>(kLanes, n - first));
+      backward_block(xyz + 3 * first, grad_out + K * first, count, degree, *tables, seed.data(), *ls,
+                     grad_xyz + 3 * first);
+    }
+  }
+}
+
 template int64_t sh_cpu_lanes_fwd<float>(const float*, int64_t, int, float*, int);
 template int64_t sh_cpu_lanes_fwd<double>(const double*, int64_t, int, double*, int);
+template void sh_cpu_lanes_bwd<float>(const float*, const float*, int64_t, int, float*, int);
+template void sh_cpu_lanes_bwd<double>(const double*, const double*, int64_t, int, double*, int);
 
 }  // namespace locdiff

@@ -1,5 +1,5 @@
 // Spherical harmonics at low degree, CPU: forward up to kSmallForwardMax, backward up to
-// kSmallDegreeMax (sh_cpu_small.h).
+// kSmallBackwardMax (sh_cpu_small.h).
 //
 // At low degree a point has few outputs (25 at L = 4), so the per-point set-up of the
 // general kernel (tables, seeds, scratch rows) costs more than the harmonics. Here the

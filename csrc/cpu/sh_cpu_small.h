@@ -2,6 +2,7 @@
 // sh_cpu.cpp routes between them and its per-point kernel.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -20,14 +21,28 @@ namespace locdiff {
 template <typename T>
 constexpr int kSmallForwardMax = std::is_same_v<T, double> ? 18 : 24;
 constexpr int kLanesDegreeMax = 320;
-// The backward pass runs points in lanes up to this degree (sh_cpu_small.cpp), per point above.
-constexpr int kSmallDegreeMax = 32;
+
+// Backward, by degree: lanes (sh_cpu_lanes.cpp, the forward's recurrence, then each group of
+// four orders of four points loaded by transposes and summed per lane) from L = 6 (float64)
+// or 4 (float32) up to kLanesBackwardMax; small (sh_cpu_small.cpp) below, whose per-lane
+// loop over the orders costs less where a degree has fewer than four; per point above.
+// Measured as above, ns per input value, small or per point -> lanes: float64 L = 4, 8, 16,
+// 32: 0.78 -> 0.92, 1.11 -> 0.63, 0.74 -> 0.30, 0.67 -> 0.26; L = 64, 128, 256, 320: 0.35 ->
+// 0.19, 0.30 -> 0.21, 0.34 -> 0.27, 0.36 -> 0.31; float32 L = 320: 0.27 -> 0.29.
+template <typename T>
+constexpr int kSmallBackwardMax = std::is_same_v<T, double> ? 5 : 3;
+constexpr int kLanesBackwardMax = 288;
+
+// The small kernels' coefficient tables go up to this degree.
+constexpr int kSmallDegreeMax = std::max(kSmallForwardMax<double>, kSmallForwardMax<float>);
 
 // Same contract as sh_cpu_fwd: returns -1 or the first non-finite / zero row.
 template <typename T>
 int64_t sh_cpu_small_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads);
 template <typename T>
 int64_t sh_cpu_lanes_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads);
+template <typename T>
+void sh_cpu_lanes_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz, int num_threads);
 template <typename T>
 void sh_cpu_small_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz,
                       int num_threads);
