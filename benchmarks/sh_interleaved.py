@@ -1,11 +1,13 @@
 """locdiff vs sphericart forward, interleaved round by round (best of each), as ratios.
 
-    python benchmarks/sh_interleaved.py [--threads 1] [--rounds 40] [--degrees 4,8,...]
+    python benchmarks/sh_interleaved.py [--threads 1] [--rounds 40] [--degrees 4,8,...] [--passes fwd+bwd]
 
 pytest-benchmark times one implementation after the other; on a shared machine whose load
 drifts, that can tilt a ratio by 30%. Here each round times every implementation once, in
 turn, into the same preallocated output sizes, so drift hits all of them alike. `fill` is
 numpy filling a warm array of the output's size (the store floor without page faults).
+`--passes fwd+bwd` times forward and backward (the vector-Jacobian product to xyz) as
+the pytest benchmarks do (sh_anchors.py), against the forward's fill.
 """
 import argparse
 import time
@@ -32,8 +34,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--degrees", default="4,8,16,32,64,128,256,512")
     ap.add_argument("--values", type=int, default=2_000_000, help="output values per call")
+    ap.add_argument("--passes", choices=["fwd", "fwd+bwd"], default="fwd")
     a = ap.parse_args()
-    import sphericart
+    from sh_anchors import IMPLS
 
     torch.set_num_threads(a.threads)
     print(f"| dtype | L | locdiff ns/value | sphericart ns/value | fill ns/value | sphericart / locdiff |")
@@ -43,10 +46,12 @@ def main():
             K = (degree + 1) ** 2
             n = max(64, a.values // K)
             xyz = torch.randn(n, 3, dtype=dtype)
-            sc, xn = sphericart.SphericalHarmonics(degree), xyz.numpy()
-            warm = np.empty((n, K), dtype=xn.dtype)
-            t = best_of([lambda: locdiff.spherical_harmonics(xyz, degree), lambda: sc.compute(xn),
-                         lambda: warm.fill(1.0)], a.rounds)
+            grad = torch.randn(n, K, dtype=dtype)
+            pick = 0 if a.passes == "fwd" else 1  # IMPLS give (fwd, fwd_bwd, as_locdiff)
+            ours = IMPLS["locdiff"](xyz, degree, grad)[pick]
+            theirs = IMPLS["sphericart"](xyz, degree, grad)[pick]
+            warm = np.empty((n, K), dtype=xyz.numpy().dtype)
+            t = best_of([ours, theirs, lambda: warm.fill(1.0)], a.rounds)
             ns = [x / (n * K) * 1e9 for x in t]
             print(f"| {str(dtype).split('.')[1]} | {degree} | {ns[0]:.3f} | {ns[1]:.3f} | {ns[2]:.3f} | "
                   f"{t[1] / t[0]:.2f}x |", flush=True)
