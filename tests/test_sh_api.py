@@ -18,18 +18,22 @@ def test_matches_reference(dtype, degree, rng):
     assert_close(locdiff.spherical_harmonics(xyz, degree), spherical_harmonics_reference(xyz, degree))
 
 
-@pytest.mark.parametrize("degree", [6, 16])
-def test_large_float64_outputs_streamed_out_match(degree, rng):
-    # Outputs of 4 MB and more at 6 <= L <= 16 in float64 leave through non-temporal stores of
-    # whole blocks (sh_cpu_small.cpp): the same values as the direct stores of a small call,
-    # with a partial last block, and against the reference on a sample.
-    n = (4 << 20) // (8 * (degree + 1) ** 2) + 13
-    xyz = torch.tensor(rng.normal(size=(n, 3)))
+@pytest.mark.parametrize("dtype,degree", [(torch.float64, 4), (torch.float64, 16), (torch.float32, 12),
+                                          (torch.float32, 24)])
+def test_large_outputs_streamed_out_match(dtype, degree, rng):
+    # Outputs of 4 MB and more leave through non-temporal stores of whole blocks at
+    # 4 <= L <= 16 in float64 and 12 <= L <= 24 in float32 (sh_cpu_small.cpp): the same values
+    # as the direct stores of a small call, with a partial last block, and against the
+    # reference on a sample.
+    n = (4 << 20) // (dtype.itemsize * (degree + 1) ** 2) + 13
+    xyz = torch.tensor(rng.normal(size=(n, 3)), dtype=dtype)
     big = locdiff.spherical_harmonics(xyz, degree)
     small = torch.cat([locdiff.spherical_harmonics(xyz[i:i + 1000], degree) for i in range(0, n, 1000)])
     assert torch.equal(big, small)
     rows = torch.cat([torch.arange(16), torch.arange(n - 16, n)])
-    assert_close(big[rows], spherical_harmonics_reference(xyz[rows], degree))
+    xyz = xyz.double()
+    assert_close(big[rows].double(), spherical_harmonics_reference(xyz[rows], degree),
+                 atol=1e-12 if dtype == torch.float64 else 2e-6, rtol=0)
 
 
 def test_shapes_numpy_and_normalisation(rng):

@@ -121,13 +121,22 @@ __attribute__((always_inline)) inline void store_point_major(const T (&cols)[K][
     return;
   }
 #if LOCDIFF_STREAM_STORES
-  // Only float64 streams (may_stream); kLanes * K is even, and out 16-byte aligned.
+  // kLanes * K values fill whole 16-byte vectors (8K is even, and a multiple of 4), and out
+  // is 16-byte aligned (forward_fixed checks).
   if constexpr (std::is_same_v<T, double>) {
     if (stream) {
       constexpr int kTotal = kLanes * K;
       alignas(64) double tile[kTotal];
       transpose_block(cols, tile);
       for (int i = 0; i < kTotal; i += 2) _mm_stream_pd(out + i, _mm_load_pd(tile + i));
+      return;
+    }
+  } else {
+    if (stream) {
+      constexpr int kTotal = kLanes * K;
+      alignas(64) float tile[kTotal];
+      transpose_block(cols, tile);
+      for (int i = 0; i < kTotal; i += 4) _mm_stream_ps(out + i, _mm_load_ps(tile + i));
       return;
     }
   }
@@ -178,18 +187,22 @@ LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
   return bad;
 }
 
-// When store_point_major streams: float64 outputs of at least kStreamBytes (they cannot stay
-// in the L2 of a couple of cores anyway), at degrees whose values and tile both fit in L1
-// (2 x 8 x K doubles <= 40 KB: L <= 16), from L = 6; on x86 (SSE2) only. Measured on the Xeon, two threads, ns
-// per value, direct -> streamed: float64 L = 6, 8, 12, 16: 0.39 -> 0.33, 0.40 -> 0.32,
-// 0.37 -> 0.34, 0.37 -> 0.33; but L = 24, 32: 0.31 -> 0.44 (the tile spills to L2), and
-// float32 (16-byte direct stores) 3-20% slower streamed at every L, L = 4 in both dtypes
-// 5-10% slower.
+// When store_point_major streams: outputs of at least kStreamBytes (they cannot stay in the
+// L2 of a couple of cores anyway), at degrees whose values and tile both fit in L1
+// (2 x 8 x K values <= 40 KB: float64 L <= 16, float32 L <= 24), from L = 4 in float64 and
+// L = 12 in float32; on x86 (SSE2) only. Below, the direct stores are as cheap or cheaper: a
+// point's row is short, and at L = 3 (16 values) its stores never split a cache line.
+// Measured, two threads, direct / streamed time, interleaved runs: AMD EPYC (Zen 4) float64
+// L = 2, 3, 4, 5, 8: 0.8, 0.73-0.92, 1.45-1.8 (once 0.92), 1.4-1.7, 1.07; float32 L = 4, 8,
+// 12, 20: 0.87, 0.9-1.1, 1.4-1.57, 1.38-1.42, and L = 16, 24 0.74-1.39, where the direct
+// stores take 0.12 or 0.22 ns per value from run to run and the streamed ones a steady 0.16.
+// The Intel Xeon before gave float64 L = 6-16 1.1-1.25 (0.31 -> 0.44 ns at L = 24-32, where
+// the tile spills to L2), float32 and float64 L = 4 0.8-0.97.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 template <typename T, int L>
 constexpr bool may_stream() {
-  return LOCDIFF_STREAM_STORES && std::is_same_v<T, double> && L >= 6 &&
+  return LOCDIFF_STREAM_STORES && L >= (std::is_same_v<T, double> ? 4 : 12) &&
          2 * kLanes * (L + 1) * (L + 1) * sizeof(T) <= 40 * 1024;
 }
 
