@@ -105,6 +105,16 @@ __attribute__((always_inline)) inline void transpose_block(const T (&cols)[K][kL
   }
 }
 
+#if LOCDIFF_STREAM_STORES
+// out[0, n) = tile[0, n) by non-temporal 16-byte stores (both 16-byte aligned).
+__attribute__((always_inline)) inline void stream_copy(const double* tile, double* out, int n) {
+  for (int i = 0; i < n; i += 2) _mm_stream_pd(out + i, _mm_load_pd(tile + i));
+}
+__attribute__((always_inline)) inline void stream_copy(const float* tile, float* out, int n) {
+  for (int i = 0; i < n; i += 4) _mm_stream_ps(out + i, _mm_load_ps(tile + i));
+}
+#endif
+
 // Writes `count` points of cols[K][kLanes] (lane-major) to out (point-major, K per point).
 // Two ways for a full block, by `stream`: transposed stores straight into the output, or
 // transposed into an L1 tile that non-temporal stores then copy out. A full block's values
@@ -123,22 +133,12 @@ __attribute__((always_inline)) inline void store_point_major(const T (&cols)[K][
 #if LOCDIFF_STREAM_STORES
   // kLanes * K values fill whole 16-byte vectors (8K is even, and a multiple of 4), and out
   // is 16-byte aligned (forward_fixed checks).
-  if constexpr (std::is_same_v<T, double>) {
-    if (stream) {
-      constexpr int kTotal = kLanes * K;
-      alignas(64) double tile[kTotal];
-      transpose_block(cols, tile);
-      for (int i = 0; i < kTotal; i += 2) _mm_stream_pd(out + i, _mm_load_pd(tile + i));
-      return;
-    }
-  } else {
-    if (stream) {
-      constexpr int kTotal = kLanes * K;
-      alignas(64) float tile[kTotal];
-      transpose_block(cols, tile);
-      for (int i = 0; i < kTotal; i += 4) _mm_stream_ps(out + i, _mm_load_ps(tile + i));
-      return;
-    }
+  if (stream) {
+    constexpr int kTotal = kLanes * K;
+    alignas(64) T tile[kTotal];
+    transpose_block(cols, tile);
+    stream_copy(tile, out, kTotal);
+    return;
   }
 #else
   (void)stream;
