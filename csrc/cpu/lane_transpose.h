@@ -38,12 +38,24 @@ template <typename T>
 __attribute__((always_inline)) inline void transpose4(typename Vec4<T>::type& r0, typename Vec4<T>::type& r1,
                                                       typename Vec4<T>::type& r2, typename Vec4<T>::type& r3) {
   typedef typename Vec4<T>::type V;
-  const V t0 = LOCDIFF_SHUFFLE(r0, r1, 0, 4, 2, 6), t1 = LOCDIFF_SHUFFLE(r0, r1, 1, 5, 3, 7);
-  const V t2 = LOCDIFF_SHUFFLE(r2, r3, 0, 4, 2, 6), t3 = LOCDIFF_SHUFFLE(r2, r3, 1, 5, 3, 7);
-  r0 = LOCDIFF_SHUFFLE(t0, t2, 0, 1, 4, 5);
-  r1 = LOCDIFF_SHUFFLE(t1, t3, 0, 1, 4, 5);
-  r2 = LOCDIFF_SHUFFLE(t0, t2, 2, 3, 6, 7);
-  r3 = LOCDIFF_SHUFFLE(t1, t3, 2, 3, 6, 7);
+  // Each pattern is one instruction for its type: for 4 doubles (AVX) in-lane unpacks, then
+  // 128-bit lane permutes; for 4 floats (SSE) unpcklps/unpckhps, then movlhps/movhlps (the
+  // double patterns cost floats two instructions each).
+  if constexpr (sizeof(T) == 8) {
+    const V t0 = LOCDIFF_SHUFFLE(r0, r1, 0, 4, 2, 6), t1 = LOCDIFF_SHUFFLE(r0, r1, 1, 5, 3, 7);
+    const V t2 = LOCDIFF_SHUFFLE(r2, r3, 0, 4, 2, 6), t3 = LOCDIFF_SHUFFLE(r2, r3, 1, 5, 3, 7);
+    r0 = LOCDIFF_SHUFFLE(t0, t2, 0, 1, 4, 5);
+    r1 = LOCDIFF_SHUFFLE(t1, t3, 0, 1, 4, 5);
+    r2 = LOCDIFF_SHUFFLE(t0, t2, 2, 3, 6, 7);
+    r3 = LOCDIFF_SHUFFLE(t1, t3, 2, 3, 6, 7);
+  } else {
+    const V t0 = LOCDIFF_SHUFFLE(r0, r1, 0, 4, 1, 5), t1 = LOCDIFF_SHUFFLE(r0, r1, 2, 6, 3, 7);
+    const V t2 = LOCDIFF_SHUFFLE(r2, r3, 0, 4, 1, 5), t3 = LOCDIFF_SHUFFLE(r2, r3, 2, 6, 3, 7);
+    r0 = LOCDIFF_SHUFFLE(t0, t2, 0, 1, 4, 5);
+    r1 = LOCDIFF_SHUFFLE(t0, t2, 2, 3, 6, 7);
+    r2 = LOCDIFF_SHUFFLE(t1, t3, 0, 1, 4, 5);
+    r3 = LOCDIFF_SHUFFLE(t1, t3, 2, 3, 6, 7);
+  }
 }
 
 // out[p * K + k0 + j] = cols[k0 + j][lane0 + p] for p, j < 4.
