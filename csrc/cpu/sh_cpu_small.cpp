@@ -188,22 +188,21 @@ LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
 }
 
 // When store_point_major streams: outputs of at least kStreamBytes (they cannot stay in the
-// L2 of a couple of cores anyway), at degrees whose values and tile both fit in L1
-// (2 x 8 x K values <= 40 KB: float64 L <= 16, float32 L <= 24), from L = 4 in float64 and
-// L = 12 in float32; on x86 (SSE2) only. Below, the direct stores are as cheap or cheaper: a
-// point's row is short, and at L = 3 (16 values) its stores never split a cache line.
-// Measured, two threads, direct / streamed time, interleaved runs: AMD EPYC (Zen 4) float64
-// L = 2, 3, 4, 5, 8: 0.8, 0.73-0.92, 1.45-1.8 (once 0.92), 1.4-1.7, 1.07; float32 L = 4, 8,
-// 12, 20: 0.87, 0.9-1.1, 1.4-1.57, 1.38-1.42, and L = 16, 24 0.74-1.39, where the direct
-// stores take 0.12 or 0.22 ns per value from run to run and the streamed ones a steady 0.16.
-// The Intel Xeon before gave float64 L = 6-16 1.1-1.25 (0.31 -> 0.44 ns at L = 24-32, where
-// the tile spills to L2), float32 and float64 L = 4 0.8-0.97.
+// L2 of a couple of cores anyway) at 4 <= L <= 16 in float64 and 12 <= L <= 20 in float32,
+// on x86 (SSE2) only. Above, the values and the tile (2 x 8 x K values) outgrow L1; below,
+// direct stores are as cheap: a point's row is short (at L = 3 its stores never split a
+// cache line). Measured on the AMD EPYC (Zen 4), two threads, each variant's calls in a row
+// (interleaving single calls lets one variant's cache state tilt the other's), direct /
+// streamed time: float64 L = 4, 6, 8, 12, 16: 1.39-1.50 (once 0.97), 1.05-1.07, 1.23-1.54,
+// 1.32-1.35, 1.24-1.28; float32 L = 8: 1.0, L = 12, 16, 20: 0.77-1.48, 1.27-1.42,
+// 1.04-1.49, L = 24: 0.85-0.96 (direct stores take 0.17-0.19 or 0.29-0.33 ns per value from
+// run to run there, streamed ones 0.19-0.24). On the Intel Xeon before: float64 L = 6-16
+// 1.1-1.25, 24-32 0.7 (the tile in L2), float32 0.8-0.97.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 template <typename T, int L>
 constexpr bool may_stream() {
-  return LOCDIFF_STREAM_STORES && L >= (std::is_same_v<T, double> ? 4 : 12) &&
-         2 * kLanes * (L + 1) * (L + 1) * sizeof(T) <= 40 * 1024;
+  return LOCDIFF_STREAM_STORES && (std::is_same_v<T, double> ? 4 <= L && L <= 16 : 12 <= L && L <= 20);
 }
 
 template <typename T, int L>
