@@ -3,8 +3,9 @@
     python benchmarks/sh_interleaved.py [--threads 1] [--rounds 40] [--degrees 4,8,...] [--passes fwd+bwd]
 
 pytest-benchmark times one implementation after the other; on a shared machine whose load
-drifts, that can tilt a ratio by 30%. Here each round times every implementation once, in
-turn, into the same preallocated output sizes, so drift hits all of them alike. `fill` is
+drifts, that can tilt a ratio by 30%. Here each round times every implementation in turn
+(three calls in a row, the last two timed), into outputs of the same size, so drift hits all
+of them alike. `fill` is
 numpy filling a warm array of the output's size (the store floor without page faults).
 `--passes fwd+bwd` times forward and backward (the vector-Jacobian product to xyz) as
 the pytest benchmarks do (sh_anchors.py), against the forward's fill.
@@ -18,13 +19,18 @@ import torch
 import locdiff
 
 
-def best_of(fns, rounds):
+def best_of(fns, rounds, untimed=1, timed=2):
+    # Each implementation's calls run in a row, the first `untimed` of them untimed: a call
+    # right after another implementation's inherits its cache state (streamed stores leave
+    # the output out of the cache, ordinary ones in it), which tilted single-call rounds.
     best = [float("inf")] * len(fns)
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
+            for rep in range(untimed + timed):
+                t0 = time.perf_counter()
+                fn()
+                if rep >= untimed:
+                    best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
