@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vector_exp.h"  // Double4
+
 namespace locdiff {
 namespace cpu {
 
@@ -17,8 +19,8 @@ template <typename T>
 struct Vec4;
 template <>
 struct Vec4<double> {
-  typedef double type __attribute__((vector_size(32)));
-  typedef long long mask __attribute__((vector_size(32)));
+  typedef Double4 type;
+  typedef Long4 mask;
 };
 template <>
 struct Vec4<float> {

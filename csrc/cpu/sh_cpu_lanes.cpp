@@ -31,6 +31,7 @@
 #include "locdiff/sh_math.h"
 #include "point_block.h"
 #include "sh_cpu_small.h"
+#include "vector_exp.h"  // Double4, load4
 
 namespace locdiff {
 namespace {
@@ -38,8 +39,9 @@ namespace {
 constexpr int kLanes = cpu::kPointLanes;
 using Block = cpu::PointBlock<kLanesDegreeMax>;
 using cpu::tri;
+using cpu::Double4;
+using cpu::load4;
 using cpu::Vec4;
-typedef Vec4<double>::type Double4;
 constexpr double kInvSqrt2 = 0.70710678118654752440;
 // A lambda's body is a function of its own: compiled for the portable target unless it is
 // inlined into the caller's clone.
@@ -52,12 +54,7 @@ struct LaneScratch {
   alignas(64) double q2[(kLanesDegreeMax + 2) * kLanes];
 };
 
-LOCDIFF_INLINE Double4 load4(const double* p) {
-  Double4 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
+// Four lanes between the float64 arithmetic and the output type T.
 template <typename T>
 LOCDIFF_INLINE typename Vec4<T>::type to_output(Double4 v) {
   if constexpr (std::is_same_v<T, double>) {
@@ -66,9 +63,17 @@ LOCDIFF_INLINE typename Vec4<T>::type to_output(Double4 v) {
     return __builtin_convertvector(v, typename Vec4<T>::type);
   }
 }
+template <typename T>
+LOCDIFF_INLINE Double4 to_double(typename Vec4<T>::type v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return __builtin_convertvector(v, Double4);
+  }
+}
 
 template <typename V, typename T>
-LOCDIFF_INLINE void store4(T* plus, const V& c, const V& s, T* minus) {
+LOCDIFF_INLINE void store_pair(T* plus, const V& c, const V& s, T* minus) {
   std::memcpy(plus, &c, sizeof(V));
   std::memcpy(minus, &s, sizeof(V));
 }
@@ -138,10 +143,10 @@ LOCDIFF_INLINE void write_degree(const double* __restrict q, const Block& bk, in
       T* r = row + half * K;
       const int points = std::min(4, count - half);
       if (points <= 0) break;
-      store4(r + g, c0, s3, r - g - 3);
-      if (points > 1) store4(r + K + g, c1, s2, r + K - g - 3);
-      if (points > 2) store4(r + 2 * K + g, c2, s1, r + 2 * K - g - 3);
-      if (points > 3) store4(r + 3 * K + g, c3, s0, r + 3 * K - g - 3);
+      store_pair(r + g, c0, s3, r - g - 3);
+      if (points > 1) store_pair(r + K + g, c1, s2, r + K - g - 3);
+      if (points > 2) store_pair(r + 2 * K + g, c2, s1, r + 2 * K - g - 3);
+      if (points > 3) store_pair(r + 3 * K + g, c3, s0, r + 3 * K - g - 3);
     }
   }
 }
@@ -171,12 +176,7 @@ LOCDIFF_INLINE void load_group(const T* __restrict g, int64_t K, int points, Dou
   if (points > 2) std::memcpy(&r2, g + 2 * K, sizeof(V));
   if (points > 3) std::memcpy(&r3, g + 3 * K, sizeof(V));
   cpu::transpose4<T>(r0, r1, r2, r3);
-  if constexpr (std::is_same_v<T, double>) {
-    v0 = r0, v1 = r1, v2 = r2, v3 = r3;
-  } else {
-    v0 = __builtin_convertvector(r0, Double4), v1 = __builtin_convertvector(r1, Double4);
-    v2 = __builtin_convertvector(r2, Double4), v3 = __builtin_convertvector(r3, Double4);
-  }
+  v0 = to_double<T>(r0), v1 = to_double<T>(r1), v2 = to_double<T>(r2), v3 = to_double<T>(r3);
 }
 
 // Gradient sums of one block, as lanes (halves of four points).
@@ -190,49 +190,45 @@ struct GradSums {
 // (the terms of sh_cpu_small.cpp's backward_block, with the sqrt2 carried in q). Orders run in
 // groups of four as in write_degree; the last group, moved back to end at m = l, skips the
 // orders the group before it took. m = 0 adds only its gz term.
+// Order m's terms for the half of lanes at `half`, gp / gm the incoming gradient at +-m.
+LOCDIFF_INLINE void add_order(const double* __restrict q, const Block& bk, const double* __restrict dz, int m,
+                              int half, Double4 gp, Double4 gm, Double4& ax, Double4& ay, Double4& az) {
+  const int i = m * kLanes + half, i1 = i - kLanes;
+  const Double4 w = double(m) * load4(q + i), c = (dz[m] * kInvSqrt2) * load4(q + i + kLanes);
+  const Double4 re1 = load4(bk.re + i1), im1 = load4(bk.im + i1);
+  ax += w * (gp * re1 + gm * im1);
+  ay += w * (gm * re1 - gp * im1);
+  az += c * (gp * load4(bk.re + i) + gm * load4(bk.im + i));
+}
+
 template <typename T>
 LOCDIFF_INLINE void grad_degree(const double* __restrict q, const Block& bk, const double* __restrict dz, int l,
                                 int64_t K, int count, const T* __restrict row, GradSums& sum) {
-  const double* re = bk.re;
-  const double* im = bk.im;
   for (int half = 0; half < kLanes && half < count; half += 4) {
     const int points = std::min(4, count - half);
     const T* r = row + half * K;
     Double4 g0{};
     for (int p = 0; p < points; ++p) g0[p] = double(r[p * K]);
-    sum.z[half / 4] += (dz[0] * kInvSqrt2) * load4(q + kLanes + half) * g0;
+    Double4 ax = sum.x[half / 4], ay = sum.y[half / 4];
+    Double4 az = sum.z[half / 4] + (dz[0] * kInvSqrt2) * load4(q + kLanes + half) * g0;
     if (l < 4) {
       for (int m = 1; m <= l; ++m) {
         Double4 gp{}, gm{};
         for (int p = 0; p < points; ++p) gp[p] = double(r[p * K + m]), gm[p] = double(r[p * K - m]);
-        const int i = m * kLanes + half, i1 = i - kLanes;
-        const Double4 w = double(m) * load4(q + i), c = (dz[m] * kInvSqrt2) * load4(q + i + kLanes);
-        const Double4 re1 = load4(re + i1), im1 = load4(im + i1);
-        sum.x[half / 4] += w * (gp * re1 + gm * im1);
-        sum.y[half / 4] += w * (gm * re1 - gp * im1);
-        sum.z[half / 4] += c * (gp * load4(re + i) + gm * load4(im + i));
+        add_order(q, bk, dz, m, half, gp, gm, ax, ay, az);
       }
-      continue;
-    }
-    for (int m0 = 1; m0 <= l; m0 += 4) {
-      const int g = std::min(m0, l - 3);
-      Double4 gp[4], gm[4];
-      load_group<T>(r + g, K, points, gp[0], gp[1], gp[2], gp[3]);
-      load_group<T>(r - g - 3, K, points, gm[3], gm[2], gm[1], gm[0]);
-      Double4 ax = sum.x[half / 4], ay = sum.y[half / 4], az = sum.z[half / 4];
+    } else {
+      for (int m0 = 1; m0 <= l; m0 += 4) {
+        const int g = std::min(m0, l - 3);
+        Double4 gp[4], gm[4];
+        load_group<T>(r + g, K, points, gp[0], gp[1], gp[2], gp[3]);
+        load_group<T>(r - g - 3, K, points, gm[3], gm[2], gm[1], gm[0]);
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const int m = g + j;
-        if (m < m0) continue;  // taken by the group before
-        const int i = m * kLanes + half, i1 = i - kLanes;
-        const Double4 w = double(m) * load4(q + i), c = (dz[m] * kInvSqrt2) * load4(q + i + kLanes);
-        const Double4 re1 = load4(re + i1), im1 = load4(im + i1);
-        ax += w * (gp[j] * re1 + gm[j] * im1);
-        ay += w * (gm[j] * re1 - gp[j] * im1);
-        az += c * (gp[j] * load4(re + i) + gm[j] * load4(im + i));
+        for (int j = 0; j < 4; ++j)
+          if (g + j >= m0) add_order(q, bk, dz, g + j, half, gp[j], gm[j], ax, ay, az);  // else the group before took it
       }
-      sum.x[half / 4] = ax, sum.y[half / 4] = ay, sum.z[half / 4] = az;
     }
+    sum.x[half / 4] = ax, sum.y[half / 4] = ay, sum.z[half / 4] = az;
   }
 }
 
