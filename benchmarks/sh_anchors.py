@@ -31,6 +31,13 @@ def _locdiff(backend):
     return make
 
 
+def _locdiff_out(xyz, degree, grad):
+    # locdiff writing into one buffer reused across calls (out=): the kernels without the
+    # fresh output's page faults. Forward only (out= is not differentiable).
+    out = torch.empty((xyz.shape[0], (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
+    return (lambda: locdiff.spherical_harmonics(xyz, degree, out=out)), None, (lambda o: o)
+
+
 def _naive_torch(xyz, degree, grad):
     # What a user without locdiff writes: the plain recurrence in torch ops, with autograd.
     x = xyz.detach().clone().requires_grad_(True)
@@ -86,6 +93,7 @@ def _e3nn(xyz, degree, grad):
 
 IMPLS = {
     "locdiff": _locdiff(None),
+    "locdiff-out": _locdiff_out,
     "locdiff-triton": _locdiff("triton"),
     "sphericart": _sphericart,
     "e3nn": _e3nn,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import locdiff
-from locdiff.ops import spherical_harmonics_op, spherical_harmonics_reference
+from locdiff.ops import spherical_harmonics_op, spherical_harmonics_out_op, spherical_harmonics_reference
 from locdiff.testing import assert_close
 
 
@@ -119,6 +119,66 @@ def test_opcheck(rng):
     xyz = torch.tensor(rng.normal(size=(7, 3)), requires_grad=True)
     torch.library.opcheck(spherical_harmonics_op, (xyz, 5))
     torch.library.opcheck(spherical_harmonics_op, (xyz.detach().float(), 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("degree", [2, 12, 40])  # the small-degree, lanes and per-point kernels
+def test_out_buffer_gets_the_same_values_and_is_returned(dtype, degree, rng):
+    xyz = torch.tensor(rng.normal(size=(5, 9, 3)), dtype=dtype)
+    want = locdiff.spherical_harmonics(xyz, degree)
+    out = torch.full_like(want, float("nan"))
+    assert locdiff.spherical_harmonics(xyz, degree, out=out) is out
+    assert torch.equal(out, want)
+    # Strided buffers (a copy behind the scenes), numpy in and out, reuse of one buffer.
+    wide = torch.full((5, 9, 2 * want.shape[-1]), float("nan"), dtype=dtype)[..., ::2]
+    assert locdiff.spherical_harmonics(xyz, degree, out=wide) is wide and torch.equal(wide, want)
+    out_np = np.full(want.shape, np.nan, dtype=want.numpy().dtype)
+    for _ in range(2):
+        assert locdiff.spherical_harmonics(xyz.numpy(), degree, out=out_np) is out_np
+        np.testing.assert_array_equal(out_np, want.numpy())
+    empty = torch.empty((0, (degree + 1) ** 2), dtype=dtype)
+    assert locdiff.spherical_harmonics(torch.empty((0, 3), dtype=dtype), degree, out=empty) is empty
+
+
+def test_out_buffer_bad_input():
+    xyz = torch.randn(4, 3, dtype=torch.float64)
+    cases = [
+        (torch.empty(4, 15, dtype=torch.float64), ValueError, r"out must have shape \(4, 16\), got \(4, 15\)"),
+        (torch.empty(4, 16, dtype=torch.float32), TypeError, "out must have xyz's dtype torch.float64"),
+        (np.empty((4, 16)), TypeError, "out must be a torch.Tensor"),
+        (torch.empty(4, 16, dtype=torch.float64, requires_grad=True), ValueError, "not differentiable"),
+    ]
+    for out, error, match in cases:
+        with pytest.raises(error, match=match):
+            locdiff.spherical_harmonics(xyz, 3, out=out)
+    with pytest.raises(ValueError, match="not differentiable"):
+        locdiff.spherical_harmonics(xyz.clone().requires_grad_(True), 3, out=torch.empty(4, 16, dtype=torch.float64))
+    buf = torch.randn(100, dtype=torch.float64)
+    with pytest.raises(ValueError, match="out shares memory with xyz"):
+        locdiff.spherical_harmonics(buf[:12].view(4, 3), 3, out=buf[36:100].view(4, 16))
+    with pytest.raises(TypeError, match="out must be a numpy array when xyz is one"):
+        locdiff.spherical_harmonics(xyz.numpy(), 3, out=torch.empty(4, 16, dtype=torch.float64))
+    read_only = np.empty((4, 16))
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be a writeable array"):
+        locdiff.spherical_harmonics(xyz.numpy(), 3, out=read_only)
+    with pytest.raises(ValueError, match="xyz row 1 is non-finite"):
+        locdiff.spherical_harmonics(torch.tensor([[0.0, 0, 1], [np.nan, 0, 1]]), 3,
+                                    out=torch.empty(2, 16, dtype=torch.float32))
+
+
+def test_out_op_opcheck_and_compile(rng):
+    xyz = torch.tensor(rng.normal(size=(7, 3)))
+    torch.library.opcheck(spherical_harmonics_out_op, (xyz, 5, torch.empty(7, 36, dtype=torch.float64)))
+
+    def f(t, buf):
+        locdiff.spherical_harmonics(t, 4, validate=False, out=buf)
+        return buf.sum(-1)
+
+    buf_a, buf_b = torch.empty(7, 25, dtype=torch.float64), torch.empty(7, 25, dtype=torch.float64)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(xyz, buf_a), f(xyz, buf_b))
+    assert torch.equal(buf_a, buf_b)
 
 
 def test_torch_compile_fullgraph_matches_eager(rng):

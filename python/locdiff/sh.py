@@ -10,12 +10,12 @@ from torch import nn
 
 from locdiff.geo import latlon_to_xyz
 from locdiff.ops import validation
-from locdiff.ops.sh import spherical_harmonics_op
+from locdiff.ops.sh import spherical_harmonics_op, spherical_harmonics_out_op
 
 BACKENDS = (None, "native", "triton")
 
 
-def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validate: bool = True):
+def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validate: bool = True, out=None):
     """All real orthonormal spherical harmonics up to ``degree`` at the directions ``xyz``.
 
     ``xyz`` is ``(..., 3)`` (normalised inside; zero vectors are errors), a torch tensor on
@@ -30,6 +30,12 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
     CUDA the check costs one pass and a device sync, which ``validate=False`` skips (as does
     ``torch.compile``; shapes, dtypes and degree are always checked).
 
+    ``out``: a buffer to write into and return instead of a new array: shape
+    ``(..., (degree+1)**2)``, xyz's dtype and device (a numpy array for numpy input). Not
+    differentiable. Reusing one buffer across calls saves the page faults of a fresh
+    multi-megabyte output, which at high degree can cost more than the harmonics. On a bad
+    row its contents are unspecified.
+
     >>> import numpy as np, locdiff
     >>> locdiff.spherical_harmonics(np.array([0.0, 0.0, 1.0]), 1).round(6)
     array([0.282095, 0.      , 0.488603, 0.      ])
@@ -38,9 +44,14 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
         arr = np.asarray(xyz)
         if arr.dtype.kind not in "f":
             raise TypeError(f"xyz must be a float32 or float64 array, got dtype {arr.dtype}")
-        out = spherical_harmonics(torch.from_numpy(np.ascontiguousarray(arr)), degree,
-                                  backend=backend, validate=validate)
-        return out.numpy()
+        if out is not None:
+            if not isinstance(out, np.ndarray):
+                raise TypeError(f"out must be a numpy array when xyz is one, got {type(out).__name__}")
+            if not out.flags.writeable:
+                raise ValueError("out must be a writeable array, got a read-only one")
+        result = spherical_harmonics(torch.from_numpy(np.ascontiguousarray(arr)), degree, backend=backend,
+                                     validate=validate, out=None if out is None else torch.from_numpy(out))
+        return out if out is not None else result.numpy()
     validation.check_float_tensor(xyz, "xyz")
     validation.check_last_dim(xyz, 3, "xyz")
     degree = validation.check_degree(degree)
@@ -48,22 +59,32 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     lead = xyz.shape[:-1]
     n = math.prod(lead)
+    K = (degree + 1) ** 2
+    if out is not None:
+        validation.check_out(out, xyz, (*lead, K))
     if not torch.compiler.is_compiling():
         # The CPU kernel checks rows itself at no cost; elsewhere it is one extra pass + sync.
         if validate and (xyz.device.type != "cpu" or backend == "triton"):
             validation.check_finite_nonzero_rows(xyz.detach(), "xyz")
-        validation.check_allocation((n, (degree + 1) ** 2), xyz.dtype if xyz.dtype == torch.float64 else torch.float32,
-                                    xyz.device, "spherical_harmonics output")
+        if out is None:
+            validation.check_allocation((n, K), xyz.dtype if xyz.dtype == torch.float64 else torch.float32,
+                                        xyz.device, "spherical_harmonics output")
     # Half precision has too few bits for a unit vector at high degree: compute in float32.
     compute_dtype = xyz.dtype if xyz.dtype in (torch.float32, torch.float64) else torch.float32
     flat = xyz.reshape(n, 3).to(compute_dtype).contiguous()
+    if out is not None and backend != "triton" and out.dtype == compute_dtype and out.is_contiguous():
+        spherical_harmonics_out_op(flat, degree, out.view(n, K))
+        return out
     if backend == "triton":
         from locdiff.ops.triton import spherical_harmonics_triton
 
-        out = spherical_harmonics_triton(flat, degree)
+        result = spherical_harmonics_triton(flat, degree)
     else:
-        out = spherical_harmonics_op(flat, degree)
-    return out.reshape(*lead, (degree + 1) ** 2).to(xyz.dtype)
+        result = spherical_harmonics_op(flat, degree)
+    result = result.reshape(*lead, K).to(xyz.dtype)
+    if out is not None:  # a strided or half-precision buffer, or the Triton backend: one copy
+        return out.copy_(result)
+    return result
 
 
 class SphericalHarmonics(nn.Module):

@@ -24,31 +24,58 @@ def _cuda_stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-@torch.library.custom_op("locdiff::spherical_harmonics", mutates_args=(), device_types="cpu")
-def spherical_harmonics_op(xyz: torch.Tensor, degree: int) -> torch.Tensor:
-    out = torch.empty((xyz.shape[0], (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
+def _forward_cpu_into(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
     if xyz.shape[0]:
         # The kernel checks rows as it normalises them (no separate pass over the input).
         bad = _C.sh_cpu_fwd(xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr(), _dtype_tag(xyz),
                             torch.get_num_threads())
         if bad >= 0:
             raise_bad_row(xyz, bad, "xyz")
+
+
+def _forward_cuda_into(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
+    if xyz.shape[0]:
+        with torch.cuda.device(xyz.device):
+            _C.sh_cuda_fwd(xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr(), _dtype_tag(xyz),
+                           _cuda_stream(xyz))
+
+
+@torch.library.custom_op("locdiff::spherical_harmonics", mutates_args=(), device_types="cpu")
+def spherical_harmonics_op(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    out = torch.empty((xyz.shape[0], (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
+    _forward_cpu_into(xyz, degree, out)
     return out
 
 
 @spherical_harmonics_op.register_kernel("cuda")
 def _(xyz: torch.Tensor, degree: int) -> torch.Tensor:
     out = torch.empty((xyz.shape[0], (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
-    if xyz.shape[0]:
-        with torch.cuda.device(xyz.device):
-            _C.sh_cuda_fwd(xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr(), _dtype_tag(xyz),
-                           _cuda_stream(xyz))
+    _forward_cuda_into(xyz, degree, out)
     return out
 
 
 @spherical_harmonics_op.register_fake
 def _(xyz: torch.Tensor, degree: int) -> torch.Tensor:
     return xyz.new_empty((xyz.shape[0], (degree + 1) ** 2))
+
+
+# The out= form (locdiff.spherical_harmonics(..., out=buf)): writes into a caller's buffer of
+# shape (N, (degree+1)^2), contiguous, xyz's dtype and device. Not differentiable (as torch's
+# own out= variants). It exists for memory: a fresh output of tens of MB is new pages from
+# the OS, and first-touch page faults can cost more than the harmonics (see the README).
+@torch.library.custom_op("locdiff::spherical_harmonics_out", mutates_args=("out",), device_types="cpu")
+def spherical_harmonics_out_op(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
+    _forward_cpu_into(xyz, degree, out)
+
+
+@spherical_harmonics_out_op.register_kernel("cuda")
+def _(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
+    _forward_cuda_into(xyz, degree, out)
+
+
+@spherical_harmonics_out_op.register_fake
+def _(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
+    return None
 
 
 @torch.library.custom_op("locdiff::spherical_harmonics_backward", mutates_args=(), device_types="cpu")

@@ -77,3 +77,23 @@ def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, nam
             f"{name} of shape {tuple(shape)} ({dtype}) needs {nbytes / 2**30:.1f} GiB, more than the "
             f"{limit / 2**30:.1f} GiB available on {device}; use fewer points or a lower degree"
         )
+
+
+def check_out(out, xyz: torch.Tensor, shape: tuple, name: str = "out") -> None:
+    """An out= buffer: a tensor of exactly ``shape``, xyz's dtype and device, not overlapping
+    xyz, and no autograd (out= results are not differentiable, as in torch)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (a numpy array when xyz is one), got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype != xyz.dtype:
+        raise TypeError(f"{name} must have xyz's dtype {xyz.dtype}, got {out.dtype}")
+    if out.device != xyz.device:
+        raise ValueError(f"{name} must be on xyz's device {xyz.device}, got {out.device}")
+    if torch.is_grad_enabled() and (xyz.requires_grad or out.requires_grad):
+        raise ValueError(f"{name}= results are not differentiable, but xyz or {name} requires grad; "
+                         f"call without {name}= for autograd, or under torch.no_grad()")
+    if out.numel() and xyz.numel() and not torch.compiler.is_compiling():
+        a, b = out.untyped_storage(), xyz.untyped_storage()
+        if a.data_ptr() < b.data_ptr() + b.nbytes() and b.data_ptr() < a.data_ptr() + a.nbytes():
+            raise ValueError(f"{name} shares memory with xyz; expected a separate buffer")
