@@ -118,6 +118,14 @@ def test_several_column_passes(monkeypatch):
 
 
 @needs_interpreter
+def test_public_backend_with_out_buffer():
+    xyz = _points(torch.float32)
+    out = torch.full((xyz.shape[0], 36), float("nan"))
+    assert locdiff.spherical_harmonics(xyz, 5, backend="triton", out=out) is out
+    assert_close(out, spherical_harmonics_op(xyz, 5))
+
+
+@needs_interpreter
 def test_degree_20_float64():
     from locdiff.ops.triton import spherical_harmonics_triton
 
