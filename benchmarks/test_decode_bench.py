@@ -4,6 +4,8 @@
 
 impls (each checked for accuracy once, on the same encoded points, before timing):
   locdiff        shdd.decode: fused ring-grid synthesis + local maxima (C++), Newton refinement
+  locdiff-triton shdd.decode(backend="triton"): the grid stage as one fused Triton kernel
+                 (CUDA only), the same refinement
   locdiff-dense  shdd.decode on a Fibonacci grid of the same spacing: dense product against a
                  cached Y table (torch matmul), then the same refinement (the alternative route)
   naive          precomputed Y on a 100,000-point Fibonacci grid, matmul, argmax (issue 4)
@@ -29,7 +31,7 @@ from th_anchor import inverse_sht, th_grid, to_th
 
 DEGREES = [16, 32, 64, 128, 256]
 BATCHES = [1, 64, 4096]
-IMPLS = ["locdiff", "locdiff-dense", "naive", "th-isht"]
+IMPLS = ["locdiff", "locdiff-triton", "locdiff-dense", "naive", "th-isht"]
 DEVICES = ["cpu", "cuda"]
 _CACHE = {}
 
@@ -69,6 +71,9 @@ def _runner(impl, degree, coeffs):
     if impl == "locdiff":
         grid = grids.for_degree(degree)
         return synced(lambda: shdd.decode(coeffs, grid=grid))
+    if impl == "locdiff-triton":
+        grid = grids.for_degree(degree)
+        return synced(lambda: shdd.decode(coeffs, grid=grid, backend="triton"))
     if impl == "locdiff-dense":
         grid = grids.for_degree(degree, "fibonacci")
         grid.sh_table(degree, device, coeffs.dtype)
@@ -96,6 +101,8 @@ def test_decode(benchmark, device, impl, degree, batch):
     cpu = device == "cpu"
     if not cpu and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if impl == "locdiff-triton" and cpu:
+        pytest.skip("Triton runs on CUDA (the CPU interpreter is for tests only)")
     if degree == 256 and batch == 4096:
         pytest.skip("L=256, B=4096: minutes per round on a 2-core CPU")
     if impl == "naive" and degree > (64 if cpu else 128):
@@ -112,7 +119,7 @@ def test_decode(benchmark, device, impl, degree, batch):
     # routes to their spacing.
     err_km = float(locdiff.great_circle_km(run().cpu().double(), truth).max())
     spacing_km = {
-        "locdiff": 0.025, "locdiff-dense": 0.025,
+        "locdiff": 0.025, "locdiff-triton": 0.025, "locdiff-dense": 0.025,
         "naive": 1.0 * math.sqrt(4 * math.pi / 100_000) * locdiff.EARTH_RADIUS_KM,
         "th-isht": 1.5 * 2 * math.pi / grids.for_degree(degree).nlon * locdiff.EARTH_RADIUS_KM,
     }[impl]

@@ -1,14 +1,11 @@
 """Triton spherical harmonics (locdiff.ops.triton) on the CPU, under TRITON_INTERPRET=1.
 
-The interpreter must be switched on before Triton compiles anything, and switching it on in
-this process would change how every later Triton kernel runs (e.g. the CUDA comparisons in
-test_sh_cuda.py). So, unless TRITON_INTERPRET=1 is already set, the tests below run in a
-subprocess that sets it (test_interpreter_suite); in this process they are skipped.
+The interpreted tests run in a subprocess that sets TRITON_INTERPRET=1
+(test_interpreter_suite, see triton_interpreter.py); in this process they are skipped.
 Small sizes only: the interpreter runs each program in numpy.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -25,10 +22,8 @@ from locdiff.ops import (  # noqa: E402
     spherical_harmonics_reference,
 )
 from locdiff.testing import TOLERANCES, assert_close  # noqa: E402
+from triton_interpreter import needs_interpreter, run_interpreted  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
 
 HARD_POINTS = [
     [0.0, 0.0, 1.0],            # north pole
@@ -52,17 +47,7 @@ def _points(dtype, n_random=6, seed=0):
 
 def test_interpreter_suite():
     """Runs this file's tests in a subprocess with TRITON_INTERPRET=1."""
-    if INTERPRETED:
-        pytest.skip("already interpreted")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         "-W", "ignore::RuntimeWarning", __file__],
-        env=env, capture_output=True, text=True, timeout=1800,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"interpreted Triton tests failed:\n{tail}"
-    print(tail.strip().splitlines()[-1])
+    run_interpreted(__file__)
 
 
 def test_locdiff_import_does_not_import_triton():

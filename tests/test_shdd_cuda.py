@@ -56,3 +56,29 @@ def test_decode_top_k_density_match_cpu(degree):
     torch.testing.assert_close(v_gpu.cpu()[ok], v_cpu[ok], rtol=0, atol=1e-9 * float(v_cpu[ok].abs().max()))
     p = shdd.density(noisy.cuda(), temperature=0.3)
     assert_close(p.cpu(), shdd.density(noisy, temperature=0.3))
+
+
+@pytest.mark.parametrize("degree", [8, 64, 256])
+def test_triton_grid_stage_matches_the_torch_route(degree):
+    pytest.importorskip("triton")
+    from locdiff.ops.triton.shdd_triton import ring_candidates_triton
+
+    truth = _latlon(61, degree)
+    g = torch.Generator().manual_seed(degree)
+    c = shdd.encode(truth, degree)
+    c = (c + 0.3 * torch.randn(c.shape, generator=g, dtype=torch.float64)).float().cuda()
+    grid = grids.for_degree(degree)
+    value, index = ring_candidates_triton(c, grid.legendre_table(degree, "cuda"), degree, grid.nlat, grid.nlon,
+                                          grid.lon0, 32)
+    want, want_xyz = shdd._ring_candidates_torch(c, degree, grid, 32)
+    scale = float(want[:, 0].abs().max())
+    ok = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(value), ok)
+    assert float((value[ok] - want[ok]).abs().max()) <= 1e-5 * scale
+    # The best candidate is the same grid point wherever the runner-up is clearly lower.
+    clear = (want[:, 0] - want[:, 1]) > 1e-4 * scale
+    same = (grid.xyz.cuda()[index[:, 0]] - want_xyz[:, 0].to(grid.xyz.dtype)).abs().amax(-1) == 0
+    assert bool(same[clear].all())
+    exact = shdd.encode(truth, degree)
+    got = shdd.decode(exact.cuda(), backend="triton")
+    assert float(locdiff.great_circle_km(got.cpu(), truth).max()) < 1e-3

@@ -70,7 +70,7 @@ fi
 
 if has decode; then
 step "decode and SHDD-KL benchmarks (device=cuda): locdiff vs naive / dense vs torch-harmonics, same run"
-timeout 240 "$PY" -m pytest benchmarks/test_decode_bench.py benchmarks/test_kl_bench.py --benchmark-only -p no:cacheprovider -q \
+timeout 300 "$PY" -m pytest benchmarks/test_decode_bench.py benchmarks/test_kl_bench.py --benchmark-only -p no:cacheprovider -q \
   -k "cuda" --benchmark-json "$OUT/decode_cuda.json" --benchmark-columns=min,median,rounds 2>&1 \
   | tee "$OUT/decode_bench.txt" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "DECODE BENCHMARKS FAILED"; status=1; }

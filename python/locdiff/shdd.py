@@ -102,6 +102,14 @@ def _grid(grid, degree: int) -> _grids.Grid:
     return grid
 
 
+BACKENDS = (None, "native", "triton")
+
+
+def _check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def _ring_args(grid: _grids.Grid, degree: int, device):
     table = grid.legendre_table(degree, device)
     theta, log_area = grid.tensors(device, "theta", "log_ring_area")
@@ -187,11 +195,17 @@ def _evaluate(coeffs64: torch.Tensor, degree: int, xyz: torch.Tensor, rows: torc
     return torch.cat(vs), torch.cat(gs)
 
 
-def _candidates(flat, degree, grid, ncand):
+def _candidates(flat, degree, grid, ncand, backend=None):
     """Grid candidates per vector: (value (B,n) float64, start xyz (B,n,3) float64); -inf
     values mark missing candidates. Ring grids: the local maxima, by the fused C++ kernel on
-    the CPU, by ring_local_maxima elsewhere; other grids: grid values in chunks and the top
-    values, suppressing neighbours."""
+    the CPU, by ring_local_maxima elsewhere, or by the fused Triton kernel (backend="triton");
+    other grids: grid values in chunks and the top values, suppressing neighbours."""
+    if grid.is_ring and backend == "triton":
+        from locdiff.ops.triton.shdd_triton import ring_candidates_triton
+
+        table = grid.legendre_table(degree, flat.device)
+        value, index = ring_candidates_triton(flat, table, degree, grid.nlat, grid.nlon, grid.lon0, ncand)
+        return value, grid.xyz.to(flat.device)[index]
     if grid.is_ring and flat.device.type == "cpu":
         # float32 whatever the input: the grid only picks starting points (float32 grid
         # values are within ~1e-6 relative, far under the gap that the adaptive choice of
@@ -269,7 +283,7 @@ def _refine(coeffs64, degree, rows, xyz, max_iter: int = 40):
 
 
 # ---- decode, top-k ----------------------------------------------------------------------------
-def _decode_points(flat, degree, grid, refine: bool, ncand: int, nrefine: int):
+def _decode_points(flat, degree, grid, refine: bool, ncand: int, nrefine: int, backend=None):
     """-> (xyz (B, ncand, 3), values (B, ncand)) best first; -inf values (and zero vectors
     after refinement) mark gaps.
 
@@ -280,12 +294,12 @@ def _decode_points(flat, degree, grid, refine: bool, ncand: int, nrefine: int):
     that refinement produced on this vector (refined - grid value) still reaches the best
     refined value is refined too, until none is left.
     """
-    if refine and grid.is_ring and flat.device.type == "cpu":
+    if refine and grid.is_ring and flat.device.type == "cpu" and backend != "triton":
         # One op (grid, then one C++ call for the loop below): at small batches the dozens
         # of torch ops it takes cost more than the refinement itself.
         return shdd_decode_op(flat, *_ring_args(grid, degree, "cpu"), ncand, _grids.half_max_radius(degree),
                               nrefine, 40)
-    value, start = _candidates(flat, degree, grid, ncand)
+    value, start = _candidates(flat, degree, grid, ncand, backend)
     if not refine:
         return start, value
     return _refine_candidates(flat.double(), degree, value, start, nrefine)
@@ -317,14 +331,16 @@ def _refine_candidates(c64, degree, value, start, nrefine: int):
     return (torch.gather(xyz, 1, order[..., None].expand(-1, -1, 3)), torch.gather(vals, 1, order))
 
 
-def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4):
+def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backend: str | None = None):
     """Location ``(..., 2)`` (lat, lon degrees, float64) of the global maximum of f for SHDD
     vectors ``(..., (L+1)**2)``.
 
     Grid stage on ``grid`` (default ``grids.for_degree(L)``), then ``refine``: Newton ascent
     to float64 precision from the grid local maxima that can still hold the global maximum
     (first at most ``candidates``, then more while refinement gains say so).
-    ``refine=False`` returns the best grid point.
+    ``refine=False`` returns the best grid point. ``backend="triton"`` runs the grid stage on
+    ring grids as one fused Triton kernel (CUDA tensors; CPU ones under TRITON_INTERPRET=1)
+    instead of the grid values in chunks and torch ops (see locdiff.ops.triton.shdd_triton).
 
     >>> c = encode(np.array([[-90.0, 0.0], [10.0, 180.0]]), 32)
     >>> decode(c).round(6).tolist()  # (the longitude of a pole is arbitrary)
@@ -332,11 +348,12 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4):
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     grid = _grid(grid, degree)
+    _check_backend(backend)
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
     if flat.shape[0] == 0:
         return _out(torch.empty(*lead, 2, dtype=torch.float64, device=flat.device), numpy)
-    xyz, _ = _decode_points(flat, degree, grid, refine, max(4 * candidates, 32), candidates)
+    xyz, _ = _decode_points(flat, degree, grid, refine, max(4 * candidates, 32), candidates, backend)
     latlon = xyz_to_latlon(xyz[:, 0])
     return _out(latlon.reshape(*lead, 2), numpy)
 
@@ -347,10 +364,12 @@ def default_separation_km(degree: int) -> float:
     return 0.059 * 64 / max(degree, 1) * EARTH_RADIUS_KM
 
 
-def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, refine: bool = True):
+def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, refine: bool = True,
+          backend: str | None = None):
     """The ``k`` highest distinct local maxima of f: latlon ``(..., k, 2)`` (float64 degrees)
     and values ``(..., k)``, highest first; modes closer than ``min_separation_km`` to a higher
     one are dropped (default: the kernel's first-zero radius). Missing modes are NaN / -inf.
+    ``backend`` as in ``decode``.
 
     >>> pts = np.array([[0.0, 0.0], [45.0, 90.0]])
     >>> ll, v = top_k(encode(pts, 32).sum(0), 2)
@@ -365,10 +384,11 @@ def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, 
     if not (math.isfinite(sep_km) and sep_km >= 0):
         raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")
     grid = _grid(grid, degree)
+    _check_backend(backend)
     B = flat.shape[0]
     ncand = 2 * k + 4
     if B:
-        value, start = _candidates(flat, degree, grid, ncand)
+        value, start = _candidates(flat, degree, grid, ncand, backend)
         xyz, vals = start, value
         if refine:
             c64 = flat.double()

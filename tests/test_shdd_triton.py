@@ -1,0 +1,107 @@
+"""The fused Triton grid stage of the decode (locdiff.ops.triton.shdd_triton) on the CPU,
+under TRITON_INTERPRET=1, against the torch route it replaces (shdd synthesis, then
+ring_local_maxima and topk) and through decode / top_k.
+
+The interpreted tests run in a subprocess that sets TRITON_INTERPRET=1 (see
+triton_interpreter.py). Small sizes only.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from locdiff import grids, shdd  # noqa: E402
+from locdiff.geo import great_circle_km  # noqa: E402
+from triton_interpreter import needs_interpreter, run_interpreted  # noqa: E402
+
+
+
+def test_interpreter_suite():
+    """Runs this file's tests in a subprocess with TRITON_INTERPRET=1."""
+    run_interpreted(__file__)
+
+
+def _noisy(latlon, degree, noise, seed):
+    g = torch.Generator().manual_seed(seed)
+    c = shdd.encode(torch.tensor(latlon, dtype=torch.float64), degree)
+    return c + noise * torch.randn(c.shape, generator=g, dtype=torch.float64)
+
+
+HARD = [[90.0, 0.0], [-90.0, 0.0], [-89.5, 179.9], [10.0, 180.0], [0.0, -179.99]]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("grid,degree", [
+    (grids.for_degree(6), 6),              # two bands, the equator between northern rows
+    (grids.equiangular(13, 32), 10),       # odd ring count: the equatorial ring has no mirror
+    (grids.gauss_legendre(9, 16), 8),
+    (grids.equiangular(16, 64), 20),       # several trigonometric anchors (every 16 orders)
+])
+@pytest.mark.parametrize("ncand", [5, 8])
+def test_candidates_match_the_torch_route(grid, degree, ncand):
+    from locdiff.ops.triton.shdd_triton import ring_candidates_triton
+
+    c = _noisy(HARD, degree, 0.3, degree).float()
+    table = grid.legendre_table(degree)
+    value, index = ring_candidates_triton(c, table, degree, grid.nlat, grid.nlon, grid.lon0, ncand)
+    want_value, want_xyz = shdd._ring_candidates_torch(c, degree, grid, ncand)
+    assert value.shape == (len(HARD), ncand) and value.dtype == torch.float64
+    finite = torch.isfinite(want_value)
+    assert torch.equal(torch.isfinite(value), finite)
+    scale = float(want_value[:, 0].abs().max())
+    assert float((value[finite] - want_value[finite]).abs().max()) <= 2e-6 * scale
+    # The same grid points, except where two candidates' values tie to float32 rounding.
+    gap = torch.cat([want_value.diff(dim=1).abs(), torch.full((len(HARD), 1), math.inf)], 1)
+    gap = torch.minimum(gap, torch.cat([torch.full((len(HARD), 1), math.inf), gap[:, :-1]], 1))
+    clear = finite & (gap > 1e-5 * scale)
+    assert torch.equal(grid.xyz[index][clear], want_xyz[clear].to(grid.xyz.dtype))
+
+
+@needs_interpreter
+def test_fewer_maxima_than_candidates_pad_with_minus_inf():
+    from locdiff.ops.triton.shdd_triton import ring_candidates_triton
+
+    degree, grid = 2, grids.equiangular(6, 8)
+    c = shdd.encode(torch.tensor([[30.0, 40.0]]), degree).float()
+    value, index = ring_candidates_triton(c, grid.legendre_table(degree), degree, grid.nlat, grid.nlon,
+                                          grid.lon0, 64)
+    want, _ = shdd._ring_candidates_torch(c, degree, grid, 64)
+    assert value.shape == (1, 64) and int(torch.isfinite(value).sum()) == int(torch.isfinite(want).sum()) >= 1
+    assert not torch.isfinite(value[0, -1]) and index.min() >= 0 and index.max() < grid.size
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_with_the_triton_grid_stage(dtype):
+    degree = 8
+    truth = torch.tensor(HARD + [[35.0, 139.7]], dtype=torch.float64)
+    c = shdd.encode(truth, degree).to(dtype)
+    got = shdd.decode(c, backend="triton")
+    km = great_circle_km(got, truth)
+    limit = 1e-3 if dtype == torch.float64 else 0.05  # float32 vectors: their own rounding
+    assert float(km.max()) < limit, km
+    noisy = _noisy(truth.tolist(), degree, 0.05, 3)
+    assert torch.allclose(shdd.decode(noisy, backend="triton"), shdd.decode(noisy), atol=1e-6)
+
+
+@needs_interpreter
+def test_top_k_with_the_triton_grid_stage():
+    degree = 16
+    pts = np.array([[50.0, 10.0], [-20.0, -60.0], [5.0, 120.0]])
+    c = shdd.encode(pts, degree).sum(0)
+    ll, v = shdd.top_k(c, 3, backend="triton")
+    want_ll, want_v = shdd.top_k(c, 3)
+    np.testing.assert_allclose(v, want_v, rtol=1e-9)
+    np.testing.assert_allclose(ll, want_ll, atol=1e-6)
+
+
+def test_bad_backend():
+    c = shdd.encode(np.array([[0.0, 0.0]]), 4)
+    for call in (lambda: shdd.decode(c, backend="cuda"), lambda: shdd.top_k(c, 2, backend="fast")):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            call()
