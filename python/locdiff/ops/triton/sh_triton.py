@@ -23,8 +23,19 @@ from torch.library import triton_op, wrap_triton
 
 from locdiff.ops.sh import register_sh_autograd
 
-_INV_SQRT_4PI = 0.28209479177387814347
-_SQRT2 = 1.41421356237309504880
+
+
+# Constants as jit functions: compiled kernels may not read plain module globals (the CPU
+# interpreter can, so only an ahead-of-time build shows it: tests/test_triton_compile.py),
+# and the interpreter cannot multiply a tensor by a tl.constexpr global.
+@triton.jit
+def _inv_sqrt_4pi():
+    return 0.28209479177387814347
+
+
+@triton.jit
+def _sqrt2():
+    return 1.41421356237309504880
 
 
 @triton.jit
@@ -110,7 +121,7 @@ def _pass_setup(px, py, pz, L, first, ms, BLOCK_P: tl.constexpr, BLOCK_M: tl.con
     for m in range(0, first + BLOCK_M):
         mf = tl.zeros([], tl.float64) + m  # (loop indices are Python ints when interpreted)
         ratio = tl.sqrt((2.0 * mf + 1.0) / tl.maximum(2.0 * mf, 1.0))
-        f = tl.where(m == 0, _INV_SQRT_4PI, tl.where(m == 1, ratio, ratio * s_m))
+        f = tl.where(m == 0, _inv_sqrt_4pi(), tl.where(m == 1, ratio, ratio * s_m))
         fe = tl.where(m >= 2, s_e, 0)
         pm, pe = _frexp(mant * f)
         mant = pm
@@ -195,7 +206,7 @@ def _sh_fwd_kernel(xyz_ptr, out_ptr, n, L, BLOCK_P: tl.constexpr, BLOCK_M: tl.co
     ms = tl.arange(0, BLOCK_M)
     x, y, k, ec, cm, sm, ux, uy, uz, s, inv_norm, re2, sigma, t = _pass_setup(
         px, py, pz, L, first, ms, BLOCK_P, BLOCK_M, 0)
-    f = (_SQRT2 * s)[:, None]
+    f = (_sqrt2() * s)[:, None]
     cs = cm * f
     sn = sm * f
     m = first + ms
@@ -239,8 +250,8 @@ def _sh_bwd_kernel(xyz_ptr, grad_ptr, gxyz_ptr, n, L, BLOCK_P: tl.constexpr,
             px, py, pz, L, first, ms, BLOCK_P, BLOCK_M, 1)  # c, sn: cos, sin of (m-1) phi
         m = first + ms
         mf = m.to(tl.float64)[None, :] + tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
-        wx = _SQRT2 * mf * c
-        wy = _SQRT2 * mf * sn
+        wx = _sqrt2() * mf * c
+        wy = _sqrt2() * mf * sn
         for l in range(first, L + 1):
             act = (m[None, :] < l) & pmask[:, None]
             x, y, k, ec = _step(x, y, k, ec, l, mf, act, uz, re2, sigma, t)

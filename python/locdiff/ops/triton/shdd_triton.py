@@ -44,7 +44,7 @@ def _pack(value, index):
 @triton.jit
 def _ring_scan_kernel(coeffs_ptr, table_ptr, phase_ptr, scratch_ptr, keys_ptr, n_items, n_bands, L, nlat,
                       nlon, nhalf, BAND: tl.constexpr, ROWS: tl.constexpr, NLON: tl.constexpr,
-                      BLOCK_I: tl.constexpr, C: tl.constexpr, ANCHOR: tl.constexpr):
+                      BLOCK_I: tl.constexpr, C: tl.constexpr, C_RING: tl.constexpr, ANCHOR: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     K = (L + 1) * (L + 1)
@@ -115,7 +115,9 @@ def _ring_scan_kernel(coeffs_ptr, table_ptr, phase_ptr, scratch_ptr, keys_ptr, n
         peak &= ~(tl.load(down + kr[None, :], mask=ok2, other=0.0) > f)
         index = gc[:, None] * nlon + k[None, :]
         keys = _pack(tl.where(peak, f, float("-inf")), index)
-        best = tl.topk(tl.reshape(keys, (ROWS * NLON,)), C)
+        # Per ring, then over the band's rings: sorts of NLON and ROWS * C keys, not one of
+        # ROWS * NLON (fewer registers).
+        best = tl.topk(tl.reshape(tl.topk(keys, C_RING), (ROWS * C_RING,)), C)
         tl.store(keys_ptr + tl.cast(item, tl.int64) * C + tl.arange(0, C), best)
         tl.debug_barrier()  # before the next item overwrites the slot
 
@@ -124,6 +126,13 @@ def _unpack(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     key = (keys >> 32).to(torch.int32)
     bits = torch.where(key >= 0, key, key ^ 0x7FFFFFFF)
     return bits.view(torch.float32), keys & 0xFFFFFFFF
+
+
+def _num_warps(nlon_block: int) -> int:
+    # A band's f is ROWS x NLON float32 and the neighbour test reads six more such tiles:
+    # ptxas (sm_90) fits them in registers up to NLON = 1024 at 4 / 8 / 16 warps for 256 /
+    # 512 / 1024 longitudes, and spills from 2048 (L >= 512) at 16 warps.
+    return 4 if nlon_block <= 256 else 8 if nlon_block <= 512 else 16
 
 
 def _num_programs(device: torch.device, n_items: int) -> int:
@@ -142,8 +151,9 @@ def ring_candidates_triton(coeffs: torch.Tensor, table: torch.Tensor, degree: in
     rows = band + 2
     n_bands = triton.cdiv(nlat, band)
     n_items = b * n_bands
-    c = triton.next_power_of_2(max(ncand, 1))
     nlon_block = triton.next_power_of_2(nlon)
+    c = min(triton.next_power_of_2(max(ncand, 1)), rows * nlon_block)  # keys kept per band
+    c_ring = min(c, nlon_block)  # per ring, before the band's choice
     keys = torch.empty((n_items, c), dtype=torch.int64, device=coeffs.device)
     if n_items:
         nprog = _num_programs(coeffs.device, n_items)
@@ -153,7 +163,7 @@ def ring_candidates_triton(coeffs: torch.Tensor, table: torch.Tensor, degree: in
         _ring_scan_kernel[(nprog,)](coeffs.contiguous(), table, phase, scratch, keys, n_items, n_bands, degree,
                                     nlat, nlon, (nlat + 1) // 2, BAND=band, ROWS=rows,
                                     NLON=nlon_block, BLOCK_I=min(32, triton.next_power_of_2(degree + 1)),
-                                    C=c, ANCHOR=16, num_warps=4 if nlon_block <= 512 else 8)
+                                    C=c, C_RING=c_ring, ANCHOR=16, num_warps=_num_warps(nlon_block))
     top = keys.view(b, n_bands * c).topk(min(ncand, n_bands * c), dim=-1).values
     value, index = _unpack(top)
     value = value.double()
