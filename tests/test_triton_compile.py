@@ -12,8 +12,11 @@ import tempfile
 import pytest
 
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+try:  # Triton's ahead-of-time API (3.x)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as exc:  # pragma: no cover - other Triton versions
+    pytest.skip(f"this Triton has no ahead-of-time compile API ({exc})", allow_module_level=True)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
