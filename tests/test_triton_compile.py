@@ -22,10 +22,17 @@ HOPPER = GPUTarget("cuda", 90, 32)
 
 
 def _ptxas():
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if os.path.exists(bundled):
-        return bundled
-    pytest.skip("no ptxas in the Triton wheel (its NVIDIA backend is missing)")
+    # The ptxas Triton itself runs for sm_90 (whose version set the PTX version it wrote):
+    # Triton 3.9 picks its newer "ptxas-blackwell" there, 3.8 the plain one.
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(HOPPER.arch).path
+    except (ImportError, AttributeError, RuntimeError):
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not path or not os.path.exists(path):
+        pytest.skip("no ptxas for Triton's NVIDIA backend")
+    return path
 
 
 def _build(kernel, signature: dict, constants: dict, num_warps: int) -> dict:
