@@ -205,14 +205,19 @@ LOCDIFF_CLONES void backward_point(const T* xyz, const T* grad, int L, const Tab
 // Fresh multi-megabyte outputs come straight from mmap, and every first write to a 4 KiB
 // page faults; on virtual machines that costs more than computing the harmonics (5 ns per
 // float64 value measured here, against 1 ns with 2 MiB pages). Ask for transparent huge
-// pages on the aligned interior before the first write, as numpy does for its arrays.
+// pages before the first write, as numpy does for its arrays, over the whole output
+// rounded out to 4 KiB pages: the kernel then backs every 2 MiB-aligned block inside the
+// mapping with one huge page. (Advising only the 2 MiB-aligned interior of the output
+// left its first block to 4 KiB pages: Linux aligns large mappings to 2 MiB, and the
+// allocator's header puts the output just past that boundary. At L = 256, float64, that
+// made a fresh 34 MB output take 0.53-1.47 ns per value against 0.29-0.34 with numpy's.)
 void advise_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  constexpr uintptr_t kPage = 4096, kHuge = uintptr_t(1) << 21;
   if (bytes < 2 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advisory
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data) & ~(kPage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes + kPage - 1) & ~(kPage - 1);
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advisory
 #else
   (void)data, (void)bytes;
 #endif
