@@ -82,3 +82,21 @@ def test_triton_grid_stage_matches_the_torch_route(degree):
     exact = shdd.encode(truth, degree)
     got = shdd.decode(exact.cuda(), backend="triton")
     assert float(locdiff.great_circle_km(got.cpu(), truth).max()) < 1e-3
+
+
+@pytest.mark.parametrize("degree", [64, 256])
+def test_triton_f_and_gradient_match_cpu(degree):
+    pytest.importorskip("triton")
+    from locdiff.ops.shdd import shdd_eval_op
+    from locdiff.ops.triton import sh_dot_and_gradient_triton
+
+    g = torch.Generator().manual_seed(degree)
+    c = torch.randn(8, (degree + 1) ** 2, generator=g, dtype=torch.float64)
+    xyz = torch.cat([torch.tensor([[0.0, 0, 1], [0, 0, -1], [-1, 1e-17, 0.2]], dtype=torch.float64),
+                     torch.randn(300, 3, generator=g, dtype=torch.float64)])
+    row = torch.randint(0, 8, (xyz.shape[0],), generator=g)
+    f, grad = sh_dot_and_gradient_triton(c.cuda(), xyz.cuda(), row.cuda(), degree)
+    want_f, want_grad = shdd_eval_op(c, xyz, row, degree)
+    scale = float(c.abs().sum(-1).max()) * (degree + 1)
+    assert float((f.cpu() - want_f).abs().max()) <= 1e-14 * scale
+    assert float((grad.cpu() - want_grad).abs().max()) <= 1e-14 * scale * (degree + 1)

@@ -57,11 +57,16 @@ def test_sh_kernels_build_for_hopper(dtype):
 
     block_p, block_m = _blocks(64)
     consts = {"BLOCK_P": block_p, "BLOCK_M": block_m}
-    fwd = _build(_sh_fwd_kernel, {"xyz_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "n": "i32", "L": "i32"},
-                 consts, 4)
-    bwd = _build(_sh_bwd_kernel, {"xyz_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "gxyz_ptr": f"*{dtype}",
-                                  "n": "i32", "L": "i32"}, consts, 4)
+    fwd_sig = {"xyz_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "coeffs_ptr": f"*{dtype}", "row_ptr": "*i64",
+               "n": "i32", "L": "i32"}
+    fwd = _build(_sh_fwd_kernel, fwd_sig, {**consts, "DOT": False}, 4)
+    bwd_sig = {"xyz_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "row_ptr": "*i64", "gxyz_ptr": f"*{dtype}",
+               "n": "i32", "L": "i32"}
+    bwd = _build(_sh_bwd_kernel, bwd_sig, {**consts, "USE_ROW": False}, 4)
     assert fwd["registers"] > 0 and bwd["registers"] > 0
+    if dtype == "fp64":  # the decode's refinement: f and its gradient at points, rows of coefficients
+        _build(_sh_bwd_kernel, bwd_sig, {**consts, "USE_ROW": True}, 4)
+        _build(_sh_fwd_kernel, {**fwd_sig, "out_ptr": "*fp64"}, {**consts, "DOT": True}, 4)
 
 
 @pytest.mark.parametrize("nlon", [256, 1024])  # L = 64 and 256 (grids.for_degree)

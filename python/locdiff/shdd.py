@@ -270,16 +270,27 @@ def _ring_candidates_torch(flat, degree, grid, ncand):
     return value, start
 
 
-def _refine(coeffs64, degree, rows, xyz, max_iter: int = 40):
+def _refine(coeffs64, degree, rows, xyz, max_iter: int = 40, backend=None):
     """Trust-region Newton ascent of f on the sphere from ``xyz`` -> (unit xyz, f): the C++
-    kernel on the CPU (``locdiff::shdd_refine``), its torch transcription elsewhere."""
+    kernel on the CPU (``locdiff::shdd_refine``), its torch transcription elsewhere, with f
+    and its gradient from the SH kernels (backend="triton": fused Triton kernels that never
+    form Y at the points, locdiff.ops.triton.sh_dot_and_gradient_triton)."""
     r = _grids.half_max_radius(degree)
-    if coeffs64.device.type == "cpu":
+    if coeffs64.device.type == "cpu" and backend != "triton":
         return shdd_refine_op(coeffs64, xyz.contiguous(), rows.contiguous(), degree, r, max_iter)
     from locdiff.ops.shdd_reference import shdd_refine_reference
 
-    return shdd_refine_reference(coeffs64, degree, rows, xyz, r, max_iter,
-                                 eval_fn=lambda x, rw: _evaluate(coeffs64, degree, x, rw))
+    if backend == "triton":
+        from locdiff.ops.triton import sh_dot_and_gradient_triton
+
+        c = coeffs64.contiguous()
+
+        def eval_fn(x, rw):
+            return sh_dot_and_gradient_triton(c, x.contiguous(), rw.contiguous(), degree)
+    else:
+        def eval_fn(x, rw):
+            return _evaluate(coeffs64, degree, x, rw)
+    return shdd_refine_reference(coeffs64, degree, rows, xyz, r, max_iter, eval_fn=eval_fn)
 
 
 # ---- decode, top-k ----------------------------------------------------------------------------
@@ -302,10 +313,10 @@ def _decode_points(flat, degree, grid, refine: bool, ncand: int, nrefine: int, b
     value, start = _candidates(flat, degree, grid, ncand, backend)
     if not refine:
         return start, value
-    return _refine_candidates(flat.double(), degree, value, start, nrefine)
+    return _refine_candidates(flat.double(), degree, value, start, nrefine, backend)
 
 
-def _refine_candidates(c64, degree, value, start, nrefine: int):
+def _refine_candidates(c64, degree, value, start, nrefine: int, backend=None):
     """The torch form of shdd_decode_refine (any device): candidates value (B, n), start
     xyz (B, n, 3) -> (xyz, refined values) best first; values -inf, xyz zero where not refined."""
     finite = torch.isfinite(value)
@@ -318,7 +329,7 @@ def _refine_candidates(c64, degree, value, start, nrefine: int):
     done = torch.zeros_like(finite)
     while bool(todo.any()):
         bi, ci = todo.nonzero(as_tuple=True)
-        u, f = _refine(c64, degree, bi, start[bi, ci])
+        u, f = _refine(c64, degree, bi, start[bi, ci], backend=backend)
         xyz[bi, ci] = u
         vals[bi, ci] = f
         done |= todo
@@ -340,7 +351,9 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
     (first at most ``candidates``, then more while refinement gains say so).
     ``refine=False`` returns the best grid point. ``backend="triton"`` runs the grid stage on
     ring grids as one fused Triton kernel (CUDA tensors; CPU ones under TRITON_INTERPRET=1)
-    instead of the grid values in chunks and torch ops (see locdiff.ops.triton.shdd_triton).
+    instead of the grid values in chunks and torch ops (see locdiff.ops.triton.shdd_triton),
+    and refines with f and its gradient from fused Triton kernels that never form Y at the
+    points (locdiff.ops.triton.sh_dot_and_gradient_triton).
 
     >>> c = encode(np.array([[-90.0, 0.0], [10.0, 180.0]]), 32)
     >>> decode(c).round(6).tolist()  # (the longitude of a pole is arbitrary)
@@ -393,7 +406,7 @@ def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, 
         if refine:
             c64 = flat.double()
             bi, ci = torch.isfinite(value).nonzero(as_tuple=True)
-            u, f = _refine(c64, degree, bi, start[bi, ci])
+            u, f = _refine(c64, degree, bi, start[bi, ci], backend=backend)
             xyz = start.clone()
             vals = torch.full_like(value, -torch.inf)
             xyz[bi, ci], vals[bi, ci] = u, f

@@ -10,10 +10,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
     ) from exc
 
 from locdiff.ops.triton.sh_triton import (
+    sh_dot_and_gradient_triton,
     spherical_harmonics_triton,
     spherical_harmonics_triton_backward_op,
     spherical_harmonics_triton_op,
 )
 
-__all__ = ["spherical_harmonics_triton", "spherical_harmonics_triton_op",
+__all__ = ["sh_dot_and_gradient_triton", "spherical_harmonics_triton", "spherical_harmonics_triton_op",
            "spherical_harmonics_triton_backward_op"]

@@ -194,7 +194,11 @@ def _step(x, y, k, ec, l, mf, act, uz, re2, sigma, t):
 
 
 @triton.jit
-def _sh_fwd_kernel(xyz_ptr, out_ptr, n, L, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
+def _sh_fwd_kernel(xyz_ptr, out_ptr, coeffs_ptr, row_ptr, n, L, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                   DOT: tl.constexpr):
+    # DOT: instead of storing Y, f = c_row . Y at each point (row_ptr[p] of coeffs_ptr), each
+    # value multiplied by its coefficient as it is formed, Y never stored; out_ptr gets one
+    # partial sum per point and pass of orders, (n, passes), which the caller adds.
     pid = tl.program_id(0)
     first = tl.program_id(1) * BLOCK_M
     ps = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -212,7 +216,11 @@ def _sh_fwd_kernel(xyz_ptr, out_ptr, n, L, BLOCK_P: tl.constexpr, BLOCK_M: tl.co
     m = first + ms
     mf = m.to(tl.float64)[None, :] + tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     K = (tl.zeros([], tl.int64) + L + 1) * (L + 1)
-    base = ps64[:, None] * K
+    if DOT:
+        base = tl.load(row_ptr + ps64, mask=pmask, other=0).to(tl.int64)[:, None] * K
+    else:
+        base = ps64[:, None] * K
+    acc = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     for l in range(first, L + 1):
         act = (m[None, :] < l) & pmask[:, None]
         x, y, k, ec = _step(x, y, k, ec, l, mf, act, uz, re2, sigma, t)
@@ -220,14 +228,25 @@ def _sh_fwd_kernel(xyz_ptr, out_ptr, n, L, BLOCK_P: tl.constexpr, BLOCK_M: tl.co
         live = (m[None, :] <= l) & pmask[:, None]
         centre = base + (tl.zeros([], tl.int64) + l) * l + l
         vp = tl.where(m[None, :] == 0, v, v * cs)
-        tl.store(out_ptr + centre + m[None, :], vp.to(out_ptr.dtype.element_ty), mask=live)
-        tl.store(out_ptr + centre - m[None, :], (v * sn).to(out_ptr.dtype.element_ty),
-                 mask=live & (m[None, :] >= 1))
+        if DOT:
+            cp = tl.load(coeffs_ptr + centre + m[None, :], mask=live, other=0.0).to(tl.float64)
+            cn = tl.load(coeffs_ptr + centre - m[None, :], mask=live & (m[None, :] >= 1),
+                         other=0.0).to(tl.float64)
+            acc += vp * cp + (v * sn) * cn
+        else:
+            tl.store(out_ptr + centre + m[None, :], vp.to(out_ptr.dtype.element_ty), mask=live)
+            tl.store(out_ptr + centre - m[None, :], (v * sn).to(out_ptr.dtype.element_ty),
+                     mask=live & (m[None, :] >= 1))
+    if DOT:
+        passes = tl.num_programs(1)
+        tl.store(out_ptr + ps64 * passes + tl.program_id(1), tl.sum(acc, axis=1), mask=pmask)
 
 
 @triton.jit
-def _sh_bwd_kernel(xyz_ptr, grad_ptr, gxyz_ptr, n, L, BLOCK_P: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
+def _sh_bwd_kernel(xyz_ptr, grad_ptr, row_ptr, gxyz_ptr, n, L, BLOCK_P: tl.constexpr,
+                   BLOCK_M: tl.constexpr, USE_ROW: tl.constexpr):
+    # USE_ROW: point p's incoming gradient is row row_ptr[p] of grad_ptr (the gradient of
+    # f = c_row . Y at the point, for the decode's refinement), else row p.
     pid = tl.program_id(0)
     ps = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = ps < n
@@ -237,7 +256,10 @@ def _sh_bwd_kernel(xyz_ptr, grad_ptr, gxyz_ptr, n, L, BLOCK_P: tl.constexpr,
     pz = tl.load(xyz_ptr + 3 * ps64 + 2, mask=pmask, other=0.0).to(tl.float64)
     ms = tl.arange(0, BLOCK_M)
     K = (tl.zeros([], tl.int64) + L + 1) * (L + 1)
-    base = ps64[:, None] * K
+    if USE_ROW:
+        base = tl.load(row_ptr + ps64, mask=pmask, other=0).to(tl.int64)[:, None] * K
+    else:
+        base = ps64[:, None] * K
     ax = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     ay = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     az = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
@@ -310,7 +332,8 @@ def spherical_harmonics_triton_op(xyz: torch.Tensor, degree: int) -> torch.Tenso
     if n:
         block_p, block_m = _blocks(degree)
         grid = (triton.cdiv(n, block_p), triton.cdiv(degree + 1, block_m))
-        wrap_triton(_sh_fwd_kernel)[grid](xyz, out, n, degree, BLOCK_P=block_p, BLOCK_M=block_m)
+        wrap_triton(_sh_fwd_kernel)[grid](xyz, out, xyz, xyz, n, degree, BLOCK_P=block_p, BLOCK_M=block_m,
+                                          DOT=False)
     return out
 
 
@@ -322,8 +345,8 @@ def spherical_harmonics_triton_backward_op(xyz: torch.Tensor, grad_out: torch.Te
     if n:
         block_p, block_m = _blocks(degree)
         grid = (triton.cdiv(n, block_p),)
-        wrap_triton(_sh_bwd_kernel)[grid](xyz, grad_out, grad_xyz, n, degree, BLOCK_P=block_p,
-                                          BLOCK_M=block_m)
+        wrap_triton(_sh_bwd_kernel)[grid](xyz, grad_out, xyz, grad_xyz, n, degree, BLOCK_P=block_p,
+                                          BLOCK_M=block_m, USE_ROW=False)
     return grad_xyz
 
 
@@ -338,3 +361,23 @@ def spherical_harmonics_triton(xyz: torch.Tensor, degree: int) -> torch.Tensor:
     """
     _check(xyz, degree)
     return spherical_harmonics_triton_op(xyz, degree)
+
+
+def sh_dot_and_gradient_triton(coeffs: torch.Tensor, xyz: torch.Tensor, row: torch.Tensor,
+                               degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """f = coeffs[row] . Y(xyz) and its gradient w.r.t. xyz, per point, without forming Y or
+    coeffs[row]: coeffs (B, (degree+1)^2), xyz (N, 3) and row (N,) int64, contiguous, one
+    device -> (f (N,), grad (N, 3)) in xyz's dtype. The decode's refinement on CUDA."""
+    _check(xyz, degree)
+    n = xyz.shape[0]
+    grad = torch.empty_like(xyz)
+    if not n:
+        return xyz.new_empty((0,)), grad
+    block_p, block_m = _blocks(degree)
+    passes = triton.cdiv(degree + 1, block_m)
+    part = torch.empty((n, passes), dtype=torch.float64, device=xyz.device)
+    _sh_fwd_kernel[(triton.cdiv(n, block_p), passes)](xyz, part, coeffs, row, n, degree, BLOCK_P=block_p,
+                                                      BLOCK_M=block_m, DOT=True)
+    _sh_bwd_kernel[(triton.cdiv(n, block_p),)](xyz, coeffs, row, grad, n, degree, BLOCK_P=block_p,
+                                               BLOCK_M=block_m, USE_ROW=True)
+    return part.sum(-1).to(xyz.dtype), grad
