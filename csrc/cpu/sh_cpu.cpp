@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "legendre_tables.h"
@@ -230,6 +231,30 @@ int points_per_chunk(int64_t n, int num_threads) {
   return int(std::clamp<int64_t>(n / (4 * std::max(1, num_threads)), 1, 16));
 }
 
+// The lane kernel's plain recurrence loses about l^2 ulp within ~0.01 rad of the poles:
+// at L = 320, up to 1.13e-11 per unit 1.7e-5 rad from the axis, over the 1e-11 contract
+// (2e-12 at 0.01-0.1 rad, 6e-14 beyond; 1.2e-12 at L = 128). So in float64, points within
+// kPolarAngle of an axis are computed again, one at a time, by the per-point kernel
+// (Reinsch's form there: ~1e-13). They are 0.2% of the sphere, so the second pass costs
+// a pass over xyz and little else; below kPolarRedoMinDegree the lanes are exact enough.
+constexpr double kPolarZ = 0.998;  // |z| >= cos(0.063 rad)
+constexpr int kPolarRedoMinDegree = 128;
+
+template <typename T>
+void redo_polar_points(const T* xyz, int64_t n, int degree, T* out, int num_threads) {
+  const auto tables = tables_for(degree);
+  const int64_t K = sh_size(degree);
+#pragma omp parallel num_threads(std::max(1, num_threads))
+  {
+    Scratch sc;
+#pragma omp for schedule(dynamic, 256)
+    for (int64_t i = 0; i < n; ++i) {
+      const Point u = unit_point(xyz + 3 * i);
+      if (u.valid && std::fabs(u.z) >= kPolarZ) forward_point(xyz + 3 * i, degree, *tables, sc, out + K * i);
+    }
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -239,7 +264,12 @@ int64_t sh_cpu_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads)
   advise_huge_pages(out, size_t(n) * K * sizeof(T));
   // Points in SIMD lanes up to kLanesDegreeMax (sh_cpu_small.h), one at a time above.
   if (degree <= kSmallForwardMax<T>) return sh_cpu_small_fwd(xyz, n, degree, out, num_threads);
-  if (degree <= kLanesDegreeMax) return sh_cpu_lanes_fwd(xyz, n, degree, out, num_threads);
+  if (degree <= kLanesDegreeMax) {
+    const int64_t first_bad = sh_cpu_lanes_fwd(xyz, n, degree, out, num_threads);
+    if constexpr (std::is_same_v<T, double>)
+      if (degree >= kPolarRedoMinDegree) redo_polar_points(xyz, n, degree, out, num_threads);
+    return first_bad;
+  }
   const auto tables = tables_for(degree);
   const int chunk = points_per_chunk(n, num_threads);
   int64_t first_bad = n;

@@ -11,10 +11,11 @@
 // in between.
 //
 // Numerics: the Cartesian form of sh_cpu_small.cpp, Y_l,+-m = sqrt2 Qbar_lm(z) Re/Im (x+iy)^m
-// with Qbar_lm = P_lm / s^m. Up to L = 320, Qbar stays below 1e67 and the plain recurrence
-// loses about l^2 ulp near the poles (7e-13 per unit at L = 256 against the per-point
-// kernel), inside the 1e-11 contract, so neither scaled seeds nor Reinsch's form are
-// needed. (x + i y)^m underflows only where the harmonic is below 1e-300 times Qbar's bound,
+// with Qbar_lm = P_lm / s^m. Up to L = 320, Qbar stays below 1e67, so no scaled seeds are
+// needed, and away from the poles the plain recurrence stays within 2e-12 per unit. Within
+// ~0.01 rad of an axis it loses about l^2 ulp (1.13e-11 per unit at L = 320, over the
+// contract): in float64 sh_cpu_fwd computes such points again with the per-point kernel
+// (redo_polar_points, sh_cpu.cpp), rather than carrying Reinsch's form in the lanes. (x + i y)^m underflows only where the harmonic is below 1e-300 times Qbar's bound,
 // so its absolute error stays far inside the contract. tests/test_sh_accuracy.py checks
 // these degrees against mpmath.
 #include <omp.h>
