@@ -234,25 +234,45 @@ int points_per_chunk(int64_t n, int num_threads) {
 // The lane kernel's plain recurrence loses about l^2 ulp within ~0.01 rad of the poles:
 // at L = 320, up to 1.13e-11 per unit 1.7e-5 rad from the axis, over the 1e-11 contract
 // (2e-12 at 0.01-0.1 rad, 6e-14 beyond; 1.2e-12 at L = 128). So in float64, points within
-// kPolarAngle of an axis are computed again, one at a time, by the per-point kernel
+// 0.063 rad of an axis (|z| >= kPolarZ) are computed again, one at a time, by the per-point kernel
 // (Reinsch's form there: ~1e-13). They are 0.2% of the sphere, so the second pass costs
 // a pass over xyz and little else; below kPolarRedoMinDegree the lanes are exact enough.
 constexpr double kPolarZ = 0.998;  // |z| >= cos(0.063 rad)
 constexpr int kPolarRedoMinDegree = 128;
 
-template <typename T>
-void redo_polar_points(const T* xyz, int64_t n, int degree, T* out, int num_threads) {
+// fn(i, tables, scratch) for each valid point i within 0.063 rad of an axis.
+template <typename T, typename Fn>
+void for_polar_points(const T* xyz, int64_t n, int degree, int num_threads, Fn&& fn) {
   const auto tables = tables_for(degree);
-  const int64_t K = sh_size(degree);
 #pragma omp parallel num_threads(std::max(1, num_threads))
   {
     Scratch sc;
 #pragma omp for schedule(dynamic, 256)
     for (int64_t i = 0; i < n; ++i) {
       const Point u = unit_point(xyz + 3 * i);
-      if (u.valid && std::fabs(u.z) >= kPolarZ) forward_point(xyz + 3 * i, degree, *tables, sc, out + K * i);
+      if (u.valid && std::fabs(u.z) >= kPolarZ) fn(i, *tables, sc);
     }
   }
+}
+
+template <typename T>
+void redo_polar_points(const T* xyz, int64_t n, int degree, T* out, int num_threads) {
+  const int64_t K = sh_size(degree);
+  for_polar_points(xyz, n, degree, num_threads, [&](int64_t i, const Tables& t, Scratch& sc) {
+    forward_point(xyz + 3 * i, degree, t, sc, out + K * i);
+  });
+}
+
+// The same for the backward's lanes (up to kLanesBackwardMax): near an axis their
+// gradients differed from the exact ones by up to 5.4e-13 of their size at L = 288 (the
+// per-point kernel: ~1e-14; tests/test_sh_accuracy.py).
+template <typename T>
+void redo_polar_points_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz,
+                           int num_threads) {
+  const int64_t K = sh_size(degree);
+  for_polar_points(xyz, n, degree, num_threads, [&](int64_t i, const Tables& t, Scratch& sc) {
+    backward_point(xyz + 3 * i, grad_out + K * i, degree, t, sc, grad_xyz + 3 * i);
+  });
 }
 
 }  // namespace
@@ -288,7 +308,12 @@ void sh_cpu_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_
                 int num_threads) {
   if (n <= 0) return;
   if (degree <= kSmallBackwardMax<T>) return sh_cpu_small_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);
-  if (degree <= kLanesBackwardMax) return sh_cpu_lanes_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);
+  if (degree <= kLanesBackwardMax) {
+    sh_cpu_lanes_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);
+    if constexpr (std::is_same_v<T, double>)
+      if (degree >= kPolarRedoMinDegree) redo_polar_points_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);
+    return;
+  }
   const auto tables = tables_for(degree);
   const int64_t K = sh_size(degree);
   const int chunk = points_per_chunk(n, num_threads);
