@@ -15,15 +15,16 @@ namespace locdiff {
 //   kSmallForwardMax. Below L = 19 lanes is level in float64 at best, and with some output
 //   addresses (relative to its scratch) twice as slow (one thread, L = 16: 0.35-0.82 against
 //   a steady 0.36); float32's tile holds twice the values, so small leads to higher L.
-// - lanes (sh_cpu_lanes.cpp, degree by degree, no tile) up to kLanesDegreeMax, set by its
-//   numerics: the plain recurrence loses about l^2 ulp near the poles, 1.08-1.15e-11 per
-//   unit at L = 512 for points 1e-3 from the axis (over the 1e-11 contract), 4-5e-12 at
-//   320. Above L = 320 its four state rows of lane vectors (4 x (L+1) x 64 bytes) outgrow
-//   L1 and which kernel is faster depends on the machine: on the Intel Xeon VM (same-process
-//   A/B, reused outputs, 64 points) lanes / per point at L = 384, 448, 512: float64
-//   0.38 / 0.67, 0.55 / 0.70, 0.55 / 0.72, float32 0.19 / 0.34, 0.24 / 0.42, 0.25 / 0.48;
-//   on the AMD EPYC at L = 512, 0.38 / 0.28 and 0.23 / 0.13. (So going higher would need
-//   Reinsch's form near the poles in the lanes too.)
+// - lanes (sh_cpu_lanes.cpp, degree by degree, no tile) up to kLanesDegreeMax. Numerics:
+//   the plain recurrence loses about l^2 ulp within ~0.01 rad of an axis (1.13e-11 per unit
+//   at L = 320, 1.15e-11 at 512), so in float64 sh_cpu_fwd recomputes points within 0.063
+//   rad of an axis by the per-point kernel; elsewhere the lanes stay within 8e-13 even at
+//   L = 512 (mpmath). So numerics would allow 512; speed decides, and it depends on the
+//   machine: above L = 320 the four state rows of lane vectors (4 x (L+1) x 64 bytes)
+//   outgrow L1. On the Intel Xeon VM (same-process A/B, 64 points, reused / fresh outputs)
+//   lanes vs per point at L = 512: float64 0.55 / 0.95 vs 0.70 / 0.97, float32 0.26 / 0.48
+//   vs 0.44 / 0.64 (fresh outputs are page-fault bound); on the AMD EPYC, where these
+//   kernels were tuned, lanes 0.38 / 0.23 vs per point 0.28 / 0.13 (float64 / float32).
 // - per point (sh_cpu.cpp) above: scaled seeds and Reinsch's form, exact to L = 2048.
 template <typename T>
 constexpr int kSmallForwardMax = std::is_same_v<T, double> ? 18 : 24;
