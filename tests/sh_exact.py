@@ -13,8 +13,7 @@ DPS = 60
 
 
 def _unit(xyz):
-    # exactly the float input as given (mpf inputs, e.g. perturbed points, kept as they are)
-    x, y, z = (v if isinstance(v, mp.mpf) else mp.mpf(float(v)) for v in xyz)
+    x, y, z = (mp.mpf(float(v)) for v in xyz)  # exactly the float input as given
     r = mp.sqrt(x * x + y * y + z * z)
     return x / r, y / r, z / r
 
@@ -22,36 +21,31 @@ def _unit(xyz):
 def column_exact(xyz, m: int, degree: int) -> dict[tuple[int, int], float]:
     """{(l, +-m): Y_l,+-m} for l = m..degree at the point, to ~1e-50 relative."""
     with mp.workdps(DPS):
-        return {k: float(v) for k, v in _column_mp(xyz, m, degree).items()}
-
-
-def _column_mp(xyz, m: int, degree: int) -> dict:
-    """column_exact's values as mpf (call inside mp.workdps(DPS))."""
-    x, y, z = _unit(xyz)
-    s = mp.sqrt(x * x + y * y)
-    phi = mp.atan2(y, x) if s != 0 else mp.mpf(0)
-    p_mm = 1 / mp.sqrt(4 * mp.pi)
-    for k in range(1, m + 1):
-        p_mm *= mp.sqrt(mp.mpf(2 * k + 1) / (2 * k)) * s
-    out = {}
-    prev2, prev = mp.mpf(0), p_mm
-    for l in range(m, degree + 1):
-        if l == m + 1:
-            cur = mp.sqrt(2 * m + 3) * z * prev
-        elif l >= m + 2:
-            a = mp.sqrt(mp.mpf(4 * l * l - 1) / (l * l - m * m))
-            b = mp.sqrt(mp.mpf((l - 1) ** 2 - m * m) * (2 * l + 1) / ((l * l - m * m) * (2 * l - 3)))
-            cur = a * z * prev - b * prev2
-        else:
-            cur = prev
-        if l > m:
-            prev2, prev = prev, cur
-        if m == 0:
-            out[(l, 0)] = cur
-        else:
-            out[(l, m)] = mp.sqrt(2) * cur * mp.cos(m * phi)
-            out[(l, -m)] = mp.sqrt(2) * cur * mp.sin(m * phi)
-    return out
+        x, y, z = _unit(xyz)
+        s = mp.sqrt(x * x + y * y)
+        phi = mp.atan2(y, x) if s != 0 else mp.mpf(0)
+        p_mm = 1 / mp.sqrt(4 * mp.pi)
+        for k in range(1, m + 1):
+            p_mm *= mp.sqrt(mp.mpf(2 * k + 1) / (2 * k)) * s
+        out = {}
+        prev2, prev = mp.mpf(0), p_mm
+        for l in range(m, degree + 1):
+            if l == m + 1:
+                cur = mp.sqrt(2 * m + 3) * z * prev
+            elif l >= m + 2:
+                a = mp.sqrt(mp.mpf(4 * l * l - 1) / (l * l - m * m))
+                b = mp.sqrt(mp.mpf((l - 1) ** 2 - m * m) * (2 * l + 1) / ((l * l - m * m) * (2 * l - 3)))
+                cur = a * z * prev - b * prev2
+            else:
+                cur = prev
+            if l > m:
+                prev2, prev = prev, cur
+            if m == 0:
+                out[(l, 0)] = float(cur)
+            else:
+                out[(l, m)] = float(mp.sqrt(2) * cur * mp.cos(m * phi))
+                out[(l, -m)] = float(mp.sqrt(2) * cur * mp.sin(m * phi))
+        return out
 
 
 def legenp_exact(xyz, l: int, m: int) -> float:
@@ -70,24 +64,3 @@ def legenp_exact(xyz, l: int, m: int) -> float:
             return float(norm * p)
         phi = mp.atan2(y, x)
         return float(mp.sqrt(2) * norm * p * (mp.cos(am * phi) if m > 0 else mp.sin(am * phi)))
-
-
-def weighted_gradient_exact(xyz, weights: dict[tuple[int, int], float], degree: int) -> list[float]:
-    """d/dxyz of sum_k w_k Y_k(xyz / |xyz|) at the float point, by central differences in
-    60-digit arithmetic (step 1e-25: truncation ~1e-50, rounding ~1e-35): the exact VJP."""
-    orders = sorted({abs(m) for _, m in weights})
-    h = mp.mpf("1e-25")
-    grad = []
-    with mp.workdps(DPS):
-        base = [mp.mpf(float(v)) for v in xyz]
-        for j in range(3):
-            sides = []
-            for sign in (1, -1):
-                p = list(base)
-                p[j] += sign * h
-                cols = {}
-                for m in orders:
-                    cols.update(_column_mp(p, m, degree))
-                sides.append(mp.fsum(w * cols[k] for k, w in weights.items()))
-            grad.append(float((sides[0] - sides[1]) / (2 * h)))
-    return grad
