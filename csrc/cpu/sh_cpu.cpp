@@ -234,9 +234,10 @@ int points_per_chunk(int64_t n, int num_threads) {
 // The lane kernel's plain recurrence loses about l^2 ulp within ~0.01 rad of the poles:
 // at L = 320, up to 1.13e-11 per unit 1.7e-5 rad from the axis, over the 1e-11 contract
 // (2e-12 at 0.01-0.1 rad, 6e-14 beyond; 1.2e-12 at L = 128). So in float64, points within
-// 0.063 rad of an axis (|z| >= kPolarZ) are computed again, one at a time, by the per-point kernel
-// (Reinsch's form there: ~1e-13). They are 0.2% of the sphere, so the second pass costs
-// a pass over xyz and little else; below kPolarRedoMinDegree the lanes are exact enough.
+// 0.063 rad of an axis (|z| >= kPolarZ) are computed again, one at a time, by the
+// per-point kernel (Reinsch's form there: ~1e-13). They are 0.2% of the sphere, so the
+// second pass costs a pass over xyz and little else; below kPolarRedoMinDegree the lanes
+// are exact enough.
 constexpr double kPolarZ = 0.998;  // |z| >= cos(0.063 rad)
 constexpr int kPolarRedoMinDegree = 128;
 

@@ -14,9 +14,10 @@
 // with Qbar_lm = P_lm / s^m. Up to L = 320, Qbar stays below 1e67, so no scaled seeds are
 // needed, and away from the poles the plain recurrence stays within 2e-12 per unit. Within
 // ~0.01 rad of an axis it loses about l^2 ulp (1.13e-11 per unit at L = 320, over the
-// contract): in float64 sh_cpu_fwd computes such points again with the per-point kernel
-// (redo_polar_points, sh_cpu.cpp), rather than carrying Reinsch's form in the lanes. (x + i y)^m underflows only where the harmonic is below 1e-300 times Qbar's bound,
-// so its absolute error stays far inside the contract. tests/test_sh_accuracy.py checks
+// contract): in float64 sh_cpu_fwd and sh_cpu_bwd compute such points again with the
+// per-point kernel (redo_polar_points, sh_cpu.cpp), rather than carrying Reinsch's form in
+// the lanes. (x + i y)^m underflows only where the harmonic is below 1e-300 times Qbar's
+// bound, so its absolute error stays far inside the contract. tests/test_sh_accuracy.py checks
 // these degrees against mpmath.
 #include <omp.h>
 

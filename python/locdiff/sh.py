@@ -12,7 +12,7 @@ from locdiff.geo import latlon_to_xyz
 from locdiff.ops import validation
 from locdiff.ops.sh import spherical_harmonics_op, spherical_harmonics_out_op
 
-BACKENDS = (None, "native", "triton")
+BACKENDS = validation.BACKENDS
 
 
 def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validate: bool = True, out=None):
@@ -55,8 +55,7 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
     validation.check_float_tensor(xyz, "xyz")
     validation.check_last_dim(xyz, 3, "xyz")
     degree = validation.check_degree(degree)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    validation.check_backend(backend)
     lead = xyz.shape[:-1]
     n = math.prod(lead)
     K = (degree + 1) ** 2

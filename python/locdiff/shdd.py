@@ -102,14 +102,6 @@ def _grid(grid, degree: int) -> _grids.Grid:
     return grid
 
 
-BACKENDS = (None, "native", "triton")
-
-
-def _check_backend(backend) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
 def _ring_args(grid: _grids.Grid, degree: int, device):
     table = grid.legendre_table(degree, device)
     theta, log_area = grid.tensors(device, "theta", "log_ring_area")
@@ -361,7 +353,7 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     grid = _grid(grid, degree)
-    _check_backend(backend)
+    validation.check_backend(backend)
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
     if flat.shape[0] == 0:
@@ -397,7 +389,7 @@ def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, 
     if not (math.isfinite(sep_km) and sep_km >= 0):
         raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")
     grid = _grid(grid, degree)
-    _check_backend(backend)
+    validation.check_backend(backend)
     B = flat.shape[0]
     ncand = 2 * k + 4
     if B:

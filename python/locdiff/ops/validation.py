@@ -27,6 +27,15 @@ def check_degree(degree, name: str = "degree", max_degree: int = MAX_DEGREE) -> 
     return degree
 
 
+# Kernel backends of the public functions: None / "native" (C++ on CPU, CUDA on GPU), "triton".
+BACKENDS = (None, "native", "triton")
+
+
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def check_float_tensor(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")

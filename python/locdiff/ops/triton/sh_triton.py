@@ -24,7 +24,6 @@ from torch.library import triton_op, wrap_triton
 from locdiff.ops.sh import register_sh_autograd
 
 
-
 # Constants as jit functions: compiled kernels may not read plain module globals (the CPU
 # interpreter can, so only an ahead-of-time build shows it: tests/test_triton_compile.py),
 # and the interpreter cannot multiply a tensor by a tl.constexpr global.
@@ -194,6 +193,15 @@ def _step(x, y, k, ec, l, mf, act, uz, re2, sigma, t):
 
 
 @triton.jit
+def _row_base(row_ptr, ps64, pmask, K, USE_ROW: tl.constexpr):
+    # Offset of each point's row of K values: row row_ptr[p] (a coefficient row per point)
+    # or row p.
+    if USE_ROW:
+        return tl.load(row_ptr + ps64, mask=pmask, other=0).to(tl.int64)[:, None] * K
+    return ps64[:, None] * K
+
+
+@triton.jit
 def _sh_fwd_kernel(xyz_ptr, out_ptr, coeffs_ptr, row_ptr, n, L, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
                    DOT: tl.constexpr):
     # DOT: instead of storing Y, f = c_row . Y at each point (row_ptr[p] of coeffs_ptr), each
@@ -216,10 +224,7 @@ def _sh_fwd_kernel(xyz_ptr, out_ptr, coeffs_ptr, row_ptr, n, L, BLOCK_P: tl.cons
     m = first + ms
     mf = m.to(tl.float64)[None, :] + tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     K = (tl.zeros([], tl.int64) + L + 1) * (L + 1)
-    if DOT:
-        base = tl.load(row_ptr + ps64, mask=pmask, other=0).to(tl.int64)[:, None] * K
-    else:
-        base = ps64[:, None] * K
+    base = _row_base(row_ptr, ps64, pmask, K, DOT)
     acc = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     for l in range(first, L + 1):
         act = (m[None, :] < l) & pmask[:, None]
@@ -256,10 +261,7 @@ def _sh_bwd_kernel(xyz_ptr, grad_ptr, row_ptr, gxyz_ptr, n, L, BLOCK_P: tl.const
     pz = tl.load(xyz_ptr + 3 * ps64 + 2, mask=pmask, other=0.0).to(tl.float64)
     ms = tl.arange(0, BLOCK_M)
     K = (tl.zeros([], tl.int64) + L + 1) * (L + 1)
-    if USE_ROW:
-        base = tl.load(row_ptr + ps64, mask=pmask, other=0).to(tl.int64)[:, None] * K
-    else:
-        base = ps64[:, None] * K
+    base = _row_base(row_ptr, ps64, pmask, K, USE_ROW)
     ax = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     ay = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     az = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)

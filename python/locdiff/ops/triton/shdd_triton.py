@@ -14,8 +14,9 @@ A_m, B_m of every row (ring sums over l, table rows for the northern rings with 
 sign (-1)^(l-m) for their southern mirrors), then f += A_m cos(m phi) + B_m sin(m phi) over
 the ring's longitudes. A halo ring beyond a pole is the polar ring half a turn away, which
 is (-1)^m on A_m and B_m. cos and sin of m phi come from exactly reduced angles every 16
-orders and from rotations by phi in between (float32 rounding grows by ~16 ulp at most). Neighbours along a ring come from a program-private scratch slot (the
-programs loop over the work items, so scratch is one slot per program, not per item).
+orders and from rotations by phi in between (float32 rounding grows by ~16 ulp at most).
+Neighbours along a ring come from a program-private scratch slot (the programs loop over
+the work items, so scratch is one slot per program, not per item).
 
 float32 arithmetic: the grid stage only picks starting points for the float64 refinement,
 as on the CPU (locdiff.shdd._candidates). Runs on CUDA tensors, and on CPU tensors under
