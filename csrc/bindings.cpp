@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "locdiff/output_pool.h"
 #include "locdiff/sh_kernels.h"
 #include "locdiff/shdd_kernels.h"
 
@@ -37,6 +38,22 @@ void dispatch_float(const std::string& dtype, Fn&& fn) {
                            "(LOCDIFF_CUDA=ON makes a missing nvcc a build error)");
 }
 
+// A block of the output pool as a Python buffer (torch.frombuffer wraps it without a copy;
+// the tensor's storage holds the block, which returns to the pool when the storage dies).
+class PooledBlock {
+ public:
+  explicit PooledBlock(size_t bytes) : bytes_(bytes) { data_ = locdiff::output_pool::acquire(bytes, &capacity_); }
+  ~PooledBlock() { locdiff::output_pool::release(data_, capacity_); }
+  PooledBlock(const PooledBlock&) = delete;
+  PooledBlock& operator=(const PooledBlock&) = delete;
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0, capacity_ = 0;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -49,6 +66,20 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   }, "True when this build contains the CUDA kernels.");
+
+  // ---- CPU output pool (locdiff/output_pool.h) ----------------------------------------
+  py::class_<PooledBlock>(m, "PooledBlock", py::buffer_protocol(),
+                          "Writable bytes from the CPU output pool; returned to it when freed.")
+      .def(py::init<size_t>(), py::arg("nbytes"))
+      .def_buffer([](PooledBlock& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {py::ssize_t(b.bytes())}, {py::ssize_t(1)}, /*readonly=*/false);
+      });
+  m.def("output_pool_set_limit", [](size_t bytes) { locdiff::output_pool::set_limit(bytes); },
+        py::arg("nbytes"));
+  m.def("output_pool_limit", [] { return locdiff::output_pool::limit(); });
+  m.def("output_pool_cached", [] { return locdiff::output_pool::cached(); },
+        "Bytes held by the pool in blocks not in use.");
 
   // ---- spherical harmonics -------------------------------------------------------------
   m.def("sh_cpu_fwd", [](std::uintptr_t xyz, int64_t n, int degree, std::uintptr_t out,

@@ -1,6 +1,7 @@
 """locdiff: geolocation by diffusion in spherical-harmonic space (LocDiff), with exact, fast
 spherical harmonics on CPU and GPU."""
 from locdiff import _C
+from locdiff.ops.output_pool import output_cache_bytes, set_output_cache
 from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_latlon
 from locdiff.sh import SphericalHarmonics, spherical_harmonics
 
@@ -23,5 +24,5 @@ def __getattr__(name):
 
 __all__ = [
     "EARTH_RADIUS_KM", "SphericalHarmonics", "great_circle_km", "has_cuda", "latlon_to_xyz",
-    "spherical_harmonics", "xyz_to_latlon",
+    "output_cache_bytes", "set_output_cache", "spherical_harmonics", "xyz_to_latlon",
 ]

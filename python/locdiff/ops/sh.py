@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from locdiff import _C
+from locdiff.ops import output_pool
 from locdiff.ops.sh_reference import spherical_harmonics_reference
 from locdiff.ops.validation import raise_bad_row
 
@@ -42,7 +43,7 @@ def _forward_cuda_into(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> Non
 
 @torch.library.custom_op("locdiff::spherical_harmonics", mutates_args=(), device_types="cpu")
 def spherical_harmonics_op(xyz: torch.Tensor, degree: int) -> torch.Tensor:
-    out = torch.empty((xyz.shape[0], (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
+    out = output_pool.empty((xyz.shape[0], (degree + 1) ** 2), xyz.dtype)
     _forward_cpu_into(xyz, degree, out)
     return out
 

@@ -1,0 +1,139 @@
+// The output block cache (locdiff/output_pool.h).
+#include "locdiff/output_pool.h"
+
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <new>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <cstdlib>
+
+namespace locdiff::output_pool {
+namespace {
+
+constexpr size_t kHuge = size_t(1) << 21;  // 2 MiB: blocks are whole huge pages
+
+struct Block {
+  void* data;
+  size_t capacity;
+};
+
+struct Cache {
+  std::mutex mutex;
+  std::deque<Block> blocks;  // oldest first
+  size_t bytes = 0;
+  size_t limit = size_t(1) << 30;
+};
+
+Cache& cache() {
+  static Cache* c = new Cache;  // never destroyed: blocks may return during interpreter exit
+  return *c;
+}
+
+size_t round_up(size_t bytes) { return (bytes + kHuge - 1) / kHuge * kHuge; }
+
+void* map_block(size_t capacity) {
+#if defined(__linux__)
+  // Map one huge page more than asked, then cut the unaligned head and tail, so that every
+  // 2 MiB of the block can be a transparent huge page.
+  const size_t span = capacity + kHuge;
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) throw std::bad_alloc();
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (begin + kHuge - 1) & ~(kHuge - 1);
+  if (aligned > begin) munmap(raw, aligned - begin);
+  const uintptr_t tail = aligned + capacity, end = begin + span;
+  if (end > tail) munmap(reinterpret_cast<void*>(tail), end - tail);
+#if defined(MADV_HUGEPAGE)
+  madvise(reinterpret_cast<void*>(aligned), capacity, MADV_HUGEPAGE);  // advisory
+#endif
+  return reinterpret_cast<void*>(aligned);
+#else
+  void* p = std::aligned_alloc(kHuge, capacity);
+  if (!p) throw std::bad_alloc();
+  return p;
+#endif
+}
+
+void unmap_block(const Block& b) {
+#if defined(__linux__)
+  munmap(b.data, b.capacity);
+#else
+  std::free(b.data);
+#endif
+}
+
+// Unmaps the oldest blocks until the cache holds at most its limit; call with the lock
+// held, returns the blocks to unmap after unlocking.
+std::deque<Block> over_limit(Cache& c) {
+  std::deque<Block> out;
+  while (c.bytes > c.limit && !c.blocks.empty()) {
+    out.push_back(c.blocks.front());
+    c.bytes -= c.blocks.front().capacity;
+    c.blocks.pop_front();
+  }
+  return out;
+}
+
+}  // namespace
+
+void* acquire(size_t bytes, size_t* capacity) {
+  const size_t want = round_up(bytes == 0 ? 1 : bytes);
+  Cache& c = cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    // The smallest cached block that fits, but not one more than twice the size: a much
+    // larger block would keep its extra pages busy for a small output.
+    auto best = c.blocks.end();
+    for (auto it = c.blocks.begin(); it != c.blocks.end(); ++it)
+      if (it->capacity >= want && it->capacity <= 2 * want && (best == c.blocks.end() || it->capacity < best->capacity))
+        best = it;
+    if (best != c.blocks.end()) {
+      const Block b = *best;
+      c.blocks.erase(best);
+      c.bytes -= b.capacity;
+      *capacity = b.capacity;
+      return b.data;
+    }
+  }
+  *capacity = want;
+  return map_block(want);
+}
+
+void release(void* data, size_t capacity) {
+  Cache& c = cache();
+  std::deque<Block> drop;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    c.blocks.push_back({data, capacity});
+    c.bytes += capacity;
+    drop = over_limit(c);
+  }
+  for (const Block& b : drop) unmap_block(b);
+}
+
+void set_limit(size_t bytes) {
+  Cache& c = cache();
+  std::deque<Block> drop;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    c.limit = bytes;
+    drop = over_limit(c);
+  }
+  for (const Block& b : drop) unmap_block(b);
+}
+
+size_t limit() {
+  std::lock_guard<std::mutex> lock(cache().mutex);
+  return cache().limit;
+}
+
+size_t cached() {
+  std::lock_guard<std::mutex> lock(cache().mutex);
+  return cache().bytes;
+}
+
+}  // namespace locdiff::output_pool

@@ -1,0 +1,62 @@
+"""Large CPU outputs from locdiff's block cache (csrc/include/locdiff/output_pool.h).
+
+A fresh output of tens of MB is a new mapping whose pages the OS zeroes on first touch; at
+high degree that costs more than the harmonics. Outputs of at least ``POOL_MIN_BYTES`` come
+instead from a cache of blocks that earlier outputs held and the caller has since dropped.
+Smaller ones stay with torch's allocator (glibc reuses its heap for them, and the pool's
+few microseconds per call would show).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from locdiff import _C
+
+POOL_MIN_BYTES = 4 << 20
+_ENV = "LOCDIFF_OUTPUT_CACHE_MB"
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor; from the pool when it is large."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    nbytes = numel * dtype.itemsize
+    if nbytes < POOL_MIN_BYTES or _C.output_pool_limit() == 0:
+        return torch.empty(shape, dtype=dtype)
+    # The tensor's storage keeps the block alive; the block returns to the pool with it.
+    return torch.frombuffer(_C.PooledBlock(nbytes), dtype=dtype, count=numel).view(shape)
+
+
+def set_output_cache(max_bytes: int) -> int:
+    """Sets how many bytes of dropped CPU outputs locdiff keeps for reuse (default 1 GiB, or
+    the environment's LOCDIFF_OUTPUT_CACHE_MB); 0 turns the cache off and frees what it holds.
+    Returns the previous limit."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"set_output_cache: max_bytes must be an integer >= 0, got {max_bytes!r}")
+    previous = _C.output_pool_limit()
+    _C.output_pool_set_limit(max_bytes)
+    return previous
+
+
+def output_cache_bytes() -> int:
+    """Bytes the cache holds now in blocks no tensor uses."""
+    return _C.output_pool_cached()
+
+
+def _limit_from_env() -> None:
+    value = os.environ.get(_ENV)
+    if value is None:
+        return
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise ValueError(f"{_ENV} must be a number of MB >= 0, got {value!r}")
+    _C.output_pool_set_limit(int(mb * (1 << 20)))
+
+
+_limit_from_env()
