@@ -100,3 +100,24 @@ def test_triton_f_and_gradient_match_cpu(degree):
     scale = float(c.abs().sum(-1).max()) * (degree + 1)
     assert float((f.cpu() - want_f).abs().max()) <= 1e-14 * scale
     assert float((grad.cpu() - want_grad).abs().max()) <= 1e-14 * scale * (degree + 1)
+
+
+@pytest.mark.parametrize("degree", [64, 256])
+def test_triton_refinement_matches_the_cpp_kernel(degree):
+    pytest.importorskip("triton")
+    from locdiff.geo import latlon_to_xyz
+    from locdiff.ops.shdd import shdd_refine_op
+    from locdiff.ops.triton import refine_triton
+
+    g = torch.Generator().manual_seed(degree)
+    truth = _latlon(200, degree)
+    c = shdd.encode(truth, degree) + 0.02 * torch.randn(len(truth), (degree + 1) ** 2, generator=g,
+                                                       dtype=torch.float64)
+    start = latlon_to_xyz(truth) + 0.3 / degree * torch.randn(len(truth), 3, generator=g, dtype=torch.float64)
+    row = torch.arange(len(truth))
+    r = grids.half_max_radius(degree)
+    u, f = refine_triton(c.cuda(), degree, row.cuda(), start.cuda(), r)
+    want_u, want_f = shdd_refine_op(c, start.contiguous(), row, degree, r, 40)
+    scale = float(c.abs().sum(-1).max())
+    assert float((u.cpu() - want_u).abs().max()) < 1e-8
+    assert float((f.cpu() - want_f).abs().max()) < 1e-12 * scale

@@ -122,3 +122,49 @@ def test_fused_f_and_gradient_match_the_cpp_kernel(degree, block_m, monkeypatch)
     scale = float(c.abs().sum(-1).max()) * (degree + 1)
     assert float((f - want_f).abs().max()) <= 1e-14 * scale
     assert float((grad - want_grad).abs().max()) <= 1e-14 * scale * (degree + 1)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("degree,block_m", [(6, None), (13, 4), (24, None)])  # 13: several passes
+def test_fused_refinement_matches_the_torch_loop_and_the_cpp_kernel(degree, block_m, monkeypatch):
+    from locdiff.geo import latlon_to_xyz
+    from locdiff.ops.shdd import shdd_refine_op
+    from locdiff.ops.shdd_reference import shdd_refine_reference
+    from locdiff.ops.triton import refine_triton, sh_triton
+
+    if block_m:
+        monkeypatch.setattr(sh_triton, "_MAX_BLOCK_M", block_m)
+    g = torch.Generator().manual_seed(degree)
+    truth = torch.tensor(HARD + [[33.0, 44.0], [-60.0, -100.0]], dtype=torch.float64)
+    c = _noisy(truth.tolist(), degree, 0.05, degree)
+    start = latlon_to_xyz(truth) + 0.3 / degree * torch.randn(len(truth), 3, generator=g, dtype=torch.float64)
+    row = torch.arange(len(truth))
+    r = grids.half_max_radius(degree)
+    u, f = refine_triton(c, degree, row, start, r)
+    # The same iterations as the torch loop (exact f and gradient) ...
+    want_u, want_f = shdd_refine_reference(c, degree, row, start.clone(), r)
+    scale = float(c.abs().sum(-1).max())
+    assert float((u - want_u).abs().max()) < 1e-12
+    assert float((f - want_f).abs().max()) < 1e-13 * scale
+    # ... and the same maxima as the C++ kernel (analytic Hessian: other iterates, same end).
+    cpp_u, cpp_f = shdd_refine_op(c, start.contiguous(), row, degree, r, 40)
+    assert float((u - cpp_u).abs().max()) < 1e-8
+    assert float((f - cpp_f).abs().max()) < 1e-12 * scale
+    assert torch.allclose(u.norm(dim=-1), torch.ones(len(truth), dtype=torch.float64), atol=1e-15, rtol=0)
+
+
+@needs_interpreter
+def test_fused_refinement_edge_cases():
+    from locdiff.ops.triton import refine_triton
+
+    c = shdd.encode(torch.tensor([[90.0, 0.0], [10.0, 180.0]], dtype=torch.float64), 8)
+    start = torch.tensor([[0.0, 1e-3, 1.0], [-1.0, 1e-3, 0.17]], dtype=torch.float64)
+    u, f = refine_triton(c, 8, torch.tensor([0, 1]), start, grids.half_max_radius(8))
+    assert float((u - torch.tensor([[0.0, 0, 1], [-math.cos(math.radians(10)), 0, math.sin(math.radians(10))]],
+                                   dtype=torch.float64)).abs().max()) < 1e-9  # to the exact point
+    empty_u, empty_f = refine_triton(c, 8, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3, dtype=torch.float64), 0.1)
+    assert empty_u.shape == (0, 3) and empty_f.shape == (0,)
+    with pytest.raises(TypeError, match="float64"):
+        refine_triton(c.float(), 8, torch.tensor([0]), start[:1], 0.1)
+    with pytest.raises(ValueError, match="columns"):
+        refine_triton(c, 7, torch.tensor([0]), start[:1], 0.1)

@@ -57,16 +57,25 @@ def test_sh_kernels_build_for_hopper(dtype):
 
     block_p, block_m = _blocks(64)
     consts = {"BLOCK_P": block_p, "BLOCK_M": block_m}
-    fwd_sig = {"xyz_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "coeffs_ptr": f"*{dtype}", "row_ptr": "*i64",
-               "n": "i32", "L": "i32"}
-    fwd = _build(_sh_fwd_kernel, fwd_sig, {**consts, "DOT": False}, 4)
-    bwd_sig = {"xyz_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "row_ptr": "*i64", "gxyz_ptr": f"*{dtype}",
-               "n": "i32", "L": "i32"}
-    bwd = _build(_sh_bwd_kernel, bwd_sig, {**consts, "USE_ROW": False}, 4)
+    fwd = _build(_sh_fwd_kernel, {"xyz_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "n": "i32", "L": "i32"}, consts, 4)
+    bwd_sig = {"xyz_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "gxyz_ptr": f"*{dtype}", "n": "i32", "L": "i32"}
+    bwd = _build(_sh_bwd_kernel, bwd_sig, consts, 4)
     assert fwd["registers"] > 0 and bwd["registers"] > 0
-    if dtype == "fp64":  # the decode's refinement: f and its gradient at points, rows of coefficients
-        _build(_sh_bwd_kernel, bwd_sig, {**consts, "USE_ROW": True}, 4)
-        _build(_sh_fwd_kernel, {**fwd_sig, "out_ptr": "*fp64"}, {**consts, "DOT": True}, 4)
+
+
+def test_decode_point_kernels_build_for_hopper():
+    # f and its gradient at points, and the whole Newton refinement, float64.
+    from locdiff.ops.triton.refine_triton import _refine_kernel
+    from locdiff.ops.triton.sh_triton import _blocks, _dot_gradient_kernel
+
+    block_p, block_m = _blocks(64)
+    consts = {"BLOCK_P": block_p, "BLOCK_M": block_m}
+    _build(_dot_gradient_kernel, {"xyz_ptr": "*fp64", "coeffs_ptr": "*fp64", "row_ptr": "*i64", "f_ptr": "*fp64",
+                                  "gxyz_ptr": "*fp64", "n": "i32", "L": "i32"}, consts, 4)
+    info = _build(_refine_kernel, {"coeffs_ptr": "*fp64", "row_ptr": "*i64", "xyz_ptr": "*fp64",
+                                   "fscale_ptr": "*fp64", "out_xyz_ptr": "*fp64", "out_f_ptr": "*fp64",
+                                   "n": "i32", "L": "i32", "radius": "fp64", "max_iter": "i32"}, consts, 4)
+    assert info["registers"] > 0
 
 
 @pytest.mark.parametrize("nlon", [256, 1024])  # L = 64 and 256 (grids.for_degree)

@@ -265,23 +265,20 @@ def _ring_candidates_torch(flat, degree, grid, ncand):
 def _refine(coeffs64, degree, rows, xyz, max_iter: int = 40, backend=None):
     """Trust-region Newton ascent of f on the sphere from ``xyz`` -> (unit xyz, f): the C++
     kernel on the CPU (``locdiff::shdd_refine``), its torch transcription elsewhere, with f
-    and its gradient from the SH kernels (backend="triton": fused Triton kernels that never
-    form Y at the points, locdiff.ops.triton.sh_dot_and_gradient_triton)."""
+    and its gradient from the SH kernels; backend="triton": the whole loop in one Triton
+    kernel (locdiff.ops.triton.refine_triton)."""
     r = _grids.half_max_radius(degree)
     if coeffs64.device.type == "cpu" and backend != "triton":
         return shdd_refine_op(coeffs64, xyz.contiguous(), rows.contiguous(), degree, r, max_iter)
     from locdiff.ops.shdd_reference import shdd_refine_reference
 
     if backend == "triton":
-        from locdiff.ops.triton import sh_dot_and_gradient_triton
+        from locdiff.ops.triton import refine_triton
 
-        c = coeffs64.contiguous()
+        return refine_triton(coeffs64, degree, rows, xyz, r, max_iter)
 
-        def eval_fn(x, rw):
-            return sh_dot_and_gradient_triton(c, x.contiguous(), rw.contiguous(), degree)
-    else:
-        def eval_fn(x, rw):
-            return _evaluate(coeffs64, degree, x, rw)
+    def eval_fn(x, rw):
+        return _evaluate(coeffs64, degree, x, rw)
     return shdd_refine_reference(coeffs64, degree, rows, xyz, r, max_iter, eval_fn=eval_fn)
 
 
@@ -344,8 +341,8 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
     ``refine=False`` returns the best grid point. ``backend="triton"`` runs the grid stage on
     ring grids as one fused Triton kernel (CUDA tensors; CPU ones under TRITON_INTERPRET=1)
     instead of the grid values in chunks and torch ops (see locdiff.ops.triton.shdd_triton),
-    and refines with f and its gradient from fused Triton kernels that never form Y at the
-    points (locdiff.ops.triton.sh_dot_and_gradient_triton).
+    and runs each refinement round as one Triton kernel that iterates every point to
+    convergence, never forming Y (locdiff.ops.triton.refine_triton).
 
     >>> c = encode(np.array([[-90.0, 0.0], [10.0, 180.0]]), 32)
     >>> decode(c).round(6).tolist()  # (the longitude of a pole is arbitrary)

@@ -9,6 +9,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
         "or use backend=None / 'native' for the compiled kernels"
     ) from exc
 
+from locdiff.ops.triton.refine_triton import refine_triton
 from locdiff.ops.triton.sh_triton import (
     sh_dot_and_gradient_triton,
     spherical_harmonics_triton,
@@ -16,5 +17,5 @@ from locdiff.ops.triton.sh_triton import (
     spherical_harmonics_triton_op,
 )
 
-__all__ = ["sh_dot_and_gradient_triton", "spherical_harmonics_triton", "spherical_harmonics_triton_op",
+__all__ = ["refine_triton", "sh_dot_and_gradient_triton", "spherical_harmonics_triton", "spherical_harmonics_triton_op",
            "spherical_harmonics_triton_backward_op"]

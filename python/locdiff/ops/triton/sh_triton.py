@@ -193,28 +193,9 @@ def _step(x, y, k, ec, l, mf, act, uz, re2, sigma, t):
 
 
 @triton.jit
-def _row_base(row_ptr, ps64, pmask, K, USE_ROW: tl.constexpr):
-    # Offset of each point's row of K values: row row_ptr[p] (a coefficient row per point)
-    # or row p.
-    if USE_ROW:
-        return tl.load(row_ptr + ps64, mask=pmask, other=0).to(tl.int64)[:, None] * K
-    return ps64[:, None] * K
-
-
-@triton.jit
-def _sh_fwd_kernel(xyz_ptr, out_ptr, coeffs_ptr, row_ptr, n, L, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
-                   DOT: tl.constexpr):
-    # DOT: instead of storing Y, f = c_row . Y at each point (row_ptr[p] of coeffs_ptr), each
-    # value multiplied by its coefficient as it is formed, Y never stored; out_ptr gets one
-    # partial sum per point and pass of orders, (n, passes), which the caller adds.
-    pid = tl.program_id(0)
+def _sh_fwd_kernel(xyz_ptr, out_ptr, n, L, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
     first = tl.program_id(1) * BLOCK_M
-    ps = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = ps < n
-    ps64 = tl.where(pmask, ps, 0).to(tl.int64)
-    px = tl.load(xyz_ptr + 3 * ps64 + 0, mask=pmask, other=1.0).to(tl.float64)
-    py = tl.load(xyz_ptr + 3 * ps64 + 1, mask=pmask, other=0.0).to(tl.float64)
-    pz = tl.load(xyz_ptr + 3 * ps64 + 2, mask=pmask, other=0.0).to(tl.float64)
+    ps64, pmask, px, py, pz = _load_points(xyz_ptr, n, BLOCK_P)
     ms = tl.arange(0, BLOCK_M)
     x, y, k, ec, cm, sm, ux, uy, uz, s, inv_norm, re2, sigma, t = _pass_setup(
         px, py, pz, L, first, ms, BLOCK_P, BLOCK_M, 0)
@@ -224,8 +205,7 @@ def _sh_fwd_kernel(xyz_ptr, out_ptr, coeffs_ptr, row_ptr, n, L, BLOCK_P: tl.cons
     m = first + ms
     mf = m.to(tl.float64)[None, :] + tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     K = (tl.zeros([], tl.int64) + L + 1) * (L + 1)
-    base = _row_base(row_ptr, ps64, pmask, K, DOT)
-    acc = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
+    base = ps64[:, None] * K
     for l in range(first, L + 1):
         act = (m[None, :] < l) & pmask[:, None]
         x, y, k, ec = _step(x, y, k, ec, l, mf, act, uz, re2, sigma, t)
@@ -233,35 +213,19 @@ def _sh_fwd_kernel(xyz_ptr, out_ptr, coeffs_ptr, row_ptr, n, L, BLOCK_P: tl.cons
         live = (m[None, :] <= l) & pmask[:, None]
         centre = base + (tl.zeros([], tl.int64) + l) * l + l
         vp = tl.where(m[None, :] == 0, v, v * cs)
-        if DOT:
-            cp = tl.load(coeffs_ptr + centre + m[None, :], mask=live, other=0.0).to(tl.float64)
-            cn = tl.load(coeffs_ptr + centre - m[None, :], mask=live & (m[None, :] >= 1),
-                         other=0.0).to(tl.float64)
-            acc += vp * cp + (v * sn) * cn
-        else:
-            tl.store(out_ptr + centre + m[None, :], vp.to(out_ptr.dtype.element_ty), mask=live)
-            tl.store(out_ptr + centre - m[None, :], (v * sn).to(out_ptr.dtype.element_ty),
-                     mask=live & (m[None, :] >= 1))
-    if DOT:
-        passes = tl.num_programs(1)
-        tl.store(out_ptr + ps64 * passes + tl.program_id(1), tl.sum(acc, axis=1), mask=pmask)
+        tl.store(out_ptr + centre + m[None, :], vp.to(out_ptr.dtype.element_ty), mask=live)
+        tl.store(out_ptr + centre - m[None, :], (v * sn).to(out_ptr.dtype.element_ty),
+                 mask=live & (m[None, :] >= 1))
 
 
 @triton.jit
-def _sh_bwd_kernel(xyz_ptr, grad_ptr, row_ptr, gxyz_ptr, n, L, BLOCK_P: tl.constexpr,
-                   BLOCK_M: tl.constexpr, USE_ROW: tl.constexpr):
-    # USE_ROW: point p's incoming gradient is row row_ptr[p] of grad_ptr (the gradient of
-    # f = c_row . Y at the point, for the decode's refinement), else row p.
-    pid = tl.program_id(0)
-    ps = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = ps < n
-    ps64 = tl.where(pmask, ps, 0).to(tl.int64)
-    px = tl.load(xyz_ptr + 3 * ps64 + 0, mask=pmask, other=1.0).to(tl.float64)
-    py = tl.load(xyz_ptr + 3 * ps64 + 1, mask=pmask, other=0.0).to(tl.float64)
-    pz = tl.load(xyz_ptr + 3 * ps64 + 2, mask=pmask, other=0.0).to(tl.float64)
+def _gradient_walk(px, py, pz, g_ptr, base, pmask, L, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                   WITH_F: tl.constexpr):
+    """sum_k g_k dY_k/dp at the points p = (px, py, pz) (any length), w.r.t. p as given
+    ((I - u u^T) grad / |p|), g the row at offset `base` (BLOCK_P, 1) of g_ptr; WITH_F: also
+    f = g . Y, from the same column values. Returns (f or 0, gx, gy, gz)."""
     ms = tl.arange(0, BLOCK_M)
-    K = (tl.zeros([], tl.int64) + L + 1) * (L + 1)
-    base = _row_base(row_ptr, ps64, pmask, K, USE_ROW)
+    af = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     ax = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     ay = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
     az = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
@@ -276,32 +240,88 @@ def _sh_bwd_kernel(xyz_ptr, grad_ptr, row_ptr, gxyz_ptr, n, L, BLOCK_P: tl.const
         mf = m.to(tl.float64)[None, :] + tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
         wx = _sqrt2() * mf * c
         wy = _sqrt2() * mf * sn
+        cs = wx
+        ss = wy
+        if WITH_F:
+            # cos, sin of m phi: one rotation by phi (1, 0 on the axis, where only m = 0 is
+            # non-zero), times sqrt2 s as in the forward.
+            pos = s > 0
+            c1 = tl.where(pos, ux / tl.where(pos, s, 1.0), 1.0)[:, None]
+            s1 = tl.where(pos, uy / tl.where(pos, s, 1.0), 0.0)[:, None]
+            scale = (_sqrt2() * s)[:, None]
+            cs = (c * c1 - sn * s1) * scale
+            ss = (sn * c1 + c * s1) * scale
         for l in range(first, L + 1):
             act = (m[None, :] < l) & pmask[:, None]
             x, y, k, ec = _step(x, y, k, ec, l, mf, act, uz, re2, sigma, t)
-            # Column m >= 1: its x/y terms, and the z term of order m-1 (needs R_lm).
-            live = (m[None, :] <= l) & (m[None, :] >= 1) & pmask[:, None]
+            # Column m >= 1: its x/y terms, and the z term of order m-1 (needs R_lm); m = 0
+            # enters f only.
+            live = (m[None, :] <= l) & pmask[:, None]
+            pos_m = live & (m[None, :] >= 1)
             v = tl.where(live & (ec == 0), x, 0.0)
             centre = base + (tl.zeros([], tl.int64) + l) * l + l
-            gp = tl.load(grad_ptr + centre + m[None, :], mask=live, other=0.0).to(tl.float64)
-            gm = tl.load(grad_ptr + centre - m[None, :], mask=live, other=0.0).to(tl.float64)
-            gp1 = tl.load(grad_ptr + centre + m[None, :] - 1, mask=live, other=0.0).to(tl.float64)
-            gm1 = tl.load(grad_ptr + centre - m[None, :] + 1, mask=live & (m[None, :] >= 2),
+            gp_mask = pos_m
+            if WITH_F:
+                gp_mask = live
+            gp = tl.load(g_ptr + centre + m[None, :], mask=gp_mask, other=0.0).to(tl.float64)
+            gm = tl.load(g_ptr + centre - m[None, :], mask=pos_m, other=0.0).to(tl.float64)
+            gp1 = tl.load(g_ptr + centre + m[None, :] - 1, mask=pos_m, other=0.0).to(tl.float64)
+            gm1 = tl.load(g_ptr + centre - m[None, :] + 1, mask=pos_m & (m[None, :] >= 2),
                           other=0.0).to(tl.float64)
+            if WITH_F:
+                af += tl.where(m[None, :] == 0, v * gp, v * (cs * gp + ss * gm))
             ax += v * (gp * wx + gm * wy)
             ay += v * (gm * wx - gp * wy)
             lf = tl.zeros([], tl.float64) + l
             dzq = tl.where(m[None, :] == 1, lf * (lf + 1.0), 2.0 * (lf - mf + 1.0) * (lf + mf))
-            dzf = tl.sqrt(tl.where(live, dzq, 0.0))
+            dzf = tl.sqrt(tl.where(pos_m, dzq, 0.0))
             az += dzf * v * (gp1 * c + gm1 * sn)
     gx = tl.sum(ax, axis=1)
     gy = tl.sum(ay, axis=1)
     gz = tl.sum(az, axis=1)
     radial = gx * ux + gy * uy + gz * uz
-    dt = gxyz_ptr.dtype.element_ty
-    tl.store(gxyz_ptr + 3 * ps64 + 0, ((gx - radial * ux) * inv_norm).to(dt), mask=pmask)
-    tl.store(gxyz_ptr + 3 * ps64 + 1, ((gy - radial * uy) * inv_norm).to(dt), mask=pmask)
-    tl.store(gxyz_ptr + 3 * ps64 + 2, ((gz - radial * uz) * inv_norm).to(dt), mask=pmask)
+    return (tl.sum(af, axis=1), (gx - radial * ux) * inv_norm, (gy - radial * uy) * inv_norm,
+            (gz - radial * uz) * inv_norm)
+
+
+@triton.jit
+def _load_points(xyz_ptr, n, BLOCK_P: tl.constexpr):
+    # This program's BLOCK_P points as float64 (masked lanes: (1, 0, 0)).
+    ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = ps < n
+    ps64 = tl.where(pmask, ps, 0).to(tl.int64)
+    px = tl.load(xyz_ptr + 3 * ps64 + 0, mask=pmask, other=1.0).to(tl.float64)
+    py = tl.load(xyz_ptr + 3 * ps64 + 1, mask=pmask, other=0.0).to(tl.float64)
+    pz = tl.load(xyz_ptr + 3 * ps64 + 2, mask=pmask, other=0.0).to(tl.float64)
+    return ps64, pmask, px, py, pz
+
+
+@triton.jit
+def _store_points(ptr, ps64, pmask, gx, gy, gz):
+    dt = ptr.dtype.element_ty
+    tl.store(ptr + 3 * ps64 + 0, gx.to(dt), mask=pmask)
+    tl.store(ptr + 3 * ps64 + 1, gy.to(dt), mask=pmask)
+    tl.store(ptr + 3 * ps64 + 2, gz.to(dt), mask=pmask)
+
+
+@triton.jit
+def _sh_bwd_kernel(xyz_ptr, grad_ptr, gxyz_ptr, n, L, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    ps64, pmask, px, py, pz = _load_points(xyz_ptr, n, BLOCK_P)
+    K = (tl.zeros([], tl.int64) + L + 1) * (L + 1)
+    _, gx, gy, gz = _gradient_walk(px, py, pz, grad_ptr, ps64[:, None] * K, pmask, L, BLOCK_P, BLOCK_M, False)
+    _store_points(gxyz_ptr, ps64, pmask, gx, gy, gz)
+
+
+@triton.jit
+def _dot_gradient_kernel(xyz_ptr, coeffs_ptr, row_ptr, f_ptr, gxyz_ptr, n, L, BLOCK_P: tl.constexpr,
+                         BLOCK_M: tl.constexpr):
+    # f = c . Y and its gradient at point p, c = row row_ptr[p] of coeffs_ptr.
+    ps64, pmask, px, py, pz = _load_points(xyz_ptr, n, BLOCK_P)
+    K = (tl.zeros([], tl.int64) + L + 1) * (L + 1)
+    base = tl.load(row_ptr + ps64, mask=pmask, other=0).to(tl.int64)[:, None] * K
+    f, gx, gy, gz = _gradient_walk(px, py, pz, coeffs_ptr, base, pmask, L, BLOCK_P, BLOCK_M, True)
+    tl.store(f_ptr + ps64, f.to(f_ptr.dtype.element_ty), mask=pmask)
+    _store_points(gxyz_ptr, ps64, pmask, gx, gy, gz)
 
 
 # Most orders per tile (more columns per program only add registers); tests lower it to
@@ -334,8 +354,7 @@ def spherical_harmonics_triton_op(xyz: torch.Tensor, degree: int) -> torch.Tenso
     if n:
         block_p, block_m = _blocks(degree)
         grid = (triton.cdiv(n, block_p), triton.cdiv(degree + 1, block_m))
-        wrap_triton(_sh_fwd_kernel)[grid](xyz, out, xyz, xyz, n, degree, BLOCK_P=block_p, BLOCK_M=block_m,
-                                          DOT=False)
+        wrap_triton(_sh_fwd_kernel)[grid](xyz, out, n, degree, BLOCK_P=block_p, BLOCK_M=block_m)
     return out
 
 
@@ -347,8 +366,8 @@ def spherical_harmonics_triton_backward_op(xyz: torch.Tensor, grad_out: torch.Te
     if n:
         block_p, block_m = _blocks(degree)
         grid = (triton.cdiv(n, block_p),)
-        wrap_triton(_sh_bwd_kernel)[grid](xyz, grad_out, xyz, grad_xyz, n, degree, BLOCK_P=block_p,
-                                          BLOCK_M=block_m, USE_ROW=False)
+        wrap_triton(_sh_bwd_kernel)[grid](xyz, grad_out, grad_xyz, n, degree, BLOCK_P=block_p,
+                                          BLOCK_M=block_m)
     return grad_xyz
 
 
@@ -369,17 +388,15 @@ def sh_dot_and_gradient_triton(coeffs: torch.Tensor, xyz: torch.Tensor, row: tor
                                degree: int) -> tuple[torch.Tensor, torch.Tensor]:
     """f = coeffs[row] . Y(xyz) and its gradient w.r.t. xyz, per point, without forming Y or
     coeffs[row]: coeffs (B, (degree+1)^2), xyz (N, 3) and row (N,) int64, contiguous, one
-    device -> (f (N,), grad (N, 3)) in xyz's dtype. The decode's refinement on CUDA."""
+    device -> (f (N,), grad (N, 3)) in xyz's dtype, in one kernel (the walk that
+    refine_triton runs at each Newton iteration)."""
     _check(xyz, degree)
     n = xyz.shape[0]
     grad = torch.empty_like(xyz)
     if not n:
         return xyz.new_empty((0,)), grad
+    f = xyz.new_empty((n,))
     block_p, block_m = _blocks(degree)
-    passes = triton.cdiv(degree + 1, block_m)
-    part = torch.empty((n, passes), dtype=torch.float64, device=xyz.device)
-    _sh_fwd_kernel[(triton.cdiv(n, block_p), passes)](xyz, part, coeffs, row, n, degree, BLOCK_P=block_p,
-                                                      BLOCK_M=block_m, DOT=True)
-    _sh_bwd_kernel[(triton.cdiv(n, block_p),)](xyz, coeffs, row, grad, n, degree, BLOCK_P=block_p,
-                                               BLOCK_M=block_m, USE_ROW=True)
-    return part.sum(-1).to(xyz.dtype), grad
+    _dot_gradient_kernel[(triton.cdiv(n, block_p),)](xyz, coeffs, row, f, grad, n, degree, BLOCK_P=block_p,
+                                                     BLOCK_M=block_m)
+    return f, grad
