@@ -120,3 +120,21 @@ def test_the_environment_sets_the_limit(value, expect):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "LOCDIFF_OUTPUT_CACHE_MB": value})
     assert expect in (run.stdout if run.returncode == 0 else run.stderr)
+
+
+def _child_harmonics(xyz):
+    # One thread, as torch's DataLoader workers run: GNU OpenMP cannot start a team in a
+    # child forked after the parent used one (torch's own ops hang there too).
+    torch.set_num_threads(1)
+    return locdiff.spherical_harmonics(xyz, DEGREE).numpy().copy()
+
+
+def test_a_forked_child_uses_its_own_pool(pool, rng):
+    import multiprocessing
+
+    xyz = torch.tensor(rng.normal(size=(ROWS, 3)))
+    expected = unpooled(xyz, DEGREE).numpy()
+    held = locdiff.spherical_harmonics(xyz, DEGREE)  # a block in use in the parent
+    del held  # ... and one cached: the child inherits both states
+    with multiprocessing.get_context("fork").Pool(1) as workers:
+        assert np.array_equal(workers.apply(_child_harmonics, (xyz,)), expected)

@@ -7,6 +7,7 @@
 #include <new>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 #include <cstdlib>
@@ -28,8 +29,22 @@ struct Cache {
   size_t limit = size_t(1) << 30;
 };
 
+Cache* the_cache = nullptr;
+
+#if defined(__linux__)
+// A child forked while another thread held the lock (a data loader forking its workers)
+// would find it locked forever; the child has one thread, so it gets a fresh lock.
+void reset_lock_in_child() { new (&the_cache->mutex) std::mutex(); }
+#endif
+
 Cache& cache() {
-  static Cache* c = new Cache;  // never destroyed: blocks may return during interpreter exit
+  static Cache* c = [] {
+    the_cache = new Cache;  // never destroyed: blocks may return during interpreter exit
+#if defined(__linux__)
+    pthread_atfork(nullptr, nullptr, reset_lock_in_child);
+#endif
+    return the_cache;
+  }();
   return *c;
 }
 
