@@ -4,8 +4,9 @@
 
 impls (each checked for accuracy once, on the same encoded points, before timing):
   locdiff        shdd.decode: fused ring-grid synthesis + local maxima (C++), Newton refinement
-  locdiff-triton shdd.decode(backend="triton"): the grid stage as one fused Triton kernel
-                 (CUDA only), the same refinement
+  locdiff-triton shdd.decode(backend="triton"): the grid stage as one fused Triton kernel,
+                 the refinement as another (CUDA only; benchmarks/gpu/refine_ab.py times the
+                 refinement routes alone)
   locdiff-dense  shdd.decode on a Fibonacci grid of the same spacing: dense product against a
                  cached Y table (torch matmul), then the same refinement (the alternative route)
   naive          precomputed Y on a 100,000-point Fibonacci grid, matmul, argmax (issue 4)

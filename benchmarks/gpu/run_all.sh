@@ -8,7 +8,7 @@
 # STAGES=decode (a second call, right after the first: the build stays while the machine is
 # warm) times the SHDD decode on CUDA against the naive path and torch-harmonics on the same
 # GPU, and the SHDD-KL against the dense path and torch-harmonics (decode_cuda.json, about 3
-# minutes).
+# minutes), then the refinement's two CUDA routes alone (refine_ab.txt).
 # Needs a Python with torch (CUDA build), triton, pytest, pytest-benchmark, scikit-build-core
 # and pybind11; sphericart / e3nn / cuequivariance are measured where installed.
 set -uo pipefail
@@ -75,6 +75,8 @@ timeout 300 "$PY" -m pytest benchmarks/test_decode_bench.py benchmarks/test_kl_b
   | tee "$OUT/decode_bench.txt" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "DECODE BENCHMARKS FAILED"; status=1; }
 "$PY" benchmarks/report.py "$OUT/decode_cuda.json" 2>&1 | tee "$OUT/decode_summary.txt"
+step "refinement on CUDA: torch loop vs one Triton kernel"
+timeout 120 "$PY" benchmarks/gpu/refine_ab.py 2>&1 | tee "$OUT/refine_ab.txt"
 fi
 
 if has bench; then
