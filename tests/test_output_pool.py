@@ -138,3 +138,11 @@ def test_a_forked_child_uses_its_own_pool(pool, rng):
     del held  # ... and one cached: the child inherits both states
     with multiprocessing.get_context("fork").Pool(1) as workers:
         assert np.array_equal(workers.apply(_child_harmonics, (xyz,)), expected)
+
+
+def test_the_default_limit_is_1_gib_or_a_sixteenth_of_memory():
+    env = {k: v for k, v in os.environ.items() if k != "LOCDIFF_OUTPUT_CACHE_MB"}
+    run = subprocess.run([sys.executable, "-c", "import locdiff; print(locdiff.set_output_cache(0))"],
+                         capture_output=True, text=True, env=env, check=True)
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert int(run.stdout) == min(1 << 30, physical // 16)

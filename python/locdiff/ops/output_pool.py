@@ -31,9 +31,10 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def set_output_cache(max_bytes: int) -> int:
-    """Sets how many bytes of dropped CPU outputs locdiff keeps for reuse (default 1 GiB, or
-    the environment's LOCDIFF_OUTPUT_CACHE_MB); 0 turns the cache off and frees what it holds.
-    Returns the previous limit."""
+    """Sets how many bytes of dropped CPU outputs locdiff keeps for reuse (default 1 GiB, or a
+    sixteenth of the machine's memory where less, or the environment's
+    LOCDIFF_OUTPUT_CACHE_MB); 0 turns the cache off and frees what it holds. Returns the
+    previous limit."""
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
         raise ValueError(f"set_output_cache: max_bytes must be an integer >= 0, got {max_bytes!r}")
     previous = _C.output_pool_limit()
@@ -46,9 +47,19 @@ def output_cache_bytes() -> int:
     return _C.output_pool_cached()
 
 
+def _default_limit() -> int:
+    # 1 GiB, or a sixteenth of the machine's memory where that is less.
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        physical = 1 << 34
+    return min(1 << 30, physical // 16)
+
+
 def _limit_from_env() -> None:
     value = os.environ.get(_ENV)
     if value is None:
+        _C.output_pool_set_limit(_default_limit())
         return
     try:
         mb = float(value)
