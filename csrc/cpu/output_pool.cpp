@@ -2,6 +2,7 @@
 #include "locdiff/output_pool.h"
 
 #include <cstdint>
+#include <cstdlib>
 #include <deque>
 #include <mutex>
 #include <new>
@@ -10,7 +11,6 @@
 #include <pthread.h>
 #include <sys/mman.h>
 #endif
-#include <cstdlib>
 
 namespace locdiff::output_pool {
 namespace {
@@ -29,21 +29,21 @@ struct Cache {
   size_t limit = size_t(1) << 30;
 };
 
-Cache* the_cache = nullptr;
+Cache& cache();
 
 #if defined(__linux__)
 // A child forked while another thread held the lock (a data loader forking its workers)
 // would find it locked forever; the child has one thread, so it gets a fresh lock.
-void reset_lock_in_child() { new (&the_cache->mutex) std::mutex(); }
+void reset_lock_in_child() { new (&cache().mutex) std::mutex(); }
 #endif
 
 Cache& cache() {
   static Cache* c = [] {
-    the_cache = new Cache;  // never destroyed: blocks may return during interpreter exit
 #if defined(__linux__)
+    // (A fork in the instant between this and the assignment of c is not covered.)
     pthread_atfork(nullptr, nullptr, reset_lock_in_child);
 #endif
-    return the_cache;
+    return new Cache;  // never destroyed: blocks may return during interpreter exit
   }();
   return *c;
 }

@@ -20,7 +20,8 @@ void* acquire(size_t bytes, size_t* capacity);
 // Returns a block from acquire() to the cache (unmapped when the cache would exceed its
 // limit: the oldest blocks leave first).
 void release(void* data, size_t capacity);
-// The cache's byte limit (default 1 GiB); lowering it unmaps blocks until it holds.
+// The cache's byte limit (1 GiB until the Python layer sets its default, locdiff.ops.
+// output_pool); lowering it unmaps blocks until it holds.
 void set_limit(size_t bytes);
 size_t limit();
 // Bytes cached now (blocks not in use).

@@ -8,11 +8,13 @@ few microseconds per call would show).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from locdiff import _C
+from locdiff.ops.validation import physical_memory_bytes
 
 POOL_MIN_BYTES = 4 << 20
 _ENV = "LOCDIFF_OUTPUT_CACHE_MB"
@@ -20,9 +22,7 @@ _ENV = "LOCDIFF_OUTPUT_CACHE_MB"
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor; from the pool when it is large."""
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     nbytes = numel * dtype.itemsize
     if nbytes < POOL_MIN_BYTES or _C.output_pool_limit() == 0:
         return torch.empty(shape, dtype=dtype)
@@ -49,11 +49,7 @@ def output_cache_bytes() -> int:
 
 def _default_limit() -> int:
     # 1 GiB, or a sixteenth of the machine's memory where that is less.
-    try:
-        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        physical = 1 << 34
-    return min(1 << 30, physical // 16)
+    return min(1 << 30, (physical_memory_bytes() or 1 << 34) // 16)
 
 
 def _limit_from_env() -> None:

@@ -84,6 +84,12 @@ def _tangent_basis(u):
     return e1, torch.linalg.cross(u, e1)
 
 
+def refine_f_scale(coeffs, degree):
+    """A bound on |f| over the sphere per coefficient row (|Y_lm| <= sqrt((2l+1)/4pi) <= (L+1)
+    / (2 sqrt(pi))), the scale of the refinement's acceptance test (as the C++ f_scale)."""
+    return coeffs.abs().sum(-1) * (0.5 / torch.pi ** 0.5) * (degree + 1)
+
+
 def shdd_refine_reference(coeffs, degree, row, xyz, radius, max_iter=40, eval_fn=None):
     """Trust-region Newton ascent of f from each start (the algorithm of ``shdd_refine_cpu``,
     vectorised over points) -> (unit xyz (N, 3), f (N,)). ``eval_fn(xyz, row)`` gives f and
@@ -94,7 +100,7 @@ def shdd_refine_reference(coeffs, degree, row, xyz, radius, max_iter=40, eval_fn
     h = 1e-5 * r
     u = xyz / xyz.norm(dim=-1, keepdim=True)
     f, g = eval_fn(u, row)
-    fscale = coeffs.abs().sum(-1)[row] * (0.5 / torch.pi ** 0.5) * (degree + 1)
+    fscale = refine_f_scale(coeffs, degree)[row]
     trust = torch.full_like(f, r)
     prev = torch.zeros_like(f)  # last accepted concave step (0: none)
     done = torch.zeros_like(f, dtype=torch.bool)

@@ -67,6 +67,14 @@ def raise_bad_row(x: torch.Tensor, index: int, name: str) -> None:
     raise ValueError(f"{name} row {index} is {what}: {row.tolist()}; expected finite, non-zero vectors")
 
 
+def physical_memory_bytes() -> int | None:
+    """The machine's memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, name: str) -> None:
     """Raise MemoryError before allocating an output that cannot fit."""
     numel = 1
@@ -77,10 +85,7 @@ def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, nam
         free, _ = torch.cuda.mem_get_info(device)
         limit = free
     else:
-        try:
-            limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            limit = 1 << 62
+        limit = physical_memory_bytes() or 1 << 62
     if nbytes > limit:
         raise MemoryError(
             f"{name} of shape {tuple(shape)} ({dtype}) needs {nbytes / 2**30:.1f} GiB, more than the "

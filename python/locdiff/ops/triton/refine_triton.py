@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from locdiff.ops.shdd_reference import refine_f_scale
 from locdiff.ops.triton.sh_triton import _blocks, _gradient_walk, _load_points, _store_points
 
 
@@ -138,7 +139,7 @@ def refine_triton(coeffs: torch.Tensor, degree: int, row: torch.Tensor, xyz: tor
     out_xyz = torch.empty_like(xyz)
     out_f = xyz.new_empty((n,))
     if n:
-        fscale = (coeffs.abs().sum(-1) * (0.5 / torch.pi ** 0.5) * (degree + 1))[row].contiguous()
+        fscale = refine_f_scale(coeffs, degree)[row].contiguous()
         block_p, block_m = _blocks(degree)
         _refine_kernel[(triton.cdiv(n, block_p),)](coeffs, row, xyz, fscale, out_xyz, out_f, n, degree,
                                                    float(radius), int(max_iter), BLOCK_P=block_p,
