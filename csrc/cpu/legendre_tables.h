@@ -24,6 +24,9 @@
 // Hot helpers called from a LOCDIFF_CLONES function must be inlined into it: an
 // out-of-line copy is compiled once, for the portable target, whatever the caller's clone.
 #define LOCDIFF_INLINE __attribute__((always_inline)) inline
+// A lambda's body is a function of its own: compiled for the portable target unless it is
+// inlined into the caller's clone.
+#define LOCDIFF_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace locdiff {
 namespace cpu {

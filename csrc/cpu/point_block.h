@@ -7,11 +7,28 @@
 #include <cstdint>
 
 #include "legendre_tables.h"  // cpu::unit_point
+#include "vector_exp.h"      // Double4
 
 namespace locdiff {
 namespace cpu {
 
 constexpr int kPointLanes = 8;
+
+// row[0, kPointLanes) = v by full-width vector stores. A plain loop, unrolled at a fixed
+// degree, compiled to scalar (or half-width) stores, and the full-width load that reads the
+// row next cannot be forwarded from those: a stall that doubled a block's time at L = 1.
+LOCDIFF_INLINE void fill_lanes(double* row, double v) {
+  static_assert(kPointLanes == 8, "two Double4 per row");
+  store4(row, splat4(v));
+  store4(row + 4, splat4(v));
+}
+
+// dst[0, kPointLanes) = src[0, kPointLanes) by full-width vector moves; a plain loop became
+// half-width moves there too, with the same stall when dst is next read a vector at a time.
+LOCDIFF_INLINE void copy_lanes(double* dst, const double* src) {
+  store4(dst, load4(src));
+  store4(dst + 4, load4(src + 4));
+}
 
 // Normalised coordinates and (x + i y)^m, m <= kMaxDegree, for a block of kPointLanes points
 // (padding lanes get the pole).
@@ -29,10 +46,8 @@ struct PointBlock {
   __attribute__((always_inline)) int load(const T* xyz, int count_, int L) {
     count = count_;
     const int bad = count == kLanes && load_ordinary(xyz) ? -1 : load_careful(xyz);
-    for (int p = 0; p < kLanes; ++p) {
-      re[p] = 1.0;
-      im[p] = 0.0;
-    }
+    fill_lanes(re, 1.0);
+    fill_lanes(im, 0.0);
     for (int m = 1; m <= L; ++m) {
       const double* pr = &re[(m - 1) * kLanes];
       const double* pi = &im[(m - 1) * kLanes];
@@ -45,12 +60,13 @@ struct PointBlock {
     return bad;
   }
 
-  // The common case, branch-free across lanes: a full block whose largest components lie
-  // in [2^-500, 2^500], where x^2 + y^2 + z^2 can neither overflow nor lose the direction.
-  // Returns false (having written nothing) otherwise.
+  // The common case, branch-free across lanes: a full block whose squared norms lie in
+  // [2^-1000, 2^1000], where r^2 = x^2 + y^2 + z^2 neither overflows nor underflows (a
+  // component's square that does is below r^2's last bit), so 1 / sqrt(r^2) normalises to
+  // the last bit. NaN and inf fail the tests. Returns false (having written nothing) otherwise.
   template <typename T>
   __attribute__((always_inline)) bool load_ordinary(const T* xyz) {
-    double px[kLanes], py[kLanes], pz[kLanes];
+    double px[kLanes], py[kLanes], pz[kLanes], r2[kLanes];
     for (int p = 0; p < kLanes; ++p) {
       px[p] = double(xyz[3 * p]);
       py[p] = double(xyz[3 * p + 1]);
@@ -59,15 +75,13 @@ struct PointBlock {
     int ordinary = 1;
 #pragma omp simd reduction(& : ordinary)
     for (int p = 0; p < kLanes; ++p) {
-      const double ax = std::fabs(px[p]), ay = std::fabs(py[p]), az = std::fabs(pz[p]);
-      const double big = ax > ay ? (ax > az ? ax : az) : (ay > az ? ay : az);
-      // NaN fails the <= tests, so every lane here is finite.
-      ordinary &= int(ax <= 0x1p500) & int(ay <= 0x1p500) & int(az <= 0x1p500) & int(big >= 0x1p-500);
+      r2[p] = px[p] * px[p] + py[p] * py[p] + pz[p] * pz[p];
+      ordinary &= int(r2[p] >= 0x1p-1000) & int(r2[p] <= 0x1p1000);
     }
     if (!ordinary) return false;
 #pragma omp simd
     for (int p = 0; p < kLanes; ++p) {
-      const double inv = 1.0 / std::sqrt(px[p] * px[p] + py[p] * py[p] + pz[p] * pz[p]);
+      const double inv = 1.0 / std::sqrt(r2[p]);
       x[p] = px[p] * inv;
       y[p] = py[p] * inv;
       z[p] = pz[p] * inv;

@@ -45,9 +45,6 @@ using cpu::Double4;
 using cpu::load4;
 using cpu::Vec4;
 constexpr double kInvSqrt2 = 0.70710678118654752440;
-// A lambda's body is a function of its own: compiled for the portable target unless it is
-// inlined into the caller's clone.
-#define LOCDIFF_LAMBDA_INLINE __attribute__((always_inline))
 
 // Per-thread state: the block, and column values at degrees l-1 and l-2 (q[m * kLanes + p]).
 struct LaneScratch {
@@ -102,7 +99,7 @@ LOCDIFF_INLINE void for_each_degree(int L, const cpu::Tables& tb, const double* 
 #pragma omp simd
       for (int p = 0; p < kLanes; ++p) x2[p] = am * bk.z[p] * x1[p] - bm * x2[p];
     }
-    for (int p = 0; p < kLanes; ++p) q2[l * kLanes + p] = seed[l];
+    cpu::fill_lanes(q2 + l * kLanes, seed[l]);
     std::swap(q1, q2);
     visit(l, q1);
   }

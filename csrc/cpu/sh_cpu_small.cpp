@@ -28,6 +28,7 @@
 #include "lane_transpose.h"
 #include "legendre_tables.h"  // LOCDIFF_CLONES
 #include "point_block.h"
+#include "sh_register_group.h"
 #include "sh_cpu_small.h"
 
 
@@ -69,7 +70,7 @@ const SmallTables& small_tables() {
 LOCDIFF_INLINE void qbar_column(const Block& bk, int m, int L, double* q) {
   const SmallTables& tb = small_tables();
   const double seed = tb.seed[m];
-  for (int p = 0; p < kLanes; ++p) q[m * kLanes + p] = seed;
+  cpu::fill_lanes(q + m * kLanes, seed);
   if (m + 1 <= L) {
     const double a = tb.a[m + 1][m];
 #pragma omp simd
@@ -159,7 +160,7 @@ LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
   for (int m = 0; m <= L; ++m) {
     const double* re = &bk.re[m * kLanes];
     const double* im = &bk.im[m * kLanes];
-    for (int p = 0; p < kLanes; ++p) q[m][p] = tb.seed[m];
+    cpu::fill_lanes(q[m], tb.seed[m]);
     if (m + 1 <= L) {
 #pragma omp simd
       for (int p = 0; p < kLanes; ++p) q[m + 1][p] = tb.a[m + 1][m] * bk.z[p] * q[m][p];
@@ -172,8 +173,12 @@ LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
     for (int l = m; l <= L; ++l) {
       const int k = l * l + l;
       if (m == 0) {
+        if constexpr (std::is_same_v<T, double>) {
+          cpu::copy_lanes(cols[k], q[l]);  // see copy_lanes
+        } else {
 #pragma omp simd
-        for (int p = 0; p < kLanes; ++p) cols[k][p] = T(q[l][p]);
+          for (int p = 0; p < kLanes; ++p) cols[k][p] = T(q[l][p]);
+        }
       } else {
 #pragma omp simd
         for (int p = 0; p < kLanes; ++p) {
@@ -205,6 +210,23 @@ constexpr bool may_stream() {
   return LOCDIFF_STREAM_STORES && (std::is_same_v<T, double> ? 4 <= L && L <= 16 : 12 <= L && L <= 20);
 }
 
+// A full block at 1 <= L <= kRegisterDegreeMax by register groups, straight into the output
+// (streamed outputs keep the tile of forward_block_fixed; none is streamed at these degrees
+// now). Falls back to forward_block_fixed for partial blocks and for points that need the
+// careful path, rewriting what the groups wrote.
+template <typename T, int L>
+LOCDIFF_CLONES int forward_block(const T* xyz, int count, Block& bk, T* out, bool stream) {
+  if constexpr (1 <= L && L <= cpu::kRegisterDegreeMax) {
+    constexpr int K = (L + 1) * (L + 1), kGroup = 4;
+    static_assert(kLanes % kGroup == 0, "a block is whole register groups");
+    bool done = count == kLanes && !stream;
+    for (int g = 0; done && g < kLanes; g += kGroup)
+      done = cpu::sh_register_group<T, L>(xyz + 3 * g, small_tables(), out + g * K);
+    if (done) return -1;
+  }
+  return forward_block_fixed<T, L>(xyz, count, bk, out, stream);
+}
+
 template <typename T, int L>
 int64_t forward_fixed(const T* xyz, int64_t n, T* out, int num_threads) {
   constexpr int64_t K = (L + 1) * (L + 1);
@@ -219,7 +241,7 @@ int64_t forward_fixed(const T* xyz, int64_t n, T* out, int num_threads) {
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t first = b * kLanes;
       const int count = int(std::min<int64_t>(kLanes, n - first));
-      const int bad = forward_block_fixed<T, L>(xyz + 3 * first, count, bk, out + K * first, stream);
+      const int bad = forward_block<T, L>(xyz + 3 * first, count, bk, out + K * first, stream);
       if (bad >= 0) first_bad = std::min(first_bad, first + bad);
     }
 #if LOCDIFF_STREAM_STORES
@@ -244,7 +266,7 @@ LOCDIFF_CLONES void backward_block(const T* xyz, const T* grad, int count, int L
   bk.load(xyz, count, L);
   const int64_t K = sh_size(L);
   double gx[kLanes] = {}, gy[kLanes] = {}, gz[kLanes] = {};
-  for (int p = 0; p < kLanes * (L + 2); ++p) q_next[p] = 0.0;
+  for (int l = 0; l < L + 2; ++l) cpu::fill_lanes(q_next + l * kLanes, 0.0);
   for (int m = L; m >= 0; --m) {
     qbar_column(bk, m, L, q);
     for (int l = m; l <= L; ++l) {
@@ -268,7 +290,7 @@ LOCDIFF_CLONES void backward_block(const T* xyz, const T* grad, int count, int L
       }
     }
     std::swap(q, q_next);
-    for (int p = 0; p < kLanes; ++p) q_next[(m - 1 >= 0 ? m - 1 : 0) * kLanes + p] = 0.0;
+    cpu::fill_lanes(q_next + (m - 1 >= 0 ? m - 1 : 0) * kLanes, 0.0);
   }
   for (int p = 0; p < count; ++p) {
     const double radial = gx[p] * bk.x[p] + gy[p] * bk.y[p] + gz[p] * bk.z[p];
