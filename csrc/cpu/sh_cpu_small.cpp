@@ -193,7 +193,7 @@ LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
 }
 
 // When store_point_major streams: outputs of at least kStreamBytes (they cannot stay in the
-// L2 of a couple of cores anyway) at 4 <= L <= 16 in float64 and 12 <= L <= 20 in float32,
+// L2 of a couple of cores anyway) at 4 <= L <= 16 in float64 and 8 <= L <= 20 in float32,
 // on x86 (SSE2) only. Above, the values and the tile (2 x 8 x K values) outgrow L1; below,
 // direct stores are as cheap: a point's row is short (at L = 3 its stores never split a
 // cache line). Measured on the AMD EPYC (Zen 4), two threads, each variant's calls in a row
@@ -202,12 +202,17 @@ LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
 // 1.32-1.35, 1.24-1.28; float32 L = 8: 1.0, L = 12, 16, 20: 0.77-1.48, 1.27-1.42,
 // 1.04-1.49, L = 24: 0.85-0.96 (direct stores take 0.17-0.19 or 0.29-0.33 ns per value from
 // run to run there, streamed ones 0.19-0.24). On the Intel Xeon before: float64 L = 6-16
-// 1.1-1.25, 24-32 0.7 (the tile in L2), float32 0.8-0.97.
+// 1.1-1.25, 24-32 0.7 (the tile in L2), float32 0.8-0.97. On an Intel Xeon VM with 105 MB
+// of L3 (881cd5f, sh_interleaved.py against sphericart, builds alternated, two threads,
+// direct / streamed ns per value): float64 L = 4: 0.77-0.83 / 1.05-1.22 unstreamed (so
+// streaming stays); float32 L = 4, 5, 6: 0.65-0.72 / 0.61-0.67, 0.42-0.57 / 0.64-0.65,
+// 0.60-0.62 / 0.63; L = 8, 10, 11: 0.72-0.83 / 0.55-0.57, 0.72-0.75 / 0.62-0.67, 0.65-0.67
+// / 0.57-0.60, so float32 streams from L = 8 (level there on the EPYC).
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 template <typename T, int L>
 constexpr bool may_stream() {
-  return LOCDIFF_STREAM_STORES && (std::is_same_v<T, double> ? 4 <= L && L <= 16 : 12 <= L && L <= 20);
+  return LOCDIFF_STREAM_STORES && (std::is_same_v<T, double> ? 4 <= L && L <= 16 : 8 <= L && L <= 20);
 }
 
 // A full block at 1 <= L <= kRegisterDegreeMax by register groups, straight into the output
