@@ -13,7 +13,7 @@ namespace locdiff {
 // 0.43 / 0.29):
 // - registers (sh_register_group.h) for the full blocks of small at 1 <= L <= 3: four points
 //   at a time with every value in a vector variable, nothing stored but the output. On the
-//   Intel Xeon VM (alternating processes, 32768 points into a reused buffer, one thread, ns
+//   Intel Xeon VM (benchmarks/sh_kernel_ab.py: 32768 points, a reused buffer, one thread, ns
 //   per point), small before cpu::fill_lanes -> small -> registers: float64 L = 1, 2, 3:
 //   4.4 -> 3.0 -> 2.5, 9.6 -> 8.2 -> 5.5, 14.3 -> 12.8 -> 8.4; float32 8.0 -> 3.5 -> 3.1,
 //   9.8 -> 8.5 -> 6.6, 12.3 -> 11.0 -> 10.1 (at L = 4: level or slower, so small keeps it).
