@@ -56,7 +56,8 @@ def main():
             line = subprocess.run([sys.executable, "-c", WORKER, build, a.degrees, str(a.points), str(a.threads)],
                                   check=True, capture_output=True, text=True).stdout
             for case, ns in json.loads(line).items():
-                best.setdefault(case, {})[build] = min(best.get(case, {}).get(build, float("inf")), ns)
+                by_build = best.setdefault(case, {})
+                by_build[build] = min(by_build.get(build, float("inf")), ns)
     print("| case | " + " | ".join(a.builds) + " | first / last |")
     print("|---|" + "---|" * (len(a.builds) + 1))
     for case, by_build in best.items():

@@ -60,6 +60,19 @@ __attribute__((always_inline)) inline void transpose4(typename Vec4<T>::type& r0
   }
 }
 
+// out[p * K + j] = lane p of r_j for p, j < 4: four values of four points, from registers.
+template <typename T>
+__attribute__((always_inline)) inline void transpose4_store(typename Vec4<T>::type r0, typename Vec4<T>::type r1,
+                                                            typename Vec4<T>::type r2, typename Vec4<T>::type r3,
+                                                            T* out, int64_t K) {
+  typedef typename Vec4<T>::type V;
+  transpose4<T>(r0, r1, r2, r3);
+  std::memcpy(out, &r0, sizeof(V));
+  std::memcpy(out + K, &r1, sizeof(V));
+  std::memcpy(out + 2 * K, &r2, sizeof(V));
+  std::memcpy(out + 3 * K, &r3, sizeof(V));
+}
+
 // out[p * K + k0 + j] = cols[k0 + j][lane0 + p] for p, j < 4.
 template <typename T>
 __attribute__((always_inline)) inline void transpose4_store(const T* c0, const T* c1, const T* c2,
@@ -70,11 +83,7 @@ __attribute__((always_inline)) inline void transpose4_store(const T* c0, const T
   std::memcpy(&r1, c1, sizeof(V));
   std::memcpy(&r2, c2, sizeof(V));
   std::memcpy(&r3, c3, sizeof(V));
-  transpose4<T>(r0, r1, r2, r3);
-  std::memcpy(out, &r0, sizeof(V));
-  std::memcpy(out + K, &r1, sizeof(V));
-  std::memcpy(out + 2 * K, &r2, sizeof(V));
-  std::memcpy(out + 3 * K, &r3, sizeof(V));
+  transpose4_store<T>(r0, r1, r2, r3, out, K);
 }
 
 }  // namespace cpu

@@ -14,6 +14,12 @@ namespace cpu {
 
 constexpr int kPointLanes = 8;
 
+// The fast paths' range of squared norms: in [2^-1000, 2^1000], r^2 = x^2 + y^2 + z^2
+// neither overflows nor underflows (a component's square that does is below r^2's last
+// bit), so 1 / sqrt(r^2) normalises to the last bit. NaN and inf fail the tests. Rows
+// outside it go through cpu::unit_point, which scales first.
+constexpr double kOrdinaryMinR2 = 0x1p-1000, kOrdinaryMaxR2 = 0x1p1000;
+
 // row[0, kPointLanes) = v by full-width vector stores. A plain loop, unrolled at a fixed
 // degree, compiled to scalar (or half-width) stores, and the full-width load that reads the
 // row next cannot be forwarded from those: a stall that doubled a block's time at L = 1.
@@ -60,10 +66,8 @@ struct PointBlock {
     return bad;
   }
 
-  // The common case, branch-free across lanes: a full block whose squared norms lie in
-  // [2^-1000, 2^1000], where r^2 = x^2 + y^2 + z^2 neither overflows nor underflows (a
-  // component's square that does is below r^2's last bit), so 1 / sqrt(r^2) normalises to
-  // the last bit. NaN and inf fail the tests. Returns false (having written nothing) otherwise.
+  // The common case, branch-free across lanes: a full block whose squared norms all lie in
+  // [kOrdinaryMinR2, kOrdinaryMaxR2]. Returns false (having written nothing) otherwise.
   template <typename T>
   __attribute__((always_inline)) bool load_ordinary(const T* xyz) {
     double px[kLanes], py[kLanes], pz[kLanes], r2[kLanes];
@@ -76,7 +80,7 @@ struct PointBlock {
 #pragma omp simd reduction(& : ordinary)
     for (int p = 0; p < kLanes; ++p) {
       r2[p] = px[p] * px[p] + py[p] * py[p] + pz[p] * pz[p];
-      ordinary &= int(r2[p] >= 0x1p-1000) & int(r2[p] <= 0x1p1000);
+      ordinary &= int(r2[p] >= kOrdinaryMinR2) & int(r2[p] <= kOrdinaryMaxR2);
     }
     if (!ordinary) return false;
 #pragma omp simd

@@ -151,7 +151,7 @@ __attribute__((always_inline)) inline void store_point_major(const T (&cols)[K][
 // compiler unrolls over l and vectorises over lanes. Values go to an L1 tile in lane-major
 // order (full-width stores) and leave it through the transposing store above.
 template <typename T, int L>
-LOCDIFF_CLONES int forward_block_fixed(const T* xyz, int count, Block& bk, T* out, bool stream) {
+LOCDIFF_INLINE int forward_block_fixed(const T* xyz, int count, Block& bk, T* out, bool stream) {
   constexpr int K = (L + 1) * (L + 1);
   const SmallTables& tb = small_tables();
   const int bad = bk.load(xyz, count, L);
@@ -216,15 +216,16 @@ constexpr bool may_stream() {
 }
 
 // A full block at 1 <= L <= kRegisterDegreeMax by register groups, straight into the output
-// (streamed outputs keep the tile of forward_block_fixed; none is streamed at these degrees
-// now). Falls back to forward_block_fixed for partial blocks and for points that need the
-// careful path, rewriting what the groups wrote.
+// (never streamed at these degrees). Falls back to forward_block_fixed (inlined here, so one
+// clone dispatch per block) for partial blocks and for points that need the careful path,
+// rewriting what the groups wrote.
 template <typename T, int L>
 LOCDIFF_CLONES int forward_block(const T* xyz, int count, Block& bk, T* out, bool stream) {
   if constexpr (1 <= L && L <= cpu::kRegisterDegreeMax) {
     constexpr int K = (L + 1) * (L + 1), kGroup = 4;
     static_assert(kLanes % kGroup == 0, "a block is whole register groups");
-    bool done = count == kLanes && !stream;
+    static_assert(!may_stream<T, L>(), "register groups store straight into the output");
+    bool done = count == kLanes;
     for (int g = 0; done && g < kLanes; g += kGroup)
       done = cpu::sh_register_group<T, L>(xyz + 3 * g, small_tables(), out + g * K);
     if (done) return -1;

@@ -15,9 +15,10 @@
 #include <cstring>
 #include <type_traits>
 
-#include "lane_transpose.h"  // transpose4
+#include "lane_transpose.h"  // transpose4_store
 #include "legendre_tables.h" // LOCDIFF_INLINE
 #include "locdiff/sh_math.h" // kSqrt2
+#include "point_block.h"      // kOrdinaryMinR2, kOrdinaryMaxR2
 #include "vector_exp.h"      // Double4
 
 namespace locdiff {
@@ -34,9 +35,9 @@ LOCDIFF_INLINE Double4 strided4(const T* p) {
   return Double4{double(p[0]), double(p[3]), double(p[6]), double(p[9])};
 }
 // Writes the (L+1)^2 values of points xyz[0..3] to dst + p * K (p < 4) and returns true, or
-// returns false having written nothing when a point's squared norm is outside [2^-1000,
-// 2^1000] (non-finite, zero, or too large or small to normalise without scaling: the block
-// kernel's careful path handles those). Tables: seed[m] = Qbar_mm, and the recurrence
+// returns false having written nothing when a point's squared norm is outside
+// [kOrdinaryMinR2, kOrdinaryMaxR2] (non-finite, zero, or too large or small to normalise
+// without scaling: the block kernel's careful path handles those). Tables: seed[m] = Qbar_mm, and the recurrence
 // coefficients a[l][m], b[l][m] (a[m+1][m] = sqrt(2m+3)), as in sh_cpu_small.cpp.
 // All arithmetic in float64, float32 output included (as the other CPU kernels).
 template <typename T, int L, typename Tables>
@@ -45,9 +46,7 @@ LOCDIFF_INLINE bool sh_register_group(const T* xyz, const Tables& tb, T* dst) {
   constexpr int K = (L + 1) * (L + 1);
   Double4 x = strided4(xyz), y = strided4(xyz + 1), z = strided4(xyz + 2);
   const Double4 r2 = x * x + y * y + z * z;
-  // In that range r^2 neither overflows nor underflows (a component whose square does lies
-  // below r^2's last bit), so 1 / sqrt(r^2) normalises to the last bit; NaN and inf fail.
-  const Long4 ok = (r2 >= splat4(0x1p-1000)) & (r2 <= splat4(0x1p1000));
+  const Long4 ok = (r2 >= splat4(kOrdinaryMinR2)) & (r2 <= splat4(kOrdinaryMaxR2));
   if (!(ok[0] & ok[1] & ok[2] & ok[3])) return false;
   alignas(32) double r2_lanes[4], inv_lanes[4];
   store4(r2_lanes, r2);
@@ -98,11 +97,7 @@ LOCDIFF_INLINE bool sh_register_group(const T* xyz, const Tables& tb, T* dst) {
       r0 = __builtin_convertvector(v[k], V), r1 = __builtin_convertvector(v[k + 1], V);
       r2 = __builtin_convertvector(v[k + 2], V), r3 = __builtin_convertvector(v[k + 3], V);
     }
-    transpose4<T>(r0, r1, r2, r3);
-    std::memcpy(dst + k, &r0, sizeof(V));
-    std::memcpy(dst + K + k, &r1, sizeof(V));
-    std::memcpy(dst + 2 * K + k, &r2, sizeof(V));
-    std::memcpy(dst + 3 * K + k, &r3, sizeof(V));
+    transpose4_store<T>(r0, r1, r2, r3, dst + k, K);
   };
 #pragma GCC unroll 8
   for (int k = 0; k + 4 <= K; k += 4) emit(k);
