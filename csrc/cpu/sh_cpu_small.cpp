@@ -28,6 +28,7 @@
 #include "lane_transpose.h"
 #include "legendre_tables.h"  // LOCDIFF_CLONES
 #include "point_block.h"
+#include "sh_float_lanes.h"
 #include "sh_register_group.h"
 #include "sh_cpu_small.h"
 
@@ -193,7 +194,7 @@ LOCDIFF_INLINE int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
 }
 
 // When store_point_major streams: outputs of at least kStreamBytes (they cannot stay in the
-// L2 of a couple of cores anyway) at 4 <= L <= 16 in float64 and 8 <= L <= 20 in float32,
+// L2 of a couple of cores anyway) at 4 <= L <= 16 in float64 and L = 5, 8 <= L <= 20 in float32,
 // on x86 (SSE2) only. Above, the values and the tile (2 x 8 x K values) outgrow L1; below,
 // direct stores are as cheap: a point's row is short (at L = 3 its stores never split a
 // cache line). Measured on the AMD EPYC (Zen 4), two threads, each variant's calls in a row
@@ -207,12 +208,15 @@ LOCDIFF_INLINE int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
 // direct / streamed ns per value): float64 L = 4: 0.77-0.83 / 1.05-1.22 unstreamed (so
 // streaming stays); float32 L = 4, 5, 6: 0.65-0.72 / 0.61-0.67, 0.42-0.57 / 0.64-0.65,
 // 0.60-0.62 / 0.63; L = 8, 10, 11: 0.72-0.83 / 0.55-0.57, 0.72-0.75 / 0.62-0.67, 0.65-0.67
-// / 0.57-0.60, so float32 streams from L = 8 (level there on the EPYC).
+// / 0.57-0.60, so float32 streams from L = 8 (level there on the EPYC). The float lanes
+// (float32, L = 3-5) stream through an L1 tile at L = 5 only: on the VM, 200k points, two
+// threads, direct / streamed ns per point: L = 3: 5.10 / 7.15, L = 4: 12.2 / 12.4, L = 5:
+// 15.7 / 12.4.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 template <typename T, int L>
 constexpr bool may_stream() {
-  return LOCDIFF_STREAM_STORES && (std::is_same_v<T, double> ? 4 <= L && L <= 16 : 8 <= L && L <= 20);
+  return LOCDIFF_STREAM_STORES && (std::is_same_v<T, double> ? 4 <= L && L <= 16 : L == 5 || (8 <= L && L <= 20));
 }
 
 // A full block at 1 <= L <= kRegisterDegreeMax by register groups, straight into the output
@@ -221,7 +225,23 @@ constexpr bool may_stream() {
 // rewriting what the groups wrote.
 template <typename T, int L>
 LOCDIFF_CLONES int forward_block(const T* xyz, int count, Block& bk, T* out, bool stream) {
-  if constexpr (1 <= L && L <= cpu::kRegisterDegreeMax) {
+  if constexpr (std::is_same_v<T, float> && cpu::kFloatLanesMinDegree <= L && L <= cpu::kFloatLanesMaxDegree) {
+    static_assert(kLanes == 8, "a block is one vector of float32 lanes");
+    static const cpu::FloatTables<cpu::kFloatLanesMaxDegree> float_tables(small_tables());
+    if (count == kLanes) {
+#if LOCDIFF_STREAM_STORES
+      if (stream) {
+        constexpr int kTotal = kLanes * (L + 1) * (L + 1);
+        alignas(64) float tile[kTotal];
+        if (cpu::sh_float_block<L>(xyz, float_tables, tile)) {
+          stream_copy(tile, out, kTotal);
+          return -1;
+        }
+      } else
+#endif
+      if (cpu::sh_float_block<L>(xyz, float_tables, out)) return -1;
+    }
+  } else if constexpr (1 <= L && L <= cpu::kRegisterDegreeMax) {
     constexpr int K = (L + 1) * (L + 1), kGroup = 4;
     static_assert(kLanes % kGroup == 0, "a block is whole register groups");
     static_assert(!may_stream<T, L>(), "register groups store straight into the output");

@@ -17,6 +17,11 @@ namespace locdiff {
 //   per point), small before cpu::fill_lanes -> small -> registers: float64 L = 1, 2, 3:
 //   4.4 -> 3.0 -> 2.5, 9.6 -> 8.2 -> 5.5, 14.3 -> 12.8 -> 8.4; float32 8.0 -> 3.5 -> 3.1,
 //   9.8 -> 8.5 -> 6.6, 12.3 -> 11.0 -> 10.1 (at L = 4: level or slower, so small keeps it).
+// - float lanes (sh_float_lanes.h) for the full blocks of float32 output at 3 <= L <= 5:
+//   eight points a vector in float32 arithmetic (normalisation and m = 0 in float64). Same
+//   machine and tool, block kernel (registers at L = 3) -> float lanes: L = 3, 4, 5: 12.3 ->
+//   8.4, 18.4 -> 11.9, 24.2 -> 14.7; at L = 1, 2, 6, 7, 8 it was slower (0.58x, 0.92x,
+//   0.76-1.39x, 0.64x, 0.71x), so the range stops there.
 // - small (sh_cpu_small.cpp, compile-time degree, column by column through an L1 tile) up to
 //   kSmallForwardMax. Below L = 19 lanes is level in float64 at best, and with some output
 //   addresses (relative to its scratch) twice as slow (one thread, L = 16: 0.35-0.82 against

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cartesian_orders.h"
 #include "lane_transpose.h"  // transpose4_store
 #include "legendre_tables.h" // LOCDIFF_INLINE
 #include "locdiff/sh_math.h" // kSqrt2
@@ -58,33 +59,8 @@ LOCDIFF_INLINE bool sh_register_group(const T* xyz, const Tables& tb, T* dst) {
   z *= inv;
 
   Double4 v[K];
-  Double4 re = splat4(1.0), im = splat4(0.0);  // (x + i y)^m
-#pragma GCC unroll 8
-  for (int m = 0; m <= L; ++m) {
-    // sqrt2 Qbar_{l-2,m} and sqrt2 Qbar_{l-1,m} for m > 0 (the recurrence is linear, so the
-    // factor rides along from the seed), plain Qbar for m = 0.
-    Double4 q2 = splat4(0.0), q1 = splat4(m == 0 ? tb.seed[0] : kSqrt2 * tb.seed[m]);
-#pragma GCC unroll 8
-    for (int l = m; l <= L; ++l) {
-      Double4 q = q1;
-      if (l == m + 1) q = tb.a[l][m] * z * q1;
-      if (l >= m + 2) q = tb.a[l][m] * z * q1 - tb.b[l][m] * q2;
-      if (l > m) {
-        q2 = q1;
-        q1 = q;
-      }
-      const int k = l * l + l;
-      if (m == 0) {
-        v[k] = q;
-      } else {
-        v[k + m] = q * re;
-        v[k - m] = q * im;
-      }
-    }
-    const Double4 re_next = re * x - im * y;
-    im = re * y + im * x;
-    re = re_next;
-  }
+  const auto seed = [&](int m) LOCDIFF_LAMBDA_INLINE { return m == 0 ? tb.seed[0] : kSqrt2 * tb.seed[m]; };
+  cartesian_orders<L, 0>(x, y, z, tb, seed, v);
 
   // Four values of the four points at a time to point-major rows; the last K mod 4 (one, at
   // even L) by one more transpose over the last four, rewriting three with the same values.
