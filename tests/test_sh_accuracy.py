@@ -83,16 +83,18 @@ def test_register_kernel_degrees_against_mpmath(degree, dtype, rng):
 
 
 # The CPU forward runs points in SIMD lanes, degree by degree, from L = 19 (float64) or 25
-# (float32) to L = 320 (csrc/cpu/sh_cpu_small.h), in the Cartesian form with the plain
-# recurrence: its errors grow toward the poles and with the degree, so check both ends.
+# (float32) to L = 320, or 512 on Intel CPUs given a block of 8 points per thread
+# (csrc/cpu/sh_cpu_small.h), in the Cartesian form with the plain recurrence: its errors
+# grow toward the poles and with the degree, so check both ends. (16 points here: two
+# blocks, so L = 512 takes the lanes where they run to 512 with up to two threads.)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("degree", [19, 25, 64, 320])
+@pytest.mark.parametrize("degree", [19, 25, 64, 320, 512])
 def test_lane_kernel_degrees_against_mpmath(degree, dtype, rng):
     orders = sorted({0, 1, 2, 3, 4, 5, degree // 3, degree // 2, degree - 4, degree - 3, degree - 1, degree})
     check_hard_and_random_points(degree, dtype, orders, rng)
 
 
-@pytest.mark.parametrize("degree", [128, 320])
+@pytest.mark.parametrize("degree", [128, 320, 512])
 def test_lane_degrees_near_the_poles_against_mpmath(degree, rng):
     # The lanes' plain recurrence loses ~l^2 ulp within ~0.01 rad of an axis (1.13e-11 per
     # unit at L = 320, over the contract), so float64 points within 0.063 rad are computed
@@ -102,7 +104,8 @@ def test_lane_degrees_near_the_poles_against_mpmath(degree, rng):
     phi = rng.uniform(0, 2 * np.pi, size=angles.size)
     sign = np.where(np.arange(angles.size) % 2 == 0, 1.0, -1.0)
     points = np.stack([np.sin(angles) * np.cos(phi), np.sin(angles) * np.sin(phi), sign * np.cos(angles)], -1)
-    y = locdiff.spherical_harmonics(torch.tensor(points), degree)
+    # eight more points away from the axes, so that L = 512 takes the lanes (see above)
+    y = locdiff.spherical_harmonics(torch.tensor(np.concatenate([points, rng.normal(size=(8, 3))])), degree)
     for i, p in enumerate(points.tolist()):
         for m in (0, 1, 2, degree // 2):
             err = per_degree_error(y[i], column_exact(p, m, degree), degree)

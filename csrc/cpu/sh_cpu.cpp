@@ -27,6 +27,7 @@
 #include "legendre_tables.h"
 #include "locdiff/sh_kernels.h"
 #include "locdiff/sh_math.h"
+#include "point_block.h"  // kPointLanes
 #include "sh_cpu_small.h"
 
 namespace locdiff {
@@ -277,6 +278,20 @@ void redo_polar_points_bwd(const T* xyz, const T* grad_out, int64_t n, int degre
   });
 }
 
+// The highest degree the forward's lane kernel takes for n points (sh_cpu_small.h says why
+// it depends on the CPU's maker). Above kLanesDegreeMaxOther it also needs a full block of
+// kPointLanes points per thread: the lanes split the work by blocks, the per-point kernel
+// by points.
+int lanes_forward_max(int64_t n, int num_threads) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool intel = __builtin_cpu_is("intel");
+#else
+  constexpr bool intel = false;
+#endif
+  const bool full_blocks = n >= int64_t(cpu::kPointLanes) * std::max(1, num_threads);
+  return intel && full_blocks ? kLanesDegreeMax : kLanesDegreeMaxOther;
+}
+
 }  // namespace
 
 template <typename T>
@@ -284,9 +299,9 @@ int64_t sh_cpu_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads)
   if (n <= 0) return -1;
   const int64_t K = sh_size(degree);
   advise_huge_pages(out, size_t(n) * K * sizeof(T));
-  // Points in SIMD lanes up to kLanesDegreeMax (sh_cpu_small.h), one at a time above.
+  // Points in SIMD lanes up to lanes_forward_max (sh_cpu_small.h), one at a time above.
   if (degree <= kSmallForwardMax<T>) return sh_cpu_small_fwd(xyz, n, degree, out, num_threads);
-  if (degree <= kLanesDegreeMax) {
+  if (degree <= lanes_forward_max(n, num_threads)) {
     const int64_t first_bad = sh_cpu_lanes_fwd(xyz, n, degree, out, num_threads);
     if constexpr (std::is_same_v<T, double>)
       if (degree >= kPolarRedoMinDegree) redo_polar_points(xyz, n, degree, out, num_threads);

@@ -1,4 +1,4 @@
-// Spherical harmonics at mid degree, CPU: forward (kSmallForwardMax < L <= kLanesDegreeMax)
+// Spherical harmonics at mid degree, CPU: forward (kSmallForwardMax < L <= lanes_forward_max)
 // and backward (kSmallBackwardMax < L <= kLanesBackwardMax), see sh_cpu_small.h.
 //
 // The general kernel (sh_cpu.cpp) runs one point at a time with its SIMD lanes across the

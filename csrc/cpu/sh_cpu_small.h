@@ -34,12 +34,18 @@ namespace locdiff {
 //   machine: above L = 320 the four state rows of lane vectors (4 x (L+1) x 64 bytes)
 //   outgrow L1. On the Intel Xeon VM (same-process A/B, 64 points, reused / fresh outputs)
 //   lanes vs per point at L = 512: float64 0.55 / 0.95 vs 0.70 / 0.97, float32 0.26 / 0.48
-//   vs 0.44 / 0.64 (fresh outputs are page-fault bound); on the AMD EPYC, where these
-//   kernels were tuned, lanes 0.38 / 0.23 vs per point 0.28 / 0.13 (float64 / float32).
+//   vs 0.44 / 0.64 (fresh outputs are page-fault bound); on a second Intel Xeon VM (105 MB
+//   of L3; benchmarks/sh_kernel_ab.py --points 64 --threads 2, builds alternated) per point
+//   -> lanes at L = 400, 512: float64 1.58x, 1.77x faster, float32 1.41x, 1.50x; on the AMD
+//   EPYC, where these kernels were tuned, lanes 0.38 / 0.23 vs per point 0.28 / 0.13
+//   (float64 / float32). So lanes run to kLanesDegreeMax on Intel CPUs and to
+//   kLanesDegreeMaxOther elsewhere (sh_cpu.cpp: lanes_forward_max), and only with a full
+//   block of points for every thread (at L = 512 a point is 263,169 values, and a call may
+//   have a handful).
 // - per point (sh_cpu.cpp) above: scaled seeds and Reinsch's form, exact to L = 2048.
 template <typename T>
 constexpr int kSmallForwardMax = std::is_same_v<T, double> ? 18 : 24;
-constexpr int kLanesDegreeMax = 320;
+constexpr int kLanesDegreeMax = 512, kLanesDegreeMaxOther = 320;
 
 // Backward, by degree: lanes (sh_cpu_lanes.cpp, the forward's recurrence, then each group of
 // four orders of four points loaded by transposes and summed per lane) from L = 6 (float64)
