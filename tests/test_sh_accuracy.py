@@ -218,8 +218,8 @@ def test_orthonormal_by_gauss_legendre_quadrature():
 def test_float32_arithmetic_degrees_match_float64(degree, rng):
     # float32 at L = 3-5 is computed in float32 arithmetic (csrc/cpu/sh_float_lanes.h): its
     # error grows with the degree and toward the axes (z's rounding times the slope of
-    # Qbar_l1), so check many points, half of them near an axis (random_points), a third
-    # of the rest near the equator, against float64 at the same rounded input. Over 400000
+    # Qbar_l1), so check many points, half of them near an axis (random_points), half of
+    # the rest near the equator, against float64 at the same rounded input. Over 400000
     # such points the worst was 2.8e-7, 4.3e-7 and 5.9e-7 per unit at L = 3, 4, 5.
     p = random_points(rng, 20000)
     p[15000:, 2] *= 10.0 ** rng.uniform(-6, -1, size=5000)
