@@ -27,3 +27,14 @@ def _deterministic_torch():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     yield
+
+
+@pytest.fixture
+def at_most_two_threads():
+    """The CPU kernels are chosen by points per thread (csrc/cpu/sh_cpu.cpp few_points):
+    tests aimed at one kernel run on the thread count of this project's machines, so that
+    they reach the same kernel on machines with more cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, 2))
+    yield
+    torch.set_num_threads(before)

@@ -13,6 +13,8 @@ from locdiff.ops import spherical_harmonics_backward_op
 from locdiff.testing import SH_ACCURACY
 from sh_exact import column_exact, legenp_exact
 
+pytestmark = pytest.mark.usefixtures("at_most_two_threads")
+
 HARD_POINTS = {
     "north pole": [0.0, 0.0, 1.0],
     "south pole": [0.0, 0.0, -1.0],
@@ -94,6 +96,20 @@ def test_lane_kernel_degrees_against_mpmath(degree, dtype, rng):
     check_hard_and_random_points(degree, dtype, orders, rng)
 
 
+# Up to two points per thread take the per-point kernel at every degree above the small ones
+# (sh_cpu.cpp few_points), in float32 as in float64: one point at a time here.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("degree", [19, 64, 320])
+def test_single_points_against_mpmath(degree, dtype, rng):
+    points = np.concatenate([np.array(list(HARD_POINTS.values())), random_points(rng, 2)])
+    for p in points:
+        y = locdiff.spherical_harmonics(torch.tensor(p[None], dtype=dtype), degree)[0]
+        given = torch.tensor(p, dtype=dtype).double().tolist()
+        for m in sorted({0, 1, 5, degree // 2, degree}):
+            err = per_degree_error(y, column_exact(given, m, degree), degree)
+            assert err <= SH_ACCURACY[dtype], f"{given} m={m}: error {err:.3g}"
+
+
 @pytest.mark.parametrize("degree", [128, 320, 512])
 def test_lane_degrees_near_the_poles_against_mpmath(degree, rng):
     # The lanes' plain recurrence loses ~l^2 ulp within ~0.01 rad of an axis (1.13e-11 per
@@ -136,7 +152,9 @@ def test_lane_backward_near_the_poles_matches_the_per_point_kernel(rng):
 @pytest.mark.parametrize("degree", [2, 3, 4, 5, 19, 40, 320])
 def test_partial_point_blocks_match_full_blocks(degree, dtype, rng):
     # Lanes hold 8 points and leave in halves of 4; a batch of n points ends in a block of
-    # n mod 8, whose stores are cut per point. (Such a block normalises its points by the
+    # n mod 8, whose stores are cut per point. From L = 19 (float64) or 25 (float32), up to
+    # two points per thread take the per-point kernel instead (sh_cpu.cpp few_points): n = 1,
+    # 3 and 4 here, on two threads, must agree with the lanes to the same bound. (Such a block normalises its points by the
     # careful path: its directions may differ from a full block's by a few ulp, which moves
     # Y_lm by up to about eps l per unit of sqrt((2l+1)/4pi): the bound below, per value.)
     xyz = torch.tensor(rng.normal(size=(16, 3)), dtype=dtype)

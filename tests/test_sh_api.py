@@ -8,6 +8,8 @@ import locdiff
 from locdiff.ops import spherical_harmonics_op, spherical_harmonics_out_op, spherical_harmonics_reference
 from locdiff.testing import assert_close
 
+pytestmark = pytest.mark.usefixtures("at_most_two_threads")
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("degree", [0, 1, 3, 12])
@@ -58,17 +60,65 @@ def test_half_precision_is_computed_in_float32():
     torch.testing.assert_close(y.float(), locdiff.spherical_harmonics(x.float(), 3), atol=1e-2, rtol=1e-2)
 
 
-def test_thread_count_does_not_change_results(rng):
-    xyz = torch.tensor(rng.normal(size=(300, 3)))
+@pytest.mark.parametrize("n,degree", [(300, 30), (5, 4), (40, 4), (3, 30)])
+def test_thread_count_does_not_change_results(n, degree, rng):
+    # Small calls run on fewer threads than asked (sh_cpu.cpp threads_for): same values.
+    xyz = torch.tensor(rng.normal(size=(n, 3)))
+    grad = torch.tensor(rng.normal(size=(n, (degree + 1) ** 2)))
     before = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = locdiff.spherical_harmonics(xyz, 30)
-        torch.set_num_threads(2)
-        two = locdiff.spherical_harmonics(xyz, 30)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x = xyz.clone().requires_grad_(True)
+            y = locdiff.spherical_harmonics(x, degree)
+            (g,) = torch.autograd.grad(y, x, grad)
+            results.append((y.detach(), g))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_op_only_where_nothing_observes_it(rng):
+    # Plain eager CPU calls go straight to the kernel (ops/sh.py can_skip_dispatch); modes,
+    # autograd and the profiler must still see locdiff::spherical_harmonics.
+    xyz = torch.tensor(rng.normal(size=(37, 3)))
+    direct = locdiff.spherical_harmonics(xyz, 5)
+    assert torch.equal(direct, spherical_harmonics_op(xyz, 5))
+    np.testing.assert_array_equal(locdiff.spherical_harmonics(xyz.numpy(), 5), direct.numpy())
+
+    recorder = _OpRecorder()
+    with recorder:
+        in_mode = locdiff.spherical_harmonics(xyz, 5)
+    assert any("locdiff.spherical_harmonics" in op for op in recorder.ops), recorder.ops
+    assert torch.equal(in_mode, direct)
+
+    leaf = xyz.clone().requires_grad_(True)
+    assert locdiff.spherical_harmonics(leaf, 5).grad_fn is not None
+    with torch.no_grad():
+        assert locdiff.spherical_harmonics(leaf, 5).grad_fn is None
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        locdiff.spherical_harmonics(xyz, 5)
+    assert any(e.key == "locdiff::spherical_harmonics" for e in prof.key_averages())
+
+    # A leading batch shape and a float32 view of other strides take the reshaping path.
+    batch = torch.tensor(rng.normal(size=(3, 4, 3)), dtype=torch.float32)
+    assert torch.equal(locdiff.spherical_harmonics(batch, 5),
+                       spherical_harmonics_op(batch.reshape(12, 3), 5).reshape(3, 4, 36))
+    strided = torch.tensor(rng.normal(size=(3, 8)))[:, 2:5]
+    assert torch.equal(locdiff.spherical_harmonics(strided, 5), spherical_harmonics_op(strided.contiguous(), 5))
 
 
 def test_gradcheck_and_gradgradcheck():
@@ -80,16 +130,18 @@ def test_gradcheck_and_gradgradcheck():
 
 
 # The CPU backward: small-degree lanes to L = 5, lanes degree by degree to 288, per point
-# above (csrc/cpu/sh_cpu_small.h); 30 points end in a block of 6 (one full half, one of 2).
+# above (csrc/cpu/sh_cpu_small.h); 30 points end in a block of 6 (one full half, one of 2),
+# and 3 (on two threads) take the per-point kernel at every degree from 6 (sh_cpu.cpp few_points).
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("degree", [3, 5, 6, 30, 100, 288, 289])
-def test_backward_matches_reference_autograd(degree, dtype, rng):
-    xyz = torch.tensor(rng.normal(size=(30, 3)))
+@pytest.mark.parametrize("n", [30, 3])
+def test_backward_matches_reference_autograd(n, degree, dtype, rng):
+    xyz = torch.tensor(rng.normal(size=(n, 3)))
     xyz[0] = torch.tensor([0.0, 0.0, 1.0])
     xyz[1] = torch.tensor([1e-9, -2e-9, -1.0])
     a = xyz.clone().to(dtype).requires_grad_(True)
     b = xyz.clone().to(dtype).double().requires_grad_(True)
-    g = torch.tensor(rng.normal(size=(30, (degree + 1) ** 2)))
+    g = torch.tensor(rng.normal(size=(n, (degree + 1) ** 2)))
     (locdiff.spherical_harmonics(a, degree) * g.to(dtype)).sum().backward()
     (spherical_harmonics_reference(b, degree) * g.to(dtype).double()).sum().backward()
     # the reference's plain recurrence loses about l^2 ulp near the poles; float32 rounds once

@@ -292,16 +292,33 @@ int lanes_forward_max(int64_t n, int num_threads) {
   return intel && full_blocks ? kLanesDegreeMax : kLanesDegreeMaxOther;
 }
 
+// Threads worth waking for n points of K values: waking a second one costs about 2 us, as
+// much as 2000 values take (Intel Xeon VM, float64 L = 4: 8 points 1.4 us on one thread, 3.1
+// on two; 64 points 3.3 / 4.0; 256 points 9.2 / 7.1), so each thread gets at least that.
+int threads_for(int64_t n, int64_t K, int num_threads) {
+  constexpr int64_t kValuesPerThread = 2048;
+  return int(std::clamp<int64_t>(n * K / kValuesPerThread, 1, std::max(1, num_threads)));
+}
+
+// Whether n points are too few for the lanes above the small degrees. A lane block costs
+// eight points whatever n is, while the per-point kernel costs 0.25-0.65 of a block a point,
+// so with at most two points per thread it is faster, or level at four on two threads (Intel
+// Xeon VM, float64, two threads, us, lanes -> per point: forward L = 64, one point 12.5 ->
+// 5.5, four 14.0 -> 11.4; L = 256, one 142 -> 45, four 270 -> 142; backward L = 256, one
+// 217 -> 95, four 299 -> 184, op dispatch included).
+bool few_points(int64_t n, int num_threads) { return n <= 2 * int64_t(std::max(1, num_threads)); }
+
 }  // namespace
 
 template <typename T>
 int64_t sh_cpu_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads) {
   if (n <= 0) return -1;
   const int64_t K = sh_size(degree);
+  num_threads = threads_for(n, K, num_threads);
   advise_huge_pages(out, size_t(n) * K * sizeof(T));
   // Points in SIMD lanes up to lanes_forward_max (sh_cpu_small.h), one at a time above.
   if (degree <= kSmallForwardMax<T>) return sh_cpu_small_fwd(xyz, n, degree, out, num_threads);
-  if (degree <= lanes_forward_max(n, num_threads)) {
+  if (!few_points(n, num_threads) && degree <= lanes_forward_max(n, num_threads)) {
     const int64_t first_bad = sh_cpu_lanes_fwd(xyz, n, degree, out, num_threads);
     if constexpr (std::is_same_v<T, double>)
       if (degree >= kPolarRedoMinDegree) redo_polar_points(xyz, n, degree, out, num_threads);
@@ -324,8 +341,9 @@ template <typename T>
 void sh_cpu_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz,
                 int num_threads) {
   if (n <= 0) return;
+  num_threads = threads_for(n, sh_size(degree), num_threads);
   if (degree <= kSmallBackwardMax<T>) return sh_cpu_small_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);
-  if (degree <= kLanesBackwardMax) {
+  if (!few_points(n, num_threads) && degree <= kLanesBackwardMax) {
     sh_cpu_lanes_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);
     if constexpr (std::is_same_v<T, double>)
       if (degree >= kPolarRedoMinDegree) redo_polar_points_bwd(xyz, grad_out, n, degree, grad_xyz, num_threads);

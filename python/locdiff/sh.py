@@ -10,7 +10,7 @@ from torch import nn
 
 from locdiff.geo import latlon_to_xyz
 from locdiff.ops import validation
-from locdiff.ops.sh import spherical_harmonics_op, spherical_harmonics_out_op
+from locdiff.ops.sh import can_skip_dispatch, forward_cpu, spherical_harmonics_op, spherical_harmonics_out_op
 
 BACKENDS = validation.BACKENDS
 
@@ -70,7 +70,10 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
                                         xyz.device, "spherical_harmonics output")
     # Half precision has too few bits for a unit vector at high degree: compute in float32.
     compute_dtype = xyz.dtype if xyz.dtype in (torch.float32, torch.float64) else torch.float32
-    flat = xyz.reshape(n, 3).to(compute_dtype).contiguous()
+    flat = xyz
+    if xyz.ndim != 2 or xyz.dtype != compute_dtype or not xyz.is_contiguous():
+        # Only when needed: each of these costs microseconds even as a no-op.
+        flat = xyz.reshape(n, 3).to(compute_dtype).contiguous()
     if out is not None and backend != "triton" and out.dtype == compute_dtype and out.is_contiguous():
         spherical_harmonics_out_op(flat, degree, out.view(n, K))
         return out
@@ -78,9 +81,14 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
         from locdiff.ops.triton import spherical_harmonics_triton
 
         result = spherical_harmonics_triton(flat, degree)
+    elif can_skip_dispatch(flat):
+        result = forward_cpu(flat, degree)
     else:
         result = spherical_harmonics_op(flat, degree)
-    result = result.reshape(*lead, K).to(xyz.dtype)
+    if xyz.ndim != 2:
+        result = result.reshape(*lead, K)
+    if result.dtype != xyz.dtype:
+        result = result.to(xyz.dtype)
     if out is not None:  # a strided or half-precision buffer, or the Triton backend: one copy
         return out.copy_(result)
     return result

@@ -41,11 +41,37 @@ def _forward_cuda_into(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> Non
                            _cuda_stream(xyz))
 
 
-@torch.library.custom_op("locdiff::spherical_harmonics", mutates_args=(), device_types="cpu")
-def spherical_harmonics_op(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+def forward_cpu(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    """The CPU kernel into a new output (the op's CPU kernel, callable without the op)."""
     out = output_pool.empty((xyz.shape[0], (degree + 1) ** 2), xyz.dtype)
     _forward_cpu_into(xyz, degree, out)
     return out
+
+
+def can_skip_dispatch(xyz: torch.Tensor) -> bool:
+    """Whether a forward on ``xyz`` may call forward_cpu directly instead of the op.
+
+    Why: the custom op's Python dispatch (autograd wrapper, redispatch, alias checks) costs
+    about 30 us a call, more than the kernel itself below a few thousand points at low
+    degree. Skipping it is only safe where nothing could observe the op: a plain CPU tensor
+    in eager mode, no autograd graph to record, no torch.compile, jit tracing, functorch
+    transform (vmap, grad) or torch function / dispatch mode (FakeTensorMode, profilers'
+    op counters, a device context) active, and no profiler running (its traces name the op).
+    Otherwise the op runs as before.
+    """
+    return (type(xyz) is torch.Tensor and xyz.is_cpu
+            and not (xyz.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling()
+            and torch._C._len_torch_function_stack() == 0
+            and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._get_tracing_state() is None
+            and not torch.autograd._profiler_enabled()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(xyz))
+
+
+@torch.library.custom_op("locdiff::spherical_harmonics", mutates_args=(), device_types="cpu")
+def spherical_harmonics_op(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    return forward_cpu(xyz, degree)
 
 
 @spherical_harmonics_op.register_kernel("cuda")

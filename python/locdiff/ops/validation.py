@@ -2,6 +2,7 @@
 is expected (STYLE.md 6). Kernels assume what these functions guarantee."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -67,6 +68,7 @@ def raise_bad_row(x: torch.Tensor, index: int, name: str) -> None:
     raise ValueError(f"{name} row {index} is {what}: {row.tolist()}; expected finite, non-zero vectors")
 
 
+@functools.cache  # two system calls, on every call of the public functions
 def physical_memory_bytes() -> int | None:
     """The machine's memory in bytes, or None where the OS does not say."""
     try:
@@ -80,7 +82,7 @@ def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, nam
     numel = 1
     for s in shape:
         numel *= int(s)
-    nbytes = numel * (torch.finfo(dtype).bits // 8)
+    nbytes = numel * dtype.itemsize
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         limit = free
