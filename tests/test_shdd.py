@@ -127,6 +127,12 @@ def test_encode_smoothing():
     l = torch.arange(9, dtype=torch.float64)
     w = torch.exp(-l * (l + 1) * s * s / 2).repeat_interleave(2 * torch.arange(9) + 1)
     torch.testing.assert_close(shdd.encode(ll, 8, smoothing=s), c * w)
+    # A bandwidth's weights are cached per degree, bandwidth and dtype: a repeat, float32
+    # and another bandwidth must each get their own.
+    torch.testing.assert_close(shdd.encode(ll, 8, smoothing=s), c * w)
+    torch.testing.assert_close(shdd.encode(ll.float(), 8, smoothing=s), (c * w).float())
+    w2 = torch.exp(-l * (l + 1) * 0.04 / 2).repeat_interleave(2 * torch.arange(9) + 1)
+    torch.testing.assert_close(shdd.encode(ll, 8, smoothing=0.2), c * w2)
     per = torch.linspace(1, 0, 9, dtype=torch.float64)
     torch.testing.assert_close(shdd.encode(ll, 8, smoothing=per),
                                c * per.repeat_interleave(2 * torch.arange(9) + 1))

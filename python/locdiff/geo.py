@@ -34,6 +34,17 @@ def _check_last_dim(a, size: int, name: str):
         raise ValueError(f"{name} must have shape (..., {size}), got {tuple(a.shape)}")
 
 
+def _largest_magnitudes(latlon) -> tuple[float, float]:
+    """(max |lat|, max |lon|) of a (..., 2) array in one reduction; NaN where any is NaN."""
+    pairs = latlon.reshape(-1, 2)
+    if pairs.shape[0] == 0:
+        return 0.0, 0.0
+    if isinstance(pairs, torch.Tensor):
+        # amax skips no NaN (torch propagates them), as np.max does
+        return tuple(pairs.detach().abs().amax(0).tolist())
+    return tuple(np.abs(pairs).max(0).tolist())
+
+
 def latlon_to_xyz(latlon):
     """Unit vectors of ``(..., 2)`` (lat, lon) in degrees; lon is wrapped, lat must be in [-90, 90].
 
@@ -44,16 +55,20 @@ def latlon_to_xyz(latlon):
     _check_last_dim(latlon, 2, "latlon")
     xp = _backend(latlon)
     lat, lon = latlon[..., 0], latlon[..., 1]
-    bad = ~(xp.abs(lat) <= 90)
-    if bool(bad.any()):
-        raise ValueError(
-            f"latlon: latitudes must be finite degrees in [-90, 90], got {float(lat[bad].reshape(-1)[0])}"
-        )
-    if not bool(xp.isfinite(lon).all()):
+    # One reduction checks both columns (NaN fails the comparison), the message only on
+    # failure: at a training step's batch size, each op and sync costs more than the maths.
+    big_lat, big_lon = _largest_magnitudes(latlon)
+    if not (big_lat <= 90 and math.isfinite(big_lon)):
+        bad = ~(xp.abs(lat) <= 90)
+        if bool(bad.any()):
+            raise ValueError(
+                f"latlon: latitudes must be finite degrees in [-90, 90], got {float(lat[bad].reshape(-1)[0])}"
+            )
         raise ValueError("latlon: longitudes must be finite")
-    lat, lon = lat * (math.pi / 180), lon * (math.pi / 180)
-    clat = xp.cos(lat)
-    return xp.stack([clat * xp.cos(lon), clat * xp.sin(lon), xp.sin(lat)], -1)
+    radians = latlon * (math.pi / 180)
+    cos, sin = xp.cos(radians), xp.sin(radians)
+    clat = cos[..., 0]
+    return xp.stack([clat * cos[..., 1], clat * sin[..., 1], sin[..., 0]], -1)
 
 
 def xyz_to_latlon(xyz):

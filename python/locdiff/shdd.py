@@ -15,6 +15,7 @@ True
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -143,10 +144,23 @@ def encode(latlon, degree: int, smoothing=None):
     if not t.is_floating_point():
         t = t.double()
     c = spherical_harmonics(latlon_to_xyz(t), degree)
-    w = smoothing_factors(degree, smoothing, dtype=c.dtype, device=c.device)
-    if w is not None:
-        c = c * w.repeat_interleave(2 * torch.arange(degree + 1, device=c.device) + 1)
-    return _out(c, numpy)
+    if smoothing is None:
+        return _out(c, numpy)
+    if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool):
+        w = _heat_kernel_weights(degree, smoothing, c.dtype, c.device)
+    else:
+        w = smoothing_factors(degree, smoothing, dtype=c.dtype, device=c.device)
+        w = w.repeat_interleave(2 * torch.arange(degree + 1, device=c.device) + 1)
+    return _out(c * w, numpy)
+
+
+@functools.lru_cache(maxsize=64)
+def _heat_kernel_weights(degree: int, smoothing: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """smoothing_factors for a bandwidth, per coefficient ((L+1)^2,): a training loop encodes
+    its targets with one bandwidth every step, and building these took longer than the
+    harmonics (40 us against 10 at L = 16). Read-only by use: encode only multiplies by it."""
+    w = smoothing_factors(degree, smoothing, dtype=dtype, device=device)
+    return w.repeat_interleave(2 * torch.arange(degree + 1, device=device) + 1)
 
 
 # ---- grid evaluation --------------------------------------------------------------------------
