@@ -149,18 +149,21 @@ def encode(latlon, degree: int, smoothing=None):
     if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool):
         w = _heat_kernel_weights(degree, smoothing, c.dtype, c.device)
     else:
-        w = smoothing_factors(degree, smoothing, dtype=c.dtype, device=c.device)
-        w = w.repeat_interleave(2 * torch.arange(degree + 1, device=c.device) + 1)
+        w = _per_coefficient(smoothing_factors(degree, smoothing, dtype=c.dtype, device=c.device), degree)
     return _out(c * w, numpy)
+
+
+def _per_coefficient(per_degree: torch.Tensor, degree: int) -> torch.Tensor:
+    """(L+1,) factors -> ((L+1)^2,): degree l's factor on each of its 2l+1 coefficients."""
+    return per_degree.repeat_interleave(2 * torch.arange(degree + 1, device=per_degree.device) + 1)
 
 
 @functools.lru_cache(maxsize=64)
 def _heat_kernel_weights(degree: int, smoothing: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """smoothing_factors for a bandwidth, per coefficient ((L+1)^2,): a training loop encodes
-    its targets with one bandwidth every step, and building these took longer than the
+    """smoothing_factors for a bandwidth, per coefficient: a training loop encodes its
+    targets with one bandwidth every step, and building these took longer than the
     harmonics (40 us against 10 at L = 16). Read-only by use: encode only multiplies by it."""
-    w = smoothing_factors(degree, smoothing, dtype=dtype, device=device)
-    return w.repeat_interleave(2 * torch.arange(degree + 1, device=device) + 1)
+    return _per_coefficient(smoothing_factors(degree, smoothing, dtype=dtype, device=device), degree)
 
 
 # ---- grid evaluation --------------------------------------------------------------------------
