@@ -91,6 +91,21 @@ def test_the_limit_evicts_the_oldest_blocks(pool, rng):
     assert {a.data_ptr() for a in again} == set(addresses[1:])
 
 
+def test_the_last_released_block_is_reused_first(pool, rng):
+    # A loop that makes and drops one output at a time must keep writing the same block
+    # (still in cache), not cycle through every cached block of that size.
+    locdiff.set_output_cache(0)
+    locdiff.set_output_cache(1 << 30)
+    xyz = torch.tensor(rng.normal(size=(ROWS, 3)))
+    first, second = locdiff.spherical_harmonics(xyz, DEGREE), locdiff.spherical_harmonics(xyz, DEGREE)
+    newest = second.data_ptr()
+    del first, second  # both cached, second released last
+    for _ in range(3):
+        y = locdiff.spherical_harmonics(xyz, DEGREE)
+        assert y.data_ptr() == newest
+        del y
+
+
 def test_threads_get_their_own_blocks(pool, rng):
     inputs = [torch.tensor(rng.normal(size=(ROWS, 3))) for _ in range(4)]
     expected = [unpooled(x, DEGREE) for x in inputs]

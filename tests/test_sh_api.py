@@ -20,18 +20,26 @@ def test_matches_reference(dtype, degree, rng):
     assert_close(locdiff.spherical_harmonics(xyz, degree), spherical_harmonics_reference(xyz, degree))
 
 
-@pytest.mark.parametrize("dtype,degree", [(torch.float64, 4), (torch.float64, 16), (torch.float32, 8),
-                                          (torch.float32, 20)])
+@pytest.mark.parametrize("dtype,degree", [(torch.float64, 4), (torch.float64, 16), (torch.float32, 5),
+                                          (torch.float32, 8), (torch.float32, 20)])
 def test_large_outputs_streamed_out_match(dtype, degree, rng):
     # Outputs of 4 MB and more leave through non-temporal stores of whole blocks at
-    # 4 <= L <= 16 in float64 and 8 <= L <= 20 in float32 (sh_cpu_small.cpp): the same values
-    # as the direct stores of a small call, with a partial last block, and against the
-    # reference on a sample.
+    # 4 <= L <= 16 in float64 and L = 5, 8 <= L <= 20 in float32 (sh_cpu_small.cpp): the
+    # same values as the direct stores of a small call, with a partial last block, and
+    # against the reference on a sample; also into buffers 8 and 16 bytes off the 32-byte
+    # alignment of the 32-byte streaming stores (16: the 16-byte ones; 8: no streaming).
     n = (4 << 20) // (dtype.itemsize * (degree + 1) ** 2) + 13
     xyz = torch.tensor(rng.normal(size=(n, 3)), dtype=dtype)
     big = locdiff.spherical_harmonics(xyz, degree)
     small = torch.cat([locdiff.spherical_harmonics(xyz[i:i + 1000], degree) for i in range(0, n, 1000)])
     assert torch.equal(big, small)
+    K = (degree + 1) ** 2
+    for offset_bytes in (8, 16):
+        skip = offset_bytes // dtype.itemsize
+        buffer = torch.full((n * K + skip,), float("nan"), dtype=dtype)[skip:].view(n, K)
+        assert buffer.data_ptr() % 32 == offset_bytes
+        locdiff.spherical_harmonics(xyz, degree, out=buffer)
+        assert torch.equal(buffer, big)
     rows = torch.cat([torch.arange(16), torch.arange(n - 16, n)])
     xyz = xyz.double()
     assert_close(big[rows].double(), spherical_harmonics_reference(xyz[rows], degree),

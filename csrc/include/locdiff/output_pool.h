@@ -6,8 +6,9 @@
 // the harmonics (L = 256, float64, AMD EPYC VM: 0.80 ns per value into a fresh output, 0.31
 // into a reused one). torch's CPU allocator caches nothing; this pool keeps freed blocks,
 // 2 MiB aligned and advised for transparent huge pages, up to a byte limit, and hands back
-// the smallest cached block that fits. Peak memory is unchanged (a cached block was live
-// before it was freed); what the cache holds is given back by set_limit(0).
+// the smallest cached block that fits (the last released among equals: the likeliest to be
+// still in cache). Peak memory is unchanged (a cached block was live before it was freed);
+// what the cache holds is given back by set_limit(0).
 #pragma once
 
 #include <cstddef>
