@@ -75,11 +75,12 @@ def check_hard_and_random_points(degree, dtype, orders, rng):
 
 
 # At low degree the CPU forward computes full blocks in vector registers: four points at a
-# time in float64 up to L = 3 (csrc/cpu/sh_register_group.h), eight at a time in float32
-# arithmetic for float32 at L = 3-5 (csrc/cpu/sh_float_lanes.h), and falls back to its
-# block kernel for partial blocks and rows that need scaling.
+# time up to L = 3, and in float64 up to L = 16 (csrc/cpu/sh_register_group.h), eight at a
+# time in float32 arithmetic for float32 at L = 3-5 (csrc/cpu/sh_float_lanes.h), and falls
+# back to its block kernel for partial blocks and rows that need scaling (float32 at
+# L = 6-16 here).
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("degree", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("degree", [1, 2, 3, 4, 5, 9, 16])
 def test_register_kernel_degrees_against_mpmath(degree, dtype, rng):
     check_hard_and_random_points(degree, dtype, range(degree + 1), rng)
 

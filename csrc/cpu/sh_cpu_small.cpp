@@ -240,10 +240,10 @@ constexpr bool may_stream() {
   return LOCDIFF_STREAM_STORES && (std::is_same_v<T, double> ? 4 <= L && L <= 16 : L == 5 || (8 <= L && L <= 20));
 }
 
-// A full block at 1 <= L <= kRegisterDegreeMax by register groups, straight into the output
-// (never streamed at these degrees). Falls back to forward_block_fixed (inlined here, so one
-// clone dispatch per block) for partial blocks and for points that need the careful path,
-// rewriting what the groups wrote.
+// A full block at 1 <= L <= kRegisterDegreeMax<T> by register groups, straight into the output
+// or, where it streams (float64 from L = 4), into an L1 tile that non-temporal stores copy out.
+// Falls back to forward_block_fixed (inlined here, so one clone dispatch per block) for
+// partial blocks and for points that need the careful path, rewriting what the groups wrote.
 template <typename T, int L>
 LOCDIFF_CLONES int forward_block(const T* xyz, int count, Block& bk, T* out, bool stream) {
   if constexpr (std::is_same_v<T, float> && cpu::kFloatLanesMinDegree <= L && L <= cpu::kFloatLanesMaxDegree) {
@@ -262,14 +262,29 @@ LOCDIFF_CLONES int forward_block(const T* xyz, int count, Block& bk, T* out, boo
 #endif
       if (cpu::sh_float_block<L>(xyz, float_tables, out)) return -1;
     }
-  } else if constexpr (1 <= L && L <= cpu::kRegisterDegreeMax) {
+  } else if constexpr (1 <= L && L <= cpu::kRegisterDegreeMax<T>) {
     constexpr int K = (L + 1) * (L + 1), kGroup = 4;
     static_assert(kLanes % kGroup == 0, "a block is whole register groups");
-    static_assert(!may_stream<T, L>(), "register groups store straight into the output");
-    bool done = count == kLanes;
-    for (int g = 0; done && g < kLanes; g += kGroup)
-      done = cpu::sh_register_group<T, L>(xyz + 3 * g, small_tables(), out + g * K);
-    if (done) return -1;
+    if (count == kLanes) {
+#if LOCDIFF_STREAM_STORES
+      if (may_stream<T, L>() && stream) {
+        alignas(64) T tile[kLanes * K];
+        bool done = true;
+        for (int g = 0; done && g < kLanes; g += kGroup)
+          done = cpu::sh_register_group<T, L>(xyz + 3 * g, small_tables(), tile + g * K);
+        if (done) {
+          stream_copy(tile, out, kLanes * K);
+          return -1;
+        }
+      } else
+#endif
+      {
+        bool done = true;
+        for (int g = 0; done && g < kLanes; g += kGroup)
+          done = cpu::sh_register_group<T, L>(xyz + 3 * g, small_tables(), out + g * K);
+        if (done) return -1;
+      }
+    }
   }
   return forward_block_fixed<T, L>(xyz, count, bk, out, stream);
 }

@@ -11,12 +11,14 @@ namespace locdiff {
 // Forward, by degree (measured on AVX2, two threads unless noted, float64 / float32 ns per
 // value; L = 32: small 0.29 / 0.16, lanes 0.19 / 0.14; L = 64: lanes 0.26 / 0.19, per point
 // 0.43 / 0.29):
-// - registers (sh_register_group.h) for the full blocks of small at 1 <= L <= 3: four points
-//   at a time with every value in a vector variable, nothing stored but the output. On the
+// - registers (sh_register_group.h) for the full blocks of small at 1 <= L <= 3, and at
+//   L <= 16 in float64 (1.03-1.27x the block kernel there; kRegisterDegreeMax says where it
+//   was measured): four points at a time with every value in a vector variable, nothing
+//   stored but the output (through an L1 tile where it streams). On the
 //   Intel Xeon VM (benchmarks/sh_kernel_ab.py: 32768 points, a reused buffer, one thread, ns
 //   per point), small before cpu::fill_lanes -> small -> registers: float64 L = 1, 2, 3:
 //   4.4 -> 3.0 -> 2.5, 9.6 -> 8.2 -> 5.5, 14.3 -> 12.8 -> 8.4; float32 8.0 -> 3.5 -> 3.1,
-//   9.8 -> 8.5 -> 6.6, 12.3 -> 11.0 -> 10.1 (at L = 4: level or slower, so small keeps it).
+//   9.8 -> 8.5 -> 6.6, 12.3 -> 11.0 -> 10.1.
 // - float lanes (sh_float_lanes.h) for the full blocks of float32 output at 3 <= L <= 5:
 //   eight points a vector in float32 arithmetic (normalisation and m = 0 in float64). Same
 //   machine and tool, block kernel (registers at L = 3) -> float lanes: L = 3, 4, 5: 12.3 ->

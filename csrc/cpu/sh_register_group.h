@@ -1,12 +1,12 @@
-// Spherical harmonics of four points at a compile-time degree L <= kRegisterDegreeMax, every
+// Spherical harmonics of four points at a compile-time degree L <= kRegisterDegreeMax<T>, every
 // value a 4-lane vector variable (registers, or spill slots of the same width). Internal to
 // csrc/cpu; sh_cpu_small.cpp runs it on each half of its blocks of kPointLanes points.
 //
-// Why a second low-degree path: at L <= 3 a point has at most 16 outputs, so the block
-// kernel's round trips through memory (the normalised block, the powers of x + i y, the
-// columns of Qbar, the lane-major tile) cost more than the arithmetic, and some of them
+// Why a second low-degree path: at low degree a point has few outputs (16 at L = 3), so the
+// block kernel's round trips through memory (the normalised block, the powers of x + i y,
+// the columns of Qbar, the lane-major tile) cost more than the arithmetic, and some of them
 // (narrow stores read back by wide loads) stall on store forwarding. Here nothing but the
-// output is stored. Same Cartesian form and recurrence as the block kernel:
+// output (and what the compiler spills) is stored. Same Cartesian form and recurrence as the block kernel:
 //   Y_l,+-m = sqrt2 Qbar_lm(z) Re/Im (x + i y)^m.
 #pragma once
 
@@ -25,9 +25,18 @@
 namespace locdiff {
 namespace cpu {
 
-// At L = 4 the 25 values outgrow the 16 vector registers, and A/B runs on the Intel Xeon VM
-// came out level or up to 1.3x slower than the block kernel.
-constexpr int kRegisterDegreeMax = 3;
+// Float64 up to L = 16: past L = 3 the (L+1)^2 values outgrow the 16 vector registers and
+// spill, yet the groups still beat the block kernel's round trips through memory (on the
+// Intel Xeon VM with 480 MB of L3, two threads, the extension's forward alone, block kernel /
+// groups, 16k and 160k points, both streamed through an L1 tile: L = 4-8 1.10-1.27x, 9-16
+// 1.03-1.13x; one thread into an L2-resident buffer, L = 4 10.7 -> 8.9 ns per point, L = 5
+// 13.1 -> 9.8). At L = 17-18, whose outputs are not streamed, the groups' transposed stores
+// into a large output ran 0.76-0.82x. (An earlier A/B at L = 4, with direct stores against
+// the block kernel's streamed ones, came out level or slower.) Float32 stays at L <= 3:
+// from L = 6 its groups (float64 arithmetic) measured 0.93-1.15x, and at L = 3-5 the float32
+// lanes of sh_float_lanes.h are faster.
+template <typename T>
+constexpr int kRegisterDegreeMax = std::is_same_v<T, double> ? 16 : 3;
 
 // {p[0], p[3], p[6], p[9]}: one coordinate of four points, built in registers (writing lanes
 // to memory and reading them back as a vector would stall on store forwarding).
@@ -43,7 +52,7 @@ LOCDIFF_INLINE Double4 strided4(const T* p) {
 // All arithmetic in float64, float32 output included (as the other CPU kernels).
 template <typename T, int L, typename Tables>
 LOCDIFF_INLINE bool sh_register_group(const T* xyz, const Tables& tb, T* dst) {
-  static_assert(1 <= L && L <= kRegisterDegreeMax, "degree outside the register path");
+  static_assert(1 <= L && L <= kRegisterDegreeMax<T>, "degree outside the register path");
   constexpr int K = (L + 1) * (L + 1);
   Double4 x = strided4(xyz), y = strided4(xyz + 1), z = strided4(xyz + 2);
   const Double4 r2 = x * x + y * y + z * z;
