@@ -138,6 +138,25 @@ __attribute__((always_inline)) inline void stream_copy(const T* tile, T* out, in
 }
 #endif
 
+// One full block of kTotal values (kLanes points, contiguous in the output): compute(dst)
+// writes them to dst, the output itself or, when `stream`, an L1 tile that non-temporal
+// stores then copy out. compute returns false for a block it cannot take (nothing is
+// streamed then; the caller redoes the block), and so does this.
+template <typename T, int kTotal, typename Compute>
+__attribute__((always_inline)) inline bool write_full_block(T* out, bool stream, Compute compute) {
+#if LOCDIFF_STREAM_STORES
+  if (stream) {
+    alignas(64) T tile[kTotal];
+    if (!compute(tile)) return false;
+    stream_copy(tile, out, kTotal);
+    return true;
+  }
+#else
+  (void)stream;
+#endif
+  return compute(out);
+}
+
 // Writes `count` points of cols[K][kLanes] (lane-major) to out (point-major, K per point).
 // Two ways for a full block, by `stream`: transposed stores straight into the output, or
 // transposed into an L1 tile that non-temporal stores then copy out. A full block's values
@@ -153,20 +172,12 @@ __attribute__((always_inline)) inline void store_point_major(const T (&cols)[K][
       for (int k = 0; k < K; ++k) out[int64_t(p) * K + k] = cols[k][p];
     return;
   }
-#if LOCDIFF_STREAM_STORES
   // kLanes * K values fill whole 32-byte vectors (8K values: a multiple of 4 and of 8), and
   // out is 16-byte aligned (forward_fixed checks).
-  if (stream) {
-    constexpr int kTotal = kLanes * K;
-    alignas(64) T tile[kTotal];
-    transpose_block(cols, tile);
-    stream_copy(tile, out, kTotal);
-    return;
-  }
-#else
-  (void)stream;
-#endif
-  transpose_block(cols, out);
+  write_full_block<T, kLanes * K>(out, stream, [&](T* dst) LOCDIFF_LAMBDA_INLINE {
+    transpose_block(cols, dst);
+    return true;
+  });
 }
 
 // One block of points at compile-time degree L: every loop bound is a constant, so the
@@ -249,42 +260,20 @@ LOCDIFF_CLONES int forward_block(const T* xyz, int count, Block& bk, T* out, boo
   if constexpr (std::is_same_v<T, float> && cpu::kFloatLanesMinDegree <= L && L <= cpu::kFloatLanesMaxDegree) {
     static_assert(kLanes == 8, "a block is one vector of float32 lanes");
     static const cpu::FloatTables<cpu::kFloatLanesMaxDegree> float_tables(small_tables());
-    if (count == kLanes) {
-#if LOCDIFF_STREAM_STORES
-      if (stream) {
-        constexpr int kTotal = kLanes * (L + 1) * (L + 1);
-        alignas(64) float tile[kTotal];
-        if (cpu::sh_float_block<L>(xyz, float_tables, tile)) {
-          stream_copy(tile, out, kTotal);
-          return -1;
-        }
-      } else
-#endif
-      if (cpu::sh_float_block<L>(xyz, float_tables, out)) return -1;
-    }
+    const auto float_block = [&](float* dst) LOCDIFF_LAMBDA_INLINE {
+      return cpu::sh_float_block<L>(xyz, float_tables, dst);
+    };
+    if (count == kLanes && write_full_block<float, kLanes * (L + 1) * (L + 1)>(out, stream, float_block)) return -1;
   } else if constexpr (1 <= L && L <= cpu::kRegisterDegreeMax<T>) {
     constexpr int K = (L + 1) * (L + 1), kGroup = 4;
     static_assert(kLanes % kGroup == 0, "a block is whole register groups");
-    if (count == kLanes) {
-#if LOCDIFF_STREAM_STORES
-      if (may_stream<T, L>() && stream) {
-        alignas(64) T tile[kLanes * K];
-        bool done = true;
-        for (int g = 0; done && g < kLanes; g += kGroup)
-          done = cpu::sh_register_group<T, L>(xyz + 3 * g, small_tables(), tile + g * K);
-        if (done) {
-          stream_copy(tile, out, kLanes * K);
-          return -1;
-        }
-      } else
-#endif
-      {
-        bool done = true;
-        for (int g = 0; done && g < kLanes; g += kGroup)
-          done = cpu::sh_register_group<T, L>(xyz + 3 * g, small_tables(), out + g * K);
-        if (done) return -1;
-      }
-    }
+    const auto register_groups = [&](T* dst) LOCDIFF_LAMBDA_INLINE {
+      bool done = true;
+      for (int g = 0; done && g < kLanes; g += kGroup)
+        done = cpu::sh_register_group<T, L>(xyz + 3 * g, small_tables(), dst + g * K);
+      return done;
+    };
+    if (count == kLanes && write_full_block<T, kLanes * K>(out, stream, register_groups)) return -1;
   }
   return forward_block_fixed<T, L>(xyz, count, bk, out, stream);
 }

@@ -6,7 +6,8 @@
 // block kernel's round trips through memory (the normalised block, the powers of x + i y,
 // the columns of Qbar, the lane-major tile) cost more than the arithmetic, and some of them
 // (narrow stores read back by wide loads) stall on store forwarding. Here nothing but the
-// output (and what the compiler spills) is stored. Same Cartesian form and recurrence as the block kernel:
+// output (and what the compiler spills) is stored. Same Cartesian form and recurrence as
+// the block kernel:
 //   Y_l,+-m = sqrt2 Qbar_lm(z) Re/Im (x + i y)^m.
 #pragma once
 
