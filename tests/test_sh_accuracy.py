@@ -75,23 +75,23 @@ def check_hard_and_random_points(degree, dtype, orders, rng):
 
 
 # At low degree the CPU forward computes full blocks in vector registers: four points at a
-# time up to L = 3, and in float64 up to L = 16 (csrc/cpu/sh_register_group.h), eight at a
-# time in float32 arithmetic for float32 at L = 3-5 (csrc/cpu/sh_float_lanes.h), and falls
-# back to its block kernel for partial blocks and rows that need scaling (float32 at
-# L = 6-16 here).
+# time up to L = 3, and on CPUs with AVX2 up to L = 20 (float64 from L = 4, float32 from
+# L = 6; csrc/cpu/sh_register_group.h), eight at a time in float32 arithmetic for float32 at
+# L = 3-5 (csrc/cpu/sh_float_lanes.h), and falls back to its block kernel for partial blocks
+# and rows that need scaling.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("degree", [1, 2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize("degree", [1, 2, 3, 4, 5, 6, 9, 16, 20])
 def test_register_kernel_degrees_against_mpmath(degree, dtype, rng):
     check_hard_and_random_points(degree, dtype, range(degree + 1), rng)
 
 
-# The CPU forward runs points in SIMD lanes, degree by degree, from L = 19 (float64) or 25
+# The CPU forward runs points in SIMD lanes, degree by degree, from L = 21 (float64) or 25
 # (float32) to L = 320, or 512 on Intel CPUs given a block of 8 points per thread
 # (csrc/cpu/sh_cpu_small.h), in the Cartesian form with the plain recurrence: its errors
 # grow toward the poles and with the degree, so check both ends. (16 points here: two
 # blocks, so L = 512 takes the lanes where they run to 512 with up to two threads.)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("degree", [19, 25, 64, 320, 512])
+@pytest.mark.parametrize("degree", [21, 25, 64, 320, 512])
 def test_lane_kernel_degrees_against_mpmath(degree, dtype, rng):
     orders = sorted({0, 1, 2, 3, 4, 5, degree // 3, degree // 2, degree - 4, degree - 3, degree - 1, degree})
     check_hard_and_random_points(degree, dtype, orders, rng)
@@ -100,7 +100,7 @@ def test_lane_kernel_degrees_against_mpmath(degree, dtype, rng):
 # Up to two points per thread take the per-point kernel at every degree above the small ones
 # (sh_cpu.cpp few_points), in float32 as in float64: one point at a time here.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("degree", [19, 64, 320])
+@pytest.mark.parametrize("degree", [21, 64, 320])
 def test_single_points_against_mpmath(degree, dtype, rng):
     points = np.concatenate([np.array(list(HARD_POINTS.values())), random_points(rng, 2)])
     for p in points:
@@ -150,10 +150,10 @@ def test_lane_backward_near_the_poles_matches_the_per_point_kernel(rng):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("degree", [2, 3, 4, 5, 19, 40, 320])
+@pytest.mark.parametrize("degree", [2, 3, 4, 5, 12, 20, 21, 40, 320])
 def test_partial_point_blocks_match_full_blocks(degree, dtype, rng):
     # Lanes hold 8 points and leave in halves of 4; a batch of n points ends in a block of
-    # n mod 8, whose stores are cut per point. From L = 19 (float64) or 25 (float32), up to
+    # n mod 8, whose stores are cut per point. From L = 21 (float64) or 25 (float32), up to
     # two points per thread take the per-point kernel instead (sh_cpu.cpp few_points): n = 1,
     # 3 and 4 here, on two threads, must agree with the lanes to the same bound. (Such a block normalises its points by the
     # careful path: its directions may differ from a full block's by a few ulp, which moves

@@ -9,12 +9,19 @@
 namespace locdiff {
 namespace cpu {
 
+// The default `after` of cartesian_orders: nothing between values.
+struct NoHook {
+  LOCDIFF_INLINE void operator()() const {}
+};
+
 // Fills v[l * l + l +- m] for kFirstOrder <= m <= L from the unit vector (x, y, z). seed(m)
 // is Qbar_mm, times sqrt2 for m > 0 (the recurrence is linear, so the factor rides along
 // into every Y_l,+-m); tb.a[l][m], tb.b[l][m] are the recurrence coefficients of
 // sh_cpu_small.cpp (a[m+1][m] = sqrt(2m+3)), in V's element type or one converting to it.
-template <int L, int kFirstOrder, typename V, typename Tables, typename Seed>
-LOCDIFF_INLINE void cartesian_orders(V x, V y, V z, const Tables& tb, Seed seed, V* v) {
+// after() runs once after each value is written to v, to interleave other work (stores of a
+// previous result) with the arithmetic.
+template <int L, int kFirstOrder, typename V, typename Tables, typename Seed, typename After = NoHook>
+LOCDIFF_INLINE void cartesian_orders(V x, V y, V z, const Tables& tb, Seed seed, V* v, After after = {}) {
   static_assert(kFirstOrder == 0 || kFirstOrder == 1, "the powers of x + i y start at m = 0 or 1");
   V re = kFirstOrder == 0 ? V{} + 1 : x, im = kFirstOrder == 0 ? V{} : y;  // (x + i y)^m
 #pragma GCC unroll 8
@@ -32,9 +39,12 @@ LOCDIFF_INLINE void cartesian_orders(V x, V y, V z, const Tables& tb, Seed seed,
       const int k = l * l + l;
       if (m == 0) {
         v[k] = q;
+        after();
       } else {
         v[k + m] = q * re;
+        after();
         v[k - m] = q * im;
+        after();
       }
     }
     const V re_next = re * x - im * y;

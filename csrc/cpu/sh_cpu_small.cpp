@@ -15,6 +15,12 @@
 #else
 #define LOCDIFF_STREAM_STORES 0
 #endif
+// forward_groups_v3: GCC's x86-64-v3 target and ISA-level dispatch (as LOCDIFF_CLONES).
+#if LOCDIFF_STREAM_STORES && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LOCDIFF_GROUPS_V3 1
+#else
+#define LOCDIFF_GROUPS_V3 0
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -243,7 +249,8 @@ LOCDIFF_INLINE int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
 // / 0.57-0.60, so float32 streams from L = 8 (level there on the EPYC). The float lanes
 // (float32, L = 3-5) stream through an L1 tile at L = 5 only: on the VM, 200k points, two
 // threads, direct / streamed ns per point: L = 3: 5.10 / 7.15, L = 4: 12.2 / 12.4, L = 5:
-// 15.7 / 12.4.
+// 15.7 / 12.4. The register groups of forward_groups_v3 stream float64 at 17 <= L <= 20 too:
+// their tiles are of four points.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 template <typename T, int L>
@@ -251,7 +258,11 @@ constexpr bool may_stream() {
   return LOCDIFF_STREAM_STORES && (std::is_same_v<T, double> ? 4 <= L && L <= 16 : L == 5 || (8 <= L && L <= 20));
 }
 
-// A full block at 1 <= L <= kRegisterDegreeMax<T> by register groups, straight into the output
+// Where the portable clone (and every CPU at L <= 3) runs the register groups.
+template <typename T>
+constexpr int kPortableGroupMax = std::is_same_v<T, double> ? 16 : 3;
+
+// A full block at 1 <= L <= kPortableGroupMax<T> by register groups, straight into the output
 // or, where it streams (float64 from L = 4), into an L1 tile that non-temporal stores copy out.
 // Falls back to forward_block_fixed (inlined here, so one clone dispatch per block) for
 // partial blocks and for points that need the careful path, rewriting what the groups wrote.
@@ -264,7 +275,7 @@ LOCDIFF_CLONES int forward_block(const T* xyz, int count, Block& bk, T* out, boo
       return cpu::sh_float_block<L>(xyz, float_tables, dst);
     };
     if (count == kLanes && write_full_block<float, kLanes * (L + 1) * (L + 1)>(out, stream, float_block)) return -1;
-  } else if constexpr (1 <= L && L <= cpu::kRegisterDegreeMax<T>) {
+  } else if constexpr (1 <= L && L <= kPortableGroupMax<T>) {
     constexpr int K = (L + 1) * (L + 1), kGroup = 4;
     static_assert(kLanes % kGroup == 0, "a block is whole register groups");
     const auto register_groups = [&](T* dst) LOCDIFF_LAMBDA_INLINE {
@@ -278,11 +289,113 @@ LOCDIFF_CLONES int forward_block(const T* xyz, int count, Block& bk, T* out, boo
   return forward_block_fixed<T, L>(xyz, count, bk, out, stream);
 }
 
+#if LOCDIFF_GROUPS_V3
+// The register groups at groups_v3 degrees on CPUs with AVX2, streamed or not. Every such
+// call takes this one function, so a point's values are the same bits whatever the batch
+// size or the output's alignment (the compiler fuses multiply-adds per inlining context, so
+// two call sites could differ in the last bit; tests/test_sh_api.py checks).
+// Streamed, it is a pipeline: each group of four points computes into one of two L1 tiles
+// while the previous group's tile goes out, one non-temporal store of four values after each
+// value computed (a tile holds 4K values: K such stores). Streaming a whole finished block at
+// once, as write_full_block does, stalls the core until the store and fill buffers drain, so
+// compute and memory took turns: on the Intel Xeon VM with 480 MB of L3, two threads,
+// float64 L = 16 took 49 ns per point into an L2-resident output and 80 into a large
+// streamed one (62 pipelined); at 160k points, block kernel / pipelined groups, float64
+// L = 4, 12: 1.13x, 1.27x.
+const bool kCpuHasV3 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v3"));
+
+template <typename T, int L>
+constexpr bool groups_v3() {
+  return (std::is_same_v<T, double> ? 4 : 6) <= L && L <= cpu::kRegisterDegreeMax;
+}
+
+template <typename T, int L, bool stream>
+__attribute__((target("arch=x86-64-v3"))) int64_t forward_groups_v3(const T* xyz, int64_t n, T* out,
+                                                                     int num_threads) {
+  constexpr int K = (L + 1) * (L + 1), kGroup = 4, kTile = kGroup * K;
+  // 32-byte streaming stores where out is 32-byte aligned (then so is every group: 4K
+  // values), pairs of 16-byte ones where it is 16-byte aligned.
+  const bool wide = std::is_same_v<T, double> && reinterpret_cast<std::uintptr_t>(out) % 32 == 0;
+  const int64_t blocks = (n + kLanes - 1) / kLanes;
+  int64_t first_bad = n;
+#pragma omp parallel num_threads(std::max(1, num_threads)) reduction(min : first_bad)
+  {
+    Block bk;
+    alignas(64) T tiles[2][kTile];
+    int current = 0;
+    const T* src = nullptr;  // the previous group's tile, still going out to dst
+    const T* src_end = nullptr;
+    T* dst = nullptr;
+    const auto drain_one = [&]() LOCDIFF_LAMBDA_INLINE {
+      if (src == src_end) return;
+      // In asm: the lambda is compiled for the portable target, where AVX intrinsics do not
+      // inline; it only runs inlined into this x86-64-v3 function.
+      if constexpr (std::is_same_v<T, float>) {
+        asm volatile("vmovaps %1, %%xmm15\n\tvmovntps %%xmm15, %0"
+                     : "=m"(*reinterpret_cast<float(*)[4]>(dst))
+                     : "m"(*reinterpret_cast<const float(*)[4]>(src))
+                     : "xmm15");
+      } else if (wide) {
+        asm volatile("vmovapd %1, %%ymm15\n\tvmovntpd %%ymm15, %0"
+                     : "=m"(*reinterpret_cast<cpu::Double4*>(dst))
+                     : "m"(*reinterpret_cast<const cpu::Double4*>(src))
+                     : "xmm15");
+      } else {
+        asm volatile("vmovapd %2, %%xmm15\n\tvmovntpd %%xmm15, %0\n\tvmovapd %3, %%xmm15\n\tvmovntpd %%xmm15, %1"
+                     : "=m"(*reinterpret_cast<double(*)[2]>(dst)), "=m"(*reinterpret_cast<double(*)[2]>(dst + 2))
+                     : "m"(*reinterpret_cast<const double(*)[2]>(src)), "m"(*reinterpret_cast<const double(*)[2]>(src + 2))
+                     : "xmm15");
+      }
+      src += 4;
+      dst += 4;
+    };
+    const auto drain_all = [&]() LOCDIFF_LAMBDA_INLINE {
+      while (src != src_end) drain_one();
+    };
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first = b * kLanes;
+      const int count = int(std::min<int64_t>(kLanes, n - first));
+      T* block_out = out + K * first;
+      bool done = count == kLanes;
+      for (int g = 0; done && g < kLanes; g += kGroup) {
+        T* group_out = block_out + g * K;
+        T* tile = stream ? tiles[current] : group_out;
+        if constexpr (stream) done = cpu::sh_register_group<T, L>(xyz + 3 * (first + g), small_tables(), tile, drain_one);
+        else done = cpu::sh_register_group<T, L>(xyz + 3 * (first + g), small_tables(), tile);
+        if (done && stream) {
+          drain_all();  // a no-op: the group's K values drained the K stores of the last tile
+          src = tile;
+          src_end = tile + kTile;
+          dst = group_out;
+          current ^= 1;
+        }
+      }
+      if (done) continue;
+      drain_all();  // what was computed of this block goes out; the careful path rewrites it
+      const int bad = forward_block_fixed<T, L>(xyz + 3 * first, count, bk, block_out, false);
+      if (bad >= 0) first_bad = std::min(first_bad, first + bad);
+    }
+    drain_all();
+    if (stream) _mm_sfence();  // streaming stores are weakly ordered: visible before the region ends
+  }
+  return first_bad == n ? -1 : first_bad;
+}
+#endif
+
 template <typename T, int L>
 int64_t forward_fixed(const T* xyz, int64_t n, T* out, int num_threads) {
   constexpr int64_t K = (L + 1) * (L + 1);
-  const bool stream = may_stream<T, L>() && n * K * int64_t(sizeof(T)) >= kStreamBytes &&
-                      reinterpret_cast<std::uintptr_t>(out) % 16 == 0;
+  const bool big = n * K * int64_t(sizeof(T)) >= kStreamBytes && reinterpret_cast<std::uintptr_t>(out) % 16 == 0;
+#if LOCDIFF_GROUPS_V3
+  if constexpr (groups_v3<T, L>()) {
+    if (kCpuHasV3) {
+      if (big && (may_stream<T, L>() || std::is_same_v<T, double>)) return forward_groups_v3<T, L, true>(xyz, n, out, num_threads);
+      return forward_groups_v3<T, L, false>(xyz, n, out, num_threads);
+    }
+  }
+#endif
+  const bool stream = big && may_stream<T, L>();
   const int64_t blocks = (n + kLanes - 1) / kLanes;
   int64_t first_bad = n;
 #pragma omp parallel num_threads(std::max(1, num_threads)) reduction(min : first_bad)

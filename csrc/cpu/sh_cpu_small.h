@@ -11,10 +11,11 @@ namespace locdiff {
 // Forward, by degree (measured on AVX2, two threads unless noted, float64 / float32 ns per
 // value; L = 32: small 0.29 / 0.16, lanes 0.19 / 0.14; L = 64: lanes 0.26 / 0.19, per point
 // 0.43 / 0.29):
-// - registers (sh_register_group.h) for the full blocks of small at 1 <= L <= 3, and at
-//   L <= 16 in float64 (1.03-1.27x the block kernel there; kRegisterDegreeMax says where it
-//   was measured): four points at a time with every value in a vector variable, nothing
-//   stored but the output (through an L1 tile where it streams). On the
+// - registers (sh_register_group.h) for the full blocks of small at 1 <= L <= 3, and on CPUs
+//   with AVX2 at 4 <= L <= 20 in float64 and 6 <= L <= 20 in float32 (elsewhere to L = 16 in
+//   float64; kRegisterDegreeMax says where each was measured): four points at a time with
+//   every value in a vector variable, nothing stored but the output (pipelined through two L1
+//   tiles where it streams: sh_cpu_small.cpp, forward_groups_v3). On the
 //   Intel Xeon VM (benchmarks/sh_kernel_ab.py: 32768 points, a reused buffer, one thread, ns
 //   per point), small before cpu::fill_lanes -> small -> registers: float64 L = 1, 2, 3:
 //   4.4 -> 3.0 -> 2.5, 9.6 -> 8.2 -> 5.5, 14.3 -> 12.8 -> 8.4; float32 8.0 -> 3.5 -> 3.1,
@@ -24,8 +25,9 @@ namespace locdiff {
 //   machine and tool, block kernel (registers at L = 3) -> float lanes: L = 3, 4, 5: 12.3 ->
 //   8.4, 18.4 -> 11.9, 24.2 -> 14.7; at L = 1, 2, 6, 7, 8 it was slower (0.58x, 0.92x,
 //   0.76-1.39x, 0.64x, 0.71x), so the range stops there.
-// - small (sh_cpu_small.cpp, compile-time degree, column by column through an L1 tile) up to
-//   kSmallForwardMax. Below L = 19 lanes is level in float64 at best, and with some output
+// - small (sh_cpu_small.cpp, compile-time degree, column by column through an L1 tile; the
+//   register groups within it) up to kSmallForwardMax. Below L = 19 lanes is level in
+//   float64 at best (at L = 19-20 the groups beat it 1.45-2.6x), and with some output
 //   addresses (relative to its scratch) twice as slow (one thread, L = 16: 0.35-0.82 against
 //   a steady 0.36); float32's tile holds twice the values, so small leads to higher L.
 // - lanes (sh_cpu_lanes.cpp, degree by degree, no tile) up to kLanesDegreeMax. Numerics:
@@ -46,7 +48,7 @@ namespace locdiff {
 //   have a handful).
 // - per point (sh_cpu.cpp) above: scaled seeds and Reinsch's form, exact to L = 2048.
 template <typename T>
-constexpr int kSmallForwardMax = std::is_same_v<T, double> ? 18 : 24;
+constexpr int kSmallForwardMax = std::is_same_v<T, double> ? 20 : 24;
 constexpr int kLanesDegreeMax = 512, kLanesDegreeMaxOther = 320;
 
 // Backward, by degree: lanes (sh_cpu_lanes.cpp, the forward's recurrence, then each group of

@@ -1,4 +1,4 @@
-// Spherical harmonics of four points at a compile-time degree L <= kRegisterDegreeMax<T>, every
+// Spherical harmonics of four points at a compile-time degree L <= kRegisterDegreeMax, every
 // value a 4-lane vector variable (registers, or spill slots of the same width). Internal to
 // csrc/cpu; sh_cpu_small.cpp runs it on each half of its blocks of kPointLanes points.
 //
@@ -26,18 +26,17 @@
 namespace locdiff {
 namespace cpu {
 
-// Float64 up to L = 16: past L = 3 the (L+1)^2 values outgrow the 16 vector registers and
-// spill, yet the groups still beat the block kernel's round trips through memory (on the
-// Intel Xeon VM with 480 MB of L3, two threads, the extension's forward alone, block kernel /
-// groups, 16k and 160k points, both streamed through an L1 tile: L = 4-8 1.10-1.27x, 9-16
-// 1.03-1.13x; one thread into an L2-resident buffer, L = 4 10.7 -> 8.9 ns per point, L = 5
-// 13.1 -> 9.8). At L = 17-18, whose outputs are not streamed, the groups' transposed stores
-// into a large output ran 0.76-0.82x. (An earlier A/B at L = 4, with direct stores against
-// the block kernel's streamed ones, came out level or slower.) Float32 stays at L <= 3:
-// from L = 6 its groups (float64 arithmetic) measured 0.93-1.15x, and at L = 3-5 the float32
-// lanes of sh_float_lanes.h are faster.
-template <typename T>
-constexpr int kRegisterDegreeMax = std::is_same_v<T, double> ? 16 : 3;
+// Where the groups run (sh_cpu_small.cpp routes): past L = 3 the (L+1)^2 values outgrow the
+// 16 vector registers and spill, yet the groups beat the block kernel's round trips through
+// memory. On CPUs with AVX2 (forward_groups_v3) they run float64 at 4 <= L <= 20 and float32
+// at 6 <= L <= 20; on the Intel Xeon VM with 480 MB of L3, two threads, block kernel (or, at
+// L = 19-20 in float64, the lanes kernel) / groups, ns per point into one reused output:
+// 160k points (streamed) float64 L = 4-16 1.05-1.32x, 17-20 2.3-3.1x, float32 L = 6-20
+// 1.03-1.27x; 1000-2000 points (not streamed) float64 L = 16-20 1.10-1.69x, float32 level to
+// 1.13x; 32 MB outputs float64 L = 4-20 1.06-1.43x. At L = 22-24 they spilled past L1 and ran
+// 0.82-0.98x at 32 MB. Elsewhere (the portable clone) float64 runs them to L = 16 and float32
+// to L = 3 (the float32 lanes of sh_float_lanes.h are faster at 3-5).
+constexpr int kRegisterDegreeMax = 20;
 
 // {p[0], p[3], p[6], p[9]}: one coordinate of four points, built in registers (writing lanes
 // to memory and reading them back as a vector would stall on store forwarding).
@@ -50,10 +49,11 @@ LOCDIFF_INLINE Double4 strided4(const T* p) {
 // [kOrdinaryMinR2, kOrdinaryMaxR2] (non-finite, zero, or too large or small to normalise
 // without scaling: the block kernel's careful path handles those). Tables: seed[m] = Qbar_mm, and the recurrence
 // coefficients a[l][m], b[l][m] (a[m+1][m] = sqrt(2m+3)), as in sh_cpu_small.cpp.
-// All arithmetic in float64, float32 output included (as the other CPU kernels).
-template <typename T, int L, typename Tables>
-LOCDIFF_INLINE bool sh_register_group(const T* xyz, const Tables& tb, T* dst) {
-  static_assert(1 <= L && L <= kRegisterDegreeMax<T>, "degree outside the register path");
+// All arithmetic in float64, float32 output included (as the other CPU kernels). after() runs
+// once after each of the K values is computed (forward_groups_v3 streams its last tile there).
+template <typename T, int L, typename Tables, typename After = NoHook>
+LOCDIFF_INLINE bool sh_register_group(const T* xyz, const Tables& tb, T* dst, After after = {}) {
+  static_assert(1 <= L && L <= kRegisterDegreeMax, "degree outside the register path");
   constexpr int K = (L + 1) * (L + 1);
   Double4 x = strided4(xyz), y = strided4(xyz + 1), z = strided4(xyz + 2);
   const Double4 r2 = x * x + y * y + z * z;
@@ -70,7 +70,7 @@ LOCDIFF_INLINE bool sh_register_group(const T* xyz, const Tables& tb, T* dst) {
 
   Double4 v[K];
   const auto seed = [&](int m) LOCDIFF_LAMBDA_INLINE { return m == 0 ? tb.seed[0] : kSqrt2 * tb.seed[m]; };
-  cartesian_orders<L, 0>(x, y, z, tb, seed, v);
+  cartesian_orders<L, 0>(x, y, z, tb, seed, v, after);
 
   // Four values of the four points at a time to point-major rows; the last K mod 4 (one, at
   // even L) by one more transpose over the last four, rewriting three with the same values.
