@@ -67,6 +67,9 @@ PYBIND11_MODULE(_C, m) {
 #endif
   }, "True when this build contains the CUDA kernels.");
 
+  m.def("sh_cpu_forward_path", [] { return std::string(locdiff::sh_cpu_forward_path()); },
+        "The low-degree CPU forward in use: 'x86-64-v3' or 'portable' (LOCDIFF_CPU_PORTABLE=1).");
+
   // ---- CPU output pool (locdiff/output_pool.h) ----------------------------------------
   py::class_<PooledBlock>(m, "PooledBlock", py::buffer_protocol(),
                           "Writable bytes from the CPU output pool; returned to it when freed.")

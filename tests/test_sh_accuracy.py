@@ -297,3 +297,35 @@ def test_bad_row_inside_a_full_block_is_named(degree, rng):
     xyz[40] = 0.0
     with pytest.raises(ValueError, match="xyz row 13 is non-finite"):
         locdiff.spherical_harmonics(xyz, degree)
+
+
+# The tests of the low-degree CPU forward, rerun with LOCDIFF_CPU_PORTABLE=1: the path of
+# CPUs without AVX2 (register groups to L = 16 in float64 and 3 in float32, the block kernel
+# above them, its own choice of streamed degrees), which CI's AVX2 hosts never take otherwise.
+PORTABLE_PATH_TESTS = [
+    "tests/test_sh_accuracy.py::test_register_kernel_degrees_against_mpmath",
+    "tests/test_sh_accuracy.py::test_partial_point_blocks_match_full_blocks",
+    "tests/test_sh_accuracy.py::test_extreme_rows_inside_full_blocks",
+    "tests/test_sh_accuracy.py::test_bad_row_inside_a_full_block_is_named",
+    "tests/test_sh_api.py::test_matches_reference",
+    "tests/test_sh_api.py::test_large_outputs_streamed_out_match",
+    "tests/test_sh_api.py::test_thread_count_does_not_change_results",
+]
+
+
+def test_portable_cpu_path_passes_the_low_degree_tests():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import SEED
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, LOCDIFF_CPU_PORTABLE="1", LOCDIFF_TEST_SEED=str(SEED))
+    probe = "from locdiff import _C; print(_C.sh_cpu_forward_path())"
+    path = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert path.stdout.strip() == "portable"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PORTABLE_PATH_TESTS],
+                         cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

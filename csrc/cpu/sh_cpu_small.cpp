@@ -25,11 +25,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "locdiff/sh_kernels.h"  // sh_cpu_forward_path
 #include "locdiff/sh_math.h"
 #include "lane_transpose.h"
 #include "legendre_tables.h"  // LOCDIFF_CLONES
@@ -302,7 +304,15 @@ LOCDIFF_CLONES int forward_block(const T* xyz, int count, Block& bk, T* out, boo
 // float64 L = 16 took 49 ns per point into an L2-resident output and 80 into a large
 // streamed one (62 pipelined); at 160k points, block kernel / pipelined groups, float64
 // L = 4, 12: 1.13x, 1.27x.
-const bool kCpuHasV3 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v3"));
+// LOCDIFF_CPU_PORTABLE=1 takes the path of CPUs without AVX2 (portable groups to
+// kPortableGroupMax, the block kernel above), so that the tests can check it on any host.
+bool cpu_has_v3() {
+  const char* portable = std::getenv("LOCDIFF_CPU_PORTABLE");
+  if (portable != nullptr && *portable != '\0' && std::strcmp(portable, "0") != 0) return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("x86-64-v3");
+}
+const bool kCpuHasV3 = cpu_has_v3();
 
 template <typename T, int L>
 constexpr bool groups_v3() {
@@ -465,6 +475,13 @@ LOCDIFF_CLONES void backward_block(const T* xyz, const T* grad, int count, int L
 }
 
 }  // namespace
+
+const char* sh_cpu_forward_path() {
+#if LOCDIFF_GROUPS_V3
+  if (kCpuHasV3) return "x86-64-v3";
+#endif
+  return "portable";
+}
 
 template <typename T>
 int64_t sh_cpu_small_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads) {

@@ -15,6 +15,9 @@ int64_t sh_cpu_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads)
 template <typename T>
 void sh_cpu_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_xyz,
                 int num_threads);
+// Which low-degree CPU forward runs: "x86-64-v3" (AVX2 register groups to L = 20) or
+// "portable" (other CPUs, or LOCDIFF_CPU_PORTABLE=1 when the library loads).
+const char* sh_cpu_forward_path();
 
 #ifdef LOCDIFF_WITH_CUDA
 template <typename T>
