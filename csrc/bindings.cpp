@@ -70,6 +70,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("sh_cpu_forward_path", [] { return std::string(locdiff::sh_cpu_forward_path()); },
         "The low-degree CPU forward in use: 'x86-64-v3' or 'portable' (LOCDIFF_CPU_PORTABLE=1).");
 
+  m.def("sh_cpu_lanes_stream_bytes", [](const std::string& dtype) {
+        int64_t bytes = 0;
+        dispatch_float(dtype, [&](auto zero) { bytes = locdiff::sh_cpu_lanes_stream_bytes(int(sizeof(zero))); });
+        return bytes;
+      }, py::arg("dtype"),
+        "From how many output bytes the mid-degree CPU forward streams (a quarter of the L3 in float64, half in float32).");
+
   // ---- CPU output pool (locdiff/output_pool.h) ----------------------------------------
   py::class_<PooledBlock>(m, "PooledBlock", py::buffer_protocol(),
                           "Writable bytes from the CPU output pool; returned to it when freed.")

@@ -46,6 +46,36 @@ def test_large_outputs_streamed_out_match(dtype, degree, rng):
                  atol=1e-12 if dtype == torch.float64 else 2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype,degree", [(torch.float64, 21), (torch.float64, 130), (torch.float32, 25),
+                                          (torch.float32, 64)])
+def test_large_mid_degree_outputs_streamed_out_match(dtype, degree, rng):
+    # From a quarter of the L3 in float64 and half in float32 (_C.sh_cpu_lanes_stream_bytes),
+    # the lane kernel's rows go through a stage and leave by whole cache lines of
+    # non-temporal stores, each row's first and last partial lines by ordinary ones
+    # (sh_cpu_lanes.cpp forward_block_streamed): the same bits as calls below that size
+    # (whole blocks of eight), into buffers at other offsets from a cache line, with a
+    # partial last block, and near-polar points (float64 from L = 128 computes them again per
+    # point, after the streamed stores).
+    from locdiff import _C
+
+    K = (degree + 1) ** 2
+    threshold = _C.sh_cpu_lanes_stream_bytes(str(dtype).removeprefix("torch."))
+    n = threshold // (dtype.itemsize * K) + 13
+    xyz = torch.tensor(rng.normal(size=(n, 3)), dtype=dtype)
+    xyz[:50, :2] *= 1e-3
+    big = locdiff.spherical_harmonics(xyz, degree)
+    chunk = max(16, threshold // (2 * dtype.itemsize * K) // 8 * 8)  # under the threshold
+    small = torch.cat([locdiff.spherical_harmonics(xyz[i:i + chunk], degree) for i in range(0, n, chunk)])
+    assert torch.equal(big, small)
+    for skip in (1, 3) if dtype == torch.float64 else (1, 5):
+        buffer = torch.full((n * K + skip,), float("nan"), dtype=dtype)[skip:].view(n, K)
+        locdiff.spherical_harmonics(xyz, degree, out=buffer)
+        assert torch.equal(buffer, big), skip
+    rows = torch.cat([torch.arange(8), torch.arange(n - 8, n)])
+    assert_close(big[rows].double(), spherical_harmonics_reference(xyz[rows].double(), degree),
+                 atol=1e-11 if dtype == torch.float64 else 2e-6, rtol=0)
+
+
 def test_shapes_numpy_and_normalisation(rng):
     p = rng.normal(size=(2, 5, 3))
     y = locdiff.spherical_harmonics(p, 4)

@@ -20,6 +20,9 @@
 // bound, so its absolute error stays far inside the contract. tests/test_sh_accuracy.py checks
 // these degrees against mpmath.
 #include <omp.h>
+#if defined(__unix__)
+#include <unistd.h>  // sysconf: the L3 size
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -29,10 +32,12 @@
 #include <vector>
 
 #include "lane_transpose.h"
+#include "locdiff/sh_kernels.h"  // sh_cpu_lanes_stream_bytes
 #include "legendre_tables.h"
 #include "locdiff/sh_math.h"
 #include "point_block.h"
 #include "sh_cpu_small.h"
+#include "stream_stores.h"  // stream_copy, kStreamBytes
 #include "vector_exp.h"  // Double4, load4
 
 namespace locdiff {
@@ -163,6 +168,97 @@ LOCDIFF_CLONES int forward_block(const T* xyz, int count, int L, const cpu::Tabl
   return bad;
 }
 
+// From how many bytes the lanes' outputs stream: a quarter of the L3 in float64, half of it
+// in float32 (whose values take half the bytes, so the reads ordinary stores cause cost
+// less), at least kStreamBytes (32 and 64 MB where the size is unknown). Unlike the small
+// degrees' short rows, these rows cost a copy through the stage, so while the output stays
+// in the L3 ordinary stores are faster. On the Intel Xeon VM with 480 MB of L3 shared with
+// its neighbours, two threads, ordinary / streamed time (streaming from 4 MB, 60 MB or 120
+// MB for these runs): 32 MB: float64 L = 21-320 0.75-1.00x, float32 L = 32-320 0.76-0.83x;
+// 96 MB: float64 0.92-1.05x (0.76x at L = 512), float32 0.82-0.84x; 128 MB: float64 L =
+// 21-320 1.07-1.24x, float32 L = 25-320 0.88-1.14x; 512 MB: float64 L = 21-512 1.36-1.78x,
+// float32 L = 25-512 1.11-1.61x.
+int64_t lanes_stream_bytes(size_t value_bytes) {
+  static const int64_t quarter_l3 = [] {
+    long l3 = 0;
+#if defined(__unix__) && defined(_SC_LEVEL3_CACHE_SIZE)
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return l3 > 0 ? std::max<int64_t>(cpu::kStreamBytes, l3 / 4) : int64_t(32) << 20;
+  }();
+  return value_bytes == sizeof(double) ? quarter_l3 : 2 * quarter_l3;
+}
+
+#if LOCDIFF_STREAM_STORES
+// A block's rows on their way to a large output. Ordinary stores into memory that is not in
+// the cache first read each line in, which doubles the traffic: float64 L = 24-64 into 512
+// MB took 0.44-0.47 ns per value on the Intel Xeon VM with 480 MB of L3, two threads,
+// against 0.17-0.21 into an L2-resident one. So write_degree writes each point's degrees to
+// a stage instead, laid out with the output's alignment (stride = K modulo a line), and
+// every kFlushValues values per point the whole cache lines leave by non-temporal stores
+// while the next degrees compute; the rest (under a line per point) moves to the stage's
+// front. A row's first and last partial lines, which it shares with its neighbours, take
+// ordinary stores.
+template <typename T>
+struct RowStage {
+  static constexpr int kLine = 64 / int(sizeof(T));  // values per cache line
+  static constexpr int kFlushValues = 8 * kLine;
+  int64_t stride = 0;
+  std::unique_ptr<T[]> storage;
+  T* base = nullptr;  // 64-byte aligned
+
+  explicit RowStage(int L) {
+    const int64_t K = sh_size(L), need = 3 * kLine + kFlushValues + 2 * L + 1;
+    stride = need + ((K - need) % kLine + kLine) % kLine;
+    storage.reset(new T[stride * kLanes + 2 * kLine]);
+    const auto at = reinterpret_cast<std::uintptr_t>(storage.get());
+    base = storage.get() + ((64 - at % 64) % 64) / sizeof(T);
+  }
+};
+
+// forward_block for a full block into a large output (out a multiple of sizeof(T)).
+template <typename T>
+LOCDIFF_CLONES int forward_block_streamed(const T* xyz, int L, const cpu::Tables& tb, const double* seed,
+                                          LaneScratch& ls, RowStage<T>& st, T* out) {
+  constexpr int kLine = RowStage<T>::kLine;
+  Block& bk = ls.block;
+  const int bad = bk.load(xyz, kLanes, L);
+  const int64_t K = sh_size(L), S = st.stride;
+  const auto line_offset = [](const T* at) { return int64_t(reinterpret_cast<std::uintptr_t>(at) / sizeof(T) % kLine); };
+  T* const stage = st.base + line_offset(out);  // stage + p * S + i - w0 is in the same place of its line as out + p * K + i
+  int64_t w0 = 0;                               // row index at stage + p * S, a whole number of lines
+  int64_t done[kLanes] = {};                    // per point, how much of its row is in the output
+  for_each_degree(L, tb, seed, bk, ls, [&](int l, const double* q) LOCDIFF_LAMBDA_INLINE {
+    write_degree<T>(q, bk, l, S, kLanes, stage + (int64_t(l) * l + l - w0));
+    const int64_t hi = int64_t(l + 1) * (l + 1);
+    if (hi - w0 < RowStage<T>::kFlushValues && l < L) return;
+    int64_t low = hi;
+    for (int p = 0; p < kLanes; ++p) {
+      T* row = out + p * K;
+      const T* from = stage + p * S - w0;  // from[i]: value i of point p
+      const int64_t head = (kLine - line_offset(row)) % kLine;  // first line boundary in the row
+      int64_t i = done[p];
+      for (; i < std::min(hi, head); ++i) row[i] = from[i];
+      if (i >= head) {
+        const int64_t lines = (hi - i) / kLine * kLine;
+        if (lines > 0) cpu::stream_copy(from + i, row + i, int(lines));
+        i += lines;
+        if (hi == K)
+          for (; i < K; ++i) row[i] = from[i];
+      }
+      done[p] = i;
+      low = std::min(low, i);
+    }
+    const int64_t w1 = low / kLine * kLine;
+    if (w1 == w0) return;
+    for (int p = 0; p < kLanes; ++p)
+      std::memmove(stage + p * S + (done[p] - w1), stage + p * S + (done[p] - w0), size_t(hi - done[p]) * sizeof(T));
+    w0 = w1;
+  });
+  return bad;
+}
+#endif
+
 // Point-major to lane-major, the inverse of write_degree's stores: v_j = grad[p * K + k0 + j]
 // of the four points p, as lanes.
 template <typename T>
@@ -278,6 +374,10 @@ std::vector<double> lane_seeds(const cpu::Tables& t, int degree) {
 
 }  // namespace
 
+int64_t sh_cpu_lanes_stream_bytes(int value_bytes) {
+  return LOCDIFF_STREAM_STORES ? lanes_stream_bytes(size_t(value_bytes)) : INT64_MAX;
+}
+
 template <typename T>
 int64_t sh_cpu_lanes_fwd(const T* xyz, int64_t n, int degree, T* out, int num_threads) {
   const auto tables = cpu::tables_for(degree);
@@ -285,16 +385,31 @@ int64_t sh_cpu_lanes_fwd(const T* xyz, int64_t n, int degree, T* out, int num_th
   const int64_t K = sh_size(degree);
   const int64_t blocks = (n + kLanes - 1) / kLanes;
   int64_t first_bad = n;
+  const bool stream = LOCDIFF_STREAM_STORES && n * K * int64_t(sizeof(T)) >= lanes_stream_bytes(sizeof(T)) &&
+                      reinterpret_cast<std::uintptr_t>(out) % sizeof(T) == 0;
 #pragma omp parallel num_threads(cpu::threads(num_threads, blocks)) reduction(min : first_bad)
   {
     auto ls = std::make_unique<LaneScratch>();
+#if LOCDIFF_STREAM_STORES
+    std::unique_ptr<RowStage<T>> stage;
+    if (stream) stage = std::make_unique<RowStage<T>>(degree);
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t first = b * kLanes;
       const int count = int(std::min<int64_t>(kLanes, n - first));
-      const int bad = forward_block(xyz + 3 * first, count, degree, *tables, seed.data(), *ls, out + K * first);
+      int bad;
+#if LOCDIFF_STREAM_STORES
+      if (stream && count == kLanes)
+        bad = forward_block_streamed(xyz + 3 * first, degree, *tables, seed.data(), *ls, *stage, out + K * first);
+      else
+#endif
+        bad = forward_block(xyz + 3 * first, count, degree, *tables, seed.data(), *ls, out + K * first);
       if (bad >= 0) first_bad = std::min(first_bad, first + bad);
     }
+#if LOCDIFF_STREAM_STORES
+    if (stream) _mm_sfence();  // streaming stores are weakly ordered: visible before the region ends
+#endif
   }
   return first_bad == n ? -1 : first_bad;
 }

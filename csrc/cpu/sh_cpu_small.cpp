@@ -9,12 +9,7 @@
 // the plain recurrence loses under 1e-14, so neither scaled seeds nor Reinsch's form are
 // needed; (x + i y)^m may underflow for tiny s, but only where Y itself is below 1e-300.
 #include <omp.h>
-#if defined(__SSE2__)
-#include <immintrin.h>  // non-temporal stores (store_point_major): SSE2, and AVX where the CPU has it
-#define LOCDIFF_STREAM_STORES 1
-#else
-#define LOCDIFF_STREAM_STORES 0
-#endif
+#include "stream_stores.h"  // LOCDIFF_STREAM_STORES, stream_copy
 // forward_groups_v3: GCC's x86-64-v3 target and ISA-level dispatch (as LOCDIFF_CLONES).
 #if LOCDIFF_STREAM_STORES && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define LOCDIFF_GROUPS_V3 1
@@ -46,6 +41,10 @@ namespace {
 
 using cpu::transpose4_store;
 using cpu::Vec4;
+#if LOCDIFF_STREAM_STORES
+using cpu::stream_copy;
+#endif
+using cpu::kStreamBytes;
 constexpr int kLanes = cpu::kPointLanes;
 constexpr int kMax = kSmallDegreeMax;
 using Block = cpu::PointBlock<kMax>;
@@ -115,36 +114,6 @@ __attribute__((always_inline)) inline void transpose_block(const T (&cols)[K][kL
   }
 }
 
-#if LOCDIFF_STREAM_STORES
-// out[0, n) = tile[0, n) by non-temporal stores: 32-byte ones where the CPU has AVX and out
-// is 32-byte aligned (every full block is, when the output is: a block is 8K values), else
-// 16-byte SSE2 ones (both pointers 16-byte aligned; n a multiple of the 32-byte width). Half
-// as many store instructions matter because the store port is what a small-degree block
-// waits on: on the Intel Xeon VM, 160k points, two threads, one reused output, float64 L = 4
-// went from 7.7-8.3 to 6.5-7.0 ns per point and float32 L = 5 from 5.7-6.1 to 4.3-4.5; at
-// L = 6-20 level to 1.1x, inside the run-to-run spread. The AVX copy is out of line (one
-// call per block) because an inlined AVX intrinsic would not compile into the portable
-// clone of the caller.
-template <typename T>
-__attribute__((target("avx"), noinline)) void stream_copy_avx(const T* tile, T* out, int n) {
-  constexpr int kWidth = 32 / sizeof(T);
-  for (int i = 0; i < n; i += kWidth) {
-    if constexpr (std::is_same_v<T, double>) _mm256_stream_pd(out + i, _mm256_load_pd(tile + i));
-    else _mm256_stream_ps(out + i, _mm256_load_ps(tile + i));
-  }
-}
-const bool kCpuHasAvx = (__builtin_cpu_init(), __builtin_cpu_supports("avx"));  // init: runs as a constructor
-
-template <typename T>
-__attribute__((always_inline)) inline void stream_copy(const T* tile, T* out, int n) {
-  if (kCpuHasAvx && reinterpret_cast<std::uintptr_t>(out) % 32 == 0) return stream_copy_avx(tile, out, n);
-  constexpr int kWidth = 16 / sizeof(T);
-  for (int i = 0; i < n; i += kWidth) {
-    if constexpr (std::is_same_v<T, double>) _mm_stream_pd(out + i, _mm_load_pd(tile + i));
-    else _mm_stream_ps(out + i, _mm_load_ps(tile + i));
-  }
-}
-#endif
 
 // One full block of kTotal values (kLanes points, contiguous in the output): compute(dst)
 // writes them to dst, the output itself or, when `stream`, an L1 tile that non-temporal
@@ -253,7 +222,6 @@ LOCDIFF_INLINE int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
 // threads, direct / streamed ns per point: L = 3: 5.10 / 7.15, L = 4: 12.2 / 12.4, L = 5:
 // 15.7 / 12.4. The register groups of forward_groups_v3 stream float64 at 17 <= L <= 20 too:
 // their tiles are of four points.
-constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 template <typename T, int L>
 constexpr bool may_stream() {

@@ -18,6 +18,9 @@ void sh_cpu_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T* grad_
 // Which low-degree CPU forward runs: "x86-64-v3" (AVX2 register groups to L = 20) or
 // "portable" (other CPUs, or LOCDIFF_CPU_PORTABLE=1 when the library loads).
 const char* sh_cpu_forward_path();
+// From how many output bytes the mid-degree CPU forward streams, for values of 4 or 8 bytes
+// (sh_cpu_lanes.cpp).
+int64_t sh_cpu_lanes_stream_bytes(int value_bytes);
 
 #ifdef LOCDIFF_WITH_CUDA
 template <typename T>
