@@ -13,7 +13,7 @@ import locdiff
 from locdiff.ops import output_pool
 
 DEGREE = 64
-ROWS = 2 * output_pool.POOL_MIN_BYTES // (8 * (DEGREE + 1) ** 2)  # 8 MB float64 outputs
+ROWS = (8 << 20) // (8 * (DEGREE + 1) ** 2)  # 8 MB float64 outputs: whole 2 MiB blocks
 
 
 @pytest.fixture
@@ -121,6 +121,27 @@ def test_threads_get_their_own_blocks(pool, rng):
     for t in threads:
         t.join()
     assert all(torch.equal(r, e) for r, e in zip(results, expected))
+
+
+def test_outputs_of_a_megabyte_take_page_sized_blocks(pool, rng):
+    # Between POOL_MIN_BYTES and 2 MiB a block is whole 4 KiB pages, not a 2 MiB huge page.
+    degree = 16
+    rows = (3 * output_pool.POOL_MIN_BYTES // 2) // (8 * (degree + 1) ** 2) + 1  # about 1.5 MB
+    locdiff.set_output_cache(0)
+    locdiff.set_output_cache(1 << 30)
+    xyz = torch.tensor(rng.normal(size=(rows, 3)))
+    first = locdiff.spherical_harmonics(xyz, degree)
+    address, nbytes = first.data_ptr(), first.nbytes
+    assert address % 4096 == 0 and output_pool.POOL_MIN_BYTES <= nbytes < 2 << 20
+    assert torch.equal(first, unpooled(xyz, degree))
+    del first
+    assert locdiff.output_cache_bytes() == -(-nbytes // 4096) * 4096
+    other = torch.tensor(rng.normal(size=(rows, 3)))
+    second = locdiff.spherical_harmonics(other, degree)
+    assert second.data_ptr() == address
+    assert torch.equal(second, unpooled(other, degree))
+    below = locdiff.spherical_harmonics(torch.tensor(rng.normal(size=(rows // 2, 3))), degree)
+    assert below.nbytes < output_pool.POOL_MIN_BYTES and locdiff.output_cache_bytes() == 0
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])

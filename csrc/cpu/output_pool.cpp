@@ -49,10 +49,22 @@ Cache& cache() {
   return *c;
 }
 
-size_t round_up(size_t bytes) { return (bytes + kHuge - 1) / kHuge * kHuge; }
+constexpr size_t kPage = size_t(1) << 12;  // blocks under a huge page: whole 4 KiB pages
+
+// Blocks of a huge page or more are whole huge pages; smaller ones whole pages, so that an
+// output of a few hundred KB does not hold 2 MiB.
+size_t round_up(size_t bytes) {
+  const size_t unit = bytes >= kHuge ? kHuge : kPage;
+  return (bytes + unit - 1) / unit * unit;
+}
 
 void* map_block(size_t capacity) {
 #if defined(__linux__)
+  if (capacity < kHuge) {  // page aligned is enough: no huge page to line up with
+    void* p = mmap(nullptr, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    return p;
+  }
   // Map one huge page more than asked, then cut the unaligned head and tail, so that every
   // 2 MiB of the block can be a transparent huge page.
   const size_t span = capacity + kHuge;
@@ -68,7 +80,7 @@ void* map_block(size_t capacity) {
 #endif
   return reinterpret_cast<void*>(aligned);
 #else
-  void* p = std::aligned_alloc(kHuge, capacity);
+  void* p = std::aligned_alloc(capacity < kHuge ? kPage : kHuge, capacity);
   if (!p) throw std::bad_alloc();
   return p;
 #endif

@@ -1,10 +1,13 @@
-"""Large CPU outputs from locdiff's block cache (csrc/include/locdiff/output_pool.h).
+"""CPU outputs of a megabyte or more from locdiff's block cache (csrc/include/locdiff/output_pool.h).
 
 A fresh output of tens of MB is a new mapping whose pages the OS zeroes on first touch; at
-high degree that costs more than the harmonics. Outputs of at least ``POOL_MIN_BYTES`` come
-instead from a cache of blocks that earlier outputs held and the caller has since dropped.
-Smaller ones stay with torch's allocator (glibc reuses its heap for them, and the pool's
-few microseconds per call would show).
+high degree that costs more than the harmonics. From 1 MB, glibc's heap is no better: it
+gives its top back to the OS once enough is freed there, so a loop holding two or three
+outputs at a time faulted in every page of each (float64 L = 16: 1024 points 0.55 ms a call
+instead of 0.09, 512 points 0.22 instead of 0.04). Outputs of at least ``POOL_MIN_BYTES``
+come instead from a cache of blocks that earlier outputs held and the caller has since
+dropped. Smaller ones stay with torch's allocator: glibc kept reusing its heap for them, and
+the pool's microsecond or two per call would show.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 from locdiff import _C
 from locdiff.ops.validation import physical_memory_bytes
 
-POOL_MIN_BYTES = 4 << 20
+POOL_MIN_BYTES = 1 << 20
 _ENV = "LOCDIFF_OUTPUT_CACHE_MB"
 
 
