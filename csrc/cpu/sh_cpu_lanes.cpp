@@ -372,6 +372,18 @@ std::vector<double> lane_seeds(const cpu::Tables& t, int degree) {
   return seed;
 }
 
+// Blocks a thread takes at a time: runs of consecutive blocks, about eight per thread, so a
+// busy machine stays balanced while each thread fetches work (an atomic on a line the team
+// shares) eight times rather than once per block, and writes one stretch of the output
+// rather than every other block (whose boundary lines the threads would share). One block
+// at a time made two threads slower than one at L = 25-64 whenever the AMD EPYC (Zen 5) VM
+// placed its two vCPUs badly, which came and went for minutes: float32 L = 28, two threads,
+// 0.29-0.31 ns per value against 0.19-0.20 on one thread and 0.11 otherwise. In such a spell,
+// one block / runs (benchmarks/sh_kernel_ab.py-style alternating processes, median of 15):
+// float32 L = 28 0.23 / 0.13-0.14, float64 L = 32 0.28 / 0.14-0.17 ns per value; otherwise
+// level (0.11 / 0.11).
+int blocks_per_run(int64_t blocks, int team) { return int(std::max<int64_t>(1, blocks / (8 * team))); }
+
 }  // namespace
 
 int64_t sh_cpu_lanes_stream_bytes(int value_bytes) {
@@ -387,14 +399,16 @@ int64_t sh_cpu_lanes_fwd(const T* xyz, int64_t n, int degree, T* out, int num_th
   int64_t first_bad = n;
   const bool stream = LOCDIFF_STREAM_STORES && n * K * int64_t(sizeof(T)) >= lanes_stream_bytes(sizeof(T)) &&
                       reinterpret_cast<std::uintptr_t>(out) % sizeof(T) == 0;
-#pragma omp parallel num_threads(cpu::threads(num_threads, blocks)) reduction(min : first_bad)
+  const int team = cpu::threads(num_threads, blocks);
+  const int run = blocks_per_run(blocks, team);
+#pragma omp parallel num_threads(team) reduction(min : first_bad)
   {
     auto ls = std::make_unique<LaneScratch>();
 #if LOCDIFF_STREAM_STORES
     std::unique_ptr<RowStage<T>> stage;
     if (stream) stage = std::make_unique<RowStage<T>>(degree);
 #endif
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, run)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t first = b * kLanes;
       const int count = int(std::min<int64_t>(kLanes, n - first));
@@ -421,9 +435,7 @@ void sh_cpu_lanes_bwd(const T* xyz, const T* grad_out, int64_t n, int degree, T*
   const int64_t K = sh_size(degree);
   const int64_t blocks = (n + kLanes - 1) / kLanes;
   const int team = cpu::threads(num_threads, blocks);
-  // Runs of consecutive blocks per thread (backward_block prefetches the next one), about
-  // eight runs per thread to balance a busy machine.
-  const int run = int(std::max<int64_t>(1, blocks / (8 * team)));
+  const int run = blocks_per_run(blocks, team);  // backward_block prefetches the next block
 #pragma omp parallel num_threads(team)
   {
     auto ls = std::make_unique<LaneScratch>();
