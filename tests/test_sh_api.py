@@ -1,11 +1,14 @@
 """Behaviour of the public spherical-harmonics API: shapes, dtypes, numpy, autograd,
 torch.library checks, torch.compile, and every bad input of issue 2."""
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import locdiff
 from locdiff.ops import spherical_harmonics_op, spherical_harmonics_out_op, spherical_harmonics_reference
+from locdiff.ops.sh import forward_cpu_numpy
 from locdiff.testing import assert_close
 
 pytestmark = pytest.mark.usefixtures("at_most_two_threads")
@@ -91,6 +94,29 @@ def test_shapes_numpy_and_normalisation(rng):
     assert_close(locdiff.spherical_harmonics(t, 5), locdiff.spherical_harmonics(t.contiguous(), 5))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_in_numpy_out_on_both_routes(dtype, rng, monkeypatch):
+    # Small outputs run the kernel on the arrays' own memory (ops/sh.py forward_cpu_numpy),
+    # large ones go through torch tensors and the output pool: the same values either way.
+    direct = []
+    monkeypatch.setattr(sys.modules["locdiff.sh"], "forward_cpu_numpy",
+                        lambda a, degree: direct.append(degree) or forward_cpu_numpy(a, degree))
+    cases = [((2, 5, 3), 6), ((7, 3), 40), ((3,), 2), ((0, 3), 3), ((1, 3), 0), ((4, 3), 63), ((400, 3), 30), ((5, 3), 63)]
+    for shape, degree in cases:
+        p = rng.normal(size=shape).astype(dtype)
+        want = locdiff.spherical_harmonics(torch.from_numpy(p), degree).numpy()
+        got = locdiff.spherical_harmonics(p, degree)
+        assert type(got) is np.ndarray and got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    assert direct == [6, 40, 2, 3, 0, 63]  # up to 2^14 values (the 4 x 4096 output), not above
+    strided = rng.normal(size=(9, 8)).astype(dtype)[::2, 1:7:2]
+    np.testing.assert_array_equal(locdiff.spherical_harmonics(strided, 5),
+                                  locdiff.spherical_harmonics(torch.from_numpy(strided.copy()), 5).numpy())
+    nested = [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]  # a list is read as a float64 array
+    np.testing.assert_array_equal(locdiff.spherical_harmonics(nested, 3),
+                                  locdiff.spherical_harmonics(torch.tensor(nested, dtype=torch.float64), 3).numpy())
+
+
 def test_half_precision_is_computed_in_float32():
     x = torch.tensor([[0.6, 0.0, 0.8]], dtype=torch.bfloat16)
     y = locdiff.spherical_harmonics(x, 3)
@@ -149,7 +175,10 @@ def test_eager_calls_skip_the_op_only_where_nothing_observes_it(rng):
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         locdiff.spherical_harmonics(xyz, 5)
-    assert any(e.key == "locdiff::spherical_harmonics" for e in prof.key_averages())
+        locdiff.spherical_harmonics(xyz.numpy(), 4)  # numpy in: the op too, not the direct route
+    names = [e.key for e in prof.key_averages()]
+    assert names.count("locdiff::spherical_harmonics") == 1, names
+    assert [e.count for e in prof.key_averages() if e.key == "locdiff::spherical_harmonics"] == [2]
 
     # A leading batch shape and a float32 view of other strides take the reshaping path.
     batch = torch.tensor(rng.normal(size=(3, 4, 3)), dtype=torch.float32)
@@ -306,6 +335,11 @@ def test_module_encodes_latlon():
         (torch.ones(3), 10**6, ValueError, "degree"),
         (torch.ones(3, dtype=torch.int64), 3, TypeError, "floating-point"),
         (np.ones(3, dtype=np.int32), 3, TypeError, "float32 or float64"),
+        (np.array([[0.0, 0.0, 1.0], [np.nan, 0.0, 1.0]]), 3, ValueError, "row 1 is non-finite"),
+        (np.zeros((2, 3), dtype=np.float32), 3, ValueError, "row 0 is a zero vector"),
+        (np.ones((2, 4)), 3, ValueError, r"shape \(\.\.\., 3\)"),
+        (np.ones(3), -1, ValueError, "degree"),
+        (np.ones(3), 2.5, ValueError, "degree"),
         (torch.ones(10**6, 3), 4000, MemoryError, "GiB"),
     ],
 )

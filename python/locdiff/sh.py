@@ -10,12 +10,20 @@ from torch import nn
 
 from locdiff.geo import latlon_to_xyz
 from locdiff.ops import validation
-from locdiff.ops.sh import can_skip_dispatch, forward_cpu, spherical_harmonics_op, spherical_harmonics_out_op
+from locdiff.ops.sh import (can_skip_dispatch, forward_cpu, forward_cpu_numpy, nothing_observes_ops,
+                            spherical_harmonics_op, spherical_harmonics_out_op)
 
 BACKENDS = validation.BACKENDS
 # Outputs of at most this many values (8 MB in float64) fit on any machine, so they skip the
 # allocation check, a twelfth of a one-point call (0.5 of 6.3 us at L = 4).
 _FITS_ANYWHERE = 1 << 20
+# numpy in, numpy out, straight on the arrays' memory up to this many values (128 KB in
+# float64, glibc's first mmap threshold); larger outputs take the torch route. Up to 1 MB
+# numpy's own arrays, interleaved with torch's and sphericart's, made glibc hand memory back
+# and fault it in again: L = 256 at one point took 57-111 us a call in
+# benchmarks/sh_batch_sizes.py, against 23-37 on the torch route (sphericart 73-75 -> 112-163).
+_SMALL = 1 << 14
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validate: bool = True, out=None):
@@ -47,6 +55,10 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
         arr = np.asarray(xyz)
         if arr.dtype.kind not in "f":
             raise TypeError(f"xyz must be a float32 or float64 array, got dtype {arr.dtype}")
+        if (out is None and backend in (None, "native") and arr.dtype in _KERNEL_DTYPES and arr.ndim
+                and arr.shape[-1] == 3 and arr.size // 3 * (validation.check_degree(degree) + 1) ** 2 <= _SMALL
+                and nothing_observes_ops()):
+            return forward_cpu_numpy(np.ascontiguousarray(arr), degree)
         if out is not None:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out must be a numpy array when xyz is one, got {type(out).__name__}")
