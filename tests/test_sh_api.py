@@ -112,6 +112,8 @@ def test_numpy_in_numpy_out_on_both_routes(dtype, rng, monkeypatch):
     strided = rng.normal(size=(9, 8)).astype(dtype)[::2, 1:7:2]
     np.testing.assert_array_equal(locdiff.spherical_harmonics(strided, 5),
                                   locdiff.spherical_harmonics(torch.from_numpy(strided.copy()), 5).numpy())
+    np.testing.assert_array_equal(locdiff.spherical_harmonics(strided, np.int64(5)),  # a numpy degree
+                                  locdiff.spherical_harmonics(strided, 5))
     nested = [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]  # a list is read as a float64 array
     np.testing.assert_array_equal(locdiff.spherical_harmonics(nested, 3),
                                   locdiff.spherical_harmonics(torch.tensor(nested, dtype=torch.float64), 3).numpy())

@@ -18,10 +18,11 @@ BACKENDS = validation.BACKENDS
 # allocation check, a twelfth of a one-point call (0.5 of 6.3 us at L = 4).
 _FITS_ANYWHERE = 1 << 20
 # numpy in, numpy out, straight on the arrays' memory up to this many values (128 KB in
-# float64, glibc's first mmap threshold); larger outputs take the torch route. Up to 1 MB
-# numpy's own arrays, interleaved with torch's and sphericart's, made glibc hand memory back
-# and fault it in again: L = 256 at one point took 57-111 us a call in
-# benchmarks/sh_batch_sizes.py, against 23-37 on the torch route (sphericart 73-75 -> 112-163).
+# float64, glibc's first mmap threshold); larger outputs take the torch route. With this
+# route up to 2^17 values, numpy's own arrays of half a megabyte, interleaved with torch's and
+# sphericart's, made glibc hand memory back and fault it in again: L = 256 at one point took
+# 57-105 us a call (`benchmarks/sh_batch_sizes.py --degrees 256 --points 1`), against 27-37 on
+# the torch route, and sphericart's calls 112-157 us against 75-76.
 _SMALL = 1 << 14
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -55,10 +56,10 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
         arr = np.asarray(xyz)
         if arr.dtype.kind not in "f":
             raise TypeError(f"xyz must be a float32 or float64 array, got dtype {arr.dtype}")
-        if (out is None and backend in (None, "native") and arr.dtype in _KERNEL_DTYPES and arr.ndim
-                and arr.shape[-1] == 3 and arr.size // 3 * (validation.check_degree(degree) + 1) ** 2 <= _SMALL
-                and nothing_observes_ops()):
-            return forward_cpu_numpy(np.ascontiguousarray(arr), degree)
+        if out is None and backend in (None, "native") and arr.dtype in _KERNEL_DTYPES and arr.ndim and arr.shape[-1] == 3:
+            degree = validation.check_degree(degree)
+            if arr.size // 3 * (degree + 1) ** 2 <= _SMALL and nothing_observes_ops():
+                return forward_cpu_numpy(np.ascontiguousarray(arr), degree)
         if out is not None:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out must be a numpy array when xyz is one, got {type(out).__name__}")
