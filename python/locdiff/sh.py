@@ -14,8 +14,9 @@ from locdiff.ops.sh import (can_skip_dispatch, forward_cpu, forward_cpu_numpy, n
                             spherical_harmonics_op, spherical_harmonics_out_op)
 
 BACKENDS = validation.BACKENDS
-# Outputs of at most this many values (8 MB in float64) fit on any machine, so they skip the
-# allocation check, a twelfth of a one-point call (0.5 of 6.3 us at L = 4).
+# CPU outputs of at most this many values (8 MB in float64) fit in any machine's memory, so
+# they skip the allocation check, a twelfth of a one-point call (0.5 of 6.3 us at L = 4). A
+# GPU's free memory can be smaller than that, so on CUDA the check always runs.
 _FITS_ANYWHERE = 1 << 20
 # numpy in, numpy out, straight on the arrays' memory up to this many values (128 KB in
 # float64, glibc's first mmap threshold); larger outputs take the torch route. With this
@@ -81,7 +82,7 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
         # The CPU kernel checks rows itself at no cost; elsewhere it is one extra pass + sync.
         if validate and (xyz.device.type != "cpu" or backend == "triton"):
             validation.check_finite_nonzero_rows(xyz.detach(), "xyz")
-        if out is None and n * K > _FITS_ANYWHERE:
+        if out is None and (n * K > _FITS_ANYWHERE or not xyz.is_cpu):
             validation.check_allocation((n, K), xyz.dtype if xyz.dtype == torch.float64 else torch.float32,
                                         xyz.device, "spherical_harmonics output")
     # Half precision has too few bits for a unit vector at high degree: compute in float32.
