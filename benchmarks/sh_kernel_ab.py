@@ -33,7 +33,7 @@ for dtype in ("float32", "float64"):
         for _ in range(10):
             t0 = time.perf_counter()
             for _ in range(reps):
-                module.sh_cpu_fwd(xyz.data_ptr(), n, degree, out.data_ptr(), dtype, threads)
+                module.sh_cpu(xyz.data_ptr(), n, degree, out.data_ptr(), threads, dtype)
             best = min(best, (time.perf_counter() - t0) / reps / n * 1e9)
         result[f"{dtype} {degree}"] = best
 print(json.dumps(result))

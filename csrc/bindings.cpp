@@ -1,13 +1,16 @@
-// locdiff._C: a thin pybind11 layer over the kernels. Pointers arrive as integers
-// (tensor.data_ptr()), dtypes as the strings "float32" / "float64", CUDA streams as
-// integers (torch.cuda.current_stream().cuda_stream). Validation happens in Python
-// (python/locdiff/ops/); here only the dtype tag is dispatched. The GIL is released while
-// kernels run so that other Python threads (data loaders) keep going.
+// locdiff._C: a thin pybind11 layer over the kernels. Every kernel is bound by one helper
+// under the name <op>_<device>[_bwd]; pointers arrive as integers (tensor.data_ptr()), a
+// ring grid as the tuple (nlat, nlon, table, theta, log_area, lon0), CUDA streams as
+// integers, and the dtype tag "float32" / "float64" last. Validation happens in Python
+// (python/locdiff/ops/). The GIL is released while kernels run so that other Python
+// threads (data loaders) keep going.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "locdiff/output_pool.h"
 #include "locdiff/sh_kernels.h"
@@ -17,26 +20,75 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
-
-// Calls fn.template operator()<T>() for the dtype tag; anything else is a caller bug.
-template <typename Fn>
-void dispatch_float(const std::string& dtype, Fn&& fn) {
-  if (dtype == "float32") {
-    fn(float{});
-  } else if (dtype == "float64") {
-    fn(double{});
-  } else {
-    throw std::invalid_argument("locdiff._C: dtype must be 'float32' or 'float64', got '" + dtype + "'");
+// How a kernel parameter of type P arrives from Python, and its conversion.
+template <typename P>
+struct Arg {
+  using type = P;
+  static P get(P v) { return v; }
+};
+template <typename P>
+struct Arg<P*> {
+  using type = std::uintptr_t;
+  static P* get(std::uintptr_t address) { return reinterpret_cast<P*>(address); }
+};
+using GridTuple = std::tuple<int, int, std::uintptr_t, std::uintptr_t, std::uintptr_t, double>;
+template <>
+struct Arg<const locdiff::RingGrid&> {
+  using type = GridTuple;
+  static locdiff::RingGrid get(const GridTuple& t) {
+    locdiff::RingGrid g;
+    g.nlat = std::get<0>(t);
+    g.nlon = std::get<1>(t);
+    g.table = reinterpret_cast<const double*>(std::get<2>(t));
+    g.theta = reinterpret_cast<const double*>(std::get<3>(t));
+    g.log_area = reinterpret_cast<const double*>(std::get<4>(t));
+    g.lon0 = std::get<5>(t);
+    return g;
   }
+};
+
+std::string binding_name(const char* op, const char* device, bool bwd) {
+  return std::string(op) + "_" + device + (bwd ? "_bwd" : "");
 }
 
-[[noreturn]] void no_cuda(const char* what) {
-  throw std::runtime_error(std::string("locdiff was built without CUDA, so ") + what +
-                           " cannot run on a CUDA tensor; rebuild with nvcc on PATH "
-                           "(LOCDIFF_CUDA=ON makes a missing nvcc a build error)");
+// Binds a kernel with float32 and float64 instantiations as <op>_<device>[_bwd](*args, dtype).
+template <typename R, typename... A32, typename... A64>
+void def_kernel(py::module_& m, const char* op, const char* device, R (*k32)(A32...), R (*k64)(A64...),
+                bool bwd = false, const char* doc = "") {
+  static_assert(sizeof...(A32) == sizeof...(A64), "float32 and float64 kernels differ in arity");
+  m.def(binding_name(op, device, bwd).c_str(), [k32, k64](typename Arg<A32>::type... a, const std::string& dtype) -> R {
+    py::gil_scoped_release nogil;
+    if (dtype == "float32") return k32(Arg<A32>::get(a)...);
+    if (dtype == "float64") return k64(Arg<A64>::get(a)...);
+    throw std::invalid_argument("locdiff._C: dtype must be 'float32' or 'float64', got '" + dtype + "'");
+  }, doc);
 }
+
+// Binds a kernel of one fixed type as <op>_<device>(*args).
+template <typename R, typename... A>
+void def_fixed(py::module_& m, const char* op, const char* device, R (*k)(A...), const char* doc = "") {
+  m.def(binding_name(op, device, false).c_str(), [k](typename Arg<A>::type... a) -> R {
+    py::gil_scoped_release nogil;
+    return k(Arg<A>::get(a)...);
+  }, doc);
+}
+
+// The binding of a CUDA kernel in a build without CUDA: the same name, a clear error.
+[[maybe_unused]] void def_missing_cuda(py::module_& m, const char* op, bool bwd = false) {
+  const std::string name = binding_name(op, "cuda", bwd);
+  m.def(name.c_str(), [name](py::args, py::kwargs) {
+    throw std::runtime_error("locdiff was built without CUDA, so " + name +
+                             " cannot run on a CUDA tensor; rebuild with nvcc on PATH "
+                             "(LOCDIFF_CUDA=ON makes a missing nvcc a build error)");
+  });
+}
+
+#define LOCDIFF_KERNEL(m, op, device, fn, ...) def_kernel(m, op, device, &fn<float>, &fn<double>, ##__VA_ARGS__)
+#ifdef LOCDIFF_WITH_CUDA
+#define LOCDIFF_CUDA_KERNEL(m, op, fn, ...) LOCDIFF_KERNEL(m, op, "cuda", fn, ##__VA_ARGS__)
+#else
+#define LOCDIFF_CUDA_KERNEL(m, op, fn, bwd...) def_missing_cuda(m, op, ##bwd)
+#endif
 
 // A block of the output pool as a Python buffer (torch.frombuffer wraps it without a copy;
 // the tensor's storage holds the block, which returns to the pool when the storage dies).
@@ -57,6 +109,7 @@ class PooledBlock {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  using namespace locdiff;
   m.doc() = "locdiff compiled kernels (CPU always, CUDA when built with nvcc)";
 
   m.def("has_cuda", [] {
@@ -67,13 +120,12 @@ PYBIND11_MODULE(_C, m) {
 #endif
   }, "True when this build contains the CUDA kernels.");
 
-  m.def("sh_cpu_forward_path", [] { return std::string(locdiff::sh_cpu_forward_path()); },
+  m.def("sh_cpu_forward_path", [] { return std::string(sh_cpu_forward_path()); },
         "The low-degree CPU forward in use: 'x86-64-v3' or 'portable' (LOCDIFF_CPU_PORTABLE=1).");
-
   m.def("sh_cpu_lanes_stream_bytes", [](const std::string& dtype) {
-        int64_t bytes = 0;
-        dispatch_float(dtype, [&](auto zero) { bytes = locdiff::sh_cpu_lanes_stream_bytes(int(sizeof(zero))); });
-        return bytes;
+        if (dtype != "float32" && dtype != "float64")
+          throw std::invalid_argument("locdiff._C: dtype must be 'float32' or 'float64', got '" + dtype + "'");
+        return sh_cpu_lanes_stream_bytes(dtype == "float32" ? 4 : 8);
       }, py::arg("dtype"),
         "From how many output bytes the mid-degree CPU forward streams (a quarter of the L3 in float64, half in float32).");
 
@@ -85,317 +137,34 @@ PYBIND11_MODULE(_C, m) {
         return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {py::ssize_t(b.bytes())}, {py::ssize_t(1)}, /*readonly=*/false);
       });
-  m.def("output_pool_set_limit", [](size_t bytes) { locdiff::output_pool::set_limit(bytes); },
-        py::arg("nbytes"));
-  m.def("output_pool_limit", [] { return locdiff::output_pool::limit(); });
-  m.def("output_pool_cached", [] { return locdiff::output_pool::cached(); },
+  m.def("output_pool_set_limit", [](size_t bytes) { output_pool::set_limit(bytes); }, py::arg("nbytes"));
+  m.def("output_pool_limit", [] { return output_pool::limit(); });
+  m.def("output_pool_cached", [] { return output_pool::cached(); },
         "Bytes held by the pool in blocks not in use.");
 
-  // ---- spherical harmonics -------------------------------------------------------------
-  m.def("sh_cpu_fwd", [](std::uintptr_t xyz, int64_t n, int degree, std::uintptr_t out,
-                         const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    int64_t first_bad = -1;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      first_bad = locdiff::sh_cpu_fwd<T>(ptr<const T>(xyz), n, degree, ptr<T>(out), num_threads);
-    });
-    return first_bad;
-  }, "Returns -1, or the first row of xyz that is non-finite or zero.", py::arg("xyz"), py::arg("n"), py::arg("degree"), py::arg("out"), py::arg("dtype"),
-     py::arg("num_threads"));
+  // ---- kernels: signatures in locdiff/sh_kernels.h and locdiff/shdd_kernels.h ----------
+  LOCDIFF_KERNEL(m, "sh", "cpu", sh_cpu_fwd, false,
+                 "Returns -1, or the first row of xyz that is non-finite or zero.");
+  LOCDIFF_KERNEL(m, "sh", "cpu", sh_cpu_bwd, true);
+  LOCDIFF_CUDA_KERNEL(m, "sh", sh_cuda_fwd);
+  LOCDIFF_CUDA_KERNEL(m, "sh", sh_cuda_bwd, true);
 
-  m.def("sh_cpu_bwd", [](std::uintptr_t xyz, std::uintptr_t grad_out, int64_t n, int degree,
-                         std::uintptr_t grad_xyz, const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::sh_cpu_bwd<T>(ptr<const T>(xyz), ptr<const T>(grad_out), n, degree,
-                             ptr<T>(grad_xyz), num_threads);
-    });
-  }, py::arg("xyz"), py::arg("grad_out"), py::arg("n"), py::arg("degree"), py::arg("grad_xyz"),
-     py::arg("dtype"), py::arg("num_threads"));
-
-  m.def("sh_cuda_fwd", [](std::uintptr_t xyz, int64_t n, int degree, std::uintptr_t out,
-                          const std::string& dtype, std::uintptr_t stream) {
-#ifdef LOCDIFF_WITH_CUDA
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::sh_cuda_fwd<T>(ptr<const T>(xyz), n, degree, ptr<T>(out),
-                              reinterpret_cast<void*>(stream));
-    });
-#else
-    (void)xyz, (void)n, (void)degree, (void)out, (void)dtype, (void)stream;
-    no_cuda("spherical_harmonics");
-#endif
-  }, py::arg("xyz"), py::arg("n"), py::arg("degree"), py::arg("out"), py::arg("dtype"),
-     py::arg("stream"));
-
-  m.def("sh_cuda_bwd", [](std::uintptr_t xyz, std::uintptr_t grad_out, int64_t n, int degree,
-                          std::uintptr_t grad_xyz, const std::string& dtype, std::uintptr_t stream) {
-#ifdef LOCDIFF_WITH_CUDA
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::sh_cuda_bwd<T>(ptr<const T>(xyz), ptr<const T>(grad_out), n, degree,
-                              ptr<T>(grad_xyz), reinterpret_cast<void*>(stream));
-    });
-#else
-    (void)xyz, (void)grad_out, (void)n, (void)degree, (void)grad_xyz, (void)dtype, (void)stream;
-    no_cuda("spherical_harmonics backward");
-#endif
-  }, py::arg("xyz"), py::arg("grad_out"), py::arg("n"), py::arg("degree"), py::arg("grad_xyz"),
-     py::arg("dtype"), py::arg("stream"));
-
-  // ---- SHDD decode and KL: see csrc/include/locdiff/shdd_kernels.h ----------------------
-  // (bindings added below this line by the SHDD work)
-  // A ring grid arrives as (nlat, nlon, table, theta, log_area, lon0): float64 pointers.
-  auto ring = [](int nlat, int nlon, std::uintptr_t table, std::uintptr_t theta,
-                 std::uintptr_t log_area, double lon0) {
-    locdiff::RingGrid g;
-    g.nlat = nlat;
-    g.nlon = nlon;
-    g.table = ptr<const double>(table);
-    g.theta = ptr<const double>(theta);
-    g.log_area = ptr<const double>(log_area);
-    g.lon0 = lon0;
-    return g;
-  };
-#define LOCDIFF_GRID_ARGS int nlat, int nlon, std::uintptr_t table, std::uintptr_t theta, \
-                          std::uintptr_t log_area, double lon0
-#define LOCDIFF_GRID ring(nlat, nlon, table, theta, log_area, lon0)
-#define LOCDIFF_GRID_PYARGS py::arg("nlat"), py::arg("nlon"), py::arg("table"), \
-                            py::arg("theta"), py::arg("log_area"), py::arg("lon0")
-
-  m.def("shdd_synth_cpu", [ring](std::uintptr_t coeffs, int64_t batch, int degree, LOCDIFF_GRID_ARGS,
-                                 std::uintptr_t out, const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_synth_cpu<T>(ptr<const T>(coeffs), batch, degree, LOCDIFF_GRID, ptr<T>(out),
-                                 num_threads);
-    });
-  }, py::arg("coeffs"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS, py::arg("out"),
-     py::arg("dtype"), py::arg("num_threads"));
-
-  m.def("shdd_adjoint_cpu", [ring](std::uintptr_t weights, int64_t batch, int degree,
-                                   LOCDIFF_GRID_ARGS, std::uintptr_t out, const std::string& dtype,
-                                   int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_adjoint_cpu<T>(ptr<const T>(weights), batch, degree, LOCDIFF_GRID, ptr<T>(out),
-                                   num_threads);
-    });
-  }, py::arg("weights"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS, py::arg("out"),
-     py::arg("dtype"), py::arg("num_threads"));
-
-  m.def("shdd_candidates_cpu", [ring](std::uintptr_t coeffs, int64_t batch, int degree,
-                                      LOCDIFF_GRID_ARGS, int ncand, std::uintptr_t index,
-                                      std::uintptr_t value, std::uintptr_t start,
-                                      const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_candidates_cpu<T>(ptr<const T>(coeffs), batch, degree, LOCDIFF_GRID, ncand,
-                                      ptr<int64_t>(index), ptr<double>(value), ptr<double>(start),
-                                      num_threads);
-    });
-  }, py::arg("coeffs"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS, py::arg("ncand"),
-     py::arg("index"), py::arg("value"), py::arg("start"), py::arg("dtype"), py::arg("num_threads"));
-
-  m.def("shdd_logz_cpu", [ring](std::uintptr_t coeffs, int64_t batch, int degree, LOCDIFF_GRID_ARGS,
-                                double inv_temperature, std::uintptr_t out, const std::string& dtype,
-                                int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_logz_cpu<T>(ptr<const T>(coeffs), batch, degree, LOCDIFF_GRID, inv_temperature,
-                                ptr<double>(out), num_threads);
-    });
-  }, py::arg("coeffs"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS,
-     py::arg("inv_temperature"), py::arg("out"), py::arg("dtype"), py::arg("num_threads"));
-
-  m.def("shdd_kl_fwd_cpu", [ring](std::uintptr_t pred, std::uintptr_t target, int64_t batch,
-                                  int degree, LOCDIFF_GRID_ARGS, double inv_temperature,
-                                  std::uintptr_t kl, const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_kl_fwd_cpu<T>(ptr<const T>(pred), ptr<const T>(target), batch, degree,
-                                  LOCDIFF_GRID, inv_temperature, ptr<T>(kl), num_threads);
-    });
-  }, py::arg("pred"), py::arg("target"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS,
-     py::arg("inv_temperature"), py::arg("kl"), py::arg("dtype"), py::arg("num_threads"));
-
-  m.def("shdd_kl_bwd_cpu", [ring](std::uintptr_t pred, std::uintptr_t target, std::uintptr_t grad_kl,
-                                  int64_t batch, int degree, LOCDIFF_GRID_ARGS,
-                                  double inv_temperature, std::uintptr_t grad_pred,
-                                  std::uintptr_t grad_target, const std::string& dtype,
-                                  int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_kl_bwd_cpu<T>(ptr<const T>(pred), ptr<const T>(target), ptr<const T>(grad_kl),
-                                  batch, degree, LOCDIFF_GRID, inv_temperature, ptr<T>(grad_pred),
-                                  ptr<T>(grad_target), num_threads);
-    });
-  }, py::arg("pred"), py::arg("target"), py::arg("grad_kl"), py::arg("batch"), py::arg("degree"),
-     LOCDIFF_GRID_PYARGS, py::arg("inv_temperature"), py::arg("grad_pred"), py::arg("grad_target"),
-     py::arg("dtype"), py::arg("num_threads"));
-
-  m.def("shdd_kl_grad_cpu", [ring](std::uintptr_t pred, std::uintptr_t target, int64_t batch, int degree,
-                                   LOCDIFF_GRID_ARGS, double inv_temperature, std::uintptr_t kl,
-                                   std::uintptr_t grad_pred, std::uintptr_t grad_target,
-                                   const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_kl_grad_cpu<T>(ptr<const T>(pred), ptr<const T>(target), batch, degree, LOCDIFF_GRID,
-                                   inv_temperature, ptr<T>(kl), ptr<T>(grad_pred), ptr<T>(grad_target),
-                                   num_threads);
-    });
-  }, "KL and its gradients w.r.t. pred and target at grad_kl = 1 (0: not wanted).", py::arg("pred"),
-     py::arg("target"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS, py::arg("inv_temperature"),
-     py::arg("kl"), py::arg("grad_pred"), py::arg("grad_target"), py::arg("dtype"), py::arg("num_threads"));
-
-  m.def("shdd_legendre_table_cpu", [](std::uintptr_t theta, int nhalf, int degree, std::uintptr_t out,
-                                      int num_threads) {
-    py::gil_scoped_release nogil;
-    locdiff::shdd_legendre_table_cpu(ptr<const double>(theta), nhalf, degree, ptr<double>(out),
-                                     num_threads);
-  }, py::arg("theta"), py::arg("nhalf"), py::arg("degree"), py::arg("out"), py::arg("num_threads"));
-
-  // xyz (N, 3) float64, row (N,) int64; value (N,) and grad (N, 3) float64 (grad may be 0).
-  m.def("shdd_eval_cpu", [](std::uintptr_t coeffs, int degree, std::uintptr_t xyz,
-                            std::uintptr_t row, int64_t n, std::uintptr_t value,
-                            std::uintptr_t grad, const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_eval_cpu<T>(ptr<const T>(coeffs), degree, ptr<const double>(xyz),
-                                ptr<const int64_t>(row), n, ptr<double>(value), ptr<double>(grad),
-                                num_threads);
-    });
-  }, py::arg("coeffs"), py::arg("degree"), py::arg("xyz"), py::arg("row"), py::arg("n"),
-     py::arg("value"), py::arg("grad"), py::arg("dtype"), py::arg("num_threads"));
-
-  // xyz (N, 3) float64, row (N,) int64; hess (N, 3, 3) float64.
-  m.def("shdd_hessian_cpu", [](std::uintptr_t coeffs, int degree, std::uintptr_t xyz,
-                               std::uintptr_t row, int64_t n, std::uintptr_t hess,
-                               const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_hessian_cpu<T>(ptr<const T>(coeffs), degree, ptr<const double>(xyz),
-                                   ptr<const int64_t>(row), n, ptr<double>(hess), num_threads);
-    });
-  }, py::arg("coeffs"), py::arg("degree"), py::arg("xyz"), py::arg("row"), py::arg("n"),
-     py::arg("hess"), py::arg("dtype"), py::arg("num_threads"));
-
-  m.def("shdd_scan_cpu", [ring](std::uintptr_t f, int64_t batch, LOCDIFF_GRID_ARGS, bool folded,
-                                 int ncand, std::uintptr_t index, std::uintptr_t value,
-                                 std::uintptr_t start, const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_scan_cpu<T>(ptr<const T>(f), batch, LOCDIFF_GRID, folded, ncand,
-                                ptr<int64_t>(index), ptr<double>(value), ptr<double>(start),
-                                num_threads);
-    });
-  }, py::arg("f"), py::arg("batch"), LOCDIFF_GRID_PYARGS, py::arg("folded"), py::arg("ncand"),
-     py::arg("index"), py::arg("value"), py::arg("start"), py::arg("dtype"), py::arg("num_threads"));
-
-  // xyz (N, 3) float64 starts, overwritten; value (N,) float64; row (N,) int64.
-  m.def("shdd_refine_cpu", [](std::uintptr_t coeffs, int degree, double radius, std::uintptr_t row,
-                              int64_t n, int max_iter, std::uintptr_t xyz, std::uintptr_t value,
-                              const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_refine_cpu<T>(ptr<const T>(coeffs), degree, radius, ptr<const int64_t>(row), n,
-                                  max_iter, ptr<double>(xyz), ptr<double>(value), num_threads);
-    });
-  }, py::arg("coeffs"), py::arg("degree"), py::arg("radius"), py::arg("row"), py::arg("n"),
-     py::arg("max_iter"), py::arg("xyz"), py::arg("value"), py::arg("dtype"), py::arg("num_threads"));
-
-  // cand_value (B, ncand), cand_start (B, ncand, 2) float64; out xyz (B, ncand, 3), value (B, ncand).
-  m.def("shdd_decode_refine_cpu", [](std::uintptr_t coeffs, int64_t batch, int degree, double radius,
-                                     int ncand, std::uintptr_t cand_value, std::uintptr_t cand_start,
-                                     int nrefine, int max_iter, std::uintptr_t xyz, std::uintptr_t value,
-                                     const std::string& dtype, int num_threads) {
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_decode_refine_cpu<T>(ptr<const T>(coeffs), batch, degree, radius, ncand,
-                                         ptr<const double>(cand_value), ptr<const double>(cand_start),
-                                         nrefine, max_iter, ptr<double>(xyz), ptr<double>(value),
-                                         num_threads);
-    });
-  }, py::arg("coeffs"), py::arg("batch"), py::arg("degree"), py::arg("radius"), py::arg("ncand"),
-     py::arg("cand_value"), py::arg("cand_start"), py::arg("nrefine"), py::arg("max_iter"),
-     py::arg("xyz"), py::arg("value"), py::arg("dtype"), py::arg("num_threads"));
-
-  m.def("shdd_kl_fwd_cuda", [ring](std::uintptr_t pred, std::uintptr_t target, int64_t batch,
-                                   int degree, LOCDIFF_GRID_ARGS, double inv_temperature,
-                                   std::uintptr_t kl, const std::string& dtype, std::uintptr_t stream) {
-#ifdef LOCDIFF_WITH_CUDA
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_kl_fwd_cuda<T>(ptr<const T>(pred), ptr<const T>(target), batch, degree,
-                                   LOCDIFF_GRID, inv_temperature, ptr<T>(kl),
-                                   reinterpret_cast<void*>(stream));
-    });
-#else
-    (void)ring, (void)pred, (void)target, (void)batch, (void)degree, (void)nlat, (void)nlon,
-        (void)table, (void)theta, (void)log_area, (void)lon0, (void)inv_temperature, (void)kl,
-        (void)dtype, (void)stream;
-    no_cuda("shdd_kl");
-#endif
-  }, py::arg("pred"), py::arg("target"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS,
-     py::arg("inv_temperature"), py::arg("kl"), py::arg("dtype"), py::arg("stream"));
-
-  m.def("shdd_kl_bwd_cuda", [ring](std::uintptr_t pred, std::uintptr_t target, std::uintptr_t grad_kl,
-                                   int64_t batch, int degree, LOCDIFF_GRID_ARGS,
-                                   double inv_temperature, std::uintptr_t grad_pred,
-                                   std::uintptr_t grad_target, const std::string& dtype,
-                                   std::uintptr_t stream) {
-#ifdef LOCDIFF_WITH_CUDA
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_kl_bwd_cuda<T>(ptr<const T>(pred), ptr<const T>(target), ptr<const T>(grad_kl),
-                                   batch, degree, LOCDIFF_GRID, inv_temperature, ptr<T>(grad_pred),
-                                   ptr<T>(grad_target), reinterpret_cast<void*>(stream));
-    });
-#else
-    (void)ring, (void)pred, (void)target, (void)grad_kl, (void)batch, (void)degree, (void)nlat,
-        (void)nlon, (void)table, (void)theta, (void)log_area, (void)lon0, (void)inv_temperature,
-        (void)grad_pred, (void)grad_target, (void)dtype, (void)stream;
-    no_cuda("shdd_kl backward");
-#endif
-  }, py::arg("pred"), py::arg("target"), py::arg("grad_kl"), py::arg("batch"), py::arg("degree"),
-     LOCDIFF_GRID_PYARGS, py::arg("inv_temperature"), py::arg("grad_pred"), py::arg("grad_target"),
-     py::arg("dtype"), py::arg("stream"));
-
-  m.def("shdd_synth_cuda", [ring](std::uintptr_t coeffs, int64_t batch, int degree, LOCDIFF_GRID_ARGS,
-                                  std::uintptr_t out, const std::string& dtype, std::uintptr_t stream) {
-#ifdef LOCDIFF_WITH_CUDA
-    py::gil_scoped_release nogil;
-    dispatch_float(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      locdiff::shdd_synth_cuda<T>(ptr<const T>(coeffs), batch, degree, LOCDIFF_GRID, ptr<T>(out),
-                                  reinterpret_cast<void*>(stream));
-    });
-#else
-    (void)ring, (void)coeffs, (void)batch, (void)degree, (void)nlat, (void)nlon, (void)table,
-        (void)theta, (void)log_area, (void)lon0, (void)out, (void)dtype, (void)stream;
-    no_cuda("shdd grid synthesis");
-#endif
-  }, py::arg("coeffs"), py::arg("batch"), py::arg("degree"), LOCDIFF_GRID_PYARGS, py::arg("out"),
-     py::arg("dtype"), py::arg("stream"));
-#undef LOCDIFF_GRID_ARGS
-#undef LOCDIFF_GRID
-#undef LOCDIFF_GRID_PYARGS
+  LOCDIFF_KERNEL(m, "shdd_synth", "cpu", shdd_synth_cpu);
+  LOCDIFF_CUDA_KERNEL(m, "shdd_synth", shdd_synth_cuda);
+  LOCDIFF_KERNEL(m, "shdd_adjoint", "cpu", shdd_adjoint_cpu);
+  LOCDIFF_CUDA_KERNEL(m, "shdd_adjoint", shdd_adjoint_cuda);
+  LOCDIFF_KERNEL(m, "shdd_kl", "cpu", shdd_kl_fwd_cpu);
+  LOCDIFF_KERNEL(m, "shdd_kl", "cpu", shdd_kl_bwd_cpu, true);
+  LOCDIFF_CUDA_KERNEL(m, "shdd_kl", shdd_kl_fwd_cuda);
+  LOCDIFF_CUDA_KERNEL(m, "shdd_kl", shdd_kl_bwd_cuda, true);
+  LOCDIFF_KERNEL(m, "shdd_kl_grad", "cpu", shdd_kl_grad_cpu, false,
+                 "KL and its gradients w.r.t. pred and target at grad_kl = 1 (0: not wanted).");
+  LOCDIFF_KERNEL(m, "shdd_candidates", "cpu", shdd_candidates_cpu);
+  LOCDIFF_KERNEL(m, "shdd_scan", "cpu", shdd_scan_cpu);
+  LOCDIFF_KERNEL(m, "shdd_logz", "cpu", shdd_logz_cpu);
+  LOCDIFF_KERNEL(m, "shdd_eval", "cpu", shdd_eval_cpu);
+  LOCDIFF_KERNEL(m, "shdd_hessian", "cpu", shdd_hessian_cpu);
+  LOCDIFF_KERNEL(m, "shdd_refine", "cpu", shdd_refine_cpu);
+  LOCDIFF_KERNEL(m, "shdd_decode_refine", "cpu", shdd_decode_refine_cpu);
+  def_fixed(m, "shdd_legendre_table", "cpu", &shdd_legendre_table_cpu);
 }

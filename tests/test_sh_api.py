@@ -99,7 +99,7 @@ def test_numpy_in_numpy_out_on_both_routes(dtype, rng, monkeypatch):
     # Small outputs run the kernel on the arrays' own memory (ops/sh.py forward_cpu_numpy),
     # large ones go through torch tensors and the output pool: the same values either way.
     direct = []
-    monkeypatch.setattr(sys.modules["locdiff.sh"], "forward_cpu_numpy",
+    monkeypatch.setattr(sys.modules["locdiff.ops.sh_api"], "forward_cpu_numpy",
                         lambda a, degree: direct.append(degree) or forward_cpu_numpy(a, degree))
     cases = [((2, 5, 3), 6), ((7, 3), 40), ((3,), 2), ((0, 3), 3), ((1, 3), 0), ((4, 3), 63), ((400, 3), 30), ((5, 3), 63)]
     for shape, degree in cases:
@@ -358,7 +358,7 @@ def test_bad_backend():
 def test_cuda_tensor_on_cpu_only_build_raises():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="built without CUDA|CUDA"):
-            locdiff._C.sh_cuda_fwd(0, 1, 2, 0, "float32", 0) if not locdiff.has_cuda() else (_ for _ in ()).throw(
+            locdiff._C.sh_cuda(0, 1, 2, 0, 0, "float32") if not locdiff.has_cuda() else (_ for _ in ()).throw(
                 RuntimeError("CUDA build"))
     elif not locdiff.has_cuda():
         with pytest.raises(RuntimeError, match="built without CUDA"):

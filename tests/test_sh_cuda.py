@@ -48,9 +48,9 @@ def _rel_close(got, want, dtype, scale_floor=1.0):
 @pytest.mark.skipif(_C.has_cuda(), reason="this build has the CUDA kernels")
 def test_cpu_only_build_refuses_cuda_entry_points():
     with pytest.raises(RuntimeError, match="built without CUDA"):
-        _C.sh_cuda_fwd(0, 1, 2, 0, "float32", 0)
+        _C.sh_cuda(0, 1, 2, 0, 0, "float32")
     with pytest.raises(RuntimeError, match="built without CUDA"):
-        _C.sh_cuda_bwd(0, 0, 1, 2, 0, "float64", 0)
+        _C.sh_cuda_bwd(0, 0, 1, 2, 0, 0, "float64")
 
 
 @pytest.mark.skipif(_C.has_cuda() or not torch.cuda.is_available(),

@@ -9,6 +9,8 @@ import torch
 import locdiff
 from locdiff import grids, shdd
 from locdiff.ops import shdd as ops
+from locdiff.ops import shdd_api, shdd_gemm
+from shdd_helpers import refine_torch, ring_args, torch_route_candidates
 from locdiff.ops import shdd_reference as ref
 from locdiff.ops.sh_reference import spherical_harmonics_reference
 from locdiff.testing import assert_close
@@ -149,10 +151,6 @@ GRID2 = grids.gauss_legendre(8, 12)  # nlon not a power of two: direct DFT
 BIG_GRID = grids.equiangular(130, 1024)
 
 
-def ring_args(grid, degree):
-    return shdd._ring_args(grid, degree, "cpu")
-
-
 @pytest.mark.parametrize("grid", [GRID, GRID2, BIG_GRID], ids=["odd-nlat", "dft", "per-vector"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_synth_adjoint_logz_match_reference(grid, dtype):
@@ -256,8 +254,8 @@ def test_candidates_both_routes_match_reference(grid, dtype, route, monkeypatch)
     # GRID takes the GEMM + real-FFT route (odd nlat: the equator has no mirror). GRID2
     # (nlon = 2L) always takes the fused kernel.
     if route == "gemm":
-        monkeypatch.setattr(ops, "_FUSED_MAX_DEGREE", -1)
-        monkeypatch.setattr(ops, "_FUSED_WIDE_DEGREE", -1)
+        monkeypatch.setattr(shdd_gemm, "_FUSED_MAX_DEGREE", -1)
+        monkeypatch.setattr(shdd_gemm, "_FUSED_WIDE_DEGREE", -1)
     L = 6
     c = torch.randn(9, (L + 1) ** 2, dtype=torch.float64)
     idx, val, _ = ops.shdd_candidates_op(c.to(dtype), *ring_args(grid, L), 5)
@@ -274,7 +272,7 @@ def test_torch_local_maxima_match_the_cpp_scan(grid, degree):
     # in the same order of value, and the same decode after refinement.
     c = torch.randn(9, (degree + 1) ** 2, dtype=torch.float64)
     _, val, _ = ops.shdd_candidates_op(c, *ring_args(grid, degree), 6)
-    val_t, start_t = shdd._ring_candidates_torch(c, degree, grid, 6)
+    val_t, start_t = torch_route_candidates(c, degree, grid, 6)
     assert_close(val_t, val)
     # The same decode after refinement, on the grid decode uses for the degree. The two paths
     # start a grid maximum's refinement from different points (the grid point; the C++ scan's
@@ -282,10 +280,10 @@ def test_torch_local_maxima_match_the_cpp_scan(grid, degree):
     # on these grids (and more on grids too coarse for the degree, as GRID at L = 6), so one
     # row of the nine may differ, no more.
     grid = grids.for_degree(degree)
-    val_t, start_t = shdd._ring_candidates_torch(c, degree, grid, 6)
-    value, start = shdd._candidates(c, degree, grid, 6)
-    xyz, f = shdd._refine_candidates(c, degree, val_t, start_t, 3)
-    xyz_c, f_c = shdd._refine_candidates(c, degree, value, start, 3)
+    val_t, start_t = torch_route_candidates(c, degree, grid, 6)
+    value, start = shdd_api.candidates(c, shdd._grid_args(grid, degree, 'cpu'), 6)
+    xyz, f = refine_torch(c, degree, val_t, start_t, 3)
+    xyz_c, f_c = refine_torch(c, degree, value, start, 3)
     same = (f[:, 0] - f_c[:, 0]).abs() <= 1e-9 * (1 + f_c[:, 0].abs())
     assert int((~same).sum()) <= 1, (f[:, 0], f_c[:, 0])
     # (from other starting points: a broad low-degree maximum is flat to ~1e-8 rad)
@@ -348,7 +346,7 @@ def test_decode_refine_kernel_matches_torch_form(noise):
     th, ph = start[..., 0], start[..., 1]
     start_xyz = torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()], -1)
     xyz, f = ops.shdd_decode_refine_op(c, value, start, L, grids.half_max_radius(L), 3, 40)
-    xyz_t, f_t = shdd._refine_candidates(c, L, value, start_xyz, 3)
+    xyz_t, f_t = refine_torch(c, L, value, start_xyz, 3)
     # the one-op decode is the same two steps
     xyz_d, f_d = ops.shdd_decode_op(c, *ring_args(grid, L), 16, grids.half_max_radius(L), 3, 40)
     torch.testing.assert_close(f_d, f, rtol=0, atol=0)

@@ -10,6 +10,7 @@ import torch
 import locdiff
 from locdiff import grids, shdd
 from locdiff.testing import assert_close, devices
+from shdd_helpers import torch_route_candidates
 
 pytestmark = pytest.mark.skipif("cuda" not in devices(), reason="needs a GPU and a CUDA build of locdiff")
 
@@ -70,7 +71,7 @@ def test_triton_grid_stage_matches_the_torch_route(degree):
     grid = grids.for_degree(degree)
     value, index = ring_candidates_triton(c, grid.legendre_table(degree, "cuda"), degree, grid.nlat, grid.nlon,
                                           grid.lon0, 32)
-    want, want_xyz = shdd._ring_candidates_torch(c, degree, grid, 32)
+    want, want_xyz = torch_route_candidates(c, degree, grid, 32)
     scale = float(want[:, 0].abs().max())
     ok = torch.isfinite(want)
     assert torch.equal(torch.isfinite(value), ok)
@@ -121,3 +122,54 @@ def test_triton_refinement_matches_the_cpp_kernel(degree):
     scale = float(c.abs().sum(-1).max())
     assert float((u.cpu() - want_u).abs().max()) < 1e-8
     assert float((f.cpu() - want_f).abs().max()) < 1e-12 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("degree", [5, 33])
+def test_gradients_through_synthesis_match_cpu(degree, dtype):
+    # grid_values, density and log_density_at backpropagate through locdiff::shdd_adjoint.
+    g = torch.Generator().manual_seed(degree)
+    c = torch.randn(5, (degree + 1) ** 2, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(5, grids.for_degree(degree).size, generator=g, dtype=torch.float64).to(dtype)
+    grads = []
+    for device in ("cpu", "cuda"):
+        x = c.to(device).requires_grad_(True)
+        (shdd.density(x, temperature=0.7) * w.to(device)).sum().backward()
+        y = c.to(device).requires_grad_(True)
+        (shdd.grid_values(y) * w.to(device)).sum().backward()
+        grads.append((x.grad.cpu(), y.grad.cpu()))
+    assert_close(grads[1][0], grads[0][0])
+    assert_close(grads[1][1], grads[0][1])
+
+
+def test_adjoint_gradcheck_float64():
+    from locdiff.ops.shdd import shdd_adjoint_op, shdd_synth_op
+    from shdd_helpers import ring_args
+
+    grid = grids.equiangular(9, 16)
+    a = ring_args(grid, 4, "cuda")
+    c = torch.randn(3, 25, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(3, grid.size, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: shdd_synth_op(x, *a), (c,))
+    assert torch.autograd.gradcheck(lambda x: shdd_adjoint_op(x, *a), (w,))
+
+
+def test_degree_past_48_kib_of_shared_memory():
+    # 32 (L+1) bytes of shared memory per block: L = 1600 needs the opt-in beyond 48 KiB.
+    degree = 1600
+    grid = grids.equiangular(4, 8)
+    c = torch.zeros(1, (degree + 1) ** 2, dtype=torch.float64)
+    c[0, 0] = 1.0
+    f = shdd.grid_values(c.cuda(), grid)
+    assert_close(f.cpu(), shdd.grid_values(c, grid))
+
+
+def test_inputs_on_two_devices_are_named_errors():
+    c = shdd.encode(torch.tensor([[10.0, 20.0]], dtype=torch.float64), 8)
+    with pytest.raises(ValueError, match="pred is on cuda.*target is on cpu|target is on"):
+        shdd.kl_divergence(c.cuda(), c)
+    from locdiff.ops.shdd import shdd_kl_op
+    from shdd_helpers import ring_args
+
+    with pytest.raises(ValueError, match="target is on cpu"):
+        shdd_kl_op(c.cuda(), c, *ring_args(grids.for_degree(8), 8, "cuda"), 1.0)

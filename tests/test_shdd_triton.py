@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from locdiff import grids, shdd  # noqa: E402
 from locdiff.geo import great_circle_km  # noqa: E402
+from shdd_helpers import torch_route_candidates  # noqa: E402
 from triton_interpreter import needs_interpreter, run_interpreted  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def test_candidates_match_the_torch_route(grid, degree, ncand):
     c = _noisy(HARD, degree, 0.3, degree).float()
     table = grid.legendre_table(degree)
     value, index = ring_candidates_triton(c, table, degree, grid.nlat, grid.nlon, grid.lon0, ncand)
-    want_value, want_xyz = shdd._ring_candidates_torch(c, degree, grid, ncand)
+    want_value, want_xyz = torch_route_candidates(c, degree, grid, ncand)
     assert value.shape == (len(HARD), ncand) and value.dtype == torch.float64
     finite = torch.isfinite(want_value)
     assert torch.equal(torch.isfinite(value), finite)
@@ -70,7 +71,7 @@ def test_fewer_maxima_than_candidates_pad_with_minus_inf():
     c = shdd.encode(torch.tensor([[30.0, 40.0]]), degree).float()
     value, index = ring_candidates_triton(c, grid.legendre_table(degree), degree, grid.nlat, grid.nlon,
                                           grid.lon0, 64)
-    want, _ = shdd._ring_candidates_torch(c, degree, grid, 64)
+    want, _ = torch_route_candidates(c, degree, grid, 64)
     assert value.shape == (1, 64) and int(torch.isfinite(value).sum()) == int(torch.isfinite(want).sum()) >= 1
     assert not torch.isfinite(value[0, -1]) and index.min() >= 0 and index.max() < grid.size
 

@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 try:  # Triton's ahead-of-time API (3.x)
@@ -35,11 +36,14 @@ def _ptxas():
     return path
 
 
-def _build(kernel, signature: dict, constants: dict, num_warps: int) -> dict:
-    """PTX for sm_90, then ptxas: -> {"registers": n, "spill_bytes": n}."""
+def _compile(kernel, signature: dict, constants: dict, num_warps: int):
     src = ASTSource(kernel, {**signature, **{k: "constexpr" for k in constants}}, constexprs=constants)
     # FP fusion as launches get it today (Triton 3.9 warns that its default will change).
-    compiled = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "enable_fp_fusion": True})
+    return triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "enable_fp_fusion": True})
+
+
+def _assemble(compiled) -> dict:
+    """ptxas on the PTX for sm_90: -> {"registers": n, "spill_bytes": n}."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
@@ -52,40 +56,75 @@ def _build(kernel, signature: dict, constants: dict, num_warps: int) -> dict:
     return {"registers": int(regs.group(1)), "spill_bytes": int(spill.group(1)) if spill else 0}
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
-def test_sh_kernels_build_for_hopper(dtype):
-    from locdiff.ops.triton.sh_triton import _blocks, _sh_bwd_kernel, _sh_fwd_kernel
+def _launch_signature(kernel, launch, monkeypatch) -> tuple[dict, dict]:
+    """Runs ``launch()`` with the kernel's run replaced by a recorder, and returns the
+    signature Triton infers from the arguments the wrapper really passes (a Python float is
+    fp32 there, whatever the interpreter does with it), the constexprs and num_warps."""
+    from triton.runtime.jit import mangle_type
 
-    block_p, block_m = _blocks(64)
-    consts = {"BLOCK_P": block_p, "BLOCK_M": block_m}
-    fwd = _build(_sh_fwd_kernel, {"xyz_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "n": "i32", "L": "i32"}, consts, 4)
-    bwd_sig = {"xyz_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "gxyz_ptr": f"*{dtype}", "n": "i32", "L": "i32"}
-    bwd = _build(_sh_bwd_kernel, bwd_sig, consts, 4)
-    assert fwd["registers"] > 0 and bwd["registers"] > 0
-
-
-def test_decode_point_kernels_build_for_hopper():
-    # f and its gradient at points, and the whole Newton refinement, float64.
-    from locdiff.ops.triton.refine_triton import _refine_kernel
-    from locdiff.ops.triton.sh_triton import _blocks, _dot_gradient_kernel
-
-    block_p, block_m = _blocks(64)
-    consts = {"BLOCK_P": block_p, "BLOCK_M": block_m}
-    _build(_dot_gradient_kernel, {"xyz_ptr": "*fp64", "coeffs_ptr": "*fp64", "row_ptr": "*i64", "f_ptr": "*fp64",
-                                  "gxyz_ptr": "*fp64", "n": "i32", "L": "i32"}, consts, 4)
-    info = _build(_refine_kernel, {"coeffs_ptr": "*fp64", "row_ptr": "*i64", "xyz_ptr": "*fp64",
-                                   "fscale_ptr": "*fp64", "out_xyz_ptr": "*fp64", "out_f_ptr": "*fp64",
-                                   "n": "i32", "L": "i32", "radius": "fp64", "max_iter": "i32"}, consts, 4)
-    assert info["registers"] > 0
+    calls = []
+    monkeypatch.setattr(kernel, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
+    launch()
+    assert calls, "the wrapper launched nothing"
+    args, kwargs = calls[0]
+    names = kernel.arg_names
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    constexprs = {names[i]: values[names[i]] for i in kernel.constexprs}
+    signature = {n: mangle_type(v) for n, v in values.items() if n not in constexprs}
+    constexprs["num_warps"] = kwargs.get("num_warps", 4)  # a launch option: popped by the caller
+    return signature, constexprs
 
 
-@pytest.mark.parametrize("nlon", [256, 1024])  # L = 64 and 256 (grids.for_degree)
-def test_ring_scan_kernel_builds_for_hopper_without_spills(nlon):
-    from locdiff.ops.triton.shdd_triton import _num_warps, _ring_scan_kernel
+def _float32_in_ir(compiled) -> list[str]:
+    return [line.strip() for line in compiled.asm["ttir"].splitlines() if "f32" in line]
 
-    signature = {"coeffs_ptr": "*fp32", "table_ptr": "*fp64", "phase_ptr": "*fp32", "scratch_ptr": "*fp32",
-                 "keys_ptr": "*i64", "n_items": "i32", "n_bands": "i32", "L": "i32", "nlat": "i32",
-                 "nlon": "i32", "nhalf": "i32"}
-    consts = {"BAND": 6, "ROWS": 8, "NLON": nlon, "BLOCK_I": 32, "C": 32, "C_RING": 32, "ANCHOR": 16}
-    info = _build(_ring_scan_kernel, signature, consts, _num_warps(nlon))
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sh_kernels_build_for_hopper(dtype, monkeypatch):
+    # With the arguments the op passes; float64 kernels hold no float32 value anywhere (a
+    # bare literal returned from a jit helper, or a Python float argument, would be one).
+    from locdiff.ops.triton.sh_triton import _sh_bwd_kernel, _sh_fwd_kernel, spherical_harmonics_triton_op
+
+    xyz = torch.randn(5, 3, dtype=dtype)
+    grad = torch.randn(5, 65 * 65, dtype=dtype)
+    for kernel, call in ((_sh_fwd_kernel, lambda: spherical_harmonics_triton_op(xyz, 64)),
+                         (_sh_bwd_kernel, lambda: torch.ops.locdiff.spherical_harmonics_triton_backward(xyz, grad, 64))):
+        signature, consts = _launch_signature(kernel, call, monkeypatch)
+        compiled = _compile(kernel, signature, consts, consts.pop("num_warps"))
+        info = _assemble(compiled)
+        assert info["registers"] > 0
+        if dtype == torch.float64:
+            assert not _float32_in_ir(compiled), _float32_in_ir(compiled)[:5]
+
+
+def test_decode_point_kernels_build_for_hopper(monkeypatch):
+    # f and its gradient at points, and the whole Newton refinement, float64 throughout: the
+    # radius reaches the kernel as float64 (a Python float argument would be fp32).
+    from locdiff.ops.triton.refine import _refine_kernel, refine_triton
+    from locdiff.ops.triton.sh_triton import _dot_gradient_kernel, sh_dot_and_gradient_triton
+
+    c = torch.randn(2, 65 * 65, dtype=torch.float64)
+    xyz = torch.randn(4, 3, dtype=torch.float64)
+    row = torch.tensor([0, 1, 0, 1])
+    for kernel, call in ((_dot_gradient_kernel, lambda: sh_dot_and_gradient_triton(c, xyz, row, 64)),
+                         (_refine_kernel, lambda: refine_triton(c, 64, row, xyz, 0.034))):
+        signature, consts = _launch_signature(kernel, call, monkeypatch)
+        compiled = _compile(kernel, signature, consts, consts.pop("num_warps"))
+        assert _assemble(compiled)["registers"] > 0
+        assert not _float32_in_ir(compiled), _float32_in_ir(compiled)[:5]
+
+
+@pytest.mark.parametrize("degree", [64, 256])  # nlon 256 and 1024 (grids.for_degree)
+def test_ring_scan_kernel_builds_for_hopper_without_spills(degree, monkeypatch):
+    from locdiff import grids
+    from locdiff.ops.triton.shdd_triton import _ring_scan_kernel, ring_candidates_triton
+
+    grid = grids.for_degree(degree)
+    c = torch.randn(2, (degree + 1) ** 2)
+    table = grid.legendre_table(degree)
+    signature, consts = _launch_signature(
+        _ring_scan_kernel, lambda: ring_candidates_triton(c, table, degree, grid.nlat, grid.nlon, grid.lon0, 32),
+        monkeypatch)
+    info = _assemble(_compile(_ring_scan_kernel, signature, consts, consts.pop("num_warps", 4)))
     assert info["spill_bytes"] == 0, info

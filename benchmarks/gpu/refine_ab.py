@@ -1,7 +1,7 @@
 """The decode's refinement on CUDA, the two routes side by side (interleaved rounds, best of
 each): the torch loop (locdiff.ops.shdd_reference.shdd_refine_reference with f and gradient
 from the CUDA SH kernels; decode's default on CUDA) against the one-kernel Triton loop
-(locdiff.ops.triton.refine_triton; decode(backend="triton")). Also checks that both reach
+(locdiff.ops.triton.refine; decode(backend="triton")). Also checks that both reach
 the same maxima. Prints a markdown table; run by `STAGES=decode bash benchmarks/gpu/run_all.sh`.
 
     python benchmarks/gpu/refine_ab.py [--degrees 16,64,256] [--points 64,16384] [--rounds 5]

@@ -156,7 +156,9 @@ __global__ void kl_kernel(double* fp, double* ft, int nlat, int nlon, const doub
 // Adjoint: grad (B, K) += sum over grid of w * Y. One block per (sample, northern ring):
 // Fourier sums of both mirror rings by threads over m, then Legendre projections by threads
 // over (m, l), accumulated across rings with atomicAdd (grad must start at zero; float64).
-__global__ void adjoint_kernel(const double* __restrict__ w, int degree, int nlat, int nlon,
+// W is the storage type of the weights.
+template <typename W>
+__global__ void adjoint_kernel(const W* __restrict__ w, int degree, int nlat, int nlon,
                                const double* __restrict__ table, double lon0, double* grad) {
   extern __shared__ double sh[];
   const int L = degree, nhalf = (nlat + 1) / 2;
@@ -164,8 +166,8 @@ __global__ void adjoint_kernel(const double* __restrict__ w, int degree, int nla
   const int js = nlat - 1 - j;
   const bool pair = js != j;
   const int64_t G = int64_t(nlat) * nlon, K = int64_t(L + 1) * (L + 1);
-  const double* wn = w + G * b + int64_t(j) * nlon;
-  const double* ws = w + G * b + int64_t(js) * nlon;
+  const W* wn = w + G * b + int64_t(j) * nlon;
+  const W* ws = w + G * b + int64_t(js) * nlon;
   double* RN = sh;  // sum_k w cos(m phi_k), north
   double* RS = sh + (L + 1);
   double* IN = sh + 2 * (L + 1);  // sum_k w sin(m phi_k)
@@ -175,11 +177,13 @@ __global__ void adjoint_kernel(const double* __restrict__ w, int degree, int nla
     for (int k = 0; k < nlon; ++k) {
       double s, c;
       sincos(m * (lon0 + 2.0 * kPi * k / nlon), &s, &c);
-      rn += wn[k] * c;
-      in += wn[k] * s;
+      const double a = double(wn[k]);
+      rn += a * c;
+      in += a * s;
       if (pair) {
-        rs += ws[k] * c;
-        is += ws[k] * s;
+        const double z = double(ws[k]);
+        rs += z * c;
+        is += z * s;
       }
     }
     RN[m] = rn;
@@ -207,16 +211,57 @@ __global__ void cast_kernel(const double* __restrict__ src, T* __restrict__ dst,
   if (i < n) dst[i] = T(src[i]);
 }
 
-size_t synth_smem(int degree) { return 4 * size_t(degree + 1) * sizeof(double); }
+// Four (L+1) float64 rows per block for the synthesis and the adjoint: past the default
+// 48 KiB (L >= 1536) the kernel must opt in to more, up to what the GPU allows per block.
+size_t ring_smem(int degree) { return 4 * size_t(degree + 1) * sizeof(double); }
+
+template <typename Kernel>
+void opt_in_smem(Kernel kernel, int degree, const char* what) {
+  const size_t bytes = ring_smem(degree);
+  if (bytes <= 48 * 1024) return;
+  int device = 0, limit = 0;
+  check(cudaGetDevice(&device), "get device");
+  check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "shared memory limit");
+  if (bytes > size_t(limit))
+    throw std::invalid_argument(std::string("locdiff ") + what + ": degree " + std::to_string(degree) +
+                                " needs " + std::to_string(bytes) + " bytes of shared memory per block, "
+                                "more than the " + std::to_string(limit) + " this GPU allows; expected "
+                                "degree <= " + std::to_string(limit / (4 * int(sizeof(double))) - 1));
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+        "shared memory opt-in");
+}
+
+void check_launch(const char* what) { check(cudaGetLastError(), what); }
 
 template <typename T>
 void launch_synth(const T* coeffs, int64_t batch, int degree, const RingGrid& g, double* out,
                   cudaStream_t stream) {
   const int nhalf = (g.nlat + 1) / 2;
   const dim3 grid(nhalf, unsigned(batch));
-  synth_kernel<T><<<grid, kThreads, synth_smem(degree), stream>>>(coeffs, degree, g.nlat, g.nlon,
-                                                                  g.table, g.lon0, out);
-  check(cudaGetLastError(), "shdd synth launch");
+  opt_in_smem(synth_kernel<T>, degree, "shdd synthesis");
+  synth_kernel<T><<<grid, kThreads, ring_smem(degree), stream>>>(coeffs, degree, g.nlat, g.nlon,
+                                                                 g.table, g.lon0, out);
+  check_launch("shdd synth launch");
+}
+
+// acc (nb, K) = sum over the grid of w * Y for nb weight rows (w: (nb, G)).
+template <typename W>
+void launch_adjoint(const W* w, int64_t nb, int degree, const RingGrid& g, double* acc,
+                    cudaStream_t stream) {
+  const int64_t K = int64_t(degree + 1) * (degree + 1);
+  check(cudaMemsetAsync(acc, 0, sizeof(double) * K * nb, stream), "memset");
+  const dim3 blocks((g.nlat + 1) / 2, unsigned(nb));
+  opt_in_smem(adjoint_kernel<W>, degree, "shdd adjoint");
+  adjoint_kernel<W><<<blocks, kThreads, ring_smem(degree), stream>>>(w, degree, g.nlat, g.nlon, g.table,
+                                                                     g.lon0, acc);
+  check_launch("shdd adjoint launch");
+}
+
+template <typename T>
+void launch_cast(const double* src, T* dst, int64_t n, cudaStream_t stream) {
+  cast_kernel<T><<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(src, dst, n);
+  check_launch("shdd cast launch");
 }
 
 int64_t chunk_rows(const RingGrid& g) {
@@ -226,22 +271,43 @@ int64_t chunk_rows(const RingGrid& g) {
 
 }  // namespace
 
+// B rows mapped to out_width values each, in chunks of `rows` through a float64 scratch
+// buffer (launch(in, nb, scratch)), then cast to the storage type.
+template <typename In, typename T, typename Launch>
+void map_rows(const In* in, int64_t batch, int64_t in_width, int64_t out_width, int64_t rows, T* out,
+              cudaStream_t stream, Launch launch) {
+  double* buf = nullptr;
+  check(cudaMallocAsync(&buf, sizeof(double) * out_width * std::min(rows, batch), stream), "alloc");
+  for (int64_t b0 = 0; b0 < batch; b0 += rows) {
+    const int64_t nb = std::min(rows, batch - b0);
+    launch(in + in_width * b0, nb, buf);
+    launch_cast(buf, out + out_width * b0, nb * out_width, stream);
+  }
+  check(cudaFreeAsync(buf, stream), "free");
+}
+
 template <typename T>
 void shdd_synth_cuda(const T* coeffs, int64_t batch, int degree, const RingGrid& grid, T* out,
                      void* stream_ptr) {
   if (batch <= 0) return;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t G = int64_t(grid.nlat) * grid.nlon, K = int64_t(degree + 1) * (degree + 1);
-  const int64_t rows = chunk_rows(grid);
-  double* buf = nullptr;
-  check(cudaMallocAsync(&buf, sizeof(double) * G * std::min(rows, batch), stream), "alloc");
-  for (int64_t b0 = 0; b0 < batch; b0 += rows) {
-    const int64_t nb = std::min(rows, batch - b0);
-    launch_synth(coeffs + K * b0, nb, degree, grid, buf, stream);
-    const int64_t n = nb * G;
-    cast_kernel<T><<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(buf, out + G * b0, n);
-  }
-  check(cudaFreeAsync(buf, stream), "free");
+  map_rows(coeffs, batch, K, G, chunk_rows(grid), out, stream, [&](const T* c, int64_t nb, double* buf) {
+    launch_synth(c, nb, degree, grid, buf, stream);
+  });
+}
+
+template <typename T>
+void shdd_adjoint_cuda(const T* weights, int64_t batch, int degree, const RingGrid& grid,
+                       T* out_coeffs, void* stream_ptr) {
+  if (batch <= 0) return;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const int64_t G = int64_t(grid.nlat) * grid.nlon, K = int64_t(degree + 1) * (degree + 1);
+  // Rows per chunk: the grid's y dimension, and a float64 accumulator of kChunkElems.
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(65535, kChunkElems / K));
+  map_rows(weights, batch, G, K, rows, out_coeffs, stream, [&](const T* w, int64_t nb, double* acc) {
+    launch_adjoint(w, nb, degree, grid, acc, stream);
+  });
 }
 
 template <typename T>
@@ -260,7 +326,7 @@ void shdd_kl_fwd_cuda(const T* pred, const T* target, int64_t batch, int degree,
     launch_synth(target + K * b0, nb, degree, grid, ft, stream);
     kl_kernel<T><<<unsigned(nb), kThreads, 0, stream>>>(fp, ft, grid.nlat, grid.nlon, grid.log_area,
                                                         inv_temperature, kl + b0, nullptr, false, false);
-    check(cudaGetLastError(), "shdd kl launch");
+    check_launch("shdd kl launch");
   }
   check(cudaFreeAsync(fp, stream), "free");
   check(cudaFreeAsync(ft, stream), "free");
@@ -274,7 +340,6 @@ void shdd_kl_bwd_cuda(const T* pred, const T* target, const T* grad_kl, int64_t 
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t G = int64_t(grid.nlat) * grid.nlon, K = int64_t(degree + 1) * (degree + 1);
   const int64_t rows = chunk_rows(grid);
-  const int nhalf = (grid.nlat + 1) / 2;
   double *fp = nullptr, *ft = nullptr, *acc = nullptr;
   const int64_t cap = std::min(rows, batch);
   check(cudaMallocAsync(&fp, sizeof(double) * G * cap, stream), "alloc");
@@ -287,17 +352,12 @@ void shdd_kl_bwd_cuda(const T* pred, const T* target, const T* grad_kl, int64_t 
     kl_kernel<T><<<unsigned(nb), kThreads, 0, stream>>>(fp, ft, grid.nlat, grid.nlon, grid.log_area,
                                                         inv_temperature, nullptr, grad_kl + b0,
                                                         grad_pred != nullptr, grad_target != nullptr);
-    check(cudaGetLastError(), "shdd kl backward launch");
-    const dim3 blocks(nhalf, unsigned(nb));
+    check_launch("shdd kl backward launch");
     for (int which = 0; which < 2; ++which) {
       T* dst = which == 0 ? grad_pred : grad_target;
       if (!dst) continue;
-      check(cudaMemsetAsync(acc, 0, sizeof(double) * K * nb, stream), "memset");
-      adjoint_kernel<<<blocks, kThreads, synth_smem(degree), stream>>>(
-          which == 0 ? fp : ft, degree, grid.nlat, grid.nlon, grid.table, grid.lon0, acc);
-      check(cudaGetLastError(), "shdd adjoint launch");
-      const int64_t n = nb * K;
-      cast_kernel<T><<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(acc, dst + K * b0, n);
+      launch_adjoint<double>(which == 0 ? fp : ft, nb, degree, grid, acc, stream);
+      launch_cast(acc, dst + K * b0, nb * K, stream);
     }
   }
   check(cudaFreeAsync(fp, stream), "free");
@@ -307,6 +367,7 @@ void shdd_kl_bwd_cuda(const T* pred, const T* target, const T* grad_kl, int64_t 
 
 #define LOCDIFF_INSTANTIATE(T)                                                                  \
   template void shdd_synth_cuda<T>(const T*, int64_t, int, const RingGrid&, T*, void*);        \
+  template void shdd_adjoint_cuda<T>(const T*, int64_t, int, const RingGrid&, T*, void*);      \
   template void shdd_kl_fwd_cuda<T>(const T*, const T*, int64_t, int, const RingGrid&, double, \
                                     T*, void*);                                                \
   template void shdd_kl_bwd_cuda<T>(const T*, const T*, const T*, int64_t, int, const RingGrid&, \

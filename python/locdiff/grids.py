@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from locdiff.ops import validation
+from locdiff.ops import shdd_api, validation
 
 KINDS = ("equiangular", "gauss_legendre", "fibonacci")
 
 
 def half_max_radius(degree: int) -> float:
-    """Half-maximum radius (radians) of the degree-L SHDD kernel, about 0.034 * 64 / L (BRIEF.md)."""
+    """Half-maximum radius (radians) of the degree-L SHDD kernel, about 0.034 * 64 / L
+    (docs/conventions.md, "The SHDD kernel")."""
     return min(0.034 * 64 / max(int(degree), 1), math.pi / 2)
 
 
@@ -99,13 +100,7 @@ class Grid:
 def _legendre_table(theta: torch.Tensor, nlat: int, degree: int) -> torch.Tensor:
     # The recurrence of the SH kernel per northern ring (scaled arithmetic where the seeds
     # underflow near the poles at high degree); tests compare it with spherical_harmonics.
-    from locdiff import _C
-
-    nhalf = (nlat + 1) // 2
-    th = theta[:nhalf].to(torch.float64).contiguous()
-    table = torch.empty(nhalf * ((degree + 1) * (degree + 2) // 2), dtype=torch.float64)
-    _C.shdd_legendre_table_cpu(th.data_ptr(), nhalf, degree, table.data_ptr(), torch.get_num_threads())
-    return table
+    return shdd_api.legendre_table(theta, (nlat + 1) // 2, degree)
 
 
 def _next_pow2(n: float) -> int:

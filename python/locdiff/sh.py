@@ -9,21 +9,17 @@ import torch
 from torch import nn
 
 from locdiff.geo import latlon_to_xyz
+from locdiff.ops import sh_api as ops_sh
 from locdiff.ops import validation
-from locdiff.ops.sh import (can_skip_dispatch, forward_cpu, forward_cpu_numpy, nothing_observes_ops,
-                            spherical_harmonics_op, spherical_harmonics_out_op)
 
 BACKENDS = validation.BACKENDS
 # CPU outputs of at most this many values (8 MB in float64) fit in any machine's memory, so
-# they skip the allocation check, a twelfth of a one-point call (0.5 of 6.3 us at L = 4). A
-# GPU's free memory can be smaller than that, so on CUDA the check always runs.
+# they skip the allocation check, a measurable part of a one-point call. A GPU's free memory
+# can be smaller than that, so on CUDA the check always runs (docs/kernels.md, "Per-call costs").
 _FITS_ANYWHERE = 1 << 20
 # numpy in, numpy out, straight on the arrays' memory up to this many values (128 KB in
-# float64, glibc's first mmap threshold); larger outputs take the torch route. With this
-# route up to 2^17 values, numpy's own arrays of half a megabyte, interleaved with torch's and
-# sphericart's, made glibc hand memory back and fault it in again: L = 256 at one point took
-# 57-105 us a call (`benchmarks/sh_batch_sizes.py --degrees 256 --points 1`), against 27-37 on
-# the torch route, and sphericart's calls 112-157 us against 75-76.
+# float64, glibc's first mmap threshold); larger outputs take the torch route, whose output
+# pool keeps glibc from handing memory back and faulting it in again (docs/kernels.md).
 _SMALL = 1 << 14
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -59,8 +55,8 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
             raise TypeError(f"xyz must be a float32 or float64 array, got dtype {arr.dtype}")
         if out is None and backend in (None, "native") and arr.dtype in _KERNEL_DTYPES and arr.ndim and arr.shape[-1] == 3:
             degree = validation.check_degree(degree)
-            if arr.size // 3 * (degree + 1) ** 2 <= _SMALL and nothing_observes_ops():
-                return forward_cpu_numpy(np.ascontiguousarray(arr), degree)
+            if arr.size // 3 * (degree + 1) ** 2 <= _SMALL:
+                return ops_sh.forward_cpu_numpy(np.ascontiguousarray(arr), degree)
         if out is not None:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out must be a numpy array when xyz is one, got {type(out).__name__}")
@@ -92,16 +88,9 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
         # Only when needed: each of these costs microseconds even as a no-op.
         flat = xyz.reshape(n, 3).to(compute_dtype).contiguous()
     if out is not None and backend != "triton" and out.dtype == compute_dtype and out.is_contiguous():
-        spherical_harmonics_out_op(flat, degree, out.view(n, K))
+        ops_sh.spherical_harmonics(flat, degree, backend, out.view(n, K))
         return out
-    if backend == "triton":
-        from locdiff.ops.triton import spherical_harmonics_triton
-
-        result = spherical_harmonics_triton(flat, degree)
-    elif can_skip_dispatch(flat):
-        result = forward_cpu(flat, degree)
-    else:
-        result = spherical_harmonics_op(flat, degree)
+    result = ops_sh.spherical_harmonics(flat, degree, backend)
     if xyz.ndim != 2:
         result = result.reshape(*lead, K)
     if result.dtype != xyz.dtype:

@@ -3,10 +3,10 @@ the SHDD-KL loss.
 
 A point x0 is encoded as ``c_k = Y_k(x0)``, k < (L+1)^2; a vector c describes the function
 ``f(x) = sum_k c_k Y_k(x)`` whose maximum is the decoded location. Decoding synthesises f on
-a ring grid in float32, in chunks of vectors (no batch x grid matrix): Legendre sums per ring
-as batched GEMMs, a real FFT per ring, then a local-maximum scan (locdiff.ops.shdd). The best
-grid candidates are then refined by a Riemannian trust-region Newton ascent with the analytic
-gradient (C++ kernel, float64), to float64 precision.
+a ring grid in float32 (rows scaled by a power of two first, so that no scale overflows it),
+without a batch x grid matrix, then keeps its local maxima; the best grid candidates are
+refined by a Riemannian trust-region Newton ascent with the analytic gradient, in float64.
+Which kernel runs on which device and backend: locdiff.ops.registry (docs/kernels.md).
 
 >>> import numpy as np
 >>> c = encode(np.array([48.8566, 2.3522]), 64)
@@ -23,9 +23,8 @@ import torch
 
 from locdiff import grids as _grids
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
-from locdiff.ops import validation
-from locdiff.ops.shdd import (shdd_candidates_op, shdd_decode_op, shdd_eval_op, shdd_kl_grad_op, shdd_kl_op,
-                              shdd_logz_op, shdd_refine_op, shdd_synth_op)
+from locdiff.ops import shdd_api, validation
+from locdiff.ops.shdd_torch import ring_local_maxima  # noqa: F401  (public here since the first release)
 from locdiff.sh import spherical_harmonics
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -85,14 +84,29 @@ def _check_coeffs(coeffs, name: str = "coeffs", finite: bool = True):
     return flat.contiguous(), degree, lead, numpy
 
 
+# Below this, f / t outgrows the float64 precision that the log-partition's cancellation
+# needs (absolute error ~ 1e-16 max|f| / t; NaN once that reaches exp's range).
+MIN_TEMPERATURE = 1e-6
+
+
 def _check_temperature(temperature) -> float:
     try:
         t = float(temperature)
     except (TypeError, ValueError):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}") from None
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if not (math.isfinite(t) and t >= MIN_TEMPERATURE):
+        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (float64 precision of "
+                         f"f / temperature), got {temperature!r}")
     return t
+
+
+def _broadcast(a, b, name_a: str, name_b: str) -> tuple:
+    """The broadcast of two batch shapes; ValueError naming both when they do not broadcast."""
+    try:
+        return tuple(torch.broadcast_shapes(tuple(a), tuple(b)))
+    except RuntimeError:
+        raise ValueError(f"{name_a} batch shape {tuple(a)} and {name_b} batch shape {tuple(b)} do not broadcast; "
+                         f"expected equal shapes, or 1 where one of them repeats") from None
 
 
 def _grid(grid, degree: int) -> _grids.Grid:
@@ -103,10 +117,16 @@ def _grid(grid, degree: int) -> _grids.Grid:
     return grid
 
 
-def _ring_args(grid: _grids.Grid, degree: int, device):
-    table = grid.legendre_table(degree, device)
-    theta, log_area = grid.tensors(device, "theta", "log_ring_area")
-    return table, theta, log_area, degree, grid.nlat, grid.nlon, grid.lon0
+def _grid_args(grid: _grids.Grid, degree: int, device) -> shdd_api.GridArgs:
+    device = torch.device(device)
+    xyz, area = grid.tensors(device, "xyz", "area")
+    ring = None
+    if grid.is_ring:
+        table = grid.legendre_table(degree, device)
+        theta, log_area = grid.tensors(device, "theta", "log_ring_area")
+        ring = (table, theta, log_area, degree, grid.nlat, grid.nlon, grid.lon0)
+    return shdd_api.GridArgs(xyz=xyz, area=area, radius=_grids.half_max_radius(degree), ring=ring,
+                             dense=functools.partial(grid.sh_table, degree, device))
 
 
 # ---- encode ----------------------------------------------------------------------------------
@@ -171,183 +191,11 @@ def grid_values(coeffs, grid=None):
     """f on every grid point: ``(..., K)`` -> ``(..., G)`` (differentiable)."""
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     grid = _grid(grid, degree)
-    f = _synth(flat, degree, grid)
+    f = shdd_api.synth(flat, _grid_args(grid, degree, flat.device))
     return _out(f.reshape(*lead, grid.size), numpy)
 
 
-def _synth(flat, degree, grid):
-    if grid.is_ring:
-        return shdd_synth_op(flat, *_ring_args(grid, degree, flat.device))
-    return flat @ grid.sh_table(degree, flat.device, flat.dtype).T
-
-
-def _grid_value_chunks(flat, degree, grid):
-    """f on the grid for consecutive chunks of the vectors, (b, G) each with b G <= 2^26: the
-    candidate search off the fused C++ kernels never holds the whole batch x grid matrix."""
-    step = max(1, (1 << 26) // max(grid.size, 1))
-    for b0 in range(0, flat.shape[0], step):
-        yield _synth(flat[b0:b0 + step], degree, grid)
-
-
-def _evaluate(coeffs64: torch.Tensor, degree: int, xyz: torch.Tensor, rows: torch.Tensor):
-    """f and its gradient (w.r.t. the vector as given) at points owned by coefficient rows."""
-    if coeffs64.device.type == "cpu":
-        return shdd_eval_op(coeffs64, xyz.contiguous(), rows.contiguous(), degree)
-    from locdiff.ops.shdd_reference import shdd_eval_reference
-
-    vs, gs = [], []
-    step = max(1, (1 << 25) // (degree + 1) ** 2)
-    for i in range(0, xyz.shape[0], step):
-        v, g = shdd_eval_reference(coeffs64, xyz[i:i + step], rows[i:i + step], sh_fn=spherical_harmonics)
-        vs.append(v)
-        gs.append(g)
-    return torch.cat(vs), torch.cat(gs)
-
-
-def _candidates(flat, degree, grid, ncand, backend=None):
-    """Grid candidates per vector: (value (B,n) float64, start xyz (B,n,3) float64); -inf
-    values mark missing candidates. Ring grids: the local maxima, by the fused C++ kernel on
-    the CPU, by ring_local_maxima elsewhere, or by the fused Triton kernel (backend="triton");
-    other grids: grid values in chunks and the top values, suppressing neighbours."""
-    if grid.is_ring and backend == "triton":
-        from locdiff.ops.triton.shdd_triton import ring_candidates_triton
-
-        table = grid.legendre_table(degree, flat.device)
-        value, index = ring_candidates_triton(flat, table, degree, grid.nlat, grid.nlon, grid.lon0, ncand)
-        return value, grid.xyz.to(flat.device)[index]
-    if grid.is_ring and flat.device.type == "cpu":
-        # float32 whatever the input: the grid only picks starting points (float32 grid
-        # values are within ~1e-6 relative, far under the gap that the adaptive choice of
-        # candidates leaves), and refinement reads the coefficients in float64.
-        _, value, start = shdd_candidates_op(flat.float(), *_ring_args(grid, degree, "cpu"), ncand)
-        th, ph = start[..., 0], start[..., 1]
-        xyz = torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()], -1)
-        return value, xyz
-    if grid.is_ring:
-        return _ring_candidates_torch(flat, degree, grid, ncand)
-    gxyz = grid.xyz.to(flat.device)
-    sep = math.cos(1.7 * _grids.half_max_radius(degree))
-    values, points = [], []
-    for f in _grid_value_chunks(flat, degree, grid):
-        f = f.double()
-        v, i = f.topk(min(grid.size, 32 * ncand), -1)
-        p = gxyz[i]  # (b, n, 3)
-        # Greedy suppression: keep a value only if no higher kept one lies within ~1.7 r_half.
-        keep = torch.zeros_like(v, dtype=torch.bool)
-        keep[:, 0] = True
-        for j in range(1, v.shape[1]):
-            near = ((p[:, :j] @ p[:, j:j + 1].transpose(1, 2)).squeeze(-1) > sep) & keep[:, :j]
-            keep[:, j] = ~near.any(-1)
-        v = torch.where(keep, v, -torch.inf)
-        v, order = v.topk(ncand, -1)
-        values.append(v)
-        points.append(torch.gather(p, 1, order[..., None].expand(-1, -1, 3)))
-    return torch.cat(values), torch.cat(points)
-
-
-def ring_local_maxima(f: torch.Tensor) -> torch.Tensor:
-    """Local maxima of grid values ``f`` (..., nlat, nlon) on a ring grid (bool, same shape),
-    as the C++ scan defines them: at least the two neighbours on the ring, and no higher
-    value among the three on each adjacent ring; columns wrap at the antimeridian, and the
-    ring beyond a pole is the polar ring itself half a turn away. A dozen elementwise ops,
-    so that devices without the C++ scan find candidates in a few kernels."""
-    half = f.shape[-1] // 2
-    up = torch.cat([f[..., :1, :].roll(half, -1), f[..., :-1, :]], -2)
-    down = torch.cat([f[..., 1:, :], f[..., -1:, :].roll(half, -1)], -2)
-    peak = (f >= f.roll(1, -1)) & (f >= f.roll(-1, -1))
-    for ring in (up, down):
-        peak &= ~(ring > f) & ~(ring.roll(1, -1) > f) & ~(ring.roll(-1, -1) > f)
-    return peak
-
-
-def _ring_candidates_torch(flat, degree, grid, ncand):
-    """_candidates for ring grids off the CPU: grid values in chunks, the local maxima
-    (ring_local_maxima), their ncand best -> (value (B, n) float64, grid xyz (B, n, 3))."""
-    gxyz = grid.xyz.to(flat.device)
-    values, points = [], []
-    for f in _grid_value_chunks(flat, degree, grid):
-        f = f.view(-1, grid.nlat, grid.nlon)
-        masked = torch.where(ring_local_maxima(f), f, -torch.inf).flatten(1)
-        v, i = masked.topk(min(ncand, grid.size), -1)
-        values.append(v.double())
-        points.append(gxyz[i])
-    value, start = torch.cat(values), torch.cat(points)
-    if value.shape[1] < ncand:  # grids with fewer points than candidates
-        pad = ncand - value.shape[1]
-        value = torch.cat([value, value.new_full((value.shape[0], pad), -torch.inf)], 1)
-        start = torch.cat([start, start[:, :1].expand(-1, pad, -1)], 1)
-    return value, start
-
-
-def _refine(coeffs64, degree, rows, xyz, max_iter: int = 40, backend=None):
-    """Trust-region Newton ascent of f on the sphere from ``xyz`` -> (unit xyz, f): the C++
-    kernel on the CPU (``locdiff::shdd_refine``), its torch transcription elsewhere, with f
-    and its gradient from the SH kernels; backend="triton": the whole loop in one Triton
-    kernel (locdiff.ops.triton.refine_triton)."""
-    r = _grids.half_max_radius(degree)
-    if coeffs64.device.type == "cpu" and backend != "triton":
-        return shdd_refine_op(coeffs64, xyz.contiguous(), rows.contiguous(), degree, r, max_iter)
-    from locdiff.ops.shdd_reference import shdd_refine_reference
-
-    if backend == "triton":
-        from locdiff.ops.triton import refine_triton
-
-        return refine_triton(coeffs64, degree, rows, xyz, r, max_iter)
-
-    def eval_fn(x, rw):
-        return _evaluate(coeffs64, degree, x, rw)
-    return shdd_refine_reference(coeffs64, degree, rows, xyz, r, max_iter, eval_fn=eval_fn)
-
-
 # ---- decode, top-k ----------------------------------------------------------------------------
-def _decode_points(flat, degree, grid, refine: bool, ncand: int, nrefine: int, backend=None):
-    """-> (xyz (B, ncand, 3), values (B, ncand)) best first; -inf values (and zero vectors
-    after refinement) mark gaps.
-
-    Which grid local maxima to refine: first up to ``nrefine`` of those whose grid value is
-    at least halfway from the mean of f (c_00 Y_00) to the best grid value (the grid spacing
-    keeps a kernel-shaped lobe's grid value above half its peak). Then, since noisy vectors
-    have lobes of any shape, every candidate whose grid value plus twice the largest gain
-    that refinement produced on this vector (refined - grid value) still reaches the best
-    refined value is refined too, until none is left.
-    """
-    if refine and grid.is_ring and flat.device.type == "cpu" and backend != "triton":
-        # One op (grid, then one C++ call for the loop below): at small batches the dozens
-        # of torch ops it takes cost more than the refinement itself.
-        return shdd_decode_op(flat, *_ring_args(grid, degree, "cpu"), ncand, _grids.half_max_radius(degree),
-                              nrefine, 40)
-    value, start = _candidates(flat, degree, grid, ncand, backend)
-    if not refine:
-        return start, value
-    return _refine_candidates(flat.double(), degree, value, start, nrefine, backend)
-
-
-def _refine_candidates(c64, degree, value, start, nrefine: int, backend=None):
-    """The torch form of shdd_decode_refine (any device): candidates value (B, n), start
-    xyz (B, n, 3) -> (xyz, refined values) best first; values -inf, xyz zero where not refined."""
-    finite = torch.isfinite(value)
-    mean = (c64[:, 0] * (0.5 / math.sqrt(math.pi)))[:, None]
-    todo = finite & (value >= mean + 0.5 * (value[:, :1] - mean))
-    todo[:, nrefine:] = False
-    todo[:, 0] = finite[:, 0]
-    xyz = start.clone()
-    vals = torch.full_like(value, -torch.inf)
-    done = torch.zeros_like(finite)
-    while bool(todo.any()):
-        bi, ci = todo.nonzero(as_tuple=True)
-        u, f = _refine(c64, degree, bi, start[bi, ci], backend=backend)
-        xyz[bi, ci] = u
-        vals[bi, ci] = f
-        done |= todo
-        gain = torch.where(done, vals - value, torch.zeros_like(vals)).amax(-1, keepdim=True).clamp_min(0)
-        best = vals.amax(-1, keepdim=True)
-        todo = finite & ~done & ((value + 2 * gain >= best) | (value >= mean + 0.5 * (best - mean)))
-    vals = torch.where(done, vals, -torch.inf)
-    xyz = torch.where(done[..., None], xyz, 0.0)
-    order = vals.argsort(-1, descending=True)
-    return (torch.gather(xyz, 1, order[..., None].expand(-1, -1, 3)), torch.gather(vals, 1, order))
-
-
 def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backend: str | None = None):
     """Location ``(..., 2)`` (lat, lon degrees, float64) of the global maximum of f for SHDD
     vectors ``(..., (L+1)**2)``.
@@ -359,7 +207,7 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
     ring grids as one fused Triton kernel (CUDA tensors; CPU ones under TRITON_INTERPRET=1)
     instead of the grid values in chunks and torch ops (see locdiff.ops.triton.shdd_triton),
     and runs each refinement round as one Triton kernel that iterates every point to
-    convergence, never forming Y (locdiff.ops.triton.refine_triton).
+    convergence, never forming Y (locdiff.ops.triton.refine).
 
     >>> c = encode(np.array([[-90.0, 0.0], [10.0, 180.0]]), 32)
     >>> decode(c).round(6).tolist()  # (the longitude of a pole is arbitrary)
@@ -372,7 +220,8 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
         raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
     if flat.shape[0] == 0:
         return _out(torch.empty(*lead, 2, dtype=torch.float64, device=flat.device), numpy)
-    xyz, _ = _decode_points(flat, degree, grid, refine, max(4 * candidates, 32), candidates, backend)
+    xyz, _ = shdd_api.decode(flat, _grid_args(grid, degree, flat.device), degree, max(4 * candidates, 32),
+                             candidates, refine, backend)
     latlon = xyz_to_latlon(xyz[:, 0])
     return _out(latlon.reshape(*lead, 2), numpy)
 
@@ -404,36 +253,13 @@ def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, 
         raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")
     grid = _grid(grid, degree)
     validation.check_backend(backend)
-    B = flat.shape[0]
-    ncand = 2 * k + 4
-    if B:
-        value, start = _candidates(flat, degree, grid, ncand, backend)
-        xyz, vals = start, value
-        if refine:
-            c64 = flat.double()
-            bi, ci = torch.isfinite(value).nonzero(as_tuple=True)
-            u, f = _refine(c64, degree, bi, start[bi, ci], backend=backend)
-            xyz = start.clone()
-            vals = torch.full_like(value, -torch.inf)
-            xyz[bi, ci], vals[bi, ci] = u, f
-        order = vals.argsort(-1, descending=True)
-        vals = torch.gather(vals, 1, order)
-        xyz = torch.gather(xyz, 1, order[..., None].expand(-1, -1, 3))
+    if flat.shape[0]:
         cos_sep = math.cos(min(sep_km / EARTH_RADIUS_KM, math.pi))
-        keep = torch.isfinite(vals)
-        for j in range(1, ncand):
-            near = ((xyz[:, :j] * xyz[:, j:j + 1]).sum(-1) >= cos_sep) & keep[:, :j]
-            keep[:, j] &= ~near.any(-1)
-        vals = torch.where(keep, vals, -torch.inf)
-        vals, order = vals.topk(min(k, ncand), -1)
-        xyz = torch.gather(xyz, 1, order[..., None].expand(-1, -1, 3))
-        latlon = xyz_to_latlon(xyz)
-        latlon = torch.where(torch.isfinite(vals)[..., None], latlon, torch.nan)
-        if k > ncand:  # pragma: no cover - ncand > k always
-            raise AssertionError
+        xyz, vals = shdd_api.top_k(flat, _grid_args(grid, degree, flat.device), degree, k, cos_sep, refine, backend)
+        latlon = torch.where(torch.isfinite(vals)[..., None], xyz_to_latlon(xyz), torch.nan)
     else:
-        latlon = torch.empty(0, k, 2, dtype=torch.float64)
-        vals = torch.empty(0, k, dtype=torch.float64)
+        latlon = torch.empty(0, k, 2, dtype=torch.float64, device=flat.device)
+        vals = torch.empty(0, k, dtype=torch.float64, device=flat.device)
     return _out(latlon.reshape(*lead, k, 2), numpy), _out(vals.reshape(*lead, k), numpy)
 
 
@@ -449,7 +275,7 @@ def density(coeffs, grid=None, temperature: float = 1.0):
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     t = _check_temperature(temperature)
     grid = _grid(grid, degree)
-    f = _synth(flat, degree, grid)
+    f = shdd_api.synth(flat, _grid_args(grid, degree, flat.device))
     la = grid.area.to(device=f.device, dtype=f.dtype).log()
     p = torch.softmax(f / t + la, -1)
     return _out(p.reshape(*lead, grid.size), numpy)
@@ -467,17 +293,13 @@ def log_density_at(coeffs, latlon, grid=None, temperature: float = 1.0):
     ll, _ = _to_torch(latlon, "latlon")
     ll = ll.to(device=flat.device, dtype=torch.float64)
     validation.check_last_dim(ll, 2, "latlon")
-    shape = torch.broadcast_shapes(tuple(lead), tuple(ll.shape[:-1]))
-    c = flat.reshape(*lead, -1).expand(*shape, flat.shape[-1]).reshape(-1, flat.shape[-1])
+    shape = _broadcast(lead, ll.shape[:-1], "coeffs", "latlon")
+    K = flat.shape[-1]
+    c = flat.reshape(*lead, K).expand(*shape, K).reshape(-1, K)
     ll = ll.expand(*shape, 2).reshape(-1, 2)
     y = spherical_harmonics(latlon_to_xyz(ll), degree)
     fx = (c.double() * y).sum(-1)
-    if grid.is_ring and c.device.type == "cpu":
-        logz = shdd_logz_op(c.contiguous(), *_ring_args(grid, degree, "cpu"), 1.0 / t)
-    else:
-        la = grid.area.to(device=c.device, dtype=torch.float64).log()
-        logz = torch.cat([torch.logsumexp(_synth(c[i:i + 256], degree, grid).double() / t + la, -1)
-                          for i in range(0, c.shape[0], 256)]) if c.shape[0] else fx
+    logz = shdd_api.log_partition(c, _grid_args(grid, degree, c.device), 1.0 / t)
     return _out((fx / t - logz).reshape(shape), numpy)
 
 
@@ -503,17 +325,14 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     grid = _grid(grid, degree)
     if not grid.is_ring:
         raise ValueError(f"kl_divergence needs a ring grid (equiangular or gauss_legendre), got {grid.kind}")
-    shape = torch.broadcast_shapes(tuple(lead_p), tuple(lead_t))
+    if p.device != q.device:
+        raise ValueError(f"pred is on {p.device} but target is on {q.device}; expected both on one device")
+    shape = _broadcast(lead_p, lead_t, "pred", "target")
     dtype = torch.promote_types(p.dtype, q.dtype)
     K = p.shape[-1]
     p = p.to(dtype).reshape(*lead_p, K).expand(*shape, K).reshape(-1, K).contiguous()
     q = q.to(dtype).reshape(*lead_t, K).expand(*shape, K).reshape(-1, K).contiguous()
-    args = (*_ring_args(grid, degree, p.device), 1.0 / t)
-    if torch.is_grad_enabled() and (p.requires_grad or q.requires_grad):
-        kl = shdd_kl_grad_op(p, q, *args, p.requires_grad, q.requires_grad)[0]  # one pass for both
-    else:
-        kl = shdd_kl_op(p, q, *args)
-    kl = kl.reshape(shape)
+    kl = shdd_api.kl_divergence(p, q, _grid_args(grid, degree, p.device), 1.0 / t).reshape(shape)
     if reduction == "mean":
         kl = kl.mean()
     elif reduction == "sum":

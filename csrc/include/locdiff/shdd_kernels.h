@@ -127,6 +127,9 @@ template <typename T>
 void shdd_synth_cuda(const T* coeffs, int64_t batch, int degree, const RingGrid& grid, T* out,
                      void* stream);
 template <typename T>
+void shdd_adjoint_cuda(const T* weights, int64_t batch, int degree, const RingGrid& grid,
+                       T* out_coeffs, void* stream);
+template <typename T>
 void shdd_kl_fwd_cuda(const T* pred, const T* target, int64_t batch, int degree,
                       const RingGrid& grid, double inv_temperature, T* kl, void* stream);
 template <typename T>

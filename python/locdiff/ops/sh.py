@@ -13,33 +13,26 @@ import numpy as np
 import torch
 
 from locdiff import _C
-from locdiff.ops import output_pool
+from locdiff.ops import launch, output_pool
 from locdiff.ops.sh_reference import spherical_harmonics_reference
 from locdiff.ops.validation import raise_bad_row
 
-
-def _dtype_tag(t: torch.Tensor) -> str:
-    return "float32" if t.dtype == torch.float32 else "float64"
-
-
-def _cuda_stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+_dtype_tag = launch.dtype_tag
 
 
 def _forward_cpu_into(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
     if xyz.shape[0]:
         # The kernel checks rows as it normalises them (no separate pass over the input).
-        bad = _C.sh_cpu_fwd(xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr(), _dtype_tag(xyz),
-                            torch.get_num_threads())
+        bad = _C.sh_cpu(xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr(), torch.get_num_threads(),
+                        _dtype_tag(xyz))
         if bad >= 0:
             raise_bad_row(xyz, bad, "xyz")
 
 
 def _forward_cuda_into(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
+    launch.one_device("spherical_harmonics", xyz=xyz, out=out)
     if xyz.shape[0]:
-        with torch.cuda.device(xyz.device):
-            _C.sh_cuda_fwd(xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr(), _dtype_tag(xyz),
-                           _cuda_stream(xyz))
+        launch.run("sh", xyz, xyz.data_ptr(), xyz.shape[0], degree, out.data_ptr())
 
 
 def forward_cpu(xyz: torch.Tensor, degree: int) -> torch.Tensor:
@@ -53,8 +46,8 @@ def can_skip_dispatch(xyz: torch.Tensor) -> bool:
     """Whether a forward on ``xyz`` may call forward_cpu directly instead of the op.
 
     Why: the custom op's Python dispatch (autograd wrapper, redispatch, alias checks) costs
-    about 30 us a call, more than the kernel itself below a few thousand points at low
-    degree. Skipping it is only safe where nothing could observe the op: a plain CPU tensor
+    more than the kernel itself below a few thousand points at low degree (docs/kernels.md,
+    "Per-call costs"). Skipping it is only safe where nothing could observe the op: a plain CPU tensor
     in eager mode, no autograd graph to record, no torch.compile, jit tracing, functorch
     transform (vmap, grad) or torch function / dispatch mode (FakeTensorMode, profilers'
     op counters, a device context) active, and no profiler running (its traces name the op).
@@ -83,15 +76,19 @@ def forward_cpu_numpy(xyz: np.ndarray, degree: int) -> np.ndarray:
     """The CPU kernel on a C-contiguous float32/float64 (..., 3) array into a new numpy array.
 
     For small outputs (callers keep large ones on the torch route, whose output pool saves
-    their page faults): wrapping the arrays as tensors and back cost about 1.5 us of a 7 us
-    call at one point, more than sphericart's whole call.
+    their page faults): wrapping small arrays as tensors and back costs a fifth of a call
+    (docs/kernels.md, "Per-call costs"). Where something observes ops (a profiler, a mode),
+    the call goes through the op instead, so that it is seen.
     """
     K = (degree + 1) ** 2
+    if not nothing_observes_ops():
+        flat = torch.from_numpy(xyz).reshape(-1, 3)
+        return spherical_harmonics_op(flat, degree).reshape(*xyz.shape[:-1], K).numpy()
     out = np.empty((*xyz.shape[:-1], K), xyz.dtype)
     n = xyz.size // 3
     if n:
         tag = "float32" if xyz.dtype == np.float32 else "float64"
-        bad = _C.sh_cpu_fwd(_address(xyz), n, degree, _address(out), tag, torch.get_num_threads())
+        bad = _C.sh_cpu(_address(xyz), n, degree, _address(out), torch.get_num_threads(), tag)
         if bad >= 0:
             raise_bad_row(torch.from_numpy(xyz), bad, "xyz")
     return out
@@ -117,7 +114,8 @@ def _(xyz: torch.Tensor, degree: int) -> torch.Tensor:
 # The out= form (locdiff.spherical_harmonics(..., out=buf)): writes into a caller's buffer of
 # shape (N, (degree+1)^2), contiguous, xyz's dtype and device. Not differentiable (as torch's
 # own out= variants). It exists for memory: a fresh output of tens of MB is new pages from
-# the OS, and first-touch page faults can cost more than the harmonics (see the README).
+# the OS, and first-touch page faults can cost more than the harmonics (docs/kernels.md,
+# "Output memory").
 @torch.library.custom_op("locdiff::spherical_harmonics_out", mutates_args=("out",), device_types="cpu")
 def spherical_harmonics_out_op(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
     _forward_cpu_into(xyz, degree, out)
@@ -133,22 +131,13 @@ def _(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
     return None
 
 
-@torch.library.custom_op("locdiff::spherical_harmonics_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("locdiff::spherical_harmonics_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def spherical_harmonics_backward_op(xyz: torch.Tensor, grad_out: torch.Tensor, degree: int) -> torch.Tensor:
     grad_xyz = torch.empty_like(xyz)
+    launch.one_device("spherical_harmonics_backward", xyz=xyz, grad_out=grad_out)
     if xyz.shape[0]:
-        _C.sh_cpu_bwd(xyz.data_ptr(), grad_out.data_ptr(), xyz.shape[0], degree, grad_xyz.data_ptr(),
-                      _dtype_tag(xyz), torch.get_num_threads())
-    return grad_xyz
-
-
-@spherical_harmonics_backward_op.register_kernel("cuda")
-def _(xyz: torch.Tensor, grad_out: torch.Tensor, degree: int) -> torch.Tensor:
-    grad_xyz = torch.empty_like(xyz)
-    if xyz.shape[0]:
-        with torch.cuda.device(xyz.device):
-            _C.sh_cuda_bwd(xyz.data_ptr(), grad_out.data_ptr(), xyz.shape[0], degree,
-                           grad_xyz.data_ptr(), _dtype_tag(xyz), _cuda_stream(xyz))
+        launch.run("sh", xyz, xyz.data_ptr(), grad_out.data_ptr(), xyz.shape[0], degree, grad_xyz.data_ptr(),
+                   bwd=True)
     return grad_xyz
 
 
@@ -196,3 +185,4 @@ def register_sh_autograd(forward_op, backward_op) -> None:
 
 
 register_sh_autograd(spherical_harmonics_op, spherical_harmonics_backward_op)
+

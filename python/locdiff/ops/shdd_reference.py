@@ -50,7 +50,7 @@ def shdd_hessian_reference(coeffs, xyz, row, sh_fn=spherical_harmonics_reference
     u = (xyz / xyz.norm(dim=-1, keepdim=True)).to(coeffs.dtype)
     e1, e2 = _tangent_basis(u)
     with torch.enable_grad():
-        ab = torch.zeros(u.shape[0], 2, dtype=u.dtype, requires_grad=True)
+        ab = torch.zeros(u.shape[0], 2, dtype=u.dtype, device=u.device, requires_grad=True)
         v = u + ab[:, :1] * e1 + ab[:, 1:] * e2
         f = (sh_fn(v, _degree(coeffs)) * coeffs[row]).sum(-1)
         (g,) = torch.autograd.grad(f.sum(), ab, create_graph=True)

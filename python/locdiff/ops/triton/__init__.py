@@ -9,7 +9,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
         "or use backend=None / 'native' for the compiled kernels"
     ) from exc
 
-from locdiff.ops.triton.refine_triton import refine_triton
+from locdiff.ops.triton.refine import refine_triton
 from locdiff.ops.triton.sh_triton import (
     sh_dot_and_gradient_triton,
     spherical_harmonics_triton,

@@ -16,6 +16,8 @@ Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests, small 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -24,17 +26,26 @@ from torch.library import triton_op, wrap_triton
 from locdiff.ops.sh import register_sh_autograd
 
 
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's (eager; torch.compile emits
+    its own device guard)."""
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
 # Constants as jit functions: compiled kernels may not read plain module globals (the CPU
 # interpreter can, so only an ahead-of-time build shows it: tests/test_triton_compile.py),
-# and the interpreter cannot multiply a tensor by a tl.constexpr global.
+# and the interpreter cannot multiply a tensor by a tl.constexpr global. Typed float64: a
+# bare literal returned from a jit function becomes an fp32 tensor.
 @triton.jit
 def _inv_sqrt_4pi():
-    return 0.28209479177387814347
+    return tl.full([], 0.28209479177387814347, tl.float64)
 
 
 @triton.jit
 def _sqrt2():
-    return 1.41421356237309504880
+    return tl.full([], 1.41421356237309504880, tl.float64)
 
 
 @triton.jit
@@ -97,7 +108,7 @@ def _pass_setup(px, py, pz, L, first, ms, BLOCK_P: tl.constexpr, BLOCK_M: tl.con
     s = hx * tl.sqrt(1.0 + hq * hq)
     inv_norm = 1.0 / (norm * big)
     reinsch = tl.abs(uz) >= 0.5
-    sigma = tl.where(uz < 0, -1.0, 1.0)
+    sigma = tl.where(uz < 0, tl.full([], -1.0, tl.float64), tl.full([], 1.0, tl.float64))
     t = s * s / (1.0 + tl.abs(uz))
     # s = s_m 2^s_e, pre-scaled when tiny so that every product stays normal.
     tiny = s < 1.1754943508222875e-271  # 2^-900
@@ -150,7 +161,7 @@ def _pass_setup(px, py, pz, L, first, ms, BLOCK_P: tl.constexpr, BLOCK_M: tl.con
     re2 = reinsch[:, None] & (ms[None, :] >= 0)
     y = tl.where(re2 & plain & ~zero, x, 0.0)
     k = tl.zeros([BLOCK_P, BLOCK_M], tl.float64)
-    x, y, ec, _ = _inject(x, y, ec, 0.0, re2, sigma[:, None])
+    x, y, ec, _ = _inject(x, y, ec, tl.zeros([], tl.float64), re2, sigma[:, None])
     return x, y, k, ec, cm, sm, ux, uy, uz, s, inv_norm, re2, sigma, t
 
 
@@ -354,7 +365,8 @@ def spherical_harmonics_triton_op(xyz: torch.Tensor, degree: int) -> torch.Tenso
     if n:
         block_p, block_m = _blocks(degree)
         grid = (triton.cdiv(n, block_p), triton.cdiv(degree + 1, block_m))
-        wrap_triton(_sh_fwd_kernel)[grid](xyz, out, n, degree, BLOCK_P=block_p, BLOCK_M=block_m)
+        with on_device(xyz):
+            wrap_triton(_sh_fwd_kernel)[grid](xyz, out, n, degree, BLOCK_P=block_p, BLOCK_M=block_m)
     return out
 
 
@@ -366,8 +378,9 @@ def spherical_harmonics_triton_backward_op(xyz: torch.Tensor, grad_out: torch.Te
     if n:
         block_p, block_m = _blocks(degree)
         grid = (triton.cdiv(n, block_p),)
-        wrap_triton(_sh_bwd_kernel)[grid](xyz, grad_out, grad_xyz, n, degree, BLOCK_P=block_p,
-                                          BLOCK_M=block_m)
+        with on_device(xyz):
+            wrap_triton(_sh_bwd_kernel)[grid](xyz, grad_out, grad_xyz, n, degree, BLOCK_P=block_p,
+                                              BLOCK_M=block_m)
     return grad_xyz
 
 
@@ -384,19 +397,26 @@ def spherical_harmonics_triton(xyz: torch.Tensor, degree: int) -> torch.Tensor:
     return spherical_harmonics_triton_op(xyz, degree)
 
 
-def sh_dot_and_gradient_triton(coeffs: torch.Tensor, xyz: torch.Tensor, row: torch.Tensor,
-                               degree: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """f = coeffs[row] . Y(xyz) and its gradient w.r.t. xyz, per point, without forming Y or
-    coeffs[row]: coeffs (B, (degree+1)^2), xyz (N, 3) and row (N,) int64, contiguous, one
-    device -> (f (N,), grad (N, 3)) in xyz's dtype, in one kernel (the walk that
-    refine_triton runs at each Newton iteration)."""
-    _check(xyz, degree)
+@triton_op("locdiff::shdd_eval_triton", mutates_args=())
+def shdd_eval_triton_op(coeffs: torch.Tensor, xyz: torch.Tensor, row: torch.Tensor,
+                        degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """locdiff::shdd_eval in one Triton kernel: f = coeffs[row] . Y(xyz) and its gradient
+    w.r.t. xyz (N, 3), in xyz's dtype, without forming Y or coeffs[row]."""
     n = xyz.shape[0]
     grad = torch.empty_like(xyz)
-    if not n:
-        return xyz.new_empty((0,)), grad
     f = xyz.new_empty((n,))
-    block_p, block_m = _blocks(degree)
-    _dot_gradient_kernel[(triton.cdiv(n, block_p),)](xyz, coeffs, row, f, grad, n, degree, BLOCK_P=block_p,
-                                                     BLOCK_M=block_m)
+    if n:
+        block_p, block_m = _blocks(degree)
+        with on_device(xyz):
+            wrap_triton(_dot_gradient_kernel)[(triton.cdiv(n, block_p),)](
+                xyz, coeffs, row, f, grad, n, degree, BLOCK_P=block_p, BLOCK_M=block_m)
     return f, grad
+
+
+def sh_dot_and_gradient_triton(coeffs: torch.Tensor, xyz: torch.Tensor, row: torch.Tensor,
+                               degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """f = coeffs[row] . Y(xyz) and its gradient w.r.t. xyz, per point: coeffs (B, (degree+1)^2),
+    xyz (N, 3) and row (N,) int64, contiguous, one device -> (f (N,), grad (N, 3)) in xyz's
+    dtype (the walk that refine_triton runs at each Newton iteration)."""
+    _check(xyz, degree)
+    return shdd_eval_triton_op(coeffs, xyz, row, degree)

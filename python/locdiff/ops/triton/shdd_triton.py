@@ -29,6 +29,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from locdiff.ops.triton.sh_triton import on_device
 
 _TWO_PI = 2 * math.pi
 
@@ -146,7 +149,11 @@ def ring_candidates_triton(coeffs: torch.Tensor, table: torch.Tensor, degree: in
                            lon0: float, ncand: int) -> tuple[torch.Tensor, torch.Tensor]:
     """coeffs (B, (degree+1)^2) float32/float64 on a ring grid -> (value (B, ncand) float64,
     flat grid index (B, ncand) int64) of the best local maxima, best first; value -inf where
-    a vector has fewer maxima. The same local maxima as locdiff.shdd.ring_local_maxima."""
+    a vector has fewer maxima. The same local maxima as locdiff.ops.shdd_torch.ring_local_maxima."""
+    return _ring_candidates(coeffs.contiguous(), table, degree, nlat, nlon, lon0, ncand)
+
+
+def _ring_candidates(coeffs, table, degree, nlat, nlon, lon0, ncand):
     b = coeffs.shape[0]
     band = 6
     rows = band + 2
@@ -159,12 +166,13 @@ def ring_candidates_triton(coeffs: torch.Tensor, table: torch.Tensor, degree: in
     if n_items:
         nprog = _num_programs(coeffs.device, n_items)
         scratch = torch.empty((nprog, rows, nlon_block), dtype=torch.float32, device=coeffs.device)
-        m = torch.arange(degree + 2, dtype=torch.float64)
-        phase = torch.remainder(m * float(lon0), _TWO_PI).to(torch.float32).to(coeffs.device)
-        _ring_scan_kernel[(nprog,)](coeffs.contiguous(), table, phase, scratch, keys, n_items, n_bands, degree,
-                                    nlat, nlon, (nlat + 1) // 2, BAND=band, ROWS=rows,
-                                    NLON=nlon_block, BLOCK_I=min(32, triton.next_power_of_2(degree + 1)),
-                                    C=c, C_RING=c_ring, ANCHOR=16, num_warps=_num_warps(nlon_block))
+        m = torch.arange(degree + 2, dtype=torch.float64, device=coeffs.device)
+        phase = torch.remainder(m * lon0, _TWO_PI).to(torch.float32)
+        with on_device(coeffs):
+            wrap_triton(_ring_scan_kernel)[(nprog,)](
+                coeffs, table, phase, scratch, keys, n_items, n_bands, degree, nlat, nlon, (nlat + 1) // 2,
+                BAND=band, ROWS=rows, NLON=nlon_block, BLOCK_I=min(32, triton.next_power_of_2(degree + 1)),
+                C=c, C_RING=c_ring, ANCHOR=16, num_warps=_num_warps(nlon_block))
     top = keys.view(b, n_bands * c).topk(min(ncand, n_bands * c), dim=-1).values
     value, index = _unpack(top)
     value = value.double()
@@ -173,3 +181,15 @@ def ring_candidates_triton(coeffs: torch.Tensor, table: torch.Tensor, degree: in
         value = torch.cat([value, value.new_full((b, pad), -torch.inf)], 1)
         index = torch.cat([index, index[:, :1].expand(-1, pad)], 1)
     return value, index
+
+
+@triton_op("locdiff::shdd_candidates_triton", mutates_args=())
+def shdd_candidates_triton_op(coeffs: torch.Tensor, table: torch.Tensor, theta: torch.Tensor, log_area: torch.Tensor,
+                              degree: int, nlat: int, nlon: int, lon0: float,
+                              ncand: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """locdiff::shdd_candidates as one fused Triton kernel: (index, value, start) with start
+    the grid point's (colatitude, longitude) (no sub-cell step)."""
+    value, index = _ring_candidates(coeffs, table, degree, nlat, nlon, lon0, ncand)
+    colat = theta[index // nlon]
+    lon = lon0 + _TWO_PI * (index % nlon).to(torch.float64) / nlon  # as the grid's own points
+    return index, value, torch.stack([colat, lon], -1)

@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from locdiff.ops.shdd_reference import refine_f_scale
-from locdiff.ops.triton.sh_triton import _blocks, _gradient_walk, _load_points, _store_points
+from locdiff.ops.triton.sh_triton import _blocks, _gradient_walk, _load_points, _store_points, on_device
 
 
 @triton.jit
@@ -40,8 +41,8 @@ def _tangent_basis(ux, uy, uz):
     # e1 = normalise(a x u), a = z unless u is near the axis (then x); e2 = u x e1 (as the
     # reference's _tangent_basis).
     near = tl.abs(uz) >= 0.9
-    ax = tl.where(near, 1.0, 0.0)
-    az = tl.where(near, 0.0, 1.0)
+    ax = near.to(tl.float64)
+    az = 1.0 - ax
     e1x = -az * uy
     e1y = az * ux - ax * uz
     e1z = ax * uy
@@ -53,8 +54,9 @@ def _tangent_basis(ux, uy, uz):
 
 
 @triton.jit
-def _refine_kernel(coeffs_ptr, row_ptr, xyz_ptr, fscale_ptr, out_xyz_ptr, out_f_ptr, n, L, radius, max_iter,
+def _refine_kernel(coeffs_ptr, row_ptr, xyz_ptr, fscale_ptr, radius_ptr, out_xyz_ptr, out_f_ptr, n, L, max_iter,
                    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    # The radius arrives through memory: a Python float argument would be fp32 in the kernel.
     ps64, pmask, px, py, pz = _load_points(xyz_ptr, n, BLOCK_P)
     K = (tl.zeros([], tl.int64) + L + 1) * (L + 1)
     base = tl.load(row_ptr + ps64, mask=pmask, other=0).to(tl.int64)[:, None] * K
@@ -63,7 +65,7 @@ def _refine_kernel(coeffs_ptr, row_ptr, xyz_ptr, fscale_ptr, out_xyz_ptr, out_f_
     ux = px / norm
     uy = py / norm
     uz = pz / norm
-    r = tl.zeros([], tl.float64) + radius
+    r = tl.load(radius_ptr).to(tl.float64)
     h = 1e-5 * r
     f, gx, gy, gz = _f_and_gradient(ux, uy, uz, coeffs_ptr, base, pmask, L, BLOCK_P, BLOCK_M)
     trust = tl.zeros([BLOCK_P], tl.float64) + r
@@ -123,6 +125,24 @@ def _refine_kernel(coeffs_ptr, row_ptr, xyz_ptr, fscale_ptr, out_xyz_ptr, out_f_
     tl.store(out_f_ptr + ps64, f, mask=pmask)
 
 
+@triton_op("locdiff::shdd_refine_triton", mutates_args=())
+def shdd_refine_triton_op(coeffs: torch.Tensor, xyz: torch.Tensor, row: torch.Tensor, degree: int, radius: float,
+                          max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """locdiff::shdd_refine in one Triton kernel (float64 coeffs and xyz)."""
+    n = xyz.shape[0]
+    out_xyz = torch.empty_like(xyz)
+    out_f = xyz.new_empty((n,))
+    if n:
+        fscale = refine_f_scale(coeffs, degree)[row].contiguous()
+        r = torch.full((1,), radius, dtype=torch.float64, device=xyz.device)
+        block_p, block_m = _blocks(degree)
+        with on_device(xyz):
+            wrap_triton(_refine_kernel)[(triton.cdiv(n, block_p),)](
+                coeffs, row, xyz, fscale, r, out_xyz, out_f, n, degree, max_iter, BLOCK_P=block_p,
+                BLOCK_M=block_m)
+    return out_xyz, out_f
+
+
 def refine_triton(coeffs: torch.Tensor, degree: int, row: torch.Tensor, xyz: torch.Tensor, radius: float,
                   max_iter: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     """Trust-region Newton ascent of f = coeffs[row] . Y from each start, in one kernel:
@@ -132,16 +152,5 @@ def refine_triton(coeffs: torch.Tensor, degree: int, row: torch.Tensor, xyz: tor
         raise TypeError(f"refine_triton works in float64, got coeffs {coeffs.dtype} and xyz {xyz.dtype}")
     if coeffs.shape[-1] != (degree + 1) ** 2:
         raise ValueError(f"coeffs must have (degree+1)^2 = {(degree + 1) ** 2} columns, got {coeffs.shape[-1]}")
-    coeffs = coeffs.contiguous()
-    xyz = xyz.contiguous()
-    row = row.contiguous().to(torch.int64)
-    n = xyz.shape[0]
-    out_xyz = torch.empty_like(xyz)
-    out_f = xyz.new_empty((n,))
-    if n:
-        fscale = refine_f_scale(coeffs, degree)[row].contiguous()
-        block_p, block_m = _blocks(degree)
-        _refine_kernel[(triton.cdiv(n, block_p),)](coeffs, row, xyz, fscale, out_xyz, out_f, n, degree,
-                                                   float(radius), int(max_iter), BLOCK_P=block_p,
-                                                   BLOCK_M=block_m)
-    return out_xyz, out_f
+    return shdd_refine_triton_op(coeffs.contiguous(), xyz.contiguous(), row.contiguous().to(torch.int64), degree,
+                                 float(radius), int(max_iter))

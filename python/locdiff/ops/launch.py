@@ -1,0 +1,56 @@
+"""How op wrappers reach the compiled kernels: the binding ``_C.<op>_<device>[_bwd]``, its
+trailing thread count (CPU) or CUDA stream, the dtype tag, and the checks that keep raw
+pointers honest (every tensor on one device). Also the fork rule for OpenMP (docs/kernels.md,
+"Threads and fork")."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from locdiff import _C
+
+
+def dtype_tag(t: Tensor) -> str:
+    return "float32" if t.dtype == torch.float32 else "float64"
+
+
+def grid_args(table: Tensor, theta: Tensor, log_area: Tensor, nlat: int, nlon: int, lon0: float) -> tuple:
+    """A ring grid as the kernels take it: (nlat, nlon, table, theta, log_area, lon0)."""
+    return (nlat, nlon, table.data_ptr(), theta.data_ptr(), log_area.data_ptr(), float(lon0))
+
+
+def one_device(op: str, **tensors: Tensor) -> None:
+    """ValueError unless every tensor is on the first one's device: a kernel handed a pointer
+    from another device reads garbage (on CUDA, a sticky illegal-address error)."""
+    items = iter(tensors.items())
+    first_name, first = next(items)
+    for name, t in items:
+        if t.device != first.device:
+            raise ValueError(f"locdiff::{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                             f"expected every tensor on one device")
+
+
+def run(op: str, like: Tensor, *args, bwd: bool = False):
+    """``_C.<op>_<device>[_bwd](*args, threads or stream, dtype tag of like)`` on like's device."""
+    name = f"{op}_{like.device.type}{'_bwd' if bwd else ''}"
+    kernel = getattr(_C, name, None)
+    if kernel is None:
+        raise NotImplementedError(f"locdiff has no {like.device.type} kernel for {op} ({name})")
+    if like.device.type == "cpu":
+        return kernel(*args, torch.get_num_threads(), dtype_tag(like))
+    with torch.cuda.device(like.device):
+        return kernel(*args, torch.cuda.current_stream(like.device).cuda_stream, dtype_tag(like))
+
+
+def _one_thread_in_forked_child() -> None:
+    # OpenMP's thread pool does not survive fork(): a forked child that enters a parallel
+    # region after the parent ran one waits forever for threads it does not have. One
+    # thread in the child avoids the pool; torch.set_num_threads(n) there opts back in.
+    if torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_in_forked_child)

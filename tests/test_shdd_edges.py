@@ -1,0 +1,127 @@
+"""The library's edges: coefficient scales the float32 grid stage cannot hold, empty
+batches, top_k past the real modes, KL argument checks, and calls from forked children."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import locdiff
+from locdiff import grids, shdd
+
+PARIS = np.array([48.8566, 2.3522])
+
+
+@pytest.mark.parametrize("scale", [1e38, 1e39, 1e300, 1e-300, -0.0 + 1e-40])
+@pytest.mark.parametrize("refine", [True, False])
+def test_decode_and_top_k_do_not_depend_on_a_positive_scale(scale, refine):
+    # The grid stage runs in float32: rows are scaled by a power of two before it, exactly.
+    c = shdd.encode(PARIS, 8)
+    got = shdd.decode(c * scale, refine=refine)
+    assert float(locdiff.great_circle_km(got, PARIS)) < (1e-3 if refine else 400.0)
+    tol = 1e-9 if refine else 1e-5  # unrefined: a sub-cell step from float32 grid values
+    np.testing.assert_allclose(got, shdd.decode(c, refine=refine), rtol=0, atol=tol)
+    ll, v = shdd.top_k(c * scale, 2, refine=refine)
+    ll1, v1 = shdd.top_k(c, 2, refine=refine)
+    np.testing.assert_allclose(ll, ll1, rtol=0, atol=tol)
+    ok = np.isfinite(v1)
+    np.testing.assert_allclose(v[ok], v1[ok] * scale, rtol=1e-12 if refine else 1e-6)  # unrefined: float32
+
+
+def test_decode_scales_each_row_alone():
+    c = shdd.encode(np.array([PARIS, [-33.9, 151.2]]), 16)
+    c[0] *= 1e200
+    got = shdd.decode(c)
+    assert float(locdiff.great_circle_km(got, np.array([PARIS, [-33.9, 151.2]])).max()) < 1e-3
+
+
+def test_empty_batches_everywhere():
+    K = 81
+    empty = np.zeros((0, K))
+    assert shdd.decode(empty).shape == (0, 2)
+    ll, v = shdd.top_k(empty, 3)
+    assert ll.shape == (0, 3, 2) and v.shape == (0, 3)
+    assert shdd.grid_values(empty).shape == (0, grids.for_degree(8).size)
+    assert shdd.density(empty).shape == (0, grids.for_degree(8).size)
+    assert shdd.log_density_at(empty, np.zeros((0, 2))).shape == (0,)
+    assert shdd.log_density_at(torch.zeros(2, 0, K), torch.zeros(2, 0, 2)).shape == (2, 0)
+    assert shdd.kl_divergence(empty, empty, reduction="none").shape == (0,)
+    assert shdd.encode(np.zeros((0, 2)), 8).shape == (0, K)
+    assert locdiff.spherical_harmonics(np.zeros((0, 3)), 8).shape == (0, K)
+
+
+def test_top_k_stops_at_the_real_modes():
+    # k far beyond the function's local maxima: the modes first, then NaN / -inf only, fast.
+    g = torch.Generator().manual_seed(3)
+    c = shdd.encode(torch.tensor([[10.0, 20.0], [-40.0, -60.0]], dtype=torch.float64), 8).sum(0)
+    c = c + 0.05 * torch.randn(c.shape, generator=g, dtype=torch.float64)
+    t0 = time.perf_counter()
+    ll, v = shdd.top_k(c, 5000)
+    assert time.perf_counter() - t0 < 2.0
+    assert ll.shape == (5000, 2) and v.shape == (5000,)
+    n = int(torch.isfinite(v).sum())
+    assert 2 <= n < 100
+    assert bool(torch.isfinite(v[:n]).all()) and bool(torch.isneginf(v[n:]).all())
+    assert bool(torch.isfinite(ll[:n]).all()) and bool(torch.isnan(ll[n:]).all())
+    assert bool((v[:n].diff() <= 0).all())
+    # the same modes as a k that asks for exactly those
+    ll_n, v_n = shdd.top_k(c, n)
+    torch.testing.assert_close(v_n, v[:n], rtol=0, atol=1e-12)
+
+
+def test_kl_divergence_argument_checks():
+    c = shdd.encode(torch.tensor([[10.0, 20.0], [0.0, 0.0], [5.0, 5.0]], dtype=torch.float64), 8)
+    with pytest.raises(ValueError, match=r"pred batch shape \(3,\) and target batch shape \(2,\) do not broadcast"):
+        shdd.kl_divergence(c, c[:2])
+    with pytest.raises(ValueError, match=r"coeffs batch shape \(3,\) and latlon batch shape \(2,\)"):
+        shdd.log_density_at(c, torch.zeros(2, 2))
+    for t in (1e-300, 1e-30, 0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 1e-06"):
+            shdd.kl_divergence(c, c, temperature=t)
+    kl = shdd.kl_divergence(c + 0.1, c, temperature=1e-6, reduction="none")
+    assert bool(torch.isfinite(kl).all())
+
+
+def test_inputs_on_two_devices_are_named_errors():
+    # (meta stands in for a second device here; tests/test_shdd_cuda.py does it on a GPU)
+    from locdiff.ops import launch
+
+    with pytest.raises(ValueError, match="locdiff::shdd_kl: target is on meta but pred is on cpu"):
+        launch.one_device("shdd_kl", pred=torch.zeros(1), target=torch.zeros(1, device="meta"))
+    launch.one_device("shdd_kl", pred=torch.zeros(1), target=torch.zeros(1))
+
+
+FORKED = textwrap.dedent("""
+    import multiprocessing as mp, sys
+    import torch, locdiff
+    from locdiff import shdd
+    torch.set_num_threads(2)
+    x = torch.randn(100000, 3, dtype=torch.float64)
+    locdiff.spherical_harmonics(x, 16)  # a multi-threaded parallel region in the parent
+    shdd.decode(shdd.encode(torch.randn(64, 2).clamp(-80, 80).double(), 48))
+
+    def child(_):
+        c = shdd.encode(torch.tensor([[10.0, 20.0]], dtype=torch.float64), 48)
+        return (torch.get_num_threads(), float(locdiff.spherical_harmonics(x[:20000], 16).sum()),
+                shdd.decode(c).tolist())
+
+    with mp.get_context("fork").Pool(1) as pool:
+        ((threads, total, decoded),) = pool.map_async(child, [0]).get(timeout=60)
+    print(threads, decoded)
+    assert threads == 1 and abs(decoded[0][0] - 10.0) < 1e-6
+""")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="needs fork")
+def test_forked_children_can_call_the_library():
+    # OpenMP's pool does not survive fork: a child that enters a parallel region after the
+    # parent ran one would wait forever. The child gets one thread (docs/kernels.md).
+    proc = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
