@@ -5,12 +5,11 @@ torch.library.opcheck; differentiable ones pass a float64 gradcheck; and compile
 fails there), Triton rows on a GPU and, on the CPU, in the TRITON_INTERPRET=1 subprocess."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from locdiff import _C, grids, shdd
+from locdiff.geo import latlon_to_xyz
 from locdiff.ops import registry
 from locdiff.testing import assert_close
 from shdd_helpers import ring_args
@@ -30,7 +29,8 @@ def samples(op: str, device: str):
     g = torch.Generator().manual_seed(len(op))
     K = (L + 1) ** 2
     c = torch.randn(3, K, generator=g, dtype=torch.float64)
-    t = shdd.encode(torch.tensor([[10.0, 20.0], [-30.0, 100.0], [80.0, -5.0]], dtype=torch.float64), L)
+    points = torch.tensor([[10.0, 20.0], [-30.0, 100.0], [80.0, -5.0]], dtype=torch.float64)
+    t = shdd.encode(points, L)
     ring = ring_args(GRID, L, device)
     xyz = _latlon_points(5, 1)
     row = torch.tensor([0, 1, 2, 0, 1])
@@ -55,8 +55,9 @@ def samples(op: str, device: str):
         return (*to(t.float()), *ring, 4), ()
     if op in ("shdd_eval", "shdd_hessian"):
         return (*to(c, xyz, row), L), ()
-    if op == "shdd_refine":
-        return (*to(t, xyz[:3], row[:3]), L, grids.half_max_radius(L), 40), ()
+    if op == "shdd_refine":  # starts near each vector's maximum: one basin for every route
+        near = latlon_to_xyz(points) + 0.05 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+        return (*to(t, near, row[:3]), L, grids.half_max_radius(L), 40), ()
     if op == "shdd_decode_refine":
         _, value, start = registry.pick("shdd_candidates", "cpu")(t.float(), *ring_args(GRID, L, "cpu"), 6)
         return (*to(t, value, start), L, grids.half_max_radius(L), 2, 40), ()
@@ -101,7 +102,7 @@ def test_rows_resolve_to_ops_of_their_kind():
         assert is_op == (r.kind in ("kernel", "triton")), r
 
 
-def _compare(got, want):
+def _compare(got, want, float32_grid=False):
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
     for a, b in zip(got, want):
@@ -110,7 +111,8 @@ def _compare(got, want):
         a = a.cpu()
         ok = torch.isfinite(b)
         assert torch.equal(torch.isfinite(a), ok)
-        assert_close(a[ok].to(b.dtype), b[ok], rtol=1e-6 if b.dtype == torch.float32 else 1e-8, atol=1e-8)
+        tol = 1e-5 if b.dtype == torch.float32 or float32_grid else 1e-8
+        assert_close(a[ok].to(b.dtype), b[ok], rtol=tol, atol=tol)
 
 
 def _result(impl, args):
@@ -133,8 +135,11 @@ def test_row(row):
     if row.op == "shdd_candidates" and row.kind != "kernel":
         got = got[:2]  # starts: grid points here, the C++ scan's sub-cell step there
         want = want[:2]
-    _compare(got, want)
-    if row.kind in ("kernel", "triton"):
+    _compare(got, want, float32_grid=row.op == "shdd_candidates")
+    # The Triton interpreter runs kernels on real memory: fake tensors (opcheck) and
+    # torch.compile need a GPU for the Triton rows.
+    traceable = row.kind in ("kernel", "triton") and not (row.backend == "triton" and row.device == "cpu")
+    if traceable:
         torch.library.opcheck(impl, args)
     if row.differentiable and grad_args:
         leaves = [a.detach().clone().requires_grad_(i in grad_args) if isinstance(a, torch.Tensor)
@@ -147,7 +152,7 @@ def test_row(row):
             return impl(*full)
 
         assert torch.autograd.gradcheck(fn, tuple(leaves[i] for i in grad_args), atol=1e-7)
-    if row.kind in ("kernel", "triton") and os.environ.get("LOCDIFF_SKIP_COMPILE") != "1":
+    if traceable:
         torch._dynamo.reset()
         compiled = torch.compile(lambda *a: _result(impl, a), fullgraph=True, backend="aot_eager")
         _compare(compiled(*args), got)

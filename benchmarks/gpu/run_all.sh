@@ -1,86 +1,119 @@
 #!/usr/bin/env bash
-# Everything the lent GPU machine has to do for the spherical-harmonics issue, in one call
-# (budget: 10 minutes). From the repository root:
-#     bash benchmarks/gpu/run_all.sh
-# Writes under $OUT (default ./gpu-out): environment, build log, test log, sh_cuda.json.
-# STAGES (default "build test bench") picks stages, e.g. STAGES=bench on a warm machine whose
-# build from an earlier call is still there. Stage timeouts keep the whole under 10 minutes.
-# STAGES=decode (a second call, right after the first: the build stays while the machine is
-# warm) times the SHDD decode on CUDA against the naive path and torch-harmonics on the same
-# GPU, and the SHDD-KL against the dense path and torch-harmonics (decode_cuda.json, about 3
-# minutes), then the refinement's two CUDA routes alone (refine_ab.txt).
-# Needs a Python with torch (CUDA build), triton, pytest, pytest-benchmark, scikit-build-core
-# and pybind11; sphericart / e3nn / cuequivariance are measured where installed.
+# Everything a lent GPU machine has to do, in one call of under 8 minutes, build included:
+#     bash benchmarks/gpu/run_all.sh            (from anywhere; OUT defaults to ./gpu-out)
+# Stages (STAGES, default "build test bench shdd"):
+#   build  LOCDIFF_CUDA=ON editable build (also run whenever locdiff is missing or CPU-only)
+#   test   the CUDA and Triton tests, every failure listed (no -x)
+#   bench  spherical harmonics on CUDA (trimmed matrix, data made on the GPU) + copy bandwidth
+#   shdd   decode and SHDD-KL on CUDA
+# Each stage has its own timeout (below; their sum stays under 480 s, which
+# tests/test_gpu_script.py checks) and gets SIGINT first, so pytest still prints its summary;
+# benchmark figures are appended to $OUT/*.jsonl case by case as they finish. The last
+# screen is a summary (benchmarks/tools/gpu_summary.py). Anchors that are not installed
+# (sphericart's torch binding, torch-harmonics) skip their rows.
+# DRY_RUN=1 runs the script's logic on a machine without a GPU: no build, the tests and
+# benchmarks collected only, one tiny CPU benchmark through the recorder, the summary.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+STAGES="${STAGES:-build test bench shdd}"
+DRY_RUN="${DRY_RUN:-0}"
+# Stage timeouts in seconds.
+T_BUILD=140
+T_TEST=100
+T_BENCH=110
+T_SHDD=70
 status=0
-STAGES="${STAGES:-build test bench}"
 has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
-
 step() { echo; echo "=== $* ($(date +%T))"; }
+# SIGINT first (pytest reports what ran), SIGKILL 10 s later.
+limit() { local t=$1; shift; timeout -s INT -k 10 "$t" "$@"; }
+count() { grep -Eo '^[0-9]+ tests? collected|[0-9]+/[0-9]+ tests collected' "$1" | head -1; }
 
 step environment
 {
-  nvidia-smi || true
-  nvcc --version || true
-  git rev-parse HEAD 2>/dev/null || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   "$PY" - <<'PY'
 import importlib, platform, torch
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-for name in ("triton", "sphericart", "e3nn", "cuequivariance", "cuequivariance_torch", "pytest_benchmark"):
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for name in ("triton", "sphericart.torch", "torch_harmonics", "pytest_benchmark"):
     try:
         m = importlib.import_module(name)
-        print(name, getattr(m, "__version__", "?"))
+        print(" ", name, getattr(m, "__version__", "?"))
     except Exception as exc:  # noqa: BLE001
-        print(name, "missing:", type(exc).__name__)
+        print(" ", name, "missing:", type(exc).__name__)
 PY
 } 2>&1 | tee "$OUT/environment.txt"
 
-if has build; then
-step "build (LOCDIFF_CUDA=ON)"
-if ! LOCDIFF_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" timeout 200 "$PY" -m pip install --no-build-isolation --no-deps -e . \
-    > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+has_cuda_build() { "$PY" -c "import locdiff, sys; sys.exit(0 if locdiff.has_cuda() else 1)" 2>/dev/null; }
+if [ "$DRY_RUN" = 1 ]; then
+  step "build: skipped (dry run)"
+  "$PY" -c "import locdiff" || { echo "DRY RUN: locdiff does not import"; exit 1; }
+elif has build || ! has_cuda_build; then
+  step "build (LOCDIFF_CUDA=ON, budget ${T_BUILD}s)"
+  if ! LOCDIFF_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" limit "$T_BUILD" "$PY" -m pip install \
+      --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    tail -30 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  fi
+  tail -2 "$OUT/build.log"
+  has_cuda_build || { echo "locdiff was built without CUDA (is nvcc on PATH?)"; exit 1; }
 fi
-tail -3 "$OUT/build.log"
-fi
-"$PY" -c "import locdiff, sys; print('has_cuda', locdiff.has_cuda()); sys.exit(0 if locdiff.has_cuda() else 1)" \
-  || { echo "locdiff was built without CUDA"; exit 1; }
 
+TESTS="tests/test_sh_cuda.py tests/test_shdd_cuda.py tests/test_op_table.py"
 if has test; then
-step "tests: CUDA vs CPU, Triton vs CUDA"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_sh_cuda.py tests/test_shdd_cuda.py 2>&1 | tee "$OUT/test_sh_cuda.txt" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "CUDA TESTS FAILED (benchmarks still run)"; status=1; }
+  step "tests: CUDA vs CPU, Triton vs CUDA, the op table (budget ${T_TEST}s)"
+  if [ "$DRY_RUN" = 1 ]; then
+    "$PY" -m pytest -p no:cacheprovider --collect-only -q $TESTS > "$OUT/tests.txt" 2>&1 || status=1
+    echo "collected: $(count "$OUT/tests.txt")"
+  else
+    limit "$T_TEST" "$PY" -m pytest -p no:cacheprovider -rfEs --tb=short --junitxml="$OUT/tests.xml" $TESTS \
+      > "$OUT/tests.txt" 2>&1 || { echo "CUDA TESTS FAILED (benchmarks still run)"; status=1; }
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -20
+  fi
+  tail -1 "$OUT/tests.txt"
 fi
+
+# pytest-benchmark options for short rounds; the per-case recorder writes $OUT/<name>.jsonl.
+BENCH_OPTS="--benchmark-only -p no:cacheprovider -q --benchmark-min-rounds=3 --benchmark-max-time=0.1
+  --benchmark-warmup=on --benchmark-warmup-iterations=1 --benchmark-columns=min,median,rounds"
+bench() {  # bench NAME BUDGET -k EXPR FILES...
+  local name=$1 budget=$2; shift 2
+  rm -f "$OUT/$name.jsonl"
+  if [ "$DRY_RUN" = 1 ]; then
+    "$PY" -m pytest -p no:cacheprovider --collect-only -q "$@" > "$OUT/$name.txt" 2>&1 || status=1
+    echo "collected: $(count "$OUT/$name.txt")"
+    grep -q " collected" "$OUT/$name.txt" && ! grep -q "^0 tests\| 0/" "$OUT/$name.txt" \
+      || { echo "DRY RUN: no $name benchmark selected"; status=1; }
+  else
+    LOCDIFF_BENCH_JSONL="$OUT/$name.jsonl" limit "$budget" "$PY" -m pytest $BENCH_OPTS \
+      --benchmark-json "$OUT/$name.json" "$@" > "$OUT/$name.txt" 2>&1 || { echo "$name BENCHMARKS FAILED"; status=1; }
+    tail -3 "$OUT/$name.txt"
+  fi
+}
 
 if has bench; then
-step "benchmarks (device=cuda) and copy bandwidth, same run"
-# test_sh_bench.py (lead) parametrises device, impl, op, degree, dtype; keep the CUDA ones.
-# Short timing rounds: about 240 CUDA cases must fit in the budget.
-timeout 300 "$PY" -m pytest benchmarks --benchmark-only -p no:cacheprovider -q \
-  --benchmark-min-rounds=3 --benchmark-max-time=0.25 --benchmark-warmup=on --benchmark-warmup-iterations=1 \
-  -k "(sh and cuda and not decode and not test_kl) or gpu_bandwidth" --benchmark-json "$OUT/sh_cuda.json" \
-  --benchmark-columns=min,median,rounds 2>&1 | tee "$OUT/bench.txt" | tail -60
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BENCHMARKS FAILED"; status=1; }
+  step "spherical harmonics on CUDA and copy bandwidth (budget ${T_BENCH}s)"
+  bench sh_cuda "$T_BENCH" -k "(test_sh and cuda) or gpu_bandwidth" benchmarks/test_sh_bench.py \
+    benchmarks/test_gpu_bandwidth.py
 fi
 
-if has decode; then
-step "decode and SHDD-KL benchmarks (device=cuda): locdiff vs naive / dense vs torch-harmonics, same run"
-timeout 300 "$PY" -m pytest benchmarks/test_decode_bench.py benchmarks/test_kl_bench.py --benchmark-only -p no:cacheprovider -q \
-  -k "cuda" --benchmark-json "$OUT/decode_cuda.json" --benchmark-columns=min,median,rounds 2>&1 \
-  | tee "$OUT/decode_bench.txt" | tail -40
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "DECODE BENCHMARKS FAILED"; status=1; }
-"$PY" benchmarks/report.py "$OUT/decode_cuda.json" 2>&1 | tee "$OUT/decode_summary.txt"
-step "refinement on CUDA: torch loop vs one Triton kernel"
-timeout 120 "$PY" benchmarks/gpu/refine_ab.py 2>&1 | tee "$OUT/refine_ab.txt"
+if has shdd; then
+  step "decode and SHDD-KL on CUDA (budget ${T_SHDD}s)"
+  LOCDIFF_BENCH_CUDA_DECODE="${LOCDIFF_BENCH_CUDA_DECODE:-32,128}" bench shdd_cuda "$T_SHDD" -k cuda \
+    benchmarks/test_decode_bench.py benchmarks/test_kl_bench.py
 fi
 
-if has bench; then
-step "summary: output bandwidth vs measured copy bandwidth"
-"$PY" benchmarks/gpu/summarize.py "$OUT/sh_cuda.json" 2>&1 | tee "$OUT/summary.txt"
+if [ "$DRY_RUN" = 1 ]; then
+  step "dry run: one CPU benchmark through the per-case recorder"
+  LOCDIFF_BENCH_VALUES=4096 LOCDIFF_BENCH_JSONL="$OUT/sh_cuda.jsonl" "$PY" -m pytest $BENCH_OPTS \
+    "benchmarks/test_sh_bench.py::test_sh[cpu-4-locdiff-float32-fwd]" > "$OUT/dry_bench.txt" 2>&1 \
+    || { tail -20 "$OUT/dry_bench.txt"; status=1; }
+  [ -s "$OUT/sh_cuda.jsonl" ] || { echo "DRY RUN: the recorder wrote nothing"; status=1; }
 fi
+
+step summary
+"$PY" benchmarks/tools/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt"
 exit $status

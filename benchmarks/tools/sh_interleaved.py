@@ -1,6 +1,6 @@
 """locdiff vs sphericart forward, interleaved round by round (best of each), as ratios.
 
-    python benchmarks/sh_interleaved.py [--threads 1] [--rounds 40] [--degrees 4,8,...] [--passes fwd+bwd]
+    python benchmarks/tools/sh_interleaved.py [--threads 1] [--rounds 40] [--degrees 4,8,...] [--passes fwd+bwd]
 
 pytest-benchmark times one implementation after the other; on a shared machine whose load
 drifts, that can tilt a ratio by 30%. Here each round times every implementation in turn
@@ -8,9 +8,11 @@ drifts, that can tilt a ratio by 30%. Here each round times every implementation
 of them alike. `fill` is
 numpy filling a warm array of the output's size (the store floor without page faults).
 `--passes fwd+bwd` times forward and backward (the vector-Jacobian product to xyz) as
-the pytest benchmarks do (sh_anchors.py), against the forward's fill.
+the pytest benchmarks do (benchmarks/anchors.py), against the forward's fill.
 """
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
@@ -42,7 +44,8 @@ def main():
     ap.add_argument("--values", type=int, default=2_000_000, help="output values per call")
     ap.add_argument("--passes", choices=["fwd", "fwd+bwd"], default="fwd")
     a = ap.parse_args()
-    from sh_anchors import IMPLS
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
+    from anchors import IMPLS
 
     torch.set_num_threads(a.threads)
     print(f"| dtype | L | locdiff ns/value | sphericart ns/value | fill ns/value | sphericart / locdiff |")

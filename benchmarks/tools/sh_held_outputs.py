@@ -1,6 +1,6 @@
 """Per-call cost of mid-size CPU outputs when the caller holds a few at a time.
 
-    python benchmarks/sh_held_outputs.py [--degree 16] [--points 256,512,1024] [--hold 1,2,3]
+    python benchmarks/tools/sh_held_outputs.py [--degree 16] [--points 256,512,1024] [--hold 1,2,3]
         [--pool-min-kb 4096,1024] [--threads 2]
 
 glibc gives the top of its heap back to the OS once enough is freed there, so a loop that

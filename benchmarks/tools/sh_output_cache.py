@@ -1,5 +1,5 @@
 """The CPU output cache's effect (locdiff.set_output_cache), same process, interleaved:
-`python benchmarks/sh_output_cache.py [--threads 2] [--values 4000000]` prints ns per output
+`python benchmarks/tools/sh_output_cache.py [--threads 2] [--values 4000000]` prints ns per output
 value with the cache on (default 1 GiB) and off (every output a fresh allocation), forward,
 best of 15 calls per round and of 3 rounds."""
 import argparse

@@ -1,6 +1,6 @@
 """locdiff vs sphericart forward per call, from one point to many: the per-call cost.
 
-    python benchmarks/sh_batch_sizes.py [--threads 2] [--rounds 30] [--degrees 4,16,64]
+    python benchmarks/tools/sh_batch_sizes.py [--threads 2] [--rounds 30] [--degrees 4,16,64]
         [--points 1,64,1024,16384] [--dtype float64] [--apart]
 
 The pytest benchmarks time calls of a few million values, where per-call costs vanish. A

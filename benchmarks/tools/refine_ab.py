@@ -2,10 +2,10 @@
 each): the torch loop (locdiff.ops.shdd_reference.shdd_refine_reference with f and gradient
 from the CUDA SH kernels; decode's default on CUDA) against the one-kernel Triton loop
 (locdiff.ops.triton.refine; decode(backend="triton")). Also checks that both reach
-the same maxima. Prints a markdown table; run by `STAGES=decode bash benchmarks/gpu/run_all.sh`.
+the same maxima. Prints a markdown table; a one-off A/B (the GPU script times decode as a whole).
 
-    python benchmarks/gpu/refine_ab.py [--degrees 16,64,256] [--points 64,16384] [--rounds 5]
-    TRITON_INTERPRET=1 python benchmarks/gpu/refine_ab.py --device cpu --degrees 6 --points 8 --rounds 1
+    python benchmarks/tools/refine_ab.py [--degrees 16,64,256] [--points 64,16384] [--rounds 5]
+    TRITON_INTERPRET=1 python benchmarks/tools/refine_ab.py --device cpu --degrees 6 --points 8 --rounds 1
 """
 import argparse
 import time
@@ -14,6 +14,7 @@ import torch
 
 from locdiff import grids, shdd
 from locdiff.geo import latlon_to_xyz
+from locdiff.ops.registry import pick
 
 
 def sync():
@@ -57,7 +58,7 @@ def main():
             for _ in range(2):  # interleaved: each route twice, best of all rounds
                 for backend in (None, "triton"):
                     def run(b=backend):
-                        outs[b] = shdd._refine(c, degree, rows, start, backend=b)
+                        outs[b] = pick("shdd_refine", c.device.type, b)(c, start, rows, degree, grids.half_max_radius(degree), 40)
                     t = timed(run, args.rounds)
                     times[backend] = min(times.get(backend, t), t)
             diff = float((outs[None][0] - outs["triton"][0]).abs().max())

@@ -1,6 +1,6 @@
 """Two or more builds of locdiff._C, the CPU forward kernel alone, in alternating processes.
 
-    python benchmarks/sh_kernel_ab.py OLD.so NEW.so [--degrees 1,2,3,4] [--points 32768]
+    python benchmarks/tools/sh_kernel_ab.py OLD.so NEW.so [--degrees 1,2,3,4] [--points 32768]
         [--threads 1] [--rounds 3]
 
 For A/B runs of a kernel change: copy the built extension aside before and after it (from
