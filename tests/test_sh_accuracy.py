@@ -1,4 +1,4 @@
-"""Accuracy of locdiff.spherical_harmonics against exact references (DESIGN.md numerics):
+"""Accuracy of locdiff.spherical_harmonics against exact references (docs/conventions.md, "Accuracy"):
 float64 within 1e-11 and float32 within 2e-6, per unit of sqrt((2l+1)/(4 pi)), for every
 degree up to 2048, poles included, never NaN or inf."""
 import math

@@ -1,5 +1,5 @@
 """Behaviour of the public spherical-harmonics API: shapes, dtypes, numpy, autograd,
-torch.library checks, torch.compile, and every bad input of issue 2."""
+torch.library checks, torch.compile, and every bad input we know of."""
 import sys
 
 import numpy as np

@@ -113,13 +113,8 @@ void* acquire(size_t bytes, size_t* capacity) {
   Cache& c = cache();
   {
     std::lock_guard<std::mutex> lock(c.mutex);
-    // The smallest cached block that fits, but not one more than twice the size: a much
-    // larger block would keep its extra pages busy for a small output. Among equals the
-    // newest (last released): its lines are the likeliest still in cache. Taking the oldest
-    // cycled through every cached block of a size, so a loop whose output fits in the last
-    // level cache wrote a cold block each call once two were cached (Intel Xeon VM, 32 MB
-    // outputs, two threads: float64 L = 32 1.07 -> 0.98 ms a call; a trial build with
-    // ordinary stores at L = 4 float64, 2.9 -> 1.26 ms). Streamed outputs do not care.
+    // The smallest cached block that fits, but not one more than twice the size; among equals
+    // the newest, whose lines are the likeliest still in cache (docs/kernels.md, "Output memory").
     auto best = c.blocks.rend();
     for (auto it = c.blocks.rbegin(); it != c.blocks.rend(); ++it)
       if (it->capacity >= want && it->capacity <= 2 * want && (best == c.blocks.rend() || it->capacity < best->capacity))

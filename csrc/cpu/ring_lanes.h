@@ -2,15 +2,10 @@
 // csrc/cpu/shdd_cpu.cpp (grid synthesis, the decode's candidates, the adjoint, and the
 // log-partition and SHDD-KL on grids of up to 2^17 values).
 //
-// The per-vector route (shdd_cpu.cpp: legendre_sums, fourier_synth) spends most of its time
-// on overheads at the degrees decoding runs at (L <= 128): each Legendre column is a dot
-// product of only L+1-m terms ending in a horizontal sum, and each radix-2 butterfly is a
-// few scalar flops next to its twiddle loads. Here kLanes vectors go through both stages
-// together, each lane a vector: the Legendre sums broadcast one table entry against the
-// block's coefficients (no horizontal sums, the table streamed once per block), and every
-// FFT butterfly is one vector op over the block with the twiddle loaded once. Measured
-// (two threads, L = 16, B = 4096) the decode's candidates went from 21 to 9.8 ms, scan
-// included, and the adjoint op at L = 24, B = 128 from 1.24 to 0.51 ms.
+// The per-vector route spends most of its time on overheads at decoding degrees (short
+// Legendre dot products, scalar FFT butterflies). Here kLanes vectors go through both stages
+// together, one per lane: no horizontal sums, each table entry and twiddle loaded once per
+// block (figures: docs/kernels.md, "Decode grid stage on the CPU").
 //
 // Precision: S, the lane type, is the precision of the whole synthesis (float for the
 // decode's candidate grids, which only pick starting points for the float64 refinement;

@@ -205,14 +205,8 @@ LOCDIFF_CLONES void backward_point(const T* xyz, const T* grad, int L, const Tab
 }
 
 // Fresh multi-megabyte outputs come straight from mmap, and every first write to a 4 KiB
-// page faults; on virtual machines that costs more than computing the harmonics (5 ns per
-// float64 value measured here, against 1 ns with 2 MiB pages). Ask for transparent huge
-// pages before the first write, as numpy does for its arrays, over the whole output
-// rounded out to 4 KiB pages: the kernel then backs every 2 MiB-aligned block inside the
-// mapping with one huge page. (Advising only the 2 MiB-aligned interior of the output
-// left its first block to 4 KiB pages: Linux aligns large mappings to 2 MiB, and the
-// allocator's header puts the output just past that boundary. At L = 256, float64, that
-// made a fresh 34 MB output take 0.53-1.47 ns per value against 0.29-0.34 with numpy's.)
+// page faults, which can cost more than the harmonics. Ask for transparent huge pages over
+// the whole output rounded out to 4 KiB pages (docs/kernels.md, "Output memory").
 void advise_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kPage = 4096, kHuge = uintptr_t(1) << 21;
@@ -292,20 +286,16 @@ int lanes_forward_max(int64_t n, int num_threads) {
   return intel && full_blocks ? kLanesDegreeMax : kLanesDegreeMaxOther;
 }
 
-// Threads worth waking for n points of K values: waking a second one costs about 2 us, as
-// much as 2000 values take (Intel Xeon VM, float64 L = 4: 8 points 1.4 us on one thread, 3.1
-// on two; 64 points 3.3 / 4.0; 256 points 9.2 / 7.1), so each thread gets at least that.
+// Threads worth waking for n points of K values: waking a second one costs about as much
+// as 2000 values take, so each thread gets at least that (docs/kernels.md, "Per-call costs").
 int threads_for(int64_t n, int64_t K, int num_threads) {
   constexpr int64_t kValuesPerThread = 2048;
   return int(std::clamp<int64_t>(n * K / kValuesPerThread, 1, std::max(1, num_threads)));
 }
 
-// Whether n points are too few for the lanes above the small degrees. A lane block costs
-// eight points whatever n is, while the per-point kernel costs 0.25-0.65 of a block a point,
-// so with at most two points per thread it is faster, or level at four on two threads (Intel
-// Xeon VM, float64, two threads, us, lanes -> per point: forward L = 64, one point 12.5 ->
-// 5.5, four 14.0 -> 11.4; L = 256, one 142 -> 45, four 270 -> 142; backward L = 256, one
-// 217 -> 95, four 299 -> 184, op dispatch included).
+// Whether n points are too few for the lanes above the small degrees: a lane block costs
+// eight points whatever n is, so with at most two points per thread the per-point kernel
+// is faster (docs/kernels.md, "Per-call costs").
 bool few_points(int64_t n, int num_threads) { return n <= 2 * int64_t(std::max(1, num_threads)); }
 
 }  // namespace

@@ -168,16 +168,9 @@ LOCDIFF_CLONES int forward_block(const T* xyz, int count, int L, const cpu::Tabl
   return bad;
 }
 
-// From how many bytes the lanes' outputs stream: a quarter of the L3 in float64, half of it
-// in float32 (whose values take half the bytes, so the reads ordinary stores cause cost
-// less), at least kStreamBytes (32 and 64 MB where the size is unknown). Unlike the small
-// degrees' short rows, these rows cost a copy through the stage, so while the output stays
-// in the L3 ordinary stores are faster. On the Intel Xeon VM with 480 MB of L3 shared with
-// its neighbours, two threads, ordinary / streamed time (streaming from 4 MB, 60 MB or 120
-// MB for these runs): 32 MB: float64 L = 21-320 0.75-1.00x, float32 L = 32-320 0.76-0.83x;
-// 96 MB: float64 0.92-1.05x (0.76x at L = 512), float32 0.82-0.84x; 128 MB: float64 L =
-// 21-320 1.07-1.24x, float32 L = 25-320 0.88-1.14x; 512 MB: float64 L = 21-512 1.36-1.78x,
-// float32 L = 25-512 1.11-1.61x.
+// From how many bytes the lanes' outputs stream: a quarter of the L3 in float64, half in
+// float32, at least kStreamBytes. While the output stays in the L3 ordinary stores are
+// faster (docs/kernels.md, "Streaming stores").
 int64_t lanes_stream_bytes(size_t value_bytes) {
   static const int64_t quarter_l3 = [] {
     long l3 = 0;
@@ -191,14 +184,10 @@ int64_t lanes_stream_bytes(size_t value_bytes) {
 
 #if LOCDIFF_STREAM_STORES
 // A block's rows on their way to a large output. Ordinary stores into memory that is not in
-// the cache first read each line in, which doubles the traffic: float64 L = 24-64 into 512
-// MB took 0.44-0.47 ns per value on the Intel Xeon VM with 480 MB of L3, two threads,
-// against 0.17-0.21 into an L2-resident one. So write_degree writes each point's degrees to
-// a stage instead, laid out with the output's alignment (stride = K modulo a line), and
-// every kFlushValues values per point the whole cache lines leave by non-temporal stores
-// while the next degrees compute; the rest (under a line per point) moves to the stage's
-// front. A row's first and last partial lines, which it shares with its neighbours, take
-// ordinary stores.
+// the cache first read each line in, doubling the traffic, so write_degree stages each
+// point's degrees with the output's alignment and streams whole lines from the stage
+// while the next degrees compute; a row's partial end lines take ordinary stores
+// (docs/kernels.md, "Streaming stores").
 template <typename T>
 struct RowStage {
   static constexpr int kLine = 64 / int(sizeof(T));  // values per cache line
@@ -334,12 +323,9 @@ LOCDIFF_CLONES void backward_block(const T* xyz, const T* grad, int count, int L
   bk.load(xyz, count, L);
   const int64_t K = sh_size(L);
   GradSums sum;
-  // Up to L = 32 a point's row is a few cache lines, read degree by degree across the eight
-  // rows of a block, which the hardware prefetchers do not follow: from DRAM the backward
-  // ran at 1.3-2.2 ns per value at L = 6-12 (AMD EPYC VM, 32 MB of gradient) against 0.4-0.6
-  // from L3. So each degree prefetches its part of the next block's rows (the next block in
-  // memory, which the caller's schedule runs next on this thread); measured 0.33-0.56 there.
-  // Longer rows stream on their own (prefetching them measured level or slower).
+  // Up to L = 32 a point's row is a few cache lines, read degree by degree across a block's
+  // rows, which the hardware prefetchers do not follow: each degree prefetches its part of
+  // the next block (docs/kernels.md, "Backward prefetch").
   const bool prefetch = L <= 32;
   const T* next = grad + kLanes * K;
   for_each_degree(L, tb, seed, bk, ls, [&](int l, const double* q) LOCDIFF_LAMBDA_INLINE {
@@ -372,16 +358,9 @@ std::vector<double> lane_seeds(const cpu::Tables& t, int degree) {
   return seed;
 }
 
-// Blocks a thread takes at a time: runs of consecutive blocks, about eight per thread, so a
-// busy machine stays balanced while each thread fetches work (an atomic on a line the team
-// shares) eight times rather than once per block, and writes one stretch of the output
-// rather than every other block (whose boundary lines the threads would share). One block
-// at a time made two threads slower than one at L = 25-64 whenever the AMD EPYC (Zen 5) VM
-// placed its two vCPUs badly, which came and went for minutes: float32 L = 28, two threads,
-// 0.29-0.31 ns per value against 0.19-0.20 on one thread and 0.11 otherwise. In such a spell,
-// one block / runs (benchmarks/sh_kernel_ab.py-style alternating processes, median of 15):
-// float32 L = 28 0.23 / 0.13-0.14, float64 L = 32 0.28 / 0.14-0.17 ns per value; otherwise
-// level (0.11 / 0.11).
+// Blocks a thread takes at a time: runs of about eight per thread, so a busy machine stays
+// balanced while each thread fetches work eight times rather than once per block and writes
+// one stretch of the output (docs/kernels.md, "Lane blocks per run").
 int blocks_per_run(int64_t blocks, int team) { return int(std::max<int64_t>(1, blocks / (8 * team))); }
 
 }  // namespace

@@ -202,26 +202,9 @@ LOCDIFF_INLINE int forward_block_fixed(const T* xyz, int count, Block& bk, T* ou
   return bad;
 }
 
-// When store_point_major streams: outputs of at least kStreamBytes (they cannot stay in the
-// L2 of a couple of cores anyway) at 4 <= L <= 16 in float64 and L = 5, 8 <= L <= 20 in float32,
-// on x86 (SSE2) only. Above, the values and the tile (2 x 8 x K values) outgrow L1; below,
-// direct stores are as cheap: a point's row is short (at L = 3 its stores never split a
-// cache line). Measured on the AMD EPYC (Zen 4), two threads, each variant's calls in a row
-// (interleaving single calls lets one variant's cache state tilt the other's), direct /
-// streamed time: float64 L = 4, 6, 8, 12, 16: 1.39-1.50 (once 0.97), 1.05-1.07, 1.23-1.54,
-// 1.32-1.35, 1.24-1.28; float32 L = 8: 1.0, L = 12, 16, 20: 0.77-1.48, 1.27-1.42,
-// 1.04-1.49, L = 24: 0.85-0.96 (direct stores take 0.17-0.19 or 0.29-0.33 ns per value from
-// run to run there, streamed ones 0.19-0.24). On the Intel Xeon before: float64 L = 6-16
-// 1.1-1.25, 24-32 0.7 (the tile in L2), float32 0.8-0.97. On an Intel Xeon VM with 105 MB
-// of L3 (881cd5f, sh_interleaved.py against sphericart, builds alternated, two threads,
-// direct / streamed ns per value): float64 L = 4: 0.77-0.83 / 1.05-1.22 unstreamed (so
-// streaming stays); float32 L = 4, 5, 6: 0.65-0.72 / 0.61-0.67, 0.42-0.57 / 0.64-0.65,
-// 0.60-0.62 / 0.63; L = 8, 10, 11: 0.72-0.83 / 0.55-0.57, 0.72-0.75 / 0.62-0.67, 0.65-0.67
-// / 0.57-0.60, so float32 streams from L = 8 (level there on the EPYC). The float lanes
-// (float32, L = 3-5) stream through an L1 tile at L = 5 only: on the VM, 200k points, two
-// threads, direct / streamed ns per point: L = 3: 5.10 / 7.15, L = 4: 12.2 / 12.4, L = 5:
-// 15.7 / 12.4. The register groups of forward_groups_v3 stream float64 at 17 <= L <= 20 too:
-// their tiles are of four points.
+// When store_point_major streams: outputs of at least kStreamBytes at 4 <= L <= 16 in
+// float64 and L = 5, 8 <= L <= 20 in float32, on x86 only. Above, the values and the tile
+// outgrow L1; below, direct stores are as cheap (docs/kernels.md, "Streaming stores").
 
 template <typename T, int L>
 constexpr bool may_stream() {
@@ -265,13 +248,8 @@ LOCDIFF_CLONES int forward_block(const T* xyz, int count, Block& bk, T* out, boo
 // size or the output's alignment (the compiler fuses multiply-adds per inlining context, so
 // two call sites could differ in the last bit; tests/test_sh_api.py checks).
 // Streamed, it is a pipeline: each group of four points computes into one of two L1 tiles
-// while the previous group's tile goes out, one non-temporal store of four values after each
-// value computed (a tile holds 4K values: K such stores). Streaming a whole finished block at
-// once, as write_full_block does, stalls the core until the store and fill buffers drain, so
-// compute and memory took turns: on the Intel Xeon VM with 480 MB of L3, two threads,
-// float64 L = 16 took 49 ns per point into an L2-resident output and 80 into a large
-// streamed one (62 pipelined); at 160k points, block kernel / pipelined groups, float64
-// L = 4, 12: 1.13x, 1.27x.
+// while the previous group's tile goes out; streaming a finished block at once stalls the
+// core until the store buffers drain (figures: docs/kernels.md, "Register groups").
 // LOCDIFF_CPU_PORTABLE=1 takes the path of CPUs without AVX2 (portable groups to
 // kPortableGroupMax, the block kernel above), so that the tests can check it on any host.
 bool cpu_has_v3() {

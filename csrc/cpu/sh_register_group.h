@@ -26,16 +26,9 @@
 namespace locdiff {
 namespace cpu {
 
-// Where the groups run (sh_cpu_small.cpp routes): past L = 3 the (L+1)^2 values outgrow the
-// 16 vector registers and spill, yet the groups beat the block kernel's round trips through
-// memory. On CPUs with AVX2 (forward_groups_v3) they run float64 at 4 <= L <= 20 and float32
-// at 6 <= L <= 20; on the Intel Xeon VM with 480 MB of L3, two threads, block kernel (or, at
-// L = 19-20 in float64, the lanes kernel) / groups, ns per point into one reused output:
-// 160k points (streamed) float64 L = 4-16 1.05-1.32x, 17-20 2.3-3.1x, float32 L = 6-20
-// 1.03-1.27x; 1000-2000 points (not streamed) float64 L = 16-20 1.10-1.69x, float32 level to
-// 1.13x; 32 MB outputs float64 L = 4-20 1.06-1.43x. At L = 22-24 they spilled past L1 and ran
-// 0.82-0.98x at 32 MB. Elsewhere (the portable clone) float64 runs them to L = 16 and float32
-// to L = 3 (the float32 lanes of sh_float_lanes.h are faster at 3-5).
+// Where the groups run (sh_cpu_small.cpp routes): past L = 3 the values outgrow the vector
+// registers and spill, yet the groups beat the block kernel's round trips through memory,
+// up to L = 20 (docs/kernels.md, "Register groups").
 constexpr int kRegisterDegreeMax = 20;
 
 // {p[0], p[3], p[6], p[9]}: one coordinate of four points, built in registers (writing lanes

@@ -23,14 +23,10 @@ constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 #if LOCDIFF_STREAM_STORES
 // out[0, n) = tile[0, n) by non-temporal stores: 32-byte ones where the CPU has AVX and out
-// is 32-byte aligned (every full block is, when the output is: a block is 8K values), else
-// 16-byte SSE2 ones (both pointers 16-byte aligned; n a multiple of the 32-byte width). Half
-// as many store instructions matter because the store port is what a small-degree block
-// waits on: on the Intel Xeon VM, 160k points, two threads, one reused output, float64 L = 4
-// went from 7.7-8.3 to 6.5-7.0 ns per point and float32 L = 5 from 5.7-6.1 to 4.3-4.5; at
-// L = 6-20 level to 1.1x, inside the run-to-run spread. The AVX copy is out of line (one
-// call per block) because an inlined AVX intrinsic would not compile into the portable
-// clone of the caller.
+// is 32-byte aligned, else 16-byte SSE2 ones. Fewer store instructions matter because the
+// store port is what a small-degree block waits on (docs/kernels.md, "Streaming stores").
+// The AVX copy is out of line: an inlined AVX intrinsic would not compile into the
+// portable clone of the caller.
 template <typename T>
 __attribute__((target("avx"), noinline)) void stream_copy_avx(const T* tile, T* out, int n) {
   constexpr int kWidth = 32 / sizeof(T);

@@ -8,9 +8,8 @@
 // scratch buffer of at most kChunkElems doubles per operand, so no batch x grid matrix
 // is allocated: per sample, a block reduces the log-partitions and the KL (backward: the
 // weights, then the adjoint, which accumulates Legendre projections across rings with
-// atomicAdd). All arithmetic is float64; T is the storage type.
-//
-// Compiled here without a GPU (nvcc 13): not yet run. The CPU kernels are the tested path.
+// atomicAdd). All arithmetic is float64; T is the storage type. What has run on a GPU and
+// what has not: docs/gpu.md.
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -1,6 +1,6 @@
 """Coordinates on the sphere: (lat, lon) degrees <-> unit vectors, great-circle distances.
 
-Conventions (DESIGN.md): ``x = cos(lat) cos(lon)``, ``y = cos(lat) sin(lon)``,
+Conventions (docs/conventions.md): ``x = cos(lat) cos(lon)``, ``y = cos(lat) sin(lon)``,
 ``z = sin(lat)``; distances on a sphere of radius 6371.0088 km. Every function takes numpy
 arrays or torch tensors and returns the same kind.
 """

@@ -74,7 +74,7 @@ def _check_coeffs(coeffs, name: str = "coeffs", finite: bool = True):
     lead = tuple(t.shape[:-1])
     flat = t.reshape(-1, t.shape[-1])
     # A NaN or inf makes the float64 sum non-finite, so a finite sum clears the whole array
-    # in one pass with no (B, K) mask (that mask cost decode 100 ms at L = 64, B = 4096); a
+    # in one pass with no (B, K) mask (a mask costs a large decode a visible share); a
     # non-finite sum (or one of huge finite float64 values) gets the element-wise check.
     if finite and flat.numel() and not math.isfinite(float(flat.detach().sum(dtype=torch.float64))):
         ok = torch.isfinite(flat)
@@ -182,7 +182,7 @@ def _per_coefficient(per_degree: torch.Tensor, degree: int) -> torch.Tensor:
 def _heat_kernel_weights(degree: int, smoothing: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """smoothing_factors for a bandwidth, per coefficient: a training loop encodes its
     targets with one bandwidth every step, and building these took longer than the
-    harmonics (40 us against 10 at L = 16). Read-only by use: encode only multiplies by it."""
+    harmonics at training batch sizes. Read-only by use: encode only multiplies by it."""
     return _per_coefficient(smoothing_factors(degree, smoothing, dtype=dtype, device=device), degree)
 
 

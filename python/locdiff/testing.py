@@ -1,11 +1,11 @@
-"""Shared test helpers: one tolerance table and the list of devices to test on (STYLE.md 8, 9)."""
+"""Shared test helpers: one tolerance table and the list of devices to test on."""
 from __future__ import annotations
 
 import torch
 
 # Comparisons between two implementations of the same formula (kernel vs reference).
 TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
-# DESIGN.md accuracy contract against an exact reference, per unit of sqrt((2l+1)/(4 pi)).
+# The accuracy contract (docs/conventions.md, "Accuracy") against an exact reference, per unit of sqrt((2l+1)/(4 pi)).
 SH_ACCURACY = {torch.float32: 2e-6, torch.float64: 1e-11}
 
 

@@ -1,17 +1,11 @@
 // A small cache of CPU output blocks, so that a call which returns a fresh output of a
 // megabyte or more reuses the pages of an output the caller has since dropped.
 //
-// Why: above glibc's mmap threshold (at most 32 MB) every fresh array is a new mapping, and
-// the kernel zeroes each of its pages on first touch. At high degree that costs more than
-// the harmonics (L = 256, float64, AMD EPYC VM: 0.80 ns per value into a fresh output, 0.31
-// into a reused one). Below it, glibc gives the top of its heap back to the OS when enough
-// is freed there, so a loop that holds two outputs of 1-2 MB at a time faulted in every page
-// of each (float64 L = 16, 1024 points: 560 faults and 0.56 ms a call, against 0.07 with
-// none). torch's CPU allocator caches nothing; this pool keeps freed blocks (from 2 MiB,
-// 2 MiB aligned and advised for transparent huge pages), up to a byte limit, and hands back
-// the smallest cached block that fits (the last released among equals: the likeliest to be
-// still in cache). Peak memory is unchanged (a cached block was live before it was freed);
-// what the cache holds is given back by set_limit(0).
+// Why: a fresh output above glibc's mmap threshold is a new mapping whose pages are zeroed
+// on first touch, and below it glibc gives its heap top back once enough is freed; at high
+// degree either costs more than the harmonics. The pool keeps freed blocks (from 2 MiB,
+// aligned and advised for huge pages) up to a byte limit and hands back the smallest that
+// fits; peak memory is unchanged, set_limit(0) gives all back (docs/kernels.md, "Output memory").
 #pragma once
 
 #include <cstddef>

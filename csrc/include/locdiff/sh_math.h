@@ -1,6 +1,6 @@
 // Shared math of the spherical-harmonic kernels (CPU and CUDA). No torch here.
 //
-// Convention (DESIGN.md): real orthonormal Y_lm without Condon-Shortley phase, flat index
+// Convention (docs/conventions.md): real orthonormal Y_lm without Condon-Shortley phase, flat index
 // k = l*l + l + m. For a unit vector (x, y, z), s = sqrt(x^2 + y^2), E_m = exp(i m phi)
 // (E = 1 on the axis, where phi is undefined):
 //   Y_l0      = P_l0(z)

@@ -1,13 +1,9 @@
 """CPU outputs of a megabyte or more from locdiff's block cache (csrc/include/locdiff/output_pool.h).
 
-A fresh output of tens of MB is a new mapping whose pages the OS zeroes on first touch; at
-high degree that costs more than the harmonics. From 1 MB, glibc's heap is no better: it
-gives its top back to the OS once enough is freed there, so a loop holding two or three
-outputs at a time faulted in every page of each (float64 L = 16: 1024 points 0.55 ms a call
-instead of 0.09, 512 points 0.22 instead of 0.04). Outputs of at least ``POOL_MIN_BYTES``
+A fresh output of a megabyte or more costs page faults that at high degree exceed the
+harmonics (docs/kernels.md, "Output memory"). Outputs of at least ``POOL_MIN_BYTES``
 come instead from a cache of blocks that earlier outputs held and the caller has since
-dropped. Smaller ones stay with torch's allocator: glibc kept reusing its heap for them, and
-the pool's microsecond or two per call would show.
+dropped; smaller ones stay with torch's allocator.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Input checks shared by the op wrappers: messages name the argument, the value and what
-is expected (STYLE.md 6). Kernels assume what these functions guarantee."""
+is expected (docs/conventions.md, "Errors"). Kernels assume what these functions guarantee."""
 from __future__ import annotations
 
 import functools
