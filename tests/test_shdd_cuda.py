@@ -157,9 +157,9 @@ def test_adjoint_gradcheck_float64():
 def test_degree_past_48_kib_of_shared_memory():
     # 32 (L+1) bytes of shared memory per block: L = 1600 needs the opt-in beyond 48 KiB.
     degree = 1600
-    grid = grids.equiangular(4, 8)
+    grid = grids.equiangular(4, 4096)
     c = torch.zeros(1, (degree + 1) ** 2, dtype=torch.float64)
-    c[0, 0] = 1.0
+    c[0, 0], c[0, degree * degree + degree + 7], c[0, 50 * 50 + 50 - 3] = 1.0, 0.5, 0.25
     f = shdd.grid_values(c.cuda(), grid)
     assert_close(f.cpu(), shdd.grid_values(c, grid))
 
