@@ -223,6 +223,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from locdiff.embed import embed_images
+
+    res = embed_images(args.images, args.out, model=args.model, pretrained=args.pretrained,
+                       batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
+                       device=args.device)
+    print(res.summary())
+    return 0
+
+
 def cmd_bench(args) -> int:
     print("Benchmarks live in benchmarks/ (pytest-benchmark). Run them from a source checkout with:\n"
           "    pip install -e '.[bench]'\n    pytest benchmarks --benchmark-only")
@@ -266,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="locdiff_demo", help="output folder (default ./locdiff_demo)")
     d.add_argument("--device", default="auto", help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("embed", help="CLIP embeddings of photos (files or folders) for train and predict")
+    m.add_argument("images", nargs="+", help="JPEG, PNG or WebP files, or folders searched recursively")
+    m.add_argument("--out", required=True, help="output folder: .npy shards, manifest.csv, encoder.json, coords.csv")
+    m.add_argument("--model", default="openai/clip-vit-large-patch14",
+                   help="Hugging Face CLIP model name or local folder (default: CLIP ViT-L/14)")
+    m.add_argument("--pretrained", choices=("weights", "none"), default="weights",
+                   help="'none': the architecture with random weights, offline (for tests)")
+    m.add_argument("--batch-size", type=int, default=32)
+    m.add_argument("--shard-size", type=int, default=1024, help="rows per .npy shard")
+    m.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="shard dtype")
+    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    m.set_defaults(func=cmd_embed)
 
     b = sub.add_parser("bench", help="how to run the benchmarks")
     b.set_defaults(func=cmd_bench)

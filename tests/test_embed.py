@@ -1,0 +1,224 @@
+"""locdiff embed: reading photos (orientation, EXIF GPS, unreadable files), the sharded
+output and its manifest, resuming after a finished or a killed run, and the one-line errors."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+
+from photo_helpers import TINY, photo_folder, save_photo, tiny_model_dir  # noqa: E402
+
+from locdiff import cli  # noqa: E402
+from locdiff.data.files import DataError, open_embeddings, read_coords  # noqa: E402
+from locdiff.embed import embed_images  # noqa: E402
+from locdiff.encoder import DEFAULT_MODEL, Encoder, vision_config  # noqa: E402
+from locdiff.images import UnreadableImage, find_images, read_image  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny):
+    return Encoder.load(str(tiny), "none", device="cpu")
+
+
+def _manifest(out):
+    with open(out / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png", "webp"])
+def test_orientation_and_gps_are_read(tmp_path, suffix):
+    p = save_photo(tmp_path / f"a.{suffix}", 1, latlon=(-33.8688, 151.2093), orientation=6, size=(48, 36))
+    photo = read_image(p)
+    assert photo.image.size == (36, 48) and photo.image.mode == "RGB"  # rotated upright
+    assert photo.latlon == pytest.approx((-33.8688, 151.2093), abs=1e-6)
+    west = read_image(save_photo(tmp_path / f"b.{suffix}", 2, latlon=(40.5, -73.25)))
+    assert west.latlon == pytest.approx((40.5, -73.25), abs=1e-6)
+    assert read_image(save_photo(tmp_path / f"c.{suffix}", 3)).latlon is None
+    assert read_image(save_photo(tmp_path / f"d.{suffix}", 4, latlon=(0.0, 0.0))).latlon is None
+
+
+def test_unreadable_and_other_formats_are_named(tmp_path):
+    (tmp_path / "bad.jpg").write_text("not an image")
+    with pytest.raises(UnreadableImage, match="bad.jpg: not a readable image"):
+        read_image(tmp_path / "bad.jpg")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "g.gif")
+    with pytest.raises(UnreadableImage, match=r"g.gif: not a JPEG, PNG or WebP image \(GIF\)"):
+        read_image(tmp_path / "g.gif")
+
+
+def test_find_images(tmp_path):
+    photos = photo_folder(tmp_path / "d", n=4)
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    save_photo(tmp_path / "d" / ".thumbs" / "t.jpg", 9)
+    files, ignored = find_images([tmp_path / "d", photos[0]])  # the duplicate is dropped
+    assert sorted(files) == sorted(photos) and [p.name for p in ignored] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match="empty: folder holds no JPEG, PNG or WebP images"):
+        find_images([tmp_path / "empty"])
+    with pytest.raises(DataError, match="nope: image file or folder not found"):
+        find_images([tmp_path / "nope"])
+
+
+def test_embed_writes_shards_manifest_coords(tmp_path, encoder):
+    photos = photo_folder(tmp_path / "d", n=5)
+    (tmp_path / "d" / "broken.png").write_bytes(b"\x89PNG garbage")
+    out = tmp_path / "E"
+    res = embed_images([tmp_path / "d"], out, encoder=encoder, batch_size=2, shard_size=3, progress=False,
+                       log=lambda m: None)
+    assert (res.embedded, res.rows, res.geotagged) == (5, 5, 5)
+    assert [p.endswith("broken.png") for p, _ in res.skipped] == [True]
+    emb = open_embeddings(out)
+    assert emb.shape == (5, TINY["projection_dim"]) and emb.dtype == np.float16
+    rows = _manifest(out)
+    assert [r["shard"] for r in rows] == ["emb-000000.npy"] * 3 + ["emb-000001.npy"] * 2
+    assert [r["row"] for r in rows] == ["0", "1", "2", "0", "1"]
+    # Row i of the shards is the embedding of manifest line i, and coords.csv pairs with them.
+    by_path = {str(p.resolve()): p for p in photos}
+    direct = encoder.embed([read_image(by_path[r["path"]], 32).image for r in rows])
+    np.testing.assert_allclose(emb[np.arange(5)], direct, rtol=2e-3, atol=2e-3)
+    coords = read_coords(out / "coords.csv", rows=len(emb))
+    truth = np.array([read_image(by_path[r["path"]]).latlon for r in rows])
+    np.testing.assert_allclose(coords, truth, atol=1e-6)
+    spec = json.loads((out / "encoder.json").read_text())
+    assert spec["embedding_dim"] == 16 and spec["pretrained"] == "none" and spec["dtype"] == "float16"
+    assert not (out / "geotagged").exists()
+
+
+def test_resume_skips_done_files_and_adds_new_ones(tmp_path, encoder):
+    photo_folder(tmp_path / "d", n=3)
+    out = tmp_path / "E"
+    kw = dict(encoder=encoder, progress=False, log=lambda m: None, dtype="float32")
+    assert embed_images([tmp_path / "d"], out, **kw).embedded == 3
+    before = open_embeddings(out)[np.arange(3)]
+    again = embed_images([tmp_path / "d"], out, **kw)
+    assert (again.embedded, again.already, again.rows) == (0, 3, 3)
+    save_photo(tmp_path / "d" / "new.jpg", 7)  # no GPS: the geotagged rows get their own copy
+    more = embed_images([tmp_path / "d"], out, **kw)
+    assert (more.embedded, more.rows, more.geotagged) == (1, 4, 3)
+    np.testing.assert_array_equal(open_embeddings(out)[np.arange(3)], before)
+    assert _manifest(out)[-1]["path"].endswith("new.jpg") and _manifest(out)[-1]["lat"] == ""
+    sub = open_embeddings(out / "geotagged" / "embeddings.npy")
+    np.testing.assert_array_equal(sub, before)
+    assert len(read_coords(out / "geotagged" / "coords.csv", rows=len(sub))) == 3
+    with pytest.raises(DataError, match="embedded with --model .* --dtype float32, asked for .* --dtype float16"):
+        embed_images([tmp_path / "d"], out, encoder=encoder, progress=False, log=lambda m: None)
+
+
+def test_resume_after_a_kill(tmp_path, encoder, monkeypatch):
+    photo_folder(tmp_path / "d", n=6)
+    out = tmp_path / "E"
+    calls = {"n": 0}
+    real = Encoder.embed
+
+    def dies_on_third_batch(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(Encoder, "embed", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        embed_images([tmp_path / "d"], out, encoder=encoder, batch_size=1, shard_size=2, progress=False,
+                     log=lambda m: None)
+    monkeypatch.setattr(Encoder, "embed", real)
+    assert len(_manifest(out)) == 2 and len(list(out.glob("emb-*.npy"))) == 1
+    # What a kill between the shard and its manifest lines, or inside a write, leaves behind:
+    np.save(out / "emb-000001.npy", np.zeros((2, 16), np.float16))
+    (out / ".emb-000002.npy.x1y2.npy").write_bytes(b"partial")
+    logged = []
+    res = embed_images([tmp_path / "d"], out, encoder=encoder, batch_size=4, progress=False, log=logged.append)
+    assert (res.already, res.embedded, res.rows) == (2, 4, 6)
+    assert any("removing emb-000001.npy" in m for m in logged)
+    assert not list(out.glob(".emb-*"))
+    rows = _manifest(out)
+    assert len({r["path"] for r in rows}) == 6 and open_embeddings(out).shape == (6, 16)
+    assert not np.any(np.all(open_embeddings(out)[np.arange(6)] == 0, axis=1))
+
+
+def test_truncated_manifest_line_drops_its_shard(tmp_path, encoder):
+    photo_folder(tmp_path / "d", n=4)
+    out = tmp_path / "E"
+    kw = dict(encoder=encoder, shard_size=2, progress=False, log=lambda m: None)
+    embed_images([tmp_path / "d"], out, **kw)
+    text = (out / "manifest.csv").read_text()
+    (out / "manifest.csv").write_text(text[:-5])  # killed inside the last append
+    res = embed_images([tmp_path / "d"], out, **kw)
+    assert (res.already, res.embedded, res.rows) == (2, 2, 4)
+    assert [r["row"] for r in _manifest(out)] == ["0", "1", "0", "1"]
+
+
+def test_vit_l14_architecture_without_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = vision_config(DEFAULT_MODEL, "none")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.patch_size, cfg.image_size,
+            cfg.projection_dim, cfg.hidden_act) == (1024, 24, 16, 14, 224, 768, "quick_gelu")
+
+
+def test_same_seed_same_random_encoder(tiny, encoder, tmp_path):
+    again = Encoder.from_spec(encoder.spec, "cpu")
+    img = [read_image(save_photo(tmp_path / "a.png", 3)).image]
+    np.testing.assert_array_equal(again.embed(img), encoder.embed(img))
+    other = Encoder.load(str(tiny), "none", device="cpu", seed=1)
+    assert not np.allclose(other.embed(img), encoder.embed(img))
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_embed(tmp_path, tiny, capsys):
+    photo_folder(tmp_path / "d", n=3)
+    code, out, _ = run_cli(capsys, "embed", tmp_path / "d", "--model", tiny, "--pretrained", "none",
+                           "--out", tmp_path / "E", "--device", "cpu")
+    assert code == 0 and "embedded 3 new images" in out and "--coords" in out
+    assert len(_manifest(tmp_path / "E")) == 3
+
+
+@pytest.mark.parametrize("case", ["no_images", "empty_name", "unknown_model", "unknown_random", "uncached_random",
+                                  "bad_device"])
+def test_cli_embed_errors(tmp_path, tiny, capsys, monkeypatch, case):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    photo_folder(tmp_path / "d", n=1)
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("x")
+    argv, fragment = {
+        "no_images": ([tmp_path / "txt"], "txt: folder holds no JPEG, PNG or WebP images"),
+        "empty_name": ([tmp_path / "d", "--model", ""], "--model '': expected a Hugging Face model name"),
+        "unknown_model": ([tmp_path / "d", "--model", "nobody/no-such-clip"],
+                          "--model 'nobody/no-such-clip': cannot load the encoder"),
+        "unknown_random": ([tmp_path / "d", "--model", tmp_path / "nodir", "--pretrained", "none"],
+                           "nodir': model folder not found (expected a folder with a config.json"),
+        "uncached_random": ([tmp_path / "d", "--model", "nobody/no-such-clip", "--pretrained", "none"],
+                            "cannot load the encoder's configuration from a local folder or the Hugging Face cache"),
+        "bad_device": ([tmp_path / "d", "--model", tiny, "--pretrained", "none", "--device", "gpu"],
+                       "--device 'gpu': expected cpu, cuda, cuda:N or auto"),
+    }[case]
+    code, _, err = run_cli(capsys, "embed", *argv, "--out", tmp_path / "E")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and fragment in lines[0] and lines[0].startswith("locdiff embed: error:"), err
+    assert not list((tmp_path / "E").glob("*.npy")) if (tmp_path / "E").exists() else True
+
+
+def test_missing_extra_is_named(monkeypatch):
+    import sys
+
+    from locdiff.extras import require
+
+    monkeypatch.setitem(sys.modules, "folium", None)
+    with pytest.raises(DataError, match=r"the HTML map needs the package 'folium': pip install 'locdiff\[photos\]'"):
+        require("folium", "the HTML map")
