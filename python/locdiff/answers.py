@@ -1,0 +1,228 @@
+"""Answers a person can use, from predicted SHDD vectors: the probability of each top-k
+mode's basin, credible regions (50 % and 90 %) as areas and equivalent radii, and the
+country / region / nearest place of each mode (offline, ``reverse_geocode``).
+
+The density is ``shdd.density(coeffs, grid, temperature)`` on a ring grid, by default
+``grids.for_degree(L, oversample=2)``; use the temperature the run was calibrated with
+(``predictor.config.predict.temperature``, chosen by validation NLL).
+
+Basins: every grid cell climbs to its highest neighbour (8 neighbours on the ring grid,
+across the poles too) while that one is higher, until it reaches a grid peak; each peak
+belongs to the nearest top-k mode within the modes' minimum separation
+(``shdd.default_separation_km``, the radius within which ``shdd.top_k`` merges maxima),
+otherwise to no mode. A mode's probability is the density mass of its peaks' cells;
+``other`` is the mass of the basins of no listed mode.
+
+Credible regions: the highest-density region holding a fraction q of the probability (cells
+taken by decreasing density per unit area, the last one in part); its area in km^2 and the
+radius of a spherical cap of the same area.
+
+>>> ans = summarize(out["coeffs"], out["topk_latlon"], pred.config.predict.temperature)  # doctest: +SKIP
+>>> ans.records()[0]["modes"][0]                                                          # doctest: +SKIP
+{'rank': 1, 'lat': 48.86, 'lon': 2.35, 'probability': 0.41, 'country': 'France', ...}
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from locdiff import grids, shdd
+from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz
+from locdiff.extras import require
+
+LEVELS = (0.5, 0.9)
+_CHUNK_CELLS = 1 << 20  # rows x grid cells handled at once (under 100 MB with the 8 neighbours)
+
+
+def default_grid(degree: int) -> grids.Grid:
+    return grids.for_degree(degree, oversample=2)
+
+
+def _ring(grid, degree: int) -> grids.Grid:
+    grid = default_grid(degree) if grid is None else grid
+    if not isinstance(grid, grids.Grid) or not grid.is_ring:
+        raise ValueError(f"grid must be a ring grid (equiangular or gauss_legendre), got {grid!r}")
+    return grid
+
+
+@functools.lru_cache(maxsize=16)
+def neighbours(nlat: int, nlon: int) -> torch.Tensor:
+    """(G, 8) flat indices of the 8 neighbours of each cell of a ring grid; beyond the first
+    or last ring, the neighbour is on the same ring half way round (across the pole)."""
+    j, k = torch.meshgrid(torch.arange(nlat), torch.arange(nlon), indexing="ij")
+    out = []
+    for dj in (-1, 0, 1):
+        for dk in (-1, 0, 1):
+            if dj == dk == 0:
+                continue
+            jj, kk = j + dj, k + dk
+            over = (jj < 0) | (jj >= nlat)
+            jj = jj.clamp(0, nlat - 1)
+            kk = torch.where(over, kk + nlon // 2, kk) % nlon
+            out.append((jj * nlon + kk).reshape(-1))
+    return torch.stack(out, 1)
+
+
+def grid_peaks(values: torch.Tensor, nlat: int, nlon: int) -> torch.Tensor:
+    """(B, G) index of the grid peak each cell of ``values`` (B, G) climbs to."""
+    nb = neighbours(nlat, nlon).to(values.device)
+    nv = values[:, nb]                                   # (B, G, 8)
+    best_v, best = nv.max(-1)
+    here = torch.arange(values.shape[1], device=values.device).expand_as(values)
+    ptr = torch.where(best_v > values, nb[here, best], here)
+    # Pointer jumping: each pass doubles the path followed, so a few passes reach the peaks.
+    while True:
+        nxt = ptr.gather(1, ptr)
+        if torch.equal(nxt, ptr):
+            return ptr
+        ptr = nxt
+
+
+def _mode_of_cell(grid, modes: torch.Tensor, sep_km: float) -> torch.Tensor:
+    """(B, G) index of the nearest mode within ``sep_km`` of each cell, or -1."""
+    ok = torch.isfinite(modes).all(-1)                          # (B, k)
+    xyz = latlon_to_xyz(torch.where(ok[..., None], modes, torch.zeros_like(modes)))
+    cos = torch.einsum("gc,bkc->bgk", grid.xyz, xyz)
+    cos = torch.where(ok[:, None, :], cos, torch.tensor(-2.0, dtype=cos.dtype))
+    best_cos, best = cos.max(-1)
+    near = best_cos >= math.cos(min(sep_km / EARTH_RADIUS_KM, math.pi))
+    return torch.where(near, best, torch.full_like(best, -1))
+
+
+def basin_mass(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float) -> torch.Tensor:
+    """(B, k) probability of each mode's basin from cell probabilities ``p`` (B, G)."""
+    dens = p / grid.area.to(p)
+    peaks = grid_peaks(dens, grid.nlat, grid.nlon)
+    owner = _mode_of_cell(grid, modes, sep_km).gather(1, peaks)   # the mode of each cell's peak
+    k = modes.shape[1]
+    mass = torch.zeros(p.shape[0], k + 1, dtype=p.dtype)
+    mass.scatter_add_(1, torch.where(owner < 0, k, owner), p)
+    out = mass[:, :k]
+    return torch.where(torch.isfinite(modes).all(-1), out, torch.nan)
+
+
+def credible_area(p: torch.Tensor, grid, levels=LEVELS) -> torch.Tensor:
+    """(B, len(levels)) area in km^2 of the highest-density region holding each level."""
+    area = grid.area.to(p)
+    order = torch.argsort(p / area, dim=1, descending=True)
+    ps, cells = p.gather(1, order), area[order]
+    cum, cum_area = ps.cumsum(1), cells.cumsum(1)
+    q = torch.tensor(levels, dtype=p.dtype).expand(p.shape[0], -1).contiguous()
+    i = torch.searchsorted(cum, q).clamp(max=p.shape[1] - 1)
+    before = torch.where(i > 0, cum.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(q))
+    area_before = torch.where(i > 0, cum_area.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(q))
+    frac = ((q - before) / ps.gather(1, i).clamp_min(1e-300)).clamp(0, 1)
+    return (area_before + frac * cells.gather(1, i)) * EARTH_RADIUS_KM ** 2
+
+
+def cap_radius_km(area_km2):
+    """Great-circle radius of the spherical cap of that area: A = 2 pi R^2 (1 - cos(r / R))."""
+    a = np.clip(np.asarray(area_km2, np.float64) / (2 * math.pi * EARTH_RADIUS_KM ** 2), 0, 2)
+    return EARTH_RADIUS_KM * np.arccos(1 - a)
+
+
+def reverse_geocode_modes(modes) -> list[list[dict | None]]:
+    """Country, region and nearest gazetteer place of each mode (N, k, 2), offline; None for
+    a missing (NaN) mode. ``place_km``: distance from the mode to that place."""
+    rg = require("reverse_geocode", "reverse geocoding")
+    modes = np.asarray(modes, np.float64)
+    ok = np.isfinite(modes).all(-1)
+    found = iter(rg.search([tuple(m) for m in modes[ok]]) if ok.any() else [])
+    out = []
+    for i in range(modes.shape[0]):
+        row = []
+        for j in range(modes.shape[1]):
+            if not ok[i, j]:
+                row.append(None)
+                continue
+            g = next(found)
+            d = float(great_circle_km(modes[i, j], np.array([g["latitude"], g["longitude"]])))
+            row.append({"country": g.get("country", ""), "country_code": g.get("country_code", ""),
+                        "region": g.get("state", ""), "place": g.get("city", ""), "place_km": round(d, 1)})
+        out.append(row)
+    return out
+
+
+@dataclass
+class Answers:
+    """Per input (N of them): point prediction ``latlon`` (N, 2), ``modes`` (N, k, 2), their
+    basin ``probability`` (N, k) (NaN for a missing mode), ``other`` (N,) the mass outside
+    them, ``area_km2`` and ``radius_km`` (N, len(levels)) of the credible regions, ``places``
+    (reverse-geocoded modes, or None), ``coeffs`` (N, K) the SHDD vectors (for
+    ``plot.plot_predictions``), and on request ``density`` (N, G) on ``grid``."""
+
+    names: list
+    latlon: np.ndarray
+    modes: np.ndarray
+    probability: np.ndarray
+    other: np.ndarray
+    area_km2: np.ndarray
+    radius_km: np.ndarray
+    levels: tuple = LEVELS
+    temperature: float = 1.0
+    places: list | None = None
+    coeffs: np.ndarray | None = None
+    density: np.ndarray | None = None
+    grid: object = None
+    skipped: list = field(default_factory=list)  # [(input, reason)] left out
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def record(self, i: int) -> dict:
+        """A JSON-ready dict for input ``i``."""
+        modes = []
+        for j in range(self.modes.shape[1]):
+            if not np.isfinite(self.modes[i, j]).all():
+                continue
+            m = {"rank": j + 1, "lat": round(float(self.modes[i, j, 0]), 5),
+                 "lon": round(float(self.modes[i, j, 1]), 5), "probability": round(float(self.probability[i, j]), 4)}
+            if self.places is not None and self.places[i][j] is not None:
+                m.update(self.places[i][j])
+            modes.append(m)
+        credible = {f"{round(100 * q)}%": {"area_km2": round(float(a), 1), "radius_km": round(float(r), 1)}
+                    for q, a, r in zip(self.levels, self.area_km2[i], self.radius_km[i])}
+        return {"input": str(self.names[i]), "lat": round(float(self.latlon[i, 0]), 5),
+                "lon": round(float(self.latlon[i, 1]), 5), "modes": modes,
+                "other_probability": round(float(self.other[i]), 4), "credible": credible}
+
+    def records(self) -> list[dict]:
+        return [self.record(i) for i in range(len(self))]
+
+
+def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, levels=LEVELS, grid=None,
+              geocode: bool = True, density: bool = False, min_separation_km: float | None = None) -> Answers:
+    """:class:`Answers` for SHDD vectors ``coeffs`` (N, (L+1)^2) and their top-k ``modes``
+    (N, k, 2) (``predict``'s ``topk_latlon``); ``latlon`` defaults to the first mode."""
+    c = torch.as_tensor(np.asarray(coeffs), dtype=torch.float64)
+    if c.ndim != 2:
+        raise ValueError(f"coeffs must have shape (N, (L+1)^2), got {tuple(c.shape)}")
+    degree = shdd.degree_of(c.shape[1])
+    m = torch.as_tensor(np.asarray(modes), dtype=torch.float64)
+    if m.ndim != 3 or m.shape[0] != c.shape[0] or m.shape[2] != 2:
+        raise ValueError(f"modes must have shape ({c.shape[0]}, k, 2), got {tuple(m.shape)}")
+    if not all(0 < q < 1 for q in levels):
+        raise ValueError(f"levels must be fractions in (0, 1), got {levels!r}")
+    grid = _ring(grid, degree)
+    sep = shdd.default_separation_km(degree) if min_separation_km is None else float(min_separation_km)
+    n, chunk = c.shape[0], max(1, _CHUNK_CELLS // grid.size)
+    probs, areas, dens = [], [], []
+    for i in range(0, n, chunk):
+        p = torch.as_tensor(shdd.density(c[i:i + chunk], grid, temperature))
+        probs.append(basin_mass(p, grid, m[i:i + chunk], sep))
+        areas.append(credible_area(p, grid, levels))
+        if density:
+            dens.append(p.float())
+    prob = torch.cat(probs).numpy() if n else np.zeros((0, m.shape[1]))
+    area = torch.cat(areas).numpy() if n else np.zeros((0, len(levels)))
+    latlon = m[:, 0].numpy() if latlon is None else np.asarray(latlon, np.float64)
+    return Answers(names=list(names) if names is not None else [f"row {i}" for i in range(n)], latlon=latlon,
+                   modes=m.numpy(), probability=prob, other=np.clip(1 - np.nansum(prob, 1), 0, 1),
+                   area_km2=area, radius_km=cap_radius_km(area), levels=tuple(levels),
+                   temperature=float(temperature), places=reverse_geocode_modes(m.numpy()) if geocode else None,
+                   coeffs=c.numpy(),
+                   density=torch.cat(dens).numpy() if density and n else None, grid=grid)

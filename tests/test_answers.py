@@ -1,0 +1,206 @@
+"""Answers from SHDD vectors: basin probabilities (checked against a plain loop over the grid),
+credible areas (against the uniform density and a sort in numpy), reverse geocoding, and the
+JSON Lines, CSV and HTML files."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+
+from locdiff import grids, shdd
+from locdiff.answers import (basin_mass, cap_radius_km, credible_area, grid_peaks, neighbours,
+                             reverse_geocode_modes, summarize)
+from locdiff.geo import EARTH_RADIUS_KM
+
+SPHERE_KM2 = 4 * math.pi * EARTH_RADIUS_KM ** 2
+
+
+def _loop_peaks(v: np.ndarray, nlat: int, nlon: int) -> np.ndarray:
+    """Hill climbing one cell at a time, neighbours written out by hand."""
+    def nbrs(j, k):
+        for dj in (-1, 0, 1):
+            for dk in (-1, 0, 1):
+                if dj or dk:
+                    jj, kk = j + dj, k + dk
+                    if jj < 0 or jj >= nlat:
+                        jj, kk = min(max(jj, 0), nlat - 1), kk + nlon // 2
+                    yield jj * nlon + kk % nlon
+
+    out = np.empty(v.size, np.int64)
+    for start in range(v.size):
+        c = start
+        while True:
+            best = max(nbrs(c // nlon, c % nlon), key=lambda n: v[n])
+            if v[best] <= v[c]:
+                break
+            c = best
+        out[start] = c
+    return out
+
+
+def test_neighbours_cross_the_poles():
+    nb = neighbours(4, 8)
+    assert nb.shape == (32, 8)
+    assert set(nb[0].tolist()) == {1, 7, 4, 5, 3, 8, 9, 15}  # row 0, lon 0: across the pole are 3, 4, 5
+
+
+def test_grid_peaks_match_a_loop(rng):
+    grid = grids.equiangular(10, 16)
+    v = torch.from_numpy(rng.normal(size=(3, grid.size)))
+    peaks = grid_peaks(v, grid.nlat, grid.nlon).numpy()
+    for b in range(3):
+        np.testing.assert_array_equal(peaks[b], _loop_peaks(v[b].numpy(), grid.nlat, grid.nlon))
+
+
+def test_two_equal_lobes_share_the_probability():
+    L = 16
+    pts = np.array([[10.0, -60.0], [10.0, 60.0]])
+    c = shdd.encode(pts, L).sum(0)[None]
+    modes, _ = shdd.top_k(c, 2)
+    grid = grids.for_degree(L, oversample=2)
+    p = torch.as_tensor(shdd.density(c, grid, 0.3))
+    prob = basin_mass(p, grid, torch.as_tensor(modes), shdd.default_separation_km(L)).numpy()[0]
+    assert prob.sum() > 0.99 and abs(prob[0] - prob[1]) < 1e-3
+    # Weighting one lobe moves the probability to it.
+    c2 = (0.55 * shdd.encode(pts[0], L) + 0.45 * shdd.encode(pts[1], L))[None]
+    m2, _ = shdd.top_k(c2, 2)
+    p2 = basin_mass(torch.as_tensor(shdd.density(c2, grid, 0.3)), grid, torch.as_tensor(m2), 500.0).numpy()[0]
+    assert p2[0] > 0.9 and np.allclose(m2[0, 0], pts[0], atol=1)
+
+
+def test_missing_modes_get_nan_and_far_peaks_count_as_other():
+    L = 8
+    c = shdd.encode(np.array([[0.0, 0.0], [0.0, 180.0]]), L).sum(0)[None]
+    grid = grids.for_degree(L, oversample=2)
+    p = torch.as_tensor(shdd.density(c, grid, 0.2))
+    modes = torch.tensor([[[0.0, 0.0], [math.nan, math.nan]]], dtype=torch.float64)
+    prob = basin_mass(p, grid, modes, 1000.0).numpy()[0]
+    assert np.isnan(prob[1]) and 0.45 < prob[0] < 0.55  # the lobe at 180 is nobody's
+
+
+def test_credible_area_of_the_uniform_density():
+    c = np.zeros((1, 25))
+    c[0, 0] = 1.0  # f constant: every cell equally likely per unit area
+    grid = grids.for_degree(4, oversample=2)
+    p = torch.as_tensor(shdd.density(c, grid, 1.0))
+    area = credible_area(p, grid, (0.5, 0.9)).numpy()[0]
+    np.testing.assert_allclose(area, [0.5 * SPHERE_KM2, 0.9 * SPHERE_KM2], rtol=1e-9)
+    np.testing.assert_allclose(cap_radius_km(area[0]), math.pi / 2 * EARTH_RADIUS_KM, rtol=1e-9)
+
+
+def test_credible_area_matches_a_numpy_sort(rng):
+    L = 12
+    c = shdd.encode(np.stack([rng.uniform(-60, 60, 3), rng.uniform(-180, 180, 3)], 1), L) * rng.uniform(0.2, 1, (3, 1))
+    grid = grids.for_degree(L, oversample=2)
+    p = np.asarray(shdd.density(c, grid, 0.5))
+    got = credible_area(torch.as_tensor(p), grid, (0.5, 0.9)).numpy()
+    area = grid.area.numpy()
+    for b in range(3):
+        order = np.argsort(-p[b] / area)
+        cum = np.cumsum(p[b][order])
+        for i, q in enumerate((0.5, 0.9)):
+            n = np.searchsorted(cum, q)  # cells wholly inside, then a part of the next one
+            whole = area[order[:n]].sum()
+            part = (q - (cum[n - 1] if n else 0)) / p[b][order[n]] * area[order[n]]
+            assert got[b, i] == pytest.approx((whole + part) * EARTH_RADIUS_KM ** 2, rel=1e-9)
+    assert np.all(got[:, 1] > got[:, 0])
+
+
+def test_cap_radius():
+    assert cap_radius_km(SPHERE_KM2) == pytest.approx(math.pi * EARTH_RADIUS_KM)
+    assert cap_radius_km(math.pi * 10.0 ** 2) == pytest.approx(10.0, rel=1e-6)  # small caps are flat discs
+
+
+def test_reverse_geocoding():
+    pytest.importorskip("reverse_geocode")
+    out = reverse_geocode_modes(np.array([[[48.8566, 2.3522], [np.nan, np.nan]], [[-33.87, 151.21], [35.68, 139.69]]]))
+    assert out[0][0]["country"] == "France" and out[0][0]["place_km"] < 10 and out[0][1] is None
+    assert [out[1][0]["country_code"], out[1][1]["country_code"]] == ["AU", "JP"]
+
+
+@pytest.fixture(scope="module")
+def answers():
+    pytest.importorskip("reverse_geocode")
+    L = 16
+    pts = np.array([[48.85, 2.35], [-33.9, 151.2], [40.7, -74.0]])
+    c = np.stack([0.6 * shdd.encode(pts[0], L) + 0.4 * shdd.encode(pts[1], L), shdd.encode(pts[2], L)])
+    modes, _ = shdd.top_k(c, 3)
+    return summarize(c, modes, 2.0, names=["a <b> & c", "b.jpg"], density=True)
+
+
+def test_summarize(answers):
+    assert answers.probability.shape == (2, 3) and answers.area_km2.shape == (2, 2)
+    total = np.nansum(answers.probability, 1) + answers.other
+    np.testing.assert_allclose(total, 1.0, atol=1e-9)
+    assert answers.probability[0, 0] > answers.probability[0, 1] > 0.01
+    assert np.all(answers.radius_km[:, 1] > answers.radius_km[:, 0])
+    rec = answers.record(0)
+    assert rec["modes"][0]["country"] == "France" and rec["modes"][1]["country"] == "Australia"
+    assert set(rec["credible"]) == {"50%", "90%"}
+    # A higher temperature spreads the density: larger regions.
+    hot = summarize(np.array([np.asarray(shdd.encode(np.array([40.7, -74.0]), 16))]), answers.modes[1:], 4.0,
+                    geocode=False)
+    assert hot.area_km2[0, 0] > answers.area_km2[1, 0]
+
+
+def test_jsonl_and_csv(answers, tmp_path):
+    from locdiff.answer_files import write_csv, write_jsonl
+
+    write_jsonl(tmp_path / "a.jsonl", answers)
+    recs = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["input"] for r in recs] == ["a <b> & c", "b.jpg"] and len(recs[0]["modes"]) == 3
+    write_csv(tmp_path / "a.csv", answers)
+    with open(tmp_path / "a.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and rows[0]["country"] == "France" and float(rows[0]["area_km2_90"]) > 0
+    assert float(rows[0]["probability"]) == recs[0]["modes"][0]["probability"]
+
+
+class _Checker(HTMLParser):
+    """Well-nested tags (void elements aside) and every external script or stylesheet."""
+
+    VOID = {"meta", "link", "br", "img", "input", "hr", "area", "base", "col", "embed", "source", "track", "wbr"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.external, self.tags = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        a = dict(attrs)
+        src = a.get("src") or (a.get("href") if tag == "link" else None)
+        if src and not src.startswith("data:"):
+            self.external.append(src)
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):  # <x ... />: nothing left open
+        self.handle_starttag(tag, attrs)
+        if tag not in self.VOID:
+            self.stack.pop()
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, (tag, self.stack[-3:])
+        self.stack.pop()
+
+
+def test_html_map_is_valid_and_offline(answers, tmp_path):
+    pytest.importorskip("folium")
+    pytest.importorskip("xstatic.pkg.leaflet")
+    from locdiff.answer_files import write_html_map
+
+    write_html_map(tmp_path / "m.html", answers)
+    text = (tmp_path / "m.html").read_text(encoding="utf-8")
+    assert text.lstrip().lower().startswith("<!doctype html>")
+    chk = _Checker()
+    chk.feed(text)
+    chk.close()
+    assert not chk.stack and {"html", "head", "body", "script"} <= set(chk.tags)
+    assert chk.external == []  # Leaflet and the heat plugin are in the page; only tiles are fetched
+    assert "tile.openstreetmap.org" in text and "L.heatLayer" in text
+    assert text.count("L.circleMarker") == 6 and "a &lt;b&gt; &amp; c" in text and "a <b> & c" not in text
