@@ -19,10 +19,12 @@ def __getattr__(name):
 
     if name in {"shdd", "grids", "metrics", "models", "diffusion", "data"}:
         return importlib.import_module(f"locdiff.{name}")
+    if name == "Geolocator":
+        return importlib.import_module("locdiff.geolocator").Geolocator
     raise AttributeError(f"module 'locdiff' has no attribute {name!r}")
 
 
 __all__ = [
-    "EARTH_RADIUS_KM", "SphericalHarmonics", "great_circle_km", "has_cuda", "latlon_to_xyz",
+    "EARTH_RADIUS_KM", "Geolocator", "SphericalHarmonics", "great_circle_km", "has_cuda", "latlon_to_xyz",
     "output_cache_bytes", "set_output_cache", "spherical_harmonics", "xyz_to_latlon",
 ]

@@ -1,0 +1,128 @@
+"""``locdiff.Geolocator``: a trained run as one object that answers "where is this?".
+
+>>> geo = Geolocator.from_run("runs/photos")                 # doctest: +SKIP
+>>> ans = geo.predict(["IMG_0001.jpg", "IMG_0002.jpg"], top_k=5)  # doctest: +SKIP
+>>> ans.records()[0]["modes"][0]                             # doctest: +SKIP
+{'rank': 1, 'lat': 48.86, 'lon': 2.35, 'probability': 0.41, 'country': 'France', ...}
+
+Image files are embedded with the encoder the run records: ``encoder.json`` in the run
+folder (copy it there with ``locdiff.encoder.record_encoder``), or else the one beside the
+embeddings the run was trained on (``data.embeddings`` in its ``config.json``, which
+``locdiff train`` writes), as ``locdiff embed`` leaves it.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from locdiff.answers import LEVELS, summarize
+from locdiff.data.files import DataError
+from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
+
+
+def find_encoder_spec(run_dir) -> Path | None:
+    """The encoder.json a run records (see the module docstring), or None."""
+    run = Path(run_dir)
+    if (run / SPEC_FILE).is_file():
+        return run / SPEC_FILE
+    try:
+        data = json.loads((run / "config.json").read_text()).get("data", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    emb = data.get("embeddings") if isinstance(data, dict) else None
+    return spec_path_for_embeddings(emb) if emb and Path(emb).exists() else None
+
+
+def _is_paths(inputs) -> bool:
+    if isinstance(inputs, (str, Path)):
+        return True
+    return isinstance(inputs, (list, tuple)) and len(inputs) > 0 and all(isinstance(x, (str, Path)) for x in inputs)
+
+
+class Geolocator:
+    """A run's predictor, its calibrated density temperature and (when recorded) its image
+    encoder. Build it with :meth:`from_run`."""
+
+    def __init__(self, predictor, run_dir, encoder_spec: dict | None = None, spec_path=None, device=None):
+        self.predictor, self.run_dir, self.device = predictor, Path(run_dir), device
+        self.encoder_spec, self.spec_path, self._encoder = encoder_spec, spec_path, None
+
+    @classmethod
+    def from_run(cls, path, device=None) -> "Geolocator":
+        from locdiff.predict import Predictor
+
+        run = Path(path)
+        if not run.is_dir():
+            raise DataError(f"{run}: run folder not found")
+        pred = Predictor.from_run(run, device)
+        spec_path = find_encoder_spec(run)
+        spec = read_spec(spec_path) if spec_path else None
+        if spec is not None and int(spec.get("embedding_dim", -1)) != pred.embedding_dim:
+            raise DataError(f"{run}: trained on {pred.embedding_dim}-dimensional embeddings, but its encoder "
+                            f"{spec.get('model')} ({spec_path}) gives {spec.get('embedding_dim')}-dimensional ones")
+        return cls(pred, run, spec, spec_path, device)
+
+    @property
+    def temperature(self) -> float:
+        """The density temperature the run was calibrated with (validation NLL)."""
+        return float(self.predictor.config.predict.temperature)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.predictor.embedding_dim)
+
+    @property
+    def encoder(self) -> Encoder:
+        """The run's image encoder, loaded on first use."""
+        if self._encoder is None:
+            if self.encoder_spec is None:
+                raise DataError(f"{self.run_dir}: the run records no image encoder; copy the {SPEC_FILE} that "
+                                f"locdiff embed wrote beside the training embeddings into {self.run_dir}")
+            self._encoder = Encoder.from_spec(self.encoder_spec, self.device)
+        return self._encoder
+
+    def embed(self, paths, batch_size: int = 32):
+        """(embeddings (n, D) float32, names of the images read, skipped [(path, reason)])."""
+        from locdiff.images import find_images
+
+        files, _ = find_images([paths] if isinstance(paths, (str, Path)) else paths)
+        rows, names, skipped = [], [], []
+        for emb, kept, _, skip in self.encoder.iter_files(files, batch_size):
+            rows.append(emb)
+            names.extend(str(p) for p in kept)
+            skipped.extend((str(p), r) for p, r in skip)
+        emb = np.concatenate(rows) if rows else np.empty((0, self.embedding_dim), np.float32)
+        return emb, names, skipped
+
+    def predict(self, inputs, top_k: int = 5, density: bool = False, geocode: bool = True,
+                levels=LEVELS, batch_size: int = 32):
+        """:class:`locdiff.answers.Answers` for ``inputs``: embeddings (N, D) or (D,), or image
+        files and folders (embedded with the run's encoder; unreadable files are left out and
+        listed in ``.skipped``). ``density=True`` keeps each density on ``.grid``."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        skipped = []
+        if _is_paths(inputs):
+            emb, names, skipped = self.embed(inputs, batch_size)
+            if skipped:
+                warnings.warn(f"{len(skipped)} unreadable images left out, e.g. {skipped[0][1]}", stacklevel=2)
+        else:
+            emb = np.asarray(inputs, np.float32)
+            emb = emb[None] if emb.ndim == 1 else emb
+            names = [f"row {i}" for i in range(len(emb))]
+        if emb.ndim != 2 or emb.shape[1] != self.embedding_dim:
+            raise DataError(f"embeddings of shape {tuple(emb.shape)}, but the run {self.run_dir} was trained on "
+                            f"{self.embedding_dim}-dimensional ones")
+        if not np.isfinite(emb).all():
+            raise DataError(f"row {int(np.flatnonzero(~np.isfinite(emb).all(1))[0])} of the embeddings is "
+                            "NaN or infinite")
+        if len(emb) == 0:
+            raise DataError("no image could be read: " + "; ".join(r for _, r in skipped[:3]))
+        out = self.predictor.predict(emb, top_k=top_k)
+        ans = summarize(out["coeffs"], out["topk_latlon"], self.temperature, latlon=out["latlon"], names=names,
+                        levels=levels, geocode=geocode, density=density)
+        ans.skipped = skipped
+        return ans
