@@ -30,6 +30,9 @@ def checks(out: str) -> dict:
     merged = D.gather_in_order({"x": np.stack([rows, rows * 2, rows * 3], 1).astype(np.float64),
                                 "odd": rows % 2 == 1, "t": torch.from_numpy(rows.astype(np.float32))})
     res["part"] = [part.start, part.stop]
+    one = D.gather_in_order(np.arange(1)[D.split_for_rank(1)])  # rank 1 holds no row
+    none = D.gather_in_order(torch.zeros((0, 3)))
+    res["small"] = None if one is None else [one.tolist(), list(none.shape)]
     res["merged"] = None if merged is None else {
         "x": merged["x"].tolist(), "odd": merged["odd"].tolist(), "t": merged["t"].tolist(),
         "types": [type(merged["x"]).__name__, str(merged["odd"].dtype), type(merged["t"]).__name__]}

@@ -3,7 +3,9 @@ folders, the per-epoch shuffle, the split across ranks, resuming, and the loader
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
@@ -251,3 +253,23 @@ def test_loader_pins_batches_for_cuda(files):
         b = next(iter(loader))
         assert isinstance(b, Batch) and b.emb.is_pinned() and b.latlon.is_pinned()
         assert np.array_equal(b.emb.to("cuda", non_blocking=True).cpu().numpy(), emb[b.rows.numpy()].astype(np.float32))
+
+
+def test_forked_workers_after_threaded_work_do_not_hang(tmp_path):
+    """Workers are forked from a process whose OpenMP pool is running (libgomp hangs a
+    forked child that enters a parallel region); the loader's batch work must not."""
+    np.save(tmp_path / "e.npy", np.ones((20_000, 768), np.float16))
+    code = f"""
+import numpy as np, torch
+torch.set_num_threads(2)
+a = torch.randn(1500, 1500); (a @ a).sum(); (torch.randn(4_000_000).exp() + 1).sum()
+from locdiff import shdd
+shdd.encode(torch.zeros(5000, 2, dtype=torch.float64), 24)
+from locdiff.data.dataset import EmbeddingDataset, make_loader
+from locdiff.data.sampler import BatchSampler
+ds = EmbeddingDataset({str(tmp_path / "e.npy")!r}, np.zeros((20_000, 2)))
+print(sum(len(b.rows) for b in make_loader(ds, BatchSampler(20_000, 4096), workers=2)))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "16384", proc.stderr[-2000:]

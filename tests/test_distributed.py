@@ -70,7 +70,8 @@ def test_ranks_and_decisions(two_ranks):
 def test_gather_in_order(two_ranks):
     r0, r1 = two_ranks
     assert r0["part"] == [0, 6] and r1["part"] == [6, 11]
-    assert r1["merged"] is None
+    assert r1["merged"] is None and r1["small"] is None
+    assert r0["small"] == [[0], [0, 3]]
     m = r0["merged"]
     rows = np.arange(11)
     assert m["x"] == np.stack([rows, rows * 2, rows * 3], 1).tolist()

@@ -176,6 +176,8 @@ def _gather_rows(t: torch.Tensor, dst: int) -> torch.Tensor | None:
     sizes[rank()] = t.shape[0]
     dist.all_reduce(sizes)
     longest = int(sizes.max())
+    if longest == 0:  # no rank holds a row: nothing to send
+        return t.cpu() if rank() == dst else None
     wire = t.to(torch.uint8) if t.dtype == torch.bool else t
     padded = torch.zeros((longest, *t.shape[1:]), dtype=wire.dtype, device=dev)
     padded[:t.shape[0]] = wire
