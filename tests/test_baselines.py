@@ -1,0 +1,84 @@
+"""The baselines do what their names say, on data whose answer is known."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from locdiff import grids
+from locdiff.baselines import GeocellClassifier, KnnDensity, Regressor, knn_predict, spherical_kmeans
+from locdiff.geo import great_circle_km
+from locdiff.metrics import distance_metrics
+
+CENTRES = np.array([[48.8, 2.3], [40.7, -74.0], [-33.9, 151.2], [35.7, 139.7], [-23.5, -46.6], [30.0, 31.2]])
+
+
+def clusters(n=1200, spread_deg=1.0, seed=0, noise=0.3):
+    """Places around six cities; the embedding says which city (plus noise dimensions)."""
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, len(CENTRES), n)
+    coords = CENTRES[lab] + rng.normal(0, spread_deg, (n, 2))
+    emb = np.concatenate([np.eye(len(CENTRES))[lab] + noise * rng.normal(size=(n, len(CENTRES))),
+                          rng.normal(size=(n, 4))], 1)
+    return emb.astype(np.float32), coords
+
+
+def test_knn_finds_the_neighbour_and_averages_on_the_sphere():
+    emb = np.eye(3, dtype=np.float32)
+    coords = np.array([[0.0, 179.0], [0.0, -179.0], [50.0, 0.0]])
+    q = np.array([[1.0, 1.0, 0.0]], np.float32)
+    # Equal similarity to two places either side of the antimeridian: the spherical mean
+    # is on the antimeridian, not at longitude 0 as a naive average of degrees would say.
+    mean = knn_predict(emb, coords, q, k=2, temperature=1.0)
+    assert abs(mean[0, 0]) < 1e-9 and abs(abs(mean[0, 1]) - 180.0) < 1e-9
+    assert knn_predict(emb, coords, emb[2:], k=1).tolist() == [[50.0, 0.0]]
+
+
+def test_kmeans_centres_are_the_cities():
+    _, coords = clusters(spread_deg=0.2)
+    centres = spherical_kmeans(coords, len(CENTRES), seed=0)
+    from locdiff.geo import xyz_to_latlon
+
+    d = great_circle_km(xyz_to_latlon(centres)[:, None], CENTRES[None])
+    assert (d.min(0) < 50).all()
+
+
+def test_knn_density_bandwidth_matches_the_spread():
+    # Neighbours in embedding space are the same city's places, scattered ~111 km x spread:
+    # the validation NLL picks a bandwidth of that order, and the density integrates to 1.
+    emb, coords = clusters(2000, spread_deg=1.0, noise=0.05)
+    vemb, vcoords = clusters(300, spread_deg=1.0, seed=1, noise=0.05)
+    kd = KnnDensity(emb, coords).fit(vemb, vcoords)
+    bw = 6371.0088 / math.sqrt(kd.kappa)
+    assert 50 <= bw <= 200, bw
+    g = grids.fibonacci(200_000)
+    p = kd.grid_probabilities(vemb[:5], g)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-9)
+    logd = kd.log_density_at(vemb[:50], vcoords[:50])
+    assert np.mean(logd) > math.log(1 / (4 * math.pi)) + 5  # far better than uniform
+
+
+def test_geocell_classifier_learns_the_cells():
+    emb, coords = clusters()
+    temb, tcoords = clusters(300, seed=2)
+    geo = GeocellClassifier(cells=12, widths=(64,), dropout=0.0, smoothing_km=100.0)
+    info = geo.fit(emb, coords, val=(temb, tcoords), steps=300, batch_size=128, lr=3e-3, val_every=100)
+    assert info["steps"] == 300
+    m = distance_metrics(geo.predict(temb), tcoords)
+    assert m["acc_750km"] > 0.9
+    # Its density: cell probabilities spread over cell areas, normalised on any grid.
+    g = grids.for_degree(16)
+    np.testing.assert_allclose(geo.grid_probabilities(temb[:4], g).sum(1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(geo.cell_area.sum(), 4 * math.pi, rtol=1e-9)
+    # Cells of a few steradians: far from sharp, but better than uniform.
+    assert np.mean(geo.log_density_at(temb, tcoords)) > math.log(1 / (4 * math.pi)) + 1
+    with pytest.raises(ValueError, match="select"):
+        geo.fit(emb, coords, select="accuracy")
+
+
+def test_regression_learns_the_direction():
+    emb, coords = clusters()
+    temb, tcoords = clusters(300, seed=3)
+    reg = Regressor(widths=(64, 32), dropout=0.0)
+    reg.fit(emb, coords, steps=400, batch_size=128, lr=3e-3)
+    assert distance_metrics(reg.predict(temb), tcoords)["acc_750km"] > 0.9
