@@ -13,7 +13,7 @@ def test_siren_init_bounds():
     first = SirenLayer(7, 64, w0=30.0, first=True)
     hidden = SirenLayer(64, 64, w0=30.0)
     assert first.linear.weight.abs().max() <= 1 / 7
-    assert hidden.linear.weight.abs().max() <= math.sqrt(6 / 64) / 30
+    assert hidden.linear.weight.abs().max() <= math.sqrt(3 / (64 * 0.432)) / 30
     x = torch.rand(10, 7) * 2 - 1
     y = first(x)
     assert y.shape == (10, 64) and y.abs().max() <= 1
@@ -51,12 +51,56 @@ def test_cs_unet_shapes(widths):
     assert len(net.down) == len(widths) and len(net.up) == len(widths) - 1
 
 
-def test_cs_unet_output_starts_at_zero():
-    # The zero-initialised output layer makes the first prediction 0: a neutral start for
-    # both the eps and the x0 parameterisation.
-    net = CSUNet(_cfg())
-    out = net(torch.randn(3, 25), torch.tensor([1, 2, 3]), torch.randn(3, 8))
-    assert torch.equal(out, torch.zeros_like(out))
+def test_cs_unet_siren_layers_keep_their_variance():
+    # Siren's promise (Sitzmann et al. 2020, Sec. 3.2): w0 (W h + b) has unit variance at
+    # every layer, so sin of it has variance (1 - exp(-2)) / 2, neither a linear layer (tiny
+    # pre-activations) nor noise. The first layer sees a unit-variance noisy SHDD vector.
+    torch.manual_seed(0)
+    net = CSUNet(CSUNetConfig(degree=32, emb_dim=8, widths=(1024, 512, 256), cond_dim=16, dropout=0.0))
+    pre, post = [], []
+    for blk in list(net.down) + list(net.mid):
+        blk.register_forward_hook(lambda m, i, o: post.append(o.var().item()))
+        blk.linear.register_forward_hook(lambda m, i, o: pre.append((o * m.__dict__.get("w0", 1.0)).var().item()))
+    net(torch.randn(512, 1089), torch.full((512,), 999), torch.randn(512, 8))
+    assert len(pre) == 4
+    for v in pre:
+        assert 0.9 < v < 1.1, pre
+    for v in post:
+        assert abs(v - (1 - math.exp(-2)) / 2) < 0.04, post
+
+
+def test_film_gain_is_bounded():
+    # However large the FiLM output, the pre-activation's scale stays within (0, 2) of the
+    # linear part: an unbounded gain multiplies the frequency of every later layer.
+    net = CSUNet(_cfg(widths=(32,)))
+    with torch.no_grad():
+        net.down[0].film.weight.fill_(100.0)
+    blk = net.down[0]
+    h, c = torch.randn(4, 25), torch.randn(4, 24).abs()
+    gamma, _ = blk.film(c).chunk(2, -1)
+    assert gamma.abs().min() > 50
+    lin = blk.linear(h)
+    pre = torch.asin(blk(h, c).clamp(-1, 1))  # only the bound matters: |sin| <= 1 anyway
+    assert torch.isfinite(pre).all() and (1 + torch.tanh(gamma)).max() <= 2 and lin.abs().max() < 10
+
+
+def test_density_head_reads_what_it_is_told():
+    emb_cfg = _cfg(density_head=True)
+    net = _randomise(CSUNet(emb_cfg))
+    x, t, e = torch.randn(3, 25), torch.tensor([0, 500, 999]), torch.randn(3, 8)
+    out, dens = net(x, t, e, density_rows=3)
+    assert out.shape == dens.shape == (3, 25)
+    # "embedding": the distribution given the condition alone, whatever x_t and t.
+    _, dens2 = net(torch.randn(3, 25), torch.tensor([7, 8, 9]), e, density_rows=2)
+    torch.testing.assert_close(dens2, dens[:2])
+    trunk = _randomise(CSUNet(_cfg(density_head=True, density_from="trunk")))
+    a = trunk(x, t, e, density_rows=3)[1]
+    b = trunk(torch.randn(3, 25), t, e, density_rows=3)[1]
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="density_head=True"):
+        CSUNet(_cfg())(x, t, e, density_rows=1)
+    with pytest.raises(ValueError, match="density_from"):
+        CSUNet(_cfg(density_head=True, density_from="x"))
 
 
 def _randomise(net):
@@ -96,8 +140,13 @@ def test_config_round_trip():
     assert cfg.dim == 25
 
 
-def test_timestep_features():
-    f = timestep_features(torch.tensor([0, 500, 999]), 128, 1000)
-    assert f.shape == (3, 128)
-    torch.testing.assert_close(f[0, :64], torch.zeros(64))
-    torch.testing.assert_close(f[0, 64:], torch.ones(64))
+def test_timestep_features_tell_timesteps_apart():
+    # Every timestep's features are nearest to its own (the network can read t), and
+    # neighbouring timesteps are closer than distant ones (it can interpolate).
+    f = timestep_features(torch.arange(1000), 128, 1000)
+    assert f.shape == (1000, 128)
+    d = torch.cdist(f, f)
+    assert torch.equal(d.argmin(1), torch.arange(1000))
+    assert (d[torch.arange(999), torch.arange(1, 1000)] < d[torch.arange(999), 999 - torch.arange(999) // 2].clamp_min(1e-3) + 1e-9).float().mean() > 0.95
+    # The features of a 100-step schedule at t span the same range as 1000 steps at 10 t.
+    torch.testing.assert_close(timestep_features(torch.tensor([50]), 128, 100), f[500:501])

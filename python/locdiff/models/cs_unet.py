@@ -3,7 +3,7 @@
 The input is a noisy SHDD vector ``x_t`` of size ``(L+1)^2``; the output has the same size
 (the noise or the clean vector, as the diffusion config says). Every layer is a Siren layer
 whose pre-activation is modulated by FiLM (Perez et al., AAAI 2018) from the condition:
-``sin(w0 * ((W h + b) * (1 + gamma(c)) + beta(c)))``, where ``c`` = MLP(embedding) +
+``sin(w0 * ((W h + b) * (1 + tanh(gamma(c))) + beta(c)))``, where ``c`` = MLP(embedding) +
 MLP(sinusoidal timestep features). Down blocks narrow the width, a residual bottleneck
 follows, and up blocks widen it again, each concatenating the skip from its down block.
 
@@ -29,16 +29,26 @@ from locdiff.models.siren import siren_init_
 @dataclass
 class CSUNetConfig:
     """Architecture of :class:`CSUNet`. ``widths`` are the down-path widths; the bottleneck
-    has ``widths[-1]``. ``timesteps`` scales the timestep features (t / timesteps)."""
+    has ``widths[-1]``. ``emb_widths`` / ``emb_dropout``: the MLP that reads the embedding
+    (its features drive the FiLM condition and the density head). ``timesteps`` scales the
+    timestep features (t / timesteps). ``density_head``: a second output layer beside the
+    denoiser's, an SHDD vector describing the distribution of the location given the input
+    (trained by SHDD-KL, see ``locdiff.diffusion.losses``). ``density_from``: the head reads
+    the embedding features alone ("embedding": the distribution given the condition) or
+    beside the denoiser's last hidden layer ("trunk": given the condition and x_t)."""
 
     degree: int = 32
     emb_dim: int = 384
     widths: tuple[int, ...] = (1024, 512, 256)
     cond_dim: int = 512
     dropout: float = 0.1
+    emb_widths: tuple[int, ...] = (1024, 1024)
+    emb_dropout: float = 0.4
     w0: float = 1.0
     w0_first: float = 1.0
     bottleneck_depth: int = 1
+    density_head: bool = False
+    density_from: str = "embedding"
     timesteps: int = 1000
     extra: dict = field(default_factory=dict)
 
@@ -49,12 +59,14 @@ class CSUNetConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["widths"] = list(self.widths)
+        d["emb_widths"] = list(self.emb_widths)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CSUNetConfig":
         d = dict(d)
         d["widths"] = tuple(d.get("widths", cls.widths))
+        d["emb_widths"] = tuple(d.get("emb_widths", cls.emb_widths))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -69,11 +81,12 @@ def timestep_features(t: torch.Tensor, dim: int, timesteps: int) -> torch.Tensor
 
 
 class FiLMSiren(nn.Module):
-    """One conditioned Siren layer: ``dropout(sin(w0 * (lin(h) * (1 + g) + b)))``."""
+    """One conditioned Siren layer: ``dropout(sin(w0 * (lin(h) * (1 + tanh(g)) + b)))``."""
 
-    def __init__(self, d_in: int, d_out: int, cond_dim: int, w0: float, first: bool, dropout: float):
+    def __init__(self, d_in: int, d_out: int, cond_dim: int, w0: float, dropout: float,
+                 input_var: float | None = None):
         super().__init__()
-        self.linear = siren_init_(nn.Linear(d_in, d_out), w0, first)
+        self.linear = siren_init_(nn.Linear(d_in, d_out), w0, first=False, input_var=input_var)
         self.film = nn.Linear(cond_dim, 2 * d_out)
         # Zero FiLM at start: the layer begins as a plain Siren layer, keeping its init.
         nn.init.zeros_(self.film.weight)
@@ -83,7 +96,9 @@ class FiLMSiren(nn.Module):
 
     def forward(self, h, c):
         gamma, beta = self.film(c).chunk(2, -1)
-        return self.dropout(torch.sin(self.w0 * (self.linear(h) * (1 + gamma) + beta)))
+        # The gain is bounded to (0, 2): an unbounded gain multiplies the frequency of every
+        # layer after it, and their product made gradients explode within a few hundred steps.
+        return self.dropout(torch.sin(self.w0 * (self.linear(h) * (1 + torch.tanh(gamma)) + beta)))
 
 
 class CSUNet(nn.Module):
@@ -93,29 +108,40 @@ class CSUNet(nn.Module):
         super().__init__()
         self.config = cfg = config
         w, cd, p = list(cfg.widths), cfg.cond_dim, cfg.dropout
-        self.emb_net = nn.Sequential(nn.LayerNorm(cfg.emb_dim), nn.Linear(cfg.emb_dim, cd), nn.SiLU(),
-                                     nn.Linear(cd, cd))
+        layers, prev = [nn.LayerNorm(cfg.emb_dim)], cfg.emb_dim
+        for width in cfg.emb_widths:
+            layers += [nn.Linear(prev, width), nn.GELU(), nn.Dropout(cfg.emb_dropout)]
+            prev = width
+        self.emb_net = nn.Sequential(*layers)
+        self.emb_out = nn.Linear(prev, cd)
+        emb_features = prev
         self.time_net = nn.Sequential(nn.Linear(128, cd), nn.SiLU(), nn.Linear(cd, cd))
         self.null_emb = nn.Parameter(torch.zeros(cfg.emb_dim))
         self.cond_act = nn.SiLU()
         self.down = nn.ModuleList(
-            [FiLMSiren(cfg.dim, w[0], cd, cfg.w0_first, True, p)]
-            + [FiLMSiren(w[i - 1], w[i], cd, cfg.w0, False, p) for i in range(1, len(w))])
-        self.mid = nn.ModuleList([FiLMSiren(w[-1], w[-1], cd, cfg.w0, False, p)
+            [FiLMSiren(cfg.dim, w[0], cd, cfg.w0_first, p, input_var=1.0)]
+            + [FiLMSiren(w[i - 1], w[i], cd, cfg.w0, p) for i in range(1, len(w))])
+        self.mid = nn.ModuleList([FiLMSiren(w[-1], w[-1], cd, cfg.w0, p)
                                   for _ in range(cfg.bottleneck_depth)])
         # Up block i takes the previous output and the skip of down block i.
         ups, prev = [], w[-1]
         for i in reversed(range(len(w) - 1)):
-            ups.append(FiLMSiren(prev + w[i + 1], w[i], cd, cfg.w0, False, p))
+            ups.append(FiLMSiren(prev + w[i + 1], w[i], cd, cfg.w0, p))
             prev = w[i]
         self.up = nn.ModuleList(ups)
         self.out = nn.Linear(prev + w[0], cfg.dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        if cfg.density_from not in ("embedding", "trunk"):
+            raise ValueError(f"density_from must be 'embedding' or 'trunk', got {cfg.density_from!r}")
+        if cfg.density_head:
+            self.density_out = nn.Linear(emb_features + (prev + w[0] if cfg.density_from == "trunk" else 0), cfg.dim)
+            nn.init.zeros_(self.density_out.weight)
+            nn.init.zeros_(self.density_out.bias)
 
     def condition(self, t: torch.Tensor, emb: torch.Tensor | None, drop: torch.Tensor | None = None):
-        """The conditioning vector ``c`` for timesteps ``t`` and embeddings ``emb`` (None or
-        rows with ``drop`` True use the learned null embedding)."""
+        """``(c, e)``: the conditioning vector for timesteps ``t`` and the embedding features
+        of ``emb`` (None or rows with ``drop`` True use the learned null embedding)."""
         b = t.shape[0]
         if emb is None:
             emb = self.null_emb.expand(b, -1)
@@ -123,15 +149,29 @@ class CSUNet(nn.Module):
             emb = emb.to(self.null_emb.dtype)
             if drop is not None:
                 emb = torch.where(drop[:, None], self.null_emb.expand(b, -1), emb)
-        c = self.emb_net(emb) + self.time_net(timestep_features(t, 128, self.config.timesteps))
-        return self.cond_act(c)
+        e = self.emb_net(emb)
+        c = self.emb_out(e) + self.time_net(timestep_features(t, 128, self.config.timesteps))
+        return self.cond_act(c), e
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+                drop: torch.Tensor | None = None, density_rows: int | None = None):
         """``x`` (B, (L+1)^2) noisy SHDD vectors, ``t`` (B,) integer timesteps, ``emb`` (B, D)
         condition or None (unconditional), ``drop`` optional (B,) bool mask of rows whose
-        condition is replaced by the null embedding. Returns (B, (L+1)^2)."""
-        c = self.condition(t, emb, drop)
+        condition is replaced by the null embedding. Returns (B, (L+1)^2); with
+        ``density_rows`` = n, also the density head's output for the first n rows."""
+        h, e = self.features(x, t, emb, drop)
+        out = self.out(h)
+        if density_rows is None:
+            return out
+        if not self.config.density_head:
+            raise ValueError("density_rows needs a CSUNet built with density_head=True")
+        feats = e if self.config.density_from == "embedding" else torch.cat([h, e], -1)
+        return out, self.density_out(feats[:density_rows])
+
+    def features(self, x, t, emb=None, drop=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last hidden layer (B, widths[0] * 2) that the output layers read, and the
+        embedding features (B, emb_widths[-1]) that the density head reads beside it."""
+        c, e = self.condition(t, emb, drop)
         skips, h = [], x
         for blk in self.down:
             h = blk(h, c)
@@ -140,4 +180,4 @@ class CSUNet(nn.Module):
             h = h + blk(h, c)
         for blk in self.up:
             h = blk(torch.cat([h, skips.pop()], -1), c)
-        return self.out(torch.cat([h, skips.pop()], -1))
+        return torch.cat([h, skips.pop()], -1), e

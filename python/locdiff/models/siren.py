@@ -1,8 +1,15 @@
 """SirenNet: multilayer perceptrons with sine activations (Sitzmann et al., NeurIPS 2020).
 
 A Siren layer computes ``sin(w0 * (W x + b))``. The initialisation keeps pre-activations
-distributed like the input whatever the depth: first layer ``W ~ U(-1/n, 1/n)``, hidden
-layers ``W ~ U(-sqrt(6/n)/w0, sqrt(6/n)/w0)`` for fan-in ``n`` (paper, Sec. 3.2).
+distributed like the input whatever the depth: first layer ``W ~ U(-1/n, 1/n)`` for
+coordinates in [-1, 1] with ``w0 = 30``, hidden layers ``W ~ U(-sqrt(6/n)/w0, sqrt(6/n)/w0)``
+for fan-in ``n`` (paper, Sec. 3.2), so that ``w0 W x`` has unit variance when the inputs
+(sines) have variance 1/2. Here every layer scales its weights to the variance its inputs
+really have: ``W ~ U(-a, a)``, ``a = sqrt(3 / (n var(x))) / w0``, with var(x) = (1 - e^-2) / 2
+= 0.432 for the output of a Siren layer (sin of a unit normal), which keeps ``w0 W x`` at
+unit variance at every depth, and 1 for a first layer over unit-variance inputs (noisy SHDD
+vectors). The coordinate rule would give such a layer ``w0 / sqrt(3 n)``: 0.02 at n = 1089
+with w0 = 1, a nearly linear layer.
 
 >>> net = SirenNet(3, 64, 8, depth=3)
 >>> net(torch.randn(5, 3)).shape
@@ -16,10 +23,19 @@ import torch
 from torch import nn
 
 
-def siren_init_(linear: nn.Linear, w0: float, first: bool) -> nn.Linear:
-    """In-place Siren initialisation of ``linear`` (weights and bias)."""
+# Variance of sin(z) for z ~ N(0, 1): the output of a Siren layer at initialisation.
+SIREN_OUTPUT_VAR = (1 - math.exp(-2)) / 2
+
+
+def siren_init_(linear: nn.Linear, w0: float, first: bool, input_var: float | None = None) -> nn.Linear:
+    """In-place Siren initialisation of ``linear`` (weights and bias): ``first`` layers of
+    coordinates ``U(-1/n, 1/n)``; otherwise weights that give ``w0 W x`` unit variance for
+    inputs of variance ``input_var`` (default: a Siren layer's output, SIREN_OUTPUT_VAR)."""
     n = linear.in_features
-    bound = 1.0 / n if first else math.sqrt(6.0 / n) / w0
+    if first and input_var is None:
+        bound = 1.0 / n
+    else:
+        bound = math.sqrt(3.0 / (n * (SIREN_OUTPUT_VAR if input_var is None else input_var))) / w0
     with torch.no_grad():
         linear.weight.uniform_(-bound, bound)
         if linear.bias is not None:
