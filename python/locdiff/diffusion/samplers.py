@@ -18,11 +18,14 @@ import torch
 
 from locdiff.diffusion.schedules import Schedule
 
+PREDICTIONS = ("eps", "x0", "v")
+
 
 def split_prediction(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction: str,
                      clip: float | None = None):
     """``(x0_hat, eps_hat)`` from a network output, by ``x_t = sqrt(abar) x0 + sqrt(1-abar) eps``
-    (Ho et al. 2020, Eq. 4). ``clip`` bounds ``x0_hat`` elementwise (then eps is recomputed)."""
+    (Ho et al. 2020, Eq. 4); ``"v"`` is ``v = sqrt(abar) eps - sqrt(1-abar) x0`` (Salimans & Ho
+    2022, Sec. 4). ``clip`` bounds ``x0_hat`` elementwise (then eps is recomputed)."""
     a = abar.reshape(-1, *([1] * (x_t.dim() - 1)))
     if prediction == "eps":
         eps = out
@@ -30,8 +33,11 @@ def split_prediction(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, p
     elif prediction == "x0":
         x0 = out
         eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt().clamp_min(1e-12)
+    elif prediction == "v":
+        x0 = a.sqrt() * x_t - (1 - a).sqrt() * out
+        eps = (1 - a).sqrt() * x_t + a.sqrt() * out
     else:
-        raise ValueError(f"prediction must be 'eps' or 'x0', got {prediction!r}")
+        raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
         eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt().clamp_min(1e-12)
