@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from locdiff import grids as _grids
+from locdiff import grids  # noqa: F401  (doctest of project)
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 from locdiff.ops import shdd_api, validation
 from locdiff.ops.shdd_torch import ring_local_maxima  # noqa: F401  (public here since the first release)
@@ -109,12 +110,30 @@ def _broadcast(a, b, name_a: str, name_b: str) -> tuple:
                          f"expected equal shapes, or 1 where one of them repeats") from None
 
 
-def _grid(grid, degree: int) -> _grids.Grid:
+# Normalisers integrate exp(f / t), which is sharper than f: on the decode grid the log of
+# an exact SHDD's at sharpness 16 (f0 / t) is 0.5-0.9 nats off, at 4x the resolution under
+# 0.005 up to sharpness 40 (docs/model.md, "Densities").
+NORMALIZER_OVERSAMPLE = 4.0
+
+
+def _grid(grid, degree: int, oversample: float = 1.0) -> _grids.Grid:
     if grid is None:
-        return _grids.for_degree(degree)
+        return _grids.for_degree(degree, oversample=oversample)
     if not isinstance(grid, _grids.Grid):
         raise TypeError(f"grid must be a locdiff.grids.Grid or None, got {type(grid).__name__}")
     return grid
+
+
+def _pairs(flat: torch.Tensor, lead: tuple, latlon) -> tuple:
+    """Coefficient rows and points broadcast against each other: (c (n, K), latlon (n, 2)
+    float64 on c's device, broadcast shape)."""
+    ll, _ = _to_torch(latlon, "latlon")
+    ll = ll.to(device=flat.device, dtype=torch.float64)
+    validation.check_last_dim(ll, 2, "latlon")
+    shape = _broadcast(lead, ll.shape[:-1], "coeffs", "latlon")
+    K = flat.shape[-1]
+    c = flat.reshape(*lead, K).expand(*shape, K).reshape(-1, K)
+    return c, ll.expand(*shape, 2).reshape(-1, 2), shape
 
 
 def _grid_args(grid: _grids.Grid, degree: int, device) -> shdd_api.GridArgs:
@@ -195,6 +214,33 @@ def grid_values(coeffs, grid=None):
     return _out(f.reshape(*lead, grid.size), numpy)
 
 
+def project(weights, degree: int, grid):
+    """The degree-``degree`` spherical-harmonic coefficients of a distribution given as
+    probabilities of the cells of ``grid``: ``sum_g w_g Y_k(x_g)``, ``(..., G)`` ->
+    ``(..., (degree+1)^2)`` (differentiable). ``project(density(c, g, t), L, g)`` is the
+    density band-limited to degree L, whose mode is the point with the most probability
+    nearby (the density smoothed by the degree-L kernel), unlike the mode of f.
+
+    >>> g = grids.for_degree(8, oversample=4)
+    >>> c = encode(np.array([20.0, 30.0]), 8)
+    >>> decode(project(density(c, g, 1.0), 8, g)).round(1).tolist()
+    [20.0, 30.0]
+    """
+    degree = validation.check_degree(degree)
+    if not isinstance(grid, _grids.Grid):
+        raise TypeError(f"grid must be a locdiff.grids.Grid, got {type(grid).__name__}")
+    w, numpy = _to_torch(weights, "weights")
+    if w.ndim == 0 or w.shape[-1] != grid.size:
+        raise ValueError(f"weights must have shape (..., {grid.size}) for this grid, got {tuple(w.shape)}")
+    if not w.is_floating_point():
+        w = w.double()
+    lead = tuple(w.shape[:-1])
+    flat = w.reshape(-1, grid.size)
+    c = shdd_api.analyze(flat, _grid_args(grid, degree, flat.device)) if flat.shape[0] else \
+        flat.new_zeros((0, (degree + 1) ** 2))
+    return _out(c.reshape(*lead, (degree + 1) ** 2), numpy)
+
+
 # ---- decode, top-k ----------------------------------------------------------------------------
 def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backend: str | None = None):
     """Location ``(..., 2)`` (lat, lon degrees, float64) of the global maximum of f for SHDD
@@ -210,7 +256,7 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
     convergence, never forming Y (locdiff.ops.triton.refine).
 
     >>> c = encode(np.array([[-90.0, 0.0], [10.0, 180.0]]), 32)
-    >>> decode(c).round(6).tolist()  # (the longitude of a pole is arbitrary)
+    >>> (decode(c).round(6) + 0.0).tolist()  # (the longitude of a pole is arbitrary)
     [[-90.0, 0.0], [10.0, 180.0]]
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
@@ -224,6 +270,27 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
                              candidates, refine, backend)
     latlon = xyz_to_latlon(xyz[:, 0])
     return _out(latlon.reshape(*lead, 2), numpy)
+
+
+def ascend(coeffs, latlon, *, backend: str | None = None):
+    """The local maximum of f that Newton ascent on the sphere reaches from each start point:
+    coeffs ``(..., K)``, latlon ``(..., 2)`` (broadcast) -> (latlon ``(..., 2)`` float64,
+    values ``(...)``). With a smoothed or truncated copy of a vector, ``decode`` then
+    ``ascend`` on the full vector finds the fine mode inside the coarse mode's basin.
+
+    >>> c = encode(np.array([10.0, 20.0]), 32)
+    >>> ascend(c, np.array([11.0, 21.0]))[0].round(6).tolist()
+    [10.0, 20.0]
+    """
+    flat, degree, lead, numpy = _check_coeffs(coeffs)
+    validation.check_backend(backend)
+    c, ll, shape = _pairs(flat, lead, latlon)
+    c = c.contiguous()
+    xyz = latlon_to_xyz(ll)
+    if c.shape[0] == 0:
+        return _out(torch.empty(*shape, 2, dtype=torch.float64), numpy), _out(torch.empty(shape), numpy)
+    u, f = shdd_api.ascend(c, xyz.contiguous(), degree, _grids.half_max_radius(degree), backend)
+    return _out(xyz_to_latlon(u).reshape(*shape, 2), numpy), _out(f.reshape(shape), numpy)
 
 
 def default_separation_km(degree: int) -> float:
@@ -281,24 +348,44 @@ def density(coeffs, grid=None, temperature: float = 1.0):
     return _out(p.reshape(*lead, grid.size), numpy)
 
 
+def values_at(coeffs, latlon):
+    """f(x) = sum_k c_k Y_k(x) of each vector at its point(s): coeffs ``(..., K)``, latlon
+    ``(..., 2)`` (broadcast) -> ``(...)`` float64, differentiable w.r.t. coeffs.
+
+    >>> c = encode(np.array([0.0, 0.0]), 8)
+    >>> round(float(values_at(c, np.array([0.0, 0.0]))), 6) == round(81 / (4 * math.pi), 6)
+    True
+    """
+    flat, degree, lead, numpy = _check_coeffs(coeffs)
+    c, ll, shape = _pairs(flat, lead, latlon)
+    y = spherical_harmonics(latlon_to_xyz(ll), degree)
+    return _out((c.double() * y).sum(-1).reshape(shape), numpy)
+
+
+def log_normalizer(coeffs, grid=None, temperature: float = 1.0):
+    """``log sum_i area_i exp(f_i / t)`` over the grid cells (the log partition function of
+    the density ``exp(f / t)`` per steradian): ``(..., K)`` -> ``(...)`` float64, fused over
+    the grid, differentiable w.r.t. coeffs. The default grid has 4x the decode grid's
+    resolution (NORMALIZER_OVERSAMPLE)."""
+    flat, degree, lead, numpy = _check_coeffs(coeffs)
+    t = _check_temperature(temperature)
+    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE)
+    logz = shdd_api.log_partition(flat, _grid_args(grid, degree, flat.device), 1.0 / t)
+    return _out(logz.reshape(lead), numpy)
+
+
 def log_density_at(coeffs, latlon, grid=None, temperature: float = 1.0):
     """log of the density per steradian, ``f(x)/t - log sum_i area_i exp(f_i/t)``, of each
     vector at its point: coeffs ``(..., K)``, latlon ``(..., 2)`` (broadcast) -> ``(...)``
     float64. Fused over the grid (no batch x grid matrix); differentiable w.r.t. coeffs.
-    The NLL of a prediction is ``-log_density_at(pred, true_latlon)``.
+    The NLL of a prediction is ``-log_density_at(pred, true_latlon)``. The default grid has
+    4x the decode grid's resolution (NORMALIZER_OVERSAMPLE).
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     t = _check_temperature(temperature)
-    grid = _grid(grid, degree)
-    ll, _ = _to_torch(latlon, "latlon")
-    ll = ll.to(device=flat.device, dtype=torch.float64)
-    validation.check_last_dim(ll, 2, "latlon")
-    shape = _broadcast(lead, ll.shape[:-1], "coeffs", "latlon")
-    K = flat.shape[-1]
-    c = flat.reshape(*lead, K).expand(*shape, K).reshape(-1, K)
-    ll = ll.expand(*shape, 2).reshape(-1, 2)
-    y = spherical_harmonics(latlon_to_xyz(ll), degree)
-    fx = (c.double() * y).sum(-1)
+    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE)
+    c, ll, shape = _pairs(flat, lead, latlon)
+    fx = values_at(c, ll)
     logz = shdd_api.log_partition(c, _grid_args(grid, degree, c.device), 1.0 / t)
     return _out((fx / t - logz).reshape(shape), numpy)
 
@@ -340,5 +427,5 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     return _out(kl, numpy)
 
 
-__all__ = ["decode", "default_separation_km", "degree_of", "density", "encode", "grid_values",
-           "kl_divergence", "log_density_at", "smoothing_factors", "top_k"]
+__all__ = ["ascend", "decode", "default_separation_km", "degree_of", "density", "encode", "grid_values",
+           "kl_divergence", "log_density_at", "log_normalizer", "project", "smoothing_factors", "top_k", "values_at"]

@@ -40,6 +40,13 @@ def synth(flat: Tensor, grid: GridArgs) -> Tensor:
     return flat @ grid.dense(flat.dtype).T
 
 
+def analyze(weights: Tensor, grid: GridArgs) -> Tensor:
+    """``sum_g w_g Y_k(x_g)`` per row (B, K): the adjoint of :func:`synth`, differentiable."""
+    if grid.ring is not None:
+        return pick("shdd_adjoint", weights.device.type)(weights.contiguous(), *grid.ring)
+    return weights @ grid.dense(weights.dtype)
+
+
 def log_partition(c: Tensor, grid: GridArgs, inv_temperature: float) -> Tensor:
     """log sum_i area_i exp(f_i / t) per vector (B,) float64, differentiable, fused where
     the device has the kernel (no batch x grid matrix)."""
@@ -104,6 +111,15 @@ def _refine_fn(c64: Tensor, degree: int, radius: float, backend: str | None) -> 
         return refine(c64, xyz.contiguous(), rows.contiguous(), degree, radius, MAX_ITER)
 
     return refine_rows
+
+
+def ascend(flat: Tensor, xyz: Tensor, degree: int, radius: float, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Newton ascent of each row's f from its start point xyz (B, 3) float64 -> (xyz, f)."""
+    flat, factor = unit_rows(flat)
+    c64 = flat.double()
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    u, f = _refine_fn(c64, degree, radius, backend)(rows, xyz)
+    return u, f if factor is None else f / factor[:, 0]
 
 
 def decode(flat: Tensor, grid: GridArgs, degree: int, ncand: int, nrefine: int, refine: bool = True,
