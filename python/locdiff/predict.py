@@ -1,21 +1,26 @@
-"""Prediction: sample SHDD vectors with a trained CS-UNet, aggregate them, and decode the
-location (mode), top-k modes and densities with ``locdiff.shdd``.
+"""Prediction with a trained CS-UNet: the vector describing each input's distribution over
+the sphere (by the density head in one network call, or by averaging DDIM / DDPM samples),
+its mode (optionally coarse to fine), top-k modes, and individual samples.
 
 >>> pred = Predictor.from_run("runs/demo")               # doctest: +SKIP
 >>> out = pred.predict(embeddings, top_k=3)              # doctest: +SKIP
 >>> out["latlon"].shape, out["topk_latlon"].shape       # doctest: +SKIP
 ((N, 2), (N, 3, 2))
+>>> pred.predict(embeddings, sampler="ddpm", samples=16)  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from locdiff.diffusion import guided, sample_ddim, sample_ddpm
+from locdiff import grids, shdd
+from locdiff.diffusion import guided, sample_ddim, sample_ddpm, split_prediction
+from locdiff.run import MODES, SAMPLERS, load_model, resolve_device
 
 
 class Predictor:
-    """Wraps a network and its :class:`locdiff.train.RunConfig` for batched prediction."""
+    """Wraps a network and its :class:`locdiff.run.RunConfig` for batched prediction. Every
+    setting of ``config.predict`` can be overridden per call."""
 
     def __init__(self, net, config, device="cpu"):
         self.net, self.config, self.device = net.eval(), config, torch.device(device)
@@ -23,8 +28,6 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir, device: str | None = None, ema: bool = True) -> "Predictor":
-        from locdiff.train import load_model, resolve_device
-
         dev = resolve_device(device)
         net, config, _ = load_model(run_dir, dev, ema=ema)
         return cls(net, config, dev)
@@ -37,53 +40,123 @@ class Predictor:
     def embedding_dim(self) -> int:
         return self.config.model.emb_dim
 
-    @torch.no_grad()
-    def coefficients(self, emb, samples: int | None = None, steps: int | None = None,
-                     guidance: float | None = None, sampler: str = "ddim", seed: int = 0) -> torch.Tensor:
-        """Mean of ``samples`` sampled SHDD vectors per row of ``emb`` (B, D): ``(B, (L+1)^2)``
-        float32 on the CPU, on the SHDD scale of ``shdd.encode``."""
-        pc, dc = self.config.predict, self.config.diffusion
-        samples = pc.samples if samples is None else samples
-        steps = pc.steps if steps is None else steps
-        guidance = pc.guidance if guidance is None else guidance
+    def _settings(self, **overrides) -> dict:
+        s = {k: getattr(self.config.predict, k) for k in ("sampler", "steps", "samples", "guidance", "eta",
+                                                          "coarse_degree", "temperature", "mode_of")}
+        s.update({k: v for k, v in overrides.items() if v is not None})
+        if s["sampler"] not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {s['sampler']!r}")
+        if s["mode_of"] not in MODES:
+            raise ValueError(f"mode_of must be one of {MODES}, got {s['mode_of']!r}")
+        for name in ("steps", "samples"):
+            if isinstance(s[name], bool) or not isinstance(s[name], (int, np.integer)) or s[name] < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {s[name]!r}")
+        return s
+
+    def _embeddings(self, emb) -> torch.Tensor:
         emb = torch.from_numpy(np.array(emb, np.float32)).to(self.device)
         if emb.ndim != 2 or emb.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings have shape {tuple(emb.shape)}, the model expects "
                              f"(N, {self.embedding_dim})")
-        gen = torch.Generator(self.device).manual_seed(seed)
+        return emb
+
+    @torch.no_grad()
+    def _last_step(self, emb: torch.Tensor, guidance: float, gen) -> torch.Tensor:
+        """The density head (or the clean-vector estimate without one) at the last timestep,
+        from pure noise; with guidance, ``(1 + w) cond - w uncond`` of it."""
+        dc, mc = self.config.diffusion, self.config.model
         b = emb.shape[0]
-        # Samples of one input run side by side in one batch (repeat_interleave), then average.
-        rep = emb.repeat_interleave(samples, 0)
+        x = torch.randn(b, mc.dim, generator=gen, device=self.device)
+        t = torch.full((b,), len(self.schedule) - 1, device=self.device, dtype=torch.long)
+
+        def call(drop):
+            if mc.density_head:
+                return self.net(x, t, emb, drop=drop, density_rows=b)[1].float()
+            out = self.net(x, t, emb, drop=drop).float()
+            return split_prediction(out, x, self.schedule.abar(t), dc.prediction)[0]
+        out = call(None)
+        if guidance:
+            out = (1 + guidance) * out - guidance * call(torch.ones(b, dtype=torch.bool, device=self.device))
+        return out / dc.scale
+
+    @torch.no_grad()
+    def sample(self, emb, sampler: str | None = None, steps: int | None = None, samples: int | None = None,
+               guidance: float | None = None, eta: float | None = None, seed: int = 0) -> torch.Tensor:
+        """Individual SHDD vectors drawn by DDIM or DDPM: ``(B, samples, (L+1)^2)`` float32 on
+        the CPU, on the scale of ``shdd.encode``."""
+        s = self._settings(sampler=sampler, steps=steps, samples=samples, guidance=guidance, eta=eta)
+        if s["sampler"] == "density":
+            raise ValueError("sample() draws with sampler 'ddim' or 'ddpm'; 'density' is not a sampler of "
+                             "individual vectors")
+        emb = self._embeddings(emb)
+        dc = self.config.diffusion
+        gen = torch.Generator(self.device).manual_seed(seed)
+        rep = emb.repeat_interleave(s["samples"], 0)
         x = torch.randn(rep.shape[0], self.config.model.dim, generator=gen, device=self.device)
-        model = guided(self.net, rep, guidance)
-        if sampler == "ddpm":
+        model = guided(self.net, rep, s["guidance"])
+        if s["sampler"] == "ddpm":
             out = sample_ddpm(model, x, self.schedule, prediction=dc.prediction, generator=gen)
         else:
-            out = sample_ddim(model, x, self.schedule, steps=steps, eta=pc.eta, prediction=dc.prediction,
+            out = sample_ddim(model, x, self.schedule, steps=s["steps"], eta=s["eta"], prediction=dc.prediction,
                               generator=gen)
-        return (out.float() / dc.scale).reshape(b, samples, -1).mean(1).cpu()
+        return (out.float() / dc.scale).reshape(emb.shape[0], s["samples"], -1).cpu()
 
-    def predict(self, emb, top_k: int = 0, samples: int | None = None, steps: int | None = None,
-                guidance: float | None = None, progress: bool = False) -> dict:
+    @torch.no_grad()
+    def coefficients(self, emb, seed: int = 0, **overrides) -> torch.Tensor:
+        """The vector describing each input's predicted distribution ``(B, (L+1)^2)`` float32
+        on the CPU: the density head at the last step (sampler "density"), or the mean of
+        the sampled vectors."""
+        s = self._settings(**overrides)
+        if s["sampler"] == "density":
+            gen = torch.Generator(self.device).manual_seed(seed)
+            return self._last_step(self._embeddings(emb), s["guidance"], gen).cpu()
+        return self.sample(emb, seed=seed, **{k: s[k] for k in ("sampler", "steps", "samples", "guidance",
+                                                                "eta")}).mean(1)
+
+    def locate(self, coeffs, coarse_degree: int | None = None, mode_of: str | None = None,
+               temperature: float | None = None) -> np.ndarray:
+        """The mode of each vector ``(B, 2)``. ``mode_of="density"``: the mode of the density
+        ``softmax(f / temperature)`` band-limited to the run's degree (the point with the most
+        probability nearby); ``"function"``: the maximum of f itself. With ``coarse_degree``,
+        the maximum that ascent on the full vector reaches from the mode of its truncation to
+        that degree (the basin that holds the most mass at the coarse scale)."""
+        s = self._settings(mode_of=mode_of, temperature=temperature, coarse_degree=coarse_degree)
+        c = torch.as_tensor(coeffs).double()
+        if s["mode_of"] == "density":
+            grid = grids.for_degree(self.degree, oversample=2.0)
+            c = torch.cat([shdd.project(shdd.density(c[i:i + 256], grid, s["temperature"]), self.degree, grid)
+                           for i in range(0, len(c), 256)]) if len(c) else c
+        cd = s["coarse_degree"]
+        if cd is None or cd >= self.degree:
+            return np.asarray(shdd.decode(c))
+        start = shdd.decode(c[:, :(cd + 1) ** 2])
+        return np.asarray(shdd.ascend(c, start)[0])
+
+    def predict(self, emb, top_k: int = 0, progress: bool = False, **overrides) -> dict:
         """``{"latlon": (N, 2), "coeffs": (N, K)}`` numpy arrays, plus ``"topk_latlon"``
         (N, k, 2) and ``"topk_values"`` (N, k) when ``top_k`` > 0. Batched by the config's
-        ``batch_size``; ``emb`` may be a memory-mapped array."""
+        ``batch_size``; ``emb`` may be a memory-mapped array. ``overrides``: any setting of
+        :class:`locdiff.run.PredictConfig` (sampler, steps, samples, guidance, eta,
+        coarse_degree, mode_of, temperature)."""
         from tqdm.auto import tqdm
 
-        from locdiff import shdd
-
+        s = self._settings(**overrides)
         n = len(emb)
         bs = self.config.predict.batch_size
         coeffs, lls, tks, tvs = [], [], [], []
         for i in tqdm(range(0, n, bs), desc="predicting", unit="batch", disable=not progress):
-            c = self.coefficients(np.asarray(emb[i:i + bs], np.float32), samples, steps, guidance)
+            c = self.coefficients(np.asarray(emb[i:i + bs], np.float32), seed=i,
+                                  **{k: s[k] for k in ("sampler", "steps", "samples", "guidance", "eta")})
             coeffs.append(c.numpy())
-            lls.append(np.asarray(shdd.decode(c.double())))
+            lls.append(self.locate(c, s["coarse_degree"], s["mode_of"], s["temperature"]))
             if top_k:
                 tl, tv = shdd.top_k(c.double(), top_k)
                 tks.append(np.asarray(tl))
                 tvs.append(np.asarray(tv))
-        out = {"latlon": np.concatenate(lls), "coeffs": np.concatenate(coeffs)}
+        K = self.config.model.dim
+        out = {"latlon": np.concatenate(lls) if lls else np.empty((0, 2)),
+               "coeffs": np.concatenate(coeffs) if coeffs else np.empty((0, K), np.float32)}
         if top_k:
-            out["topk_latlon"], out["topk_values"] = np.concatenate(tks), np.concatenate(tvs)
+            out["topk_latlon"] = np.concatenate(tks) if tks else np.empty((0, top_k, 2))
+            out["topk_values"] = np.concatenate(tvs) if tvs else np.empty((0, top_k))
         return out
