@@ -1,0 +1,189 @@
+"""LocDiff-H: the model's density combined with retrieval over a gallery of (embedding,
+location) pairs, by default the training set.
+
+The hybrid density multiplies the model's density q by a mixture of "anywhere" and the
+query's nearest gallery entries,
+
+    p_H(x)  ∝  q(x) [ (1 - w) / (4 pi)  +  w sum_j a_j vMF(x; mu_j, kappa) ],
+
+with ``a = softmax(similarity / temperature)`` over the ``neighbours`` most similar gallery
+embeddings (cosine), ``mu_j`` their locations and ``kappa = (R / bandwidth)^2``. Its
+normaliser is ``(1 - w) / (4 pi) + w sum_j a_j E_j[q]``, where ``E_j[q]``, the mean of q
+under the j-th vMF, is a 5 x 5 Gauss-Hermite rule in the tangent plane at ``mu_j`` (the
+vMF is a Gaussian there at these bandwidths), so NLL needs no global grid. The prediction is the best of the model's mode and the
+gallery locations under p_H: where a similar gallery entry lies in a likely region the
+answer snaps to it (fine scales), elsewhere the model's mode stands. :meth:`Hybrid.fit`
+chooses the settings on validation data.
+
+>>> h = Hybrid(gallery_emb, gallery_coords, HybridConfig(weight=0.5))          # doctest: +SKIP
+>>> latlon = h.predict(coeffs, temperature, query_emb, model_latlon)           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+
+from locdiff import shdd
+from locdiff.baselines.knn import NeighbourIndex, log_vmf_mixture
+from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+
+# Gauss-Hermite nodes and weights for E[g(z)], z ~ N(0, 1) (probabilists' form), per axis.
+_NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(5)
+_WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
+
+
+def _tangent_nodes(mu: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points (..., 25, 3) of a 5 x 5 Gauss-Hermite rule for a Gaussian of std ``sigma``
+    (radians) in the tangent plane at unit vectors ``mu`` (..., 3), mapped onto the sphere
+    by the exponential map, and their weights (25,) summing to 1."""
+    helper = torch.where(mu[..., 2:3].abs() < 0.9, mu.new_tensor([0.0, 0.0, 1.0]), mu.new_tensor([1.0, 0.0, 0.0]))
+    e1 = torch.nn.functional.normalize(torch.cross(mu, helper.expand_as(mu), dim=-1), dim=-1)
+    e2 = torch.cross(mu, e1, dim=-1)
+    h = torch.as_tensor(_NODES, dtype=mu.dtype) * sigma
+    a, b = torch.meshgrid(h, h, indexing="ij")
+    u = a.reshape(-1, 1) * e1[..., None, :] + b.reshape(-1, 1) * e2[..., None, :]  # (..., 25, 3)
+    r = u.norm(dim=-1, keepdim=True)
+    x = torch.cos(r) * mu[..., None, :] + torch.sinc(r / math.pi) * u
+    w = torch.as_tensor(np.outer(_WEIGHTS, _WEIGHTS).reshape(-1), dtype=mu.dtype)
+    return x, w
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Settings of :class:`Hybrid` (see the module docstring)."""
+
+    neighbours: int = 32
+    temperature: float = 0.05
+    bandwidth_km: float = 25.0
+    weight: float = 0.5
+
+    def __post_init__(self):
+        if not (isinstance(self.neighbours, int) and self.neighbours >= 1):
+            raise ValueError(f"neighbours must be an int >= 1, got {self.neighbours!r}")
+        for name in ("temperature", "bandwidth_km"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if not 0 <= self.weight <= 1:
+            raise ValueError(f"weight must be in [0, 1], got {self.weight!r}")
+
+    @property
+    def kappa(self) -> float:
+        return (EARTH_RADIUS_KM / self.bandwidth_km) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Hybrid:
+    """LocDiff-H over a gallery; see the module docstring."""
+
+    def __init__(self, gallery_emb, gallery_coords, config: HybridConfig | None = None,
+                 index: NeighbourIndex | None = None):
+        self.index = index or NeighbourIndex(gallery_emb, gallery_coords)
+        self.config = config or HybridConfig()
+
+    def _prepare(self, coeffs, temperature: float, emb, points, neighbours: int,
+                 bandwidths_km=()) -> list[dict]:
+        """Per batch of 256 rows, what every setting needs: similarities (b, k), gallery
+        locations mu (b, k, 3), the extra points (b, P, 3) given by ``points(slice)``, log q
+        at mu and at the points, and for each of ``bandwidths_km`` log E_j[q] (b, k)."""
+        c_all = torch.as_tensor(np.asarray(coeffs)).double()
+        parts = []
+        for i in range(0, len(c_all), 256):
+            sl = slice(i, i + 256)
+            c = c_all[sl]
+            sim, idx = self.index.search(emb[sl], neighbours)
+            mu = self.index.xyz[idx]
+            x = points(sl)
+            logz = shdd.log_normalizer(c, temperature=temperature)
+
+            def log_q(xyz):
+                flat = xyz.reshape(len(c), -1, 3)
+                v = shdd.values_at(c[:, None], xyz_to_latlon(flat)) / temperature - logz[:, None]
+                return v.reshape(xyz.shape[:-1])
+            part = {"sim": sim.double(), "mu": mu, "x": x, "lq_mu": log_q(mu), "lq_x": log_q(x), "lq_vmf": {}}
+            for bw in bandwidths_km:
+                nodes, w = _tangent_nodes(mu, bw / EARTH_RADIUS_KM)
+                part["lq_vmf"][bw] = torch.logsumexp(log_q(nodes) + w.log(), -1)
+            parts.append(part)
+        return parts
+
+    @staticmethod
+    def _log_r(part: dict, xyz: torch.Tensor, cfg: HybridConfig) -> torch.Tensor:
+        """log of the retrieval factor ``(1 - w) / (4 pi) + w sum_j a_j vMF(x; mu_j)``."""
+        log_a = torch.log_softmax(part["sim"][:, :cfg.neighbours] / cfg.temperature, 1)
+        mu = part["mu"][:, :cfg.neighbours]
+        w = cfg.weight
+        base = torch.full(xyz.shape[:2], math.log1p(-w) - math.log(4 * math.pi) if w < 1 else -math.inf,
+                          dtype=torch.float64)
+        if w == 0:
+            return base
+        return torch.logaddexp(base, log_vmf_mixture(xyz, mu, log_a, cfg.kappa) + math.log(w))
+
+    def _choose(self, parts: list[dict], cfg: HybridConfig) -> torch.Tensor:
+        out = []
+        for part in parts:
+            k = cfg.neighbours
+            cand = torch.cat([part["x"], part["mu"][:, :k]], 1)
+            score = torch.cat([part["lq_x"], part["lq_mu"][:, :k]], 1) + self._log_r(part, cand, cfg)
+            out.append(cand[torch.arange(len(cand)), score.argmax(1)])
+        return xyz_to_latlon(torch.cat(out)).numpy() if out else np.empty((0, 2))
+
+    def _log_density(self, parts: list[dict], cfg: HybridConfig) -> np.ndarray:
+        out = []
+        for part in parts:
+            k, w = cfg.neighbours, cfg.weight
+            log_a = torch.log_softmax(part["sim"][:, :k] / cfg.temperature, 1)
+            base = math.log1p(-w) - math.log(4 * math.pi) if w < 1 else -math.inf
+            norm = torch.logsumexp(log_a + part["lq_vmf"][cfg.bandwidth_km][:, :k], 1) + \
+                (math.log(w) if w > 0 else -math.inf)
+            norm = torch.logaddexp(norm, torch.full_like(norm, base))
+            out.append((part["lq_x"] + self._log_r(part, part["x"], cfg))[:, 0] - norm)
+        return torch.cat(out).numpy() if out else np.empty(0)
+
+    @staticmethod
+    def _points(latlon):
+        xyz = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64)))
+        return lambda sl: xyz[sl][:, None]
+
+    def predict(self, coeffs, temperature: float, emb, model_latlon, config: HybridConfig | None = None) -> np.ndarray:
+        """The mode of p_H among the model's mode and the gallery neighbours -> (B, 2)."""
+        cfg = config or self.config
+        return self._choose(self._prepare(coeffs, temperature, emb, self._points(model_latlon), cfg.neighbours), cfg)
+
+    def log_density_at(self, coeffs, temperature: float, emb, latlon, config: HybridConfig | None = None) -> np.ndarray:
+        """log p_H per steradian at ``latlon`` (B, 2) -> (B,)."""
+        cfg = config or self.config
+        parts = self._prepare(coeffs, temperature, emb, self._points(latlon), cfg.neighbours, (cfg.bandwidth_km,))
+        return self._log_density(parts, cfg)
+
+    def fit(self, coeffs, temperature: float, emb, model_latlon, coords, objective: str = "median",
+            weights=(0.05, 0.2, 0.5, 0.8, 0.95), bandwidths_km=(10.0, 25.0, 75.0),
+            temperatures=(0.02, 0.05, 0.1)) -> dict:
+        """Grid search of weight, bandwidth and temperature on validation data by
+        ``objective``: "median" (median error of :meth:`predict`), or "nll" (of p_H).
+        Sets and returns the chosen settings with their score."""
+        from locdiff.metrics import distance_metrics
+
+        if objective not in ("median", "nll"):
+            raise ValueError(f"objective must be 'median' or 'nll', got {objective!r}")
+        k = self.config.neighbours
+        parts = self._prepare(coeffs, temperature, emb, self._points(coords if objective == "nll" else model_latlon), k,
+                              bandwidths_km if objective == "nll" else ())
+        best = (math.inf, self.config)
+        for w in weights:
+            for bw in bandwidths_km:
+                for t in temperatures:
+                    cfg = replace(self.config, weight=w, bandwidth_km=bw, temperature=t)
+                    if objective == "nll":
+                        score = -float(np.mean(self._log_density(parts, cfg)))
+                    else:
+                        score = distance_metrics(self._choose(parts, cfg), coords)["median_km"]
+                    if score < best[0]:
+                        best = (score, cfg)
+        self.config = best[1]
+        return {"score": best[0], **self.config.to_dict()}

@@ -1,0 +1,73 @@
+"""LocDiff-H: the model's density times retrieval over a gallery."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from locdiff import grids, shdd
+from locdiff.geo import great_circle_km
+from locdiff.hybrid import Hybrid, HybridConfig
+
+PARIS, LYON = np.array([48.8566, 2.3522]), np.array([45.764, 4.8357])
+
+
+def _model(points, degree=16):
+    """A model density: the mean SHDD of some points (a smooth bump around them)."""
+    return shdd.encode(np.asarray(points, np.float64), degree).mean(0)[None]
+
+
+def test_snaps_to_a_similar_gallery_place_inside_the_model_region():
+    # Model: somewhere around Paris-Lyon (its mode between them). Gallery: Paris with the
+    # query's own embedding, Lyon with an unrelated one. The hybrid answers Paris exactly.
+    coeffs = _model([PARIS, LYON])
+    model_mode = shdd.decode(coeffs)
+    g_emb = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    h = Hybrid(g_emb, np.stack([PARIS, LYON]), HybridConfig(neighbours=2, weight=0.5, temperature=0.05))
+    out = h.predict(coeffs, 5.0, np.array([[1.0, 0.05]], np.float32), model_mode)
+    np.testing.assert_allclose(out[0], PARIS, atol=1e-9)
+    # weight 0: no retrieval, the model's own mode.
+    out0 = h.predict(coeffs, 5.0, np.array([[1.0, 0.05]], np.float32), model_mode,
+                     HybridConfig(neighbours=2, weight=0.0))
+    np.testing.assert_allclose(out0, model_mode)
+
+
+def test_does_not_snap_to_a_gallery_place_the_model_rules_out():
+    coeffs = _model([PARIS])
+    model_mode = shdd.decode(coeffs)
+    sydney = np.array([[-33.87, 151.21]])
+    h = Hybrid(np.ones((1, 2), np.float32), sydney, HybridConfig(neighbours=1, weight=0.5))
+    out = h.predict(coeffs, 1.0, np.ones((1, 2), np.float32), model_mode)
+    assert great_circle_km(out[0], PARIS) < 50
+
+
+def test_hybrid_density_is_normalised():
+    # log p_H on a fine grid integrates to 1 (the closed-form normaliser is right).
+    coeffs = _model([PARIS, LYON], degree=16)
+    g_emb = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    g_ll = np.random.default_rng(1).uniform([40, -5], [55, 15], (40, 2))
+    cfg = HybridConfig(neighbours=4, weight=0.6, bandwidth_km=300.0, temperature=0.5)
+    h = Hybrid(g_emb, g_ll, cfg)
+    grid = grids.fibonacci(40_000)
+    q = np.repeat(g_emb[:1], grid.size, 0)
+    logp = h.log_density_at(np.repeat(coeffs, grid.size, 0), 3.0, q, grid.latlon.numpy())
+    total = float(np.sum(np.exp(logp) * grid.area.numpy()))
+    assert total == pytest.approx(1.0, abs=0.02)
+
+
+def test_fit_picks_settings_on_validation():
+    coeffs = np.repeat(_model([PARIS, LYON]), 4, 0)
+    model_mode = shdd.decode(coeffs)
+    g_emb = np.eye(4, dtype=np.float32)
+    h = Hybrid(g_emb, np.stack([PARIS, LYON, PARIS + 0.1, LYON + 0.1]), HybridConfig(neighbours=2))
+    fit = h.fit(coeffs, 5.0, g_emb, model_mode, np.stack([PARIS, LYON, PARIS + 0.1, LYON + 0.1]))
+    assert fit["score"] < 1.0 and h.config.weight > 0
+    with pytest.raises(ValueError, match="objective"):
+        h.fit(coeffs, 5.0, g_emb, model_mode, model_mode, objective="mean")
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="weight"):
+        HybridConfig(weight=1.5)
+    with pytest.raises(ValueError, match="bandwidth_km"):
+        HybridConfig(bandwidth_km=0.0)
