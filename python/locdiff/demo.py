@@ -21,7 +21,7 @@ import numpy as np
 from locdiff.data.files import atomic_write_bytes
 
 BUDGET_ENV = "LOCDIFF_DEMO_MINUTES"
-DEFAULT_BUDGET_MIN = 12.0
+DEFAULT_BUDGET_MIN = 11.0
 # Baselines train for a share of the budget; each keeps the weights with the best
 # validation median (docs/evaluation.md, "Baselines").
 GEOCELL = dict(cells=512, widths=(1024, 1024), dropout=0.2, smoothing_km=100.0)
@@ -35,7 +35,7 @@ def demo_config(train_minutes: float, seed: int = 0):
     from locdiff.run import PredictConfig, RunConfig, TrainConfig
 
     return RunConfig(
-        model=CSUNetConfig(degree=32, widths=(512, 256, 128), cond_dim=256, dropout=0.1, density_head=True),
+        model=CSUNetConfig(degree=16, widths=(512, 256, 128), cond_dim=256, dropout=0.1, density_head=True),
         diffusion=DiffusionConfig(prediction="x0", kl_weight=1.0),
         train=TrainConfig(steps=100_000, batch_size=256, max_minutes=train_minutes, val_every=500,
                           checkpoint_every=0, checkpoint_minutes=2.0, seed=seed),
