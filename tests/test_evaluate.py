@@ -25,6 +25,17 @@ class ShiftedPredictor:
         return {"latlon": np.stack([lat, self.truths[:, 1]], 1), "coeffs": shdd.encode(self.truths, 16)}
 
 
+def rva_of_cells(n: int) -> float:
+    """The RvA score of a search that always takes ``n`` of the largest cells of the RvA grid."""
+    from locdiff import grids
+    from locdiff.evaluate import RVA_DEGREE, RVA_OVERSAMPLE
+    from locdiff.geo import EARTH_RADIUS_KM
+    from locdiff.metrics import rva_auc
+
+    cell_km2 = float(grids.for_degree(RVA_DEGREE, oversample=RVA_OVERSAMPLE).area.max()) * EARTH_RADIUS_KM ** 2
+    return rva_auc([n * cell_km2])
+
+
 def test_accuracies_median_and_geoscore_are_exact():
     rng = np.random.default_rng(0)
     truths = np.stack([rng.uniform(-60, 60, 10), rng.uniform(-180, 180, 10)], 1)
@@ -40,7 +51,7 @@ def test_accuracies_median_and_geoscore_are_exact():
     # value f0 / t - log Z, and the truth is in the densest cells.
     logz = shdd.log_normalizer(shdd.encode(truths, 16), temperature=1.0)
     assert m["nll"] == pytest.approx(float(np.mean(logz - 289 / (4 * math.pi))), rel=1e-6)
-    assert m["rva_auc"] > 0.5  # about 10^5 km^2 searched of 5 x 10^8
+    assert m["rva_auc"] > rva_of_cells(3)  # the truth's cell or one beside it
     assert "median_km" in format_table({"x": m})
 
 
@@ -50,7 +61,7 @@ def test_density_scores_rank_a_better_density_higher():
     wrong = shdd.encode(truths[::-1], 16)
     good, bad = density_scores(right, truths, 4.0), density_scores(wrong, truths, 4.0)
     assert good["nll"] < math.log(4 * math.pi) < bad["nll"]
-    assert good["rva_auc"] > 0.5 > 0.3 > bad["rva_auc"]
+    assert good["rva_auc"] > rva_of_cells(3) and bad["rva_auc"] < 0.1
 
 
 def test_uniform_baseline_density_scores_as_uniform():

@@ -33,8 +33,9 @@ the accuracy check, with the degree it fails from. Decode and SHDD-KL: ms per ca
 def machine_line(data: dict) -> str:
     info = data.get("machine_info", {})
     cpu = info.get("cpu", {})
-    l3 = cpu.get("l3_cache_size")
-    l3 = f", {int(l3) // 2**20} MB L3" if isinstance(l3, (int, float)) else ""
+    l3, l2 = cpu.get("l3_cache_size"), cpu.get("l2_cache_size") or 0
+    # Some VMs report an L3 smaller than the L2 through cpuid; leave such a figure out.
+    l3 = f", {int(l3) // 2**20} MB L3" if isinstance(l3, (int, float)) and l3 > l2 else ""
     return (f"{cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores{l3}; run {data.get('datetime', '?')[:10]}, "
             f"torch threads {next((b['extra_info'].get('threads') for b in data['benchmarks']), '?')}")
 

@@ -16,8 +16,9 @@ from locdiff import metrics as M
 from locdiff.geo import latlon_to_xyz
 
 # RvA of every method is measured on one grid, so the smallest search area (one cell) is the
-# same for all: 0.47 degrees, about 52 km.
-RVA_DEGREE, RVA_OVERSAMPLE = 64, 2.0
+# same for all: 94 x 256 cells of 21,000 km^2 on average, fine enough for the densities
+# compared here, cheap enough for a dense k-NN mixture (docs/evaluation.md, "Metrics").
+RVA_DEGREE, RVA_OVERSAMPLE = 32, 2.0
 
 
 def _rva_grid():

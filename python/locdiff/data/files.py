@@ -1,5 +1,5 @@
-"""Data files of EVAL.md: embeddings as ``.npy`` (memory-mapped) or a folder of ``.npy``
-shards, coordinates as CSV (header with ``lat`` and ``lon``) or ``.npy`` ``(N, 2)``.
+"""Data files (docs/evaluation.md): embeddings as ``.npy`` (memory-mapped) or a folder of
+``.npy`` shards, coordinates as CSV (header with ``lat`` and ``lon``) or ``.npy`` ``(N, 2)``.
 
 Every problem raises :class:`DataError` with a one-line message naming the file, which the
 command line prints as is (exit code 2).

@@ -1,0 +1,185 @@
+"""The places-task tables of docs/model.md, one subcommand each (CPU, two threads).
+
+    python benchmarks/tools/model_tables.py degree --degree 16 --steps 2000 --out runs/L16
+    python benchmarks/tools/model_tables.py degree --degree 64 --minutes 6 --out runs/L64
+    python benchmarks/tools/model_tables.py samplers --run demo-run/run --places 120
+    python benchmarks/tools/model_tables.py reliability --run demo-run/run
+    python benchmarks/tools/model_tables.py hybrid --run demo-run/run
+
+``degree`` trains the demo's LocDiff at another degree and reports the test row; the others
+read a run (for example the one ``locdiff demo`` leaves in ``OUT/run``) trained on the same
+split. Needs the ``demo`` extra.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from locdiff import shdd
+from locdiff.metrics import distance_metrics
+
+KEYS = ("median_km", "acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "nll", "rva_auc")
+
+
+def row(name: str, m: dict, extra: str = "") -> str:
+    cells = [f"{m[k]:.0f}" if k == "median_km" else f"{100 * m[k]:.1f}%" if k.startswith("acc")
+             else f"{m[k]:.3f}" if k in m else "-" for k in KEYS]
+    return f"| {name} | " + " | ".join(cells) + f" | {extra} |"
+
+
+def header(first: str, extra: str = "") -> str:
+    return f"| {first} | " + " | ".join(KEYS) + f" | {extra} |\n|" + "---|" * (len(KEYS) + 2)
+
+
+def task(split: str):
+    from locdiff.data.places import load_places
+
+    t = load_places(split=split, progress=False)
+    vm = t.validation_mask()
+    (e, c), te = t.train, t.test
+    return (e[~vm], c[~vm]), (e[vm], c[vm]), te
+
+
+def cmd_degree(a) -> None:
+    from locdiff.demo import demo_config
+    from locdiff.evaluate import density_scores
+    from locdiff.predict import Predictor
+    from locdiff.train import train
+
+    tr, va, te = task(a.split)
+    cfg = demo_config(a.minutes or 1e6, a.seed)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, degree=a.degree),
+                              train=dataclasses.replace(cfg.train, steps=a.steps or 10**7, checkpoint_minutes=1e6))
+    res = train(*tr, a.out, cfg, val=va, progress=False)
+    pred = Predictor.from_run(a.out)
+    p = pred.predict(te[0])
+    m = {**distance_metrics(p["latlon"], te[1]), **density_scores(p["coeffs"], te[1], pred.config.predict.temperature)}
+    print(header("L", "steps, samples/s"))
+    print(row(str(a.degree), m, f"{res.steps}, {res.samples_per_s:.0f}"))
+
+
+SAMPLERS = [("density head (1 call)", dict(sampler="density")),
+            ("density head, guidance 1", dict(sampler="density", guidance=1.0)),
+            ("DDIM 1 step (x0 mean)", dict(sampler="ddim", steps=1, samples=1)),
+            ("DDIM 10 steps x16", dict(sampler="ddim", steps=10, samples=16)),
+            ("DDIM 50 steps x16", dict(sampler="ddim", steps=50, samples=16)),
+            ("DDIM 50 steps x16, guidance 1", dict(sampler="ddim", steps=50, samples=16, guidance=1.0)),
+            ("DDPM 1000 steps x16", dict(sampler="ddpm", samples=16)),
+            ("DDPM 1000 steps x16, guidance 1", dict(sampler="ddpm", samples=16, guidance=1.0))]
+
+
+def cmd_samplers(a) -> None:
+    """Each sampler's temperature is chosen by NLL on validation places, as training does."""
+    from locdiff.diffusion.losses import kl_temperature
+    from locdiff.predict import Predictor
+    from locdiff.train import TEMPERATURE_FACTORS
+
+    _, va, te = task(a.split)
+    rng = np.random.default_rng(0)
+    ti, vi = (np.sort(rng.choice(len(x[1]), a.places, replace=False)) for x in (te, va))
+    (te_e, te_c), (va_e, va_c) = (te[0][ti], te[1][ti]), (va[0][vi], va[1][vi])
+    pred = Predictor.from_run(a.run)
+    temps = [kl_temperature(pred.degree, 16.0) * f for f in TEMPERATURE_FACTORS]
+    print(header("sampler", "ms per place"))
+    for name, kw in SAMPLERS:
+        cv = pred.coefficients(va_e, **kw).double()
+        tau = min(temps, key=lambda t: -float(shdd.log_density_at(cv, torch.as_tensor(va_c), temperature=t).mean()))
+        t0 = time.perf_counter()
+        c = pred.coefficients(te_e, **kw).double()
+        ms = 1000 * (time.perf_counter() - t0) / a.places
+        m = distance_metrics(pred.locate(c, None, "density", tau), te_c)
+        m["nll"] = -float(shdd.log_density_at(c, torch.as_tensor(te_c), temperature=tau).mean())
+        print(row(name, m, f"{ms:.2f}"), flush=True)
+
+
+def cmd_reliability(a) -> None:
+    """Predicted probability of the top mode's basin against how often the truth lies in it."""
+    from locdiff.answers import _mode_of_cell, _ring, basin_mass, grid_peaks
+    from locdiff.geo import latlon_to_xyz
+    from locdiff.predict import Predictor
+
+    _, _, te = task(a.split)
+    pred = Predictor.from_run(a.run)
+    tau = pred.config.predict.temperature
+    out = pred.predict(te[0], top_k=5)
+    c, modes = torch.as_tensor(out["coeffs"]).double(), torch.as_tensor(out["topk_latlon"])
+    grid, sep = _ring(None, pred.degree), shdd.default_separation_km(pred.degree)
+    truth = torch.as_tensor(latlon_to_xyz(te[1]))
+    prob, hit = [], []
+    for i in range(0, len(c), 128):
+        p = torch.as_tensor(shdd.density(c[i:i + 128], grid, tau))
+        m = modes[i:i + 128]
+        peaks = grid_peaks(p / grid.area, grid.nlat, grid.nlon)
+        owner = _mode_of_cell(grid, m, sep).gather(1, peaks)
+        cell = (truth[i:i + 128] @ grid.xyz.T).argmax(1)
+        hit.append((owner[torch.arange(len(cell)), cell] == 0).numpy())
+        prob.append(basin_mass(p, grid, m, sep)[:, 0].numpy())
+    prob, hit = np.concatenate(prob), np.concatenate(hit)
+    print(f"temperature {tau:.3g}; {len(prob)} test places; mean predicted {prob.mean():.3f}, observed {hit.mean():.3f}")
+    print("| predicted probability of the top basin | places | mean predicted | observed |\n|---|---|---|---|")
+    edges = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (prob >= lo) & ((prob < hi) if hi < 1 else (prob <= hi))
+        if sel.any():
+            print(f"| {lo:.1f}-{hi:.1f} | {sel.sum()} | {prob[sel].mean():.3f} | {hit[sel].mean():.3f} |")
+
+
+def cmd_hybrid(a) -> None:
+    """LocDiff-H variants: re-ranking the gallery's neighbours by the density, against the
+    product density fitted on validation by median or by NLL."""
+    from locdiff.baselines.knn import NeighbourIndex
+    from locdiff.geo import xyz_to_latlon
+    from locdiff.hybrid import Hybrid, HybridConfig
+    from locdiff.predict import Predictor
+
+    tr, va, te = task(a.split)
+    pred = Predictor.from_run(a.run)
+    tau = pred.config.predict.temperature
+    pv, pt = pred.predict(va[0]), pred.predict(te[0])
+    index = NeighbourIndex(*tr)
+    print(header("variant", "settings"))
+    print(row("LocDiff", distance_metrics(pt["latlon"], te[1])))
+    c = torch.as_tensor(pt["coeffs"]).double()
+    for k in (10, 50):
+        sim, ix = index.search(te[0], k)
+        mu = index.xyz[ix]
+        for t in (0.02, 0.05, 0.1):
+            score = shdd.values_at(c[:, None], xyz_to_latlon(mu)) / tau + sim.double() / t
+            best = mu[torch.arange(len(mu)), score.argmax(1)]
+            print(row("re-rank neighbours", distance_metrics(xyz_to_latlon(best).numpy(), te[1]), f"k {k}, T {t}"))
+    for objective in ("median", "nll"):
+        h = Hybrid(*tr, index=index, config=HybridConfig())
+        fit = h.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1], objective=objective)
+        m = distance_metrics(h.predict(pt["coeffs"], tau, te[0], pt["latlon"]), te[1])
+        m["nll"] = float(-np.mean(h.log_density_at(pt["coeffs"], tau, te[0], te[1])))
+        print(row(f"product, fitted by {objective}", m, ", ".join(f"{k} {v:.3g}" for k, v in fit.items()
+                                                                if isinstance(v, (int, float)))), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("degree")
+    d.add_argument("--degree", type=int, required=True)
+    d.add_argument("--steps", type=int)
+    d.add_argument("--minutes", type=float)
+    d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    for name in ("samplers", "reliability", "hybrid"):
+        p = sub.add_parser(name)
+        p.add_argument("--run", required=True)
+        if name == "samplers":
+            p.add_argument("--places", type=int, default=120)
+    for p in sub.choices.values():
+        p.add_argument("--split", default="regions", choices=("regions", "random"))
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    {"degree": cmd_degree, "samplers": cmd_samplers, "reliability": cmd_reliability, "hybrid": cmd_hybrid}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
