@@ -100,7 +100,7 @@ def test_train_errors(files, tmp_path, capsys, emb, coords, fragment):
 
 def test_train_refuses_to_overwrite(files, capsys):
     _expect_error(capsys, ["train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
-                           "--out", files / "run", "--steps", 1], "pass --resume", [])
+                           "--out", files / "run", "--steps", 1], "continue it with --resume", [])
 
 
 @pytest.mark.parametrize("emb,coords,fragment", [
