@@ -77,8 +77,9 @@ def test_geocell_classifier_learns_the_cells():
 
 
 def test_regression_learns_the_direction():
-    emb, coords = clusters()
-    temb, tcoords = clusters(300, seed=3)
+    # Clean labels: a regression averages ambiguous cities into the sea between them.
+    emb, coords = clusters(noise=0.1)
+    temb, tcoords = clusters(300, seed=3, noise=0.1)
     reg = Regressor(widths=(64, 32), dropout=0.0)
-    reg.fit(emb, coords, steps=400, batch_size=128, lr=3e-3)
-    assert distance_metrics(reg.predict(temb), tcoords)["acc_750km"] > 0.9
+    reg.fit(emb, coords, steps=800, batch_size=128, lr=1e-2)
+    assert distance_metrics(reg.predict(temb), tcoords)["acc_750km"] > 0.95

@@ -44,12 +44,14 @@ def test_q_sample_and_split_round_trip():
     t = torch.tensor([0, 10, 50, 80, 98, 99])
     xt = s.q_sample(x0, t, eps)
     ab = s.abar(t, torch.float64)
-    for pred, out in (("eps", eps), ("x0", x0)):
+    a = ab.reshape(-1, 1)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    for pred, out in (("eps", eps), ("x0", x0), ("v", v)):
         x0h, epsh = split_prediction(out, xt, ab, pred)
         torch.testing.assert_close(x0h, x0)
         torch.testing.assert_close(epsh, eps)
     with pytest.raises(ValueError, match="prediction"):
-        split_prediction(eps, xt, ab, "v")
+        split_prediction(eps, xt, ab, "score")
 
 
 def test_ddim_timesteps():

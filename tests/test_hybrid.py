@@ -71,3 +71,20 @@ def test_config_errors():
         HybridConfig(weight=1.5)
     with pytest.raises(ValueError, match="bandwidth_km"):
         HybridConfig(bandwidth_km=0.0)
+
+
+def test_grid_probabilities_sum_to_one_and_favour_the_gallery():
+    coeffs = _model([PARIS, LYON])
+    g_emb = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    h = Hybrid(g_emb, np.stack([PARIS, LYON]), HybridConfig(neighbours=2, weight=0.5, temperature=0.05))
+    grid = grids.for_degree(32, oversample=2)
+    p = h.grid_probabilities(coeffs, 5.0, np.array([[1.0, 0.05]], np.float32), grid)
+    assert p.shape == (1, grid.size) and abs(p.sum() - 1) < 1e-9
+    paris_cell = int(np.argmax(grid.xyz.numpy() @ np.array(latlon_to_xyz_np(PARIS))))
+    assert p[0].argmax() == paris_cell
+
+
+def latlon_to_xyz_np(ll):
+    from locdiff.geo import latlon_to_xyz
+
+    return latlon_to_xyz(np.asarray(ll, np.float64))

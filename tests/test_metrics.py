@@ -1,4 +1,4 @@
-"""Metrics of EVAL.md against hand-computed values."""
+"""Metrics (docs/evaluation.md) against hand-computed values."""
 import math
 
 import numpy as np

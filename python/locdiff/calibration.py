@@ -12,7 +12,7 @@ from locdiff.diffusion.losses import kl_temperature
 
 # Density temperatures tried by calibration, in units of the SHDD-KL temperature f0 / 16
 # at the run's degree (the density head learns densities near that scale).
-TEMPERATURE_FACTORS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)
+TEMPERATURE_FACTORS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.0, 16.0, 23.0, 32.0)
 COARSE_DEGREES = (4, 8, 16)
 
 

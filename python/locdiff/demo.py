@@ -28,7 +28,7 @@ GEOCELL = dict(cells=512, widths=(1024, 1024), dropout=0.2, smoothing_km=100.0)
 GEOCELL_SHARE, REGRESSION_SHARE = 0.14, 0.08
 
 
-def demo_config(train_minutes: float):
+def demo_config(train_minutes: float, seed: int = 0):
     """Settings of the demo's LocDiff run (chosen by the measurements in docs/model.md)."""
     from locdiff.diffusion import DiffusionConfig
     from locdiff.models import CSUNetConfig
@@ -37,13 +37,13 @@ def demo_config(train_minutes: float):
     return RunConfig(
         model=CSUNetConfig(degree=32, widths=(512, 256, 128), cond_dim=256, dropout=0.1, density_head=True),
         diffusion=DiffusionConfig(prediction="x0", kl_weight=1.0),
-        train=TrainConfig(steps=100_000, batch_size=256, max_minutes=train_minutes, val_every=0,
-                          checkpoint_every=0, checkpoint_minutes=2.0),
+        train=TrainConfig(steps=100_000, batch_size=256, max_minutes=train_minutes, val_every=500,
+                          checkpoint_every=0, checkpoint_minutes=2.0, seed=seed),
         predict=PredictConfig(sampler="density"),
     )
 
 
-def _baselines(tr, va, te, budget_min: float, log) -> tuple[dict, dict]:
+def _baselines(tr, va, te, budget_min: float, log, seed: int = 0) -> tuple[dict, dict]:
     """Point and density baselines on the test places -> (metrics per name, extras)."""
     from locdiff.baselines import GeocellClassifier, KnnDensity, Regressor, knn_predict
     from locdiff.baselines.knn import NeighbourIndex
@@ -56,11 +56,11 @@ def _baselines(tr, va, te, budget_min: float, log) -> tuple[dict, dict]:
     rows["kNN-vMF"] = method_density_scores(kd, *te)
     log(f"    k-NN density: k = {kd.k}, temperature {kd.temperature:g}, "
         f"bandwidth {6371.0088 / kd.kappa ** 0.5:.0f} km (validation NLL)")
-    geo = GeocellClassifier(**GEOCELL)
+    geo = GeocellClassifier(**GEOCELL, seed=seed)
     info = geo.fit(*tr, val=va, minutes=GEOCELL_SHARE * budget_min, steps=100_000, select="median")
     rows["geocell"] = {**distance_metrics(geo.predict(te[0]), te[1]), **method_density_scores(geo, *te)}
     log(f"    geocell: {GEOCELL['cells']} cells, {info['steps']} steps in {info['seconds']:.0f} s")
-    reg = Regressor(widths=demo_config(1.0).model.widths)
+    reg = Regressor(widths=demo_config(1.0).model.widths, seed=seed)
     info = reg.fit(*tr, val=va, minutes=REGRESSION_SHARE * budget_min, steps=100_000)
     rows["regression"] = distance_metrics(reg.predict(te[0]), te[1])
     log(f"    regression: {info['steps']} steps in {info['seconds']:.0f} s")
@@ -68,13 +68,14 @@ def _baselines(tr, va, te, budget_min: float, log) -> tuple[dict, dict]:
 
 
 def run_demo(out, split: str = "regions", device: str | None = None, budget_minutes: float | None = None,
-             log=print) -> dict:
-    """Run the demo into folder ``out``; returns the report written to ``out/metrics.json``."""
+             seed: int = 0, log=print) -> dict:
+    """Run the demo into folder ``out``; returns the report written to ``out/metrics.json``.
+    ``seed`` seeds the learned models (the split stays the same)."""
     import torch
 
     from locdiff import great_circle_km
     from locdiff.data.places import load_places
-    from locdiff.evaluate import density_scores, format_table
+    from locdiff.evaluate import density_scores, format_table, hybrid_density_scores
     from locdiff.hybrid import Hybrid
     from locdiff.metrics import distance_metrics
     from locdiff.plot import plot_predictions
@@ -96,12 +97,12 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
 
     log("2/5 baselines: 1-NN, 10-NN, k-NN vMF density, geocell classifier, regression")
     t_base = time.perf_counter()
-    rows, extra = _baselines(tr, va, te, budget, log)
+    rows, extra = _baselines(tr, va, te, budget, log, seed)
     t_base = time.perf_counter() - t_base
 
     reserve_min = 0.12 * budget
     train_min = max(0.1 * budget, budget - (time.perf_counter() - t0) / 60 - reserve_min)
-    cfg = demo_config(train_min)
+    cfg = demo_config(train_min, seed)
     log(f"3/5 training LocDiff (CS-UNet, SHDD degree {cfg.model.degree}) for {train_min:.1f} min "
         f"on {torch.get_num_threads()} threads")
     run = out / "run"
@@ -120,7 +121,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     pv = pred.predict(va[0])
     fit = hyb.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1])
     mh = distance_metrics(hyb.predict(p["coeffs"], tau, te[0], p["latlon"]), te[1])
-    mh["nll"] = float(-np.mean(hyb.log_density_at(p["coeffs"], tau, te[0], te[1])))
+    mh.update(hybrid_density_scores(hyb, p["coeffs"], tau, te[0], te[1]))
     rows = {"LocDiff": m, "LocDiff-H": mh, **rows}
     t_eval = time.perf_counter() - t_eval
 
@@ -132,7 +133,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
                      titles=[f"{task.texts[test_idx[i]]}  ({d:.0f} km)" for i, d in zip(show, dist)],
                      truths=te[1][show], topk=p["topk_latlon"][show], points=p["latlon"][show], temperature=tau)
     wall = time.perf_counter() - t0
-    report = {"task": f"places ({split} split)", "split": split, "n_train": int(len(tr[1])),
+    report = {"task": f"places ({split} split)", "split": split, "seed": seed, "n_train": int(len(tr[1])),
               "n_val": int(len(va[1])), "n_test": int(len(te[1])), "metrics": rows,
               "hybrid": fit, "train_steps": res.steps, "train_samples_per_s": round(res.samples_per_s, 1),
               "train_minutes": round(res.elapsed_s / 60, 2), "validation_history": res.history,

@@ -58,12 +58,19 @@ def method_density_scores(method, emb, true_latlon) -> dict:
     return {"nll": M.nll(method.log_density_at(emb, true_latlon)), "rva_auc": M.rva_auc(search)}
 
 
+def hybrid_density_scores(hybrid, coeffs, temperature: float, emb, true_latlon) -> dict:
+    """``nll`` and ``rva_auc`` of LocDiff-H's density (:class:`locdiff.hybrid.Hybrid`)."""
+    search = _search_areas(lambda sl, grid: hybrid.grid_probabilities(coeffs[sl], temperature, emb[sl], grid),
+                           true_latlon)
+    return {"nll": M.nll(hybrid.log_density_at(coeffs, temperature, emb, true_latlon)), "rva_auc": M.rva_auc(search)}
+
+
 def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress: bool = False, **kw) -> dict:
     """Metrics for a :class:`locdiff.predict.Predictor` on ``emb`` (N, D) and true ``coords``
     (N, 2): accuracies, median and mean km, GeoScore, and ``nll`` / ``rva_auc`` of the
     predicted densities (at the run's temperature) when ``density``. With ``hybrid`` (a
-    :class:`locdiff.hybrid.Hybrid`), the same keys for LocDiff-H (NLL of its density; no
-    RvA). ``kw``: prediction settings (sampler, steps, samples, guidance, ...)."""
+    :class:`locdiff.hybrid.Hybrid`), the same keys for LocDiff-H. ``kw``: prediction
+    settings (sampler, steps, samples, guidance, ...)."""
     out = predictor.predict(emb, progress=progress, **kw)
     tau = predictor.config.predict.temperature
     if hybrid is None:
@@ -73,7 +80,7 @@ def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress
     else:
         m = M.distance_metrics(hybrid.predict(out["coeffs"], tau, emb, out["latlon"]), coords)
         if density:
-            m["nll"] = M.nll(hybrid.log_density_at(out["coeffs"], tau, emb, coords))
+            m.update(hybrid_density_scores(hybrid, out["coeffs"], tau, emb, coords))
     m["n"] = int(len(coords))
     return m
 

@@ -133,15 +133,21 @@ class Hybrid:
             out.append(cand[torch.arange(len(cand)), score.argmax(1)])
         return xyz_to_latlon(torch.cat(out)).numpy() if out else np.empty((0, 2))
 
+    @staticmethod
+    def _log_norm(part: dict, cfg: HybridConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(log Z (b,), log of each neighbour's share ``w a_j E_j[q]`` (b, k), log of the
+        'anywhere' weight ``(1 - w) / (4 pi)``)."""
+        k, w = cfg.neighbours, cfg.weight
+        log_a = torch.log_softmax(part["sim"][:, :k] / cfg.temperature, 1)
+        base = math.log1p(-w) - math.log(4 * math.pi) if w < 1 else -math.inf
+        share = log_a + part["lq_vmf"][cfg.bandwidth_km][:, :k] + (math.log(w) if w > 0 else -math.inf)
+        norm = torch.logaddexp(torch.logsumexp(share, 1), torch.full(share.shape[:1], base, dtype=share.dtype))
+        return norm, share, base
+
     def _log_density(self, parts: list[dict], cfg: HybridConfig) -> np.ndarray:
         out = []
         for part in parts:
-            k, w = cfg.neighbours, cfg.weight
-            log_a = torch.log_softmax(part["sim"][:, :k] / cfg.temperature, 1)
-            base = math.log1p(-w) - math.log(4 * math.pi) if w < 1 else -math.inf
-            norm = torch.logsumexp(log_a + part["lq_vmf"][cfg.bandwidth_km][:, :k], 1) + \
-                (math.log(w) if w > 0 else -math.inf)
-            norm = torch.logaddexp(norm, torch.full_like(norm, base))
+            norm, _, _ = self._log_norm(part, cfg)
             out.append((part["lq_x"] + self._log_r(part, part["x"], cfg))[:, 0] - norm)
         return torch.cat(out).numpy() if out else np.empty(0)
 
@@ -160,6 +166,26 @@ class Hybrid:
         cfg = config or self.config
         parts = self._prepare(coeffs, temperature, emb, self._points(latlon), cfg.neighbours, (cfg.bandwidth_km,))
         return self._log_density(parts, cfg)
+
+    def grid_probabilities(self, coeffs, temperature: float, emb, grid, config: HybridConfig | None = None) -> np.ndarray:
+        """Cell probabilities ``(B, G)`` of p_H on ``grid``: the 'anywhere' part is the
+        model's own cell probabilities, each neighbour's part ``w a_j E_j[q]`` lands in the
+        cell that holds mu_j (the vMF bandwidths are about a cell of the RvA grid or less)."""
+        cfg = config or self.config
+        none = lambda sl: torch.empty(len(np.asarray(coeffs)[sl]), 0, 3, dtype=torch.float64)  # noqa: E731
+        parts = self._prepare(coeffs, temperature, emb, none, cfg.neighbours, (cfg.bandwidth_km,))
+        out, row = [], 0
+        for part in parts:
+            b = len(part["sim"])
+            c = torch.as_tensor(np.asarray(coeffs[row:row + b])).double()
+            row += b
+            norm, share, base = self._log_norm(part, cfg)
+            q = torch.as_tensor(shdd.density(c, grid, temperature))
+            p = q * torch.exp(base - norm)[:, None] if math.isfinite(base) else torch.zeros_like(q)
+            cell = (part["mu"][:, :cfg.neighbours] @ grid.xyz.T).argmax(-1)  # (b, k)
+            p.scatter_add_(1, cell, torch.exp(share - norm[:, None]))
+            out.append(p.numpy())
+        return np.concatenate(out) if out else np.empty((0, grid.size))
 
     def fit(self, coeffs, temperature: float, emb, model_latlon, coords, objective: str = "median",
             weights=(0.05, 0.2, 0.5, 0.8, 0.95), bandwidths_km=(10.0, 25.0, 75.0),

@@ -1,6 +1,6 @@
-"""Geolocation metrics of EVAL.md: accuracies within 1 / 25 / 200 / 750 / 2500 km, median and
-mean great-circle error, GeoScore, and for densities the negative log-likelihood of the
-truth and Recall vs Area (RvA).
+"""Geolocation metrics (docs/evaluation.md): accuracies within 1 / 25 / 200 / 750 / 2500
+km, median and mean great-circle error, GeoScore, and for densities the negative
+log-likelihood of the truth and Recall vs Area (RvA).
 
 >>> import numpy as np
 >>> m = distance_metrics(np.array([[0.0, 0.0]]), np.array([[0.0, 1.0]]))

