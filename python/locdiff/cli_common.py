@@ -61,6 +61,24 @@ def check_dim(emb, path, pred, run) -> None:
                         f"on {pred.embedding_dim}")
 
 
+def add_dist_timeout(parser) -> None:
+    parser.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                        help="under torchrun: how long a process waits for the others (rendezvous and each "
+                             "exchange; default 600)")
+
+
+def join_process_group(args, dev) -> None:
+    """Under ``torchrun``: join the process group (NCCL on CUDA, gloo on the CPU)."""
+    import math
+
+    from locdiff import distributed
+
+    t = args.dist_timeout if args.dist_timeout is not None else distributed.DEFAULT_TIMEOUT_S
+    if not (math.isfinite(t) and t > 0):
+        raise CliError(f"--dist-timeout {t}: expected a finite number of seconds > 0")
+    distributed.init(backend="nccl" if dev.type == "cuda" else "gloo", timeout_s=t)
+
+
 def positive_int(name: str, value, lo: int = 1, hi: int | None = None) -> None:
     """``--name value: expected an integer in [lo, hi]`` unless it is one."""
     if value is None:

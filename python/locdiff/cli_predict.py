@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from locdiff import distributed
-from locdiff.cli_common import CliError, check_dim, check_finite_embeddings, load_pair, positive_int, require_packages
+from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, check_dim, check_finite_embeddings, load_pair, positive_int, require_packages
 from locdiff.data.files import DataError, atomic_write_bytes, open_embeddings
 from locdiff.runfolder import check_output_file
 
@@ -33,6 +33,16 @@ def _check_top_k(k: int, degree: int) -> None:
     if not 0 <= k <= cap:
         raise CliError(f"--top-k {k}: expected an integer in [0, {cap}] (the most separate modes a degree-{degree} "
                        "run reports)")
+
+
+def _join(args):
+    """The device to predict on, after joining the ``torchrun`` process group when there is
+    one (each process on its own GPU under NCCL)."""
+    from locdiff.run import resolve_device
+
+    dev = resolve_device(args.device)
+    join_process_group(args, dev)
+    return distributed.device() if distributed.is_distributed() and dev.type == "cuda" else dev
 
 
 def _predictor(run, device):
@@ -104,8 +114,10 @@ class _Predicted:
 def cmd_evaluate(args) -> int:
     from locdiff.evaluate import evaluate, format_table
 
-    out = check_output_file(args.json, "metrics JSON")
-    pred = _predictor(args.run, args.device)
+    dev = _join(args)
+    # Outputs are rank 0's: other nodes need not see the output folder.
+    out = check_output_file(args.json, "metrics JSON") if distributed.is_main() else Path(args.json)
+    pred = _predictor(args.run, dev)
     emb, coords = load_pair(args.embeddings, args.coords)
     check_dim(emb, args.embeddings, pred, args.run)
     hybrid = _hybrid(args, pred)
@@ -123,6 +135,9 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     if (args.embeddings is None) == (args.images is None):
         raise CliError("give --embeddings FILE or --images PATH... (one of them)")
+    dev = _join(args)
+    if not distributed.is_main():  # outputs are rank 0's: other nodes need not see their folders
+        return _predict_embeddings(args, dev, None, None) if args.embeddings else 0
     out = check_output_file(args.out, "predictions CSV")
     jsonl = check_output_file(out.with_suffix(".jsonl"), "predictions JSON Lines") if args.images else None
     html = check_output_file(args.html, "HTML map") if args.html else None
@@ -131,8 +146,12 @@ def cmd_predict(args) -> int:
         raise CliError("--html maps the answers of --images")
     require_packages(*[f for f, on in (("--map", png), ("--html", html), ("--images", args.images)) if on])
     if args.images:
-        return _predict_images(args, out, jsonl, html, png)
-    pred = _predictor(args.run, args.device)
+        return _predict_images(args, dev, out, jsonl, html, png)
+    return _predict_embeddings(args, dev, out, png)
+
+
+def _predict_embeddings(args, dev, out, png) -> int:
+    pred = _predictor(args.run, dev)
     k = 0 if args.top_k is None else args.top_k
     _check_top_k(k, pred.degree)
     emb = open_embeddings(args.embeddings)
@@ -168,7 +187,7 @@ def _png(path, coeffs, names, topk, points, temperature) -> None:
                      points=points[:k], temperature=temperature)
 
 
-def _predict_images(args, out, jsonl, html, png) -> int:
+def _predict_images(args, dev, out, jsonl, html, png) -> int:
     """Photos to answers: embedded with the run's encoder, one process (rank 0 under torchrun)."""
     import sys
 
@@ -176,12 +195,10 @@ def _predict_images(args, out, jsonl, html, png) -> int:
     from locdiff.geolocator import Geolocator
     from locdiff.images import find_images
 
-    if not distributed.is_main():
-        return 0
     find_images(args.images)  # a missing path or a folder without images: before loading anything
     if not Path(args.run).is_dir():
         raise DataError(f"{args.run}: run folder not found")
-    geo = Geolocator.from_run(args.run, args.device)
+    geo = Geolocator.from_run(args.run, str(dev))
     k = 5 if args.top_k is None else args.top_k
     _check_top_k(k, geo.predictor.degree)
     if k < 1:
@@ -215,20 +232,26 @@ def add_sampling(p) -> None:
     g.add_argument("--gallery-coords", default=None, help="gallery coordinates")
 
 
+# torchrun's own parser takes `--run` as an abbreviation of its --run-path (an error), so
+# under torchrun the run folder is given as --run-dir.
+RUN_HELP = "run folder (--run-dir: the same, for use under torchrun)"
+
+
 def add_parsers(sub) -> None:
     import argparse
 
     e = sub.add_parser("evaluate", help="metrics of a run on labelled data (torchrun: split across processes)")
-    e.add_argument("--run", required=True)
+    e.add_argument("--run", "--run-dir", dest="run", required=True, help=RUN_HELP)
     e.add_argument("--embeddings", required=True)
     e.add_argument("--coords", required=True)
     e.add_argument("--json", required=True, help="output metrics JSON")
     e.add_argument("--device", default="auto", help=argparse.SUPPRESS)
     add_sampling(e)
+    add_dist_timeout(e)
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="predict locations for embeddings or photos")
-    r.add_argument("--run", required=True)
+    r.add_argument("--run", "--run-dir", dest="run", required=True, help=RUN_HELP)
     r.add_argument("--embeddings", default=None, help="embeddings (.npy or folder of shards)")
     r.add_argument("--images", nargs="+", default=None, metavar="PATH",
                    help="photos (files or folders), embedded with the encoder the run records")
@@ -238,4 +261,5 @@ def add_parsers(sub) -> None:
     r.add_argument("--html", default=None, help="with --images: interactive HTML map (density and modes)")
     r.add_argument("--device", default="auto", help=argparse.SUPPRESS)
     add_sampling(r)
+    add_dist_timeout(r)
     r.set_defaults(func=cmd_predict)

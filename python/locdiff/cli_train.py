@@ -10,7 +10,7 @@ from pathlib import Path
 
 from locdiff import config as C
 from locdiff import distributed
-from locdiff.cli_common import CliError, load_pair, require_packages
+from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, load_pair, require_packages
 from locdiff.data.files import DataError
 
 # Flags for the common settings: argparse destination -> setting.
@@ -93,8 +93,12 @@ def _check(cfg, origin: dict, device, world: int) -> None:
     from locdiff.settings import SettingError, validate
 
     try:
-        pieces = world * cfg.train.accumulate if isinstance(cfg.train.accumulate, int) else 1
-        validate(cfg, device=device, rows_per_call=max(1, cfg.train.batch_size // max(1, pieces)))
+        validate(cfg)  # types and ranges first: the memory bound below divides by them
+        validate(cfg, device=device, rows_per_call=max(1, cfg.train.batch_size // (world * cfg.train.accumulate)))
+        pieces = world * cfg.train.accumulate
+        if cfg.train.batch_size % pieces:
+            raise SettingError("train.batch_size", cfg.train.batch_size, f"a multiple of the world size {world} "
+                               f"(processes over all nodes) x train.accumulate {cfg.train.accumulate} = {pieces}")
     except SettingError as err:
         where = origin.get(err.key)
         if where and where.startswith("--") and where != "--set":
@@ -112,7 +116,7 @@ def cmd_train(args) -> int:
 
     dev = resolve_device(args.device)
     # The process group first: under torchrun every rank checks the same settings.
-    distributed.init(backend="nccl" if dev.type == "cuda" else "gloo")
+    join_process_group(args, dev)
     out = Path(args.out)
     check_run_folder(out)
     cfg, origin = resolve_settings(args, _run_config_text(out) if args.resume else None)
@@ -182,6 +186,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint, with its settings")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dist_timeout(t)
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("config", help="print settings as TOML: the defaults, or a run's")
