@@ -96,8 +96,11 @@ def main(argv=None) -> int:
     prefix = f"locdiff {args.command}"
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)
+    ok = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        ok = True
+        return code
     except (DataError, CliError) as err:
         where = f" (rank {distributed.rank()} of {distributed.world_size()})" if distributed.is_distributed() else ""
         print(f"{prefix}: error{where}: {' '.join(str(err).split())}", file=sys.stderr)
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
         return 130
     finally:
         warnings.showwarning = old_show
-        distributed.shutdown()
+        distributed.shutdown(wait=ok)
 
 
 if __name__ == "__main__":

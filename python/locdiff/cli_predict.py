@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +136,18 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     if (args.embeddings is None) == (args.images is None):
         raise CliError("give --embeddings FILE or --images PATH... (one of them)")
-    dev = _join(args)
-    if not distributed.is_main():  # outputs are rank 0's: other nodes need not see their folders
-        return _predict_embeddings(args, dev, None, None) if args.embeddings else 0
+    if args.images:
+        # Photos are answered by the first process alone, outside any process group: the
+        # others end at once rather than wait in a group for however long the photos take.
+        from locdiff.run import resolve_device
+
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+        dev = resolve_device(args.device)
+    else:
+        dev = _join(args)
+        if not distributed.is_main():  # outputs are rank 0's: other nodes need not see their folders
+            return _predict_embeddings(args, dev, None, None)
     out = check_output_file(args.out, "predictions CSV")
     jsonl = check_output_file(out.with_suffix(".jsonl"), "predictions JSON Lines") if args.images else None
     html = check_output_file(args.html, "HTML map") if args.html else None

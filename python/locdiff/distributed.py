@@ -101,9 +101,13 @@ def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bo
     return True
 
 
-def shutdown() -> None:
-    """Leave the process group (a no-op without one)."""
+def shutdown(wait: bool = False) -> None:
+    """Leave the process group (a no-op without one). ``wait``: after a barrier, so that no
+    rank tears its connections down while another still finishes (a gloo rank whose peer
+    left first can abort at exit); only where every rank got here without an error."""
     if is_distributed():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
