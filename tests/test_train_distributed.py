@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+
+from torchrun_helpers import clean_env, free_port
+
 from locdiff.run import CHECKPOINT_FILE, load_checkpoint
 
 # A tiny model, so that each run takes seconds; the TOML file also tests --config.
@@ -43,16 +45,11 @@ workers = 0
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+    return clean_env()
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _locdiff(*args, nproc: int | None = None, torchrun=(), **kw) -> subprocess.Popen:
