@@ -182,3 +182,13 @@ def test_tensorboard_checked_before_training(files, tmp_path, capsys, monkeypatc
     out = tmp_path / "run"
     _expect_error(capsys, ["train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
                            "--out", out, "--steps", 1, "--tensorboard"], "--tensorboard needs the package", [out])
+
+
+def test_tensorboard_event_files(files, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
+                           "--out", out, "--degree", 3, "--steps", 2, "--set", "train.log_every=1", "--tensorboard",
+                           "--quiet")
+    assert code == 0, err
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))

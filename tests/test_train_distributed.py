@@ -247,3 +247,13 @@ def test_checkpoints_keep_last_k_and_best(data, tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     medians = {r["step"]: r["val_median_km"] for r in recs if "val_median_km" in r}
     assert best["step"] == min(medians, key=medians.get)
+
+
+def test_time_bound_stops_every_rank_at_the_same_step(data):
+    # Rank 0's clock decides for all: a rank stopping alone would leave the other waiting
+    # in the next exchange until --dist-timeout.
+    out = data / "timed"
+    _finish(_locdiff(*_train_args(data, out, "--steps", "100000", "--max-minutes", "0.002", "--dist-timeout", "30"),
+                     nproc=2))
+    _, state = _weights(out)
+    assert 0 < state["step"] < 100_000
