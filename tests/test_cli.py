@@ -100,7 +100,7 @@ def test_train_errors(files, tmp_path, capsys, emb, coords, fragment):
 
 def test_train_refuses_to_overwrite(files, capsys):
     _expect_error(capsys, ["train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
-                           "--out", files / "run", "--steps", 1], "pass --resume", [])
+                           "--out", files / "run", "--steps", 1], "continue it with --resume", [])
 
 
 @pytest.mark.parametrize("emb,coords,fragment", [
@@ -161,3 +161,34 @@ def test_demo_plumbing(tmp_path, capsys, monkeypatch):
     assert report["train_steps"] > 0 and report["train_samples_per_s"] > 0
     assert (tmp_path / "demo" / "map.png").read_bytes()[:4] == b"\x89PNG"
     assert "LocDiff" in out and "10-NN" in out
+
+
+def test_config_defaults_is_every_setting_and_reads_back(tmp_path, capsys):
+    from locdiff import config as C
+    from locdiff.run import TOML_VERSION
+
+    code, out, _ = run_cli(capsys, "config", "--defaults")
+    assert code == 0
+    (tmp_path / "d.toml").write_text(out)
+    data = C.read_toml(tmp_path / "d.toml", version=TOML_VERSION)
+    assert set(data) == {"model", "diffusion", "train", "predict", "data"}
+    assert C.from_dict(RunConfig, data) == RunConfig()
+
+
+def test_tensorboard_checked_before_training(files, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    out = tmp_path / "run"
+    _expect_error(capsys, ["train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
+                           "--out", out, "--steps", 1, "--tensorboard"], "--tensorboard needs the package", [out])
+
+
+def test_tensorboard_event_files(files, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
+                           "--out", out, "--degree", 3, "--steps", 2, "--set", "train.log_every=1", "--tensorboard",
+                           "--quiet")
+    assert code == 0, err
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))

@@ -4,8 +4,6 @@ single-process fallbacks."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from torchrun_helpers import clean_env, free_port
+
 from locdiff import distributed as D
 from locdiff.data.sampler import BatchSampler
 
@@ -21,16 +21,11 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+    return clean_env()
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _torchrun(*args, timeout=60) -> subprocess.Popen:

@@ -101,9 +101,13 @@ def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bo
     return True
 
 
-def shutdown() -> None:
-    """Leave the process group (a no-op without one)."""
+def shutdown(wait: bool = False) -> None:
+    """Leave the process group (a no-op without one). ``wait``: after a barrier, so that no
+    rank tears its connections down while another still finishes (a gloo rank whose peer
+    left first can abort at exit); only where every rank got here without an error."""
     if is_distributed():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -124,6 +128,33 @@ def broadcast_decision(flag: bool, src: int | None = None) -> bool:
     else:
         dist.broadcast(t, src=src)
     return bool(t.item())
+
+
+def all_reduce_max(values) -> list[float]:
+    """The largest value over ranks of each of ``values`` (floats), in one collective: one
+    rank's signal number, or rank 0's clock where the others pass 0."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
+    """Rank ``src``'s bytes on every rank (a file that rank alone reads, such as a run's
+    checkpoint on a disk of its node); the other ranks pass None. As tensors, no pickling."""
+    if not is_distributed():
+        return data
+    dev = device()
+    n = torch.tensor([len(data) if rank() == src else 0], dtype=torch.int64, device=dev)
+    dist.broadcast(n, src=src)
+    if rank() == src:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if len(data) else \
+            torch.empty(0, dtype=torch.uint8, device=dev)
+    else:
+        buf = torch.empty(int(n), dtype=torch.uint8, device=dev)
+    if int(n):
+        dist.broadcast(buf, src=src)
+    return bytes(buf.cpu().numpy()) if rank() != src else data
 
 
 def all_reduce_mean(values: dict) -> dict[str, float]:

@@ -1,15 +1,21 @@
 """Run folders: the run's settings (:class:`RunConfig`), device choice, and checkpoint I/O.
 
-A run folder holds ``config.json`` (model, diffusion, training and prediction settings) and
-``checkpoint.safetensors`` (weights, EMA weights, optimizer state; the training state as JSON
-metadata). Both are written to a temporary file and renamed with ``os.replace``, so a killed
-run leaves the previous checkpoint intact. Nothing is ever unpickled.
+A run folder holds ``config.json`` (model, diffusion, training, data and prediction
+settings) and ``checkpoint.safetensors`` (weights, EMA weights, optimizer state; the training
+state and a SHA-256 of the tensors as JSON metadata). Both are written to a temporary file
+and renamed with ``os.replace``, so a killed run leaves the previous checkpoint intact.
+Reading checks the config's schema, the checkpoint's checksum, its shapes against the
+config and that its weights are finite; each failure is one :class:`DataError` line.
+Nothing is ever unpickled. The rest of a run folder (lock, kept checkpoints, logs):
+:mod:`locdiff.runfolder`, :mod:`locdiff.trainlog`.
 
 >>> net, config, raw = load_model("runs/demo")   # doctest: +SKIP
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +33,11 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 # 2: the density head, v prediction and the degree-resolving SHDD-KL (runs of version 1
 # were trained with another loss and decode differently).
 FORMAT_VERSION = 2
+# format_version of TOML settings files (`locdiff config --defaults`, train.toml).
+TOML_VERSION = 1
 SAMPLERS = ("density", "ddim", "ddpm")
 MODES = ("density", "function")
+SECTIONS = ("model", "diffusion", "train", "data", "predict")
 
 
 @dataclass
@@ -37,7 +46,13 @@ class TrainConfig:
     then follows a cosine to ``min_lr_ratio * lr``; when ``max_minutes`` is set, the cosine
     runs on whichever of steps or time is further along, so a time-bounded run still ends
     at a low learning rate. A step whose loss exceeds ``spike_factor`` times the median of
-    the last 200 is skipped (0: never)."""
+    the last 200 is skipped (0: never).
+
+    ``batch_size`` is the global batch: rows per optimizer step over all processes; each of
+    ``W`` processes computes ``batch_size / W`` rows in ``accumulate`` pieces. The run folder
+    keeps the last ``keep_checkpoints`` checkpoints and the best by validation median;
+    ``log_every`` steps a line goes to ``metrics.jsonl`` (and TensorBoard with
+    ``tensorboard``)."""
 
     steps: int = 20_000
     batch_size: int = 256
@@ -55,6 +70,25 @@ class TrainConfig:
     checkpoint_minutes: float = 2.0
     seed: int = 0
     amp: bool = True
+    accumulate: int = 1
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    tensorboard: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training data: embeddings (``.npy`` or a folder of shards) and coordinates (CSV or
+    ``.npy``), optional validation files (else ``train.val_size`` rows are held out), and the
+    loader: ``workers`` reading processes (None: 2 for files, 0 for arrays in memory), each
+    keeping ``prefetch`` batches ready."""
+
+    embeddings: str | None = None
+    coords: str | None = None
+    val_embeddings: str | None = None
+    val_coords: str | None = None
+    workers: int | None = None
+    prefetch: int = 4
 
 
 @dataclass
@@ -93,22 +127,27 @@ class PredictConfig:
 
 @dataclass
 class RunConfig:
+    """Every setting of a run: model, diffusion and loss, optimisation, data, prediction."""
+
     model: CSUNetConfig = field(default_factory=CSUNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, "model": self.model.to_dict(),
                 "diffusion": self.diffusion.to_dict(), "train": asdict(self.train),
-                "predict": asdict(self.predict)}
+                "predict": asdict(self.predict), "data": asdict(self.data)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        """Lenient: unknown keys are ignored (see :func:`config_from_raw` for the checked read)."""
         def pick(klass, sub):
             return klass(**{k: v for k, v in (sub or {}).items() if k in klass.__dataclass_fields__})
         return cls(CSUNetConfig.from_dict(d.get("model", {})), DiffusionConfig.from_dict(d.get("diffusion", {})),
-                   pick(TrainConfig, d.get("train")), pick(PredictConfig, d.get("predict")))
+                   pick(TrainConfig, d.get("train")), pick(PredictConfig, d.get("predict")),
+                   pick(DataConfig, d.get("data")))
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -116,16 +155,44 @@ def resolve_device(device: str | None) -> torch.device:
     is an error, never a silent CPU run."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DataError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+        raise DataError(f"--device {device!r}: this torch sees no CUDA device; use cpu or auto")
     return dev
 
 
 def write_config(run_dir, config: RunConfig, extra: dict | None = None) -> None:
+    """``config.json``; ``extra`` keys are added (a dict merges into a section of the same name)."""
     d = config.to_dict()
-    d.update(extra or {})
+    for k, v in (extra or {}).items():
+        d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
     atomic_write_bytes(Path(run_dir) / CONFIG_FILE, (json.dumps(d, indent=2) + "\n").encode())
+
+
+def config_from_raw(raw, source: str) -> RunConfig:
+    """The :class:`RunConfig` of a parsed ``config.json``: every section's keys and types
+    checked (:mod:`locdiff.config`) and the ranges (:func:`locdiff.settings.validate`)."""
+    from locdiff import config as C
+    from locdiff.settings import validate
+
+    if not isinstance(raw, dict):
+        raise DataError(f"{source}: expected a JSON object of settings, got {type(raw).__name__}")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{source}: format version {version!r}, this locdiff reads version {FORMAT_VERSION} "
+                        "(train the run again with this version)")
+    parts = {}
+    for name in SECTIONS:
+        klass = RunConfig.__dataclass_fields__[name].default_factory
+        parts[name] = C.from_dict(klass, raw.get(name, {}), source=source, prefix=f"{name}.")
+    if "embedding_dim" in raw and (type(raw["embedding_dim"]) is not int or raw["embedding_dim"] < 1):
+        raise DataError(f"{source}: embedding_dim = {raw['embedding_dim']!r}: expected an integer >= 1")
+    cfg = RunConfig(**parts)
+    validate(cfg, source=source)
+    return cfg
 
 
 def read_config(run_dir) -> tuple[RunConfig, dict]:
@@ -134,19 +201,26 @@ def read_config(run_dir) -> tuple[RunConfig, dict]:
     if not path.is_file():
         raise DataError(f"{path}: not found (is {run_dir} a locdiff run folder?)")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON ({err.msg})") from None
-    version = raw.get("format_version") if isinstance(raw, dict) else None
-    if version != FORMAT_VERSION:
-        raise DataError(f"{path}: format version {version!r}, this locdiff reads version {FORMAT_VERSION} "
-                        "(train the run again with this version)")
-    return RunConfig.from_dict(raw), raw
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: invalid JSON ({getattr(err, 'msg', err)})") from None
+    return config_from_raw(raw, str(path)), raw
 
 
-def save_checkpoint(run_dir, net, ema: EMA, opt, state: dict) -> None:
-    """One file with weights (``model.``), EMA weights (``ema.``), optimizer tensors
-    (``optim.<param>.<name>``) and the JSON training state as metadata, written atomically."""
+def tensors_digest(tensors: dict) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def checkpoint_bytes(net, ema: EMA, opt, state: dict) -> bytes:
+    """One safetensors file with weights (``model.``), EMA weights (``ema.``), optimizer
+    tensors (``optim.<param>.<name>``) and as metadata the JSON training state and the
+    tensors' SHA-256."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tensors.update({f"ema.{k}": v.cpu().contiguous() for k, v in ema.state_dict().items()})
     osd = opt.state_dict()
@@ -155,28 +229,61 @@ def save_checkpoint(run_dir, net, ema: EMA, opt, state: dict) -> None:
             t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
             tensors[f"optim.{pid}.{name}"] = t.detach().cpu().contiguous()
     meta = {"state": json.dumps(state), "param_groups": json.dumps(osd["param_groups"]),
-            "ema_updates": str(ema.num_updates)}
-    atomic_write_bytes(Path(run_dir) / CHECKPOINT_FILE, st_save(tensors, metadata=meta))
+            "ema_updates": str(ema.num_updates), "sha256": tensors_digest(tensors),
+            "format_version": str(FORMAT_VERSION)}
+    return st_save(tensors, metadata=meta)
 
 
-def load_checkpoint(run_dir) -> tuple[dict, dict]:
-    """``(tensors, metadata)`` of a run's checkpoint."""
-    path = Path(run_dir) / CHECKPOINT_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: no checkpoint (training has not saved one yet)")
-    data = path.read_bytes()
+def save_checkpoint(run_dir, net, ema: EMA, opt, state: dict) -> None:
+    """:func:`checkpoint_bytes` written atomically to the run's checkpoint file."""
+    atomic_write_bytes(Path(run_dir) / CHECKPOINT_FILE, checkpoint_bytes(net, ema, opt, state))
+
+
+def parse_checkpoint(data: bytes, path) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of checkpoint bytes, the checksum verified when recorded."""
     try:
         tensors = st_load(data)
         n = struct.unpack("<Q", data[:8])[0]
-        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+        meta = json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+        json.loads(meta.get("state", "{}"))
     except Exception as err:
-        raise DataError(f"{path}: unreadable checkpoint ({err})") from None
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise DataError(f"{path}: unreadable checkpoint, truncated or not a checkpoint ({detail})") from None
+    want = meta.get("sha256")
+    if want is not None and tensors_digest(tensors) != want:
+        raise DataError(f"{path}: checksum mismatch: the checkpoint's bytes changed after it was written "
+                        "(a damaged copy or disk); restore it from a copy or train again")
     return tensors, meta
 
 
-def restore(tensors: dict, meta: dict, net, ema: EMA, opt) -> dict:
+def load_checkpoint(run_dir, name: str = CHECKPOINT_FILE) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a run's checkpoint (``name``: another kept checkpoint)."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise DataError(f"{path}: no checkpoint (training has not saved one yet)")
+    return parse_checkpoint(path.read_bytes(), path)
+
+
+def _load_weights(net, sd: dict, path, config: RunConfig) -> None:
+    bad = next((k for k, v in sd.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise DataError(f"{path}: weight {bad} holds NaN or infinite values (the run diverged or the file is damaged)")
+    bias = sd.get("out.bias")
+    if bias is not None and bias.shape[0] != config.model.dim:
+        held = math.isqrt(bias.shape[0]) - 1
+        raise DataError(f"{path}: the weights are of degree {held} but {CONFIG_FILE} says model.degree = "
+                        f"{config.model.degree}")
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        raise DataError(f"{path}: weights do not match {CONFIG_FILE} ({lines[-1] if lines else err})") from None
+
+
+def restore(tensors: dict, meta: dict, net, ema: EMA, opt, path=CHECKPOINT_FILE, config=None) -> dict:
     """Load a checkpoint's weights, EMA and optimizer state; returns the training state."""
-    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    cfg = config or RunConfig(model=net.config)
+    _load_weights(net, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path, cfg)
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")},
                         int(meta.get("ema_updates", 0)))
     state: dict = {}
@@ -184,7 +291,10 @@ def restore(tensors: dict, meta: dict, net, ema: EMA, opt) -> dict:
         if k.startswith("optim."):
             _, pid, name = k.split(".", 2)
             state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    try:
+        opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    except (KeyError, ValueError) as err:
+        raise DataError(f"{path}: optimizer state does not match the model ({err})") from None
     return json.loads(meta["state"])
 
 
@@ -195,9 +305,5 @@ def load_model(run_dir, device="cpu", ema: bool = True) -> tuple[CSUNet, RunConf
     net = CSUNet(config.model)
     prefix = "ema." if ema else "model."
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        net.load_state_dict(sd)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1].strip()
-        raise DataError(f"{Path(run_dir) / CHECKPOINT_FILE}: weights do not match {CONFIG_FILE} ({first})") from None
+    _load_weights(net, sd, Path(run_dir) / CHECKPOINT_FILE, config)
     return net.to(device).eval(), config, raw

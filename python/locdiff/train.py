@@ -1,33 +1,44 @@
 """Training loop: AdamW, linear warm-up then cosine decay, gradient clipping, loss-spike
-skipping, EMA weights, bfloat16 autocast on GPU, periodic validation, ``steps`` and
-``max_minutes`` bounds, and atomic, resumable checkpoints (run folders: :mod:`locdiff.run`).
+skipping, EMA weights, bfloat16 autocast on GPU, gradient accumulation, DistributedDataParallel
+under ``torchrun``, periodic validation, ``steps`` and ``max_minutes`` bounds, and atomic,
+resumable checkpoints (run folders: :mod:`locdiff.run`, :mod:`locdiff.runfolder`).
 
-Each step draws its batch and noise from generators seeded by ``(seed, step)``, so a resumed
-run sees the same data as an uninterrupted one. At the end, validation data set the density
-temperature and the coarse decoding degree of the run's prediction settings.
+Batches come from :class:`locdiff.data.sampler.BatchSampler` (epochs of shuffled rows; the
+global batch ``k`` is the same whatever the number of processes) through
+:func:`locdiff.data.dataset.make_loader`. The global batch is cut into ``W x accumulate``
+pieces; piece ``c`` of step ``s`` draws its noise, timesteps and dropout from a generator
+seeded by ``(seed, s, c)``. So a resumed run sees the same data as an uninterrupted one, and
+runs with the same ``W x accumulate`` (2 processes, or 1 process accumulating 2 pieces) make
+the same steps up to floating-point summation order (docs/training.md). Rank 0 alone writes
+(checkpoints, logs, config), validates and calibrates.
 
 >>> result = train(emb, coords, "runs/demo", RunConfig(train=TrainConfig(steps=2000)))  # doctest: +SKIP
 """
 from __future__ import annotations
 
+import copy
+import json
 import math
-import signal
 import time
 from collections import deque
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from locdiff.data.files import DataError
+from locdiff import distributed
+from locdiff.calibration import HYBRID_GALLERY_ROWS, calibrate
+from locdiff.data.files import DataError, atomic_write_bytes
 from locdiff.diffusion import EMA, diffusion_loss
-from locdiff.diffusion.losses import kl_temperature
 from locdiff.models import CSUNet
-from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, PredictConfig, RunConfig, TrainConfig, load_checkpoint,
-                         read_config, resolve_device, restore, save_checkpoint, write_config)
+from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, TOML_VERSION, PredictConfig, RunConfig, TrainConfig,
+                         checkpoint_bytes, parse_checkpoint, read_config, resolve_device, restore, write_config)
 
 __all__ = ["PredictConfig", "RunConfig", "TrainConfig", "TrainResult", "calibrate", "lr_factor", "train"]
+
+TOML_FILE = "train.toml"
 
 
 @dataclass
@@ -37,6 +48,8 @@ class TrainResult:
     samples_per_s: float
     history: list = field(default_factory=list)
     skipped_steps: int = 0
+    signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), else None
+    best: dict | None = None   # {"step", "median_km"} of the best validation
 
 
 def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -45,6 +58,11 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     c = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * c
+
+
+def piece_seed(seed: int, step: int, piece: int) -> int:
+    """The seed of piece ``piece`` of the global batch of step ``step``."""
+    return int(np.random.SeedSequence([seed, step, piece]).generate_state(1, np.uint64)[0])
 
 
 def _gather(emb, idx: np.ndarray) -> np.ndarray:
@@ -56,193 +74,284 @@ def _gather(emb, idx: np.ndarray) -> np.ndarray:
     return out
 
 
-class _Stop:
-    """Turns SIGTERM/SIGINT into a flag, so the loop saves a checkpoint before exiting."""
+class _DDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that shows its module's ``config`` (the loss reads the network's settings)."""
 
-    def __init__(self):
-        self.flag = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, *_):
-        self.flag = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+    @property
+    def config(self):
+        return self.module.config
 
 
-# Density temperatures tried by calibration, in units of the SHDD-KL temperature f0 / 16
-# at the run's degree (the density head learns densities near that scale).
-TEMPERATURE_FACTORS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.0, 16.0, 23.0, 32.0)
-COARSE_DEGREES = (4, 8, 16)
-
-
-# LocDiff-H is calibrated against at most this many training rows as gallery (the search
-# runs over all of them for every validation row).
-HYBRID_GALLERY_ROWS = 200_000
-
-
-def calibrate(predictor, val, gallery=None, log=None) -> dict:
-    """Prediction settings chosen on validation data ``(emb, coords)`` with the run's
-    sampler: the density temperature with the lowest NLL, the point rule (mode of the
-    density or of the function, coarse decoding degree or none) with the lowest median error
-    and, with a ``gallery`` ``(emb, coords)``, the LocDiff-H settings with the lowest median
-    error. Returns ``{"temperature", "mode_of", "coarse_degree", "hybrid", "val_nll",
-    "val_median_km"}``."""
+def _unused_parameters(net, dc, schedule, dev) -> list[str]:
+    """Parameters the loss leaves without a gradient with these settings (a density head
+    without SHDD-KL, the null embedding without condition dropout): DDP must be told."""
     from locdiff import shdd
-    from locdiff.metrics import distance_metrics
 
-    coeffs = predictor.coefficients(val[0]).double()
-    truth = torch.as_tensor(np.asarray(val[1], np.float64))
-    base = kl_temperature(predictor.degree, 16.0)
-    temps = [base * f for f in TEMPERATURE_FACTORS]
-    nll = [-float(shdd.log_density_at(coeffs, truth, temperature=t).mean()) for t in temps]
-    best_t = int(np.argmin(nll))
-    medians = {}
-    for mode_of in ("density", "function"):
-        for cd in (None, *(d for d in COARSE_DEGREES if d < predictor.degree)):
-            latlon = predictor.locate(coeffs, cd, mode_of, temps[best_t])
-            medians[mode_of, cd] = distance_metrics(latlon, val[1])["median_km"]
-    mode_of, coarse = min(medians, key=medians.get)
-    out = {"temperature": temps[best_t], "mode_of": mode_of, "coarse_degree": coarse, "hybrid": {},
-           "val_nll": nll[best_t], "val_median_km": medians[mode_of, coarse]}
-    if log:
-        log(f"calibration: density temperature {out['temperature']:.3g} (validation NLL {out['val_nll']:.3f}), "
-            f"mode of the {mode_of}, coarse degree {coarse} (validation median {out['val_median_km']:.0f} km)")
-    if gallery is not None:
-        from locdiff.hybrid import Hybrid
+    x0 = shdd.encode(torch.zeros(2, 2, dtype=torch.float64), net.config.degree).float().to(dev)
+    emb = torch.zeros(2, net.config.emb_dim, device=dev)
+    gen = torch.Generator().manual_seed(0) if dev.type == "cpu" else None
+    loss, _ = diffusion_loss(net, x0, emb, schedule, dc, generator=gen)
+    loss.backward()
+    names = [n for n, p in net.named_parameters() if p.grad is None]
+    net.zero_grad(set_to_none=True)
+    return names
 
-        fit = Hybrid(*gallery).fit(coeffs, temps[best_t], val[0], predictor.locate(coeffs, coarse, mode_of, temps[best_t]),
-                                   val[1])
-        out["hybrid"] = {k: v for k, v in fit.items() if k != "score"}
-        if log:
-            log(f"calibration: LocDiff-H weight {fit['weight']:g}, bandwidth {fit['bandwidth_km']:g} km, "
-                f"temperature {fit['temperature']:g} (validation median {fit['score']:.0f} km)")
-    return out
+
+def _model_differences(old, new) -> list[str]:
+    a, b = old.to_dict(), new.to_dict()
+    return [f"model.{k}: the run has {a[k]!r}, this command {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+
+
+def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int, log) -> tuple[RunConfig, bytes | None]:
+    """Rank 0: the config to train with and the checkpoint bytes to resume from (None: step
+    0), every check done before anything is written."""
+    cfg_path, ckpt_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
+    has_cfg, has_ckpt = cfg_path.is_file(), ckpt_path.is_file()
+    if not resume:
+        if has_ckpt:
+            raise DataError(f"{run_dir}: already holds a trained run (checkpoint.safetensors); continue it with "
+                            "--resume or choose a new --out")
+        return config, None
+    if not has_cfg:
+        if has_ckpt:
+            raise DataError(f"{cfg_path}: not found, so the checkpoint beside it cannot be resumed (its settings are "
+                            "unknown); restore config.json or train into a new --out")
+        raise DataError(f"{run_dir}: nothing to resume (no config.json or checkpoint); leave out --resume to start")
+    old, raw = read_config(run_dir)
+    diffs = _model_differences(old.model, config.model)
+    if diffs:
+        raise DataError(f"{cfg_path}: --resume with other model settings ({'; '.join(diffs)}); resume with the "
+                        "run's settings or train into a new --out")
+    if raw.get("embedding_dim", emb_dim) != emb_dim:
+        raise DataError(f"{cfg_path}: the run was trained on {raw['embedding_dim']}-dimensional embeddings, "
+                        f"these have {emb_dim}")
+    config = RunConfig(old.model, old.diffusion, config.train, old.predict, config.data)
+    if not has_ckpt:
+        log(f"{run_dir}: no checkpoint yet (stopped before its first); starting at step 0 with its settings")
+        return config, None
+    data = ckpt_path.read_bytes()
+    parse_checkpoint(data, ckpt_path)  # damaged: refused before config.json is rewritten
+    return config, data
+
+
+def _split_rows(n: int, tc: TrainConfig, val) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training rows, held-out rows or None): ``val_size`` random rows are held out when no
+    validation data is given and the data has more than 4 x ``val_size`` rows."""
+    if val is None and tc.val_size > 0 and n > 4 * tc.val_size:
+        val_idx = np.sort(np.random.default_rng(tc.seed).choice(n, tc.val_size, replace=False))
+        return np.setdiff1d(np.arange(n), val_idx), val_idx
+    return np.arange(n), None
 
 
 def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resume: bool = False,
           device: str | None = None, val: tuple | None = None, progress: bool = True,
           extra_config: dict | None = None, log=None) -> TrainResult:
-    """Train a CS-UNet on ``embeddings`` (N, D) (array or memmap) and ``coords`` (N, 2).
+    """Train a CS-UNet on ``embeddings`` (N, D) (array, memmap or shards) and ``coords`` (N, 2).
 
     ``val``: optional ``(embeddings, coords)`` for validation; by default ``val_size`` random
     rows are held out of the training data. Validation reports the median error and the
     accuracy within 750 km of the run's predictions with the EMA weights; at the end
     :func:`calibrate` sets the density temperature and coarse degree of the run's
-    prediction settings. Returns a :class:`TrainResult`; the run folder holds the config
-    and the final checkpoint.
+    prediction settings. Under ``torchrun`` (a process group, :func:`locdiff.distributed.init`)
+    each process trains on its part of each global batch. Returns a :class:`TrainResult`
+    (``signal`` set when SIGINT or SIGTERM stopped it after a checkpoint); the run folder
+    holds the config, the checkpoints and ``metrics.jsonl``.
     """
-    from tqdm.auto import tqdm
+    from locdiff.runfolder import RunLock, check_run_folder, clean_stale_temp, ensure_space
+    from locdiff.settings import validate
+    from locdiff.trainlog import require_tensorboard
 
-    from locdiff import shdd
-    from locdiff.predict import Predictor
-
-    log = log or (lambda msg: tqdm.write(msg))
-    config = config or RunConfig()
+    config = copy.deepcopy(config or RunConfig())
     run_dir = Path(run_dir)
+    world, main = distributed.world_size(), distributed.is_main()
     dev = resolve_device(device)
+    if distributed.is_distributed() and dev.type == "cuda":
+        dev = distributed.device()
     n, d = embeddings.shape
     coords = np.asarray(coords, np.float64)
     if len(coords) != n:
         raise DataError(f"coordinates: {len(coords)} rows but the embeddings have {n}")
-    mc = config.model
-    if mc.emb_dim != d:
-        mc.emb_dim = d
-    tc, dc = config.train, config.diffusion
-    mc.timesteps = dc.timesteps
+    config.model.emb_dim = d
+    config.model.timesteps = config.diffusion.timesteps
+    tc = config.train
+    pieces = world * tc.accumulate
+    if tc.batch_size % pieces:
+        raise DataError(f"batch size {tc.batch_size} is not a multiple of the world size {world} (processes over all "
+                        f"nodes) x accumulation {tc.accumulate} = {pieces}; use a batch size divisible by {pieces}")
+    validate(config, device=dev, rows_per_call=tc.batch_size // pieces)
+    train_idx, val_idx = _split_rows(n, tc, val)
+    if tc.tensorboard:
+        require_tensorboard()
+    log = (log or _tqdm_write) if main else (lambda msg: None)
+    with ExitStack() as stack:
+        payload = {"config": None}
+        ckpt = None
+        if main:
+            check_run_folder(run_dir)
+            ensure_space(_nearest_folder(run_dir), _checkpoint_size(config), "a checkpoint of this model")
+            stack.enter_context(RunLock(run_dir))
+            for p in clean_stale_temp(run_dir):
+                log(f"removed {p.name}, left by a process killed while writing")
+            config, ckpt = _prepare_folder(run_dir, config, resume, d, log)
+            payload = {"config": config.to_dict(), "resume": ckpt is not None}
+        if world > 1:  # the run folder is rank 0's: its settings and checkpoint reach the others
+            payload = json.loads(distributed.broadcast_bytes(json.dumps(payload).encode() if main else None))
+            config = RunConfig.from_dict(payload["config"])
+            config.model.emb_dim = d
+            ckpt = distributed.broadcast_bytes(ckpt if main else None) if payload["resume"] else None
+        if val_idx is not None and main:  # held-out rows, read by the rank that validates
+            val = (_gather(embeddings, val_idx), coords[val_idx])
+        return _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val, progress,
+                      extra_config, log)
 
-    rng = np.random.default_rng(tc.seed)
-    if val is None and tc.val_size > 0 and n > 4 * tc.val_size:
-        val_idx = np.sort(rng.choice(n, tc.val_size, replace=False))
-        train_idx = np.setdiff1d(np.arange(n), val_idx)
-        val = (_gather(embeddings, val_idx), coords[val_idx])
-    else:
-        train_idx = np.arange(n)
 
-    ckpt = run_dir / CHECKPOINT_FILE
-    if resume and (run_dir / CONFIG_FILE).is_file():
-        old, _ = read_config(run_dir)
-        if old.model != mc:
-            raise DataError(f"{run_dir / CONFIG_FILE}: model settings differ from this run's; "
-                            "resume with the same settings or use a new --out")
-        config = RunConfig(old.model, old.diffusion, tc, old.predict)
-        mc, dc = old.model, old.diffusion
-    elif ckpt.exists():
-        raise DataError(f"{run_dir}: already holds a checkpoint; pass --resume or choose a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config, {"embedding_dim": d, **(extra_config or {})})
+def _tqdm_write(msg: str) -> None:
+    from tqdm.auto import tqdm
 
+    tqdm.write(msg)
+
+
+def _nearest_folder(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _checkpoint_size(config: RunConfig) -> int:
+    from locdiff.settings import parameters_at
+
+    return 16 * parameters_at(config.model, config.model.degree) + 2**20
+
+
+def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val, progress, extra_config, log):
+    from tqdm.auto import tqdm
+
+    from locdiff import shdd
+    from locdiff.data.dataset import EmbeddingDataset, make_loader
+    from locdiff.data.sampler import BatchSampler
+    from locdiff.runfolder import Checkpoints
+    from locdiff.stopping import StopSignals
+    from locdiff.trainlog import TrainLog
+
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    mc, dc, tc = config.model, config.diffusion, config.train
+    n, d = embeddings.shape
+    extra = {"embedding_dim": d, **(extra_config or {})}
     torch.manual_seed(tc.seed)
     net = CSUNet(mc).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     ema = EMA(net, tc.ema_decay)
-    state = {"step": 0, "elapsed_s": 0.0, "history": [], "skipped": 0}
-    if resume and ckpt.exists():
-        tensors, meta = load_checkpoint(run_dir)
-        state = restore(tensors, meta, net, ema, opt)
-        state.setdefault("skipped", 0)
-        log(f"resumed {run_dir} at step {state['step']}")
+    state = {"step": 0, "elapsed_s": 0.0, "history": [], "skipped": 0, "recent": [], "best": None}
+    if ckpt is not None:
+        tensors, meta = parse_checkpoint(ckpt, run_dir / CHECKPOINT_FILE)
+        state.update(restore(tensors, meta, net, ema, opt, run_dir / CHECKPOINT_FILE, config))
+        log(f"resumed {run_dir} at step {state['step']}" + (f" on {world} processes" if world > 1 else ""))
+    keeper, tlog = None, None
+    if main:
+        write_config(run_dir, config, extra)
+        from locdiff import config as C
+
+        atomic_write_bytes(run_dir / TOML_FILE, C.dumps(config, version=TOML_VERSION, header=(
+            "The settings this run was started with; `locdiff train --config train.toml` repeats them.")).encode())
+        keeper = Checkpoints(run_dir, tc.keep_checkpoints)
+        if ckpt is None:
+            keeper.remove_others()
+        else:
+            keeper.latest_step = state["step"]
+        tlog = TrainLog(run_dir, state["step"] if ckpt is not None else None, tc.tensorboard)
+        stack.callback(tlog.close)
     schedule = dc.make_schedule().to(dev)
+    model = net
+    if world > 1:
+        unused = _unused_parameters(net, dc, schedule, dev)
+        model = _DDP(net, device_ids=[dev.index] if dev.type == "cuda" else None,
+                     find_unused_parameters=bool(unused))
     amp = tc.amp and dev.type == "cuda"
     max_s = tc.max_minutes * 60 if tc.max_minutes else None
+    K, rows_per_piece = tc.accumulate, tc.batch_size // (world * tc.accumulate)
 
+    ds = EmbeddingDataset(embeddings, coords)
+    # Fewer rows than a batch: each batch holds every row, some twice (as the sampler pads).
+    small = len(train_idx) < tc.batch_size
+    if small:
+        log(f"note: {len(train_idx)} training rows are fewer than a batch of {tc.batch_size}; batches repeat rows")
+    sampler = BatchSampler(train_idx, tc.batch_size, seed=tc.seed, rank=rank, world_size=world, infinite=True,
+                           drop_last=not small)
     step, elapsed0 = state["step"], state["elapsed_s"]
+    sampler.seek(step)
+    workers = config.data.workers if config.data.workers is not None else (2 if ds.reads_files else 0)
+    batches = iter(make_loader(ds, sampler, workers=workers, prefetch=config.data.prefetch, device=dev))
     t_start = time.perf_counter()
     last_ckpt = t_start
-    samples, step_s = 0, 0.0
-    recent = deque(maxlen=200)
+    samples, step_s, window = 0, 0.0, [0, 0.0]
+    recent = deque(state["recent"], maxlen=200)
 
     def elapsed():
         return elapsed0 + time.perf_counter() - t_start
 
     def ema_predictor():
+        from locdiff.predict import Predictor
+
         ema_net = CSUNet(mc).to(dev)
         ema.copy_to(ema_net)
         return Predictor(ema_net.eval(), config, dev)
 
-    def validate():
+    def run_validation():
         if val is None:
             return None
         from locdiff.metrics import distance_metrics
 
         m = distance_metrics(ema_predictor().predict(val[0])["latlon"], val[1])
-        return {"step": step, "median_km": round(m["median_km"], 1), "acc_750km": round(m["acc_750km"], 4)}
+        v = {"step": step, "median_km": round(m["median_km"], 1), "acc_750km": round(m["acc_750km"], 4)}
+        state["history"].append(v)
+        tlog.write(step, {"val_median_km": v["median_km"], "val_acc_750km": v["acc_750km"]})
+        log(f"step {step}: validation median {v['median_km']:.0f} km, acc@750km {100 * v['acc_750km']:.1f}%")
+        if state["best"] is None or v["median_km"] < state["best"]["median_km"]:
+            state["best"] = {"step": step, "median_km": v["median_km"]}
+            keeper.save_best(snapshot(), step)
+        return v
 
-    def checkpoint():
-        state.update(step=step, elapsed_s=elapsed())
-        save_checkpoint(run_dir, net, ema, opt, state)
+    def snapshot() -> bytes:
+        state.update(step=step, elapsed_s=elapsed(), recent=list(recent), world_size=world)
+        return checkpoint_bytes(net, ema, opt, state)
 
-    bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not progress,
+    bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
-    with _Stop() as stop:
-        while step < tc.steps and not stop.flag and not (max_s and elapsed() >= max_s):
+    stack.callback(bar.close)
+    stopped_by = None
+    with StopSignals() as stop:
+        while step < tc.steps:
+            # One rank's signal, and rank 0's clock, decide for all (same step everywhere).
+            sig, time_up, clock = distributed.all_reduce_max(
+                [stop.signum or 0, float(main and bool(max_s) and elapsed() >= max_s), elapsed() if main else 0.0])
+            if sig or time_up:
+                stopped_by = int(sig) or None
+                break
             t_step = time.perf_counter()
-            prog = max(step / tc.steps, elapsed() / max_s if max_s else 0.0)
+            prog = max(step / tc.steps, clock / max_s if max_s else 0.0)
             for g in opt.param_groups:
                 g["lr"] = tc.lr * lr_factor(step, prog, tc)
-            # Per-step seeds: the batch, noise and dropout of step s do not depend on where
-            # the run was resumed.
-            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-            torch.manual_seed(tc.seed * 1_000_003 + step)
-            idx = train_idx[torch.randint(0, len(train_idx), (tc.batch_size,), generator=gen).numpy()]
-            emb = torch.from_numpy(_gather(embeddings, idx)).to(dev)
-            if not bool(torch.isfinite(emb).all()):
-                raise DataError("embeddings: NaN or infinite values in the training rows")
-            x0 = shdd.encode(torch.from_numpy(coords[idx]), mc.degree, smoothing=dc.smoothing).float().to(dev)
+            batch = next(batches)
+            emb_all = batch.emb.to(dev, non_blocking=True)
+            x0_all = shdd.encode(batch.latlon, mc.degree, smoothing=dc.smoothing).float().to(dev)
             net.train()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss, parts = diffusion_loss(net, x0, emb, schedule, dc,
-                                             generator=gen if dev.type == "cpu" else None)
-            value = float(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            sums: dict = {}
+            for k in range(K):
+                # Per-piece seeds: the noise of step s does not depend on where the run was
+                # resumed, nor on which process computes the piece.
+                seed = piece_seed(tc.seed, step, rank * K + k)
+                torch.manual_seed(seed)
+                gen = torch.Generator().manual_seed(seed) if dev.type == "cpu" else None
+                rows = slice(k * rows_per_piece, (k + 1) * rows_per_piece)
+                with model.no_sync() if world > 1 and k < K - 1 else nullcontext():
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                        loss, parts = diffusion_loss(model, x0_all[rows], emb_all[rows], schedule, dc, generator=gen)
+                    (loss / K).backward()
+                for name, v in {"loss": float(loss.detach()), **parts}.items():
+                    sums[name] = sums.get(name, 0.0) + v / K
+            parts = distributed.all_reduce_mean(sums)
+            value = parts["loss"]
             # A step whose loss jumps far above the recent median is skipped: one bad batch
             # must not undo hours of training (tc.spike_factor; docs/model.md, "Stability").
             if not math.isfinite(value) or (tc.spike_factor and len(recent) == recent.maxlen
@@ -251,35 +360,45 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
                 opt.zero_grad(set_to_none=True)
             else:
                 recent.append(value)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 if tc.grad_clip:
                     torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
                 opt.step()
                 ema.update(net)
             step += 1
             samples += tc.batch_size
-            step_s += time.perf_counter() - t_step
+            dt = time.perf_counter() - t_step
+            step_s += dt
+            window[0] += tc.batch_size
+            window[1] += dt
+            if not main:
+                continue
             bar.update(1)
-            if step % 10 == 0 or step == tc.steps:
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
+            lr = opt.param_groups[0]["lr"]
+            if step % tc.log_every == 0 or step == tc.steps:
+                rate = window[0] / max(window[1], 1e-9)
+                tlog.write(step, {**parts, "lr": lr, "samples_per_s": round(rate, 1)})
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", refresh=False)
+                window = [0, 0.0]
             if tc.val_every and step % tc.val_every == 0 and step < tc.steps:
-                v = validate()
-                if v:
-                    state["history"].append(v)
-                    log(f"step {step}: validation median {v['median_km']:.0f} km, "
-                        f"acc@750km {100 * v['acc_750km']:.1f}%")
+                run_validation()
             now = time.perf_counter()
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or \
-                    now - last_ckpt > 60 * tc.checkpoint_minutes:
-                checkpoint()
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or now - last_ckpt > 60 * tc.checkpoint_minutes:
+                try:
+                    keeper.save(snapshot(), step)
+                except DataError as err:  # the next save may find the space freed
+                    log(f"warning: checkpoint of step {step} not saved: {err}")
                 last_ckpt = now
-    bar.close()
-    v = validate()
-    if v:
-        state["history"].append(v)
-        log(f"step {step}: validation median {v['median_km']:.0f} km, acc@750km {100 * v['acc_750km']:.1f}%")
-    checkpoint()
+    del batches  # stops the loader's workers before the final work
+    result = TrainResult(step, elapsed(), samples / max(step_s, 1e-9), state["history"], state["skipped"],
+                         stopped_by, state["best"])
+    if not main:
+        return result
+    if stopped_by is None:
+        run_validation()
+    _final_save(keeper, snapshot(), step)
+    result.best = state["best"]
+    if stopped_by is not None:  # quickly: a scheduler's SIGTERM gives seconds before SIGKILL
+        return result
     if val is not None and step > 0:
         rows = train_idx if len(train_idx) <= HYBRID_GALLERY_ROWS else \
             np.sort(np.random.default_rng(tc.seed).choice(train_idx, HYBRID_GALLERY_ROWS, replace=False))
@@ -288,8 +407,14 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
         config.predict.coarse_degree = cal["coarse_degree"]
         config.predict.mode_of = cal["mode_of"]
         config.predict.hybrid = cal["hybrid"]
-        write_config(run_dir, config, {"embedding_dim": d, **(extra_config or {})})
-    if stop.flag:
-        log(f"interrupted at step {step}; checkpoint saved, continue with --resume")
-    # Throughput counts the training steps only (not validation or checkpoints).
-    return TrainResult(step, elapsed(), samples / max(step_s, 1e-9), state["history"], state["skipped"])
+        write_config(run_dir, config, extra)
+    return result
+
+
+def _final_save(keeper, data: bytes, step: int) -> None:
+    try:
+        keeper.save(data, step)
+    except DataError as err:
+        last = f"the checkpoint of step {keeper.latest_step} is intact" if keeper.latest_step is not None else \
+            "no checkpoint was saved"
+        raise DataError(f"{err}; {last}") from None

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from locdiff.data.files import DataError, ShardedArray, open_embeddings, read_coords
 from locdiff.data.sampler import BatchSampler
+from locdiff.stopping import ignore_in_worker
 
 __all__ = ["Arrays", "Batch", "BatchLoader", "BatchSampler", "EmbeddingDataset", "make_loader"]
 
@@ -146,6 +147,11 @@ class EmbeddingDataset(Dataset):
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def reads_files(self) -> bool:
+        """True when rows come from files (worth loader workers), False for arrays in memory."""
+        return any(isinstance(p, _FileRows) for p in self._parts)
+
     def __getitem__(self, rows) -> Batch:
         if np.ndim(rows) == 0:
             b = self[np.array([rows])]
@@ -197,6 +203,9 @@ def _parts_of(embeddings) -> tuple[list, list[str]]:
         if isinstance(arr, np.memmap) and arr.filename:
             parts.append(_FileRows(arr, str(name)))
             continue
+        if not isinstance(arr, np.ndarray) and hasattr(arr, "__getitem__") and len(getattr(arr, "shape", ())) == 2:
+            parts.append(arr)  # an array-like read by rows (indexed with sorted row arrays)
+            continue
         arr = np.asarray(arr)
         if arr.ndim != 2 or arr.dtype.kind != "f":
             raise DataError(f"{name}: embeddings must be a 2-D float array, got {arr.dtype} {arr.shape}")
@@ -228,6 +237,7 @@ def make_loader(dataset: EmbeddingDataset, sampler: BatchSampler, *, workers: in
     calling thread); they stay alive across epochs when ``persistent``. Batches are pinned
     when ``device`` is CUDA, so ``.to(device, non_blocking=True)`` overlaps the copy. The
     loader's own generator is private, so iterating it leaves the global torch RNG alone.
+    Workers ignore SIGINT and SIGTERM: the training process answers them and stops them.
     """
     if workers < 0:
         raise DataError(f"workers must be >= 0, got {workers}")
@@ -237,7 +247,8 @@ def make_loader(dataset: EmbeddingDataset, sampler: BatchSampler, *, workers: in
     return BatchLoader(_ArraysView(dataset), sampler=sampler, batch_size=None, num_workers=workers,
                        prefetch_factor=prefetch if workers else None, collate_fn=_identity,
                        persistent_workers=persistent and workers > 0,
-                       pin_memory=dev.type == "cuda", generator=torch.Generator())
+                       pin_memory=dev.type == "cuda", generator=torch.Generator(),
+                       worker_init_fn=ignore_in_worker if workers else None)
 
 
 class _ArraysView(Dataset):

@@ -132,6 +132,8 @@ def _check_emb(arr: np.ndarray, path) -> np.ndarray:
         raise DataError(f"{path}: embeddings must be float16 or float32, got {arr.dtype}")
     if len(arr) == 0:
         raise DataError(f"{path}: embeddings file has no rows")
+    if arr.shape[1] == 0:
+        raise DataError(f"{path}: embeddings have shape {arr.shape}: no columns (expected (N, D) with D >= 1)")
     return arr
 
 
@@ -164,25 +166,52 @@ def read_coords(path, rows: int | None = None) -> np.ndarray:
     return arr
 
 
+def decode_text(data: bytes, path) -> str:
+    """Text of a file from a spreadsheet or another tool: UTF-8 (a byte-order mark, as
+    Excel writes, is dropped; UTF-16 with its mark is read too), else latin-1 with a warning
+    (every byte is a latin-1 character, so this never fails; the warning says the guess)."""
+    import warnings
+
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        warnings.warn(f"{path}: not UTF-8 (byte {err.start}); read as latin-1", UnicodeWarning, stacklevel=3)
+        return data.decode("latin-1")
+
+
 def _read_csv(path: Path) -> np.ndarray:
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = [h.strip().lower() for h in next(reader)]
-        except StopIteration:
-            raise DataError(f"{path}: empty CSV file") from None
-        lat = next((header.index(n) for n in ("lat", "latitude") if n in header), None)
-        lon = next((header.index(n) for n in ("lon", "lng", "longitude") if n in header), None)
-        if lat is None or lon is None:
-            raise DataError(f"{path}: CSV header needs 'lat' and 'lon' columns, got {header}")
-        out = []
+    import io
+
+    text = decode_text(path.read_bytes(), path)
+    try:
+        # Comma, semicolon (spreadsheets in locales with a decimal comma) or tab.
+        dialect = csv.Sniffer().sniff(text[:8192].split("\n", 1)[0], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(io.StringIO(text, newline=""), dialect)
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except StopIteration:
+        raise DataError(f"{path}: empty CSV file") from None
+    except csv.Error as err:
+        raise DataError(f"{path}: not a readable CSV file ({err})") from None
+    lat = next((header.index(n) for n in ("lat", "latitude") if n in header), None)
+    lon = next((header.index(n) for n in ("lon", "lng", "long", "longitude") if n in header), None)
+    if lat is None or lon is None:
+        raise DataError(f"{path}: CSV header needs 'lat' and 'lon' columns, got {header}")
+    out = []
+    try:
         for i, row in enumerate(reader):
-            if not row:
+            if not row or not any(c.strip() for c in row):
                 continue
             try:
                 out.append((float(row[lat]), float(row[lon])))
             except (ValueError, IndexError):
                 raise DataError(f"{path}: line {i + 2} has no numeric lat/lon") from None
+    except csv.Error as err:
+        raise DataError(f"{path}: not a readable CSV file, line {reader.line_num} ({err})") from None
     if not out:
         raise DataError(f"{path}: CSV file has no data rows")
     return np.array(out, np.float64)

@@ -1,0 +1,60 @@
+"""Prediction settings of a trained run chosen on validation data (:func:`calibrate`): the
+density temperature by NLL, the point rule (mode of the density or of the function, coarse
+decoding degree) and the LocDiff-H settings by median error. The training loop calls it at
+the end of a run; it reads nothing but a predictor and arrays.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from locdiff.diffusion.losses import kl_temperature
+
+# Density temperatures tried by calibration, in units of the SHDD-KL temperature f0 / 16
+# at the run's degree (the density head learns densities near that scale).
+TEMPERATURE_FACTORS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.0, 16.0, 23.0, 32.0)
+COARSE_DEGREES = (4, 8, 16)
+
+
+# LocDiff-H is calibrated against at most this many training rows as gallery (the search
+# runs over all of them for every validation row).
+HYBRID_GALLERY_ROWS = 200_000
+
+
+def calibrate(predictor, val, gallery=None, log=None) -> dict:
+    """Prediction settings chosen on validation data ``(emb, coords)`` with the run's
+    sampler: the density temperature with the lowest NLL, the point rule (mode of the
+    density or of the function, coarse decoding degree or none) with the lowest median error
+    and, with a ``gallery`` ``(emb, coords)``, the LocDiff-H settings with the lowest median
+    error. Returns ``{"temperature", "mode_of", "coarse_degree", "hybrid", "val_nll",
+    "val_median_km"}``."""
+    from locdiff import shdd
+    from locdiff.metrics import distance_metrics
+
+    coeffs = predictor.coefficients(val[0]).double()
+    truth = torch.as_tensor(np.asarray(val[1], np.float64))
+    base = kl_temperature(predictor.degree, 16.0)
+    temps = [base * f for f in TEMPERATURE_FACTORS]
+    nll = [-float(shdd.log_density_at(coeffs, truth, temperature=t).mean()) for t in temps]
+    best_t = int(np.argmin(nll))
+    medians = {}
+    for mode_of in ("density", "function"):
+        for cd in (None, *(d for d in COARSE_DEGREES if d < predictor.degree)):
+            latlon = predictor.locate(coeffs, cd, mode_of, temps[best_t])
+            medians[mode_of, cd] = distance_metrics(latlon, val[1])["median_km"]
+    mode_of, coarse = min(medians, key=medians.get)
+    out = {"temperature": temps[best_t], "mode_of": mode_of, "coarse_degree": coarse, "hybrid": {},
+           "val_nll": nll[best_t], "val_median_km": medians[mode_of, coarse]}
+    if log:
+        log(f"calibration: density temperature {out['temperature']:.3g} (validation NLL {out['val_nll']:.3f}), "
+            f"mode of the {mode_of}, coarse degree {coarse} (validation median {out['val_median_km']:.0f} km)")
+    if gallery is not None:
+        from locdiff.hybrid import Hybrid
+
+        fit = Hybrid(*gallery).fit(coeffs, temps[best_t], val[0], predictor.locate(coeffs, coarse, mode_of, temps[best_t]),
+                                   val[1])
+        out["hybrid"] = {k: v for k, v in fit.items() if k != "score"}
+        if log:
+            log(f"calibration: LocDiff-H weight {fit['weight']:g}, bandwidth {fit['bandwidth_km']:g} km, "
+                f"temperature {fit['temperature']:g} (validation median {fit['score']:.0f} km)")
+    return out

@@ -1,0 +1,88 @@
+"""What the ``locdiff`` subcommands share: the user-error type, reading data files with
+their checks, and checking optional packages before any work."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from locdiff.data.files import DataError, open_embeddings, read_coords
+
+# What each optional feature imports, and the pip requirement that brings it.
+OPTIONAL = {
+    "--map": [("matplotlib", "matplotlib")],
+    "--html": [("folium", "locdiff[photos]"), ("xstatic.pkg.leaflet", "locdiff[photos]")],
+    "--images": [("transformers", "locdiff[photos]"), ("PIL", "locdiff[photos]"),
+                 ("reverse_geocode", "locdiff[photos]")],
+    "--tensorboard": [("tensorboard", "tensorboard")],
+}
+
+
+class CliError(DataError):
+    """A user error: printed as one line, exit code 2."""
+
+
+def require_packages(*features: str) -> None:
+    """One line naming the flag and the package to install, for the first missing one."""
+    for feature in features:
+        for module, requirement in OPTIONAL[feature]:
+            if _missing(module):
+                raise CliError(f"{feature} needs the package {module.split('.')[0]!r}, which is not installed: "
+                               f"pip install '{requirement}'")
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a parent package is missing
+        return True
+
+
+def check_finite_embeddings(emb, path, chunk: int = 65_536) -> None:
+    # Chunked so that a memory-mapped file of several GB is scanned without loading it.
+    for i in range(0, len(emb), chunk):
+        block = np.asarray(emb[i:i + chunk])
+        if not np.isfinite(block).all():
+            row = i + int(np.flatnonzero(~np.isfinite(block).all(1))[0])
+            raise DataError(f"{path}: row {row} of the embeddings is NaN or infinite")
+
+
+def load_pair(emb_path, coords_path):
+    """Embeddings (memory-mapped) and coordinates, checked: rows agree, values finite."""
+    emb = open_embeddings(emb_path)
+    coords = read_coords(coords_path, rows=len(emb))
+    check_finite_embeddings(emb, emb_path)
+    return emb, coords
+
+
+def check_dim(emb, path, pred, run) -> None:
+    if emb.shape[1] != pred.embedding_dim:
+        raise DataError(f"{path}: embedding dimension {emb.shape[1]}, but the run {run} was trained "
+                        f"on {pred.embedding_dim}")
+
+
+def add_dist_timeout(parser) -> None:
+    parser.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                        help="under torchrun: how long a process waits for the others (rendezvous and each "
+                             "exchange; default 600)")
+
+
+def join_process_group(args, dev) -> None:
+    """Under ``torchrun``: join the process group (NCCL on CUDA, gloo on the CPU)."""
+    import math
+
+    from locdiff import distributed
+
+    t = args.dist_timeout if args.dist_timeout is not None else distributed.DEFAULT_TIMEOUT_S
+    if not (math.isfinite(t) and t > 0):
+        raise CliError(f"--dist-timeout {t}: expected a finite number of seconds > 0")
+    distributed.init(backend="nccl" if dev.type == "cuda" else "gloo", timeout_s=t)
+
+
+def positive_int(name: str, value, lo: int = 1, hi: int | None = None) -> None:
+    """``--name value: expected an integer in [lo, hi]`` unless it is one."""
+    if value is None:
+        return
+    if not lo <= value <= (hi if hi is not None else value):
+        span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise CliError(f"--{name} {value}: expected an integer {span}")

@@ -1,0 +1,275 @@
+"""``locdiff predict`` and ``locdiff evaluate``. Outputs, optional packages and the run are
+checked before any prediction; under ``torchrun`` the inputs are split across processes
+in whole prediction batches (each keeps the seed it has in one process, so the merged
+output equals a single process's) and rank 0 writes one output in input order."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from locdiff import distributed
+from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, check_dim, check_finite_embeddings, load_pair, positive_int, require_packages
+from locdiff.data.files import DataError, atomic_write_bytes, open_embeddings
+from locdiff.runfolder import check_output_file
+
+# --top-k: at most this many modes, and never more than the sphere holds apart.
+MAX_TOP_K = 100
+
+
+def top_k_limit(degree: int) -> int:
+    """The most modes a degree-``degree`` run can report: caps of half the modes' minimum
+    separation that fit on the sphere, at most :data:`MAX_TOP_K`."""
+    from locdiff import EARTH_RADIUS_KM, shdd
+
+    half = shdd.default_separation_km(degree) / EARTH_RADIUS_KM / 2
+    return int(min(MAX_TOP_K, max(1, math.floor(2 / (1 - math.cos(min(half, math.pi / 2)))))))
+
+
+def _check_top_k(k: int, degree: int) -> None:
+    cap = top_k_limit(degree)
+    if not 0 <= k <= cap:
+        raise CliError(f"--top-k {k}: expected an integer in [0, {cap}] (the most separate modes a degree-{degree} "
+                       "run reports)")
+
+
+def _join(args):
+    """The device to predict on, after joining the ``torchrun`` process group when there is
+    one (each process on its own GPU under NCCL)."""
+    from locdiff.run import resolve_device
+
+    dev = resolve_device(args.device)
+    join_process_group(args, dev)
+    return distributed.device() if distributed.is_distributed() and dev.type == "cuda" else dev
+
+
+def _predictor(run, device):
+    from locdiff.predict import Predictor
+
+    if not Path(run).is_dir():
+        raise DataError(f"{run}: run folder not found")
+    return Predictor.from_run(run, device)
+
+
+def _sampling(args) -> dict:
+    """Prediction settings given on the command line (None: the run's own)."""
+    positive_int("samples", args.samples)
+    positive_int("sample-steps", args.sample_steps)
+    return {"sampler": args.sampler, "steps": args.sample_steps, "samples": args.samples,
+            "guidance": args.guidance, "eta": args.eta}
+
+
+def _hybrid(args, pred):
+    """LocDiff-H over the gallery files, with the settings calibrated at training (None
+    without --gallery-embeddings)."""
+    if not args.gallery_embeddings and not args.gallery_coords:
+        return None
+    if not (args.gallery_embeddings and args.gallery_coords):
+        raise CliError("--gallery-embeddings and --gallery-coords go together")
+    from locdiff.hybrid import Hybrid, HybridConfig
+
+    emb, coords = load_pair(args.gallery_embeddings, args.gallery_coords)
+    check_dim(emb, args.gallery_embeddings, pred, args.run)
+    return Hybrid(emb, coords, HybridConfig(**pred.config.predict.hybrid))
+
+
+def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, **sampling) -> dict | None:
+    """``pred.predict(emb, top_k)`` over the processes of a ``torchrun`` group: each takes
+    whole batches of ``predict.batch_size`` rows, seeded by their position as in one process;
+    rank 0 gets the merged outputs in input order, the others None."""
+    if distributed.world_size() == 1:
+        return pred.predict(emb, top_k=top_k, progress=progress, **sampling)
+    from locdiff import shdd
+
+    bs, n = pred.config.predict.batch_size, len(emb)
+    part = distributed.split_for_rank(-(-n // bs))
+    parts: dict = {"latlon": [], "coeffs": [], "topk_latlon": [], "topk_values": []}
+    for g in range(part.start * bs, min(part.stop * bs, n), bs):
+        c = pred.coefficients(np.asarray(emb[g:g + bs], np.float32), seed=g, **sampling)
+        parts["coeffs"].append(c.numpy())
+        parts["latlon"].append(pred.locate(c))
+        if top_k:
+            tl, tv = shdd.top_k(c.double(), top_k)
+            parts["topk_latlon"].append(np.asarray(tl))
+            parts["topk_values"].append(np.asarray(tv))
+    empty = {"latlon": (0, 2), "coeffs": (0, pred.config.model.dim), "topk_latlon": (0, top_k, 2),
+             "topk_values": (0, top_k)}
+    mine = {k: np.concatenate(v) if v else np.empty(empty[k], np.float32 if k == "coeffs" else np.float64)
+            for k, v in parts.items() if top_k or not k.startswith("topk")}
+    return distributed.gather_in_order(mine)
+
+
+class _Predicted:
+    """A predictor whose outputs are already computed (for :func:`locdiff.evaluate.evaluate`)."""
+
+    def __init__(self, pred, out: dict):
+        self.config, self._out = pred.config, out
+
+    def predict(self, emb, **_):
+        return self._out
+
+
+def cmd_evaluate(args) -> int:
+    from locdiff.evaluate import evaluate, format_table
+
+    dev = _join(args)
+    # Outputs are rank 0's: other nodes need not see the output folder.
+    out = check_output_file(args.json, "metrics JSON") if distributed.is_main() else Path(args.json)
+    pred = _predictor(args.run, dev)
+    emb, coords = load_pair(args.embeddings, args.coords)
+    check_dim(emb, args.embeddings, pred, args.run)
+    hybrid = _hybrid(args, pred)
+    sampling = _sampling(args)
+    done = sharded_predict(pred, emb, progress=distributed.is_main(), **sampling)
+    if not distributed.is_main():
+        return 0
+    m = evaluate(_Predicted(pred, done), emb, coords, hybrid=hybrid)
+    atomic_write_bytes(out, (json.dumps(m, indent=2) + "\n").encode())
+    print(format_table({"LocDiff-H" if hybrid else "LocDiff": m}))
+    print(f"metrics written to {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    if (args.embeddings is None) == (args.images is None):
+        raise CliError("give --embeddings FILE or --images PATH... (one of them)")
+    if args.images:
+        # Photos are answered by the first process alone, outside any process group: the
+        # others end at once rather than wait in a group for however long the photos take.
+        from locdiff.run import resolve_device
+
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+        dev = resolve_device(args.device)
+    else:
+        dev = _join(args)
+        if not distributed.is_main():  # outputs are rank 0's: other nodes need not see their folders
+            return _predict_embeddings(args, dev, None, None)
+    out = check_output_file(args.out, "predictions CSV")
+    jsonl = check_output_file(out.with_suffix(".jsonl"), "predictions JSON Lines") if args.images else None
+    html = check_output_file(args.html, "HTML map") if args.html else None
+    png = check_output_file(args.map, "map") if args.map else None
+    if args.html and not args.images:
+        raise CliError("--html maps the answers of --images")
+    require_packages(*[f for f, on in (("--map", png), ("--html", html), ("--images", args.images)) if on])
+    if args.images:
+        return _predict_images(args, dev, out, jsonl, html, png)
+    return _predict_embeddings(args, dev, out, png)
+
+
+def _predict_embeddings(args, dev, out, png) -> int:
+    pred = _predictor(args.run, dev)
+    k = 0 if args.top_k is None else args.top_k
+    _check_top_k(k, pred.degree)
+    emb = open_embeddings(args.embeddings)
+    check_dim(emb, args.embeddings, pred, args.run)
+    check_finite_embeddings(emb, args.embeddings)
+    hybrid = _hybrid(args, pred)
+    res = sharded_predict(pred, emb, top_k=k, progress=distributed.is_main(), **_sampling(args))
+    if not distributed.is_main():
+        return 0
+    from locdiff.data.files import write_coords_csv
+
+    latlon = res["latlon"]
+    if hybrid is not None:
+        latlon = hybrid.predict(res["coeffs"], pred.config.predict.temperature, emb, latlon)
+    extra = {}
+    for j in range(k):
+        extra[f"lat_{j + 1}"] = res["topk_latlon"][:, j, 0]
+        extra[f"lon_{j + 1}"] = res["topk_latlon"][:, j, 1]
+        extra[f"score_{j + 1}"] = res["topk_values"][:, j]
+    write_coords_csv(out, latlon, extra)
+    if png:
+        _png(png, res["coeffs"], [f"row {i}" for i in range(len(latlon))], res.get("topk_latlon") if k else None,
+             latlon, pred.config.predict.temperature)
+    print(f"{len(latlon)} predictions written to {out}" + (f", map to {png}" if png else ""))
+    return 0
+
+
+def _png(path, coeffs, names, topk, points, temperature) -> None:
+    from locdiff.plot import plot_predictions
+
+    k = min(4, len(coeffs))
+    plot_predictions(path, coeffs[:k], titles=list(names[:k]), topk=topk[:k] if topk is not None else None,
+                     points=points[:k], temperature=temperature)
+
+
+def _predict_images(args, dev, out, jsonl, html, png) -> int:
+    """Photos to answers: embedded with the run's encoder, one process (rank 0 under torchrun)."""
+    import sys
+
+    from locdiff.answer_files import write_csv, write_html_map, write_jsonl
+    from locdiff.geolocator import Geolocator
+    from locdiff.images import find_images
+
+    find_images(args.images)  # a missing path or a folder without images: before loading anything
+    if not Path(args.run).is_dir():
+        raise DataError(f"{args.run}: run folder not found")
+    geo = Geolocator.from_run(args.run, str(dev))
+    k = 5 if args.top_k is None else args.top_k
+    _check_top_k(k, geo.predictor.degree)
+    if k < 1:
+        raise CliError(f"--top-k {k}: answers for --images need at least 1 mode")
+    ans = geo.predict(args.images, top_k=k, density=bool(html))
+    for path, reason in ans.skipped:
+        print(f"locdiff predict: warning: skipped {path}: {reason}", file=sys.stderr)
+    write_csv(out, ans)
+    write_jsonl(jsonl, ans)
+    if html:
+        write_html_map(html, ans)
+    if png:
+        _png(png, ans.coeffs, ans.names, ans.modes, ans.latlon, geo.temperature)
+    written = ", ".join(str(p) for p in (out, jsonl, html, png) if p)
+    print(f"{len(ans)} photos located; written to {written}")
+    return 0
+
+
+def add_sampling(p) -> None:
+    from locdiff.run import SAMPLERS
+
+    g = p.add_argument_group("sampling (default: the run's settings)")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="density: the density head in one call; ddim or ddpm: average sampled vectors")
+    g.add_argument("--sample-steps", type=int, default=None, help="DDIM steps")
+    g.add_argument("--samples", type=int, default=None, help="sampled vectors per input (ddim, ddpm)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight")
+    g.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
+    g = p.add_argument_group("LocDiff-H (retrieval over a gallery)")
+    g.add_argument("--gallery-embeddings", default=None, help="gallery embeddings (e.g. the training set's)")
+    g.add_argument("--gallery-coords", default=None, help="gallery coordinates")
+
+
+# torchrun's own parser takes `--run` as an abbreviation of its --run-path (an error), so
+# under torchrun the run folder is given as --run-dir.
+RUN_HELP = "run folder (--run-dir: the same, for use under torchrun)"
+
+
+def add_parsers(sub) -> None:
+    import argparse
+
+    e = sub.add_parser("evaluate", help="metrics of a run on labelled data (torchrun: split across processes)")
+    e.add_argument("--run", "--run-dir", dest="run", required=True, help=RUN_HELP)
+    e.add_argument("--embeddings", required=True)
+    e.add_argument("--coords", required=True)
+    e.add_argument("--json", required=True, help="output metrics JSON")
+    e.add_argument("--device", default="auto", help=argparse.SUPPRESS)
+    add_sampling(e)
+    add_dist_timeout(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="predict locations for embeddings or photos")
+    r.add_argument("--run", "--run-dir", dest="run", required=True, help=RUN_HELP)
+    r.add_argument("--embeddings", default=None, help="embeddings (.npy or folder of shards)")
+    r.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                   help="photos (files or folders), embedded with the encoder the run records")
+    r.add_argument("--out", required=True, help="output CSV (with --images, answers; and OUT.jsonl beside it)")
+    r.add_argument("--top-k", type=int, default=None, help="the k highest modes (default: 0; 5 with --images)")
+    r.add_argument("--map", default=None, help="PNG world map of the first predictions")
+    r.add_argument("--html", default=None, help="with --images: interactive HTML map (density and modes)")
+    r.add_argument("--device", default="auto", help=argparse.SUPPRESS)
+    add_sampling(r)
+    add_dist_timeout(r)
+    r.set_defaults(func=cmd_predict)

@@ -1,0 +1,190 @@
+"""A run folder as a training process owns it: an advisory lock for the run's life, stale
+temporary files removed on start, free space checked before each checkpoint, the last K
+checkpoints and the best by validation median kept, and output paths checked before work.
+
+>>> with RunLock("runs/a"):          # a second writer gets a DataError naming this PID  # doctest: +SKIP
+...     keeper = Checkpoints("runs/a", keep=3)
+...     keeper.save(data, step=500)
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from locdiff.data.files import DataError, atomic_write_bytes
+from locdiff.run import CHECKPOINT_FILE
+
+LOCK_FILE = "locdiff.lock"
+BEST_FILE = "checkpoint-best.safetensors"
+_KEPT = re.compile(r"^checkpoint-step(\d+)\.safetensors$")
+# Room beyond a checkpoint's own bytes (file-system metadata, the logs written meanwhile).
+SPACE_MARGIN = 16 * 2**20
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 1024:,.0f} kB"
+
+
+class RunLock:
+    """An exclusive ``fcntl`` lock on ``RUN/locdiff.lock``, held until :meth:`release` (or
+    the process ends: the kernel drops the lock of a dead process, so a stale lock file is
+    simply taken over). The file names the holder (PID and host) for the error of the
+    next writer."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DataError(f"{self.path.parent}: run folder in use by {holder} (lock {self.path}); wait for it "
+                                "to finish or choose another --out") from None
+            raise DataError(f"{self.path}: cannot lock the run folder ({err.strerror})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def clean_stale_temp(run_dir) -> list[Path]:
+    """Remove the temporary files of atomic writes (``.NAME.*.tmp``) that a killed process
+    left; call with the run's lock held, so that no live writer owns them."""
+    removed = []
+    for p in Path(run_dir).glob(".*.tmp"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def free_bytes(folder) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def ensure_space(folder, needed: int, what: str) -> None:
+    """:class:`DataError` naming the need when ``folder``'s file system has less than
+    ``needed`` bytes (plus a margin) free."""
+    free = free_bytes(folder)
+    if free < needed + SPACE_MARGIN:
+        raise DataError(f"{folder}: {what} needs {_mb(needed + SPACE_MARGIN)} free but the file system has "
+                        f"{_mb(free)}; free some space")
+
+
+class Checkpoints:
+    """Writes a run's checkpoints: ``checkpoint.safetensors`` (the latest, what ``--resume``
+    and prediction read), the ``keep - 1`` before it as ``checkpoint-step<N>.safetensors``
+    (hard links of the files they were, so keeping costs no copy), and
+    ``checkpoint-best.safetensors`` (lowest validation median). Every write is atomic and
+    checked for space first."""
+
+    def __init__(self, run_dir, keep: int = 1):
+        self.dir, self.keep = Path(run_dir), int(keep)
+        self.latest_step: int | None = None
+
+    def remove_others(self) -> None:
+        """A fresh run: drop kept and best checkpoints a previous run left in the folder."""
+        for p in self.dir.iterdir():
+            if _KEPT.match(p.name) or p.name == BEST_FILE:
+                p.unlink()
+
+    def save(self, data: bytes, step: int) -> None:
+        ensure_space(self.dir, len(data), f"the checkpoint of step {step}")
+        latest = self.dir / CHECKPOINT_FILE
+        if self.keep > 1 and self.latest_step not in (None, step) and latest.exists():
+            kept = self.dir / f"checkpoint-step{self.latest_step:08d}.safetensors"
+            if not kept.exists():
+                try:
+                    os.link(latest, kept)
+                except OSError:  # a file system without hard links
+                    atomic_write_bytes(kept, latest.read_bytes())
+        _write(latest, data)
+        self.latest_step = step
+        self._prune()
+
+    def save_best(self, data: bytes, step: int) -> None:
+        ensure_space(self.dir, len(data), f"the best checkpoint (step {step})")
+        _write(self.dir / BEST_FILE, data)
+
+    def kept(self) -> list[Path]:
+        """Older checkpoints kept, oldest first."""
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _KEPT.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def _prune(self) -> None:
+        old = self.kept()
+        for p in old[:max(0, len(old) - (self.keep - 1))]:
+            p.unlink(missing_ok=True)
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"{path}: no space left to write {_mb(len(data))} ({err.strerror}); free some space") \
+                from None
+        raise
+
+
+def check_output_file(path, what: str) -> Path:
+    """``path`` can be written as a file: not a folder, its folder exists and is writable."""
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder; the {what} needs a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        what_is = "is a file, not a folder" if parent.exists() else "does not exist"
+        raise DataError(f"{p}: folder {parent} for the {what} {what_is}")
+    _check_writable(parent, p, what)
+    return p
+
+
+def check_run_folder(path) -> Path:
+    """``path`` is a folder or can be made one: every existing part is a folder, the nearest
+    existing one is writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise DataError(f"{p}: exists and is a file, not a run folder")
+    ancestor = p
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DataError(f"{p}: {ancestor} is a file, so the run folder cannot be made")
+    _check_writable(ancestor, p, "run folder")
+    return p
+
+
+def _check_writable(folder: Path, target: Path, what: str) -> None:
+    # Create a file rather than ask os.access: root passes access() on read-only mounts.
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise DataError(f"{target}: cannot write the {what} in {folder} ({err.strerror})") from None

@@ -1,0 +1,83 @@
+"""The training log of a run folder: ``metrics.jsonl``, one JSON object a line (``step``,
+then the loss parts, ``lr``, ``samples_per_s``, or the validation metrics ``val_*``), and
+with ``tensorboard`` the same scalars as TensorBoard event files in ``RUN/tensorboard``.
+
+A resumed run drops the lines past its checkpoint's step (written after the checkpoint by
+the process that was stopped), so the file reads as one uninterrupted run.
+
+>>> log = TrainLog("runs/a", resume_step=None)         # doctest: +SKIP
+>>> log.write(10, {"loss": 0.52, "lr": 1e-4})          # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+from locdiff.data.files import DataError, atomic_write_bytes
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def require_tensorboard() -> None:
+    """:class:`DataError` (one line) when the ``tensorboard`` package is missing."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise DataError("--tensorboard needs the package 'tensorboard', which is not installed: "
+                        "pip install tensorboard (or leave out --tensorboard; metrics.jsonl is written anyway)")
+
+
+def _kept_lines(path: Path, upto: int) -> list[str]:
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= upto:
+            keep.append(line)
+    return keep
+
+
+class TrainLog:
+    """Appends records to ``RUN/metrics.jsonl`` (flushed a line at a time) and, with
+    ``tensorboard``, to TensorBoard. ``resume_step``: None starts the file anew; a step keeps
+    the lines up to it."""
+
+    def __init__(self, run_dir, resume_step: int | None = None, tensorboard: bool = False):
+        self.path = Path(run_dir) / METRICS_FILE
+        lines = _kept_lines(self.path, resume_step) if resume_step is not None and self.path.exists() else []
+        atomic_write_bytes(self.path, "".join(line + "\n" for line in lines).encode("utf-8"))
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=resume_step)
+
+    def write(self, step: int, values: dict) -> None:
+        rec = {"step": int(step)}
+        rec.update({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()})
+        self._fh.write(json.dumps(rec, allow_nan=True) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k.replace("val_", "validation/", 1) if k.startswith("val_") else f"train/{k}",
+                                        v, step)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,356 @@
+"""The CLI's guarantees (docs/cli.md), one test per case of the issue that asked for them:
+the run-folder lock, exit codes after signals, settings and outputs checked before work,
+damaged run folders, CSV encodings and the resume messages."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from locdiff import cli
+from locdiff.diffusion import DiffusionConfig
+from locdiff.models import CSUNetConfig
+from locdiff.run import CHECKPOINT_FILE, CONFIG_FILE, PredictConfig, RunConfig, TrainConfig, load_checkpoint
+from locdiff.train import train
+
+TINY = ["--degree", "4", "--set", "model.widths=[32,16]", "--set", "model.cond_dim=16", "--set",
+        "model.emb_widths=[32]", "--set", "diffusion.timesteps=50", "--batch-size", "16", "--set",
+        "train.val_size=0", "--workers", "0", "--device", "cpu", "--quiet"]
+
+
+def tiny_config(steps=20, **kw):
+    tc = dict(steps=steps, batch_size=16, val_size=0, val_every=0, checkpoint_every=5)
+    tc.update(kw)
+    return RunConfig(CSUNetConfig(degree=4, widths=(32, 16), cond_dim=16, emb_widths=(32,), density_head=True),
+                     DiffusionConfig(timesteps=50), TrainConfig(**tc), PredictConfig(samples=2))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guarantees")
+    rng = np.random.default_rng(0)
+    n = 64
+    coords = np.stack([rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)], 1)
+    emb = rng.normal(size=(n, 6)).astype(np.float32)
+    np.save(d / "emb.npy", emb)
+    np.save(d / "coords.npy", coords)
+    (d / "coords.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords))
+    train(emb, coords, d / "base", tiny_config(steps=3), progress=False)
+    return d
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def expect_error(capsys, argv, fragment, must_not_exist=()):
+    code, _, err = run_cli(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    for p in must_not_exist:
+        assert not p.exists(), p
+    return lines[0]
+
+
+def train_argv(files, out, *extra):
+    return ["train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv", "--out", out, *TINY,
+            *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ---- 1. a lock per run folder -----------------------------------------------------------------
+HOLD = ("import sys, time\nfrom locdiff.runfolder import RunLock\nRunLock(sys.argv[1]).acquire()\n"
+        "print('held', flush=True)\ntime.sleep(60)\n")
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken_over(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = expect_error(capsys, train_argv(files, out, "--steps", 2), f"run folder in use by PID {holder.pid}")
+        assert not (out / CONFIG_FILE).exists() and not (out / CHECKPOINT_FILE).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "locdiff.lock" in line
+    # The holder died without cleaning up: its lock file stays, and is taken over.
+    assert (out / "locdiff.lock").exists()
+    code, out_text, _ = run_cli(capsys, *train_argv(files, out, "--steps", 2))
+    assert code == 0 and "trained 2 steps" in out_text
+
+
+# ---- 2. signals: 130 / 143, exact resume, a second signal -------------------------------------
+class SignalOnRead:
+    """Embeddings that send this process ``signals`` on the n-th batch read, as a terminal or a
+    scheduler would."""
+
+    def __init__(self, arr, at: int, signals=(signal.SIGTERM,)):
+        self.arr, self.at, self.signals, self.reads = arr, at, signals, 0
+        self.shape = arr.shape
+
+    def __len__(self):
+        return len(self.arr)
+
+    def __getitem__(self, idx):
+        self.reads += 1
+        if self.reads == self.at:
+            for s in self.signals:
+                os.kill(os.getpid(), s)
+        return self.arr[idx]
+
+
+def test_signal_saves_and_resume_continues_exactly(files, tmp_path):
+    emb, coords = np.load(files / "emb.npy"), np.load(files / "coords.npy")
+    train(emb, coords, tmp_path / "full", tiny_config(), progress=False)
+    res = train(SignalOnRead(emb, 8), coords, tmp_path / "cut", tiny_config(), progress=False)
+    assert res.signal == signal.SIGTERM and 0 < res.steps < 20
+    _, meta = load_checkpoint(tmp_path / "cut")
+    assert json.loads(meta["state"])["step"] == res.steps  # saved at the step it stopped
+    train(emb, coords, tmp_path / "cut", tiny_config(), resume=True, progress=False)
+    full, _ = load_checkpoint(tmp_path / "full")
+    cut, _ = load_checkpoint(tmp_path / "cut")
+    for k in full:
+        torch.testing.assert_close(cut[k], full[k], rtol=0, atol=0, msg=k)
+
+
+def test_second_signal_stops_at_once_and_the_last_checkpoint_stays_whole(files, tmp_path):
+    from locdiff.stopping import Interrupted
+
+    emb, coords = np.load(files / "emb.npy"), np.load(files / "coords.npy")
+    with pytest.raises(Interrupted) as info:
+        train(SignalOnRead(emb, 8, (signal.SIGINT, signal.SIGINT)), coords, tmp_path / "run", tiny_config(),
+              progress=False)
+    assert info.value.exit_code == 130
+    _, meta = load_checkpoint(tmp_path / "run")  # verified by its checksum
+    assert json.loads(meta["state"])["step"] == 5
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupted_command_exits_128_plus_signal(files, tmp_path, sig, code):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "locdiff", *map(str, train_argv(files, out, "--steps", 100_000, "--set",
+                                                                  "train.log_every=1"))]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and not (
+            (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-2000:]
+    assert f"stopped by {signal.Signals(sig).name}" in err and "--resume" in err
+    _, meta = load_checkpoint(out)
+    assert json.loads(meta["state"])["step"] >= 2
+
+
+# ---- 3. settings checked before anything is written -------------------------------------------
+@pytest.mark.parametrize("extra, fragment", [
+    (["--degree", "-1"], "--degree -1: expected an integer in [1, "),
+    (["--degree", "5000"], "--degree 5000: expected an integer in [1, "),
+    (["--steps", "-5"], "--steps -5: expected an integer >= 1"),
+    (["--max-minutes", "-1"], "--max-minutes -1.0: expected a finite number > 0"),
+    (["--max-minutes", "nan"], "--max-minutes nan: expected a finite number > 0"),
+    (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+    (["--set", "model.widths=[0, 4]"], "--set model.widths=(0, 4): expected a non-empty list of integers >= 1"),
+])
+def test_settings_out_of_range(files, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "run"
+    expect_error(capsys, train_argv(files, out, *extra), fragment, [out])
+
+
+def test_embeddings_without_columns(files, tmp_path, capsys):
+    np.save(tmp_path / "e0.npy", np.zeros((64, 0), np.float32))
+    out = tmp_path / "run"
+    expect_error(capsys, ["train", "--embeddings", tmp_path / "e0.npy", "--coords", files / "coords.csv", "--out",
+                          out, *TINY], "no columns", [out])
+
+
+def test_degree_bound_follows_memory(monkeypatch):
+    from locdiff import settings
+
+    monkeypatch.setattr(settings, "available_bytes", lambda dev: (2**30, "available memory"))
+    top, why = settings.max_degree(tiny_config(), "cpu", 16)
+    assert 4 < top < settings.KERNEL_MAX_DEGREE and "1.0 GiB of available memory" in why
+    assert settings.training_bytes(tiny_config(), top, 16) <= 2**30 < settings.training_bytes(tiny_config(), top + 1, 16)
+
+
+# ---- 4. outputs checked before the work -------------------------------------------------------
+def test_predict_outputs_checked_before_predicting(files, tmp_path, capsys, monkeypatch):
+    from locdiff import predict
+
+    monkeypatch.setattr(predict.Predictor, "predict", lambda *a, **k: pytest.fail("predicted before checking"))
+    (tmp_path / "dir").mkdir()
+    base = ["predict", "--run", files / "base", "--embeddings", files / "emb.npy"]
+    expect_error(capsys, base + ["--out", tmp_path / "dir"], "dir: is a folder; the predictions CSV needs a file")
+    (tmp_path / "afile").write_text("x")
+    expect_error(capsys, base + ["--out", tmp_path / "afile" / "p.csv"], "is a file, not a folder")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    expect_error(capsys, base + ["--out", tmp_path / "p.csv", "--map", tmp_path / "m.png"],
+                 "--map needs the package 'matplotlib'", [tmp_path / "p.csv"])
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(files, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        expect_error(capsys, ["predict", "--run", files / "base", "--embeddings", files / "emb.npy", "--out",
+                              ro / "p.csv"], "cannot write the predictions CSV")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_train_out_under_a_file(files, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    expect_error(capsys, train_argv(files, tmp_path / "afile" / "run"), "afile is a file, so the run folder")
+
+
+def test_free_space_checked_before_each_checkpoint(files, tmp_path, capsys, monkeypatch):
+    from locdiff import runfolder
+
+    monkeypatch.setattr(runfolder, "free_bytes", lambda folder: 1000)
+    out = tmp_path / "run"
+    expect_error(capsys, train_argv(files, out, "--steps", 2), "needs 17 MB free but the file system has 1 kB",
+                 [out / CONFIG_FILE])
+    # Space runs out during training: the final save names the checkpoint that is intact.
+    calls = []
+
+    def shrinking(folder):
+        calls.append(folder)
+        return 10**12 if len(calls) <= 2 else 1000
+    monkeypatch.setattr(runfolder, "free_bytes", shrinking)
+    line = expect_error(capsys, train_argv(files, out, "--steps", 8, "--set", "train.checkpoint_every=4"),
+                        "free some space")
+    assert "the checkpoint of step 4 is intact" in line
+    _, meta = load_checkpoint(out)
+    assert json.loads(meta["state"])["step"] == 4
+
+
+def test_stale_temp_files_are_removed_on_start(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *train_argv(files, out, "--steps", 2))[0] == 0
+    stale = out / ".checkpoint.safetensors.x1y2.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    code, text, err = run_cli(capsys, *train_argv(files, out, "--steps", 3, "--resume"))
+    assert code == 0 and not stale.exists() and "removed .checkpoint.safetensors.x1y2.tmp" in text + err
+
+
+# ---- 5. damaged run folders --------------------------------------------------------------------
+def _copy_run(files, tmp_path):
+    import shutil
+
+    shutil.copytree(files / "base", tmp_path / "r")
+    return tmp_path / "r"
+
+
+def _set_config(run, fn):
+    cfg = json.loads((run / CONFIG_FILE).read_text())
+    (run / CONFIG_FILE).write_text(json.dumps(fn(cfg)))
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda c: [1, 2, 3], "expected a JSON object of settings, got list"),
+    (lambda c: {**c, "model": {**c["model"], "widths": 5}}, "model.widths"),
+    (lambda c: {**c, "model": {**c["model"], "degree": "eight"}}, "model.degree"),
+    (lambda c: {**c, "train": {**c["train"], "batch_size": 0}}, "train.batch_size = 0: expected an integer >= 1"),
+    (lambda c: {**c, "model": {**c["model"], "degree": 6}}, "the weights are of degree 4 but config.json says "
+                                                            "model.degree = 6"),
+])
+def test_damaged_config(files, tmp_path, capsys, damage, fragment):
+    run = _copy_run(files, tmp_path)
+    _set_config(run, damage)
+    expect_error(capsys, ["predict", "--run", run, "--embeddings", files / "emb.npy", "--out", tmp_path / "p.csv"],
+                 fragment, [tmp_path / "p.csv"])
+
+
+def _rewrite_checkpoint(run, change):
+    from safetensors.torch import load, save
+
+    data = (run / CHECKPOINT_FILE).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + n])["__metadata__"]
+    tensors = load(data)
+    change(tensors, meta)
+    (run / CHECKPOINT_FILE).write_bytes(save(tensors, metadata=meta))
+
+
+def test_changed_bytes_fail_the_checksum(files, tmp_path, capsys):
+    run = _copy_run(files, tmp_path)
+    data = bytearray((run / CHECKPOINT_FILE).read_bytes())
+    data[-3] ^= 0x40  # one bit of one weight
+    (run / CHECKPOINT_FILE).write_bytes(bytes(data))
+    expect_error(capsys, ["predict", "--run", run, "--embeddings", files / "emb.npy", "--out", tmp_path / "p.csv"],
+                 "checksum mismatch")
+
+
+def test_nan_weights(files, tmp_path, capsys):
+    from locdiff.run import tensors_digest
+
+    run = _copy_run(files, tmp_path)
+
+    def poison(tensors, meta):
+        key = next(k for k in tensors if k.startswith("ema.") and tensors[k].is_floating_point())
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+        meta["sha256"] = tensors_digest(tensors)  # consistent bytes: the NaN check must catch it
+    _rewrite_checkpoint(run, poison)
+    expect_error(capsys, ["predict", "--run", run, "--embeddings", files / "emb.npy", "--out", tmp_path / "p.csv"],
+                 "holds NaN or infinite values")
+
+
+# ---- 6. CSV files from real tools --------------------------------------------------------------
+def test_csv_encodings(tmp_path):
+    from locdiff.data.files import read_coords
+
+    (tmp_path / "bom.csv").write_bytes("\ufefflat,lon\n48.8,2.3\n".encode("utf-8"))
+    (tmp_path / "latin.csv").write_bytes("name;lat;lon\nZürich;47.4;8.5\n".encode("latin-1"))
+    assert read_coords(tmp_path / "bom.csv").tolist() == [[48.8, 2.3]]
+    with pytest.warns(UnicodeWarning, match="not UTF-8.*read as latin-1"):
+        assert read_coords(tmp_path / "latin.csv").tolist() == [[47.4, 8.5]]
+
+
+def test_csv_warning_is_one_line_in_the_cli(files, tmp_path, capsys):
+    coords = np.load(files / "coords.npy")
+    text = "place,lat,lon\n" + "".join(f"caf\xe9 {i},{a},{b}\n" for i, (a, b) in enumerate(coords))
+    (tmp_path / "c.csv").write_bytes(text.encode("latin-1"))
+    code, _, err = run_cli(capsys, "evaluate", "--run", files / "base", "--embeddings", files / "emb.npy",
+                           "--coords", tmp_path / "c.csv", "--json", tmp_path / "m.json")
+    assert code == 0 and err.strip().startswith("locdiff evaluate: warning:")
+    assert "read as latin-1" in err.splitlines()[0]
+
+
+# ---- 8. resume -----------------------------------------------------------------------------------
+def test_resume_without_config_json(files, tmp_path, capsys):
+    run = _copy_run(files, tmp_path)
+    (run / CONFIG_FILE).unlink()
+    line = expect_error(capsys, train_argv(files, run, "--resume"), "config.json: not found")
+    assert "pass --resume" not in line
+
+
+def test_resume_refusal_names_the_setting(files, tmp_path, capsys):
+    run = _copy_run(files, tmp_path)
+    expect_error(capsys, train_argv(files, run, "--resume", "--degree", "6"),
+                 "model.degree: the run has 4, this command 6")
+
+
+def test_failed_resume_leaves_config_json(files, tmp_path, capsys):
+    run = _copy_run(files, tmp_path)
+    before = (run / CONFIG_FILE).read_bytes()
+    ckpt = run / CHECKPOINT_FILE
+    ckpt.write_bytes(ckpt.read_bytes()[:len(ckpt.read_bytes()) // 2])
+    expect_error(capsys, train_argv(files, run, "--resume", "--steps", 6), "unreadable checkpoint, truncated")
+    assert (run / CONFIG_FILE).read_bytes() == before

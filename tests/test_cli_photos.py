@@ -1,0 +1,101 @@
+"""From a folder of photos to answers on the command line: `locdiff embed DIR --pretrained
+none`, `locdiff train` on its output (which records the encoder in the run), then
+`locdiff predict --run R --images DIR` writing CSV, JSON Lines, an HTML map and a PNG map.
+A tiny random encoder stands in for CLIP ViT-L/14, so nothing is downloaded."""
+from __future__ import annotations
+
+import csv
+import json
+from html.parser import HTMLParser
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+pytest.importorskip("reverse_geocode")
+
+from photo_helpers import photo_folder, tiny_model_dir  # noqa: E402
+
+from locdiff import cli  # noqa: E402
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    photo_folder(d / "photos", n=6)
+    tiny = tiny_model_dir(d / "tiny")
+    assert cli.main(["embed", str(d / "photos"), "--model", str(tiny), "--pretrained", "none", "--out", str(d / "E"),
+                     "--device", "cpu"]) == 0
+    code = cli.main(["train", "--embeddings", str(d / "E"), "--coords", str(d / "E" / "coords.csv"), "--out",
+                     str(d / "run"), "--degree", "4", "--steps", "3", "--batch-size", "4", "--set",
+                     "model.widths=[32,16]", "--set", "model.cond_dim=16", "--set", "model.emb_widths=[32]",
+                     "--set", "model.density_head=true", "--set", "diffusion.timesteps=50", "--set",
+                     "train.val_size=0", "--workers", "0", "--device", "cpu", "--quiet"])
+    assert code == 0
+    return d
+
+
+def test_train_records_the_encoder(trained):
+    spec = json.loads((trained / "run" / "encoder.json").read_text())
+    assert spec == json.loads((trained / "E" / "encoder.json").read_text())
+
+
+VOID = ("meta", "link", "br", "img", "input", "hr", "base")
+
+
+class _Tags(HTMLParser):
+    """Every element that is opened is closed, in order (void elements need no end tag)."""
+
+    def __init__(self):
+        super().__init__()
+        self.open = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in VOID:
+            return
+        assert self.open and self.open[-1] == tag, (tag, self.open[-3:])
+        self.open.pop()
+
+
+def test_predict_images_end_to_end(trained, tmp_path, capsys):
+    out = tmp_path / "answers.csv"
+    code, text, err = run_cli(capsys, "predict", "--run", trained / "run", "--images", trained / "photos",
+                              "--out", out, "--top-k", 2, "--html", tmp_path / "map.html", "--map",
+                              tmp_path / "map.png", "--device", "cpu")
+    assert code == 0, err
+    assert "6 photos located" in text
+    with open(out, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6
+    records = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    # An untrained density may have fewer separate modes than asked: top_k stops at the real ones.
+    assert len(records) == 6 and all(1 <= len(r["modes"]) <= 2 for r in records)
+    html = (tmp_path / "map.html").read_text()
+    assert html.lstrip().lower().startswith("<!doctype html>")
+    parser = _Tags()
+    parser.feed(html)
+    parser.close()
+    assert not parser.open
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_top_k_is_capped(trained, tmp_path, capsys):
+    from locdiff.cli_predict import top_k_limit
+
+    cap = top_k_limit(4)
+    out = tmp_path / "a.csv"
+    code, _, err = run_cli(capsys, "predict", "--run", trained / "run", "--images", trained / "photos", "--out", out,
+                           "--top-k", cap + 1, "--device", "cpu")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"--top-k {cap + 1}: expected an integer in [0, {cap}]" in lines[0]
+    assert not out.exists()
