@@ -76,10 +76,12 @@ def test_predict_images_end_to_end(trained, tmp_path, capsys):
     assert "6 photos located" in text
     with open(out, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 6
     records = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
     # An untrained density may have fewer separate modes than asked: top_k stops at the real ones.
     assert len(records) == 6 and all(1 <= len(r["modes"]) <= 2 for r in records)
+    # The CSV has a row per mode, ranked from 1, for every photo.
+    assert len(rows) == sum(len(r["modes"]) for r in records)
+    assert len({r["input"] for r in rows}) == 6 and {r["rank"] for r in rows} <= {"1", "2"}
     html = (tmp_path / "map.html").read_text()
     assert html.lstrip().lower().startswith("<!doctype html>")
     parser = _Tags()

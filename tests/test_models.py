@@ -98,7 +98,7 @@ def test_density_head_reads_what_it_is_told():
     b = trunk(torch.randn(3, 25), t, e, density_rows=3)[1]
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="density_head=True"):
-        CSUNet(_cfg())(x, t, e, density_rows=1)
+        CSUNet(_cfg(density_head=False))(x, t, e, density_rows=1)
     with pytest.raises(ValueError, match="density_from"):
         CSUNet(_cfg(density_head=True, density_from="x"))
 

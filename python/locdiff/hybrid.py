@@ -30,6 +30,10 @@ from locdiff import shdd
 from locdiff.baselines.knn import NeighbourIndex, log_vmf_mixture
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 
+# A validation gain smaller than this is within the noise of a 1,000-place validation
+# median and the bias between validation and test groups (docs/model.md, "LocDiff-H").
+MIN_GAIN = 0.03
+
 # Gauss-Hermite nodes and weights for E[g(z)], z ~ N(0, 1) (probabilists' form), per axis.
 _NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(5)
 _WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
@@ -189,10 +193,12 @@ class Hybrid:
 
     def fit(self, coeffs, temperature: float, emb, model_latlon, coords, objective: str = "median",
             weights=(0.05, 0.2, 0.5, 0.8, 0.95), bandwidths_km=(10.0, 25.0, 75.0),
-            temperatures=(0.02, 0.05, 0.1)) -> dict:
+            temperatures=(0.02, 0.05, 0.1), min_gain: float = MIN_GAIN) -> dict:
         """Grid search of weight, bandwidth and temperature on validation data by
         ``objective``: "median" (median error of :meth:`predict`), or "nll" (of p_H).
-        Sets and returns the chosen settings with their score."""
+        By median, retrieval is used (weight > 0) only where it beats the model's own median
+        by more than ``min_gain`` (relative); otherwise the weight is 0 and p_H is the
+        model's density. Sets and returns the chosen settings with their score."""
         from locdiff.metrics import distance_metrics
 
         if objective not in ("median", "nll"):
@@ -211,5 +217,9 @@ class Hybrid:
                         score = distance_metrics(self._choose(parts, cfg), coords)["median_km"]
                     if score < best[0]:
                         best = (score, cfg)
+        if objective == "median":
+            own = distance_metrics(np.asarray(model_latlon), coords)["median_km"]
+            if best[0] > (1 - min_gain) * own:
+                best = (own, replace(self.config, weight=0.0))
         self.config = best[1]
         return {"score": best[0], **self.config.to_dict()}

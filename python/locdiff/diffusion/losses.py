@@ -46,7 +46,7 @@ class DiffusionConfig:
     timesteps: int = 1000
     prediction: str = "x0"
     mse_weight: float = 1.0
-    kl_weight: float = 0.0
+    kl_weight: float = 1.0
     kl_sharpness: float = 16.0
     kl_grid_oversample: float = 0.5
     density_fraction: float = 0.5
