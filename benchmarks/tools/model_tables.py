@@ -76,7 +76,7 @@ def cmd_samplers(a) -> None:
     """Each sampler's temperature is chosen by NLL on validation places, as training does."""
     from locdiff.diffusion.losses import kl_temperature
     from locdiff.predict import Predictor
-    from locdiff.train import TEMPERATURE_FACTORS
+    from locdiff.calibration import TEMPERATURE_FACTORS
 
     _, va, te = task(a.split)
     rng = np.random.default_rng(0)
@@ -86,6 +86,8 @@ def cmd_samplers(a) -> None:
     temps = [kl_temperature(pred.degree, 16.0) * f for f in TEMPERATURE_FACTORS]
     print(header("sampler", "ms per place"))
     for name, kw in SAMPLERS:
+        if a.only and a.only not in name:
+            continue
         cv = pred.coefficients(va_e, **kw).double()
         tau = min(temps, key=lambda t: -float(shdd.log_density_at(cv, torch.as_tensor(va_c), temperature=t).mean()))
         t0 = time.perf_counter()
@@ -174,6 +176,7 @@ def main() -> None:
         p.add_argument("--run", required=True)
         if name == "samplers":
             p.add_argument("--places", type=int, default=120)
+            p.add_argument("--only", help="the samplers whose name contains this text")
     for p in sub.choices.values():
         p.add_argument("--split", default="regions", choices=("regions", "random"))
     a = ap.parse_args()
