@@ -39,7 +39,7 @@ def _check_top_k(k: int, degree: int) -> None:
 def _join(args):
     """The device to predict on, after joining the ``torchrun`` process group when there is
     one (each process on its own GPU under NCCL)."""
-    from locdiff.run import resolve_device
+    from locdiff.devices import resolve_device
 
     dev = resolve_device(args.device)
     join_process_group(args, dev)
@@ -139,7 +139,7 @@ def cmd_predict(args) -> int:
     if args.images:
         # Photos are answered by the first process alone, outside any process group: the
         # others end at once rather than wait in a group for however long the photos take.
-        from locdiff.run import resolve_device
+        from locdiff.devices import resolve_device
 
         if os.environ.get("RANK", "0") != "0":
             return 0

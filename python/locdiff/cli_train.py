@@ -110,7 +110,7 @@ def _check(cfg, origin: dict, device, world: int) -> None:
 
 def cmd_train(args) -> int:
     from locdiff.encoder import record_encoder
-    from locdiff.run import resolve_device
+    from locdiff.devices import resolve_device
     from locdiff.runfolder import check_run_folder
     from locdiff.train import train
 

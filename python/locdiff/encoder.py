@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from locdiff.data.files import DataError
+from locdiff.devices import resolve_device
 from locdiff.extras import require
 from locdiff.images import read_image
 
@@ -43,21 +44,6 @@ def _offline() -> bool:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())[:300] or type(err).__name__
-
-
-def resolve_device(device=None):
-    """"auto"/None: CUDA when available, else CPU; anything else as torch names it."""
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DataError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {device!r}: this torch sees no CUDA device; use cpu or auto")
-    return dev
 
 
 def canonical_model(model: str) -> str:

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from locdiff import grids, shdd
+from locdiff.devices import resolve_device
 from locdiff.diffusion import guided, sample_ddim, sample_ddpm, split_prediction
-from locdiff.run import MODES, SAMPLERS, load_model, resolve_device
+from locdiff.run import MODES, SAMPLERS, load_model
 
 
 class Predictor:

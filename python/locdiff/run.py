@@ -150,20 +150,6 @@ class RunConfig:
                    pick(DataConfig, d.get("data")))
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``"auto"``/None: CUDA when available, else CPU. An explicit CUDA request without CUDA
-    is an error, never a silent CPU run."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DataError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {device!r}: this torch sees no CUDA device; use cpu or auto")
-    return dev
-
-
 def write_config(run_dir, config: RunConfig, extra: dict | None = None) -> None:
     """``config.json``; ``extra`` keys are added (a dict merges into a section of the same name)."""
     d = config.to_dict()

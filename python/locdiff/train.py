@@ -31,10 +31,11 @@ import torch
 from locdiff import distributed
 from locdiff.calibration import HYBRID_GALLERY_ROWS, calibrate
 from locdiff.data.files import DataError, atomic_write_bytes
+from locdiff.devices import resolve_device
 from locdiff.diffusion import EMA, diffusion_loss
 from locdiff.models import CSUNet
 from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, TOML_VERSION, PredictConfig, RunConfig, TrainConfig,
-                         checkpoint_bytes, parse_checkpoint, read_config, resolve_device, restore, write_config)
+                         checkpoint_bytes, parse_checkpoint, read_config, restore, write_config)
 
 __all__ = ["PredictConfig", "RunConfig", "TrainConfig", "TrainResult", "calibrate", "lr_factor", "train"]
 

@@ -1,0 +1,20 @@
+"""Which torch device a command runs on, from what the user asked for."""
+from __future__ import annotations
+
+from locdiff.data.files import DataError
+
+
+def resolve_device(device: str | None = None):
+    """``"auto"``/None: CUDA when available, else CPU. An explicit CUDA request without CUDA
+    is an error, never a silent CPU run."""
+    import torch  # here, so that importing the photo tools stays light
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DataError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {device!r}: this torch sees no CUDA device; use cpu or auto")
+    return dev
