@@ -17,6 +17,8 @@ memory: 16 and 8 bytes a row.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 from typing import NamedTuple
 
@@ -29,6 +31,16 @@ from locdiff.data.sampler import BatchSampler
 from locdiff.stopping import ignore_in_worker
 
 __all__ = ["Arrays", "Batch", "BatchLoader", "BatchSampler", "EmbeddingDataset", "make_loader"]
+
+
+@atexit.register
+def _kill_workers_left_at_exit() -> None:
+    # Loader workers ignore SIGTERM (the training process stops them itself). A loader still
+    # alive at interpreter exit (say, held by a traceback) would leave multiprocessing's own
+    # exit handler, which runs after this one, waiting forever on the SIGTERM it sends.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class Batch(NamedTuple):
