@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchrun_helpers import clean_env, free_port
+from torchrun_helpers import clean_env, finish, free_port
 
 from locdiff import distributed as D
 from locdiff.data.sampler import BatchSampler
@@ -20,34 +20,15 @@ from locdiff.data.sampler import BatchSampler
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def _env() -> dict:
-    return clean_env()
-
-
-def _free_port() -> int:
-    return free_port()
-
-
 def _torchrun(*args, timeout=60) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=_env(),
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen, timeout=90) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    _finish(_torchrun("--standalone", "--nproc-per-node", "2", str(WORKER), "checks", str(out)))
+    finish(_torchrun("--standalone", "--nproc-per-node", "2", str(WORKER), "checks", str(out)))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -89,12 +70,12 @@ def test_sampler_parts_make_the_single_process_batches(two_ranks):
 
 
 def test_two_nodes_on_localhost(tmp_path):
-    port = _free_port()
+    port = free_port()
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "locdiff-test"]
     procs = [_torchrun(*common, "--node-rank", str(i), str(WORKER), "allreduce", str(tmp_path)) for i in (0, 1)]
     for p in procs:
-        _finish(p)
+        finish(p)
     res = sorted((json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)), key=lambda r: r["rank"])
     assert [(r["rank"], r["world"], r["sum"]) for r in res] == [(0, 2, 3.0), (1, 2, 3.0)]
     assert sorted(r["group_rank"] for r in res) == ["0", "1"], "each launch is one node"
@@ -102,8 +83,8 @@ def test_two_nodes_on_localhost(tmp_path):
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_rendezvous_timeout_is_one_line(rank):
-    env = _env() | {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = clean_env() | {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     code = ("import sys\nfrom locdiff import distributed as D\n"
             "try:\n    D.init(timeout_s=2)\nexcept D.DistributedError as e:\n    print(e); sys.exit(2)\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
@@ -150,6 +131,6 @@ def test_python_dash_m_locdiff_is_the_cli(tmp_path):
     """torchrun -m locdiff needs `python -m locdiff`; errors keep the CLI's contract."""
     proc = subprocess.run([sys.executable, "-m", "locdiff", "train", "--embeddings", str(tmp_path / "no.npy"),
                            "--coords", str(tmp_path / "no.csv"), "--out", str(tmp_path / "run")],
-                          env=_env(), capture_output=True, text=True, timeout=60)
+                          env=clean_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"locdiff train: error: {tmp_path / 'no.npy'}: embeddings file not found"

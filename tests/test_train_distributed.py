@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from torchrun_helpers import clean_env, free_port
+from torchrun_helpers import clean_env, finish, free_port
 
 from locdiff.run import CHECKPOINT_FILE, load_checkpoint
 
@@ -44,21 +44,13 @@ workers = 0
 """
 
 
-def _env() -> dict:
-    return clean_env()
-
-
-def _free_port() -> int:
-    return free_port()
-
-
 def _locdiff(*args, nproc: int | None = None, torchrun=(), **kw) -> subprocess.Popen:
     """``python -m locdiff ARGS``, under torchrun with ``nproc`` processes when given."""
     cmd = [sys.executable, "-m", "locdiff", *map(str, args)]
     if nproc or torchrun:
         launch = list(torchrun) or ["--standalone", "--nproc-per-node", str(nproc)]
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "locdiff", *map(str, args)]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -77,17 +69,6 @@ def _descendants(pid: int) -> list[int]:
         out += kids
         todo += kids
     return out
-
-
-def _finish(proc, code: int = 0, timeout: float = 120) -> tuple[str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"did not finish in {timeout} s:\n{err[-3000:]}")
-    assert proc.returncode == code, (out + err)[-3000:]
-    return out, err
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +107,13 @@ def _assert_close(a: dict, b: dict, rtol=1e-5):
 def one_process(data):
     """The reference: one process cutting the global batch of 16 into 2 pieces of 8."""
     out = data / "one"
-    _finish(_locdiff(*_train_args(data, out, "--accumulate", "2")))
+    finish(_locdiff(*_train_args(data, out, "--accumulate", "2")))
     return out
 
 
 def test_two_processes_match_one(data, one_process):
     out = data / "two"
-    _finish(_locdiff(*_train_args(data, out), nproc=2))
+    finish(_locdiff(*_train_args(data, out), nproc=2))
     a, sa = _weights(out)
     b, sb = _weights(one_process)
     assert sa["step"] == sb["step"] == 60
@@ -146,12 +127,12 @@ def test_two_processes_match_one(data, one_process):
 
 
 def test_two_nodes_on_localhost(data):
-    port, out = _free_port(), data / "nodes"
+    port, out = free_port(), data / "nodes"
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "locdiff-train-test"]
     procs = [_locdiff(*_train_args(data, out, "--steps", "8"), torchrun=common) for _ in range(2)]
     for p in procs:
-        _finish(p)
+        finish(p)
     _, state = _weights(out)
     assert state["step"] == 8 and state["world_size"] == 2
 
@@ -171,7 +152,7 @@ def test_killed_run_resumes_with_another_world_size(data, one_process):
     _, state = _weights(out)
     assert state["step"] < 60, "the run ended before it could be killed"
     # One process accumulating 2 pieces continues the two processes' run exactly.
-    _finish(_locdiff(*_train_args(data, out, "--resume", "--accumulate", "2")))
+    finish(_locdiff(*_train_args(data, out, "--resume", "--accumulate", "2")))
     a, sa = _weights(out)
     b, _ = _weights(one_process)
     assert sa["step"] == 60 and sa["world_size"] == 1
@@ -180,15 +161,15 @@ def test_killed_run_resumes_with_another_world_size(data, one_process):
 
 def test_world_size_not_dividing_the_batch(data):
     out = data / "odd"
-    _, err = _finish(_locdiff(*_train_args(data, out, "--batch-size", "15"), nproc=2), code=1)
+    _, err = finish(_locdiff(*_train_args(data, out, "--batch-size", "15"), nproc=2), code=1)
     lines = [ln for ln in err.splitlines() if ln.startswith("locdiff train: error")]
     assert lines and "--batch-size 15: expected a multiple of the world size 2" in lines[0], err[-2000:]
     assert not (out / "config.json").exists()
 
 
 def test_rendezvous_timeout_is_one_line(data):
-    env = _env() | {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(_free_port())}
+    env = clean_env() | {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(free_port())}
     argv = _train_args(data, data / "rdzv", "--dist-timeout", "2")
     proc = subprocess.run([sys.executable, "-m", "locdiff", *map(str, argv)],
                           env=env, capture_output=True, text=True, timeout=60)
@@ -221,8 +202,8 @@ def test_predict_and_evaluate_merge_in_input_order(data, one_process, tmp_path, 
     # --run-dir: torchrun's parser would take --run for its --run-path. Batches of 16 rows: the 96 rows are split 3 + 3 batches between the processes.
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    _finish(_locdiff(*args(tmp_path / "a" / "out")))
-    _finish(_locdiff(*args(tmp_path / "b" / "out"), nproc=2))
+    finish(_locdiff(*args(tmp_path / "a" / "out")))
+    finish(_locdiff(*args(tmp_path / "b" / "out"), nproc=2))
     one, two = (tmp_path / "a" / "out").read_text(), (tmp_path / "b" / "out").read_text()
     if command == "predict":
         assert one == two and len(one.splitlines()) == 97
@@ -253,7 +234,7 @@ def test_time_bound_stops_every_rank_at_the_same_step(data):
     # Rank 0's clock decides for all: a rank stopping alone would leave the other waiting
     # in the next exchange until --dist-timeout.
     out = data / "timed"
-    _finish(_locdiff(*_train_args(data, out, "--steps", "100000", "--max-minutes", "0.002", "--dist-timeout", "30"),
+    finish(_locdiff(*_train_args(data, out, "--steps", "100000", "--max-minutes", "0.002", "--dist-timeout", "30"),
                      nproc=2))
     _, state = _weights(out)
     assert 0 < state["step"] < 100_000

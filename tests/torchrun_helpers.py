@@ -1,8 +1,12 @@
-"""What the tests that start torchrun share: a clean environment and a free port."""
+"""What the tests that start torchrun share: a clean environment, a free port and a
+bounded wait for a process."""
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+
+import pytest
 
 
 def clean_env() -> dict:
@@ -17,3 +21,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def finish(proc: subprocess.Popen, code: int = 0, timeout: float = 120) -> tuple[str, str]:
+    """Wait for ``proc``, failing the test if it runs past ``timeout`` seconds or exits with
+    another code than ``code``; returns its (stdout, stderr), stderr "" when merged."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"did not finish in {timeout} s:\n{((out or '') + (err or ''))[-3000:]}")
+    out, err = out or "", err or ""
+    assert proc.returncode == code, (out + err)[-3000:]
+    return out, err
