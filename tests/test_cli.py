@@ -5,24 +5,18 @@ import json
 import numpy as np
 import pytest
 
-from locdiff import cli
-from locdiff.diffusion import DiffusionConfig
-from locdiff.models import CSUNetConfig
-from locdiff.run import PredictConfig, RunConfig, TrainConfig
+from cli_helpers import run_cli, tiny_config, write_task
+
+from locdiff.run import RunConfig
 from locdiff.train import train
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    rng = np.random.default_rng(0)
-    n = 64
-    coords = np.stack([rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)], 1)
-    emb = rng.normal(size=(n, 6)).astype(np.float32)
-    np.save(d / "emb.npy", emb)
-    np.save(d / "emb7.npy", rng.normal(size=(n, 7)).astype(np.float32))
-    np.save(d / "coords.npy", coords)
-    (d / "coords.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords))
+    emb, coords = write_task(d)
+    n = len(coords)
+    np.save(d / "emb7.npy", np.random.default_rng(1).normal(size=(n, 7)).astype(np.float32))
     (d / "short.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords[:-1]))
     (d / "nan.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords[:-1]) + "nan,3\n")
     (d / "lat.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords[:-1]) + "91,3\n")
@@ -30,17 +24,8 @@ def files(tmp_path_factory):
     bad[5, 2] = np.nan
     np.save(d / "emb_nan.npy", bad)
     # A small trained run for evaluate / predict (the CLI's own train uses full-size defaults).
-    cfg = RunConfig(CSUNetConfig(degree=4, widths=(32, 16), cond_dim=16, emb_widths=(32,), density_head=True), DiffusionConfig(timesteps=50),
-                    TrainConfig(steps=3, batch_size=16, val_size=0, val_every=0),
-                    PredictConfig(samples=2))
-    train(emb, coords, d / "run", cfg, progress=False)
+    train(emb, coords, d / "run", tiny_config(steps=3), progress=False)
     return d
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_train_cli_tiny(files, tmp_path, capsys):

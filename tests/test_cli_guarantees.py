@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from locdiff import cli
-from locdiff.diffusion import DiffusionConfig
-from locdiff.models import CSUNetConfig
-from locdiff.run import CHECKPOINT_FILE, CONFIG_FILE, PredictConfig, RunConfig, TrainConfig, load_checkpoint
+from cli_helpers import run_cli, tiny_config, write_task
+
+from locdiff.run import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
 from locdiff.train import train
 
 TINY = ["--degree", "4", "--set", "model.widths=[32,16]", "--set", "model.cond_dim=16", "--set",
@@ -25,31 +24,12 @@ TINY = ["--degree", "4", "--set", "model.widths=[32,16]", "--set", "model.cond_d
         "train.val_size=0", "--workers", "0", "--device", "cpu", "--quiet"]
 
 
-def tiny_config(steps=20, **kw):
-    tc = dict(steps=steps, batch_size=16, val_size=0, val_every=0, checkpoint_every=5)
-    tc.update(kw)
-    return RunConfig(CSUNetConfig(degree=4, widths=(32, 16), cond_dim=16, emb_widths=(32,), density_head=True),
-                     DiffusionConfig(timesteps=50), TrainConfig(**tc), PredictConfig(samples=2))
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("guarantees")
-    rng = np.random.default_rng(0)
-    n = 64
-    coords = np.stack([rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)], 1)
-    emb = rng.normal(size=(n, 6)).astype(np.float32)
-    np.save(d / "emb.npy", emb)
-    np.save(d / "coords.npy", coords)
-    (d / "coords.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords))
+    emb, coords = write_task(d)
     train(emb, coords, d / "base", tiny_config(steps=3), progress=False)
     return d
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def expect_error(capsys, argv, fragment, must_not_exist=()):

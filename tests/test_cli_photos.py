@@ -14,15 +14,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 pytest.importorskip("reverse_geocode")
 
+from cli_helpers import run_cli  # noqa: E402
 from photo_helpers import photo_folder, tiny_model_dir  # noqa: E402
 
 from locdiff import cli  # noqa: E402
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
+from cli_helpers import run_cli  # noqa: E402
 from photo_helpers import TINY, photo_folder, save_photo, tiny_model_dir  # noqa: E402
 
-from locdiff import cli  # noqa: E402
 from locdiff.data.files import DataError, open_embeddings, read_coords  # noqa: E402
 from locdiff.embed import embed_images  # noqa: E402
 from locdiff.encoder import DEFAULT_MODEL, Encoder, vision_config  # noqa: E402
@@ -173,12 +173,6 @@ def test_same_seed_same_random_encoder(tiny, encoder, tmp_path):
     np.testing.assert_array_equal(again.embed(img), encoder.embed(img))
     other = Encoder.load(str(tiny), "none", device="cpu", seed=1)
     assert not np.allclose(other.embed(img), encoder.embed(img))
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_embed(tmp_path, tiny, capsys):
