@@ -38,7 +38,7 @@ def _info(benchmark, **kw):
 def test_train_step(benchmark, degree, impl):
     if impl == "compile" and sys.platform != "linux":
         pytest.skip("torch.compile's CPU backend is measured on Linux")
-    step, _ = make_step(DEVICE, degree=degree, emb_dim=DIM, compile=impl == "compile", bf16=impl == "bf16")
+    step, _ = make_step(DEVICE, degree=degree, emb_dim=DIM, compiled=impl == "compile", bf16=impl == "bf16")
     rate = benchmark.pedantic(lambda: samples_per_s(step, DEVICE), rounds=1, iterations=1)
     _info(benchmark, impl=impl, degree=degree, samples_per_s=round(rate), threads=torch.get_num_threads(),
           dtype="bfloat16" if impl == "bf16" else "float32")

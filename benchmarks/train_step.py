@@ -10,7 +10,7 @@ import torch
 BATCH = 256
 
 
-def make_step(device: torch.device, degree: int = 24, emb_dim: int = 768, compile: bool = False,
+def make_step(device: torch.device, degree: int = 24, emb_dim: int = 768, compiled: bool = False,
               bf16: bool = False, batch: int = BATCH):
     """``(step, net)``: ``step()`` runs one forward + backward + AdamW update of batch ``batch``."""
     from locdiff import shdd
@@ -22,7 +22,7 @@ def make_step(device: torch.device, degree: int = 24, emb_dim: int = 768, compil
     mc = type(cfg.model).from_dict({**cfg.model.to_dict(), "degree": degree, "emb_dim": emb_dim})
     dc = cfg.diffusion
     net = CSUNet(mc).to(device)
-    model = torch.compile(net) if compile else net
+    model = torch.compile(net) if compiled else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     schedule = dc.make_schedule().to(device)
     g = torch.Generator().manual_seed(0)
