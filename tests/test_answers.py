@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from locdiff import grids, shdd
-from locdiff.answers import (basin_mass, cap_radius_km, credible_area, grid_peaks, neighbours,
+from locdiff.answers import (basin_mass, basin_of, cap_radius_km, credible_area, grid_peaks, neighbours,
                              reverse_geocode_modes, summarize)
 from locdiff.geo import EARTH_RADIUS_KM
 
@@ -81,6 +81,20 @@ def test_missing_modes_get_nan_and_far_peaks_count_as_other():
     modes = torch.tensor([[[0.0, 0.0], [math.nan, math.nan]]], dtype=torch.float64)
     prob = basin_mass(p, grid, modes, 1000.0).numpy()[0]
     assert np.isnan(prob[1]) and 0.45 < prob[0] < 0.55  # the lobe at 180 is nobody's
+
+
+def test_basin_of_names_the_mode_whose_basin_holds_a_point():
+    # Two lobes at +-60 degrees longitude: points near each lobe belong to its mode; with only
+    # one mode listed, a point near the other lobe belongs to none.
+    L = 16
+    pts = np.array([[10.0, -60.0], [10.0, 60.0]])
+    c = shdd.encode(pts, L).sum(0)[None].repeat(4, 0)
+    modes = torch.as_tensor(np.repeat(pts[None], 4, 0))
+    grid = grids.for_degree(L, oversample=2)
+    p = torch.as_tensor(shdd.density(c, grid, 0.3))
+    where = np.array([[12.0, -58.0], [5.0, 63.0], [10.0, 61.0], [8.0, 57.0]])
+    assert basin_of(p, grid, modes[:, [1, 0]], 500.0, where).tolist() == [1, 0, 0, 0]
+    assert basin_of(p, grid, modes[:, :1], 500.0, where).tolist() == [0, -1, -1, -1]
 
 
 def test_credible_area_of_the_uniform_density():

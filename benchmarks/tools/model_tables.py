@@ -100,8 +100,7 @@ def cmd_samplers(a) -> None:
 
 def cmd_reliability(a) -> None:
     """Predicted probability of the top mode's basin against how often the truth lies in it."""
-    from locdiff.answers import _mode_of_cell, _ring, basin_mass, grid_peaks
-    from locdiff.geo import latlon_to_xyz
+    from locdiff.answers import basin_mass, basin_of, default_grid
     from locdiff.predict import Predictor
 
     _, _, te = task(a.split)
@@ -109,17 +108,12 @@ def cmd_reliability(a) -> None:
     tau = pred.config.predict.temperature
     out = pred.predict(te[0], top_k=5)
     c, modes = torch.as_tensor(out["coeffs"]).double(), torch.as_tensor(out["topk_latlon"])
-    grid, sep = _ring(None, pred.degree), shdd.default_separation_km(pred.degree)
-    truth = torch.as_tensor(latlon_to_xyz(te[1]))
+    grid, sep = default_grid(pred.degree), shdd.default_separation_km(pred.degree)
     prob, hit = [], []
     for i in range(0, len(c), 128):
         p = torch.as_tensor(shdd.density(c[i:i + 128], grid, tau))
-        m = modes[i:i + 128]
-        peaks = grid_peaks(p / grid.area, grid.nlat, grid.nlon)
-        owner = _mode_of_cell(grid, m, sep).gather(1, peaks)
-        cell = (truth[i:i + 128] @ grid.xyz.T).argmax(1)
-        hit.append((owner[torch.arange(len(cell)), cell] == 0).numpy())
-        prob.append(basin_mass(p, grid, m, sep)[:, 0].numpy())
+        hit.append((basin_of(p, grid, modes[i:i + 128], sep, te[1][i:i + 128]) == 0).numpy())
+        prob.append(basin_mass(p, grid, modes[i:i + 128], sep)[:, 0].numpy())
     prob, hit = np.concatenate(prob), np.concatenate(hit)
     print(f"temperature {tau:.3g}; {len(prob)} test places; mean predicted {prob.mean():.3f}, observed {hit.mean():.3f}")
     print("| predicted probability of the top basin | places | mean predicted | observed |\n|---|---|---|---|")

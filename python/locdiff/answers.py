@@ -105,6 +105,17 @@ def basin_mass(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float) -> tor
     return torch.where(torch.isfinite(modes).all(-1), out, torch.nan)
 
 
+def basin_of(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float, latlon) -> torch.Tensor:
+    """(B,) index of the mode (of ``modes`` (B, k, 2)) whose basin of the density ``p`` (B, G)
+    holds each point of ``latlon`` (B, 2), or -1: the check behind a reliability table (is the
+    truth in the basin whose mass was reported?)."""
+    dens = p / grid.area.to(p)
+    owner = _mode_of_cell(grid, modes, sep_km).gather(1, grid_peaks(dens, grid.nlat, grid.nlon))
+    xyz = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64))).to(grid.xyz)
+    cell = (xyz @ grid.xyz.T).argmax(1)
+    return owner[torch.arange(len(cell)), cell]
+
+
 def credible_area(p: torch.Tensor, grid, levels=LEVELS) -> torch.Tensor:
     """(B, len(levels)) area in km^2 of the highest-density region holding each level."""
     area = grid.area.to(p)
