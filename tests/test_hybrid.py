@@ -1,5 +1,6 @@
 """LocDiff-H: the model's density times retrieval over a gallery."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -61,7 +62,7 @@ def test_fit_picks_settings_on_validation():
     g_emb = np.eye(4, dtype=np.float32)
     h = Hybrid(g_emb, np.stack([PARIS, LYON, PARIS + 0.1, LYON + 0.1]), HybridConfig(neighbours=2))
     fit = h.fit(coeffs, 5.0, g_emb, model_mode, np.stack([PARIS, LYON, PARIS + 0.1, LYON + 0.1]))
-    assert fit["score"] < 1.0 and h.config.weight > 0
+    assert fit["val_median_km"] < 1.0 and h.config.weight > 0
     with pytest.raises(ValueError, match="objective"):
         h.fit(coeffs, 5.0, g_emb, model_mode, model_mode, objective="mean")
 
@@ -88,3 +89,35 @@ def latlon_to_xyz_np(ll):
     from locdiff.geo import latlon_to_xyz
 
     return latlon_to_xyz(np.asarray(ll, np.float64))
+
+
+def test_answer_moves_to_the_most_similar_entry_of_a_cluster():
+    # Three gallery entries within a few km of each other around Paris; the query matches
+    # the farthest one from the cluster's centre best. The product picks the cluster, the
+    # snap picks that entry; with snap_km=0 the answer stays on the product's choice.
+    cluster = PARIS + np.array([[0.0, 0.0], [0.01, 0.01], [0.05, -0.04]])
+    g_emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.99, 0.01]], np.float32)
+    g_emb /= np.linalg.norm(g_emb, axis=1, keepdims=True)
+    coeffs = _model([PARIS])
+    model_mode = shdd.decode(coeffs)
+    query = np.array([[0.99, 0.01]], np.float32)
+    cfg = HybridConfig(neighbours=3, weight=0.5, temperature=1.0, bandwidth_km=25.0, snap_km=10.0)
+    h = Hybrid(g_emb, cluster, cfg)
+    np.testing.assert_allclose(h.predict(coeffs, 5.0, query, model_mode)[0], cluster[2], atol=1e-9)
+    plain = h.predict(coeffs, 5.0, query, model_mode, replace(cfg, snap_km=0.0))[0]
+    assert great_circle_km(plain, cluster[2]) > 1.0
+    with pytest.raises(ValueError, match="snap_km"):
+        HybridConfig(snap_km=-1.0)
+
+
+def test_fit_leaves_retrieval_off_where_it_does_not_beat_the_model():
+    # The gallery's embeddings say nothing about location: whatever the NLL fit finds, the
+    # median guard turns retrieval off and LocDiff-H is the model.
+    rng = np.random.default_rng(0)
+    truth = rng.uniform([40, -5], [55, 15], (60, 2))
+    coeffs = np.repeat(_model([PARIS, LYON]), 60, 0)
+    model_mode = shdd.decode(coeffs)
+    h = Hybrid(rng.normal(size=(200, 8)).astype(np.float32), rng.uniform([-60, -180], [60, 180], (200, 2)),
+               HybridConfig(neighbours=8))
+    fit = h.fit(coeffs, 5.0, rng.normal(size=(60, 8)).astype(np.float32), model_mode, truth)
+    assert fit["weight"] == 0.0 and h.config.weight == 0.0

@@ -1,7 +1,7 @@
 """Prediction settings of a trained run chosen on validation data (:func:`calibrate`): the
 density temperature by NLL, the point rule (mode of the density or of the function, coarse
 decoding degree; the run's own rule unless another is clearly better) and the LocDiff-H
-settings by median error. The training loop calls it at
+settings by NLL, used where they clearly beat the model's median. The training loop calls it at
 the end of a run; it reads nothing but a predictor and arrays.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from locdiff.diffusion.losses import kl_temperature
-from locdiff.hybrid import MIN_GAIN
+from locdiff.selection import clearly_better
 
 # Density temperatures tried by calibration, in units of the SHDD-KL temperature f0 / 16
 # at the run's degree (the density head learns densities near that scale).
@@ -27,8 +27,7 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
     """Prediction settings chosen on validation data ``(emb, coords)`` with the run's
     sampler: the density temperature with the lowest NLL, the point rule (mode of the
     density or of the function, coarse decoding degree or none) with the lowest median error
-    and, with a ``gallery`` ``(emb, coords)``, the LocDiff-H settings with the lowest median
-    error. Returns ``{"temperature", "mode_of", "coarse_degree", "hybrid", "val_nll",
+    and, with a ``gallery`` ``(emb, coords)``, the LocDiff-H settings (:meth:`Hybrid.fit`). Returns ``{"temperature", "mode_of", "coarse_degree", "hybrid", "val_nll",
     "val_median_km"}``."""
     from locdiff import shdd
     from locdiff.metrics import distance_metrics
@@ -48,7 +47,7 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
     # predictions"): on the places task the validation choice was often the worse on test.
     default = (predictor.config.predict.mode_of, None)
     mode_of, coarse = min(medians, key=medians.get)
-    if default in medians and medians[mode_of, coarse] > (1 - MIN_GAIN) * medians[default]:
+    if default in medians and not clearly_better(medians[mode_of, coarse], medians[default]):
         mode_of, coarse = default
     out = {"temperature": temps[best_t], "mode_of": mode_of, "coarse_degree": coarse, "hybrid": {},
            "val_nll": nll[best_t], "val_median_km": medians[mode_of, coarse]}
@@ -60,8 +59,8 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
 
         fit = Hybrid(*gallery).fit(coeffs, temps[best_t], val[0], predictor.locate(coeffs, coarse, mode_of, temps[best_t]),
                                    val[1])
-        out["hybrid"] = {k: v for k, v in fit.items() if k != "score"}
+        out["hybrid"] = {k: v for k, v in fit.items() if k not in ("score", "val_median_km")}
         if log:
             log(f"calibration: LocDiff-H weight {fit['weight']:g}, bandwidth {fit['bandwidth_km']:g} km, "
-                f"temperature {fit['temperature']:g} (validation median {fit['score']:.0f} km)")
+                f"temperature {fit['temperature']:g} (validation median {fit['val_median_km']:.0f} km)")
     return out

@@ -12,8 +12,10 @@ normaliser is ``(1 - w) / (4 pi) + w sum_j a_j E_j[q]``, where ``E_j[q]``, the m
 under the j-th vMF, is a 5 x 5 Gauss-Hermite rule in the tangent plane at ``mu_j`` (the
 vMF is a Gaussian there at these bandwidths), so NLL needs no global grid. The prediction is the best of the model's mode and the
 gallery locations under p_H: where a similar gallery entry lies in a likely region the
-answer snaps to it (fine scales), elsewhere the model's mode stands. :meth:`Hybrid.fit`
-chooses the settings on validation data.
+answer snaps to it (fine scales), elsewhere the model's mode stands. Gallery entries within
+``snap_km`` of that answer count as the same place, and the answer moves to the most similar
+of them: a cluster of entries wins the product, its best-matching entry is the finest
+answer. :meth:`Hybrid.fit` chooses the settings on validation data.
 
 >>> h = Hybrid(gallery_emb, gallery_coords, HybridConfig(weight=0.5))          # doctest: +SKIP
 >>> latlon = h.predict(coeffs, temperature, query_emb, model_latlon)           # doctest: +SKIP
@@ -29,10 +31,7 @@ import torch
 from locdiff import shdd
 from locdiff.baselines.knn import NeighbourIndex, log_vmf_mixture
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
-
-# A validation gain smaller than this is within the noise of a 1,000-place validation
-# median and the bias between validation and test groups (docs/model.md, "LocDiff-H").
-MIN_GAIN = 0.03
+from locdiff.selection import MIN_GAIN, clearly_better
 
 # Gauss-Hermite nodes and weights for E[g(z)], z ~ N(0, 1) (probabilists' form), per axis.
 _NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(5)
@@ -63,6 +62,7 @@ class HybridConfig:
     temperature: float = 0.05
     bandwidth_km: float = 25.0
     weight: float = 0.5
+    snap_km: float = 10.0
 
     def __post_init__(self):
         if not (isinstance(self.neighbours, int) and self.neighbours >= 1):
@@ -73,6 +73,8 @@ class HybridConfig:
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
         if not 0 <= self.weight <= 1:
             raise ValueError(f"weight must be in [0, 1], got {self.weight!r}")
+        if not (math.isfinite(self.snap_km) and self.snap_km >= 0):
+            raise ValueError(f"snap_km must be a finite number >= 0, got {self.snap_km!r}")
 
     @property
     def kappa(self) -> float:
@@ -132,9 +134,16 @@ class Hybrid:
         out = []
         for part in parts:
             k = cfg.neighbours
-            cand = torch.cat([part["x"], part["mu"][:, :k]], 1)
+            mu = part["mu"][:, :k]
+            cand = torch.cat([part["x"], mu], 1)
             score = torch.cat([part["lq_x"], part["lq_mu"][:, :k]], 1) + self._log_r(part, cand, cfg)
-            out.append(cand[torch.arange(len(cand)), score.argmax(1)])
+            best = cand[torch.arange(len(cand)), score.argmax(1)]
+            if cfg.snap_km > 0:
+                near = (mu @ best[:, :, None])[..., 0] >= math.cos(cfg.snap_km / EARTH_RADIUS_KM)
+                sim = part["sim"][:, :k].masked_fill(~near, -math.inf)
+                j = sim.argmax(1)
+                best = torch.where(near.any(1, keepdim=True), mu[torch.arange(len(mu)), j], best)
+            out.append(best)
         return xyz_to_latlon(torch.cat(out)).numpy() if out else np.empty((0, 2))
 
     @staticmethod
@@ -191,35 +200,41 @@ class Hybrid:
             out.append(p.numpy())
         return np.concatenate(out) if out else np.empty((0, grid.size))
 
-    def fit(self, coeffs, temperature: float, emb, model_latlon, coords, objective: str = "median",
+    def fit(self, coeffs, temperature: float, emb, model_latlon, coords, objective: str = "nll",
             weights=(0.05, 0.2, 0.5, 0.8, 0.95), bandwidths_km=(10.0, 25.0, 75.0),
             temperatures=(0.02, 0.05, 0.1), min_gain: float = MIN_GAIN) -> dict:
         """Grid search of weight, bandwidth and temperature on validation data by
-        ``objective``: "median" (median error of :meth:`predict`), or "nll" (of p_H).
-        By median, retrieval is used (weight > 0) only where it beats the model's own median
-        by more than ``min_gain`` (relative); otherwise the weight is 0 and p_H is the
-        model's density. Sets and returns the chosen settings with their score."""
+        ``objective``: "nll" (of p_H) or "median" (median error of :meth:`predict`).
+        Retrieval is used (weight > 0) only where the chosen settings' validation median
+        beats the model's own by more than ``min_gain`` (relative): a lower NLL can come with
+        a worse median where similar embeddings lie far apart. Otherwise the weight is 0
+        and p_H is the model's density. Sets and returns the chosen settings with their
+        ``score`` and ``val_median_km``."""
         from locdiff.metrics import distance_metrics
 
         if objective not in ("median", "nll"):
             raise ValueError(f"objective must be 'median' or 'nll', got {objective!r}")
         k = self.config.neighbours
-        parts = self._prepare(coeffs, temperature, emb, self._points(coords if objective == "nll" else model_latlon), k,
-                              bandwidths_km if objective == "nll" else ())
+        at_mode = self._prepare(coeffs, temperature, emb, self._points(model_latlon), k)
+        at_truth = self._prepare(coeffs, temperature, emb, self._points(coords), k, bandwidths_km) \
+            if objective == "nll" else None
+
+        def median(cfg):
+            return distance_metrics(self._choose(at_mode, cfg), coords)["median_km"]
+
         best = (math.inf, self.config)
         for w in weights:
             for bw in bandwidths_km:
                 for t in temperatures:
                     cfg = replace(self.config, weight=w, bandwidth_km=bw, temperature=t)
-                    if objective == "nll":
-                        score = -float(np.mean(self._log_density(parts, cfg)))
-                    else:
-                        score = distance_metrics(self._choose(parts, cfg), coords)["median_km"]
+                    score = -float(np.mean(self._log_density(at_truth, cfg))) if objective == "nll" else median(cfg)
                     if score < best[0]:
                         best = (score, cfg)
-        if objective == "median":
-            own = distance_metrics(np.asarray(model_latlon), coords)["median_km"]
-            if best[0] > (1 - min_gain) * own:
-                best = (own, replace(self.config, weight=0.0))
+        val_median = median(best[1])
+        own = distance_metrics(np.asarray(model_latlon), coords)["median_km"]
+        if not clearly_better(val_median, own, min_gain):
+            off = replace(best[1], weight=0.0)
+            best = (-float(np.mean(self._log_density(at_truth, off))) if objective == "nll" else median(off), off)
+            val_median = median(off)
         self.config = best[1]
-        return {"score": best[0], **self.config.to_dict()}
+        return {"score": best[0], "val_median_km": val_median, **self.config.to_dict()}
