@@ -69,6 +69,27 @@ def _expect_error(capsys, argv, fragment, must_not_exist):
         assert not p.exists(), p
 
 
+def test_gallery_runs_locdiff_h(files, tmp_path, capsys):
+    # Gallery = the evaluated places themselves: each query's own entry is its most similar,
+    # so LocDiff-H answers within 1 km of the truth almost everywhere, while the 3-step
+    # model alone cannot; evaluate --json writes the same keys in both modes.
+    base = ["--run", files / "run", "--embeddings", files / "emb.npy"]
+    gallery = ["--gallery-embeddings", files / "emb.npy", "--gallery-coords", files / "coords.csv"]
+    assert run_cli(capsys, "evaluate", *base, "--coords", files / "coords.csv", "--json", tmp_path / "a.json")[0] == 0
+    assert run_cli(capsys, "evaluate", *base, "--coords", files / "coords.csv", *gallery,
+                   "--json", tmp_path / "h.json")[0] == 0
+    plain, hybrid = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "h.json"))
+    assert sorted(plain) == sorted(hybrid)
+    assert plain["acc_1km"] < 0.2 and hybrid["acc_1km"] > 0.9
+    assert run_cli(capsys, "predict", *base, *gallery, "--out", tmp_path / "p.csv")[0] == 0
+    rows = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1, usecols=(0, 1))
+    truth = np.load(files / "coords.npy")
+    assert np.mean(np.abs(rows - truth).max(1) < 0.01) > 0.9
+    code, _, err = run_cli(capsys, "evaluate", *base, "--coords", files / "coords.csv",
+                           "--gallery-embeddings", files / "emb.npy", "--json", tmp_path / "x.json")
+    assert code == 2 and "--gallery-coords" in err and not (tmp_path / "x.json").exists()
+
+
 @pytest.mark.parametrize("emb,coords,fragment", [
     ("missing.npy", "coords.csv", "missing.npy: embeddings file not found"),
     ("emb.npy", "missing.csv", "missing.csv: coordinates file not found"),
