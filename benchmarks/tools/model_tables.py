@@ -126,7 +126,8 @@ def cmd_reliability(a) -> None:
 
 def cmd_hybrid(a) -> None:
     """LocDiff-H variants: re-ranking the gallery's neighbours by the density, against the
-    product density fitted on validation by median or by NLL."""
+    product density fitted on validation by median or by NLL (both behind the median
+    guard), with and without the snap to the most similar entry of the chosen cluster."""
     from locdiff.baselines.knn import NeighbourIndex
     from locdiff.geo import xyz_to_latlon
     from locdiff.hybrid import Hybrid, HybridConfig
@@ -147,13 +148,18 @@ def cmd_hybrid(a) -> None:
             score = shdd.values_at(c[:, None], xyz_to_latlon(mu)) / tau + sim.double() / t
             best = mu[torch.arange(len(mu)), score.argmax(1)]
             print(row("re-rank neighbours", distance_metrics(xyz_to_latlon(best).numpy(), te[1]), f"k {k}, T {t}"))
+    default = HybridConfig()
     for objective in ("median", "nll"):
-        h = Hybrid(*tr, index=index, config=HybridConfig())
-        fit = h.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1], objective=objective)
-        m = distance_metrics(h.predict(pt["coeffs"], tau, te[0], pt["latlon"]), te[1])
-        m["nll"] = float(-np.mean(h.log_density_at(pt["coeffs"], tau, te[0], te[1])))
-        print(row(f"product, fitted by {objective}", m, ", ".join(f"{k} {v:.3g}" for k, v in fit.items()
-                                                                if isinstance(v, (int, float)))), flush=True)
+        for snap_km in (0.0, default.snap_km):
+            h = Hybrid(*tr, index=index, config=dataclasses.replace(default, snap_km=snap_km))
+            fit = h.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1], objective=objective)
+            m = distance_metrics(h.predict(pt["coeffs"], tau, te[0], pt["latlon"]), te[1])
+            m["nll"] = float(-np.mean(h.log_density_at(pt["coeffs"], tau, te[0], te[1])))
+            name = f"product, fitted by {objective}, snap {snap_km:g} km"
+            if objective == "nll" and snap_km == default.snap_km:
+                name += " (default)"
+            print(row(name, m, ", ".join(f"{k} {v:.3g}" for k, v in fit.items() if isinstance(v, (int, float)))),
+                  flush=True)
 
 
 def main() -> None:
