@@ -82,7 +82,7 @@ def test_loss_parts_combine_as_set(prediction, weights, parts):
     loss, got = diffusion_loss(net, x0, emb, cfg.make_schedule(), cfg, generator=torch.Generator().manual_seed(0))
     assert set(got) == parts
     total = weights[0] * got.get("mse", 0.0) + weights[1] * got.get("kl", 0.0)
-    assert float(loss) == pytest.approx(total, rel=1e-5, abs=1e-6)
+    assert loss.item() == pytest.approx(total, rel=1e-5, abs=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in net.out.parameters())
 
