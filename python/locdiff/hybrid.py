@@ -22,6 +22,7 @@ answer. :meth:`Hybrid.fit` chooses the settings on validation data.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -222,19 +223,19 @@ class Hybrid:
         def median(cfg):
             return distance_metrics(self._choose(at_mode, cfg), coords)["median_km"]
 
+        def score(cfg):
+            return -float(np.mean(self._log_density(at_truth, cfg))) if objective == "nll" else median(cfg)
+
         best = (math.inf, self.config)
-        for w in weights:
-            for bw in bandwidths_km:
-                for t in temperatures:
-                    cfg = replace(self.config, weight=w, bandwidth_km=bw, temperature=t)
-                    score = -float(np.mean(self._log_density(at_truth, cfg))) if objective == "nll" else median(cfg)
-                    if score < best[0]:
-                        best = (score, cfg)
-        val_median = median(best[1])
+        for w, bw, t in itertools.product(weights, bandwidths_km, temperatures):
+            cfg = replace(self.config, weight=w, bandwidth_km=bw, temperature=t)
+            if (s := score(cfg)) < best[0]:
+                best = (s, cfg)
+        val_median = best[0] if objective == "median" else median(best[1])
         own = distance_metrics(np.asarray(model_latlon), coords)["median_km"]
         if not clearly_better(val_median, own, min_gain):
             off = replace(best[1], weight=0.0)
-            best = (-float(np.mean(self._log_density(at_truth, off))) if objective == "nll" else median(off), off)
             val_median = median(off)
+            best = (val_median if objective == "median" else score(off), off)
         self.config = best[1]
         return {"score": best[0], "val_median_km": val_median, **self.config.to_dict()}
