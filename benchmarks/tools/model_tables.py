@@ -74,22 +74,19 @@ SAMPLERS = [("density head (1 call)", dict(sampler="density")),
 
 def cmd_samplers(a) -> None:
     """Each sampler's temperature is chosen by NLL on validation places, as training does."""
-    from locdiff.diffusion.losses import kl_temperature
+    from locdiff.calibration import nll_temperature
     from locdiff.predict import Predictor
-    from locdiff.calibration import TEMPERATURE_FACTORS
 
     _, va, te = task(a.split)
     rng = np.random.default_rng(0)
     ti, vi = (np.sort(rng.choice(len(x[1]), a.places, replace=False)) for x in (te, va))
     (te_e, te_c), (va_e, va_c) = (te[0][ti], te[1][ti]), (va[0][vi], va[1][vi])
     pred = Predictor.from_run(a.run)
-    temps = [kl_temperature(pred.degree, 16.0) * f for f in TEMPERATURE_FACTORS]
     print(header("sampler", "ms per place"))
     for name, kw in SAMPLERS:
         if a.only and a.only not in name:
             continue
-        cv = pred.coefficients(va_e, **kw).double()
-        tau = min(temps, key=lambda t: -float(shdd.log_density_at(cv, torch.as_tensor(va_c), temperature=t).mean()))
+        tau, _ = nll_temperature(pred.coefficients(va_e, **kw).double(), va_c, pred.degree)
         t0 = time.perf_counter()
         c = pred.coefficients(te_e, **kw).double()
         ms = 1000 * (time.perf_counter() - t0) / a.places

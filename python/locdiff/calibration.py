@@ -1,8 +1,8 @@
 """Prediction settings of a trained run chosen on validation data (:func:`calibrate`): the
 density temperature by NLL, the point rule (mode of the density or of the function, coarse
 decoding degree; the run's own rule unless another is clearly better) and the LocDiff-H
-settings by NLL, used where they clearly beat the model's median. The training loop calls it at
-the end of a run; it reads nothing but a predictor and arrays.
+settings by NLL, used where they clearly beat the model's median. The training loop calls
+it at the end of a run; it reads nothing but a predictor and arrays.
 """
 from __future__ import annotations
 
@@ -23,25 +23,33 @@ COARSE_DEGREES = (4, 8, 16)
 HYBRID_GALLERY_ROWS = 200_000
 
 
+def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
+    """The density temperature of ``TEMPERATURE_FACTORS`` with the lowest NLL of ``coords``
+    under the SHDD vectors ``coeffs`` -> (temperature, that NLL)."""
+    from locdiff import shdd
+
+    truth = torch.as_tensor(np.asarray(coords, np.float64))
+    temps = [kl_temperature(degree, 16.0) * f for f in TEMPERATURE_FACTORS]
+    nll = [-float(shdd.log_density_at(coeffs, truth, temperature=t).mean()) for t in temps]
+    best = int(np.argmin(nll))
+    return temps[best], nll[best]
+
+
 def calibrate(predictor, val, gallery=None, log=None) -> dict:
     """Prediction settings chosen on validation data ``(emb, coords)`` with the run's
     sampler: the density temperature with the lowest NLL, the point rule (mode of the
     density or of the function, coarse decoding degree or none) with the lowest median error
-    and, with a ``gallery`` ``(emb, coords)``, the LocDiff-H settings (:meth:`Hybrid.fit`). Returns ``{"temperature", "mode_of", "coarse_degree", "hybrid", "val_nll",
+    and, with a ``gallery`` ``(emb, coords)``, the LocDiff-H settings (:meth:`Hybrid.fit`).
+    Returns ``{"temperature", "mode_of", "coarse_degree", "hybrid", "val_nll",
     "val_median_km"}``."""
-    from locdiff import shdd
     from locdiff.metrics import distance_metrics
 
     coeffs = predictor.coefficients(val[0]).double()
-    truth = torch.as_tensor(np.asarray(val[1], np.float64))
-    base = kl_temperature(predictor.degree, 16.0)
-    temps = [base * f for f in TEMPERATURE_FACTORS]
-    nll = [-float(shdd.log_density_at(coeffs, truth, temperature=t).mean()) for t in temps]
-    best_t = int(np.argmin(nll))
+    temperature, val_nll = nll_temperature(coeffs, val[1], predictor.degree)
     medians = {}
     for mode_of in ("density", "function"):
         for cd in (None, *(d for d in COARSE_DEGREES if d < predictor.degree)):
-            latlon = predictor.locate(coeffs, cd, mode_of, temps[best_t])
+            latlon = predictor.locate(coeffs, cd, mode_of, temperature)
             medians[mode_of, cd] = distance_metrics(latlon, val[1])["median_km"]
     # The run's own rule stands unless another beats it clearly (docs/model.md, "Point
     # predictions"): on the places task the validation choice was often the worse on test.
@@ -49,15 +57,15 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
     mode_of, coarse = min(medians, key=medians.get)
     if default in medians and not clearly_better(medians[mode_of, coarse], medians[default]):
         mode_of, coarse = default
-    out = {"temperature": temps[best_t], "mode_of": mode_of, "coarse_degree": coarse, "hybrid": {},
-           "val_nll": nll[best_t], "val_median_km": medians[mode_of, coarse]}
+    out = {"temperature": temperature, "mode_of": mode_of, "coarse_degree": coarse, "hybrid": {},
+           "val_nll": val_nll, "val_median_km": medians[mode_of, coarse]}
     if log:
         log(f"calibration: density temperature {out['temperature']:.3g} (validation NLL {out['val_nll']:.3f}), "
             f"mode of the {mode_of}, coarse degree {coarse} (validation median {out['val_median_km']:.0f} km)")
     if gallery is not None:
         from locdiff.hybrid import Hybrid
 
-        fit = Hybrid(*gallery).fit(coeffs, temps[best_t], val[0], predictor.locate(coeffs, coarse, mode_of, temps[best_t]),
+        fit = Hybrid(*gallery).fit(coeffs, temperature, val[0], predictor.locate(coeffs, coarse, mode_of, temperature),
                                    val[1])
         out["hybrid"] = {k: v for k, v in fit.items() if k not in ("score", "val_median_km")}
         if log:
