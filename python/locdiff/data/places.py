@@ -52,6 +52,13 @@ class PlacesTask:
     def test(self):
         return self.embeddings[self.test_mask], self.coords[self.test_mask]
 
+    def splits(self):
+        """``(train, val, test)``, each ``(embeddings, coords)``: the training places less the
+        :meth:`validation_mask` ones, those, and the test places (what the demo trains on,
+        calibrates on and reports)."""
+        (emb, coords), vm = self.train, self.validation_mask()
+        return (emb[~vm], coords[~vm]), (emb[vm], coords[vm]), self.test
+
     def validation_mask(self, fraction: float = 0.05, seed: int = 1) -> np.ndarray:
         """A mask over the training places that holds out validation data the way the test
         is held out (whole groups for "regions", places for "random"), never test places."""
