@@ -84,7 +84,7 @@ def test_two_nodes_on_localhost(tmp_path):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_rendezvous_timeout_is_one_line(rank):
     env = clean_env() | {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     code = ("import sys\nfrom locdiff import distributed as D\n"
             "try:\n    D.init(timeout_s=2)\nexcept D.DistributedError as e:\n    print(e); sys.exit(2)\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)

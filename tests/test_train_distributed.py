@@ -169,7 +169,7 @@ def test_world_size_not_dividing_the_batch(data):
 
 def test_rendezvous_timeout_is_one_line(data):
     env = clean_env() | {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(free_port())}
+                         "MASTER_PORT": str(free_port())}
     argv = _train_args(data, data / "rdzv", "--dist-timeout", "2")
     proc = subprocess.run([sys.executable, "-m", "locdiff", *map(str, argv)],
                           env=env, capture_output=True, text=True, timeout=60)
@@ -235,6 +235,6 @@ def test_time_bound_stops_every_rank_at_the_same_step(data):
     # in the next exchange until --dist-timeout.
     out = data / "timed"
     finish(_locdiff(*_train_args(data, out, "--steps", "100000", "--max-minutes", "0.002", "--dist-timeout", "30"),
-                     nproc=2))
+                    nproc=2))
     _, state = _weights(out)
     assert 0 < state["step"] < 100_000
