@@ -166,7 +166,21 @@ def test_demo_plumbing(tmp_path, capsys, monkeypatch):
     assert {"nll", "rva_auc"} <= set(report["metrics"]["geocell"]) and {"nll", "rva_auc"} <= set(report["metrics"]["LocDiff-H"])
     assert report["train_steps"] > 0 and report["train_samples_per_s"] > 0
     assert (tmp_path / "demo" / "map.png").read_bytes()[:4] == b"\x89PNG"
-    assert "LocDiff" in out and "10-NN" in out
+    assert "LocDiff" in out and "10-NN" in out and "intervals from resampled test regions" in out
+    # Per-place answers: the errors they give are the report's medians, method by method.
+    import csv
+
+    from locdiff import great_circle_km
+
+    rows = list(csv.DictReader(open(tmp_path / "demo" / "predictions.csv")))
+    assert len(rows) == report["n_test"] == int(task.test_mask.sum())
+    truth = np.array([[float(r["lat"]), float(r["lon"])] for r in rows])
+    for name, spread in report["median_intervals"].items():
+        pred = np.array([[float(r[f"{name} lat"]), float(r[f"{name} lon"])] for r in rows])
+        median = np.median(np.asarray(great_circle_km(pred, truth)))
+        assert median == pytest.approx(report["metrics"][name]["median_km"], abs=0.01)
+        assert spread["interval_km"][0] <= spread["median_km"] <= spread["interval_km"][1]
+    assert set(report["median_intervals"]) == set(report["metrics"]) - {"kNN-vMF"}
 
 
 def test_config_defaults_is_every_setting_and_reads_back(tmp_path, capsys):

@@ -5,10 +5,11 @@
     python benchmarks/tools/model_tables.py samplers --run demo-run/run --places 120
     python benchmarks/tools/model_tables.py reliability --run demo-run/run
     python benchmarks/tools/model_tables.py hybrid --run demo-run/run
+    python benchmarks/tools/model_tables.py regions --predictions demo-run/predictions.csv
 
 ``degree`` trains the demo's LocDiff at another degree and reports the test row; the others
 read a run (for example the one ``locdiff demo`` leaves in ``OUT/run``) trained on the same
-split. Needs the ``demo`` extra.
+split; ``regions`` reads the demo's per-place answers. Needs the ``demo`` extra.
 """
 from __future__ import annotations
 
@@ -156,6 +157,43 @@ def cmd_hybrid(a) -> None:
                   flush=True)
 
 
+def cmd_regions(a) -> None:
+    """The test regions with the most places, each method's median error in them, how many
+    of each method's misses beyond 2500 km they hold, and the medians' bootstrap intervals
+    over test regions with ratios to ``--reference``."""
+    import csv
+
+    from locdiff import great_circle_km
+    from locdiff.data.places import gazetteer, load_places
+    from locdiff.intervals import format_intervals, median_intervals
+
+    t = load_places(split=a.split, progress=False)
+    keys = np.array([f"{r['region']}, {r['country_code']}" for r in gazetteer()])[t.test_mask]
+    rows = list(csv.DictReader(open(a.predictions, encoding="utf-8")))
+    if len(rows) != len(keys):
+        raise SystemExit(f"{a.predictions} has {len(rows)} places, the {a.split} split's test has {len(keys)}")
+    truth = np.array([[float(r["lat"]), float(r["lon"])] for r in rows])
+    methods = [c[:-4] for c in rows[0] if c.endswith(" lat") and c != "lat"]
+    err = {m: np.asarray(great_circle_km(np.array([[float(r[f"{m} lat"]), float(r[f"{m} lon"])] for r in rows]),
+                                         truth)) for m in methods}
+    names, counts = np.unique(keys, return_counts=True)
+    top = names[np.argsort(-counts, kind="stable")[:a.top]]
+    print(f"{len(names)} test regions; the {a.top} largest hold "
+          f"{100 * np.isin(keys, top).mean():.0f}% of the {len(keys)} test places")
+    print("| region | places | " + " | ".join(f"{m} median km" for m in methods) + " |")
+    print("|" + "---|" * (len(methods) + 2))
+    for name in top:
+        m = keys == name
+        print(f"| {name} | {m.sum()} | " + " | ".join(f"{np.median(err[k][m]):.0f}" for k in methods) + " |")
+    held = {k: (err[k] > 2500) for k in methods}
+    print("| misses beyond 2500 km, all regions / in these |  | " + " | ".join(
+        f"{held[k].sum()} / {(held[k] & np.isin(keys, top)).sum()}" for k in methods) + " |")
+    print("| places within 1 / 2500 km |  | " + " | ".join(
+        f"{(err[k] <= 1).sum()} / {(err[k] <= 2500).sum()}" for k in methods) + " |")
+    print()
+    print(format_intervals(median_intervals(err, keys, reference=a.reference), a.reference))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -171,11 +209,16 @@ def main() -> None:
         if name == "samplers":
             p.add_argument("--places", type=int, default=120)
             p.add_argument("--only", help="the samplers whose name contains this text")
+    r = sub.add_parser("regions")
+    r.add_argument("--predictions", required=True, help="predictions.csv of a locdiff demo run")
+    r.add_argument("--top", type=int, default=8)
+    r.add_argument("--reference", default="LocDiff", help="the method whose median the ratios divide")
     for p in sub.choices.values():
         p.add_argument("--split", default="regions", choices=("regions", "random"))
     a = ap.parse_args()
     torch.set_num_threads(2)
-    {"degree": cmd_degree, "samplers": cmd_samplers, "reliability": cmd_reliability, "hybrid": cmd_hybrid}[a.cmd](a)
+    {"degree": cmd_degree, "samplers": cmd_samplers, "reliability": cmd_reliability, "hybrid": cmd_hybrid,
+     "regions": cmd_regions}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ LocDiff-H with the training places as gallery, a metrics JSON and a map.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import time
@@ -43,28 +45,43 @@ def demo_config(train_minutes: float, seed: int = 0):
     )
 
 
-def _baselines(tr, va, te, budget_min: float, log, seed: int = 0) -> tuple[dict, dict]:
-    """Point and density baselines on the test places -> (metrics per name, extras)."""
+def _baselines(tr, va, te, budget_min: float, log, seed: int = 0) -> tuple[dict, dict, dict]:
+    """Point and density baselines on the test places -> (metrics per name, test predictions
+    (N, 2) per point method, extras)."""
     from locdiff.baselines import GeocellClassifier, KnnDensity, Regressor, knn_predict
     from locdiff.baselines.knn import NeighbourIndex
     from locdiff.evaluate import method_density_scores
     from locdiff.metrics import distance_metrics
 
     index = NeighbourIndex(*tr)
-    rows = {f"{k}-NN": distance_metrics(knn_predict(*tr, te[0], k=k, index=index), te[1]) for k in (1, 10)}
+    preds = {f"{k}-NN": knn_predict(*tr, te[0], k=k, index=index) for k in (1, 10)}
+    rows = {name: distance_metrics(p, te[1]) for name, p in preds.items()}
     kd = KnnDensity(*tr, index=index).fit(*va)
     rows["kNN-vMF"] = method_density_scores(kd, *te)
     log(f"    k-NN density: k = {kd.k}, temperature {kd.temperature:g}, "
         f"bandwidth {6371.0088 / kd.kappa ** 0.5:.0f} km (validation NLL)")
     geo = GeocellClassifier(**GEOCELL, seed=seed)
     info = geo.fit(*tr, val=va, minutes=GEOCELL_SHARE * budget_min, steps=100_000, select="median")
-    rows["geocell"] = {**distance_metrics(geo.predict(te[0]), te[1]), **method_density_scores(geo, *te)}
+    preds["geocell"] = geo.predict(te[0])
+    rows["geocell"] = {**distance_metrics(preds["geocell"], te[1]), **method_density_scores(geo, *te)}
     log(f"    geocell: {GEOCELL['cells']} cells, {info['steps']} steps in {info['seconds']:.0f} s")
     reg = Regressor(widths=demo_config(1.0).model.widths, seed=seed)
     info = reg.fit(*tr, val=va, minutes=REGRESSION_SHARE * budget_min, steps=100_000)
-    rows["regression"] = distance_metrics(reg.predict(te[0]), te[1])
+    preds["regression"] = reg.predict(te[0])
+    rows["regression"] = distance_metrics(preds["regression"], te[1])
     log(f"    regression: {info['steps']} steps in {info['seconds']:.0f} s")
-    return rows, {"index": index}
+    return rows, preds, {"index": index}
+
+
+def _write_predictions(path: Path, texts, truth, preds: dict) -> None:
+    """One row per test place: its text, the truth and every point method's answer."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["text", "lat", "lon", *(f"{name} {c}" for name in preds for c in ("lat", "lon"))])
+    cols = np.concatenate([np.asarray(truth), *(np.asarray(q) for q in preds.values())], 1)
+    for text, row in zip(texts, cols):
+        w.writerow([text, *(f"{v:.5f}" for v in row)])
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def run_demo(out, split: str = "regions", device: str | None = None, budget_minutes: float | None = None,
@@ -77,6 +94,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     from locdiff.data.places import load_places
     from locdiff.evaluate import density_scores, format_table, hybrid_density_scores
     from locdiff.hybrid import Hybrid
+    from locdiff.intervals import format_intervals, median_intervals
     from locdiff.metrics import distance_metrics
     from locdiff.plot import plot_predictions
     from locdiff.predict import Predictor
@@ -95,7 +113,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
 
     log("2/5 baselines: 1-NN, 10-NN, k-NN vMF density, geocell classifier, regression")
     t_base = time.perf_counter()
-    rows, extra = _baselines(tr, va, te, budget, log, seed)
+    rows, preds, extra = _baselines(tr, va, te, budget, log, seed)
     t_base = time.perf_counter() - t_base
 
     reserve_min = 0.12 * budget
@@ -118,13 +136,17 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     hyb = Hybrid(*tr, index=extra["index"])
     pv = pred.predict(va[0])
     fit = hyb.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1])
-    mh = distance_metrics(hyb.predict(p["coeffs"], tau, te[0], p["latlon"]), te[1])
+    preds = {"LocDiff": p["latlon"], "LocDiff-H": hyb.predict(p["coeffs"], tau, te[0], p["latlon"]), **preds}
+    mh = distance_metrics(preds["LocDiff-H"], te[1])
     mh.update(hybrid_density_scores(hyb, p["coeffs"], tau, te[0], te[1]))
     rows = {"LocDiff": m, "LocDiff-H": mh, **rows}
+    test_idx = np.flatnonzero(task.test_mask)
+    errors = {name: np.asarray(great_circle_km(q, te[1])) for name, q in preds.items()}
+    spread = median_intervals(errors, task.groups[test_idx], reference="LocDiff")
     t_eval = time.perf_counter() - t_eval
 
     log("5/5 map and report")
-    test_idx = np.flatnonzero(task.test_mask)
+    _write_predictions(out / "predictions.csv", [task.texts[i] for i in test_idx], te[1], preds)
     show = np.sort(np.random.default_rng(0).choice(len(te[1]), 4, replace=False))
     dist = np.asarray(great_circle_km(p["latlon"][show], te[1][show]))
     plot_predictions(out / "map.png", p["coeffs"][show],
@@ -133,7 +155,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     wall = time.perf_counter() - t0
     report = {"task": f"places ({split} split)", "split": split, "seed": seed, "n_train": int(len(tr[1])),
               "n_val": int(len(va[1])), "n_test": int(len(te[1])), "metrics": rows,
-              "hybrid": fit, "train_steps": res.steps, "train_samples_per_s": round(res.samples_per_s, 1),
+              "median_intervals": spread, "hybrid": fit, "train_steps": res.steps, "train_samples_per_s": round(res.samples_per_s, 1),
               "train_minutes": round(res.elapsed_s / 60, 2), "validation_history": res.history,
               "data_seconds": round(t_data, 1), "baseline_seconds": round(t_base, 1),
               "eval_seconds": round(t_eval, 1), "wall_seconds": round(wall, 1),
@@ -142,6 +164,8 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     log("")
     log(format_table(rows))
     log("")
+    log(format_intervals(spread))
+    log("")
     log(f"training: {res.steps} steps, {res.samples_per_s:.0f} samples/s; wall time {wall / 60:.1f} min")
-    log(f"wrote {out / 'metrics.json'} and {out / 'map.png'}")
+    log(f"wrote {out / 'metrics.json'}, {out / 'predictions.csv'} and {out / 'map.png'}")
     return report
