@@ -145,6 +145,12 @@ def test_output_folder_missing(files, tmp_path, capsys):
                   "does not exist", [out])
 
 
+@pytest.mark.parametrize("flag", ["--seed", "--split-seed"])
+def test_demo_rejects_negative_seeds(tmp_path, capsys, flag):
+    out = tmp_path / "demo"
+    _expect_error(capsys, ["demo", "--out", out, flag, "-1"], f"{flag} -1: expected an integer >= 0", [out])
+
+
 def test_demo_plumbing(tmp_path, capsys, monkeypatch):
     # The real demo embeds 30,000 places; here a synthetic task stands in for it so that the
     # pipeline (baselines, training, evaluation, table, metrics.json, map) runs in seconds.
@@ -157,11 +163,13 @@ def test_demo_plumbing(tmp_path, capsys, monkeypatch):
     coords = centres[groups] + rng.normal(0, 1, (n, 2))
     emb = np.concatenate([np.eye(30)[groups], rng.normal(size=(n, 4))], 1).astype(np.float32)
     task = P.PlacesTask(emb, coords, [f"place {i}" for i in range(n)], groups, P.split_groups(groups, 0.2, 0))
-    monkeypatch.setattr(P, "load_places", lambda **kw: task)
+    asked = {}
+    monkeypatch.setattr(P, "load_places", lambda **kw: asked.update(kw) or task)
     monkeypatch.setenv("LOCDIFF_DEMO_MINUTES", "0.05")
-    code, out, _ = run_cli(capsys, "demo", "--out", tmp_path / "demo")
+    code, out, _ = run_cli(capsys, "demo", "--out", tmp_path / "demo", "--split-seed", "3")
     assert code == 0
     report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert asked == {"split": "regions", "seed": 3} and report["split_seed"] == 3
     assert set(report["metrics"]) == {"LocDiff", "LocDiff-H", "1-NN", "10-NN", "kNN-vMF", "geocell", "regression"}
     assert {"nll", "rva_auc"} <= set(report["metrics"]["geocell"]) and {"nll", "rva_auc"} <= set(report["metrics"]["LocDiff-H"])
     assert report["train_steps"] > 0 and report["train_samples_per_s"] > 0

@@ -22,9 +22,10 @@ __all__ = ["CliError", "build_parser", "main"]
 def cmd_demo(args) -> int:
     from locdiff.demo import run_demo
 
-    if args.seed < 0:
-        raise CliError(f"--seed {args.seed}: expected an integer >= 0")
-    run_demo(args.out, split=args.split, device=args.device, seed=args.seed)
+    for flag, value in (("--seed", args.seed), ("--split-seed", args.split_seed)):
+        if value < 0:
+            raise CliError(f"{flag} {value}: expected an integer >= 0")
+    run_demo(args.out, split=args.split, device=args.device, seed=args.seed, split_seed=args.split_seed)
     return 0
 
 
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", choices=("regions", "random"), default="regions",
                    help="test places: whole unseen (country, region) groups (default) or 10%% at random")
     d.add_argument("--seed", type=int, default=0, help="seed of the learned models; the split stays (default 0)")
+    d.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the test split: which regions or places are held out (default 0)")
     d.add_argument("--device", default="auto", help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_demo)
 

