@@ -107,6 +107,9 @@ def test_places_splits_hold_out_whole_groups():
     assert ids[2] == set(np.flatnonzero(task.test_mask))
     # Validation holds out whole groups, as the test does.
     assert not {groups[i] for i in ids[0]} & {groups[i] for i in ids[1]} and len(ids[1]) > 0
+    # group_splits follows the same rows in the same order.
+    for rows, g in zip((tr, va, te), task.group_splits()):
+        np.testing.assert_array_equal(g, groups[rows[:, 0].astype(int)])
 
 
 def test_places_embedding_offline(monkeypatch):

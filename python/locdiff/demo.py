@@ -5,7 +5,8 @@ mapped in one run (docs/evaluation.md describes the task and its figures).
 Stages: (1) the task (embeddings cached after the first run), (2) baselines: 1-NN and 10-NN
 in embedding space, a k-NN von Mises-Fisher density, a geocell classifier and a plain
 regression, (3) LocDiff for the rest of the time budget, (4) evaluation on the test places,
-LocDiff-H with the training places as gallery, a metrics JSON and a map.
+LocDiff-H with the training places as gallery, median intervals over test regions, (5) a
+metrics JSON, every method's per-place answers and a map.
 
 >>> report = run_demo("demo-run")            # doctest: +SKIP
 """
@@ -109,6 +110,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
         "MiniLM embeddings")
     task = load_places(split=split, seed=split_seed)
     tr, va, te = task.splits()
+    _, val_groups, test_groups = task.group_splits()
     t_data = time.perf_counter() - t0
     log(f"    {len(tr[1])} training, {len(va[1])} validation and {len(te[1])} test places ({t_data:.0f} s)")
 
@@ -136,17 +138,17 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     m.update(density_scores(p["coeffs"], te[1], tau))
     hyb = Hybrid(*tr, index=extra["index"])
     pv = pred.predict(va[0])
-    fit = hyb.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1])
+    fit = hyb.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1], groups=val_groups)
     preds = {"LocDiff": p["latlon"], "LocDiff-H": hyb.predict(p["coeffs"], tau, te[0], p["latlon"]), **preds}
     mh = distance_metrics(preds["LocDiff-H"], te[1])
     mh.update(hybrid_density_scores(hyb, p["coeffs"], tau, te[0], te[1]))
     rows = {"LocDiff": m, "LocDiff-H": mh, **rows}
-    test_idx = np.flatnonzero(task.test_mask)
     errors = {name: np.asarray(great_circle_km(q, te[1])) for name, q in preds.items()}
-    spread = median_intervals(errors, task.groups[test_idx], reference="LocDiff")
+    spread = median_intervals(errors, test_groups, reference="LocDiff")
     t_eval = time.perf_counter() - t_eval
 
     log("5/5 map and report")
+    test_idx = np.flatnonzero(task.test_mask)
     _write_predictions(out / "predictions.csv", [task.texts[i] for i in test_idx], te[1], preds)
     show = np.sort(np.random.default_rng(0).choice(len(te[1]), 4, replace=False))
     dist = np.asarray(great_circle_km(p["latlon"][show], te[1][show]))
@@ -154,9 +156,10 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
                      titles=[f"{task.texts[test_idx[i]]}  ({d:.0f} km)" for i, d in zip(show, dist)],
                      truths=te[1][show], topk=p["topk_latlon"][show], points=p["latlon"][show], temperature=tau)
     wall = time.perf_counter() - t0
-    report = {"task": f"places ({split} split)", "split": split, "split_seed": split_seed, "seed": seed, "n_train": int(len(tr[1])),
-              "n_val": int(len(va[1])), "n_test": int(len(te[1])), "metrics": rows,
-              "median_intervals": spread, "hybrid": fit, "train_steps": res.steps, "train_samples_per_s": round(res.samples_per_s, 1),
+    report = {"task": f"places ({split} split)", "split": split, "split_seed": split_seed, "seed": seed,
+              "n_train": int(len(tr[1])), "n_val": int(len(va[1])), "n_test": int(len(te[1])), "metrics": rows,
+              "median_intervals": spread, "hybrid": fit, "train_steps": res.steps,
+              "train_samples_per_s": round(res.samples_per_s, 1),
               "train_minutes": round(res.elapsed_s / 60, 2), "validation_history": res.history,
               "data_seconds": round(t_data, 1), "baseline_seconds": round(t_base, 1),
               "eval_seconds": round(t_eval, 1), "wall_seconds": round(wall, 1),

@@ -31,7 +31,7 @@ import torch
 
 from locdiff import shdd
 from locdiff.baselines.knn import NeighbourIndex, log_vmf_mixture
-from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_latlon
 from locdiff.selection import MIN_GAIN, clearly_better
 
 # Gauss-Hermite nodes and weights for E[g(z)], z ~ N(0, 1) (probabilists' form), per axis.
@@ -203,39 +203,49 @@ class Hybrid:
 
     def fit(self, coeffs, temperature: float, emb, model_latlon, coords, objective: str = "nll",
             weights=(0.05, 0.2, 0.5, 0.8, 0.95), bandwidths_km=(10.0, 25.0, 75.0),
-            temperatures=(0.02, 0.05, 0.1), min_gain: float = MIN_GAIN) -> dict:
+            temperatures=(0.02, 0.05, 0.1), min_gain: float = MIN_GAIN, groups=None) -> dict:
         """Grid search of weight, bandwidth and temperature on validation data by
         ``objective``: "nll" (of p_H) or "median" (median error of :meth:`predict`).
         Retrieval is used (weight > 0) only where the chosen settings' validation median
-        beats the model's own by more than ``min_gain`` (relative): a lower NLL can come with
-        a worse median where similar embeddings lie far apart. Otherwise the weight is 0
-        and p_H is the model's density. Sets and returns the chosen settings with their
+        beats the model's own by more than ``min_gain`` (relative), and is lower in 95 % of
+        resamples of the validation ``groups`` (N,) (regions; default: every place its own):
+        a lower NLL can come with a worse median where similar embeddings lie far apart, and
+        a gain that rests on a few regions does not carry to others. Otherwise the weight is
+        0 and p_H is the model's density. Sets and returns the chosen settings with their
         ``score`` and ``val_median_km``."""
-        from locdiff.metrics import distance_metrics
+        from locdiff.intervals import median_intervals
 
         if objective not in ("median", "nll"):
             raise ValueError(f"objective must be 'median' or 'nll', got {objective!r}")
+        coords = np.asarray(coords, np.float64)
+        groups = np.arange(len(coords)) if groups is None else np.asarray(groups)
+        if groups.shape != (len(coords),):
+            raise ValueError(f"groups must have one entry per validation place ({len(coords)}), "
+                             f"got shape {groups.shape}")
         k = self.config.neighbours
         at_mode = self._prepare(coeffs, temperature, emb, self._points(model_latlon), k)
         at_truth = self._prepare(coeffs, temperature, emb, self._points(coords), k, bandwidths_km) \
             if objective == "nll" else None
 
-        def median(cfg):
-            return distance_metrics(self._choose(at_mode, cfg), coords)["median_km"]
+        def errors(cfg):
+            return np.asarray(great_circle_km(self._choose(at_mode, cfg), coords))
 
         def score(cfg):
-            return -float(np.mean(self._log_density(at_truth, cfg))) if objective == "nll" else median(cfg)
+            return -float(np.mean(self._log_density(at_truth, cfg))) if objective == "nll" \
+                else float(np.median(errors(cfg)))
 
         best = (math.inf, self.config)
         for w, bw, t in itertools.product(weights, bandwidths_km, temperatures):
             cfg = replace(self.config, weight=w, bandwidth_km=bw, temperature=t)
             if (s := score(cfg)) < best[0]:
                 best = (s, cfg)
-        val_median = best[0] if objective == "median" else median(best[1])
-        own = distance_metrics(np.asarray(model_latlon), coords)["median_km"]
-        if not clearly_better(val_median, own, min_gain):
+        chosen, own = errors(best[1]), np.asarray(great_circle_km(np.asarray(model_latlon, np.float64), coords))
+        val_median = float(np.median(chosen))
+        spread = median_intervals({"own": own, "hybrid": chosen}, groups, reference="hybrid")
+        robust = spread["own"]["ratio_interval"][1] < 1.0
+        if not (clearly_better(val_median, float(np.median(own)), min_gain) and robust):
             off = replace(best[1], weight=0.0)
-            val_median = median(off)
+            val_median = float(np.median(errors(off)))
             best = (val_median if objective == "median" else score(off), off)
         self.config = best[1]
         return {"score": best[0], "val_median_km": val_median, **self.config.to_dict()}

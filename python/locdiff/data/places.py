@@ -59,6 +59,12 @@ class PlacesTask:
         (emb, coords), vm = self.train, self.validation_mask()
         return (emb[~vm], coords[~vm]), (emb[vm], coords[vm]), self.test
 
+    def group_splits(self):
+        """The group ids of the rows of :meth:`splits`, in the same order: ``(train, val,
+        test)`` arrays (for statistics that resample whole regions)."""
+        train, vm = self.groups[~self.test_mask], self.validation_mask()
+        return train[~vm], train[vm], self.groups[self.test_mask]
+
     def validation_mask(self, fraction: float = 0.05, seed: int = 1) -> np.ndarray:
         """A mask over the training places that holds out validation data the way the test
         is held out (whole groups for "regions", places for "random"), never test places."""
