@@ -29,6 +29,8 @@ DEFAULT_BUDGET_MIN = 11.0
 # validation median (docs/evaluation.md, "Baselines").
 GEOCELL = dict(cells=512, widths=(1024, 1024), dropout=0.2, smoothing_km=100.0)
 GEOCELL_SHARE, REGRESSION_SHARE = 0.14, 0.08
+# The rows of the report, in order; kNN-vMF is a density only, the others give points.
+METHODS = ("LocDiff", "LocDiff-H", "1-NN", "10-NN", "kNN-vMF", "geocell", "regression")
 
 
 def demo_config(train_minutes: float, seed: int = 0):
@@ -47,31 +49,28 @@ def demo_config(train_minutes: float, seed: int = 0):
 
 
 def _baselines(tr, va, te, budget_min: float, log, seed: int = 0) -> tuple[dict, dict, dict]:
-    """Point and density baselines on the test places -> (metrics per name, test predictions
-    (N, 2) per point method, extras)."""
+    """Point and density baselines on the test places -> (test predictions (N, 2) per point
+    method, density scores per density method, extras)."""
     from locdiff.baselines import GeocellClassifier, KnnDensity, Regressor, knn_predict
     from locdiff.baselines.knn import NeighbourIndex
     from locdiff.evaluate import method_density_scores
-    from locdiff.metrics import distance_metrics
 
     index = NeighbourIndex(*tr)
     preds = {f"{k}-NN": knn_predict(*tr, te[0], k=k, index=index) for k in (1, 10)}
-    rows = {name: distance_metrics(p, te[1]) for name, p in preds.items()}
     kd = KnnDensity(*tr, index=index).fit(*va)
-    rows["kNN-vMF"] = method_density_scores(kd, *te)
+    density = {"kNN-vMF": method_density_scores(kd, *te)}
     log(f"    k-NN density: k = {kd.k}, temperature {kd.temperature:g}, "
         f"bandwidth {6371.0088 / kd.kappa ** 0.5:.0f} km (validation NLL)")
     geo = GeocellClassifier(**GEOCELL, seed=seed)
     info = geo.fit(*tr, val=va, minutes=GEOCELL_SHARE * budget_min, steps=100_000, select="median")
     preds["geocell"] = geo.predict(te[0])
-    rows["geocell"] = {**distance_metrics(preds["geocell"], te[1]), **method_density_scores(geo, *te)}
+    density["geocell"] = method_density_scores(geo, *te)
     log(f"    geocell: {GEOCELL['cells']} cells, {info['steps']} steps in {info['seconds']:.0f} s")
     reg = Regressor(widths=demo_config(1.0).model.widths, seed=seed)
     info = reg.fit(*tr, val=va, minutes=REGRESSION_SHARE * budget_min, steps=100_000)
     preds["regression"] = reg.predict(te[0])
-    rows["regression"] = distance_metrics(preds["regression"], te[1])
     log(f"    regression: {info['steps']} steps in {info['seconds']:.0f} s")
-    return rows, preds, {"index": index}
+    return preds, density, {"index": index}
 
 
 def _write_predictions(path: Path, texts, truth, preds: dict) -> None:
@@ -96,7 +95,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     from locdiff.evaluate import density_scores, format_table, hybrid_density_scores
     from locdiff.hybrid import Hybrid
     from locdiff.intervals import format_intervals, median_intervals
-    from locdiff.metrics import distance_metrics
+    from locdiff.metrics import metrics_from_distances
     from locdiff.plot import plot_predictions
     from locdiff.predict import Predictor
     from locdiff.run import CHECKPOINT_FILE, CONFIG_FILE
@@ -116,7 +115,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
 
     log("2/5 baselines: 1-NN, 10-NN, k-NN vMF density, geocell classifier, regression")
     t_base = time.perf_counter()
-    rows, preds, extra = _baselines(tr, va, te, budget, log, seed)
+    preds, density, extra = _baselines(tr, va, te, budget, log, seed)
     t_base = time.perf_counter() - t_base
 
     reserve_min = 0.12 * budget
@@ -134,16 +133,16 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     pred = Predictor.from_run(run, device)
     tau = pred.config.predict.temperature
     p = pred.predict(te[0], top_k=3, progress=True)
-    m = distance_metrics(p["latlon"], te[1])
-    m.update(density_scores(p["coeffs"], te[1], tau))
     hyb = Hybrid(*tr, index=extra["index"])
     pv = pred.predict(va[0])
     fit = hyb.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1], groups=val_groups)
     preds = {"LocDiff": p["latlon"], "LocDiff-H": hyb.predict(p["coeffs"], tau, te[0], p["latlon"]), **preds}
-    mh = distance_metrics(preds["LocDiff-H"], te[1])
-    mh.update(hybrid_density_scores(hyb, p["coeffs"], tau, te[0], te[1]))
-    rows = {"LocDiff": m, "LocDiff-H": mh, **rows}
-    errors = {name: np.asarray(great_circle_km(q, te[1])) for name, q in preds.items()}
+    density.update({"LocDiff": density_scores(p["coeffs"], te[1], tau),
+                    "LocDiff-H": hybrid_density_scores(hyb, p["coeffs"], tau, te[0], te[1])})
+    # One set of per-place errors gives the table's point metrics and the intervals.
+    errors = {name: np.asarray(great_circle_km(np.asarray(q, np.float64), te[1])) for name, q in preds.items()}
+    rows = {name: {**(metrics_from_distances(errors[name]) if name in errors else {}), **density.get(name, {})}
+            for name in METHODS}
     spread = median_intervals(errors, test_groups, reference="LocDiff")
     t_eval = time.perf_counter() - t_eval
 
@@ -151,7 +150,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     test_idx = np.flatnonzero(task.test_mask)
     _write_predictions(out / "predictions.csv", [task.texts[i] for i in test_idx], te[1], preds)
     show = np.sort(np.random.default_rng(0).choice(len(te[1]), 4, replace=False))
-    dist = np.asarray(great_circle_km(p["latlon"][show], te[1][show]))
+    dist = errors["LocDiff"][show]
     plot_predictions(out / "map.png", p["coeffs"][show],
                      titles=[f"{task.texts[test_idx[i]]}  ({d:.0f} km)" for i, d in zip(show, dist)],
                      truths=te[1][show], topk=p["topk_latlon"][show], points=p["latlon"][show], temperature=tau)
