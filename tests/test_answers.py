@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from locdiff import grids, shdd
-from locdiff.answers import (basin_mass, basin_of, cap_radius_km, credible_area, grid_peaks, neighbours,
-                             reverse_geocode_modes, summarize)
+from locdiff.answers import (basin_mass, basin_of, basin_owner, cap_radius_km, credible_area, grid_peaks,
+                             neighbours, reverse_geocode_modes, summarize)
 from locdiff.geo import EARTH_RADIUS_KM
 
 SPHERE_KM2 = 4 * math.pi * EARTH_RADIUS_KM ** 2
@@ -95,6 +95,10 @@ def test_basin_of_names_the_mode_whose_basin_holds_a_point():
     where = np.array([[12.0, -58.0], [5.0, 63.0], [10.0, 61.0], [8.0, 57.0]])
     assert basin_of(p, grid, modes[:, [1, 0]], 500.0, where).tolist() == [1, 0, 0, 0]
     assert basin_of(p, grid, modes[:, :1], 500.0, where).tolist() == [0, -1, -1, -1]
+    # One climb shared by both questions gives the same answers as each climbing alone.
+    owner = basin_owner(p, grid, modes, 500.0)
+    assert torch.equal(basin_of(p, grid, modes, 500.0, where, owner), basin_of(p, grid, modes, 500.0, where))
+    assert torch.equal(basin_mass(p, grid, modes, 500.0, owner), basin_mass(p, grid, modes, 500.0))
 
 
 def test_credible_area_of_the_uniform_density():

@@ -3,7 +3,6 @@ samplers reproduce the distribution they were trained on, and the density head r
 its modes. A model that regressed the mean would put every sample at one place."""
 import numpy as np
 import pytest
-import torch
 
 from locdiff.diffusion import DiffusionConfig
 from locdiff.geo import great_circle_km

@@ -82,4 +82,6 @@ def test_table_lists_every_method_with_its_interval():
                              reference="LocDiff", reps=50)
     text = I.format_intervals(out)
     assert "90%" in text and "LocDiff" in text.splitlines()[2] and "kNN" in text.splitlines()[3]
-    assert "0.50" in text.splitlines()[3]
+    assert "0.50" in text.splitlines()[3] and "ratio: LocDiff's median" in text.splitlines()[0]
+    alone = I.format_intervals(I.median_intervals({"kNN": [1.0, 2, 3]}, [0, 1, 2], reps=50))
+    assert "ratio" not in alone.splitlines()[0]

@@ -93,15 +93,16 @@ def _mode_of_cell(grid, modes: torch.Tensor, sep_km: float) -> torch.Tensor:
     return torch.where(near, best, torch.full_like(best, -1))
 
 
-def _peak_owner(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float) -> torch.Tensor:
-    """(B, G) index of the mode owning the peak each cell of the density ``p`` climbs to, or -1."""
+def basin_owner(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float) -> torch.Tensor:
+    """(B, G) index of the mode owning the peak each cell of the density ``p`` climbs to, or
+    -1 (what :func:`basin_mass` and :func:`basin_of` take as ``owner`` to share the climb)."""
     peaks = grid_peaks(p / grid.area.to(p), grid.nlat, grid.nlon)
     return _mode_of_cell(grid, modes, sep_km).gather(1, peaks)
 
 
-def basin_mass(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float) -> torch.Tensor:
+def basin_mass(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float, owner=None) -> torch.Tensor:
     """(B, k) probability of each mode's basin from cell probabilities ``p`` (B, G)."""
-    owner = _peak_owner(p, grid, modes, sep_km)
+    owner = basin_owner(p, grid, modes, sep_km) if owner is None else owner
     k = modes.shape[1]
     mass = torch.zeros(p.shape[0], k + 1, dtype=p.dtype)
     mass.scatter_add_(1, torch.where(owner < 0, k, owner), p)
@@ -109,11 +110,11 @@ def basin_mass(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float) -> tor
     return torch.where(torch.isfinite(modes).all(-1), out, torch.nan)
 
 
-def basin_of(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float, latlon) -> torch.Tensor:
+def basin_of(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float, latlon, owner=None) -> torch.Tensor:
     """(B,) index of the mode (of ``modes`` (B, k, 2)) whose basin of the density ``p`` (B, G)
     holds each point of ``latlon`` (B, 2), or -1: the check behind a reliability table (is the
     truth in the basin whose mass was reported?)."""
-    owner = _peak_owner(p, grid, modes, sep_km)
+    owner = basin_owner(p, grid, modes, sep_km) if owner is None else owner
     xyz = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64))).to(grid.xyz)
     cell = (xyz @ grid.xyz.T).argmax(1)
     return owner[torch.arange(len(cell)), cell]

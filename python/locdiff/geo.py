@@ -54,7 +54,7 @@ def latlon_to_xyz(latlon):
     latlon = _as_float_array(latlon, "latlon")
     _check_last_dim(latlon, 2, "latlon")
     xp = _backend(latlon)
-    lat, lon = latlon[..., 0], latlon[..., 1]
+    lat = latlon[..., 0]
     # One reduction checks both columns (NaN fails the comparison), the message only on
     # failure: at a training step's batch size, each op and sync costs more than the maths.
     big_lat, big_lon = _largest_magnitudes(latlon)

@@ -32,7 +32,7 @@ def median_intervals(errors_km: Mapping[str, object], groups, reference: str | N
     ``groups`` (N,) with replacement ``reps`` times. ``errors_km`` maps a method's name to
     its errors (N,) on the same N places. Returns per name ``{"median_km", "interval_km":
     [lo, hi], "level"}``, and with ``reference`` also ``"ratio"``, the reference's
-    median over this method's, and its paired ``"ratio_interval"``."""
+    median over this method's, its paired ``"ratio_interval"`` and the ``"reference"``."""
     groups = np.asarray(groups)
     if groups.ndim != 1 or groups.size == 0:
         raise ValueError(f"groups must be a non-empty 1-d array, got shape {groups.shape}")
@@ -66,16 +66,19 @@ def median_intervals(errors_km: Mapping[str, object], groups, reference: str | N
             ratio = boot[reference] / np.maximum(boot[name], 1e-12)
             row["ratio"] = float(np.median(errors[reference]) / max(np.median(e), 1e-12))
             row["ratio_interval"] = np.percentile(ratio, tails).tolist()
+            row["reference"] = reference
         out[name] = row
     return out
 
 
-def format_intervals(intervals: dict[str, dict], reference: str = "LocDiff") -> str:
-    """A plain-text table of :func:`median_intervals` (``reference`` as given there)."""
+def format_intervals(intervals: dict[str, dict]) -> str:
+    """A plain-text table of :func:`median_intervals`."""
     width = max([10] + [len(n) + 1 for n in intervals])
-    level = next(iter(intervals.values()))["level"] if intervals else 0.9
-    lines = [f"median error, {100 * level:.0f}% intervals from resampled test regions; "
-             f"ratio: {reference}'s median / the method's",
+    first = next(iter(intervals.values()), {})
+    head = f"median error, {100 * first.get('level', 0.9):.0f}% intervals from resampled test regions"
+    if "reference" in first:
+        head += f"; ratio: {first['reference']}'s median / the method's"
+    lines = [head,
              f"{'method':<{width}}{'median km':>11}{'interval':>16}{'ratio':>8}{'interval':>16}"]
     for name, row in intervals.items():
         lo, hi = row["interval_km"]
