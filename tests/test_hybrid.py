@@ -31,6 +31,21 @@ def test_snaps_to_a_similar_gallery_place_inside_the_model_region():
     np.testing.assert_allclose(out0, model_mode)
 
 
+def test_weight_zero_is_the_model_even_off_its_highest_point():
+    # The model's answer need not be q's highest point (LocDiff answers with the mode of the
+    # smoothed density): without retrieval LocDiff-H keeps that answer rather than moving
+    # to a gallery place where q is higher, and the fit's validation median is the model's.
+    coeffs = np.repeat(_model([PARIS]), 3, 0)
+    answer = np.repeat((PARIS + [1.5, 1.5])[None], 3, 0)
+    h = Hybrid(np.eye(2, dtype=np.float32), np.stack([PARIS, LYON]), HybridConfig(neighbours=2, weight=0.0))
+    q_emb = np.array([[1.0, 0.0]] * 3, np.float32)
+    np.testing.assert_array_equal(h.predict(coeffs, 1.0, q_emb, answer), answer)
+    truth = answer + 0.1
+    fit = h.fit(coeffs, 1.0, q_emb, answer, truth, weights=(0.05,))
+    assert fit["weight"] == 0.0
+    assert fit["val_median_km"] == pytest.approx(np.median(great_circle_km(answer, truth)))
+
+
 def test_does_not_snap_to_a_gallery_place_the_model_rules_out():
     coeffs = _model([PARIS])
     model_mode = shdd.decode(coeffs)

@@ -15,7 +15,8 @@ gallery locations under p_H: where a similar gallery entry lies in a likely regi
 answer snaps to it (fine scales), elsewhere the model's mode stands. Gallery entries within
 ``snap_km`` of that answer count as the same place, and the answer moves to the most similar
 of them: a cluster of entries wins the product, its best-matching entry is the finest
-answer. :meth:`Hybrid.fit` chooses the settings on validation data.
+answer. With weight 0 the answer is the model's own. :meth:`Hybrid.fit` chooses the
+settings on validation data.
 
 >>> h = Hybrid(gallery_emb, gallery_coords, HybridConfig(weight=0.5))          # doctest: +SKIP
 >>> latlon = h.predict(coeffs, temperature, query_emb, model_latlon)           # doctest: +SKIP
@@ -134,6 +135,11 @@ class Hybrid:
     def _choose(self, parts: list[dict], cfg: HybridConfig) -> torch.Tensor:
         out = []
         for part in parts:
+            if cfg.weight == 0:
+                # No retrieval: LocDiff-H is LocDiff, whose answer need not be the highest
+                # point of q among the gallery's places (it is the mode of the smoothed density).
+                out.append(part["x"][:, 0])
+                continue
             k = cfg.neighbours
             mu = part["mu"][:, :k]
             cand = torch.cat([part["x"], mu], 1)
