@@ -166,10 +166,18 @@ def test_demo_plumbing(tmp_path, capsys, monkeypatch):
     asked = {}
     monkeypatch.setattr(P, "load_places", lambda **kw: asked.update(kw) or task)
     monkeypatch.setenv("LOCDIFF_DEMO_MINUTES", "0.05")
-    code, out, _ = run_cli(capsys, "demo", "--out", tmp_path / "demo", "--split-seed", "3")
+    code, out, _ = run_cli(capsys, "demo", "--out", tmp_path / "demo", "--split-seed", "3", "--text", "name")
     assert code == 0
     report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert asked == {"split": "regions", "seed": 3} and report["split_seed"] == 3
+    assert asked == {"split": "regions", "seed": 3, "variant": "name"} and report["split_seed"] == 3
+    assert report["variant"] == "name"
+    # Best of the first k answers: never worse with more answers, and the first answer is
+    # the method's own (LocDiff's mode, 1-NN, the argmax geocell).
+    for name in ("LocDiff", "LocDiff-H", "1-NN", "geocell", "kNN-vMF"):
+        m = report["metrics"][name]
+        assert m["top5_median_km"] <= m["top3_median_km"] <= m.get("median_km", np.inf)
+        assert m["top5_acc_750km"] >= m["top3_acc_750km"] >= m.get("acc_750km", 0.0)
+    assert "best of the first k answers" in out
     assert list(report["metrics"]) == ["LocDiff", "LocDiff-H", "1-NN", "10-NN", "kNN-vMF", "geocell", "regression"]
     assert {"nll", "rva_auc"} <= set(report["metrics"]["geocell"]) and {"nll", "rva_auc"} <= set(report["metrics"]["LocDiff-H"])
     assert report["train_steps"] > 0 and report["train_samples_per_s"] > 0

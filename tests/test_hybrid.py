@@ -46,6 +46,24 @@ def test_weight_zero_is_the_model_even_off_its_highest_point():
     assert fit["val_median_km"] == pytest.approx(np.median(great_circle_km(answer, truth)))
 
 
+def test_top_k_starts_with_the_answer_and_ranks_places_by_the_hybrid_density():
+    # Model: lobes at Paris (higher) and Sydney; the gallery's most similar entries are Lyon
+    # and Sydney. The answer (Paris, snapped to nothing) first, then Sydney; Lyon lies too
+    # close to Paris to count as another answer.
+    sydney = np.array([-33.87, 151.21])
+    coeffs = (np.array([[0.7], [0.3]]) * shdd.encode(np.stack([PARIS, sydney]), 16)).sum(0)[None]
+    mode = shdd.decode(coeffs)
+    modes, _ = shdd.top_k(coeffs, 3)
+    h = Hybrid(np.eye(3, dtype=np.float32), np.stack([LYON, sydney, [0.0, 0.0]]),
+               HybridConfig(neighbours=3, weight=0.5, temperature=0.5, bandwidth_km=75.0))
+    emb = np.array([[1.0, 1.0, 0.0]], np.float32)
+    top = h.top_k(coeffs, 5.0, emb, mode, np.asarray(modes), k=3, min_separation_km=1000.0)
+    np.testing.assert_allclose(top[0, 0], h.predict(coeffs, 5.0, emb, mode)[0])
+    assert great_circle_km(top[0, 1], sydney) < 1
+    assert np.isnan(top[0, 2]).all() or great_circle_km(top[0, 2], top[0, 1]) >= 1000
+    assert h.top_k(coeffs[:0], 5.0, emb[:0], mode[:0], np.asarray(modes)[:0], k=2).shape == (0, 2, 2)
+
+
 def test_does_not_snap_to_a_gallery_place_the_model_rules_out():
     coeffs = _model([PARIS])
     model_mode = shdd.decode(coeffs)

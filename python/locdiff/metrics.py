@@ -56,6 +56,27 @@ def metrics_from_distances(d) -> dict[str, float]:
     return out
 
 
+def best_of_k_metrics(candidates, true_latlon, ks=(3, 5)) -> dict[str, float]:
+    """Metrics of the best of each query's first k answers, for k in ``ks``, as
+    ``top<k>_<key>`` for every key of :func:`distance_metrics`. ``candidates`` (N, K, 2)
+    holds each query's answers best first (a method's top-k modes); NaN rows are missing
+    answers, but every query needs its first one."""
+    c, t = _np(candidates), _np(true_latlon)
+    if c.ndim != 3 or c.shape[2] != 2 or t.shape != (c.shape[0], 2):
+        raise ValueError(f"candidates must be (N, K, 2) for true_latlon (N, 2), got {c.shape} and {t.shape}")
+    found = np.isfinite(c).all(2)
+    if not found[:, 0].all():
+        raise ValueError(f"candidates: every query needs a first answer, {int((~found[:, 0]).sum())} have none")
+    d = np.asarray(great_circle_km(np.where(found[..., None], c, 0.0), t[:, None, :]))
+    best = np.minimum.accumulate(np.where(found, d, np.inf), axis=1)
+    out = {}
+    for k in ks:
+        if not (isinstance(k, int) and 1 <= k <= c.shape[1]):
+            raise ValueError(f"ks must hold ints in [1, {c.shape[1]}] (candidates per query), got {k!r}")
+        out.update({f"top{k}_{key}": v for key, v in metrics_from_distances(best[:, k - 1]).items()})
+    return out
+
+
 def nll(log_density) -> float:
     """Mean negative log-likelihood (nats) of the truths from their log densities per
     steradian (e.g. ``locdiff.shdd.log_density_at``). Uniform on the sphere is log(4 pi) = 2.531."""

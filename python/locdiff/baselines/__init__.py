@@ -7,7 +7,7 @@ Every density method offers ``log_density_at(emb, latlon)`` (per steradian) and
 into NLL and Recall-vs-Area.
 """
 from locdiff.baselines.geocell import GeocellClassifier, spherical_kmeans
-from locdiff.baselines.knn import KnnDensity, knn_predict
+from locdiff.baselines.knn import KnnDensity, knn_predict, knn_top_k
 from locdiff.baselines.regression import Regressor
 
-__all__ = ["GeocellClassifier", "KnnDensity", "Regressor", "knn_predict", "spherical_kmeans"]
+__all__ = ["GeocellClassifier", "KnnDensity", "Regressor", "knn_predict", "knn_top_k", "spherical_kmeans"]

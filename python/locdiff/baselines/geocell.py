@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from locdiff.baselines.candidates import check_top_k_args, separated_top_k
 from locdiff.baselines.mlp import fit, mlp, predict_batches
 from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_latlon
 
@@ -101,6 +102,14 @@ class GeocellClassifier:
         """The argmax cell's centre ``(N, 2)``."""
         logits = predict_batches(self.net, emb)
         return xyz_to_latlon(self.centres[logits.argmax(1).numpy()])
+
+    def top_k(self, emb, k: int = 5, min_separation_km: float = 1000.0) -> np.ndarray:
+        """The centres of the k most probable cells ``min_separation_km`` apart (the
+        prediction first) -> ``(N, k, 2)``, NaN where fewer."""
+        k, sep = check_top_k_args(k, min_separation_km)
+        logits = predict_batches(self.net, emb)
+        centres = torch.as_tensor(self.centres).double().expand(len(logits), -1, -1)
+        return separated_top_k(centres, logits, k, sep)
 
     def log_density_at(self, emb, latlon) -> np.ndarray:
         """log density per steradian: cell probability / cell area at the point's cell."""

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 
+from locdiff.baselines.candidates import check_top_k_args, separated_top_k
 from locdiff.geo import latlon_to_xyz, xyz_to_latlon
 
 
@@ -56,6 +57,16 @@ def knn_predict(train_emb, train_coords, query_emb, k: int = 10, temperature: fl
     return xyz_to_latlon((w[..., None] * index.xyz[idx]).sum(1)).numpy()
 
 
+def knn_top_k(train_emb, train_coords, query_emb, k: int = 5, min_separation_km: float = 1000.0,
+              pool: int = 64, index: NeighbourIndex | None = None) -> np.ndarray:
+    """The k most similar of the ``pool`` nearest training places that lie
+    ``min_separation_km`` apart (1-NN's answer first) -> ``(N, k, 2)``, NaN where fewer."""
+    k, sep = check_top_k_args(k, min_separation_km)
+    index = index or NeighbourIndex(train_emb, train_coords)
+    sim, idx = index.search(query_emb, max(pool, k))
+    return separated_top_k(index.xyz[idx], sim, k, sep)
+
+
 def log_vmf_mixture(x: torch.Tensor, centres: torch.Tensor, log_w: torch.Tensor, kappa: float) -> torch.Tensor:
     """log of ``sum_j w_j vMF(x; mu_j, kappa)`` per steradian: x (B, P, 3), centres (B, k, 3),
     log_w (B, k) -> (B, P). The normaliser ``kappa / (2 pi (1 - exp(-2 kappa)))`` times
@@ -94,6 +105,14 @@ class KnnDensity:
         centres, log_w = self._mixture(query)
         x = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64)))[:, None, :]
         return log_vmf_mixture(x, centres, log_w, self.kappa)[:, 0].numpy()
+
+    def top_k(self, query, k: int = 5, min_separation_km: float = 1000.0) -> np.ndarray:
+        """The mixture's k highest peaks ``min_separation_km`` apart -> ``(N, k, 2)``: its
+        centres ranked by the density there (at the bandwidths :meth:`fit` chooses, each
+        peak lies on a centre), NaN where fewer."""
+        k, sep = check_top_k_args(k, min_separation_km)
+        centres, log_w = self._mixture(query)
+        return separated_top_k(centres, log_vmf_mixture(centres, centres, log_w, self.kappa), k, sep)
 
     def grid_probabilities(self, query, grid) -> np.ndarray:
         """Cell probabilities ``(N, G)`` on a :class:`locdiff.grids.Grid` (density x area,
