@@ -81,10 +81,17 @@ def test_gallery_runs_locdiff_h(files, tmp_path, capsys):
     plain, hybrid = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "h.json"))
     assert sorted(plain) == sorted(hybrid)
     assert plain["acc_1km"] < 0.2 and hybrid["acc_1km"] > 0.9
-    assert run_cli(capsys, "predict", *base, *gallery, "--out", tmp_path / "p.csv")[0] == 0
-    rows = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1, usecols=(0, 1))
+    assert run_cli(capsys, "predict", *base, *gallery, "--out", tmp_path / "p.csv", "--top-k", 3)[0] == 0
+    rows = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)
     truth = np.load(files / "coords.npy")
-    assert np.mean(np.abs(rows - truth).max(1) < 0.01) > 0.9
+    assert np.mean(np.abs(rows[:, :2] - truth).max(1) < 0.01) > 0.9
+    # The top-k answers are LocDiff-H's: its answer first, scored by its log density, which
+    # ranks the later answers (NaN where there are fewer).
+    np.testing.assert_allclose(rows[:, 2:4], rows[:, :2], atol=1e-3)
+    scores = rows[:, [4, 7, 10]]
+    assert np.isfinite(scores[:, 0]).all() and np.isfinite(scores[:, 1]).any()
+    later = np.isfinite(scores[:, 1:])
+    assert (np.diff(np.where(later, scores[:, 1:], -np.inf), axis=1) <= 1e-6).all()
     code, _, err = run_cli(capsys, "evaluate", *base, "--coords", files / "coords.csv",
                            "--gallery-embeddings", files / "emb.npy", "--json", tmp_path / "x.json")
     assert code == 2 and "--gallery-coords" in err and not (tmp_path / "x.json").exists()

@@ -96,3 +96,13 @@ def test_top_k_is_capped(trained, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and f"--top-k {cap + 1}: expected an integer in [0, {cap}]" in lines[0]
     assert not out.exists()
+
+
+def test_gallery_with_images_is_refused_not_ignored(trained, tmp_path, capsys):
+    out = tmp_path / "a.csv"
+    code, _, err = run_cli(capsys, "predict", "--run", trained / "run", "--images", trained / "photos", "--out", out,
+                           "--gallery-embeddings", trained / "E", "--gallery-coords", trained / "E" / "coords.csv",
+                           "--device", "cpu")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--gallery-embeddings with --images" in lines[0]
+    assert not out.exists()

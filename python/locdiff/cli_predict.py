@@ -173,20 +173,50 @@ def _predict_embeddings(args, dev, out, png) -> int:
         return 0
     from locdiff.data.files import write_coords_csv
 
-    latlon = res["latlon"]
-    if hybrid is not None:
-        latlon = hybrid.predict(res["coeffs"], pred.config.predict.temperature, emb, latlon)
+    latlon, topk = _answers(pred, hybrid, emb, res, k)
     extra = {}
     for j in range(k):
-        extra[f"lat_{j + 1}"] = res["topk_latlon"][:, j, 0]
-        extra[f"lon_{j + 1}"] = res["topk_latlon"][:, j, 1]
-        extra[f"score_{j + 1}"] = res["topk_values"][:, j]
+        extra[f"lat_{j + 1}"] = topk[:, j, 0]
+        extra[f"lon_{j + 1}"] = topk[:, j, 1]
+        extra[f"score_{j + 1}"] = _log_density(pred, hybrid, emb, res["coeffs"], topk[:, j])
     write_coords_csv(out, latlon, extra)
     if png:
-        _png(png, res["coeffs"], [f"row {i}" for i in range(len(latlon))], res.get("topk_latlon") if k else None,
+        _png(png, res["coeffs"], [f"row {i}" for i in range(len(latlon))], topk if k else None,
              latlon, pred.config.predict.temperature)
     print(f"{len(latlon)} predictions written to {out}" + (f", map to {png}" if png else ""))
     return 0
+
+
+def _answers(pred, hybrid, emb, res, k: int):
+    """The answer (N, 2) and the top-k answers (N, k, 2): LocDiff's mode and modes, or with a
+    gallery LocDiff-H's answer first and its ranking of LocDiff's modes and the gallery's
+    places (``Hybrid.top_k``)."""
+    from locdiff import shdd
+
+    if hybrid is None:
+        return res["latlon"], res.get("topk_latlon")
+    tau = pred.config.predict.temperature
+    latlon = hybrid.predict(res["coeffs"], tau, emb, res["latlon"])
+    if not k:
+        return latlon, None
+    topk = hybrid.top_k(res["coeffs"], tau, emb, res["latlon"], res["topk_latlon"], k,
+                        shdd.default_separation_km(pred.degree))
+    return latlon, topk
+
+
+def _log_density(pred, hybrid, emb, coeffs, latlon) -> np.ndarray:
+    """log density per steradian (LocDiff's, or LocDiff-H's with a gallery) at ``latlon``
+    (N, 2); NaN where the answer is missing."""
+    from locdiff import shdd
+
+    tau = pred.config.predict.temperature
+    out = np.full(len(latlon), np.nan)
+    ok = np.isfinite(latlon).all(1)
+    if ok.any():
+        rows = np.flatnonzero(ok)
+        out[ok] = (hybrid.log_density_at(coeffs[rows], tau, emb[rows], latlon[ok]) if hybrid is not None
+                   else np.asarray(shdd.log_density_at(coeffs[rows], latlon[ok], temperature=tau)))
+    return out
 
 
 def _png(path, coeffs, names, topk, points, temperature) -> None:
@@ -205,6 +235,9 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
     from locdiff.geolocator import Geolocator
     from locdiff.images import find_images
 
+    if args.gallery_embeddings or args.gallery_coords:
+        raise CliError("--gallery-embeddings with --images: LocDiff-H answers embeddings; embed the photos "
+                       "with `locdiff embed` and pass them as --embeddings")
     find_images(args.images)  # a missing path or a folder without images: before loading anything
     if not Path(args.run).is_dir():
         raise DataError(f"{args.run}: run folder not found")
@@ -266,7 +299,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--images", nargs="+", default=None, metavar="PATH",
                    help="photos (files or folders), embedded with the encoder the run records")
     r.add_argument("--out", required=True, help="output CSV (with --images, answers; and OUT.jsonl beside it)")
-    r.add_argument("--top-k", type=int, default=None, help="the k highest modes (default: 0; 5 with --images)")
+    r.add_argument("--top-k", type=int, default=None,
+                   help="the k highest modes as lat_j, lon_j and score_j, the log density per steradian there "
+                        "(default: 0; 5 with --images)")
     r.add_argument("--map", default=None, help="PNG world map of the first predictions")
     r.add_argument("--html", default=None, help="with --images: interactive HTML map (density and modes)")
     r.add_argument("--device", default="auto", help=argparse.SUPPRESS)
