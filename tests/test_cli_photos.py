@@ -98,11 +98,35 @@ def test_top_k_is_capped(trained, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_gallery_with_images_is_refused_not_ignored(trained, tmp_path, capsys):
-    out = tmp_path / "a.csv"
-    code, _, err = run_cli(capsys, "predict", "--run", trained / "run", "--images", trained / "photos", "--out", out,
-                           "--gallery-embeddings", trained / "E", "--gallery-coords", trained / "E" / "coords.csv",
-                           "--device", "cpu")
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "--gallery-embeddings with --images" in lines[0]
-    assert not out.exists()
+def test_predict_images_with_a_gallery_answers_as_locdiff_h(trained, tmp_path, capsys):
+    # Gallery = the photos' own embeddings and places: LocDiff-H answers photos at their own
+    # place (where the untrained model's density allows), the model alone none; the answers
+    # keep their whole shape.
+    gallery = ["--gallery-embeddings", trained / "E", "--gallery-coords", trained / "E" / "coords.csv"]
+    base = ["predict", "--run", trained / "run", "--images", trained / "photos", "--device", "cpu", "--top-k", 2]
+    assert run_cli(capsys, *base, "--out", tmp_path / "plain.csv")[0] == 0
+    assert run_cli(capsys, *base, *gallery, "--out", tmp_path / "h.csv")[0] == 0
+    truth = {r["path"]: (float(r["lat"]), float(r["lon"])) for r in csv.DictReader(open(trained / "E" / "coords.csv"))}
+    from locdiff import great_circle_km
+
+    def errors(path):
+        return [great_circle_km((float(r["lat"]), float(r["lon"])), truth[r["input"]])
+                for r in csv.DictReader(open(path))]
+
+    plain, hybrid = errors(tmp_path / "plain.csv"), errors(tmp_path / "h.csv")
+    assert sum(e < 1 for e in hybrid) >= len(hybrid) // 2 and sum(e < 1 for e in plain) == 0
+    records = [json.loads(line) for line in open(tmp_path / "h.jsonl")]
+    assert all(0 < r["modes"][0]["probability"] <= 1 for r in records)
+    # The same folder of shards as the gallery of `evaluate` (the README's LocDiff-H line).
+    assert run_cli(capsys, "evaluate", "--run", trained / "run", "--embeddings", trained / "E", "--coords",
+                   trained / "E" / "coords.csv", *gallery, "--json", tmp_path / "m.json",
+                   "--device", "cpu")[0] == 0
+    import numpy as np
+
+    from locdiff import Geolocator
+    from locdiff.data import DataError
+
+    with pytest.raises(DataError, match="gallery: embeddings"):
+        Geolocator.from_run(trained / "run", "cpu", gallery=(np.zeros((3, 5)), np.zeros((3, 2))))
+    code, _, err = run_cli(capsys, *base, gallery[0], gallery[1], "--out", tmp_path / "x.csv")
+    assert code == 2 and "--gallery-coords" in err and not (tmp_path / "x.csv").exists()

@@ -26,6 +26,9 @@ def test_shards(tmp_path):
     idx = np.array([10, 0, 4, 5, 3, 4])
     np.testing.assert_array_equal(e[idx], full[idx])
     np.testing.assert_array_equal(e[2:7], full[2:7])
+    # As a whole (a retrieval gallery reads every row): np.asarray gives all rows in order.
+    np.testing.assert_array_equal(np.asarray(e), full)
+    assert np.asarray(e, np.float64).dtype == np.float64
     np.save(tmp_path / "s" / "part999.npy", np.zeros((2, 5), np.float32))
     with pytest.raises(DataError, match="different embedding dimensions"):
         open_embeddings(tmp_path / "s")

@@ -210,9 +210,12 @@ class Answers:
 
 
 def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, levels=LEVELS, grid=None,
-              geocode: bool = True, density: bool = False, min_separation_km: float | None = None) -> Answers:
+              geocode: bool = True, density: bool = False, min_separation_km: float | None = None,
+              cell_probabilities=None) -> Answers:
     """:class:`Answers` for SHDD vectors ``coeffs`` (N, (L+1)^2) and their top-k ``modes``
-    (N, k, 2) (``predict``'s ``topk_latlon``); ``latlon`` defaults to the first mode."""
+    (N, k, 2) (``predict``'s ``topk_latlon``); ``latlon`` defaults to the first mode.
+    ``cell_probabilities(rows, grid)`` -> (n, G) replaces the vectors' density by another
+    one on the grid (LocDiff-H's: ``Hybrid.grid_probabilities``) for ``rows``, a slice."""
     c = torch.as_tensor(np.asarray(coeffs), dtype=torch.float64)
     if c.ndim != 2:
         raise ValueError(f"coeffs must have shape (N, (L+1)^2), got {tuple(c.shape)}")
@@ -227,7 +230,8 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
     n, chunk = c.shape[0], max(1, _CHUNK_CELLS // grid.size)
     probs, areas, dens = [], [], []
     for i in range(0, n, chunk):
-        p = torch.as_tensor(shdd.density(c[i:i + chunk], grid, temperature))
+        p = torch.as_tensor(shdd.density(c[i:i + chunk], grid, temperature) if cell_probabilities is None
+                            else cell_probabilities(slice(i, i + chunk), grid))
         probs.append(basin_mass(p, grid, m[i:i + chunk], sep))
         areas.append(credible_area(p, grid, levels))
         if density:

@@ -235,13 +235,13 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
     from locdiff.geolocator import Geolocator
     from locdiff.images import find_images
 
-    if args.gallery_embeddings or args.gallery_coords:
-        raise CliError("--gallery-embeddings with --images: LocDiff-H answers embeddings; embed the photos "
-                       "with `locdiff embed` and pass them as --embeddings")
     find_images(args.images)  # a missing path or a folder without images: before loading anything
     if not Path(args.run).is_dir():
         raise DataError(f"{args.run}: run folder not found")
-    geo = Geolocator.from_run(args.run, str(dev))
+    if bool(args.gallery_embeddings) != bool(args.gallery_coords):
+        raise CliError("--gallery-embeddings and --gallery-coords go together")
+    gallery = load_pair(args.gallery_embeddings, args.gallery_coords) if args.gallery_embeddings else None
+    geo = Geolocator.from_run(args.run, str(dev), gallery=gallery)
     k = 5 if args.top_k is None else args.top_k
     _check_top_k(k, geo.predictor.degree)
     if k < 1:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from locdiff import shdd
 from locdiff.answers import LEVELS, summarize
 from locdiff.data.files import DataError
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
@@ -46,12 +47,17 @@ class Geolocator:
     """A run's predictor, its calibrated density temperature and (when recorded) its image
     encoder. Build it with :meth:`from_run`."""
 
-    def __init__(self, predictor, run_dir, encoder_spec: dict | None = None, spec_path=None, device=None):
+    def __init__(self, predictor, run_dir, encoder_spec: dict | None = None, spec_path=None, device=None,
+                 hybrid=None):
         self.predictor, self.run_dir, self.device = predictor, Path(run_dir), device
         self.encoder_spec, self.spec_path, self._encoder = encoder_spec, spec_path, None
+        self.hybrid = hybrid
 
     @classmethod
-    def from_run(cls, path, device=None) -> "Geolocator":
+    def from_run(cls, path, device=None, gallery=None) -> "Geolocator":
+        """The run in folder ``path``. ``gallery``: (embeddings (M, D), coordinates (M, 2)) of
+        known places (e.g. the training set's) to answer as LocDiff-H, with the settings
+        the run calibrated; None: LocDiff."""
         from locdiff.predict import Predictor
 
         run = Path(path)
@@ -63,7 +69,16 @@ class Geolocator:
         if spec is not None and int(spec.get("embedding_dim", -1)) != pred.embedding_dim:
             raise DataError(f"{run}: trained on {pred.embedding_dim}-dimensional embeddings, but its encoder "
                             f"{spec.get('model')} ({spec_path}) gives {spec.get('embedding_dim')}-dimensional ones")
-        return cls(pred, run, spec, spec_path, device)
+        hybrid = None
+        if gallery is not None:
+            from locdiff.hybrid import Hybrid, HybridConfig
+
+            g_emb, g_coords = np.asarray(gallery[0], np.float32), np.asarray(gallery[1], np.float64)
+            if g_emb.ndim != 2 or g_emb.shape[1] != pred.embedding_dim or g_coords.shape != (len(g_emb), 2):
+                raise DataError(f"gallery: embeddings (M, {pred.embedding_dim}) and coordinates (M, 2) expected, "
+                                f"got {np.shape(g_emb)} and {np.shape(g_coords)}")
+            hybrid = Hybrid(g_emb, g_coords, HybridConfig(**pred.config.predict.hybrid))
+        return cls(pred, run, spec, spec_path, device, hybrid)
 
     @property
     def temperature(self) -> float:
@@ -122,7 +137,16 @@ class Geolocator:
         if len(emb) == 0:
             raise DataError("no image could be read: " + "; ".join(r for _, r in skipped[:3]))
         out = self.predictor.predict(emb, top_k=top_k)
-        ans = summarize(out["coeffs"], out["topk_latlon"], self.temperature, latlon=out["latlon"], names=names,
-                        levels=levels, geocode=geocode, density=density)
+        latlon, modes, cells = out["latlon"], out["topk_latlon"], None
+        if self.hybrid is not None:
+            # LocDiff-H: its answer, its ranking of the modes and gallery places, and its
+            # density for the basins' probabilities and the credible regions.
+            t, c, h = self.temperature, out["coeffs"], self.hybrid
+            latlon = h.predict(c, t, emb, out["latlon"])
+            modes = h.top_k(c, t, emb, out["latlon"], out["topk_latlon"], top_k,
+                            shdd.default_separation_km(self.predictor.degree))
+            cells = lambda rows, grid: h.grid_probabilities(c[rows], t, emb[rows], grid)  # noqa: E731
+        ans = summarize(out["coeffs"], modes, self.temperature, latlon=latlon, names=names,
+                        levels=levels, geocode=geocode, density=density, cell_probabilities=cells)
         ans.skipped = skipped
         return ans

@@ -82,6 +82,12 @@ class ShardedArray:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """All rows in RAM (``np.asarray``), for users that need the whole array, such as a
+        retrieval gallery."""
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
     def __getitem__(self, idx) -> np.ndarray:
         if isinstance(idx, slice):
             idx = np.arange(*idx.indices(len(self)))
