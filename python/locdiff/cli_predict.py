@@ -62,18 +62,26 @@ def _sampling(args) -> dict:
             "guidance": args.guidance, "eta": args.eta}
 
 
-def _hybrid(args, pred):
-    """LocDiff-H over the gallery files, with the settings calibrated at training (None
-    without --gallery-embeddings)."""
+def _gallery(args):
+    """(embeddings, coordinates) of --gallery-embeddings and --gallery-coords, checked, or
+    None without them."""
     if not args.gallery_embeddings and not args.gallery_coords:
         return None
     if not (args.gallery_embeddings and args.gallery_coords):
         raise CliError("--gallery-embeddings and --gallery-coords go together")
+    return load_pair(args.gallery_embeddings, args.gallery_coords)
+
+
+def _hybrid(args, pred):
+    """LocDiff-H over the gallery files, with the settings calibrated at training (None
+    without --gallery-embeddings)."""
+    gallery = _gallery(args)
+    if gallery is None:
+        return None
     from locdiff.hybrid import Hybrid, HybridConfig
 
-    emb, coords = load_pair(args.gallery_embeddings, args.gallery_coords)
-    check_dim(emb, args.gallery_embeddings, pred, args.run)
-    return Hybrid(emb, coords, HybridConfig(**pred.config.predict.hybrid))
+    check_dim(gallery[0], args.gallery_embeddings, pred, args.run)
+    return Hybrid(*gallery, HybridConfig(**pred.config.predict.hybrid))
 
 
 def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, **sampling) -> dict | None:
@@ -200,7 +208,7 @@ def _answers(pred, hybrid, emb, res, k: int):
     if not k:
         return latlon, None
     topk = hybrid.top_k(res["coeffs"], tau, emb, res["latlon"], res["topk_latlon"], k,
-                        shdd.default_separation_km(pred.degree))
+                        shdd.default_separation_km(pred.degree), answer=latlon)
     return latlon, topk
 
 
@@ -238,10 +246,7 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
     find_images(args.images)  # a missing path or a folder without images: before loading anything
     if not Path(args.run).is_dir():
         raise DataError(f"{args.run}: run folder not found")
-    if bool(args.gallery_embeddings) != bool(args.gallery_coords):
-        raise CliError("--gallery-embeddings and --gallery-coords go together")
-    gallery = load_pair(args.gallery_embeddings, args.gallery_coords) if args.gallery_embeddings else None
-    geo = Geolocator.from_run(args.run, str(dev), gallery=gallery)
+    geo = Geolocator.from_run(args.run, str(dev), gallery=_gallery(args))
     k = 5 if args.top_k is None else args.top_k
     _check_top_k(k, geo.predictor.degree)
     if k < 1:

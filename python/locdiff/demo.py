@@ -97,14 +97,13 @@ def _with_answer_first(latlon, modes, separation_km: float) -> np.ndarray:
     ``separation_km`` from it and each other -> (N, k, 2)."""
     import torch
 
-    from locdiff.baselines.candidates import separated_top_k
+    from locdiff.baselines.candidates import answer_first_top_k
     from locdiff.geo import latlon_to_xyz
 
-    n, k = modes.shape[:2]
-    pts = np.concatenate([np.asarray(latlon)[:, None], np.nan_to_num(modes)], 1)
-    rank = np.concatenate([np.full((n, 1), float(k)),
-                           np.where(np.isfinite(modes).all(2), k - 1.0 - np.arange(k), -np.inf)], 1)
-    return separated_top_k(torch.as_tensor(latlon_to_xyz(pts)), torch.as_tensor(rank), k, separation_km)
+    k = modes.shape[1]
+    rank = np.where(np.isfinite(modes).all(2), k - 1.0 - np.arange(k), -np.inf)
+    return answer_first_top_k(latlon, torch.as_tensor(latlon_to_xyz(np.nan_to_num(modes))), torch.as_tensor(rank),
+                              k, separation_km)
 
 
 def run_demo(out, split: str = "regions", device: str | None = None, budget_minutes: float | None = None,
@@ -164,7 +163,8 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     pv = pred.predict(va[0])
     fit = hyb.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1], groups=val_groups)
     preds = {"LocDiff": p["latlon"], "LocDiff-H": hyb.predict(p["coeffs"], tau, te[0], p["latlon"]), **preds}
-    top["LocDiff-H"] = hyb.top_k(p["coeffs"], tau, te[0], p["latlon"], p["topk_latlon"], TOP_K, separation_km)
+    top["LocDiff-H"] = hyb.top_k(p["coeffs"], tau, te[0], p["latlon"], p["topk_latlon"], TOP_K, separation_km,
+                                 answer=preds["LocDiff-H"])
     density.update({"LocDiff": density_scores(p["coeffs"], te[1], tau),
                     "LocDiff-H": hybrid_density_scores(hyb, p["coeffs"], tau, te[0], te[1])})
     # One set of per-place errors gives the table's point metrics and the intervals.

@@ -144,7 +144,7 @@ class Geolocator:
             t, c, h = self.temperature, out["coeffs"], self.hybrid
             latlon = h.predict(c, t, emb, out["latlon"])
             modes = h.top_k(c, t, emb, out["latlon"], out["topk_latlon"], top_k,
-                            shdd.default_separation_km(self.predictor.degree))
+                            shdd.default_separation_km(self.predictor.degree), answer=latlon)
             cells = lambda rows, grid: h.grid_probabilities(c[rows], t, emb[rows], grid)  # noqa: E731
         ans = summarize(out["coeffs"], modes, self.temperature, latlon=latlon, names=names,
                         levels=levels, geocode=geocode, density=density, cell_probabilities=cells)

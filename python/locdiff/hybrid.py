@@ -182,31 +182,31 @@ class Hybrid:
         return self._choose(self._prepare(coeffs, temperature, emb, self._points(model_latlon), cfg.neighbours), cfg)
 
     def top_k(self, coeffs, temperature: float, emb, model_latlon, modes, k: int = 5,
-              min_separation_km: float = 1000.0, config: HybridConfig | None = None) -> np.ndarray:
+              min_separation_km: float = 1000.0, config: HybridConfig | None = None,
+              answer=None) -> np.ndarray:
         """LocDiff-H's first k answers ``min_separation_km`` apart -> ``(B, k, 2)``: its answer
-        (:meth:`predict`), then the model's ``modes`` (B, m, 2; NaN: none) and the gallery
-        neighbours, ranked by p_H; NaN where fewer."""
-        from locdiff.baselines.candidates import check_top_k_args, separated_top_k
+        (``answer``, :meth:`predict`'s when the caller has it, else computed here), then the
+        model's ``modes`` (B, m, 2; NaN: none) and the gallery neighbours, ranked by p_H;
+        NaN where fewer."""
+        from locdiff.baselines.candidates import answer_first_top_k, check_top_k_args
 
         k, sep = check_top_k_args(k, min_separation_km)
         cfg = config or self.config
         modes = np.asarray(modes, np.float64)
-        answer = self.predict(coeffs, temperature, emb, model_latlon, cfg)
-        found = np.concatenate([np.ones((len(modes), 1), bool), np.isfinite(modes).all(2)], 1)
-        pts = np.concatenate([answer[:, None], np.nan_to_num(modes)], 1)
-        xyz = torch.as_tensor(latlon_to_xyz(pts))
-        parts = self._prepare(coeffs, temperature, emb, lambda sl: xyz[sl], cfg.neighbours)
-        if not parts:
+        if answer is None:
+            answer = self.predict(coeffs, temperature, emb, model_latlon, cfg)
+        if not len(modes):
             return np.empty((0, k, 2))
+        found = torch.as_tensor(np.isfinite(modes).all(2))
+        xyz = torch.as_tensor(latlon_to_xyz(np.nan_to_num(modes)))
         cands, scores = [], []
-        for part in parts:
+        for part in self._prepare(coeffs, temperature, emb, lambda sl: xyz[sl], cfg.neighbours):
             c = torch.cat([part["x"], part["mu"][:, :cfg.neighbours]], 1)
             cands.append(c)
             scores.append(torch.cat([part["lq_x"], part["lq_mu"][:, :cfg.neighbours]], 1) + self._log_r(part, c, cfg))
         cand, score = torch.cat(cands), torch.cat(scores)
-        score[:, :pts.shape[1]][~torch.as_tensor(found)] = -math.inf
-        score[:, 0] = math.inf
-        return separated_top_k(cand, score, k, sep)
+        score[:, :modes.shape[1]][~found] = -math.inf
+        return answer_first_top_k(answer, cand, score, k, sep)
 
     def log_density_at(self, coeffs, temperature: float, emb, latlon, config: HybridConfig | None = None) -> np.ndarray:
         """log p_H per steradian at ``latlon`` (B, 2) -> (B,)."""

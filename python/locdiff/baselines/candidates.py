@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from locdiff.geo import EARTH_RADIUS_KM, xyz_to_latlon
+from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 
 
 def check_top_k_args(k, min_separation_km) -> tuple[int, float]:
@@ -53,3 +53,13 @@ def separated_top_k(xyz: torch.Tensor, scores: torch.Tensor, k: int, min_separat
     found = torch.isfinite(kept[..., :1])
     out = xyz_to_latlon(torch.where(found, kept, kept.new_tensor([0.0, 0.0, 1.0])))
     return torch.where(found, out, torch.nan).numpy()
+
+
+def answer_first_top_k(answer, xyz: torch.Tensor, scores: torch.Tensor, k: int,
+                       min_separation_km: float) -> np.ndarray:
+    """A method's ``answer`` (N, 2) latlon first, then the best of further candidates ``xyz``
+    (N, M, 3) under ``scores`` (N, M) (-inf or NaN: none), as :func:`separated_top_k`."""
+    first = torch.as_tensor(latlon_to_xyz(np.asarray(answer, np.float64)))[:, None]
+    top = torch.full((len(first), 1), math.inf, dtype=torch.float64)
+    return separated_top_k(torch.cat([first, xyz.double()], 1), torch.cat([top, scores.double()], 1),
+                           k, min_separation_km)
