@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine has to do, in one call of under 8 minutes, build included:
+# Everything a lent GPU machine has to do, in one call of under 8 minutes, build included,
+# then the decode matrix in a second call (docs/gpu.md):
 #     bash benchmarks/gpu/run_all.sh            (from anywhere; OUT defaults to ./gpu-out)
+#     STAGES=decode bash benchmarks/gpu/run_all.sh
 # Stages (STAGES, default "build test bench shdd"):
 #   build  LOCDIFF_CUDA=ON editable build (also run whenever locdiff is missing or CPU-only)
 #   test   the CUDA and Triton tests, every failure listed (no -x)
 #   bench  spherical harmonics on CUDA (trimmed matrix, data made on the GPU) + copy bandwidth
 #   shdd   decode and SHDD-KL on CUDA
-# Each stage has its own timeout (below; their sum stays under 480 s, which
-# tests/test_gpu_script.py checks) and gets SIGINT first, so pytest still prints its summary;
-# benchmark figures are appended to $OUT/*.jsonl case by case as they finish. The last
-# screen is a summary (benchmarks/tools/gpu_summary.py). Anchors that are not installed
-# (sphericart's torch binding, torch-harmonics) skip their rows.
+#   decode the whole decode matrix on CUDA (L 16-256, B 1-4096) against the naive path and
+#          torch-harmonics; not a default stage: the second call, STAGES=decode
+# The anchors' wheels (sphericart, torch-harmonics) are installed from ./.whl when present:
+# benchmarks/gpu/fetch_anchors.sh downloads them where PyPI is reachable (docs/gpu.md).
+# Each stage has its own timeout (below; the default stages' sum stays under 480 s, and so
+# does the decode call's with a rebuild, which tests/test_gpu_script.py checks) and gets
+# SIGINT first, so pytest still prints its summary; benchmark figures are appended to
+# $OUT/*.jsonl case by case as they finish. The last screen is a summary
+# (benchmarks/tools/gpu_summary.py). Anchors that are not installed skip their rows.
 # DRY_RUN=1 runs the script's logic on a machine without a GPU: no build, the tests and
 # benchmarks collected only, one tiny CPU benchmark through the recorder, the summary.
 set -uo pipefail
@@ -25,12 +31,26 @@ T_BUILD=140
 T_TEST=100
 T_BENCH=110
 T_SHDD=70
+T_DECODE=200
 status=0
 has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 step() { echo; echo "=== $* ($(date +%T))"; }
 # SIGINT first (pytest reports what ran), SIGKILL 10 s later.
 limit() { local t=$1; shift; timeout -s INT -k 10 "$t" "$@"; }
 count() { grep -Eo '^[0-9]+ tests? collected|[0-9]+/[0-9]+ tests collected' "$1" | head -1; }
+
+WHEELS=(.whl/*.whl)
+if [ -e "${WHEELS[0]}" ]; then
+  step "anchors: installing ${#WHEELS[@]} wheels from .whl"
+  SITE="$(mktemp -d)"
+  # One install for all: sphericart's torch binding goes into sphericart's own folder.
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${WHEELS[@]}" \
+      > "$OUT/wheels.log" 2>&1; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    tail -3 "$OUT/wheels.log"; echo "anchor wheels not installed (fetched for another Python?): their rows skip"
+  fi
+fi
 
 step environment
 {
@@ -104,6 +124,11 @@ if has shdd; then
   step "decode and SHDD-KL on CUDA (budget ${T_SHDD}s)"
   LOCDIFF_BENCH_CUDA_DECODE="${LOCDIFF_BENCH_CUDA_DECODE:-32,128}" bench shdd_cuda "$T_SHDD" -k cuda \
     benchmarks/test_decode_bench.py benchmarks/test_kl_bench.py
+fi
+
+if has decode; then
+  step "decode matrix on CUDA against the naive path and torch-harmonics (budget ${T_DECODE}s)"
+  LOCDIFF_BENCH_CUDA_DECODE= bench decode_cuda "$T_DECODE" -k "cuda" benchmarks/test_decode_bench.py
 fi
 
 if [ "$DRY_RUN" = 1 ]; then

@@ -1,7 +1,8 @@
 """One screen from a run of benchmarks/gpu/run_all.sh: the tests' closing line, then per
 spherical-harmonics case the output bandwidth (bytes written / median time) against the copy
-bandwidth of the same run, then decode and SHDD-KL times. Reads the per-case JSON lines the
-benchmarks append as they finish (LOCDIFF_BENCH_JSONL), so a stage cut short still shows.
+bandwidth of the same run, then decode times with the speed-up over the anchors, and SHDD-KL
+times. Reads the per-case JSON lines the benchmarks append as they finish
+(LOCDIFF_BENCH_JSONL), so a stage cut short still shows.
 
     python benchmarks/tools/gpu_summary.py OUT_DIR
 """
@@ -46,13 +47,20 @@ def sh_lines(cases: list[dict]) -> list[str]:
 
 
 def timing_lines(cases: list[dict], op: str) -> list[str]:
+    """Per case the best time, and for decode how many times faster than the naive path
+    and torch-harmonics' inverse SHT + argmax at the same degree and batch (the anchors)."""
     got = [c for c in cases if c["extra_info"].get("op") == op]
     if not got:
         return []
-    lines = [f"{op}: {'impl':16} {'L':>4} {'B':>5} {'min ms':>9}"]
+    best = {(c["extra_info"]["impl"], c["extra_info"]["degree"], c["extra_info"]["items"]): c["stats"]["min"]
+            for c in got}
+    anchors = ("naive", "th-isht") if op == "decode" else ()
+    lines = [f"{op}: {'impl':16} {'L':>4} {'B':>5} {'min ms':>9}" + "".join(f" {'x ' + a:>9}" for a in anchors)]
     for c in sorted(got, key=lambda c: (c["extra_info"]["degree"], c["extra_info"]["items"], c["extra_info"]["impl"])):
-        e = c["extra_info"]
-        lines.append(f"{'':{len(op) + 2}}{e['impl']:16} {e['degree']:>4} {e['items']:>5} {c['stats']['min'] * 1e3:9.3f}")
+        e, t = c["extra_info"], c["stats"]["min"]
+        ratios = "".join(f" {best[(a, e['degree'], e['items'])] / t:9.1f}" if (a, e["degree"], e["items"]) in best
+                         and a != e["impl"] else f" {'':9}" for a in anchors)
+        lines.append(f"{'':{len(op) + 2}}{e['impl']:16} {e['degree']:>4} {e['items']:>5} {t * 1e3:9.3f}{ratios}")
     return lines
 
 
@@ -62,7 +70,7 @@ def main(out: pathlib.Path) -> None:
         tail = [ln for ln in tests.read_text().splitlines() if ln.strip()]
         print("tests:", tail[-1] if tail else "(no output)")
     sh = rows(out / "sh_cuda.jsonl")
-    shdd = rows(out / "shdd_cuda.jsonl")
+    shdd = rows(out / "shdd_cuda.jsonl") + rows(out / "decode_cuda.jsonl")
     print(f"benchmark cases recorded: {len(sh)} SH, {len(shdd)} decode / KL")
     for line in sh_lines(sh) + timing_lines(shdd, "decode") + timing_lines(shdd, "kl"):
         print(line)
