@@ -34,6 +34,21 @@ def test_knn_finds_the_neighbour_and_averages_on_the_sphere():
     assert knn_predict(emb, coords, emb[2:], k=1).tolist() == [[50.0, 0.0]]
 
 
+def test_a_memory_mapped_gallery_is_searched_without_warnings(tmp_path):
+    # torch warns once per process about read-only arrays, so the check runs in its own.
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "g.npy", np.eye(4, dtype=np.float32) * 3)
+    code = ("import numpy as np; from locdiff.baselines.knn import NeighbourIndex\n"
+            f"g = np.load({str(tmp_path / 'g.npy')!r}, mmap_mode='r')\n"
+            "sim, idx = NeighbourIndex(g, np.zeros((4, 2))).search(g[1:2], 1)\n"
+            "assert idx.item() == 1 and abs(sim.item() - 1) < 1e-6, (sim, idx)\n"
+            "assert (g == np.eye(4) * 3).all()  # the gallery is left as it was")
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_kmeans_centres_are_the_cities():
     _, coords = clusters(spread_deg=0.2)
     centres = spherical_kmeans(coords, len(CENTRES), seed=0)

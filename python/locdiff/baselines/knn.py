@@ -18,8 +18,10 @@ from locdiff.geo import latlon_to_xyz, xyz_to_latlon
 
 
 def _unit_rows(a) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(a, np.float32))
-    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # One copy, normalised in place: a read-only (memory-mapped) gallery is never shared
+    # with torch, and the memory is what the division would take anyway.
+    t = torch.tensor(np.asarray(a, np.float32))
+    return t.div_(t.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 class NeighbourIndex:
