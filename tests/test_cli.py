@@ -32,6 +32,9 @@ def test_train_cli_tiny(files, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
                            "--out", tmp_path / "run", "--degree", 3, "--steps", 2, "--device", "cpu")
     assert code == 0 and "trained 2 steps" in out
+    # 64 rows and no validation files: nothing to validate on, and training says so
+    assert "no validation: no validation files, and 64 rows are too few" in out, out
+    assert not (tmp_path / "run" / "checkpoint-best.safetensors").exists()
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["model"]["degree"] == 3 and cfg["train"]["steps"] == 2
     code, out, _ = run_cli(capsys, "train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
@@ -53,6 +56,15 @@ def test_evaluate_and_predict(files, tmp_path, capsys):
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "lat,lon,lat_1,lon_1,score_1,lat_2,lon_2,score_2" and len(lines) == 65
     assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+    # The first of the k answers is the answer; the second, where there is one, lies the
+    # modes' separation away from it.
+    from locdiff import great_circle_km
+    from locdiff.shdd import default_separation_km
+
+    t = np.genfromtxt(tmp_path / "p.csv", delimiter=",", skip_header=1)
+    assert np.allclose(t[:, 2:4], t[:, 0:2], atol=1e-6)
+    second = np.isfinite(t[:, 5])
+    assert (great_circle_km(t[second, 5:7], t[second, 0:2]) >= default_separation_km(4) - 0.01).all()
 
 
 def test_bench_prints_instructions(capsys):

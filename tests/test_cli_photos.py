@@ -74,6 +74,8 @@ def test_predict_images_end_to_end(trained, tmp_path, capsys):
     records = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
     # An untrained density may have fewer separate modes than asked: top_k stops at the real ones.
     assert len(records) == 6 and all(1 <= len(r["modes"]) <= 2 for r in records)
+    # The first mode is the answer (the density's mode), whatever the order of the peaks.
+    assert all((r["modes"][0]["lat"], r["modes"][0]["lon"]) == (r["lat"], r["lon"]) for r in records), records
     # The CSV has a row per mode, ranked from 1, for every photo.
     assert len(rows) == sum(len(r["modes"]) for r in records)
     assert len({r["input"] for r in rows}) == 6 and {r["rank"] for r in rows} <= {"1", "2"}
@@ -130,3 +132,18 @@ def test_predict_images_with_a_gallery_answers_as_locdiff_h(trained, tmp_path, c
         Geolocator.from_run(trained / "run", "cpu", gallery=(np.zeros((3, 5)), np.zeros((3, 2))))
     code, _, err = run_cli(capsys, *base, gallery[0], gallery[1], "--out", tmp_path / "x.csv")
     assert code == 2 and "--gallery-coords" in err and not (tmp_path / "x.csv").exists()
+
+
+def test_an_unreadable_photo_is_reported_once(trained, tmp_path, capsys):
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(trained / "photos", photos)
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    code, text, err = run_cli(capsys, "predict", "--run", trained / "run", "--images", photos,
+                              "--out", tmp_path / "a.csv", "--top-k", 1, "--device", "cpu")
+    assert code == 0, err
+    assert "6 photos located" in text
+    lines = [line for line in err.splitlines() if "broken.jpg" in line]
+    broken = photos / "broken.jpg"
+    assert len(lines) == 1 and lines[0].startswith(f"locdiff predict: warning: skipped {broken}: not a readable"), err

@@ -13,6 +13,11 @@ belongs to the nearest top-k mode within the modes' minimum separation
 otherwise to no mode. A mode's probability is the density mass of its peaks' cells;
 ``other`` is the mass of the basins of no listed mode.
 
+Ranking (:func:`answer_first_modes`): the answer first (the mode of the density smoothed to
+the run's degree, the point with the most probability nearby), then the other modes by the
+height of their peak. A mode's probability is its basin's mass, so it need not fall with
+the rank.
+
 Credible regions: the highest-density region holding a fraction q of the probability (cells
 taken by decreasing density per unit area, the last one in part); its area in km^2 and the
 radius of a spherical cap of the same area.
@@ -118,6 +123,19 @@ def basin_of(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float, latlon, 
     xyz = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64))).to(grid.xyz)
     cell = (xyz @ grid.xyz.T).argmax(1)
     return owner[torch.arange(len(cell)), cell]
+
+
+def answer_first_modes(latlon, modes, min_separation_km: float) -> np.ndarray:
+    """LocDiff's answers best first: the answer ``latlon`` (N, 2), then the top-k ``modes``
+    (N, k, 2) in their order (highest first; NaN rows: none) that lie ``min_separation_km``
+    from it and from each other -> (N, k, 2), NaN where fewer."""
+    from locdiff.baselines.candidates import answer_first_top_k
+
+    modes = np.asarray(modes, np.float64)
+    k = modes.shape[1]
+    rank = np.where(np.isfinite(modes).all(2), k - 1.0 - np.arange(k), -np.inf)
+    return answer_first_top_k(latlon, torch.as_tensor(latlon_to_xyz(np.nan_to_num(modes))), torch.as_tensor(rank),
+                              k, min_separation_km)
 
 
 def credible_area(p: torch.Tensor, grid, levels=LEVELS) -> torch.Tensor:

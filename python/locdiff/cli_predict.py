@@ -196,19 +196,20 @@ def _predict_embeddings(args, dev, out, png) -> int:
 
 
 def _answers(pred, hybrid, emb, res, k: int):
-    """The answer (N, 2) and the top-k answers (N, k, 2): LocDiff's mode and modes, or with a
-    gallery LocDiff-H's answer first and its ranking of LocDiff's modes and the gallery's
-    places (``Hybrid.top_k``)."""
+    """The answer (N, 2) and the top-k answers (N, k, 2), the answer first: LocDiff's and its
+    other modes (``answers.answer_first_modes``), or with a gallery LocDiff-H's and its
+    ranking of LocDiff's modes and the gallery's places (``Hybrid.top_k``)."""
     from locdiff import shdd
+    from locdiff.answers import answer_first_modes
 
+    sep = shdd.default_separation_km(pred.degree)
     if hybrid is None:
-        return res["latlon"], res.get("topk_latlon")
+        return res["latlon"], answer_first_modes(res["latlon"], res["topk_latlon"], sep) if k else None
     tau = pred.config.predict.temperature
     latlon = hybrid.predict(res["coeffs"], tau, emb, res["latlon"])
     if not k:
         return latlon, None
-    topk = hybrid.top_k(res["coeffs"], tau, emb, res["latlon"], res["topk_latlon"], k,
-                        shdd.default_separation_km(pred.degree), answer=latlon)
+    topk = hybrid.top_k(res["coeffs"], tau, emb, res["latlon"], res["topk_latlon"], k, sep, answer=latlon)
     return latlon, topk
 
 
@@ -238,6 +239,7 @@ def _png(path, coeffs, names, topk, points, temperature) -> None:
 def _predict_images(args, dev, out, jsonl, html, png) -> int:
     """Photos to answers: embedded with the run's encoder, one process (rank 0 under torchrun)."""
     import sys
+    import warnings
 
     from locdiff.answer_files import write_csv, write_html_map, write_jsonl
     from locdiff.geolocator import Geolocator
@@ -251,9 +253,11 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
     _check_top_k(k, geo.predictor.degree)
     if k < 1:
         raise CliError(f"--top-k {k}: answers for --images need at least 1 mode")
-    ans = geo.predict(args.images, top_k=k, density=bool(html))
+    with warnings.catch_warnings():  # the summary warning: each skipped file is listed below
+        warnings.filterwarnings("ignore", message=r"\d+ unreadable images left out")
+        ans = geo.predict(args.images, top_k=k, density=bool(html))
     for path, reason in ans.skipped:
-        print(f"locdiff predict: warning: skipped {path}: {reason}", file=sys.stderr)
+        print(f"locdiff predict: warning: skipped {path}: {reason.removeprefix(f'{path}: ')}", file=sys.stderr)
     write_csv(out, ans)
     write_jsonl(jsonl, ans)
     if html:
@@ -303,10 +307,10 @@ def add_parsers(sub) -> None:
     r.add_argument("--embeddings", default=None, help="embeddings (.npy or folder of shards)")
     r.add_argument("--images", nargs="+", default=None, metavar="PATH",
                    help="photos (files or folders), embedded with the encoder the run records")
-    r.add_argument("--out", required=True, help="output CSV (with --images, answers; and OUT.jsonl beside it)")
+    r.add_argument("--out", required=True, help="output CSV (with --images, answers; and the same name with .jsonl beside it)")
     r.add_argument("--top-k", type=int, default=None,
-                   help="the k highest modes as lat_j, lon_j and score_j, the log density per steradian there "
-                        "(default: 0; 5 with --images)")
+                   help="the k answers, best first (the answer, then the highest other modes), as lat_j, lon_j "
+                        "and score_j, the log density per steradian there (default: 0; 5 with --images)")
     r.add_argument("--map", default=None, help="PNG world map of the first predictions")
     r.add_argument("--html", default=None, help="with --images: interactive HTML map (density and modes)")
     r.add_argument("--device", default="auto", help=argparse.SUPPRESS)

@@ -92,20 +92,6 @@ def _write_predictions(path: Path, texts, truth, preds: dict) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def _with_answer_first(latlon, modes, separation_km: float) -> np.ndarray:
-    """LocDiff's answer (the density's mode), then its top-k modes that lie
-    ``separation_km`` from it and each other -> (N, k, 2)."""
-    import torch
-
-    from locdiff.baselines.candidates import answer_first_top_k
-    from locdiff.geo import latlon_to_xyz
-
-    k = modes.shape[1]
-    rank = np.where(np.isfinite(modes).all(2), k - 1.0 - np.arange(k), -np.inf)
-    return answer_first_top_k(latlon, torch.as_tensor(latlon_to_xyz(np.nan_to_num(modes))), torch.as_tensor(rank),
-                              k, separation_km)
-
-
 def run_demo(out, split: str = "regions", device: str | None = None, budget_minutes: float | None = None,
              seed: int = 0, split_seed: int = 0, variant: str = "full", log=print) -> dict:
     """Run the demo into folder ``out``; returns the report written to ``out/metrics.json``.
@@ -114,6 +100,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     import torch
 
     from locdiff import great_circle_km, shdd
+    from locdiff.answers import answer_first_modes
     from locdiff.data.places import load_places
     from locdiff.evaluate import TOP_K_COLUMNS, density_scores, format_table, hybrid_density_scores
     from locdiff.hybrid import Hybrid
@@ -158,7 +145,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     pred = Predictor.from_run(run, device)
     tau = pred.config.predict.temperature
     p = pred.predict(te[0], top_k=TOP_K, progress=True)
-    top["LocDiff"] = _with_answer_first(p["latlon"], p["topk_latlon"], separation_km)
+    top["LocDiff"] = answer_first_modes(p["latlon"], p["topk_latlon"], separation_km)
     hyb = Hybrid(*tr, index=extra["index"])
     pv = pred.predict(va[0])
     fit = hyb.fit(pv["coeffs"], tau, va[0], pv["latlon"], va[1], groups=val_groups)

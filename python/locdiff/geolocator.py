@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from locdiff import shdd
-from locdiff.answers import LEVELS, summarize
+from locdiff.answers import LEVELS, answer_first_modes, summarize
 from locdiff.data.files import DataError
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
 
@@ -137,14 +137,16 @@ class Geolocator:
         if len(emb) == 0:
             raise DataError("no image could be read: " + "; ".join(r for _, r in skipped[:3]))
         out = self.predictor.predict(emb, top_k=top_k)
-        latlon, modes, cells = out["latlon"], out["topk_latlon"], None
-        if self.hybrid is not None:
+        sep = shdd.default_separation_km(self.predictor.degree)
+        if self.hybrid is None:
+            latlon, cells = out["latlon"], None
+            modes = answer_first_modes(latlon, out["topk_latlon"], sep)
+        else:
             # LocDiff-H: its answer, its ranking of the modes and gallery places, and its
             # density for the basins' probabilities and the credible regions.
             t, c, h = self.temperature, out["coeffs"], self.hybrid
             latlon = h.predict(c, t, emb, out["latlon"])
-            modes = h.top_k(c, t, emb, out["latlon"], out["topk_latlon"], top_k,
-                            shdd.default_separation_km(self.predictor.degree), answer=latlon)
+            modes = h.top_k(c, t, emb, out["latlon"], out["topk_latlon"], top_k, sep, answer=latlon)
             cells = lambda rows, grid: h.grid_probabilities(c[rows], t, emb[rows], grid)  # noqa: E731
         ans = summarize(out["coeffs"], modes, self.temperature, latlon=latlon, names=names,
                         levels=levels, geocode=geocode, density=density, cell_probabilities=cells)

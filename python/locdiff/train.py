@@ -184,6 +184,11 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
     if tc.tensorboard:
         require_tensorboard()
     log = (log or _tqdm_write) if main else (lambda msg: None)
+    if val is None and val_idx is None:
+        why = ("train.val_size = 0" if tc.val_size <= 0 else
+               f"{n} rows are too few to hold out train.val_size = {tc.val_size} (more than {4 * tc.val_size} needed)")
+        log(f"no validation: no validation files, and {why}; no best checkpoint, and the density temperature "
+            "is not calibrated")
     with ExitStack() as stack:
         payload = {"config": None}
         ckpt = None
