@@ -54,6 +54,22 @@ def test_separated_top_k_keeps_the_best_places_apart():
         separated_top_k(torch.zeros(1, 2, 3), torch.zeros(1, 2), 1, -1.0)
 
 
+def test_missing_candidates_stay_missing():
+    # Fewer real candidates than k: -inf and NaN scores are no candidates, the slots stay
+    # NaN (not the point the padding's coordinates happen to decode to), and +inf comes first.
+    from locdiff.answers import answer_first_modes
+
+    ll = np.array([[[10.0, 20.0], [-40.0, 100.0], [0.0, 0.0], [0.0, 0.0], [60.0, -30.0]]])
+    scores = torch.tensor([[1.0, 2.0, -np.inf, np.nan, np.inf]])
+    out = separated_top_k(torch.as_tensor(latlon_to_xyz(ll)), scores, 5, 1000.0)
+    np.testing.assert_allclose(out[0, :3], ll[0, [4, 1, 0]], atol=1e-9)
+    assert np.isnan(out[0, 3:]).all()
+    modes = np.array([[[10.0, 20.0], [np.nan, np.nan], [np.nan, np.nan]]])
+    out = answer_first_modes([[10.2, 20.0]], modes, 1000.0)
+    np.testing.assert_allclose(out[0, 0], [10.2, 20.0], atol=1e-9)
+    assert np.isnan(out[0, 1:]).all()
+
+
 def test_baselines_top_k_cover_the_places_an_embedding_means():
     emb, coords = ambiguous()
     q = np.eye(8, dtype=np.float32)[[1, 0]]

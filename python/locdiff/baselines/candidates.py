@@ -33,7 +33,9 @@ def separated_top_k(xyz: torch.Tensor, scores: torch.Tensor, k: int, min_separat
     latlon (N, k, 2), NaN where fewer than k remain."""
     k, sep = check_top_k_args(k, min_separation_km)
     xyz = xyz.double()
-    scores = torch.nan_to_num(scores.double(), nan=-math.inf)
+    scores = scores.double()
+    # NaN -> -inf, keeping +-inf as they are (nan_to_num would make them finite candidates)
+    scores = torch.where(torch.isnan(scores), -math.inf, scores)
     order = scores.argsort(dim=1, descending=True, stable=True)
     xyz = torch.gather(xyz, 1, order[..., None].expand_as(xyz))
     scores = torch.gather(scores, 1, order)
@@ -45,7 +47,7 @@ def separated_top_k(xyz: torch.Tensor, scores: torch.Tensor, k: int, min_separat
     for m in range(xyz.shape[1]):
         c = xyz[:, m]
         close = ((kept @ c[:, :, None])[..., 0] > cos_sep) & (torch.arange(k) < count[:, None])
-        take = (count < k) & torch.isfinite(scores[:, m]) & ~close.any(1)
+        take = (count < k) & (scores[:, m] > -math.inf) & ~close.any(1)
         kept[rows[take], count[take]] = c[take]
         count += take.long()
         if bool((count == k).all()):
