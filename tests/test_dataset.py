@@ -273,3 +273,25 @@ print(sum(len(b.rows) for b in make_loader(ds, BatchSampler(20_000, 4096), worke
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "16384", proc.stderr[-2000:]
+
+
+def test_a_loader_alive_at_exit_ends_quietly(tmp_path):
+    """A script that breaks out of a loader with persistent workers and ends: the workers
+    are stopped at exit, without torch reporting them as failed (a traceback after the
+    script's own output), and the exit code stays 0."""
+    np.save(tmp_path / "e.npy", np.ones((400, 8), np.float32))
+    code = f"""
+import numpy as np
+from locdiff.data.dataset import EmbeddingDataset, make_loader
+from locdiff.data.sampler import BatchSampler
+ds = EmbeddingDataset({str(tmp_path / "e.npy")!r}, np.zeros((400, 2)))
+loader = make_loader(ds, BatchSampler(400, 128, infinite=True), workers=2)
+for i, batch in enumerate(loader):
+    if i == 2:
+        break
+print("done")
+"""
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
+        assert "killed by signal" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

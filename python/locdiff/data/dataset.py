@@ -20,6 +20,8 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import signal
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -38,9 +40,12 @@ def _kill_workers_left_at_exit() -> None:
     # Loader workers ignore SIGTERM (the training process stops them itself). A loader still
     # alive at interpreter exit (say, held by a traceback) would leave multiprocessing's own
     # exit handler, which runs after this one, waiting forever on the SIGTERM it sends.
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    # torch's SIGCHLD handler would report each kill as a failed worker: it is reset first.
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
 
 
 class Batch(NamedTuple):
