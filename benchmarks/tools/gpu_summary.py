@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 SIZES = {"float32": 4, "float64": 8}
 
@@ -77,4 +76,8 @@ def main(out: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-    main(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-out"))
+    import argparse
+
+    ap = argparse.ArgumentParser(description="One screen from a run of benchmarks/gpu/run_all.sh.")
+    ap.add_argument("out", nargs="?", default="gpu-out", help="the OUT folder of run_all.sh (default ./gpu-out)")
+    main(pathlib.Path(ap.parse_args().out))
