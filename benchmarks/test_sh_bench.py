@@ -4,7 +4,7 @@ Each case checks the implementation once against locdiff's float64 result (error
 of sqrt((2l+1)/4pi), recorded in extra_info; anchors that are wrong are timed anyway and
 flagged), then times it. `store-floor` times writing a fresh output of the same size: no
 implementation that returns a new array can beat it; `locdiff-out` writes into one reused
-buffer (out=), so it can. Report: python benchmarks/report.py FILE.json.
+buffer (out=), so it can. Report: python benchmarks/tools/report.py FILE.json.
 """
 import os
 

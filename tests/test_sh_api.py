@@ -343,11 +343,28 @@ def test_module_encodes_latlon():
         (np.ones(3), -1, ValueError, "degree"),
         (np.ones(3), 2.5, ValueError, "degree"),
         (torch.ones(10**6, 3), 4000, MemoryError, "GiB"),
+        (torch.ones(2, 3, device="meta"), 3, NotImplementedError, "spherical_harmonics on meta; it has cpu"),
     ],
 )
 def test_bad_input(xyz, degree, error, match):
     with pytest.raises(error, match=match):
         locdiff.spherical_harmonics(xyz, degree)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("degree", [2, 40, 600])
+@pytest.mark.parametrize("bad", [[1.0, float("nan"), 0.0], [1.0, 1.0, float("nan")], [0.5, float("-inf"), 2.0],
+                                 [float("nan"), 1.0, 1.0]])
+def test_a_non_finite_component_anywhere_is_caught(bad, degree, dtype):
+    # A NaN beside a finite, larger component once slipped past the kernel's row check
+    # (std::max drops a NaN second argument) and came back as NaN rows.
+    n, row = (3000, 1777) if degree < 100 else (20, 17)  # rows in the fast and careful blocks
+    xyz = torch.randn(n, 3, generator=torch.Generator().manual_seed(degree), dtype=dtype)
+    xyz[row] = torch.tensor(bad, dtype=dtype)
+    with pytest.raises(ValueError, match=f"xyz row {row} is non-finite"):
+        locdiff.spherical_harmonics(xyz, degree)
+    with pytest.raises(ValueError, match="row 0 is non-finite"):
+        locdiff.spherical_harmonics(xyz[row:row + 1].numpy(), degree)
 
 
 def test_bad_backend():

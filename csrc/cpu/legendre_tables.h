@@ -123,7 +123,9 @@ Point unit_point(const T* p) {
   const double x = double(p[0]), y = double(p[1]), z = double(p[2]);
   const double big = std::max(std::fabs(x), std::max(std::fabs(y), std::fabs(z)));
   Point u;
-  u.valid = big > 0.0 && big <= 1.7976931348623157e308;  // false for NaN too
+  // Each component is tested: std::max drops a NaN in its second argument, so a NaN y or z
+  // beside a finite x would leave big finite.
+  u.valid = std::isfinite(x) && std::isfinite(y) && std::isfinite(z) && big > 0.0;
   if (!u.valid) {
     u.x = u.y = u.s = 0.0;
     u.z = u.inv_norm = 1.0;

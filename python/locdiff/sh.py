@@ -10,7 +10,7 @@ from torch import nn
 
 from locdiff.geo import latlon_to_xyz
 from locdiff.ops import sh_api as ops_sh
-from locdiff.ops import validation
+from locdiff.ops import registry, validation
 
 BACKENDS = validation.BACKENDS
 # CPU outputs of at most this many values (8 MB in float64) fit in any machine's memory, so
@@ -69,6 +69,8 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
     validation.check_last_dim(xyz, 3, "xyz")
     degree = validation.check_degree(degree)
     validation.check_backend(backend)
+    # A device with no implementation (meta, mps, ...) is named before any check reads values.
+    registry.row("spherical_harmonics", xyz.device.type, backend)
     lead = xyz.shape[:-1]
     n = math.prod(lead)
     K = (degree + 1) ** 2
