@@ -69,8 +69,10 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
     validation.check_last_dim(xyz, 3, "xyz")
     degree = validation.check_degree(degree)
     validation.check_backend(backend)
-    # A device with no implementation (meta, mps, ...) is named before any check reads values.
-    registry.row("spherical_harmonics", xyz.device.type, backend)
+    # A device with no implementation (meta, mps, ...) is named before any check reads values;
+    # the CPU has every backend, so its calls skip the lookup.
+    if xyz.device.type != "cpu":
+        registry.row("spherical_harmonics", xyz.device.type, backend)
     lead = xyz.shape[:-1]
     n = math.prod(lead)
     K = (degree + 1) ** 2
