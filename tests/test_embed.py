@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,20 @@ def test_embed_writes_shards_manifest_coords(tmp_path, encoder):
     spec = json.loads((out / "encoder.json").read_text())
     assert spec["embedding_dim"] == 16 and spec["pretrained"] == "none" and spec["dtype"] == "float16"
     assert not (out / "geotagged").exists()
+
+
+def test_manifest_and_skipped_list_name_files_alike(tmp_path, encoder, monkeypatch):
+    # Paths given relative to the working folder: both files hold absolute ones, so a
+    # skipped file can be found from the manifest's folder, wherever the user ran from.
+    photo_folder(tmp_path / "d", n=2)
+    (tmp_path / "d" / "broken.png").write_bytes(b"\x89PNG garbage")
+    monkeypatch.chdir(tmp_path)
+    embed_images([Path("d")], tmp_path / "E", encoder=encoder, progress=False, log=lambda m: None)
+    with open(tmp_path / "E" / "skipped.csv", newline="") as f:
+        skipped = list(csv.DictReader(f))
+    assert [r["path"] for r in skipped] == [str((tmp_path / "d" / "broken.png").resolve())]
+    assert skipped[0]["reason"] and not skipped[0]["reason"].startswith("d/")
+    assert all(Path(r["path"]).is_absolute() for r in _manifest(tmp_path / "E"))
 
 
 def test_resume_skips_done_files_and_adds_new_ones(tmp_path, encoder):

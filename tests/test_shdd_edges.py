@@ -56,6 +56,34 @@ def test_empty_batches_everywhere():
     assert locdiff.spherical_harmonics(np.zeros((0, 3)), 8).shape == (0, K)
 
 
+@pytest.mark.parametrize("row", [np.zeros(81), np.eye(81)[0], np.ones(1)])
+def test_a_constant_function_has_no_mode(row):
+    # Every point is the maximum of a constant f: an answer would be the grid's first node.
+    c = np.stack([shdd.encode(PARIS, 8), row]) if row.size == 81 else row[None]
+    with pytest.raises(ValueError, match=f"coeffs row {1 if row.size == 81 else 0} describes a constant function"):
+        shdd.decode(c)
+    with pytest.raises(ValueError, match="constant function"):
+        shdd.top_k(c, 2)
+    tiny = np.zeros(81)
+    tiny[2] = 1e-300  # Y_10, peaked at the north pole: any degree >= 1 content has modes
+    assert shdd.decode(tiny)[0] == pytest.approx(90.0) and shdd.top_k(tiny, 1)[0][0, 0] == pytest.approx(90.0)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:99"])
+def test_device_arguments_are_named_errors(device):
+    # A device this torch cannot use fails with the argument's name, not deep inside torch.
+    from locdiff.predict import Predictor
+
+    calls = [lambda: shdd.smoothing_factors(8, 0.1, device=device),
+             lambda: grids.for_degree(8).tensors(device, "xyz"),
+             lambda: grids.for_degree(8).legendre_table(8, device),
+             lambda: Predictor(torch.nn.Linear(1, 1), None, device=device),
+             lambda: locdiff.run.load_model("no-such-run", device=device)]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"device.*{device}"):
+            call()
+
+
 def test_top_k_stops_at_the_real_modes():
     # k far beyond the function's local maxima: the modes first, then NaN / -inf only, fast.
     g = torch.Generator().manual_seed(3)

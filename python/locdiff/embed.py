@@ -12,7 +12,8 @@ The output folder holds
   ``locdiff train --embeddings OUT --coords OUT/coords.csv``; otherwise the geotagged rows
   are also copied to ``geotagged/embeddings.npy`` with ``geotagged/coords.csv`` (and an
   ``encoder.json``) for training;
-- ``skipped.csv``: ``path,reason`` for the files of the last run that could not be read.
+- ``skipped.csv``: ``path,reason`` for the files of the last run that could not be read
+  (absolute paths, as in the manifest).
 
 Resumable: photos already in the manifest (same absolute path) are skipped. Each shard is
 written to a temporary file and renamed, then its manifest lines are appended; a shard left
@@ -237,7 +238,8 @@ def _embed_todo(encoder, todo, out, rows, res, batch_size, shard_size, dtype, pr
         bar.close()
         if len(res.skipped) > MAX_REPORTED:
             log(f"... and {len(res.skipped) - MAX_REPORTED} more unreadable files, all listed in {out / SKIPPED}")
-        _write_csv(out / SKIPPED, ("path", "reason"), [(p, r.removeprefix(f"{p}: ")) for p, r in res.skipped])
+        _write_csv(out / SKIPPED, ("path", "reason"),
+                   [(str(Path(p).resolve()), r.removeprefix(f"{p}: ")) for p, r in res.skipped])
     if not res.embedded and not rows:
         raise DataError(f"{', '.join(map(str, sorted({str(Path(p).parent) for p, _ in res.skipped})[:3]))}: "
                         "none of the images could be read")

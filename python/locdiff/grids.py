@@ -67,11 +67,12 @@ class Grid:
 
     def tensors(self, device, *names: str):
         """The named float64 tensors on ``device`` (cached per device)."""
-        device = torch.device(device)
+        device = _device(device)
         out = []
         for name in names:
             key = (name, str(device))
             if key not in self._cache:
+                validation.check_device(device)
                 src = getattr(self, name) if name != "log_ring_area" else self.ring_area.log()
                 self._cache[key] = src.to(device=device, dtype=torch.float64).contiguous()
             out.append(self._cache[key])
@@ -82,19 +83,26 @@ class Grid:
         m > 0 (layout in csrc/include/locdiff/shdd_kernels.h). Cached per degree and device."""
         if not self.is_ring:
             raise ValueError(f"legendre_table needs a ring grid, got {self.kind}")
-        key = ("legendre", int(degree), str(torch.device(device)))
+        key = ("legendre", int(degree), str(_device(device)))
         if key not in self._cache:
+            validation.check_device(device)
             self._cache[key] = _legendre_table(self.theta, self.nlat, int(degree)).to(device)
         return self._cache[key]
 
     def sh_table(self, degree: int, device="cpu", dtype=torch.float64) -> torch.Tensor:
         """Y (G, (L+1)^2) at every grid point, cached (the dense route; G x K memory)."""
-        key = ("sh", int(degree), str(torch.device(device)), dtype)
+        key = ("sh", int(degree), str(_device(device)), dtype)
         if key not in self._cache:
+            validation.check_device(device)
             from locdiff.sh import spherical_harmonics
 
             self._cache[key] = spherical_harmonics(self.xyz.to(device), int(degree)).to(dtype)
         return self._cache[key]
+
+
+def _device(device) -> torch.device:
+    """A tensor's device as it is (the per-call path); anything else checked."""
+    return device if isinstance(device, torch.device) else validation.check_device(device)
 
 
 def _legendre_table(theta: torch.Tensor, nlat: int, degree: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from safetensors.torch import save as st_save
 from locdiff.data.files import DataError, atomic_write_bytes
 from locdiff.diffusion import EMA, DiffusionConfig
 from locdiff.models import CSUNet, CSUNetConfig
+from locdiff.ops import validation
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -286,6 +287,7 @@ def restore(tensors: dict, meta: dict, net, ema: EMA, opt, path=CHECKPOINT_FILE,
 
 def load_model(run_dir, device="cpu", ema: bool = True) -> tuple[CSUNet, RunConfig, dict]:
     """The trained network (EMA weights by default) in eval mode, its config and raw config."""
+    device = validation.check_device(device)
     config, raw = read_config(run_dir)
     tensors, _ = load_checkpoint(run_dir)
     net = CSUNet(config.model)

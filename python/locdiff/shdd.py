@@ -85,6 +85,16 @@ def _check_coeffs(coeffs, name: str = "coeffs", finite: bool = True):
     return flat.contiguous(), degree, lead, numpy
 
 
+def _check_has_modes(flat: torch.Tensor, name: str = "coeffs") -> None:
+    """A row with no coefficient of degree >= 1 is a constant function: every point is its
+    maximum, so a decoded point would be an artefact of the grid's first node."""
+    flat_rows = ~flat[:, 1:].detach().any(-1)
+    if flat.shape[0] and bool(flat_rows.any()):
+        b = int(flat_rows.nonzero()[0, 0])
+        raise ValueError(f"{name} row {b} describes a constant function (every coefficient of degree >= 1 is "
+                         f"zero), which has no mode; expected a vector with some degree >= 1 content")
+
+
 # Below this, f / t outgrows the float64 precision that the log-partition's cancellation
 # needs (absolute error ~ 1e-16 max|f| / t; NaN once that reaches exp's range).
 MIN_TEMPERATURE = 1e-6
@@ -152,6 +162,7 @@ def _grid_args(grid: _grids.Grid, degree: int, device) -> shdd_api.GridArgs:
 def smoothing_factors(degree: int, smoothing, dtype=torch.float64, device="cpu") -> torch.Tensor | None:
     """Per-degree multipliers (L+1,) for ``smoothing``: None, a float s >= 0 (the heat kernel
     exp(-l(l+1) s^2 / 2), close to a Gaussian of s radians), or an (L+1,) tensor/array."""
+    device = validation.check_device(device)
     if smoothing is None:
         return None
     if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool):
@@ -266,6 +277,7 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
         raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
     if flat.shape[0] == 0:
         return _out(torch.empty(*lead, 2, dtype=torch.float64, device=flat.device), numpy)
+    _check_has_modes(flat)
     xyz, _ = shdd_api.decode(flat, _grid_args(grid, degree, flat.device), degree, max(4 * candidates, 32),
                              candidates, refine, backend)
     latlon = xyz_to_latlon(xyz[:, 0])
@@ -321,6 +333,7 @@ def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, 
     grid = _grid(grid, degree)
     validation.check_backend(backend)
     if flat.shape[0]:
+        _check_has_modes(flat)
         cos_sep = math.cos(min(sep_km / EARTH_RADIUS_KM, math.pi))
         xyz, vals = shdd_api.top_k(flat, _grid_args(grid, degree, flat.device), degree, k, cos_sep, refine, backend)
         latlon = torch.where(torch.isfinite(vals)[..., None], xyz_to_latlon(xyz), torch.nan)

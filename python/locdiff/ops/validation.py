@@ -37,6 +37,25 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` as a torch.device; a ValueError naming it when it is not one or this torch
+    cannot use it (a CUDA device on a CPU-only build or past the last GPU), rather than
+    torch's failure deep inside the first copy."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name}={device!r}: this torch sees no CUDA device "
+                             f"(torch.cuda.is_available() is False); expected 'cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{name}={device!r}: this machine has {count} CUDA device(s), "
+                             f"expected an index in [0, {count - 1}]")
+    return dev
+
+
 def check_float_tensor(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
@@ -77,7 +96,8 @@ def physical_memory_bytes() -> int | None:
         return None
 
 
-def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, name: str) -> None:
+def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, name: str,
+                     hint: str = "use fewer points or a lower degree") -> None:
     """Raise MemoryError before allocating an output that cannot fit."""
     numel = 1
     for s in shape:
@@ -91,7 +111,7 @@ def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, nam
     if nbytes > limit:
         raise MemoryError(
             f"{name} of shape {tuple(shape)} ({dtype}) needs {nbytes / 2**30:.1f} GiB, more than the "
-            f"{limit / 2**30:.1f} GiB available on {device}; use fewer points or a lower degree"
+            f"{limit / 2**30:.1f} GiB available on {device}; {hint}"
         )
 
 
