@@ -37,3 +37,35 @@ def write_task(folder: Path, n: int = 64, dim: int = 6) -> tuple[np.ndarray, np.
     np.save(folder / "coords.npy", coords)
     (folder / "coords.csv").write_text("lat,lon\n" + "".join(f"{a},{b}\n" for a, b in coords))
     return emb, coords
+
+
+# `locdiff train` flags of a degree-4 run that trains in a second.
+TINY = ["--degree", "4", "--set", "model.widths=[32,16]", "--set", "model.cond_dim=16", "--set",
+        "model.emb_widths=[32]", "--set", "diffusion.timesteps=50", "--batch-size", "16", "--set",
+        "train.val_size=0", "--workers", "0", "--device", "cpu", "--quiet"]
+
+
+def trained_task(folder: Path) -> Path:
+    """``write_task``'s files in ``folder`` and a 3-step run of them in ``folder/base``."""
+    from locdiff.train import train
+
+    emb, coords = write_task(folder)
+    train(emb, coords, folder / "base", tiny_config(steps=3), progress=False)
+    return folder
+
+
+def expect_error(capsys, argv, fragment, must_not_exist=()) -> str:
+    """Run ``locdiff ARGV``: exit code 2 and one stderr line holding ``fragment`` (returned);
+    none of ``must_not_exist`` written."""
+    code, _, err = run_cli(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    for p in must_not_exist:
+        assert not p.exists(), p
+    return lines[0]
+
+
+def train_argv(files: Path, out, *extra) -> list:
+    """``locdiff train`` of ``files``' task into ``out`` with :data:`TINY` settings."""
+    return ["train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv", "--out", out, *TINY,
+            *extra]

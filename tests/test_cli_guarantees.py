@@ -14,36 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import run_cli, tiny_config, write_task
+from cli_helpers import TINY, expect_error, run_cli, tiny_config, train_argv, trained_task
 
 from locdiff.run import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
 from locdiff.train import train
 
-TINY = ["--degree", "4", "--set", "model.widths=[32,16]", "--set", "model.cond_dim=16", "--set",
-        "model.emb_widths=[32]", "--set", "diffusion.timesteps=50", "--batch-size", "16", "--set",
-        "train.val_size=0", "--workers", "0", "--device", "cpu", "--quiet"]
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("guarantees")
-    emb, coords = write_task(d)
-    train(emb, coords, d / "base", tiny_config(steps=3), progress=False)
-    return d
-
-
-def expect_error(capsys, argv, fragment, must_not_exist=()):
-    code, _, err = run_cli(capsys, *argv)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
-    for p in must_not_exist:
-        assert not p.exists(), p
-    return lines[0]
-
-
-def train_argv(files, out, *extra):
-    return ["train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv", "--out", out, *TINY,
-            *extra]
+    return trained_task(tmp_path_factory.mktemp("guarantees"))
 
 
 def _env():

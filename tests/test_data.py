@@ -37,7 +37,7 @@ def test_shards(tmp_path):
 @pytest.mark.parametrize("content,match", [
     (None, "not found"),
     (np.zeros(5, np.float32), "2-D"),
-    (np.zeros((3, 2), np.int64), "float16 or float32"),
+    (np.zeros((3, 2), np.int64), r"floating point \(float16, float32 or float64\), got int64"),
 ])
 def test_embedding_errors(tmp_path, content, match):
     path = tmp_path / "e.npy"

@@ -21,10 +21,12 @@ __all__ = ["CliError", "build_parser", "main"]
 
 def cmd_demo(args) -> int:
     from locdiff.demo import run_demo
+    from locdiff.runfolder import check_run_folder
 
     for flag, value in (("--seed", args.seed), ("--split-seed", args.split_seed)):
         if value < 0:
             raise CliError(f"{flag} {value}: expected an integer >= 0")
+    check_run_folder(args.out)  # a file or an unwritable place: before the minutes of work
     run_demo(args.out, split=args.split, device=args.device, seed=args.seed, split_seed=args.split_seed,
              variant=args.text)
     return 0

@@ -6,7 +6,7 @@ import importlib.util
 
 import numpy as np
 
-from locdiff.data.files import DataError, open_embeddings, read_coords
+from locdiff.data.files import DataError, embeddings_ok, first_bad_embedding, open_embeddings, read_coords
 
 # What each optional feature imports, and the pip requirement that brings it.
 OPTIONAL = {
@@ -39,12 +39,13 @@ def _missing(module: str) -> bool:
 
 
 def check_finite_embeddings(emb, path, chunk: int = 65_536) -> None:
-    # Chunked so that a memory-mapped file of several GB is scanned without loading it.
+    """Every value finite and within what the network can read (``files.embeddings_ok``).
+    Chunked so that a memory-mapped file of several GB is scanned without loading it."""
     for i in range(0, len(emb), chunk):
         block = np.asarray(emb[i:i + chunk])
-        if not np.isfinite(block).all():
-            row = i + int(np.flatnonzero(~np.isfinite(block).all(1))[0])
-            raise DataError(f"{path}: row {row} of the embeddings is NaN or infinite")
+        if not embeddings_ok(block):
+            row, what = first_bad_embedding(block)
+            raise DataError(f"{path}: row {i + row} of the embeddings {what}")
 
 
 def load_pair(emb_path, coords_path):

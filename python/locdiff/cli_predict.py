@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from locdiff import distributed
-from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, check_dim, check_finite_embeddings, load_pair, positive_int, require_packages
+from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, check_dim, check_finite_embeddings, load_pair, require_packages
 from locdiff.data.files import DataError, atomic_write_bytes, open_embeddings
 from locdiff.runfolder import check_output_file
 
@@ -46,6 +46,12 @@ def _join(args):
     return distributed.device() if distributed.is_distributed() and dev.type == "cuda" else dev
 
 
+def _inputs(args) -> list:
+    """The files (and folders of shards) a predict or evaluate command reads."""
+    return [getattr(args, name, None) for name in ("embeddings", "coords", "gallery_embeddings", "gallery_coords")] \
+        + list(getattr(args, "images", None) or [])
+
+
 def _predictor(run, device):
     from locdiff.predict import Predictor
 
@@ -54,12 +60,35 @@ def _predictor(run, device):
     return Predictor.from_run(run, device)
 
 
-def _sampling(args) -> dict:
-    """Prediction settings given on the command line (None: the run's own)."""
-    positive_int("samples", args.samples)
-    positive_int("sample-steps", args.sample_steps)
-    return {"sampler": args.sampler, "steps": args.sample_steps, "samples": args.samples,
-            "guidance": args.guidance, "eta": args.eta}
+# The command line's names of the sampling settings (locdiff.run.PredictConfig).
+SAMPLING_FLAGS = {"sampler": "sampler", "steps": "sample-steps", "samples": "samples", "guidance": "guidance",
+                  "eta": "eta"}
+
+
+def _sampling(args, pred) -> dict:
+    """Prediction settings given on the command line (None: the run's own), checked against
+    the run before any prediction: one error line naming the flag."""
+    given = {"sampler": args.sampler, "steps": args.sample_steps, "samples": args.samples,
+             "guidance": args.guidance, "eta": args.eta}
+    try:
+        s = pred.settings(**given)
+    except ValueError as err:
+        name = str(err).split()[0]
+        raise CliError(f"--{SAMPLING_FLAGS.get(name, name)} {given.get(name)!r}: {err}") from None
+    if s["sampler"] != "density":
+        # one prediction batch of rows x samples vectors at a time (Predictor.sample)
+        from locdiff.ops import validation
+
+        import torch
+
+        rows = pred.config.predict.batch_size
+        try:
+            validation.check_allocation((3, rows * s["samples"], pred.config.model.dim), torch.float32,
+                                        pred.device, f"--samples {s['samples']} x {rows} rows a batch",
+                                        hint="use fewer --samples")
+        except MemoryError as err:
+            raise CliError(str(err)) from None
+    return given
 
 
 def _gallery(args):
@@ -125,12 +154,13 @@ def cmd_evaluate(args) -> int:
 
     dev = _join(args)
     # Outputs are rank 0's: other nodes need not see the output folder.
-    out = check_output_file(args.json, "metrics JSON") if distributed.is_main() else Path(args.json)
+    out = check_output_file(args.json, "metrics JSON", _inputs(args), args.run) if distributed.is_main() \
+        else Path(args.json)
     pred = _predictor(args.run, dev)
+    sampling = _sampling(args, pred)
     emb, coords = load_pair(args.embeddings, args.coords)
     check_dim(emb, args.embeddings, pred, args.run)
     hybrid = _hybrid(args, pred)
-    sampling = _sampling(args)
     done = sharded_predict(pred, emb, progress=distributed.is_main(), **sampling)
     if not distributed.is_main():
         return 0
@@ -156,10 +186,15 @@ def cmd_predict(args) -> int:
         dev = _join(args)
         if not distributed.is_main():  # outputs are rank 0's: other nodes need not see their folders
             return _predict_embeddings(args, dev, None, None)
-    out = check_output_file(args.out, "predictions CSV")
-    jsonl = check_output_file(out.with_suffix(".jsonl"), "predictions JSON Lines") if args.images else None
-    html = check_output_file(args.html, "HTML map") if args.html else None
-    png = check_output_file(args.map, "map") if args.map else None
+    inputs = _inputs(args)
+    out = check_output_file(args.out, "predictions CSV", inputs, args.run)
+    jsonl = check_output_file(out.with_suffix(".jsonl"), "predictions JSON Lines", inputs, args.run) \
+        if args.images else None
+    html = check_output_file(args.html, "HTML map", inputs, args.run) if args.html else None
+    png = check_output_file(args.map, "map", inputs, args.run) if args.map else None
+    named = [p.resolve() for p in (out, jsonl, html, png) if p]
+    if len(set(named)) < len(named):
+        raise CliError(f"--out, --map and --html name the same file: {', '.join(map(str, named))}")
     if args.html and not args.images:
         raise CliError("--html maps the answers of --images")
     require_packages(*[f for f, on in (("--map", png), ("--html", html), ("--images", args.images)) if on])
@@ -172,11 +207,12 @@ def _predict_embeddings(args, dev, out, png) -> int:
     pred = _predictor(args.run, dev)
     k = 0 if args.top_k is None else args.top_k
     _check_top_k(k, pred.degree)
+    sampling = _sampling(args, pred)
     emb = open_embeddings(args.embeddings)
     check_dim(emb, args.embeddings, pred, args.run)
     check_finite_embeddings(emb, args.embeddings)
     hybrid = _hybrid(args, pred)
-    res = sharded_predict(pred, emb, top_k=k, progress=distributed.is_main(), **_sampling(args))
+    res = sharded_predict(pred, emb, top_k=k, progress=distributed.is_main(), **sampling)
     if not distributed.is_main():
         return 0
     from locdiff.data.files import write_coords_csv
@@ -253,9 +289,10 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
     _check_top_k(k, geo.predictor.degree)
     if k < 1:
         raise CliError(f"--top-k {k}: answers for --images need at least 1 mode")
+    sampling = _sampling(args, geo.predictor)
     with warnings.catch_warnings():  # the summary warning: each skipped file is listed below
         warnings.filterwarnings("ignore", message=r"\d+ unreadable images left out")
-        ans = geo.predict(args.images, top_k=k, density=bool(html))
+        ans = geo.predict(args.images, top_k=k, density=bool(html), **sampling)
     for path, reason in ans.skipped:
         print(f"locdiff predict: warning: skipped {path}: {reason.removeprefix(f'{path}: ')}", file=sys.stderr)
     write_csv(out, ans)

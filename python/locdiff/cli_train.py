@@ -144,11 +144,20 @@ def cmd_train(args) -> int:
         print(f"locdiff train: stopped by {name} at step {res.steps} of {cfg.train.steps}; checkpoint saved in "
               f"{out}; continue with: locdiff train --out {out} --resume", file=sys.stderr)
         return 128 + res.signal
+    if res.nothing_to_do:
+        print(f"{out}: {res.nothing_to_do}; the run is unchanged")
+        return 0
     if record_encoder(d.embeddings, out):
         print(f"recorded the image encoder of {d.embeddings} in {out}")
     best = f"; best validation median {res.best['median_km']:.0f} km at step {res.best['step']}" if res.best else ""
     print(f"trained {res.steps} steps in {res.elapsed_s / 60:.1f} min ({res.samples_per_s:.0f} samples/s{best}); "
           f"run saved in {out}")
+    if res.skipped_steps:
+        print(f"note: {res.skipped_steps} steps were skipped for a non-finite or spiking loss (metrics.jsonl)")
+    if res.time_up:
+        print(f"note: stopped at step {res.steps} of {cfg.train.steps}: train.max_minutes = "
+              f"{cfg.train.max_minutes:g} bounds the training time of all resumes together; to train on: "
+              f"locdiff train --out {out} --resume --max-minutes MORE")
     return 0
 
 

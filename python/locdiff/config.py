@@ -209,7 +209,10 @@ def _override(obj, item: str):
     value = parse_value(raw.strip(), tp, key, source)
     # Rebuild from the leaf up, so `obj` and its defaults are left unchanged.
     for node, name in zip(reversed(chain), reversed(path)):
-        value = dataclasses.replace(node, **{name: value})
+        try:
+            value = dataclasses.replace(node, **{name: value})
+        except (TypeError, ValueError) as err:  # a __post_init__ check, as from a config file
+            raise ConfigError(f"{source} {item.strip()!r}: {err}") from None
     return value
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from locdiff import shdd
 from locdiff.answers import LEVELS, answer_first_modes, summarize
-from locdiff.data.files import DataError
+from locdiff.data.files import DataError, embeddings_ok, first_bad_embedding
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
 
 
@@ -113,12 +113,14 @@ class Geolocator:
         return emb, names, skipped
 
     def predict(self, inputs, top_k: int = 5, density: bool = False, geocode: bool = True,
-                levels=LEVELS, batch_size: int = 32):
+                levels=LEVELS, batch_size: int = 32, **sampling):
         """:class:`locdiff.answers.Answers` for ``inputs``: embeddings (N, D) or (D,), or image
         files and folders (embedded with the run's encoder; unreadable files are left out and
-        listed in ``.skipped``). ``density=True`` keeps each density on ``.grid``."""
+        listed in ``.skipped``). ``density=True`` keeps each density on ``.grid``. ``sampling``:
+        the run's prediction settings to override (``Predictor.predict``)."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        self.predictor.settings(**sampling)  # before any photo is read
         skipped = []
         if _is_paths(inputs):
             emb, names, skipped = self.embed(inputs, batch_size)
@@ -131,12 +133,12 @@ class Geolocator:
         if emb.ndim != 2 or emb.shape[1] != self.embedding_dim:
             raise DataError(f"embeddings of shape {tuple(emb.shape)}, but the run {self.run_dir} was trained on "
                             f"{self.embedding_dim}-dimensional ones")
-        if not np.isfinite(emb).all():
-            raise DataError(f"row {int(np.flatnonzero(~np.isfinite(emb).all(1))[0])} of the embeddings is "
-                            "NaN or infinite")
+        if not embeddings_ok(emb):
+            row, what = first_bad_embedding(emb)
+            raise DataError(f"row {row} of the embeddings {what}")
         if len(emb) == 0:
             raise DataError("no image could be read: " + "; ".join(r for _, r in skipped[:3]))
-        out = self.predictor.predict(emb, top_k=top_k)
+        out = self.predictor.predict(emb, top_k=top_k, **sampling)
         sep = shdd.default_separation_km(self.predictor.degree)
         if self.hybrid is None:
             latlon, cells = out["latlon"], None

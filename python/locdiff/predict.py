@@ -10,13 +10,22 @@ its mode (optionally coarse to fine), top-k modes, and individual samples.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from locdiff import grids, shdd
+from locdiff.data.files import embeddings_ok, first_bad_embedding
 from locdiff.devices import resolve_device
+from locdiff.ops import validation
 from locdiff.diffusion import guided, sample_ddim, sample_ddpm, split_prediction
 from locdiff.run import MODES, SAMPLERS, load_model
+
+
+# The guidance weights a config accepts (locdiff.settings): beyond, the guided vector is
+# the difference of two predictions scaled past float32's useful precision.
+MAX_GUIDANCE = 1e6
 
 
 class Predictor:
@@ -24,7 +33,7 @@ class Predictor:
     setting of ``config.predict`` can be overridden per call."""
 
     def __init__(self, net, config, device="cpu"):
-        self.net, self.config, self.device = net.eval(), config, torch.device(device)
+        self.net, self.config, self.device = net.eval(), config, validation.check_device(device)
         self.schedule = config.diffusion.make_schedule().to(self.device)
 
     @classmethod
@@ -41,9 +50,14 @@ class Predictor:
     def embedding_dim(self) -> int:
         return self.config.model.emb_dim
 
-    def _settings(self, **overrides) -> dict:
+    def settings(self, **overrides) -> dict:
+        """The run's prediction settings with ``overrides`` (None: the run's own), checked:
+        a ValueError names the first one out of range."""
         s = {k: getattr(self.config.predict, k) for k in ("sampler", "steps", "samples", "guidance", "eta",
                                                           "coarse_degree", "temperature", "mode_of")}
+        unknown = sorted(set(overrides) - set(s))
+        if unknown:
+            raise TypeError(f"unknown prediction setting {unknown[0]!r}; expected one of {sorted(s)}")
         s.update({k: v for k, v in overrides.items() if v is not None})
         if s["sampler"] not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {s['sampler']!r}")
@@ -52,6 +66,14 @@ class Predictor:
         for name in ("steps", "samples"):
             if isinstance(s[name], bool) or not isinstance(s[name], (int, np.integer)) or s[name] < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {s[name]!r}")
+        if s["sampler"] == "ddim" and s["steps"] > len(self.schedule):
+            raise ValueError(f"steps must be in [1, {len(self.schedule)}] for DDIM (the run's diffusion timesteps), "
+                             f"got {s['steps']}")
+        for name, lo, hi in (("guidance", -MAX_GUIDANCE, MAX_GUIDANCE), ("eta", 0.0, math.inf)):
+            v = s[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not (
+                    math.isfinite(v) and lo <= v <= hi):
+                raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}], got {v!r}")
         return s
 
     def _embeddings(self, emb) -> torch.Tensor:
@@ -59,6 +81,9 @@ class Predictor:
         if emb.ndim != 2 or emb.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings have shape {tuple(emb.shape)}, the model expects "
                              f"(N, {self.embedding_dim})")
+        if not embeddings_ok(emb):
+            row, what = first_bad_embedding(emb.cpu().numpy())
+            raise ValueError(f"embeddings row {row} {what}")
         return emb
 
     @torch.no_grad()
@@ -85,12 +110,16 @@ class Predictor:
                guidance: float | None = None, eta: float | None = None, seed: int = 0) -> torch.Tensor:
         """Individual SHDD vectors drawn by DDIM or DDPM: ``(B, samples, (L+1)^2)`` float32 on
         the CPU, on the scale of ``shdd.encode``."""
-        s = self._settings(sampler=sampler, steps=steps, samples=samples, guidance=guidance, eta=eta)
+        s = self.settings(sampler=sampler, steps=steps, samples=samples, guidance=guidance, eta=eta)
         if s["sampler"] == "density":
             raise ValueError("sample() draws with sampler 'ddim' or 'ddpm'; 'density' is not a sampler of "
                              "individual vectors")
         emb = self._embeddings(emb)
         dc = self.config.diffusion
+        # the noise, the state and the outputs: three (rows x samples, K) float32 arrays
+        validation.check_allocation((3, emb.shape[0] * s["samples"], self.config.model.dim), torch.float32,
+                                    self.device, f"{emb.shape[0]} rows x samples={s['samples']}",
+                                    hint="use fewer samples or rows per call")
         gen = torch.Generator(self.device).manual_seed(seed)
         rep = emb.repeat_interleave(s["samples"], 0)
         x = torch.randn(rep.shape[0], self.config.model.dim, generator=gen, device=self.device)
@@ -107,7 +136,7 @@ class Predictor:
         """The vector describing each input's predicted distribution ``(B, (L+1)^2)`` float32
         on the CPU: the density head at the last step (sampler "density"), or the mean of
         the sampled vectors."""
-        s = self._settings(**overrides)
+        s = self.settings(**overrides)
         if s["sampler"] == "density":
             gen = torch.Generator(self.device).manual_seed(seed)
             return self._last_step(self._embeddings(emb), s["guidance"], gen).cpu()
@@ -121,7 +150,7 @@ class Predictor:
         probability nearby); ``"function"``: the maximum of f itself. With ``coarse_degree``,
         the maximum that ascent on the full vector reaches from the mode of its truncation to
         that degree (the basin that holds the most mass at the coarse scale)."""
-        s = self._settings(mode_of=mode_of, temperature=temperature, coarse_degree=coarse_degree)
+        s = self.settings(mode_of=mode_of, temperature=temperature, coarse_degree=coarse_degree)
         c = torch.as_tensor(coeffs).double()
         if s["mode_of"] == "density":
             grid = grids.for_degree(self.degree, oversample=2.0)
@@ -141,7 +170,7 @@ class Predictor:
         coarse_degree, mode_of, temperature)."""
         from tqdm.auto import tqdm
 
-        s = self._settings(**overrides)
+        s = self.settings(**overrides)
         n = len(emb)
         bs = self.config.predict.batch_size
         coeffs, lls, tks, tvs = [], [], [], []

@@ -31,10 +31,14 @@ def _mb(n: int) -> str:
 
 
 class RunLock:
-    """An exclusive ``fcntl`` lock on ``RUN/locdiff.lock``, held until :meth:`release` (or
-    the process ends: the kernel drops the lock of a dead process, so a stale lock file is
-    simply taken over). The file names the holder (PID and host) for the error of the
-    next writer."""
+    """An exclusive POSIX record lock (``fcntl.lockf``) on ``RUN/locdiff.lock``, held until
+    :meth:`release` (or the process ends: the kernel drops the lock of a dead process, so a
+    stale lock file is simply taken over). A record lock belongs to the process, not to the
+    descriptor, so forked children (loader workers) that outlive a killed trainer do not
+    keep holding it. The file names the holder (PID and host) for the error of the next
+    writer."""
+
+    _held: set = set()  # record locks never conflict within one process: this set does
 
     def __init__(self, run_dir):
         self.path = Path(run_dir) / LOCK_FILE
@@ -44,9 +48,13 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in RunLock._held:
+            raise DataError(f"{self.path.parent}: run folder in use by this process (PID {os.getpid()}); wait for "
+                            "its training to finish or choose another --out")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
             os.close(fd)
@@ -56,13 +64,15 @@ class RunLock:
             raise DataError(f"{self.path}: cannot lock the run folder ({err.strerror})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
+        self._fd, self._key = fd, key
+        RunLock._held.add(key)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
+            RunLock._held.discard(self._key)
 
     def __enter__(self):
         return self.acquire()
@@ -71,11 +81,30 @@ class RunLock:
         self.release()
 
 
+# What a run folder holds (locdiff.run, locdiff.trainlog, locdiff.encoder), and the
+# temporary files of atomic writes of those (``.NAME.XXXXXXXX.tmp``, tempfile.mkstemp).
+RUN_ENTRIES = re.compile(r"(config\.json|train\.toml|metrics\.jsonl|locdiff\.lock|encoder\.json|tensorboard"
+                         r"|checkpoint(-best|-step\d+)?\.safetensors)")
+RUN_TEMP = re.compile(r"\.(config\.json|train\.toml|metrics\.jsonl|encoder\.json"
+                      r"|checkpoint(-best|-step\d+)?\.safetensors)\.[A-Za-z0-9_]+\.tmp")
+
+
+def foreign_entries(run_dir) -> list[str]:
+    """The names in ``run_dir`` that no locdiff run writes (sorted), so that training never
+    overwrites a folder of the user's own files."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not (RUN_ENTRIES.fullmatch(p.name) or RUN_TEMP.fullmatch(p.name)))
+
+
 def clean_stale_temp(run_dir) -> list[Path]:
-    """Remove the temporary files of atomic writes (``.NAME.*.tmp``) that a killed process
-    left; call with the run's lock held, so that no live writer owns them."""
+    """Remove the temporary files of atomic writes of a run's files (``.NAME.*.tmp``) that a
+    killed process left; call with the run's lock held, so that no live writer owns them."""
     removed = []
     for p in Path(run_dir).glob(".*.tmp"):
+        if not RUN_TEMP.fullmatch(p.name):
+            continue
         try:
             p.unlink()
             removed.append(p)
@@ -153,11 +182,21 @@ def _write(path: Path, data: bytes) -> None:
         raise
 
 
-def check_output_file(path, what: str) -> Path:
-    """``path`` can be written as a file: not a folder, its folder exists and is writable."""
+def check_output_file(path, what: str, inputs=(), run=None) -> Path:
+    """``path`` can be written as a file: not a folder, its folder exists and is writable,
+    and writing it loses nothing the command reads: it is none of the files ``inputs`` and
+    not inside the run folder ``run``."""
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{p}: is a folder; the {what} needs a file name")
+    target = p.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        if target == Path(source).resolve():
+            raise DataError(f"{p}: is the input {source}; the {what} needs a file of its own")
+    if run is not None and Path(run).resolve() in target.parents:
+        raise DataError(f"{p}: lies inside the run folder {run}; write the {what} outside it")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         what_is = "is a file, not a folder" if parent.exists() else "does not exist"

@@ -103,6 +103,10 @@ def validate(config, *, source: str | None = None, device=None, rows_per_call: i
     deg = mc.degree
     if isinstance(deg, bool) or not isinstance(deg, int) or not 1 <= deg <= top:
         raise SettingError("model.degree", deg, f"an integer in [1, {top}] ({why})", source)
+    pc = config.predict
+    if pc.sampler == "ddim" and pc.steps > dc.timesteps:
+        raise SettingError("predict.steps", pc.steps, f"an integer in [1, {dc.timesteps}] for the ddim sampler "
+                           "(diffusion.timesteps)", source)
     cd = config.predict.coarse_degree
     if cd is not None and cd >= deg:
         raise SettingError("predict.coarse_degree", cd, f"none or an integer in [1, {deg - 1}] (below model.degree)",

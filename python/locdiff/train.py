@@ -22,7 +22,7 @@ import math
 import time
 from collections import deque
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, TOML_VERSION, PredictConf
 __all__ = ["PredictConfig", "RunConfig", "TrainConfig", "TrainResult", "calibrate", "lr_factor", "train"]
 
 TOML_FILE = "train.toml"
+# Consecutive steps with a NaN or infinite loss after which a run counts as diverged.
+MAX_NONFINITE_STEPS = 20
 
 
 @dataclass
@@ -51,6 +53,12 @@ class TrainResult:
     skipped_steps: int = 0
     signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), else None
     best: dict | None = None   # {"step", "median_km"} of the best validation
+    time_up: bool = False      # train.max_minutes ended it before train.steps
+    nothing_to_do: str | None = None  # why a resumed run had no step left to train (nothing was written)
+
+
+class Diverged(DataError):
+    """The weights became NaN or infinite; the last checkpoint on disk was not replaced."""
 
 
 def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -98,41 +106,85 @@ def _unused_parameters(net, dc, schedule, dev) -> list[str]:
     return names
 
 
-def _model_differences(old, new) -> list[str]:
-    a, b = old.to_dict(), new.to_dict()
-    return [f"model.{k}: the run has {a[k]!r}, this command {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+# Settings a resumed run keeps: the network, the objective, and the prediction settings that
+# training does not calibrate (calibrated ones are set again at the end of the resumed run).
+KEPT_ON_RESUME = {"model": None, "diffusion": None,
+                  "predict": ("sampler", "steps", "samples", "guidance", "eta", "batch_size")}
 
 
-def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int, log) -> tuple[RunConfig, bytes | None]:
-    """Rank 0: the config to train with and the checkpoint bytes to resume from (None: step
-    0), every check done before anything is written."""
+def _resume_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    out = []
+    for section, names in KEPT_ON_RESUME.items():
+        a, b = getattr(old, section), getattr(new, section)
+        a, b = (a.to_dict(), b.to_dict()) if section == "model" else (asdict(a), asdict(b))
+        out += [f"{section}.{k}: the run has {a[k]!r}, this command {b.get(k)!r}"
+                for k in (names or a) if a[k] != b.get(k)]
+    return out
+
+
+def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int,
+                    log) -> tuple[RunConfig, bytes | None, str | None]:
+    """Rank 0: the config to train with, the checkpoint bytes to resume from (None: step 0)
+    and why there is nothing left to train (None: there is), every check done before
+    anything is written."""
     cfg_path, ckpt_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
     has_cfg, has_ckpt = cfg_path.is_file(), ckpt_path.is_file()
     if not resume:
         if has_ckpt:
             raise DataError(f"{run_dir}: already holds a trained run (checkpoint.safetensors); continue it with "
                             "--resume or choose a new --out")
-        return config, None
+        _check_not_foreign(run_dir, has_cfg)
+        return config, None, None
     if not has_cfg:
         if has_ckpt:
             raise DataError(f"{cfg_path}: not found, so the checkpoint beside it cannot be resumed (its settings are "
                             "unknown); restore config.json or train into a new --out")
         raise DataError(f"{run_dir}: nothing to resume (no config.json or checkpoint); leave out --resume to start")
     old, raw = read_config(run_dir)
-    diffs = _model_differences(old.model, config.model)
+    diffs = _resume_differences(old, config)
     if diffs:
-        raise DataError(f"{cfg_path}: --resume with other model settings ({'; '.join(diffs)}); resume with the "
-                        "run's settings or train into a new --out")
+        raise DataError(f"{cfg_path}: --resume with other settings than the run's ({'; '.join(diffs)}); a resumed "
+                        "run changes only train and data settings: resume with the run's others or train into "
+                        "a new --out")
     if raw.get("embedding_dim", emb_dim) != emb_dim:
         raise DataError(f"{cfg_path}: the run was trained on {raw['embedding_dim']}-dimensional embeddings, "
                         f"these have {emb_dim}")
     config = RunConfig(old.model, old.diffusion, config.train, old.predict, config.data)
     if not has_ckpt:
         log(f"{run_dir}: no checkpoint yet (stopped before its first); starting at step 0 with its settings")
-        return config, None
+        return config, None, None
     data = ckpt_path.read_bytes()
-    parse_checkpoint(data, ckpt_path)  # damaged: refused before config.json is rewritten
-    return config, data
+    _, meta = parse_checkpoint(data, ckpt_path)  # damaged: refused before config.json is rewritten
+    return config, data, _nothing_left(json.loads(meta.get("state", "{}")), config.train)
+
+
+def _nothing_left(state: dict, tc: TrainConfig) -> str | None:
+    """Why a checkpoint with this training state has no step left under ``tc``, or None."""
+    step, spent = int(state.get("step", 0)), float(state.get("elapsed_s", 0.0))
+    if step >= tc.steps:
+        return f"the run is at step {step} and train.steps is {tc.steps}: nothing to train (raise --steps to go on)"
+    if tc.max_minutes and spent >= 60 * tc.max_minutes:
+        return (f"the run has trained {spent / 60:.2f} min, and train.max_minutes = {tc.max_minutes:g} bounds the "
+                f"training time of all its resumes together: nothing to train (raise --max-minutes to go on)")
+    return None
+
+
+def _check_not_foreign(run_dir: Path, has_cfg: bool) -> None:
+    """A new run may reuse a run's folder (one stopped before its first checkpoint), never
+    overwrite a folder of the user's own files."""
+    from locdiff.runfolder import foreign_entries
+
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DataError(f"{run_dir}: holds files that no locdiff run writes ({shown}); train into an empty or "
+                        "new --out")
+    if has_cfg:
+        try:
+            read_config(run_dir)
+        except DataError as err:
+            raise DataError(f"{run_dir / CONFIG_FILE}: not a locdiff run's config ({err}); train into an empty or "
+                            "new --out") from None
 
 
 def _split_rows(n: int, tc: TrainConfig, val) -> tuple[np.ndarray, np.ndarray | None]:
@@ -198,13 +250,19 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
             stack.enter_context(RunLock(run_dir))
             for p in clean_stale_temp(run_dir):
                 log(f"removed {p.name}, left by a process killed while writing")
-            config, ckpt = _prepare_folder(run_dir, config, resume, d, log)
-            payload = {"config": config.to_dict(), "resume": ckpt is not None}
+            config, ckpt, done = _prepare_folder(run_dir, config, resume, d, log)
+            payload = {"config": config.to_dict(), "resume": ckpt is not None, "done": done}
         if world > 1:  # the run folder is rank 0's: its settings and checkpoint reach the others
             payload = json.loads(distributed.broadcast_bytes(json.dumps(payload).encode() if main else None))
             config = RunConfig.from_dict(payload["config"])
             config.model.emb_dim = d
-            ckpt = distributed.broadcast_bytes(ckpt if main else None) if payload["resume"] else None
+            ckpt = distributed.broadcast_bytes(ckpt if main else None) if payload["resume"] and not payload["done"] \
+                else None
+        if payload["done"]:  # nothing written: the run stays as it was
+            state = json.loads(parse_checkpoint(ckpt, run_dir / CHECKPOINT_FILE)[1]["state"]) if ckpt else {}
+            return TrainResult(int(state.get("step", 0)), float(state.get("elapsed_s", 0.0)), 0.0,
+                               state.get("history", []), state.get("skipped", 0), best=state.get("best"),
+                               nothing_to_do=payload["done"])
         if val_idx is not None and main:  # held-out rows, read by the rank that validates
             val = (_gather(embeddings, val_idx), coords[val_idx])
         return _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val, progress,
@@ -318,13 +376,15 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         return v
 
     def snapshot() -> bytes:
+        if not _finite_weights(net):  # never replace a good checkpoint with a diverged one
+            raise _diverged(step, float("nan"), keeper, tc)
         state.update(step=step, elapsed_s=elapsed(), recent=list(recent), world_size=world)
         return checkpoint_bytes(net, ema, opt, state)
 
     bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
     stack.callback(bar.close)
-    stopped_by = None
+    stopped_by, ran_out, nonfinite = None, False, 0
     with StopSignals() as stop:
         while step < tc.steps:
             # One rank's signal, and rank 0's clock, decide for all (same step everywhere).
@@ -332,6 +392,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
                 [stop.signum or 0, float(main and bool(max_s) and elapsed() >= max_s), elapsed() if main else 0.0])
             if sig or time_up:
                 stopped_by = int(sig) or None
+                ran_out = not sig
                 break
             t_step = time.perf_counter()
             prog = max(step / tc.steps, clock / max_s if max_s else 0.0)
@@ -362,9 +423,15 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
             # must not undo hours of training (tc.spike_factor; docs/model.md, "Stability").
             if not math.isfinite(value) or (tc.spike_factor and len(recent) == recent.maxlen
                                             and value > tc.spike_factor * float(np.median(recent))):
+                nonfinite = nonfinite + 1 if not math.isfinite(value) else 0
+                # Weights gone non-finite, or a loss that stays non-finite: skipping leaves the
+                # weights as they are, so no later step can recover.
+                if nonfinite and (nonfinite >= MAX_NONFINITE_STEPS or not _finite_weights(net)):
+                    raise _diverged(step, value, keeper, tc, nonfinite)
                 state["skipped"] += 1
                 opt.zero_grad(set_to_none=True)
             else:
+                nonfinite = 0
                 recent.append(value)
                 if tc.grad_clip:
                     torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
@@ -388,7 +455,8 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
             if tc.val_every and step % tc.val_every == 0 and step < tc.steps:
                 run_validation()
             now = time.perf_counter()
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or now - last_ckpt > 60 * tc.checkpoint_minutes:
+            due = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or now - last_ckpt > 60 * tc.checkpoint_minutes
+            if due and not nonfinite:  # weights whose loss is non-finite never replace the last good checkpoint
                 try:
                     keeper.save(snapshot(), step)
                 except DataError as err:  # the next save may find the space freed
@@ -396,7 +464,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
                 last_ckpt = now
     del batches  # stops the loader's workers before the final work
     result = TrainResult(step, elapsed(), samples / max(step_s, 1e-9), state["history"], state["skipped"],
-                         stopped_by, state["best"])
+                         stopped_by, state["best"], time_up=ran_out)
     if not main:
         return result
     if stopped_by is None:
@@ -415,6 +483,20 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         config.predict.hybrid = cal["hybrid"]
         write_config(run_dir, config, extra)
     return result
+
+
+def _finite_weights(net) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+def _diverged(step: int, loss: float, keeper, tc: TrainConfig, nonfinite: int = 0) -> Diverged:
+    last = "" if keeper is None else (f"; the checkpoint of step {keeper.latest_step} is kept"
+                                      if keeper.latest_step is not None else "; no checkpoint was saved")
+    what = (f"the loss was {loss:g} for {nonfinite} steps in a row" if nonfinite >= MAX_NONFINITE_STEPS else
+            f"the weights hold NaN or infinite values (loss {loss:g})")
+    return Diverged(f"training diverged by step {step}: {what}"
+                    f"{last}; train again with a lower train.lr (now {tc.lr:g}), a longer train.warmup_steps "
+                    f"(now {tc.warmup_steps}) or train.grad_clip > 0 (now {tc.grad_clip:g})")
 
 
 def _final_save(keeper, data: bytes, step: int) -> None:

@@ -1,5 +1,6 @@
 """The training log of a run folder: ``metrics.jsonl``, one JSON object a line (``step``,
-then the loss parts, ``lr``, ``samples_per_s``, or the validation metrics ``val_*``), and
+then the loss parts, ``lr``, ``samples_per_s``, or the validation metrics ``val_*``; null for
+a non-finite value), and
 with ``tensorboard`` the same scalars as TensorBoard event files in ``RUN/tensorboard``.
 
 A resumed run drops the lines past its checkpoint's step (written after the checkpoint by
@@ -59,8 +60,10 @@ class TrainLog:
 
     def write(self, step: int, values: dict) -> None:
         rec = {"step": int(step)}
-        rec.update({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()})
-        self._fh.write(json.dumps(rec, allow_nan=True) + "\n")
+        # A NaN or infinite value is written as null: the file stays strict JSON for any reader.
+        rec.update({k: (v if not isinstance(v, float) else round(v, 6) if math.isfinite(v) else None)
+                    for k, v in values.items()})
+        self._fh.write(json.dumps(rec, allow_nan=False) + "\n")
         self._fh.flush()
         if self._tb is not None:
             for k, v in values.items():

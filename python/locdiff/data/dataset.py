@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from locdiff.data.files import DataError, ShardedArray, open_embeddings, read_coords
+from locdiff.data.files import DataError, ShardedArray, embeddings_ok, first_bad_embedding, open_embeddings, read_coords
 from locdiff.data.sampler import BatchSampler
 from locdiff.stopping import ignore_in_worker
 
@@ -187,7 +187,7 @@ class EmbeddingDataset(Dataset):
         if self.dtype is not None:
             emb = emb.to(self.dtype)
         emb = emb[torch.from_numpy(inverse.reshape(-1))]
-        if self.check_finite and not bool(torch.isfinite(emb).all()):
+        if self.check_finite and not embeddings_ok(emb):
             self._raise_nonfinite(emb.numpy(), rows)
         return Arrays(emb.numpy(), self.coords[rows], rows)
 
@@ -203,9 +203,10 @@ class EmbeddingDataset(Dataset):
         return out
 
     def _raise_nonfinite(self, emb: np.ndarray, rows: np.ndarray):
-        row = int(rows[np.flatnonzero(~np.isfinite(emb).all(1))[0]])
+        i, what = first_bad_embedding(emb)
+        row = int(rows[i])
         s = int(np.searchsorted(self._offsets, row, side="right") - 1)
-        raise DataError(f"{self._names[s]}: row {row - self._offsets[s]} of the embeddings is NaN or infinite")
+        raise DataError(f"{self._names[s]}: row {row - self._offsets[s]} of the embeddings {what}")
 
 
 def _parts_of(embeddings) -> tuple[list, list[str]]:

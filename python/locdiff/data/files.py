@@ -135,12 +135,37 @@ def _check_emb(arr: np.ndarray, path) -> np.ndarray:
     if arr.ndim != 2:
         raise DataError(f"{path}: embeddings must be 2-D (N, D), got shape {arr.shape}")
     if arr.dtype.kind != "f":
-        raise DataError(f"{path}: embeddings must be float16 or float32, got {arr.dtype}")
+        raise DataError(f"{path}: embeddings must be floating point (float16, float32 or float64), got {arr.dtype}")
     if len(arr) == 0:
         raise DataError(f"{path}: embeddings file has no rows")
     if arr.shape[1] == 0:
         raise DataError(f"{path}: embeddings have shape {arr.shape}: no columns (expected (N, D) with D >= 1)")
     return arr
+
+
+# Embedding values a network can take: the LayerNorm that reads them squares them in float32.
+MAX_EMBEDDING_ABS = 1e12
+
+
+def embeddings_ok(block) -> bool:
+    """Whether every value of a block (numpy or torch) is finite with magnitude at most
+    :data:`MAX_EMBEDDING_ABS` (one reduction: NaN fails the comparison)."""
+    if not block.size if isinstance(block, np.ndarray) else not block.numel():
+        return True
+    return bool(abs(block).max() <= MAX_EMBEDDING_ABS)
+
+
+def first_bad_embedding(emb) -> tuple[int, str]:
+    """The first row of ``emb`` that :func:`embeddings_ok` refuses and what is wrong with it,
+    as the end of a sentence: ``(4, "is NaN or infinite")``."""
+    emb = np.asarray(emb, np.float64)
+    with np.errstate(invalid="ignore"):
+        row = int(np.flatnonzero(~(np.abs(emb) <= MAX_EMBEDDING_ABS).all(1))[0])
+    values = emb[row]
+    if not np.isfinite(values).all():
+        return row, "is NaN or infinite"
+    return row, (f"holds {values[np.argmax(np.abs(values))]:g}: expected values of magnitude at most "
+                 f"{MAX_EMBEDDING_ABS:g}")
 
 
 def read_coords(path, rows: int | None = None) -> np.ndarray:

@@ -1,0 +1,160 @@
+"""Faults a user can make on the command line, each one error line (exit 2) before any work
+and nothing of theirs lost: outputs that name an input or the run, sampling flags out of
+range, values a network cannot read, a diverging run, a folder of the user's own files,
+and what --resume keeps and tells."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cli_helpers import TINY, expect_error, run_cli, train_argv, trained_task
+
+from locdiff.run import CHECKPOINT_FILE, CONFIG_FILE, load_checkpoint
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return trained_task(tmp_path_factory.mktemp("faults"))
+
+
+def test_an_output_never_replaces_an_input_or_the_run(files, tmp_path, capsys):
+    emb = tmp_path / "emb.npy"
+    emb.write_bytes((files / "emb.npy").read_bytes())
+    before = emb.read_bytes()
+    run = files / "base"
+    expect_error(capsys, ["predict", "--run", run, "--embeddings", emb, "--out", emb], "is the input")
+    expect_error(capsys, ["evaluate", "--run", run, "--embeddings", emb, "--coords", files / "coords.csv",
+                          "--json", files / "coords.csv"], "is the input")
+    expect_error(capsys, ["predict", "--run", run, "--embeddings", emb, "--out", run / CHECKPOINT_FILE],
+                 "lies inside the run folder")
+    expect_error(capsys, ["predict", "--run", run, "--embeddings", emb, "--out", tmp_path / "a.csv",
+                          "--map", tmp_path / "a.csv"], "name the same file")
+    assert emb.read_bytes() == before
+    load_checkpoint(run)  # intact
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--sampler", "ddim", "--sample-steps", "51"], "--sample-steps 51: steps must be in [1, 50] for DDIM"),
+    (["--guidance", "nan"], "--guidance nan: guidance must be a finite number"),
+    (["--guidance", "1e30"], "--guidance 1e+30: guidance must be a finite number in [-1e+06, 1e+06]"),
+    (["--sampler", "ddim", "--eta", "-3"], "--eta -3.0: eta must be a finite number in [0, inf]"),
+    (["--samples", "0"], "--samples 0: samples must be an int >= 1"),
+    (["--sampler", "ddpm", "--samples", "100000000000"], "use fewer --samples"),
+])
+def test_sampling_flags_are_checked_before_any_prediction(files, tmp_path, capsys, flags, fragment):
+    for cmd in (["predict", "--out", tmp_path / "p.csv"], ["evaluate", "--coords", files / "coords.csv",
+                                                            "--json", tmp_path / "m.json"]):
+        expect_error(capsys, [*cmd, "--run", files / "base", "--embeddings", files / "emb.npy", *flags], fragment)
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_set_values_a_setting_refuses_are_error_lines(files, tmp_path, capsys):
+    expect_error(capsys, train_argv(files, tmp_path / "r", "--set", "predict.sampler=foo"),
+                 "--set 'predict.sampler=foo': sampler must be one of")
+    expect_error(capsys, train_argv(files, tmp_path / "r", "--set", "predict.sampler=ddim", "--set",
+                                    "predict.steps=1000"), "predict.steps")
+    assert not (tmp_path / "r").exists()
+
+
+def test_values_the_network_cannot_read_are_named(files, tmp_path, capsys):
+    emb = np.load(files / "emb.npy")
+    emb[5, 2] = 3e38  # finite, but its square overflows the network's float32 LayerNorm
+    np.save(tmp_path / "big.npy", emb)
+    fragment = "row 5 of the embeddings holds 3e+38: expected values of magnitude at most 1e+12"
+    expect_error(capsys, ["predict", "--run", files / "base", "--embeddings", tmp_path / "big.npy", "--out",
+                          tmp_path / "p.csv"], fragment)
+    expect_error(capsys, ["train", "--embeddings", tmp_path / "big.npy", "--coords", files / "coords.csv",
+                          "--out", tmp_path / "r", *TINY, "--steps", "3"], fragment)
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, _ = run_cli(capsys, *train_argv(files, out, "--steps", "5", "--set", "train.checkpoint_every=5"))
+    assert code == 0
+    good = (out / CHECKPOINT_FILE).read_bytes()
+    # lr 1e6 makes the loss NaN with finite weights: 20 such steps in a row end the run, and
+    # the checkpoints due meanwhile are not written
+    line = expect_error(capsys, train_argv(files, out, "--resume", "--steps", "40", "--lr", "1e6", "--set",
+                                           "train.warmup_steps=0"), "training diverged by step")
+    assert "the checkpoint of step 5 is kept" in line and "lower train.lr" in line
+    assert (out / CHECKPOINT_FILE).read_bytes() == good
+    fresh = expect_error(capsys, train_argv(files, tmp_path / "fresh", "--steps", "30", "--lr", "1e6", "--set",
+                                            "train.warmup_steps=0"), "the weights hold NaN or infinite values")
+    assert "no checkpoint was saved" in fresh and not (tmp_path / "fresh" / CHECKPOINT_FILE).exists()
+    for text in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_a_folder_of_the_users_own_files_is_not_trained_into(files, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    expect_error(capsys, train_argv(files, mine, "--steps", "3"), "holds files that no locdiff run writes (notes.txt)")
+    (mine / "notes.txt").unlink()
+    (mine / CONFIG_FILE).write_text('{"my": "own"}')
+    expect_error(capsys, train_argv(files, mine, "--steps", "3"), "not a locdiff run's config")
+    assert (mine / CONFIG_FILE).read_text() == '{"my": "own"}'
+    (mine / CONFIG_FILE).unlink()
+    (mine / ".mynotes.tmp").write_text("mine")  # a dot file of the user's, not a locdiff temporary
+    expect_error(capsys, train_argv(files, mine, "--steps", "3"), ".mynotes.tmp")
+    assert (mine / ".mynotes.tmp").exists()
+
+
+def test_resume_refuses_settings_it_would_drop_and_says_when_nothing_is_left(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *train_argv(files, out, "--steps", "6"))[0] == 0
+    config = (out / CONFIG_FILE).read_text()
+    for setting in ("diffusion.kl_weight=5", "predict.sampler=ddim"):
+        expect_error(capsys, train_argv(files, out, "--resume", "--steps", "8", "--set", setting),
+                     f"{setting.partition('=')[0]}: the run has")
+    code, stdout, _ = run_cli(capsys, *train_argv(files, out, "--resume", "--steps", "4"))
+    assert code == 0 and "the run is at step 6 and train.steps is 4: nothing to train" in stdout
+    assert (out / CONFIG_FILE).read_text() == config
+    code, stdout, _ = run_cli(capsys, *train_argv(files, out, "--resume", "--steps", "8"))
+    assert code == 0 and "trained 8 steps" in stdout
+
+
+def test_a_run_stopped_by_its_time_budget_says_so(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, *train_argv(files, out, "--steps", "100000", "--max-minutes", "0.002"))
+    assert code == 0 and "note: stopped at step" in stdout and "of 100000: train.max_minutes = 0.002" in stdout
+    code, stdout, _ = run_cli(capsys, *train_argv(files, out, "--resume", "--steps", "100000", "--max-minutes",
+                                                  "0.002"))
+    assert code == 0 and "train.max_minutes = 0.002 bounds the training time of all its resumes" in stdout
+
+
+def test_demo_out_that_is_a_file_is_refused_at_once(files, capsys):
+    expect_error(capsys, ["demo", "--out", files / "emb.npy"], "exists and is a file, not a run folder")
+
+
+FORK_AND_DIE = """
+import os, sys, time
+from locdiff.runfolder import RunLock
+RunLock(sys.argv[1]).acquire()
+if os.fork() == 0:  # a loader worker: the lock file's descriptor, no pipe of the test's
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    time.sleep(30)
+    os._exit(0)
+print("forked", flush=True)
+os._exit(0)
+"""
+
+
+def test_a_killed_trainers_lock_is_free_at_once_though_its_children_live(tmp_path):
+    # Loader workers are forked with the lock file open and outlive a SIGKILLed trainer by
+    # seconds; the lock is the trainer's alone, so a resume right after it takes the folder.
+    import subprocess
+    import sys
+
+    from locdiff.runfolder import RunLock
+
+    out = subprocess.run([sys.executable, "-c", FORK_AND_DIE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert "forked" in out.stdout, out.stderr
+    with RunLock(tmp_path):
+        with pytest.raises(Exception, match="in use by this process"):
+            RunLock(tmp_path).acquire()
+    RunLock(tmp_path).acquire().release()
