@@ -158,3 +158,86 @@ def test_a_killed_trainers_lock_is_free_at_once_though_its_children_live(tmp_pat
         with pytest.raises(Exception, match="in use by this process"):
             RunLock(tmp_path).acquire()
     RunLock(tmp_path).acquire().release()
+
+
+def test_resume_never_removes_kept_checkpoints(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *train_argv(files, out, "--steps", "10", "--set", "train.checkpoint_every=5",
+                                       "--set", "train.keep_checkpoints=3"))[0] == 0
+    (out / CHECKPOINT_FILE).unlink()
+    kept = sorted(p.name for p in out.glob("checkpoint-*.safetensors"))
+    assert kept
+    expect_error(capsys, train_argv(files, out, "--resume", "--steps", "12"), f"but {kept[0]}")
+    assert sorted(p.name for p in out.glob("checkpoint-*.safetensors")) == kept
+
+
+def test_a_resumed_run_validates_as_it_started_and_finishes_what_was_cut(files, tmp_path, capsys):
+    # A run whose final calibration was cut off (no finished_step in config.json) resumed at
+    # its last step: the final validation runs again with the settings the run started with,
+    # so it repeats the first one exactly, though config.json holds calibrated settings.
+    out = tmp_path / "run"
+    assert run_cli(capsys, *train_argv(files, out, "--steps", "8", "--set", "train.val_size=12"))[0] == 0
+    raw = json.loads((out / CONFIG_FILE).read_text())
+    assert raw.pop("finished_step") == 8 and raw["predict"]["temperature"] != 1.0  # calibrated
+    (out / CONFIG_FILE).write_text(json.dumps(raw))
+    first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_median_km" in x]
+    code, stdout, _ = run_cli(capsys, *train_argv(files, out, "--resume", "--steps", "8", "--set",
+                                                  "train.val_size=12"))
+    assert code == 0 and "trained 8 steps" in stdout
+    again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_median_km" in x]
+    assert again[-1]["step"] == 8 and again[-1]["val_median_km"] == first[-1]["val_median_km"]
+    assert json.loads((out / CONFIG_FILE).read_text())["finished_step"] == 8
+    code, stdout, _ = run_cli(capsys, *train_argv(files, out, "--resume", "--steps", "8", "--set",
+                                                  "train.val_size=12"))
+    assert "nothing to train" in stdout
+
+
+def test_train_checks_validation_data_and_resumes_with_the_runs_settings(files, tmp_path):
+    from cli_helpers import tiny_config
+    from locdiff.data.files import DataError
+    from locdiff.train import train
+
+    emb, coords = np.load(files / "emb.npy"), np.load(files / "coords.npy")
+    with pytest.raises(DataError, match=r"val: embeddings \(M, 6\) and coordinates \(M, 2\) expected"):
+        train(emb, coords, tmp_path / "v", tiny_config(steps=3), val=(emb[:5, :3], coords[:5]), progress=False)
+    assert not (tmp_path / "v").exists()
+    train(emb, coords, tmp_path / "r", tiny_config(steps=3, seed=7), progress=False)
+    res = train(emb, coords, tmp_path / "r", resume=True, progress=False)  # no config: the run's own
+    assert res.nothing_to_do and "step 3" in res.nothing_to_do
+
+
+@pytest.mark.parametrize("overrides, error", [
+    ({"temprature": 0.5}, "unknown prediction setting 'temprature'"),
+    ({"coarse_degree": 0}, r"coarse_degree must be None or an int in \[1, 3\]"),
+    ({"coarse_degree": 2.5}, "coarse_degree must be None"),
+    ({"guidance": "a"}, "guidance must be a finite number"),
+    ({"eta": -5.0}, "eta must be a finite number in"),
+    ({"temperature": float("nan")}, "temperature must be a finite number > 0"),
+])
+def test_predictor_names_a_bad_or_unknown_setting(files, overrides, error):
+    from locdiff.predict import Predictor
+
+    pred = Predictor.from_run(files / "base", "cpu")
+    emb = np.load(files / "emb.npy")[:3]
+    with pytest.raises((ValueError, TypeError), match=error):
+        pred.predict(emb, **overrides)
+
+
+def test_paths_of_the_wrong_kind_are_named_as_such(files, tmp_path, capsys):
+    expect_error(capsys, ["predict", "--run", files / "emb.npy", "--embeddings", files / "emb.npy", "--out",
+                          tmp_path / "p.csv"], "emb.npy: is a file, not a run folder")
+    expect_error(capsys, ["evaluate", "--run", files / "base", "--embeddings", files / "emb.npy", "--coords",
+                          tmp_path, "--json", tmp_path / "m.json"], "is a folder; expected a coordinates file")
+    expect_error(capsys, ["train", "--out", tmp_path / "none", "--resume"], "nothing to resume")
+
+
+def test_float16_embeddings_are_checked_quietly(files, tmp_path):
+    # The magnitude bound (1e12) overflows float16: the comparison is made in float64.
+    import warnings
+
+    from locdiff.cli_common import check_finite_embeddings
+
+    np.save(tmp_path / "e16.npy", np.load(files / "emb.npy").astype(np.float16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_finite_embeddings(tmp_path / "e16.npy")

@@ -174,3 +174,23 @@ def test_fit_leaves_retrieval_off_where_its_gain_rests_on_one_region():
     assert by_region["weight"] == 0.0
     with pytest.raises(ValueError, match="groups"):
         Hybrid(g_emb, g_ll).fit(coeffs, 5.0, emb, model_mode, truth, groups=groups[:10])
+
+
+def test_inputs_that_disagree_are_named():
+    coeffs = _model([PARIS, LYON])
+    mode = shdd.decode(coeffs)
+    g_emb, g_co = np.eye(2, dtype=np.float32), np.stack([PARIS, LYON])
+    with pytest.raises(ValueError, match=r"gallery coordinates must have shape \(2, 2\)"):
+        Hybrid(g_emb, g_co[:1])
+    with pytest.raises(ValueError, match=r"gallery coordinates must have shape \(1, 2\)"):
+        Hybrid(g_emb[:1], g_co)
+    h = Hybrid(g_emb, g_co, HybridConfig(neighbours=2))
+    q = np.array([[1.0, 0.0]], np.float32)
+    with pytest.raises(ValueError, match=r"query embeddings must have shape \(N, 2\)"):
+        h.predict(coeffs, 5.0, np.ones((1, 3), np.float32), mode)
+    with pytest.raises(ValueError, match="one row per query"):
+        h.predict(coeffs, 5.0, np.ones((2, 2), np.float32), np.repeat(mode, 2, 0))
+    with pytest.raises(ValueError, match=r"model_latlon must have shape \(1, 2\)"):
+        h.predict(coeffs, 5.0, q, np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="query embeddings row 0 is NaN"):
+        h.predict(coeffs, 5.0, np.full((1, 2), np.nan, np.float32), mode)

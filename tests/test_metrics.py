@@ -66,3 +66,23 @@ def test_density_metrics_uniform_vs_peaked():
                                                abs=0.01)
     assert peaked["rva_auc"] > uniform["rva_auc"] + 0.25
     assert peaked["nll"] < 0
+
+
+@pytest.mark.parametrize("pred, true, match", [
+    ([[100.0, 0.0]], [[80.0, 180.0]], r"pred_latlon row 0 is \[100.0, 0.0\]: expected finite \(lat, lon\)"),
+    ([[0.0, 0.0], [np.nan, 0.0]], [[0.0, 0.0], [0.0, 0.0]], "pred_latlon row 1 is"),
+    ([[0.0, 0.0]] * 5, [[0.0, 1.0]], r"pred_latlon must have shape \(1, 2\)"),
+    ([[0.0, 0.0]] * 5, [[0.0, 1.0]] * 8, r"pred_latlon must have shape \(8, 2\)"),
+    ([[0.0, 0.0]], [[0.0, 0.0, 0.0]], r"true_latlon must have shape \(N, 2\)"),
+])
+def test_distance_metrics_refuse_what_would_be_plausible_garbage(pred, true, match):
+    # Swapped (lon, lat) columns, missing answers and broadcasting shapes gave numbers that
+    # looked like results (a latitude of 100 scored 100 % within 1 km of its antipode).
+    with pytest.raises(ValueError, match=match):
+        M.distance_metrics(np.array(pred), np.array(true))
+
+
+def test_metrics_from_distances_refuse_negative_and_nan():
+    for d in ([1.0, -2.0], [1.0, np.nan]):
+        with pytest.raises(ValueError, match="distances must be finite and >= 0 km"):
+            M.metrics_from_distances(np.array(d))

@@ -153,3 +153,73 @@ def test_forked_children_can_call_the_library():
     proc = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+def test_longitudes_stay_in_their_documented_range():
+    # (-180, 180], 0 on the poles: a -0.0 y, a y one rounding west of the antimeridian and
+    # a decoded pole all gave -180 or an arbitrary longitude.
+    from locdiff.geo import xyz_to_latlon
+
+    for xyz, want in (([-1.0, -0.0, 0.0], [0.0, 180.0]), ([-0.0, -0.0, -1.0], [-90.0, 0.0]),
+                      ([1e-17, 1e-17, 1.0], [90.0, 0.0]), ([-1.0, -1e-300, 0.0], [0.0, 180.0])):
+        for arr in (np.array(xyz), torch.tensor(xyz, dtype=torch.float64)):
+            assert np.asarray(xyz_to_latlon(arr)).tolist() == want, xyz
+    assert shdd.decode(shdd.encode(np.array([10.0, -180.0]), 16)).tolist() == pytest.approx([10.0, 180.0])
+
+
+def test_searches_return_plain_results_and_take_numpy_scalars_as_scalars():
+    c = shdd.encode(torch.tensor([[10.0, 20.0]], dtype=torch.float64), 8).requires_grad_()
+    assert not shdd.decode(c).requires_grad  # a search has no gradient: no graph that fails backward
+    assert not any(t.requires_grad for t in shdd.top_k(c, 2))
+    assert not any(t.requires_grad for t in shdd.ascend(c, torch.tensor([[11.0, 21.0]], dtype=torch.float64)))
+    assert shdd.ascend(np.zeros((0, 81)), np.zeros((0, 2)))[1].dtype == np.float64
+    with pytest.raises(ValueError, match="got a scalar"):
+        shdd.decode(np.float64(1.0))
+    np.testing.assert_allclose(shdd.encode(PARIS, 4, smoothing=np.float32(0.1)),
+                               shdd.encode(PARIS, 4, smoothing=float(np.float32(0.1))))
+
+
+def test_meta_tensors_are_named_not_implemented():
+    for call in (lambda: shdd.decode(torch.zeros(2, 9, device="meta")),
+                 lambda: shdd.encode(torch.zeros(2, 2, device="meta"), 4),
+                 lambda: shdd.kl_divergence(torch.zeros(2, 9, device="meta"), torch.zeros(2, 9, device="meta"))):
+        with pytest.raises(NotImplementedError, match="is on meta: locdiff runs on cpu and cuda devices"):
+            call()
+
+
+def test_kl_default_grid_resolves_sharp_densities():
+    # The decode grid got a sharp pair's KL wrong by a factor 2.6 (0.57 against 1.50).
+    g = torch.Generator().manual_seed(0)
+    c = shdd.encode(torch.tensor([[30.0, 40.0], [-10.0, 100.0]], dtype=torch.float64), 8)
+    p = c + 0.3 * torch.randn(c.shape, generator=g, dtype=torch.float64)
+    fine = float(shdd.kl_divergence(p, c, temperature=0.3, grid=grids.for_degree(8, oversample=16)))
+    assert float(shdd.kl_divergence(p, c, temperature=0.3)) == pytest.approx(fine, rel=0.01)
+
+
+@pytest.mark.parametrize("degree", [4, 8, 16, 32])
+def test_top_k_is_consistent_across_k(degree):
+    # The first k modes of a top-k are the k highest: a larger k must not find a higher one.
+    for lat in np.linspace(-85, 85, 35):
+        c = shdd.encode(np.array([lat, 40.0]), degree)
+        wide = shdd.top_k(c, 8)[1]
+        for k in (1, 2, 3, 5):
+            np.testing.assert_allclose(shdd.top_k(c, k)[1], wide[:k], rtol=1e-9, err_msg=f"lat {lat}, k {k}")
+
+
+@pytest.mark.parametrize("sharpness", [2.0, 11.5, 40.0, 1000.0])
+def test_the_density_mode_of_an_exact_shdd_is_its_point(sharpness):
+    # The density's mode is found by projecting softmax(f / t) on a grid: one too coarse for
+    # the softmax's lobe moved answers by 6-66 km (docs/model.md, "Point predictions").
+    from locdiff.models import CSUNet, CSUNetConfig
+    from locdiff.predict import Predictor
+    from locdiff.run import RunConfig
+
+    L = 16
+    config = RunConfig(CSUNetConfig(degree=L, emb_dim=2, widths=(8,), cond_dim=8, emb_widths=()))
+    pred = Predictor(CSUNet(config.model), config)
+    g = torch.Generator().manual_seed(5)
+    pts = torch.rand(60, 2, generator=g, dtype=torch.float64) * torch.tensor([170.0, 360.0]) - \
+        torch.tensor([85.0, 180.0])
+    t = (L + 1) ** 2 / (4 * math.pi) / sharpness
+    got = pred.locate(shdd.encode(pts, L), mode_of="density", temperature=t)
+    assert float(locdiff.great_circle_km(got, pts.numpy()).max()) < 4.0

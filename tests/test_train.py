@@ -143,14 +143,15 @@ def test_max_minutes_stops_and_saves(tmp_path):
 
 def test_validation_median_falls_as_training_proceeds(tmp_path):
     # A learnable task: four clusters, the embedding names the cluster. Validation errors
-    # fall from hundreds of km after five steps to within the clusters.
+    # fall steadily, from hundreds of km after five steps towards the clusters' spread (a
+    # model that does not learn stays flat: ratios near 1).
     emb, coords = synthetic(800)
     val = synthetic(200, seed=5)
     res = train(emb, coords, tmp_path / "run", tiny_config(steps=60, val_every=5), val=val, progress=False)
     medians = [h["median_km"] for h in res.history]
     assert [h["step"] for h in res.history] == list(range(5, 61, 5))
-    assert medians[0] > 400 and medians[-1] < 200, medians
-    assert np.mean(medians[-4:]) < 0.6 * np.mean(medians[:4]), medians
+    assert medians[0] > 250 and medians[-1] < 200 and medians[-1] < 0.7 * medians[0], medians
+    assert np.mean(medians[-4:]) < 0.75 * np.mean(medians[:4]), medians
     cfg = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
     # Calibration wrote the density temperature and the point rule it chose.
     assert cfg["predict"]["temperature"] > 0 and cfg["predict"]["mode_of"] in ("density", "function")

@@ -38,21 +38,25 @@ def _missing(module: str) -> bool:
         return True
 
 
-def check_finite_embeddings(emb, path, chunk: int = 65_536) -> None:
-    """Every value finite and within what the network can read (``files.embeddings_ok``).
-    Chunked so that a memory-mapped file of several GB is scanned without loading it."""
-    for i in range(0, len(emb), chunk):
-        block = np.asarray(emb[i:i + chunk])
+def check_finite_embeddings(path, chunk: int = 65_536) -> None:
+    """Every value of the embeddings file ``path`` finite and within what the network can read
+    (``files.embeddings_ok``). Chunked copies from a mapping of its own, dropped at the end:
+    a file of several GB is scanned without loading it, and its pages do not stay resident
+    in this process (the training loader reads rows without mapping it; docs/training.md)."""
+    scan = open_embeddings(path)
+    for i in range(0, len(scan), chunk):
+        block = np.array(scan[i:i + chunk])
         if not embeddings_ok(block):
             row, what = first_bad_embedding(block)
             raise DataError(f"{path}: row {i + row} of the embeddings {what}")
+    del scan  # (the blocks are copies: nothing else holds the mapping)
 
 
 def load_pair(emb_path, coords_path):
     """Embeddings (memory-mapped) and coordinates, checked: rows agree, values finite."""
     emb = open_embeddings(emb_path)
     coords = read_coords(coords_path, rows=len(emb))
-    check_finite_embeddings(emb, emb_path)
+    check_finite_embeddings(emb_path)
     return emb, coords
 
 

@@ -56,7 +56,7 @@ def _predictor(run, device):
     from locdiff.predict import Predictor
 
     if not Path(run).is_dir():
-        raise DataError(f"{run}: run folder not found")
+        raise DataError(f"{run}: " + ("is a file, not a run folder" if Path(run).exists() else "run folder not found"))
     return Predictor.from_run(run, device)
 
 
@@ -210,7 +210,7 @@ def _predict_embeddings(args, dev, out, png) -> int:
     sampling = _sampling(args, pred)
     emb = open_embeddings(args.embeddings)
     check_dim(emb, args.embeddings, pred, args.run)
-    check_finite_embeddings(emb, args.embeddings)
+    check_finite_embeddings(args.embeddings)
     hybrid = _hybrid(args, pred)
     res = sharded_predict(pred, emb, top_k=k, progress=distributed.is_main(), **sampling)
     if not distributed.is_main():

@@ -111,6 +111,7 @@ def _check(cfg, origin: dict, device, world: int) -> None:
 def cmd_train(args) -> int:
     from locdiff.encoder import record_encoder
     from locdiff.devices import resolve_device
+    from locdiff.run import CHECKPOINT_FILE
     from locdiff.runfolder import check_run_folder
     from locdiff.train import train
 
@@ -119,7 +120,10 @@ def cmd_train(args) -> int:
     join_process_group(args, dev)
     out = Path(args.out)
     check_run_folder(out)
-    cfg, origin = resolve_settings(args, _run_config_text(out) if args.resume else None)
+    base = _run_config_text(out) if args.resume else None
+    if args.resume and base is None and distributed.is_main() and not (out / CHECKPOINT_FILE).exists():
+        raise CliError(f"{out}: nothing to resume (no config.json or checkpoint); leave out --resume to start")
+    cfg, origin = resolve_settings(args, base)
     _check(cfg, origin, dev, distributed.world_size())
     if cfg.train.tensorboard:
         require_packages("--tensorboard")

@@ -241,8 +241,8 @@ def _embed_todo(encoder, todo, out, rows, res, batch_size, shard_size, dtype, pr
         _write_csv(out / SKIPPED, ("path", "reason"),
                    [(str(Path(p).resolve()), r.removeprefix(f"{p}: ")) for p, r in res.skipped])
     if not res.embedded and not rows:
-        raise DataError(f"{', '.join(map(str, sorted({str(Path(p).parent) for p, _ in res.skipped})[:3]))}: "
-                        "none of the images could be read")
+        shown = [str(p) for p, _ in res.skipped[:3]] + (["..."] if len(res.skipped) > 3 else [])
+        raise DataError(f"{', '.join(shown)}: none of the images could be read")
 
 
 def _write_coords(out: Path, rows: list[dict], changed: bool, log) -> None:

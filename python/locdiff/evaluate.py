@@ -72,6 +72,7 @@ def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress
     predicted densities (at the run's temperature) when ``density``. With ``hybrid`` (a
     :class:`locdiff.hybrid.Hybrid`), the same keys for LocDiff-H. ``kw``: prediction
     settings (sampler, steps, samples, guidance, ...)."""
+    coords = M.check_latlon(coords, "coords", rows=len(emb))  # before the predictions
     out = predictor.predict(emb, progress=progress, **kw)
     tau = predictor.config.predict.temperature
     if hybrid is None:

@@ -80,9 +80,14 @@ def xyz_to_latlon(xyz):
     _check_last_dim(xyz, 3, "xyz")
     xp = _backend(xyz)
     x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
-    lat = xp.arctan2(z, xp.hypot(x, y)) if xp is np else torch.atan2(z, torch.hypot(x, y))
-    lon = xp.arctan2(y, x) if xp is np else torch.atan2(y, x)
-    return xp.stack([lat * (180 / math.pi), lon * (180 / math.pi)], -1)
+    r = xp.hypot(x, y) if xp is np else torch.hypot(x, y)
+    lat = xp.arctan2(z, r) if xp is np else torch.atan2(z, r)
+    lon = (xp.arctan2(y, x) if xp is np else torch.atan2(y, x)) * (180 / math.pi)
+    # A y of -0.0 or one rounding away from 0 west of the antimeridian gives -180: the range
+    # is (-180, 180]. Within float rounding of a pole the longitude means nothing: 0 there.
+    lon = xp.where(lon <= -180.0, lon + 360.0, lon)
+    lon = xp.where(r <= 1e-15 * abs(z), 0.0 * lon, lon)
+    return xp.stack([lat * (180 / math.pi), lon], -1)
 
 
 def great_circle_km(a, b, radius_km: float = EARTH_RADIUS_KM):

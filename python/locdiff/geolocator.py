@@ -137,7 +137,8 @@ class Geolocator:
             row, what = first_bad_embedding(emb)
             raise DataError(f"row {row} of the embeddings {what}")
         if len(emb) == 0:
-            raise DataError("no image could be read: " + "; ".join(r for _, r in skipped[:3]))
+            raise DataError("no image could be read: " + "; ".join(r for _, r in skipped[:3]) if skipped else
+                            "no inputs: expected image paths or an (N, D) array with N >= 1")
         out = self.predictor.predict(emb, top_k=top_k, **sampling)
         sep = shdd.default_separation_km(self.predictor.degree)
         if self.hybrid is None:

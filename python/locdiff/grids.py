@@ -115,11 +115,11 @@ def _next_pow2(n: float) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def _from_xyz(kind, xyz, area, **rings) -> Grid:
+def _from_xyz(kind, xyz, area, latlon=None, **rings) -> Grid:
     from locdiff.geo import xyz_to_latlon
 
-    return Grid(kind=kind, xyz=xyz.contiguous(), latlon=xyz_to_latlon(xyz).contiguous(),
-                area=area.contiguous(), **rings)
+    latlon = xyz_to_latlon(xyz) if latlon is None else latlon
+    return Grid(kind=kind, xyz=xyz.contiguous(), latlon=latlon.contiguous(), area=area.contiguous(), **rings)
 
 
 def _ring_grid(kind, theta: torch.Tensor, ring_area: torch.Tensor, nlon: int) -> Grid:
@@ -129,7 +129,9 @@ def _ring_grid(kind, theta: torch.Tensor, ring_area: torch.Tensor, nlon: int) ->
     t, p = torch.meshgrid(theta, lon, indexing="ij")
     xyz = torch.stack([t.sin() * p.cos(), t.sin() * p.sin(), t.cos()], -1).reshape(-1, 3)
     area = ring_area[:, None].expand(nlat, nlon).reshape(-1)
-    return _from_xyz(kind, xyz, area, nlat=nlat, nlon=nlon, theta=theta.contiguous(),
+    # The rings' own angles: longitudes rise from -180 along each ring (maps rely on it).
+    latlon = torch.stack([90 - t * (180 / math.pi), p * (180 / math.pi)], -1).reshape(-1, 2)
+    return _from_xyz(kind, xyz, area, latlon, nlat=nlat, nlon=nlon, theta=theta.contiguous(),
                      ring_area=ring_area.contiguous(), lon0=lon0)
 
 

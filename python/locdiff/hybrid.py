@@ -33,6 +33,7 @@ import torch
 from locdiff import shdd
 from locdiff.baselines.knn import NeighbourIndex, log_vmf_mixture
 from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_latlon
+from locdiff.metrics import check_latlon
 from locdiff.selection import MIN_GAIN, clearly_better
 
 # Gauss-Hermite nodes and weights for E[g(z)], z ~ N(0, 1) (probabilists' form), per axis.
@@ -100,6 +101,9 @@ class Hybrid:
         locations mu (b, k, 3), the extra points (b, P, 3) given by ``points(slice)``, log q
         at mu and at the points, and for each of ``bandwidths_km`` log E_j[q] (b, k)."""
         c_all = torch.as_tensor(np.asarray(coeffs)).double()
+        if c_all.ndim != 2 or np.ndim(emb) != 2 or len(emb) != len(c_all):
+            raise ValueError(f"coeffs (B, K) and emb (B, D) must have one row per query, got {tuple(c_all.shape)} "
+                             f"and {tuple(np.shape(emb))}")
         parts = []
         for i in range(0, len(c_all), 256):
             sl = slice(i, i + 256)
@@ -172,14 +176,15 @@ class Hybrid:
         return torch.cat(out).numpy() if out else np.empty(0)
 
     @staticmethod
-    def _points(latlon):
-        xyz = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64)))
+    def _points(latlon, rows: int, name: str):
+        xyz = torch.as_tensor(latlon_to_xyz(check_latlon(latlon, name, rows=rows)))
         return lambda sl: xyz[sl][:, None]
 
     def predict(self, coeffs, temperature: float, emb, model_latlon, config: HybridConfig | None = None) -> np.ndarray:
         """The mode of p_H among the model's mode and the gallery neighbours -> (B, 2)."""
         cfg = config or self.config
-        return self._choose(self._prepare(coeffs, temperature, emb, self._points(model_latlon), cfg.neighbours), cfg)
+        points = self._points(model_latlon, len(emb), "model_latlon")
+        return self._choose(self._prepare(coeffs, temperature, emb, points, cfg.neighbours), cfg)
 
     def top_k(self, coeffs, temperature: float, emb, model_latlon, modes, k: int = 5,
               min_separation_km: float = 1000.0, config: HybridConfig | None = None,
@@ -211,7 +216,8 @@ class Hybrid:
     def log_density_at(self, coeffs, temperature: float, emb, latlon, config: HybridConfig | None = None) -> np.ndarray:
         """log p_H per steradian at ``latlon`` (B, 2) -> (B,)."""
         cfg = config or self.config
-        parts = self._prepare(coeffs, temperature, emb, self._points(latlon), cfg.neighbours, (cfg.bandwidth_km,))
+        parts = self._prepare(coeffs, temperature, emb, self._points(latlon, len(emb), "latlon"), cfg.neighbours,
+                              (cfg.bandwidth_km,))
         return self._log_density(parts, cfg)
 
     def grid_probabilities(self, coeffs, temperature: float, emb, grid, config: HybridConfig | None = None) -> np.ndarray:
@@ -256,8 +262,8 @@ class Hybrid:
             raise ValueError(f"groups must have one entry per validation place ({len(coords)}), "
                              f"got shape {groups.shape}")
         k = self.config.neighbours
-        at_mode = self._prepare(coeffs, temperature, emb, self._points(model_latlon), k)
-        at_truth = self._prepare(coeffs, temperature, emb, self._points(coords), k, bandwidths_km) \
+        at_mode = self._prepare(coeffs, temperature, emb, self._points(model_latlon, len(emb), "model_latlon"), k)
+        at_truth = self._prepare(coeffs, temperature, emb, self._points(coords, len(emb), "coords"), k, bandwidths_km) \
             if objective == "nll" else None
 
         def errors(cfg):

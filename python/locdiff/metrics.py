@@ -39,11 +39,30 @@ def geoscore(distance_km) -> float:
     return float(np.mean(5000.0 * np.exp(-d / GEOSCORE_SCALE_KM)))
 
 
+def check_latlon(x, name: str, rows: int | None = None) -> np.ndarray:
+    """``x`` as a float64 ``(N, 2)`` array of finite (lat, lon) degrees with lat in [-90, 90]
+    (``rows``: N expected); a ValueError naming ``name`` and the first bad row otherwise.
+    Swapped (lon, lat) columns show up as latitudes out of range."""
+    a = _np(x)
+    if a.ndim != 2 or a.shape[1] != 2 or (rows is not None and a.shape[0] != rows):
+        want = f"({rows}, 2)" if rows is not None else "(N, 2)"
+        raise ValueError(f"{name} must have shape {want} (lat, lon), got {a.shape}")
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(a).all(1) & (np.abs(a[:, 0]) <= 90))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name} row {i} is {a[i].tolist()}: expected finite (lat, lon) degrees with lat in "
+                         "[-90, 90]")
+    return a
+
+
 def distance_metrics(pred_latlon, true_latlon) -> dict[str, float]:
     """``acc_<t>km`` (fractions) for t in 1, 25, 200, 750, 2500, ``median_km``, ``mean_km``
-    and ``geoscore`` of predictions against truths, both ``(N, 2)`` (lat, lon) degrees."""
-    d = _np(great_circle_km(_np(pred_latlon), _np(true_latlon)))
-    return metrics_from_distances(d)
+    and ``geoscore`` of predictions against truths, both ``(N, 2)`` (lat, lon) degrees (every
+    row an answer: best-of-k with missing answers is :func:`best_of_k_metrics`)."""
+    t = check_latlon(true_latlon, "true_latlon")
+    p = check_latlon(pred_latlon, "pred_latlon", rows=len(t))
+    return metrics_from_distances(great_circle_km(p, t))
 
 
 def metrics_from_distances(d) -> dict[str, float]:
@@ -51,6 +70,11 @@ def metrics_from_distances(d) -> dict[str, float]:
     d = _np(d)
     if d.size == 0:
         raise ValueError("metrics need at least one prediction")
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(d) & (d >= 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad.reshape(-1))[0])
+        raise ValueError(f"distances must be finite and >= 0 km, got {d.reshape(-1)[i]} at index {i}")
     out = {f"acc_{t}km": float(np.mean(d <= t)) for t in THRESHOLDS_KM}
     out.update(median_km=float(np.median(d)), mean_km=float(np.mean(d)), geoscore=geoscore(d))
     return out
@@ -112,9 +136,10 @@ def recall_vs_area(search_km2, budgets_km2=None):
 
 def rva_auc(search_km2) -> float:
     """Area under the Recall-vs-Area curve on a log10-area axis from 1 km^2 to the Earth's
-    area, normalised to [0, 1] (1: every truth found in 1 km^2; a uniform density scores
-    about 0.05). Computed exactly: the mean over samples of the fraction of the log-area
-    range after the sample's search area."""
+    area, normalised to [0, 1] (1: every truth found in 1 km^2; a uniform density on the RvA
+    grid of locdiff.evaluate scores about 0.035, its ties ranked in grid order). Computed
+    exactly: the mean over samples of the fraction of the log-area range after the sample's
+    search area."""
     s = np.clip(_np(search_km2), RVA_MIN_KM2, EARTH_AREA_KM2)
     lo, hi = math.log10(RVA_MIN_KM2), math.log10(EARTH_AREA_KM2)
     return float(np.mean((hi - np.log10(s)) / (hi - lo)))

@@ -28,6 +28,21 @@ from locdiff.run import MODES, SAMPLERS, load_model
 MAX_GUIDANCE = 1e6
 
 
+# Grids for the density's mode: the band-limited projection of softmax(f / t) is taken by
+# quadrature, which must resolve the softmax's lobe. On a grid of 2x the decode resolution an
+# exact L = 16 SHDD's answer moved 6 km (median) at f0 / t = 11.5, 66 km at 40; at
+# max(4, 1.2 sqrt(f0 / t)) x, under 1 km (docs/model.md, "Point predictions").
+MIN_MODE_OVERSAMPLE, MAX_MODE_OVERSAMPLE = 4.0, 8.0
+
+
+def density_mode_grid(degree: int, temperature: float):
+    """The grid on which :meth:`Predictor.locate` projects ``softmax(f / temperature)``, or
+    None when the density is so sharp (f0 / t above 44) that its mode is f's own."""
+    sharpness = (degree + 1) ** 2 / (4 * math.pi) / temperature  # an exact SHDD's peak over t
+    oversample = max(MIN_MODE_OVERSAMPLE, 1.2 * math.sqrt(sharpness))
+    return None if oversample > MAX_MODE_OVERSAMPLE else grids.for_degree(degree, oversample=oversample)
+
+
 class Predictor:
     """Wraps a network and its :class:`locdiff.run.RunConfig` for batched prediction. Every
     setting of ``config.predict`` can be overridden per call."""
@@ -74,6 +89,14 @@ class Predictor:
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not (
                     math.isfinite(v) and lo <= v <= hi):
                 raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}], got {v!r}")
+        cd = s["coarse_degree"]
+        if cd is not None and (isinstance(cd, bool) or not isinstance(cd, (int, np.integer))
+                               or not 1 <= cd < self.degree):
+            raise ValueError(f"coarse_degree must be None or an int in [1, {self.degree - 1}] (below the run's "
+                             f"degree), got {cd!r}")
+        t = s["temperature"]
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not (math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
         return s
 
     def _embeddings(self, emb) -> torch.Tensor:
@@ -152,8 +175,8 @@ class Predictor:
         that degree (the basin that holds the most mass at the coarse scale)."""
         s = self.settings(mode_of=mode_of, temperature=temperature, coarse_degree=coarse_degree)
         c = torch.as_tensor(coeffs).double()
-        if s["mode_of"] == "density":
-            grid = grids.for_degree(self.degree, oversample=2.0)
+        grid = density_mode_grid(self.degree, s["temperature"]) if s["mode_of"] == "density" else None
+        if grid is not None:
             c = torch.cat([shdd.project(shdd.density(c[i:i + 256], grid, s["temperature"]), self.degree, grid)
                            for i in range(0, len(c), 256)]) if len(c) else c
         cd = s["coarse_degree"]

@@ -35,13 +35,15 @@ REDUCTIONS = ("mean", "sum", "none")
 def _to_torch(x, name: str):
     """(tensor, was_numpy)."""
     if isinstance(x, torch.Tensor):
+        validation.check_device_type(x.device, f"{name} is on {x.device}")
         return x, False
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array or tensor, got dtype {arr.dtype}")
     if arr.dtype.kind in "iu":
         arr = arr.astype(np.float64)
-    return torch.from_numpy(np.ascontiguousarray(arr)), True
+    # (ascontiguousarray would turn a 0-d array into a 1-d one)
+    return torch.from_numpy(np.array(arr, copy=not arr.flags.c_contiguous, order="C")), True
 
 
 def _out(t: torch.Tensor, numpy: bool):
@@ -165,7 +167,7 @@ def smoothing_factors(degree: int, smoothing, dtype=torch.float64, device="cpu")
     device = validation.check_device(device)
     if smoothing is None:
         return None
-    if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool):
+    if isinstance(smoothing, (int, float, np.integer, np.floating)) and not isinstance(smoothing, bool):
         s = float(smoothing)
         if not (math.isfinite(s) and s >= 0):
             raise ValueError(f"smoothing bandwidth must be a finite number >= 0 (radians), got {smoothing!r}")
@@ -196,8 +198,8 @@ def encode(latlon, degree: int, smoothing=None):
     c = spherical_harmonics(latlon_to_xyz(t), degree)
     if smoothing is None:
         return _out(c, numpy)
-    if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool):
-        w = _heat_kernel_weights(degree, smoothing, c.dtype, c.device)
+    if isinstance(smoothing, (int, float, np.integer, np.floating)) and not isinstance(smoothing, bool):
+        w = _heat_kernel_weights(degree, float(smoothing), c.dtype, c.device)
     else:
         w = _per_coefficient(smoothing_factors(degree, smoothing, dtype=c.dtype, device=c.device), degree)
     return _out(c * w, numpy)
@@ -280,7 +282,7 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
     _check_has_modes(flat)
     xyz, _ = shdd_api.decode(flat, _grid_args(grid, degree, flat.device), degree, max(4 * candidates, 32),
                              candidates, refine, backend)
-    latlon = xyz_to_latlon(xyz[:, 0])
+    latlon = xyz_to_latlon(xyz[:, 0]).detach()  # a search's result: not differentiable
     return _out(latlon.reshape(*lead, 2), numpy)
 
 
@@ -300,9 +302,10 @@ def ascend(coeffs, latlon, *, backend: str | None = None):
     c = c.contiguous()
     xyz = latlon_to_xyz(ll)
     if c.shape[0] == 0:
-        return _out(torch.empty(*shape, 2, dtype=torch.float64), numpy), _out(torch.empty(shape), numpy)
+        return (_out(torch.empty(*shape, 2, dtype=torch.float64), numpy),
+                _out(torch.empty(shape, dtype=torch.float64), numpy))
     u, f = shdd_api.ascend(c, xyz.contiguous(), degree, _grids.half_max_radius(degree), backend)
-    return _out(xyz_to_latlon(u).reshape(*shape, 2), numpy), _out(f.reshape(shape), numpy)
+    return _out(xyz_to_latlon(u).reshape(*shape, 2).detach(), numpy), _out(f.reshape(shape).detach(), numpy)
 
 
 def default_separation_km(degree: int) -> float:
@@ -340,7 +343,7 @@ def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, 
     else:
         latlon = torch.empty(0, k, 2, dtype=torch.float64, device=flat.device)
         vals = torch.empty(0, k, dtype=torch.float64, device=flat.device)
-    return _out(latlon.reshape(*lead, k, 2), numpy), _out(vals.reshape(*lead, k), numpy)
+    return _out(latlon.reshape(*lead, k, 2).detach(), numpy), _out(vals.reshape(*lead, k).detach(), numpy)
 
 
 # ---- densities and the SHDD-KL loss ------------------------------------------------------------
@@ -409,7 +412,10 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
 
     The fused op ``locdiff::shdd_kl`` keeps no batch x grid matrix; when either input needs a
     gradient, ``locdiff::shdd_kl_grad`` computes the gradients in the same pass (backward
-    only scales them), w.r.t. pred and target. Shapes ``(..., K)``, broadcast.
+    only scales them), w.r.t. pred and target. Shapes ``(..., K)``, broadcast. The default
+    grid has 4x the decode grid's resolution (NORMALIZER_OVERSAMPLE): the softmaxes are
+    sharper than f, and on the decode grid a sharp pair's KL can be off by half. Training
+    passes the grid its sharpness needs (``locdiff.diffusion.losses.kl_grid``).
 
     >>> c = encode(torch.tensor([[10.0, 20.0]]), 16)
     >>> float(kl_divergence(c, c))
@@ -422,7 +428,7 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     t = _check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    grid = _grid(grid, degree)
+    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE)
     if not grid.is_ring:
         raise ValueError(f"kl_divergence needs a ring grid (equiangular or gauss_legendre), got {grid.kind}")
     if p.device != q.device:

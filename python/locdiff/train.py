@@ -17,6 +17,7 @@ the same steps up to floating-point summation order (docs/training.md). Rank 0 a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -40,6 +41,9 @@ from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, TOML_VERSION, PredictConf
 __all__ = ["PredictConfig", "RunConfig", "TrainConfig", "TrainResult", "calibrate", "lr_factor", "train"]
 
 TOML_FILE = "train.toml"
+# config.json's record of the step whose final validation and calibration completed: a
+# resume of a run at train.steps without it runs them again rather than saying "nothing".
+FINISHED_KEY = "finished_step"
 # Consecutive steps with a NaN or infinite loss after which a run counts as diverged.
 MAX_NONFINITE_STEPS = 20
 
@@ -109,7 +113,8 @@ def _unused_parameters(net, dc, schedule, dev) -> list[str]:
 # Settings a resumed run keeps: the network, the objective, and the prediction settings that
 # training does not calibrate (calibrated ones are set again at the end of the resumed run).
 KEPT_ON_RESUME = {"model": None, "diffusion": None,
-                  "predict": ("sampler", "steps", "samples", "guidance", "eta", "batch_size")}
+                  "predict": ("sampler", "steps", "samples", "guidance", "eta", "batch_size"),
+                  "train": ("seed", "val_size")}  # which rows are held out for validation
 
 
 def _resume_differences(old: RunConfig, new: RunConfig) -> list[str]:
@@ -151,16 +156,23 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
                         f"these have {emb_dim}")
     config = RunConfig(old.model, old.diffusion, config.train, old.predict, config.data)
     if not has_ckpt:
+        kept = sorted(p.name for p in run_dir.glob("checkpoint-*.safetensors"))
+        if kept:  # starting at step 0 would remove them: the user must choose
+            raise DataError(f"{ckpt_path}: not found, but {', '.join(kept)} are there; copy the one to go on from "
+                            f"to {CHECKPOINT_FILE} and --resume, or train into a new --out")
         log(f"{run_dir}: no checkpoint yet (stopped before its first); starting at step 0 with its settings")
         return config, None, None
     data = ckpt_path.read_bytes()
     _, meta = parse_checkpoint(data, ckpt_path)  # damaged: refused before config.json is rewritten
-    return config, data, _nothing_left(json.loads(meta.get("state", "{}")), config.train)
+    return config, data, _nothing_left(json.loads(meta.get("state", "{}")), config.train, raw.get(FINISHED_KEY))
 
 
-def _nothing_left(state: dict, tc: TrainConfig) -> str | None:
-    """Why a checkpoint with this training state has no step left under ``tc``, or None."""
+def _nothing_left(state: dict, tc: TrainConfig, finished_step) -> str | None:
+    """Why a checkpoint with this training state has no step left under ``tc``, or None
+    (also when the run stopped before its final validation and calibration completed)."""
     step, spent = int(state.get("step", 0)), float(state.get("elapsed_s", 0.0))
+    if finished_step != step:
+        return None
     if step >= tc.steps:
         return f"the run is at step {step} and train.steps is {tc.steps}: nothing to train (raise --steps to go on)"
     if tc.max_minutes and spent >= 60 * tc.max_minutes:
@@ -208,14 +220,17 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
     prediction settings. Under ``torchrun`` (a process group, :func:`locdiff.distributed.init`)
     each process trains on its part of each global batch. Returns a :class:`TrainResult`
     (``signal`` set when SIGINT or SIGTERM stopped it after a checkpoint); the run folder
-    holds the config, the checkpoints and ``metrics.jsonl``.
+    holds the config, the checkpoints and ``metrics.jsonl``. ``resume`` without ``config``
+    continues with the run's own settings.
     """
     from locdiff.runfolder import RunLock, check_run_folder, clean_stale_temp, ensure_space
     from locdiff.settings import validate
     from locdiff.trainlog import require_tensorboard
 
-    config = copy.deepcopy(config or RunConfig())
     run_dir = Path(run_dir)
+    if config is None and resume and (run_dir / CONFIG_FILE).is_file():
+        config = read_config(run_dir)[0]  # resuming as the run was set up
+    config = copy.deepcopy(config or RunConfig())
     world, main = distributed.world_size(), distributed.is_main()
     dev = resolve_device(device)
     if distributed.is_distributed() and dev.type == "cuda":
@@ -224,6 +239,11 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
     coords = np.asarray(coords, np.float64)
     if len(coords) != n:
         raise DataError(f"coordinates: {len(coords)} rows but the embeddings have {n}")
+    if val is not None:  # before training, not at its first validation
+        v_emb, v_coords = val
+        if np.ndim(v_emb) != 2 or np.shape(v_emb)[1] != d or np.shape(v_coords) != (len(v_emb), 2):
+            raise DataError(f"val: embeddings (M, {d}) and coordinates (M, 2) expected, got {np.shape(v_emb)} and "
+                            f"{np.shape(v_coords)}")
     config.model.emb_dim = d
     config.model.timesteps = config.diffusion.timesteps
     tc = config.train
@@ -310,6 +330,15 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         tensors, meta = parse_checkpoint(ckpt, run_dir / CHECKPOINT_FILE)
         state.update(restore(tensors, meta, net, ema, opt, run_dir / CHECKPOINT_FILE, config))
         log(f"resumed {run_dir} at step {state['step']}" + (f" on {world} processes" if world > 1 else ""))
+        before = state.get("world_size", world) * state.get("accumulate", tc.accumulate)
+        if before != world * tc.accumulate:  # piece seeds follow (seed, step, piece)
+            log(f"note: the run's steps were cut into {before} pieces (processes x accumulate), these into "
+                f"{world * tc.accumulate}: the noise of later steps differs from an uninterrupted run's")
+    resumed_at = state["step"] if ckpt is not None else None
+    # Validation predicts with the settings the run started with, not the calibrated ones a
+    # finished run holds, so that a resumed run's validations compare with its earlier ones.
+    state.setdefault("val_predict", asdict(config.predict))
+    val_config = dataclasses.replace(config, predict=PredictConfig(**state["val_predict"]))
     keeper, tlog = None, None
     if main:
         write_config(run_dir, config, extra)
@@ -358,7 +387,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
 
         ema_net = CSUNet(mc).to(dev)
         ema.copy_to(ema_net)
-        return Predictor(ema_net.eval(), config, dev)
+        return Predictor(ema_net.eval(), val_config, dev)
 
     def run_validation():
         if val is None:
@@ -378,7 +407,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
     def snapshot() -> bytes:
         if not _finite_weights(net):  # never replace a good checkpoint with a diverged one
             raise _diverged(step, float("nan"), keeper, tc)
-        state.update(step=step, elapsed_s=elapsed(), recent=list(recent), world_size=world)
+        state.update(step=step, elapsed_s=elapsed(), recent=list(recent), world_size=world, accumulate=tc.accumulate)
         return checkpoint_bytes(net, ema, opt, state)
 
     bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not (progress and main),
@@ -455,7 +484,8 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
             if tc.val_every and step % tc.val_every == 0 and step < tc.steps:
                 run_validation()
             now = time.perf_counter()
-            due = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or now - last_ckpt > 60 * tc.checkpoint_minutes
+            due = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or \
+                now - last_ckpt > 60 * tc.checkpoint_minutes
             if due and not nonfinite:  # weights whose loss is non-finite never replace the last good checkpoint
                 try:
                     keeper.save(snapshot(), step)
@@ -467,21 +497,29 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
                          stopped_by, state["best"], time_up=ran_out)
     if not main:
         return result
-    if stopped_by is None:
-        run_validation()
-    _final_save(keeper, snapshot(), step)
+    # The steps first: a scheduler's SIGTERM gives seconds before SIGKILL, and the final
+    # validation and calibration can take minutes.
+    if step != resumed_at:
+        _final_save(keeper, snapshot(), step)
     result.best = state["best"]
-    if stopped_by is not None:  # quickly: a scheduler's SIGTERM gives seconds before SIGKILL
+    if stopped_by is not None:
         return result
-    if val is not None and step > 0:
-        rows = train_idx if len(train_idx) <= HYBRID_GALLERY_ROWS else \
-            np.sort(np.random.default_rng(tc.seed).choice(train_idx, HYBRID_GALLERY_ROWS, replace=False))
-        cal = calibrate(ema_predictor(), val, (_gather(embeddings, rows), coords[rows]), log)
-        config.predict.temperature = cal["temperature"]
-        config.predict.coarse_degree = cal["coarse_degree"]
-        config.predict.mode_of = cal["mode_of"]
-        config.predict.hybrid = cal["hybrid"]
-        write_config(run_dir, config, extra)
+    with StopSignals() as stop:  # a signal now ends the run after the part in progress
+        if run_validation() is not None:
+            _final_save(keeper, snapshot(), step)  # its history holds the last validation
+        result.best = state["best"]
+        if not stop.signum and val is not None and step > 0:
+            rows = train_idx if len(train_idx) <= HYBRID_GALLERY_ROWS else \
+                np.sort(np.random.default_rng(tc.seed).choice(train_idx, HYBRID_GALLERY_ROWS, replace=False))
+            cal = calibrate(ema_predictor(), val, (_gather(embeddings, rows), coords[rows]), log)
+            config.predict.temperature = cal["temperature"]
+            config.predict.coarse_degree = cal["coarse_degree"]
+            config.predict.mode_of = cal["mode_of"]
+            config.predict.hybrid = cal["hybrid"]
+        if stop.signum:
+            result.signal = int(stop.signum)
+            return result
+        write_config(run_dir, config, {**extra, FINISHED_KEY: step})
     return result
 
 

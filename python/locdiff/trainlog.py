@@ -56,7 +56,10 @@ class TrainLog:
             require_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=resume_step)
+            # purge_step drops events at and past it: the checkpoint's own step was logged
+            # before it was saved and stays.
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=purge)
 
     def write(self, step: int, values: dict) -> None:
         rec = {"step": int(step)}

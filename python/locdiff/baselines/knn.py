@@ -15,6 +15,7 @@ import torch
 
 from locdiff.baselines.candidates import check_top_k_args, separated_top_k
 from locdiff.geo import latlon_to_xyz, xyz_to_latlon
+from locdiff.metrics import check_latlon
 
 
 def _unit_rows(a) -> torch.Tensor:
@@ -29,8 +30,14 @@ class NeighbourIndex:
     that the query x gallery matrix never exceeds ``batch`` rows."""
 
     def __init__(self, emb, coords, batch: int = 2048):
+        if np.ndim(emb) != 2 or len(emb) == 0:
+            raise ValueError(f"gallery embeddings must have shape (M, D) with M >= 1, got {np.shape(emb)}")
+        coords = check_latlon(coords, "gallery coordinates", rows=len(emb))
         self.emb = _unit_rows(emb)
-        self.xyz = torch.as_tensor(latlon_to_xyz(np.asarray(coords, np.float64)))
+        if not bool(torch.isfinite(self.emb).all()):
+            raise ValueError(f"gallery embeddings row {int((~torch.isfinite(self.emb).all(1)).nonzero()[0, 0])} "
+                             "is NaN or infinite")
+        self.xyz = torch.as_tensor(latlon_to_xyz(coords))
         self.batch = batch
 
     def __len__(self) -> int:
@@ -38,10 +45,16 @@ class NeighbourIndex:
 
     def search(self, query, k: int):
         """``(similarity (N, k) float32, index (N, k) int64)``, most similar first."""
+        if np.ndim(query) != 2 or np.shape(query)[1] != self.emb.shape[1]:
+            raise ValueError(f"query embeddings must have shape (N, {self.emb.shape[1]}) like the gallery's, "
+                             f"got {tuple(np.shape(query))}")
         k = min(int(k), len(self))
         sims, idxs = [], []
         for i in range(0, len(query), self.batch):
             q = _unit_rows(query[i:i + self.batch])
+            if not bool(torch.isfinite(q).all()):
+                row = i + int((~torch.isfinite(q).all(1)).nonzero()[0, 0])
+                raise ValueError(f"query embeddings row {row} is NaN or infinite")
             s, j = (q @ self.emb.T).topk(k, dim=1)
             sims.append(s)
             idxs.append(j)

@@ -152,7 +152,7 @@ def embeddings_ok(block) -> bool:
     :data:`MAX_EMBEDDING_ABS` (one reduction: NaN fails the comparison)."""
     if not block.size if isinstance(block, np.ndarray) else not block.numel():
         return True
-    return bool(abs(block).max() <= MAX_EMBEDDING_ABS)
+    return float(abs(block).max()) <= MAX_EMBEDDING_ABS  # (in float64: the bound overflows float16)
 
 
 def first_bad_embedding(emb) -> tuple[int, str]:
@@ -177,7 +177,8 @@ def read_coords(path, rows: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: coordinates file not found")
+        raise DataError(f"{path}: " + ("is a folder; expected a coordinates file (CSV or .npy)" if path.is_dir()
+                                       else "coordinates file not found"))
     if path.suffix == ".npy":
         arr = np.array(_open_npy(path), np.float64)
         if arr.ndim != 2 or arr.shape[1] != 2:

@@ -142,10 +142,12 @@ def decode(flat: Tensor, grid: GridArgs, degree: int, ncand: int, nrefine: int, 
 def top_k(flat: Tensor, grid: GridArgs, degree: int, k: int, cos_sep: float, refine: bool = True,
           backend: str | None = None) -> tuple[Tensor, Tensor]:
     """The k best distinct local maxima -> (xyz (B, k, 3), values (B, k)) best first; past
-    the real modes, values -inf (xyz zero). Candidates: 2k + 4 grid maxima; with ``refine``,
+    the real modes, values -inf (xyz zero). Candidates: 4k + 8 grid maxima; with ``refine``,
     those that can still be among the k best are refined (locdiff.ops.candidates)."""
     flat, factor = unit_rows(flat)
-    ncand = 2 * k + 4
+    # A side-lobe ring breaks into many grid maxima that can crowd a higher lobe out of a
+    # small pool: with 2k + 4, 44 of 1,050 exact SHDDs (L 4-32) lost a mode (docs/kernels.md).
+    ncand = 4 * k + 8
     vals, xyz = candidates(flat, grid, ncand, backend)
     if refine:
         c64 = flat.double()

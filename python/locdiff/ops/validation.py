@@ -37,6 +37,17 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# The device types locdiff has kernels for (locdiff.ops.registry).
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device_type(device: torch.device, subject: str) -> None:
+    """NotImplementedError for a device type without kernels; ``subject`` says whose device
+    it is ("coeffs is on meta", "device='mps'")."""
+    if device.type not in DEVICE_TYPES:
+        raise NotImplementedError(f"{subject}: locdiff runs on {' and '.join(DEVICE_TYPES)} devices")
+
+
 def check_device(device, name: str = "device") -> torch.device:
     """``device`` as a torch.device; a ValueError naming it when it is not one or this torch
     cannot use it (a CUDA device on a CPU-only build or past the last GPU), rather than
@@ -45,6 +56,7 @@ def check_device(device, name: str = "device") -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"{name} must be a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+    check_device_type(dev, f"{name}={device!r}")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
