@@ -77,9 +77,9 @@ def _sampling(args, pred) -> dict:
         raise CliError(f"--{SAMPLING_FLAGS.get(name, name)} {given.get(name)!r}: {err}") from None
     if s["sampler"] != "density":
         # one prediction batch of rows x samples vectors at a time (Predictor.sample)
-        from locdiff.ops import validation
-
         import torch
+
+        from locdiff.ops import validation
 
         rows = pred.config.predict.batch_size
         try:
