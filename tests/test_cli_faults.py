@@ -73,12 +73,16 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(files, tmp_pat
     code, _, _ = run_cli(capsys, *train_argv(files, out, "--steps", "5", "--set", "train.checkpoint_every=5"))
     assert code == 0
     good = (out / CHECKPOINT_FILE).read_bytes()
-    # lr 1e6 makes the loss NaN with finite weights: 20 such steps in a row end the run, and
-    # the checkpoints due meanwhile are not written
+    # lr 1e6 ruins the weights within a few steps (NaN weights, or a loss that stays NaN):
+    # the run stops with an error, and no checkpoint is written meanwhile
     line = expect_error(capsys, train_argv(files, out, "--resume", "--steps", "40", "--lr", "1e6", "--set",
                                            "train.warmup_steps=0"), "training diverged by step")
     assert "the checkpoint of step 5 is kept" in line and "lower train.lr" in line
     assert (out / CHECKPOINT_FILE).read_bytes() == good
+    # A run that ends within 3 steps of going bad is no result either.
+    short = expect_error(capsys, train_argv(files, out, "--resume", "--steps", "8", "--lr", "1e6", "--set",
+                                            "train.warmup_steps=0"), "training diverged by step")
+    assert "the checkpoint of step 5 is kept" in short and (out / CHECKPOINT_FILE).read_bytes() == good
     fresh = expect_error(capsys, train_argv(files, tmp_path / "fresh", "--steps", "30", "--lr", "1e6", "--set",
                                             "train.warmup_steps=0"), "the weights hold NaN or infinite values")
     assert "no checkpoint was saved" in fresh and not (tmp_path / "fresh" / CHECKPOINT_FILE).exists()
@@ -241,3 +245,28 @@ def test_float16_embeddings_are_checked_quietly(files, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_finite_embeddings(tmp_path / "e16.npy")
+
+
+@pytest.mark.parametrize("steps, expected", [(40, "the loss was nan for the last 20 steps"),
+                                             (9, "the loss was nan for the last 4 steps")])
+def test_a_loss_that_stays_nan_with_finite_weights_is_divergence(files, tmp_path, monkeypatch, steps, expected):
+    # Skipping a bad step leaves the weights as they are, so a loss that stays non-finite
+    # never recovers: 20 in a row, or a streak the run ends in, stop it with the last good
+    # checkpoint kept.
+    import torch
+
+    import locdiff.train as T
+    from cli_helpers import tiny_config
+
+    emb, coords = np.load(files / "emb.npy"), np.load(files / "coords.npy")
+    T.train(emb, coords, tmp_path / "r", tiny_config(steps=5), progress=False)
+    good = (tmp_path / "r" / CHECKPOINT_FILE).read_bytes()
+
+    def nan_loss(net, x0, *args, **kw):
+        out = net(x0, torch.zeros(len(x0), dtype=torch.long), args[0])
+        first = out[0] if isinstance(out, tuple) else out
+        return first.sum() * float("nan"), {"mse": float("nan")}
+    monkeypatch.setattr(T, "diffusion_loss", nan_loss)
+    with pytest.raises(T.Diverged, match=expected + ".*the checkpoint of step 5 is kept"):
+        T.train(emb, coords, tmp_path / "r", tiny_config(steps=steps, checkpoint_every=1), resume=True, progress=False)
+    assert (tmp_path / "r" / CHECKPOINT_FILE).read_bytes() == good

@@ -238,3 +238,15 @@ def test_time_bound_stops_every_rank_at_the_same_step(data):
                     nproc=2))
     _, state = _weights(out)
     assert 0 < state["step"] < 100_000
+
+
+def test_a_rank_0_error_leaves_the_others_one_line_not_a_traceback(data, tmp_path):
+    # Rank 0 alone reads the run folder; its error ends it while rank 1 waits in a collective,
+    # whose gloo "Connection closed by peer" was a traceback (docs/cli.md, "Exit codes").
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    _, err = finish(_locdiff(*_train_args(data, mine), nproc=2), code=1)
+    assert "locdiff train: error (rank 0 of 2):" in err and "notes.txt" in err, err[-2000:]
+    assert "locdiff train: error (rank 1 of 2): another process of the group stopped first" in err, err[-2000:]
+    assert "[rank1]: Traceback" not in err, err[-2000:]

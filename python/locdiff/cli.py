@@ -117,6 +117,12 @@ def main(argv=None) -> int:
         where = f" (rank {distributed.rank()} of {distributed.world_size()})" if distributed.is_distributed() else ""
         print(f"{prefix}: error{where}: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if not distributed.peer_left(err):
+            raise
+        print(f"{prefix}: error (rank {distributed.rank()} of {distributed.world_size()}): another process of the "
+              "group stopped first; its own error line says why", file=sys.stderr)
+        return 2
     except Interrupted as err:
         print(f"{prefix}: {err}; the last checkpoint saved is intact", file=sys.stderr)
         return err.exit_code

@@ -101,6 +101,17 @@ def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bo
     return True
 
 
+# What gloo and NCCL say when a peer process ended (its own error says why).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+              "Broken pipe")
+
+
+def peer_left(err: BaseException) -> bool:
+    """Whether ``err``, raised by a collective, means another rank of the group ended: in a
+    command, the consequence of that rank's own error, not a second one."""
+    return is_distributed() and isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_GONE)
+
+
 def shutdown(wait: bool = False) -> None:
     """Leave the process group (a no-op without one). ``wait``: after a barrier, so that no
     rank tears its connections down while another still finishes (a gloo rank whose peer

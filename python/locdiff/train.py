@@ -406,7 +406,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
 
     def snapshot() -> bytes:
         if not _finite_weights(net):  # never replace a good checkpoint with a diverged one
-            raise _diverged(step, float("nan"), keeper, tc)
+            raise _diverged(step, float("nan"), keeper, tc, 0, False)
         state.update(step=step, elapsed_s=elapsed(), recent=list(recent), world_size=world, accumulate=tc.accumulate)
         return checkpoint_bytes(net, ema, opt, state)
 
@@ -456,7 +456,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
                 # Weights gone non-finite, or a loss that stays non-finite: skipping leaves the
                 # weights as they are, so no later step can recover.
                 if nonfinite and (nonfinite >= MAX_NONFINITE_STEPS or not _finite_weights(net)):
-                    raise _diverged(step, value, keeper, tc, nonfinite)
+                    raise _diverged(step, value, keeper, tc, nonfinite, _finite_weights(net))
                 state["skipped"] += 1
                 opt.zero_grad(set_to_none=True)
             else:
@@ -493,6 +493,8 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
                     log(f"warning: checkpoint of step {step} not saved: {err}")
                 last_ckpt = now
     del batches  # stops the loader's workers before the final work
+    if nonfinite:  # ended (time, signal, last step) in a streak: these weights are not a result
+        raise _diverged(step, value, keeper, tc, nonfinite, _finite_weights(net))
     result = TrainResult(step, elapsed(), samples / max(step_s, 1e-9), state["history"], state["skipped"],
                          stopped_by, state["best"], time_up=ran_out)
     if not main:
@@ -527,10 +529,10 @@ def _finite_weights(net) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in net.parameters())
 
 
-def _diverged(step: int, loss: float, keeper, tc: TrainConfig, nonfinite: int = 0) -> Diverged:
+def _diverged(step: int, loss: float, keeper, tc: TrainConfig, nonfinite: int, weights_finite: bool) -> Diverged:
     last = "" if keeper is None else (f"; the checkpoint of step {keeper.latest_step} is kept"
                                       if keeper.latest_step is not None else "; no checkpoint was saved")
-    what = (f"the loss was {loss:g} for {nonfinite} steps in a row" if nonfinite >= MAX_NONFINITE_STEPS else
+    what = (f"the loss was {loss:g} for the last {nonfinite} steps" if weights_finite else
             f"the weights hold NaN or infinite values (loss {loss:g})")
     return Diverged(f"training diverged by step {step}: {what}"
                     f"{last}; train again with a lower train.lr (now {tc.lr:g}), a longer train.warmup_steps "

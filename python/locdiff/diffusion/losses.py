@@ -109,9 +109,14 @@ def sample_timesteps(b: int, n: int, power: float, device, generator=None) -> to
 
 def shdd_kl(pred: torch.Tensor, target: torch.Tensor, degree: int, cfg: DiffusionConfig,
             reduction: str = "mean") -> torch.Tensor:
-    """SHDD-KL of unscaled SHDD vectors (module docstring) with the settings of ``cfg``."""
+    """SHDD-KL of unscaled SHDD vectors (module docstring) with the settings of ``cfg``. A
+    non-finite prediction (a diverging network) gives a NaN loss, which the training loop
+    counts and skips, rather than the error shdd.kl_divergence raises for such input."""
     from locdiff import shdd
 
+    if not bool(torch.isfinite(pred.detach()).all()):
+        nan = pred.sum() * float("nan")  # keeps the graph: backward runs, the step is skipped
+        return nan if reduction != "none" else nan.expand(pred.shape[:-1])
     grid = kl_grid(degree, float(cfg.kl_sharpness), float(cfg.kl_grid_oversample))
     return shdd.kl_divergence(pred, target, grid=grid, temperature=kl_temperature(degree, cfg.kl_sharpness),
                               reduction=reduction)
