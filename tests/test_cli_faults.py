@@ -270,3 +270,15 @@ def test_a_loss_that_stays_nan_with_finite_weights_is_divergence(files, tmp_path
     with pytest.raises(T.Diverged, match=expected + ".*the checkpoint of step 5 is kept"):
         T.train(emb, coords, tmp_path / "r", tiny_config(steps=steps, checkpoint_every=1), resume=True, progress=False)
     assert (tmp_path / "r" / CHECKPOINT_FILE).read_bytes() == good
+
+
+def test_set_of_a_derived_setting_at_another_value_is_named(files, tmp_path, capsys):
+    # model.emb_dim follows the data and model.timesteps diffusion.timesteps: a --set that
+    # asks otherwise was replaced without a word.
+    expect_error(capsys, train_argv(files, tmp_path / "r", "--set", "model.emb_dim=8"),
+                 "--set model.emb_dim=8: this setting follows the embeddings' width (6)")
+    expect_error(capsys, train_argv(files, tmp_path / "r", "--set", "model.timesteps=10"),
+                 "--set model.timesteps=10: this setting follows diffusion.timesteps (50)")
+    assert not (tmp_path / "r").exists()
+    code, _, _ = run_cli(capsys, *train_argv(files, tmp_path / "r", "--steps", "2", "--set", "model.emb_dim=6"))
+    assert code == 0

@@ -108,6 +108,19 @@ def _check(cfg, origin: dict, device, world: int) -> None:
         raise CliError(f"{where + ': ' if where else ''}{err.key} = {err.value!r}: expected {err.expected}") from None
 
 
+def _check_derived(cfg, origin: dict, emb_dim: int) -> None:
+    """Settings that follow from others (the data's width, diffusion.timesteps): asked for with
+    ``--set`` at another value, an error rather than replaced without a word. (Config files
+    carry them as written by ``locdiff config``, and are reused on other data: there they
+    follow silently.)"""
+    for key, value, follows in (("model.emb_dim", emb_dim, f"the embeddings' width ({emb_dim})"),
+                                ("model.timesteps", cfg.diffusion.timesteps,
+                                 f"diffusion.timesteps ({cfg.diffusion.timesteps})")):
+        given = getattr(cfg.model, key.partition(".")[2])
+        if origin.get(key) == "--set" and given != value:
+            raise CliError(f"{origin[key]} {key}={given}: this setting follows {follows}; leave it out")
+
+
 def cmd_train(args) -> int:
     from locdiff.encoder import record_encoder
     from locdiff.devices import resolve_device
@@ -133,6 +146,7 @@ def cmd_train(args) -> int:
     if bool(d.val_embeddings) != bool(d.val_coords):
         raise CliError("--val-embeddings and --val-coords go together")
     emb, coords = load_pair(d.embeddings, d.coords)
+    _check_derived(cfg, origin, emb.shape[1])
     val = None
     if d.val_embeddings:
         val = load_pair(d.val_embeddings, d.val_coords)
