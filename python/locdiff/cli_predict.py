@@ -75,17 +75,11 @@ def _sampling(args, pred) -> dict:
     except ValueError as err:
         name = str(err).split()[0]
         raise CliError(f"--{SAMPLING_FLAGS.get(name, name)} {given.get(name)!r}: {err}") from None
-    if s["sampler"] != "density":
-        # one prediction batch of rows x samples vectors at a time (Predictor.sample)
-        import torch
-
-        from locdiff.ops import validation
-
+    if s["sampler"] != "density":  # one prediction batch of rows x samples vectors at a time
         rows = pred.config.predict.batch_size
         try:
-            validation.check_allocation((3, rows * s["samples"], pred.config.model.dim), torch.float32,
-                                        pred.device, f"--samples {s['samples']} x {rows} rows a batch",
-                                        hint="use fewer --samples")
+            pred.check_sample_memory(rows, s["samples"], f"--samples {s['samples']} x {rows} rows a batch",
+                                     "use fewer --samples")
         except MemoryError as err:
             raise CliError(str(err)) from None
     return given

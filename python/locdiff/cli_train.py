@@ -124,18 +124,17 @@ def _check_derived(cfg, origin: dict, emb_dim: int) -> None:
 def cmd_train(args) -> int:
     from locdiff.encoder import record_encoder
     from locdiff.devices import resolve_device
-    from locdiff.run import CHECKPOINT_FILE
     from locdiff.runfolder import check_run_folder
-    from locdiff.train import train
+    from locdiff.train import check_resumable, train
 
     dev = resolve_device(args.device)
     # The process group first: under torchrun every rank checks the same settings.
     join_process_group(args, dev)
     out = Path(args.out)
     check_run_folder(out)
-    base = _run_config_text(out) if args.resume else None
-    if args.resume and base is None and distributed.is_main() and not (out / CHECKPOINT_FILE).exists():
-        raise CliError(f"{out}: nothing to resume (no config.json or checkpoint); leave out --resume to start")
+    base = _run_config_text(out) if args.resume else None  # (a collective: every rank first)
+    if args.resume and distributed.is_main():
+        check_resumable(out)  # before the data flags it would otherwise ask for
     cfg, origin = resolve_settings(args, base)
     _check(cfg, origin, dev, distributed.world_size())
     if cfg.train.tensorboard:

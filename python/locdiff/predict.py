@@ -21,11 +21,7 @@ from locdiff.devices import resolve_device
 from locdiff.ops import validation
 from locdiff.diffusion import guided, sample_ddim, sample_ddpm, split_prediction
 from locdiff.run import MODES, SAMPLERS, load_model
-
-
-# The guidance weights a config accepts (locdiff.settings): beyond, the guided vector is
-# the difference of two predictions scaled past float32's useful precision.
-MAX_GUIDANCE = 1e6
+from locdiff.settings import MAX_GUIDANCE
 
 
 # Grids for the density's mode: the band-limited projection of softmax(f / t) is taken by
@@ -128,6 +124,13 @@ class Predictor:
             out = (1 + guidance) * out - guidance * call(torch.ones(b, dtype=torch.bool, device=self.device))
         return out / dc.scale
 
+    def check_sample_memory(self, rows: int, samples: int, name: str, hint: str) -> None:
+        """MemoryError (naming ``name``, suggesting ``hint``) before :meth:`sample` draws
+        ``samples`` vectors for each of ``rows`` inputs in one call where they cannot fit:
+        the noise, the state and the outputs, three (rows x samples, K) float32 arrays."""
+        validation.check_allocation((3, rows * samples, self.config.model.dim), torch.float32, self.device, name,
+                                    hint=hint)
+
     @torch.no_grad()
     def sample(self, emb, sampler: str | None = None, steps: int | None = None, samples: int | None = None,
                guidance: float | None = None, eta: float | None = None, seed: int = 0) -> torch.Tensor:
@@ -139,10 +142,8 @@ class Predictor:
                              "individual vectors")
         emb = self._embeddings(emb)
         dc = self.config.diffusion
-        # the noise, the state and the outputs: three (rows x samples, K) float32 arrays
-        validation.check_allocation((3, emb.shape[0] * s["samples"], self.config.model.dim), torch.float32,
-                                    self.device, f"{emb.shape[0]} rows x samples={s['samples']}",
-                                    hint="use fewer samples or rows per call")
+        self.check_sample_memory(emb.shape[0], s["samples"], f"{emb.shape[0]} rows x samples={s['samples']}",
+                                 "use fewer samples or rows per call")
         gen = torch.Generator(self.device).manual_seed(seed)
         rep = emb.repeat_interleave(s["samples"], 0)
         x = torch.randn(rep.shape[0], self.config.model.dim, generator=gen, device=self.device)

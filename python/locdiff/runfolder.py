@@ -83,10 +83,9 @@ class RunLock:
 
 # What a run folder holds (locdiff.run, locdiff.trainlog, locdiff.encoder), and the
 # temporary files of atomic writes of those (``.NAME.XXXXXXXX.tmp``, tempfile.mkstemp).
-RUN_ENTRIES = re.compile(r"(config\.json|train\.toml|metrics\.jsonl|locdiff\.lock|encoder\.json|tensorboard"
-                         r"|checkpoint(-best|-step\d+)?\.safetensors)")
-RUN_TEMP = re.compile(r"\.(config\.json|train\.toml|metrics\.jsonl|encoder\.json"
-                      r"|checkpoint(-best|-step\d+)?\.safetensors)\.[A-Za-z0-9_]+\.tmp")
+_RUN_FILES = r"(config\.json|train\.toml|metrics\.jsonl|encoder\.json|checkpoint(-best|-step\d+)?\.safetensors)"
+RUN_ENTRIES = re.compile(rf"({_RUN_FILES}|locdiff\.lock|tensorboard)")
+RUN_TEMP = re.compile(rf"\.{_RUN_FILES}\.[A-Za-z0-9_]+\.tmp")
 
 
 def foreign_entries(run_dir) -> list[str]:

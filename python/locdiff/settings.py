@@ -16,6 +16,9 @@ from locdiff.data.files import DataError
 
 # The SHDD kernels' own bound (locdiff.ops.validation.MAX_DEGREE).
 KERNEL_MAX_DEGREE = 4096
+# Classifier-free guidance weights accepted (config and Predictor): beyond, the guided vector
+# is the difference of two predictions scaled past float32's useful precision.
+MAX_GUIDANCE = 1e6
 
 
 class SettingError(DataError):
@@ -77,7 +80,7 @@ RULES = {
               "val_size": _int(0), "checkpoint_every": _int(0), "checkpoint_minutes": _num(0, lo_open=True),
               "seed": _int(0, 2**63 - 1), "accumulate": _int(1), "keep_checkpoints": _int(1), "log_every": _int(1)},
     "data": {"workers": _optional(_int(0)), "prefetch": _int(1)},
-    "predict": {"steps": _int(1), "samples": _int(1), "guidance": _num(-1e6, 1e6), "eta": _num(0),
+    "predict": {"steps": _int(1), "samples": _int(1), "guidance": _num(-MAX_GUIDANCE, MAX_GUIDANCE), "eta": _num(0),
                 "temperature": _num(0, lo_open=True), "batch_size": _int(1), "coarse_degree": _optional(_int(1))},
 }
 

@@ -167,7 +167,7 @@ def smoothing_factors(degree: int, smoothing, dtype=torch.float64, device="cpu")
     device = validation.check_device(device)
     if smoothing is None:
         return None
-    if isinstance(smoothing, (int, float, np.integer, np.floating)) and not isinstance(smoothing, bool):
+    if _is_bandwidth(smoothing):
         s = float(smoothing)
         if not (math.isfinite(s) and s >= 0):
             raise ValueError(f"smoothing bandwidth must be a finite number >= 0 (radians), got {smoothing!r}")
@@ -198,11 +198,16 @@ def encode(latlon, degree: int, smoothing=None):
     c = spherical_harmonics(latlon_to_xyz(t), degree)
     if smoothing is None:
         return _out(c, numpy)
-    if isinstance(smoothing, (int, float, np.integer, np.floating)) and not isinstance(smoothing, bool):
+    if _is_bandwidth(smoothing):
         w = _heat_kernel_weights(degree, float(smoothing), c.dtype, c.device)
     else:
         w = _per_coefficient(smoothing_factors(degree, smoothing, dtype=c.dtype, device=c.device), degree)
     return _out(c * w, numpy)
+
+
+def _is_bandwidth(smoothing) -> bool:
+    """A heat-kernel bandwidth (a real scalar, numpy's included), not per-degree factors."""
+    return isinstance(smoothing, (int, float, np.integer, np.floating)) and not isinstance(smoothing, bool)
 
 
 def _per_coefficient(per_degree: torch.Tensor, degree: int) -> torch.Tensor:

@@ -127,11 +127,22 @@ def _resume_differences(old: RunConfig, new: RunConfig) -> list[str]:
     return out
 
 
+def check_resumable(run_dir) -> None:
+    """DataError unless ``run_dir`` holds what ``--resume`` needs to start: its config.json
+    (the checkpoint may not exist yet: a run stopped before its first)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        if (run_dir / CHECKPOINT_FILE).is_file():
+            raise DataError(f"{run_dir / CONFIG_FILE}: not found, so the checkpoint beside it cannot be resumed (its "
+                            "settings are unknown); restore config.json or train into a new --out")
+        raise DataError(f"{run_dir}: nothing to resume (no config.json or checkpoint); leave out --resume to start")
+
+
 def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int,
-                    log) -> tuple[RunConfig, bytes | None, str | None]:
+                    log) -> tuple[RunConfig, bytes | None, dict | None]:
     """Rank 0: the config to train with, the checkpoint bytes to resume from (None: step 0)
-    and why there is nothing left to train (None: there is), every check done before
-    anything is written."""
+    and, when there is nothing left to train, why and the checkpoint's training state (None:
+    there is), every check done before anything is written."""
     cfg_path, ckpt_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
     has_cfg, has_ckpt = cfg_path.is_file(), ckpt_path.is_file()
     if not resume:
@@ -140,11 +151,7 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
                             "--resume or choose a new --out")
         _check_not_foreign(run_dir, has_cfg)
         return config, None, None
-    if not has_cfg:
-        if has_ckpt:
-            raise DataError(f"{cfg_path}: not found, so the checkpoint beside it cannot be resumed (its settings are "
-                            "unknown); restore config.json or train into a new --out")
-        raise DataError(f"{run_dir}: nothing to resume (no config.json or checkpoint); leave out --resume to start")
+    check_resumable(run_dir)
     old, raw = read_config(run_dir)
     diffs = _resume_differences(old, config)
     if diffs:
@@ -164,7 +171,11 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
         return config, None, None
     data = ckpt_path.read_bytes()
     _, meta = parse_checkpoint(data, ckpt_path)  # damaged: refused before config.json is rewritten
-    return config, data, _nothing_left(json.loads(meta.get("state", "{}")), config.train, raw.get(FINISHED_KEY))
+    state = json.loads(meta.get("state", "{}"))
+    why = _nothing_left(state, config.train, raw.get(FINISHED_KEY))
+    done = None if why is None else {"why": why, **{k: state.get(k) for k in ("step", "elapsed_s", "history",
+                                                                            "skipped", "best")}}
+    return config, data, done
 
 
 def _nothing_left(state: dict, tc: TrainConfig, finished_step) -> str | None:
@@ -278,11 +289,10 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
             config.model.emb_dim = d
             ckpt = distributed.broadcast_bytes(ckpt if main else None) if payload["resume"] and not payload["done"] \
                 else None
-        if payload["done"]:  # nothing written: the run stays as it was
-            state = json.loads(parse_checkpoint(ckpt, run_dir / CHECKPOINT_FILE)[1]["state"]) if ckpt else {}
-            return TrainResult(int(state.get("step", 0)), float(state.get("elapsed_s", 0.0)), 0.0,
-                               state.get("history", []), state.get("skipped", 0), best=state.get("best"),
-                               nothing_to_do=payload["done"])
+        done = payload["done"]
+        if done:  # nothing written: the run stays as it was
+            return TrainResult(int(done["step"] or 0), float(done["elapsed_s"] or 0.0), 0.0, done["history"] or [],
+                               done["skipped"] or 0, best=done["best"], nothing_to_do=done["why"])
         if val_idx is not None and main:  # held-out rows, read by the rank that validates
             val = (_gather(embeddings, val_idx), coords[val_idx])
         return _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val, progress,
@@ -455,8 +465,10 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
                 nonfinite = nonfinite + 1 if not math.isfinite(value) else 0
                 # Weights gone non-finite, or a loss that stays non-finite: skipping leaves the
                 # weights as they are, so no later step can recover.
-                if nonfinite and (nonfinite >= MAX_NONFINITE_STEPS or not _finite_weights(net)):
-                    raise _diverged(step, value, keeper, tc, nonfinite, _finite_weights(net))
+                if nonfinite:
+                    weights_ok = _finite_weights(net)
+                    if nonfinite >= MAX_NONFINITE_STEPS or not weights_ok:
+                        raise _diverged(step, value, keeper, tc, nonfinite, weights_ok)
                 state["skipped"] += 1
                 opt.zero_grad(set_to_none=True)
             else:

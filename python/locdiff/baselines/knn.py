@@ -25,6 +25,13 @@ def _unit_rows(a) -> torch.Tensor:
     return t.div_(t.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
+def _check_finite_rows(t: torch.Tensor, name: str, offset: int = 0) -> None:
+    """ValueError naming the first row (counted from ``offset``) holding a NaN or infinity."""
+    bad = ~torch.isfinite(t).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"{name} row {offset + int(bad.nonzero()[0, 0])} is NaN or infinite")
+
+
 class NeighbourIndex:
     """Cosine-similarity search over a gallery of (embedding, location) pairs, in batches so
     that the query x gallery matrix never exceeds ``batch`` rows."""
@@ -34,9 +41,7 @@ class NeighbourIndex:
             raise ValueError(f"gallery embeddings must have shape (M, D) with M >= 1, got {np.shape(emb)}")
         coords = check_latlon(coords, "gallery coordinates", rows=len(emb))
         self.emb = _unit_rows(emb)
-        if not bool(torch.isfinite(self.emb).all()):
-            raise ValueError(f"gallery embeddings row {int((~torch.isfinite(self.emb).all(1)).nonzero()[0, 0])} "
-                             "is NaN or infinite")
+        _check_finite_rows(self.emb, "gallery embeddings")
         self.xyz = torch.as_tensor(latlon_to_xyz(coords))
         self.batch = batch
 
@@ -52,9 +57,7 @@ class NeighbourIndex:
         sims, idxs = [], []
         for i in range(0, len(query), self.batch):
             q = _unit_rows(query[i:i + self.batch])
-            if not bool(torch.isfinite(q).all()):
-                row = i + int((~torch.isfinite(q).all(1)).nonzero()[0, 0])
-                raise ValueError(f"query embeddings row {row} is NaN or infinite")
+            _check_finite_rows(q, "query embeddings", i)
             s, j = (q @ self.emb.T).topk(k, dim=1)
             sims.append(s)
             idxs.append(j)

@@ -150,7 +150,7 @@ MAX_EMBEDDING_ABS = 1e12
 def embeddings_ok(block) -> bool:
     """Whether every value of a block (numpy or torch) is finite with magnitude at most
     :data:`MAX_EMBEDDING_ABS` (one reduction: NaN fails the comparison)."""
-    if not block.size if isinstance(block, np.ndarray) else not block.numel():
+    if (block.size if isinstance(block, np.ndarray) else block.numel()) == 0:
         return True
     return float(abs(block).max()) <= MAX_EMBEDDING_ABS  # (in float64: the bound overflows float16)
 
