@@ -147,3 +147,21 @@ def test_an_unreadable_photo_is_reported_once(trained, tmp_path, capsys):
     lines = [line for line in err.splitlines() if "broken.jpg" in line]
     broken = photos / "broken.jpg"
     assert len(lines) == 1 and lines[0].startswith(f"locdiff predict: warning: skipped {broken}: not a readable"), err
+
+
+def test_embed_reports_an_unreadable_photo_as_a_warning_line(trained, tmp_path, capsys):
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(trained / "photos", photos)
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    (photos / "notes.txt").write_text("not an image")
+    code, text, err = run_cli(capsys, "embed", photos, "--model", trained / "tiny", "--pretrained", "none",
+                              "--out", tmp_path / "E", "--device", "cpu")
+    assert code == 0, err
+    assert "1 unreadable skipped" in text
+    broken = photos / "broken.jpg"
+    lines = [line for line in err.splitlines() if "broken.jpg" in line or "notes.txt" in line]
+    assert len(lines) == 2, err
+    assert lines[0].startswith("locdiff embed: warning: ignored 1 file without an image extension"), err
+    assert lines[1].startswith(f"locdiff embed: warning: skipped {broken}: not a readable"), err

@@ -33,11 +33,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_embed(args) -> int:
+    from tqdm.auto import tqdm
+
     from locdiff.embed import embed_images
 
     res = embed_images(args.images, args.out, model=args.model, pretrained=args.pretrained,
                        batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
-                       device=args.device)
+                       device=args.device, log=lambda msg: tqdm.write(f"locdiff embed: {msg}", file=sys.stderr))
     print(res.summary())
     return 0
 

@@ -101,7 +101,7 @@ def _load_state(out: Path, log) -> list[dict]:
         if n > 0 and [int(r["row"]) for r in lines] == list(range(n)):
             kept.extend(lines)
         else:
-            log(f"removing {shard.name}: left incomplete by an interrupted run; its images are embedded again")
+            log(f"warning: removing {shard.name}: left incomplete by an interrupted run; its images are embedded again")
             shard.unlink()
     if kept != rows:
         _write_csv(out / MANIFEST, FIELDS, [[r[f] for f in FIELDS] for r in kept])
@@ -174,7 +174,7 @@ def embed_images(inputs, out, model: str = DEFAULT_MODEL, pretrained: str = "wei
         vision_config(model, pretrained)  # a wrong name fails now, before anything is written
         model = canonical_model(model)
     if ignored:
-        log(f"ignored {len(ignored)} files without an image extension ({', '.join(IMAGE_SUFFIXES)}), "
+        log(f"warning: ignored {len(ignored)} file{'s' if len(ignored) != 1 else ''} without an image extension ({', '.join(IMAGE_SUFFIXES)}), "
             f"e.g. {ignored[0]}")
     out.mkdir(parents=True, exist_ok=True)
     rows = _load_state(out, log)
@@ -225,7 +225,7 @@ def _embed_todo(encoder, todo, out, rows, res, batch_size, shard_size, dtype, pr
         for emb, kept, gps, skipped in encoder.iter_files(todo, batch_size):
             for p, reason in skipped:
                 if len(res.skipped) < MAX_REPORTED:
-                    log(f"skipped {reason}")
+                    log(f"warning: skipped {reason}")
                 res.skipped.append((str(p), reason))
             buf_emb.append(emb)
             buf_rows.extend((str(p.resolve()), ("", "") if g is None else (f"{g[0]:.7f}", f"{g[1]:.7f}"))
@@ -237,7 +237,7 @@ def _embed_todo(encoder, todo, out, rows, res, batch_size, shard_size, dtype, pr
     finally:
         bar.close()
         if len(res.skipped) > MAX_REPORTED:
-            log(f"... and {len(res.skipped) - MAX_REPORTED} more unreadable files, all listed in {out / SKIPPED}")
+            log(f"warning: ... and {len(res.skipped) - MAX_REPORTED} more unreadable files, all listed in {out / SKIPPED}")
         _write_csv(out / SKIPPED, ("path", "reason"),
                    [(str(Path(p).resolve()), r.removeprefix(f"{p}: ")) for p, r in res.skipped])
     if not res.embedded and not rows:
