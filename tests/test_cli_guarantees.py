@@ -97,6 +97,26 @@ def test_second_signal_stops_at_once_and_the_last_checkpoint_stays_whole(files, 
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
+def test_second_signal_during_the_final_save_stops_at_once(files, tmp_path, monkeypatch):
+    from locdiff import train as train_module
+    from locdiff.stopping import Interrupted
+
+    saves = []
+
+    def signalled_save(keeper, data, step):  # the user presses Ctrl-C again while it saves
+        saves.append(step)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(keeper, data, step)
+
+    real_save = train_module._final_save
+    monkeypatch.setattr(train_module, "_final_save", signalled_save)
+    emb, coords = np.load(files / "emb.npy"), np.load(files / "coords.npy")
+    with pytest.raises(Interrupted) as info:
+        train(SignalOnRead(emb, 8, (signal.SIGINT,)), coords, tmp_path / "run", tiny_config(), progress=False)
+    assert info.value.exit_code == 130 and len(saves) == 1
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_interrupted_command_exits_128_plus_signal(files, tmp_path, sig, code):
     out = tmp_path / "run"

@@ -424,86 +424,88 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
                dynamic_ncols=True)
     stack.callback(bar.close)
     stopped_by, ran_out, nonfinite = None, False, 0
-    with StopSignals() as stop:
-        while step < tc.steps:
-            # One rank's signal, and rank 0's clock, decide for all (same step everywhere).
-            sig, time_up, clock = distributed.all_reduce_max(
-                [stop.signum or 0, float(main and bool(max_s) and elapsed() >= max_s), elapsed() if main else 0.0])
-            if sig or time_up:
-                stopped_by = int(sig) or None
-                ran_out = not sig
-                break
-            t_step = time.perf_counter()
-            prog = max(step / tc.steps, clock / max_s if max_s else 0.0)
-            for g in opt.param_groups:
-                g["lr"] = tc.lr * lr_factor(step, prog, tc)
-            batch = next(batches)
-            emb_all = batch.emb.to(dev, non_blocking=True)
-            x0_all = shdd.encode(batch.latlon, mc.degree, smoothing=dc.smoothing).float().to(dev)
-            net.train()
+    # One handler from the first step to the end: a second signal, even during the final save,
+    # stops at once (stopping.py) rather than as a bare KeyboardInterrupt.
+    stop = stack.enter_context(StopSignals())
+    while step < tc.steps:
+        # One rank's signal, and rank 0's clock, decide for all (same step everywhere).
+        sig, time_up, clock = distributed.all_reduce_max(
+            [stop.signum or 0, float(main and bool(max_s) and elapsed() >= max_s), elapsed() if main else 0.0])
+        if sig or time_up:
+            stopped_by = int(sig) or None
+            ran_out = not sig
+            break
+        t_step = time.perf_counter()
+        prog = max(step / tc.steps, clock / max_s if max_s else 0.0)
+        for g in opt.param_groups:
+            g["lr"] = tc.lr * lr_factor(step, prog, tc)
+        batch = next(batches)
+        emb_all = batch.emb.to(dev, non_blocking=True)
+        x0_all = shdd.encode(batch.latlon, mc.degree, smoothing=dc.smoothing).float().to(dev)
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        sums: dict = {}
+        for k in range(K):
+            # Per-piece seeds: the noise of step s does not depend on where the run was
+            # resumed, nor on which process computes the piece.
+            seed = piece_seed(tc.seed, step, rank * K + k)
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed) if dev.type == "cpu" else None
+            rows = slice(k * rows_per_piece, (k + 1) * rows_per_piece)
+            with model.no_sync() if world > 1 and k < K - 1 else nullcontext():
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, parts = diffusion_loss(model, x0_all[rows], emb_all[rows], schedule, dc, generator=gen)
+                (loss / K).backward()
+            for name, v in {"loss": float(loss.detach()), **parts}.items():
+                sums[name] = sums.get(name, 0.0) + v / K
+        parts = distributed.all_reduce_mean(sums)
+        value = parts["loss"]
+        # A step whose loss jumps far above the recent median is skipped: one bad batch
+        # must not undo hours of training (tc.spike_factor; docs/model.md, "Stability").
+        if not math.isfinite(value) or (tc.spike_factor and len(recent) == recent.maxlen
+                                        and value > tc.spike_factor * float(np.median(recent))):
+            nonfinite = nonfinite + 1 if not math.isfinite(value) else 0
+            # Weights gone non-finite, or a loss that stays non-finite: skipping leaves the
+            # weights as they are, so no later step can recover.
+            if nonfinite:
+                weights_ok = _finite_weights(net)
+                if nonfinite >= MAX_NONFINITE_STEPS or not weights_ok:
+                    raise _diverged(step, value, keeper, tc, nonfinite, weights_ok)
+            state["skipped"] += 1
             opt.zero_grad(set_to_none=True)
-            sums: dict = {}
-            for k in range(K):
-                # Per-piece seeds: the noise of step s does not depend on where the run was
-                # resumed, nor on which process computes the piece.
-                seed = piece_seed(tc.seed, step, rank * K + k)
-                torch.manual_seed(seed)
-                gen = torch.Generator().manual_seed(seed) if dev.type == "cpu" else None
-                rows = slice(k * rows_per_piece, (k + 1) * rows_per_piece)
-                with model.no_sync() if world > 1 and k < K - 1 else nullcontext():
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                        loss, parts = diffusion_loss(model, x0_all[rows], emb_all[rows], schedule, dc, generator=gen)
-                    (loss / K).backward()
-                for name, v in {"loss": float(loss.detach()), **parts}.items():
-                    sums[name] = sums.get(name, 0.0) + v / K
-            parts = distributed.all_reduce_mean(sums)
-            value = parts["loss"]
-            # A step whose loss jumps far above the recent median is skipped: one bad batch
-            # must not undo hours of training (tc.spike_factor; docs/model.md, "Stability").
-            if not math.isfinite(value) or (tc.spike_factor and len(recent) == recent.maxlen
-                                            and value > tc.spike_factor * float(np.median(recent))):
-                nonfinite = nonfinite + 1 if not math.isfinite(value) else 0
-                # Weights gone non-finite, or a loss that stays non-finite: skipping leaves the
-                # weights as they are, so no later step can recover.
-                if nonfinite:
-                    weights_ok = _finite_weights(net)
-                    if nonfinite >= MAX_NONFINITE_STEPS or not weights_ok:
-                        raise _diverged(step, value, keeper, tc, nonfinite, weights_ok)
-                state["skipped"] += 1
-                opt.zero_grad(set_to_none=True)
-            else:
-                nonfinite = 0
-                recent.append(value)
-                if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
-                opt.step()
-                ema.update(net)
-            step += 1
-            samples += tc.batch_size
-            dt = time.perf_counter() - t_step
-            step_s += dt
-            window[0] += tc.batch_size
-            window[1] += dt
-            if not main:
-                continue
-            bar.update(1)
-            lr = opt.param_groups[0]["lr"]
-            if step % tc.log_every == 0 or step == tc.steps:
-                rate = window[0] / max(window[1], 1e-9)
-                tlog.write(step, {**parts, "lr": lr, "samples_per_s": round(rate, 1)})
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", refresh=False)
-                window = [0, 0.0]
-            if tc.val_every and step % tc.val_every == 0 and step < tc.steps:
-                run_validation()
-            now = time.perf_counter()
-            due = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or \
-                now - last_ckpt > 60 * tc.checkpoint_minutes
-            if due and not nonfinite:  # weights whose loss is non-finite never replace the last good checkpoint
-                try:
-                    keeper.save(snapshot(), step)
-                except DataError as err:  # the next save may find the space freed
-                    log(f"warning: checkpoint of step {step} not saved: {err}")
-                last_ckpt = now
+        else:
+            nonfinite = 0
+            recent.append(value)
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+            opt.step()
+            ema.update(net)
+        step += 1
+        samples += tc.batch_size
+        dt = time.perf_counter() - t_step
+        step_s += dt
+        window[0] += tc.batch_size
+        window[1] += dt
+        if not main:
+            continue
+        bar.update(1)
+        lr = opt.param_groups[0]["lr"]
+        if step % tc.log_every == 0 or step == tc.steps:
+            rate = window[0] / max(window[1], 1e-9)
+            tlog.write(step, {**parts, "lr": lr, "samples_per_s": round(rate, 1)})
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", refresh=False)
+            window = [0, 0.0]
+        if tc.val_every and step % tc.val_every == 0 and step < tc.steps:
+            run_validation()
+        now = time.perf_counter()
+        due = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or \
+            now - last_ckpt > 60 * tc.checkpoint_minutes
+        if due and not nonfinite:  # weights whose loss is non-finite never replace the last good checkpoint
+            try:
+                keeper.save(snapshot(), step)
+            except DataError as err:  # the next save may find the space freed
+                log(f"warning: checkpoint of step {step} not saved: {err}")
+            last_ckpt = now
     del batches  # stops the loader's workers before the final work
     if nonfinite:  # ended (time, signal, last step) in a streak: these weights are not a result
         raise _diverged(step, value, keeper, tc, nonfinite, _finite_weights(net))
@@ -518,22 +520,22 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
     result.best = state["best"]
     if stopped_by is not None:
         return result
-    with StopSignals() as stop:  # a signal now ends the run after the part in progress
-        if run_validation() is not None:
-            _final_save(keeper, snapshot(), step)  # its history holds the last validation
-        result.best = state["best"]
-        if not stop.signum and val is not None and step > 0:
-            rows = train_idx if len(train_idx) <= HYBRID_GALLERY_ROWS else \
-                np.sort(np.random.default_rng(tc.seed).choice(train_idx, HYBRID_GALLERY_ROWS, replace=False))
-            cal = calibrate(ema_predictor(), val, (_gather(embeddings, rows), coords[rows]), log)
-            config.predict.temperature = cal["temperature"]
-            config.predict.coarse_degree = cal["coarse_degree"]
-            config.predict.mode_of = cal["mode_of"]
-            config.predict.hybrid = cal["hybrid"]
-        if stop.signum:
-            result.signal = int(stop.signum)
-            return result
-        write_config(run_dir, config, {**extra, FINISHED_KEY: step})
+    # From here a first signal ends the run after the part in progress.
+    if not stop.signum and run_validation() is not None:
+        _final_save(keeper, snapshot(), step)  # its history holds the last validation
+    result.best = state["best"]
+    if not stop.signum and val is not None and step > 0:
+        rows = train_idx if len(train_idx) <= HYBRID_GALLERY_ROWS else \
+            np.sort(np.random.default_rng(tc.seed).choice(train_idx, HYBRID_GALLERY_ROWS, replace=False))
+        cal = calibrate(ema_predictor(), val, (_gather(embeddings, rows), coords[rows]), log)
+        config.predict.temperature = cal["temperature"]
+        config.predict.coarse_degree = cal["coarse_degree"]
+        config.predict.mode_of = cal["mode_of"]
+        config.predict.hybrid = cal["hybrid"]
+    if stop.signum:
+        result.signal = int(stop.signum)
+        return result
+    write_config(run_dir, config, {**extra, FINISHED_KEY: step})
     return result
 
 
