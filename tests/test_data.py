@@ -56,12 +56,23 @@ def test_read_coords_csv_and_npy(tmp_path):
     np.testing.assert_allclose(read_coords(tmp_path / "c.npy"), c)
 
 
+@pytest.mark.parametrize("text", [
+    "lat;lon\n33,7016;-169,3979\n-20;30\n",         # a spreadsheet in a decimal-comma locale
+    "lat;lon\n33.7016;-169.3979\n-20;30\n",         # semicolons with decimal points
+    "lat\tlon\n33,7016\t-169,3979\n-20\t30\n",
+])
+def test_read_coords_other_separators(tmp_path, text):
+    (tmp_path / "c.csv").write_text(text)
+    np.testing.assert_allclose(read_coords(tmp_path / "c.csv", rows=2), [[33.7016, -169.3979], [-20.0, 30.0]])
+
+
 @pytest.mark.parametrize("text,match", [
     ("x,y\n1,2\n", "'lat' and 'lon'"),
     ("lat,lon\n1,2\n3,4\n5,6\n", "3 coordinate rows but the embeddings have 2"),
     ("lat,lon\nnan,2\n3,4\n", "NaN"),
     ("lat,lon\n1,2\n95,4\n", "latitude 95.0 outside"),
     ("lat,lon\n1,abc\n3,4\n", "no numeric"),
+    ("lat;lon\n1,2,5;3\n3;4\n", "no numeric"),
     ("", "empty"),
 ])
 def test_read_coords_errors(tmp_path, text, match):

@@ -233,13 +233,15 @@ def _read_csv(path: Path) -> np.ndarray:
     lon = next((header.index(n) for n in ("lon", "lng", "long", "longitude") if n in header), None)
     if lat is None or lon is None:
         raise DataError(f"{path}: CSV header needs 'lat' and 'lon' columns, got {header}")
+    # Where the separator is not a comma, a comma in a number is a decimal comma ("33,7").
+    number = float if dialect.delimiter == "," else (lambda cell: float(cell.replace(",", ".", 1)))
     out = []
     try:
         for i, row in enumerate(reader):
             if not row or not any(c.strip() for c in row):
                 continue
             try:
-                out.append((float(row[lat]), float(row[lon])))
+                out.append((number(row[lat]), number(row[lon])))
             except (ValueError, IndexError):
                 raise DataError(f"{path}: line {i + 2} has no numeric lat/lon") from None
     except csv.Error as err:
