@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from locdiff import grids
 from locdiff.baselines import GeocellClassifier, KnnDensity, Regressor, knn_predict, spherical_kmeans

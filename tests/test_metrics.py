@@ -86,3 +86,11 @@ def test_metrics_from_distances_refuse_negative_and_nan():
     for d in ([1.0, -2.0], [1.0, np.nan]):
         with pytest.raises(ValueError, match="distances must be finite and >= 0 km"):
             M.metrics_from_distances(np.array(d))
+
+
+@pytest.mark.parametrize("score, name", [(M.geoscore, "distance_km"), (M.nll, "log_density"),
+                                         (M.rva_auc, "search_km2"), (M.recall_vs_area, "search_km2")])
+def test_scores_of_nothing_are_refused(score, name):
+    # A mean over no samples was NaN with numpy's RuntimeWarning, easily taken for a score.
+    with pytest.raises(ValueError, match=f"{name} is empty"):
+        score(np.array([]))

@@ -33,9 +33,17 @@ def _np(a) -> np.ndarray:
     return np.asarray(a, np.float64)
 
 
+def _some(a, name: str) -> np.ndarray:
+    """``a`` as float64, refused when empty: a mean over nothing is no score."""
+    a = _np(a)
+    if a.size == 0:
+        raise ValueError(f"{name} is empty: a score needs at least one sample")
+    return a
+
+
 def geoscore(distance_km) -> float:
     """Mean of ``5000 exp(-d / 1492.7 km)`` (the GeoGuessr score)."""
-    d = _np(distance_km)
+    d = _some(distance_km, "distance_km")
     return float(np.mean(5000.0 * np.exp(-d / GEOSCORE_SCALE_KM)))
 
 
@@ -104,7 +112,7 @@ def best_of_k_metrics(candidates, true_latlon, ks=(3, 5)) -> dict[str, float]:
 def nll(log_density) -> float:
     """Mean negative log-likelihood (nats) of the truths from their log densities per
     steradian (e.g. ``locdiff.shdd.log_density_at``). Uniform on the sphere is log(4 pi) = 2.531."""
-    return float(-np.mean(_np(log_density)))
+    return float(-np.mean(_some(log_density, "log_density")))
 
 
 def search_area_km2(prob, cell_area_sr, true_cell) -> np.ndarray:
@@ -127,7 +135,7 @@ def search_area_km2(prob, cell_area_sr, true_cell) -> np.ndarray:
 def recall_vs_area(search_km2, budgets_km2=None):
     """``(budgets, recall)``: the fraction of samples whose search area fits each budget;
     budgets default to 200 log-spaced values from 1 km^2 to the Earth's area."""
-    s = _np(search_km2)
+    s = _some(search_km2, "search_km2")
     if budgets_km2 is None:
         budgets_km2 = np.logspace(math.log10(RVA_MIN_KM2), math.log10(EARTH_AREA_KM2), 200)
     budgets_km2 = _np(budgets_km2)
@@ -140,7 +148,7 @@ def rva_auc(search_km2) -> float:
     grid of locdiff.evaluate scores about 0.035, its ties ranked in grid order). Computed
     exactly: the mean over samples of the fraction of the log-area range after the sample's
     search area."""
-    s = np.clip(_np(search_km2), RVA_MIN_KM2, EARTH_AREA_KM2)
+    s = np.clip(_some(search_km2, "search_km2"), RVA_MIN_KM2, EARTH_AREA_KM2)
     lo, hi = math.log10(RVA_MIN_KM2), math.log10(EARTH_AREA_KM2)
     return float(np.mean((hi - np.log10(s)) / (hi - lo)))
 
