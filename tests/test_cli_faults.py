@@ -282,3 +282,14 @@ def test_set_of_a_derived_setting_at_another_value_is_named(files, tmp_path, cap
     assert not (tmp_path / "r").exists()
     code, _, _ = run_cli(capsys, *train_argv(files, tmp_path / "r", "--steps", "2", "--set", "model.emb_dim=6"))
     assert code == 0
+
+
+@pytest.mark.parametrize("device, fragment", [
+    ("meta", "--device='meta': locdiff runs on cpu and cuda devices"),
+    ("cuda:64", "--device='cuda:64': "),  # no CUDA here, or fewer than 65 GPUs
+    ("gpu", "--device 'gpu': expected cpu, cuda, cuda:N or auto"),
+])
+def test_device_the_kernels_cannot_use(files, tmp_path, capsys, device, fragment):
+    out = tmp_path / "p.csv"
+    expect_error(capsys, ["predict", "--run", files / "base", "--embeddings", files / "emb.npy", "--out", out,
+                          "--device", device], fragment, [out])

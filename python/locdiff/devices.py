@@ -9,12 +9,15 @@ def resolve_device(device: str | None = None):
     is an error, never a silent CPU run."""
     import torch  # here, so that importing the photo tools stays light
 
+    from locdiff.ops.validation import check_device
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
+        torch.device(device)
     except (RuntimeError, TypeError):
         raise DataError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {device!r}: this torch sees no CUDA device; use cpu or auto")
-    return dev
+    try:  # the library's own check: device types with kernels, CUDA present, index in range
+        return check_device(device, "--device")
+    except (ValueError, NotImplementedError) as err:
+        raise DataError(str(err)) from None
