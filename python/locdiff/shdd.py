@@ -123,14 +123,16 @@ def _broadcast(a, b, name_a: str, name_b: str) -> tuple:
 
 
 # Normalisers integrate exp(f / t), which is sharper than f: on the decode grid the log of
-# an exact SHDD's at sharpness 16 (f0 / t) is 0.5-0.9 nats off, at 4x the resolution under
-# 0.005 up to sharpness 40 (docs/model.md, "Densities").
+# an exact SHDD's at sharpness 16 (f0 / t) is 0.5-0.9 nats off. Gauss-Legendre rings at 4x
+# the resolution keep it under 0.02 up to sharpness 40, poles included, where equal-angle
+# rings miss by 0.06-0.18 at the same cost (docs/model.md, "Densities").
 NORMALIZER_OVERSAMPLE = 4.0
+NORMALIZER_KIND = "gauss_legendre"
 
 
-def _grid(grid, degree: int, oversample: float = 1.0) -> _grids.Grid:
+def _grid(grid, degree: int, oversample: float = 1.0, kind: str = "equiangular") -> _grids.Grid:
     if grid is None:
-        return _grids.for_degree(degree, oversample=oversample)
+        return _grids.for_degree(degree, kind, oversample=oversample)
     if not isinstance(grid, _grids.Grid):
         raise TypeError(f"grid must be a locdiff.grids.Grid or None, got {type(grid).__name__}")
     return grid
@@ -386,11 +388,11 @@ def values_at(coeffs, latlon):
 def log_normalizer(coeffs, grid=None, temperature: float = 1.0):
     """``log sum_i area_i exp(f_i / t)`` over the grid cells (the log partition function of
     the density ``exp(f / t)`` per steradian): ``(..., K)`` -> ``(...)`` float64, fused over
-    the grid, differentiable w.r.t. coeffs. The default grid has 4x the decode grid's
-    resolution (NORMALIZER_OVERSAMPLE)."""
+    the grid, differentiable w.r.t. coeffs. The default grid: Gauss-Legendre rings at 4x
+    the decode grid's resolution (NORMALIZER_KIND, NORMALIZER_OVERSAMPLE)."""
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     t = _check_temperature(temperature)
-    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE)
+    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE, NORMALIZER_KIND)
     logz = shdd_api.log_partition(flat, _grid_args(grid, degree, flat.device), 1.0 / t)
     return _out(logz.reshape(lead), numpy)
 
@@ -399,12 +401,12 @@ def log_density_at(coeffs, latlon, grid=None, temperature: float = 1.0):
     """log of the density per steradian, ``f(x)/t - log sum_i area_i exp(f_i/t)``, of each
     vector at its point: coeffs ``(..., K)``, latlon ``(..., 2)`` (broadcast) -> ``(...)``
     float64. Fused over the grid (no batch x grid matrix); differentiable w.r.t. coeffs.
-    The NLL of a prediction is ``-log_density_at(pred, true_latlon)``. The default grid has
-    4x the decode grid's resolution (NORMALIZER_OVERSAMPLE).
+    The NLL of a prediction is ``-log_density_at(pred, true_latlon)``. The default grid:
+    Gauss-Legendre rings at 4x the decode grid's resolution (as :func:`log_normalizer`).
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     t = _check_temperature(temperature)
-    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE)
+    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE, NORMALIZER_KIND)
     c, ll, shape = _pairs(flat, lead, latlon)
     fx = values_at(c, ll)
     logz = shdd_api.log_partition(c, _grid_args(grid, degree, c.device), 1.0 / t)
@@ -418,7 +420,7 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     The fused op ``locdiff::shdd_kl`` keeps no batch x grid matrix; when either input needs a
     gradient, ``locdiff::shdd_kl_grad`` computes the gradients in the same pass (backward
     only scales them), w.r.t. pred and target. Shapes ``(..., K)``, broadcast. The default
-    grid has 4x the decode grid's resolution (NORMALIZER_OVERSAMPLE): the softmaxes are
+    grid is :func:`log_normalizer`'s, 4x the decode grid's resolution: the softmaxes are
     sharper than f, and on the decode grid a sharp pair's KL can be off by half. Training
     passes the grid its sharpness needs (``locdiff.diffusion.losses.kl_grid``).
 
@@ -433,7 +435,7 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     t = _check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE)
+    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE, NORMALIZER_KIND)
     if not grid.is_ring:
         raise ValueError(f"kl_divergence needs a ring grid (equiangular or gauss_legendre), got {grid.kind}")
     if p.device != q.device:
