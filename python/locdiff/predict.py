@@ -27,7 +27,8 @@ from locdiff.settings import MAX_GUIDANCE
 # Grids for the density's mode: the band-limited projection of softmax(f / t) is taken by
 # quadrature, which must resolve the softmax's lobe. On a grid of 2x the decode resolution an
 # exact L = 16 SHDD's answer moved 6 km (median) at f0 / t = 11.5, 66 km at 40; at
-# max(4, 1.2 sqrt(f0 / t)) x, under 1 km (docs/model.md, "Point predictions").
+# max(4, 1.2 sqrt(f0 / t)) x, under 1 km. Gauss-Legendre rings keep it so at the poles
+# (docs/model.md, "Point predictions").
 MIN_MODE_OVERSAMPLE, MAX_MODE_OVERSAMPLE = 4.0, 8.0
 
 
@@ -36,7 +37,7 @@ def density_mode_grid(degree: int, temperature: float):
     None when the density is so sharp (f0 / t above 44) that its mode is f's own."""
     sharpness = (degree + 1) ** 2 / (4 * math.pi) / temperature  # an exact SHDD's peak over t
     oversample = max(MIN_MODE_OVERSAMPLE, 1.2 * math.sqrt(sharpness))
-    return None if oversample > MAX_MODE_OVERSAMPLE else grids.for_degree(degree, oversample=oversample)
+    return None if oversample > MAX_MODE_OVERSAMPLE else grids.for_degree(degree, "gauss_legendre", oversample=oversample)
 
 
 class Predictor:
