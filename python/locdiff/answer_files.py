@@ -21,6 +21,8 @@ from locdiff.extras import require
 
 CSV_FIELDS = ("input", "rank", "lat", "lon", "probability", "country", "country_code", "region", "place",
               "place_km")
+# Inputs an HTML map shows: each keeps its whole density grid until the map is written.
+HTML_MAX_INPUTS = 20
 
 
 def write_jsonl(path, answers) -> None:
@@ -74,10 +76,10 @@ def _popup(rec: dict, m: dict) -> str:
             + (f"<br>{where} ({m['place_km']:.0f} km)" if where else ""))
 
 
-def write_html_map(path, answers, max_inputs: int = 20, heat_floor: float = 0.01) -> None:
+def write_html_map(path, answers, max_inputs: int = HTML_MAX_INPUTS, heat_floor: float = 0.01) -> None:
     """An interactive map of the first ``max_inputs`` inputs (needs ``answers.density``:
-    ``summarize(..., density=True)``); the first input's layer is shown, the others can be
-    switched on in the layer list."""
+    ``summarize(..., density=True)`` or ``density=max_inputs``); the first input's layer is
+    shown, the others can be switched on in the layer list."""
     import html
 
     folium = require("folium", "the HTML map")
@@ -89,7 +91,7 @@ def write_html_map(path, answers, max_inputs: int = 20, heat_floor: float = 0.01
     fmap = folium.Map(location=[20, 0], zoom_start=2, tiles="OpenStreetMap", world_copy_jump=True)
     # Only Leaflet itself is needed (no jQuery, Bootstrap or icon fonts), from the page.
     fmap.default_js, fmap.default_css = [("leaflet", leaflet_js)], [("leaflet_css", leaflet_css)]
-    for i, rec in enumerate(answers.records()[:max_inputs]):
+    for i, rec in enumerate(answers.records()[:min(max_inputs, len(answers.density))]):
         layer = folium.FeatureGroup(name=html.escape(rec["input"]), show=i == 0)
         heat = HeatMap(_heat_points(answers, i, heat_floor), radius=18, blur=15, min_opacity=0.3)
         heat.default_js = [("leaflet-heat.js", heat_js)]

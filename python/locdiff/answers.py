@@ -3,8 +3,8 @@ mode's basin, credible regions (50 % and 90 %) as areas and equivalent radii, an
 country / region / nearest place of each mode (offline, ``reverse_geocode``).
 
 The density is ``shdd.density(coeffs, grid, temperature)`` on a ring grid, by default
-``grids.for_degree(L, oversample=2)``; use the temperature the run was calibrated with
-(``predictor.config.predict.temperature``, chosen by validation NLL).
+:func:`default_grid`, as fine as the density's sharpness needs; use the temperature the run
+was calibrated with (``predictor.config.predict.temperature``, chosen by validation NLL).
 
 Basins: every grid cell climbs to its highest neighbour (8 neighbours on the ring grid,
 across the poles too) while that one is higher, until it reaches a grid peak; each peak
@@ -43,12 +43,22 @@ LEVELS = (0.5, 0.9)
 _CHUNK_CELLS = 1 << 20  # rows x grid cells handled at once (under 100 MB with the 8 neighbours)
 
 
-def default_grid(degree: int) -> grids.Grid:
-    return grids.for_degree(degree, oversample=2)
+# Credible regions and basins are counted in grid cells, so the cells must be small beside
+# the lobe of softmax(f / t), sharper than f's by sqrt(f0 / t): at 2x the decode resolution
+# a 50 % region's radius was up to 90 % off at the random-split demo's sharpness (46);
+# 1.2 sqrt(f0 / t) x on Gauss-Legendre rings keeps it within 4 % (docs/photos.md, "Answers").
+MIN_OVERSAMPLE, MAX_OVERSAMPLE = 2.0, 16.0
 
 
-def _ring(grid, degree: int) -> grids.Grid:
-    grid = default_grid(degree) if grid is None else grid
+def default_grid(degree: int, temperature: float = 1.0) -> grids.Grid:
+    """The ring grid for the density ``softmax(f / temperature)`` of degree-L vectors."""
+    sharpness = (degree + 1) ** 2 / (4 * math.pi) / shdd.check_temperature(temperature)  # exact SHDD's peak / t
+    oversample = min(MAX_OVERSAMPLE, max(MIN_OVERSAMPLE, 1.2 * math.sqrt(sharpness)))
+    return grids.for_degree(degree, "gauss_legendre", oversample=oversample)
+
+
+def _ring(grid, degree: int, temperature: float) -> grids.Grid:
+    grid = default_grid(degree, temperature) if grid is None else grid
     if not isinstance(grid, grids.Grid) or not grid.is_ring:
         raise ValueError(f"grid must be a ring grid (equiangular or gauss_legendre), got {grid!r}")
     return grid
@@ -186,7 +196,8 @@ class Answers:
     basin ``probability`` (N, k) (NaN for a missing mode), ``other`` (N,) the mass outside
     them, ``area_km2`` and ``radius_km`` (N, len(levels)) of the credible regions, ``places``
     (reverse-geocoded modes, or None), ``coeffs`` (N, K) the SHDD vectors (for
-    ``plot.plot_predictions``), and on request ``density`` (N, G) on ``grid``."""
+    ``plot.plot_predictions``), and on request ``density`` (n, G) on ``grid`` for the first
+    n inputs."""
 
     names: list
     latlon: np.ndarray
@@ -228,12 +239,14 @@ class Answers:
 
 
 def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, levels=LEVELS, grid=None,
-              geocode: bool = True, density: bool = False, min_separation_km: float | None = None,
+              geocode: bool = True, density: bool | int = False, min_separation_km: float | None = None,
               cell_probabilities=None) -> Answers:
     """:class:`Answers` for SHDD vectors ``coeffs`` (N, (L+1)^2) and their top-k ``modes``
     (N, k, 2) (``predict``'s ``topk_latlon``); ``latlon`` defaults to the first mode.
     ``cell_probabilities(rows, grid)`` -> (n, G) replaces the vectors' density by another
-    one on the grid (LocDiff-H's: ``Hybrid.grid_probabilities``) for ``rows``, a slice."""
+    one on the grid (LocDiff-H's: ``Hybrid.grid_probabilities``) for ``rows``, a slice.
+    ``density``: True keeps every input's density on ``grid`` in ``.density``, an int n the
+    first n inputs' (a map shows a few; each row holds the whole grid)."""
     c = torch.as_tensor(np.asarray(coeffs), dtype=torch.float64)
     if c.ndim != 2:
         raise ValueError(f"coeffs must have shape (N, (L+1)^2), got {tuple(c.shape)}")
@@ -243,7 +256,11 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
         raise ValueError(f"modes must have shape ({c.shape[0]}, k, 2), got {tuple(m.shape)}")
     if not all(0 < q < 1 for q in levels):
         raise ValueError(f"levels must be fractions in (0, 1), got {levels!r}")
-    grid = _ring(grid, degree)
+    temperature = shdd.check_temperature(temperature)
+    if not isinstance(density, (bool, int)) or density < 0:
+        raise ValueError(f"density must be True, False or a number of inputs >= 0, got {density!r}")
+    keep = c.shape[0] if density is True else int(density)
+    grid = _ring(grid, degree, temperature)
     sep = shdd.default_separation_km(degree) if min_separation_km is None else float(min_separation_km)
     n, chunk = c.shape[0], max(1, _CHUNK_CELLS // grid.size)
     probs, areas, dens = [], [], []
@@ -252,8 +269,8 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
                             else cell_probabilities(slice(i, i + chunk), grid))
         probs.append(basin_mass(p, grid, m[i:i + chunk], sep))
         areas.append(credible_area(p, grid, levels))
-        if density:
-            dens.append(p.float())
+        if i < keep:
+            dens.append(p[:keep - i].float())
     prob = torch.cat(probs).numpy() if n else np.zeros((0, m.shape[1]))
     area = torch.cat(areas).numpy() if n else np.zeros((0, len(levels)))
     latlon = m[:, 0].numpy() if latlon is None else np.asarray(latlon, np.float64)
@@ -262,4 +279,4 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
                    area_km2=area, radius_km=cap_radius_km(area), levels=tuple(levels),
                    temperature=float(temperature), places=reverse_geocode_modes(m.numpy()) if geocode else None,
                    coeffs=c.numpy(),
-                   density=torch.cat(dens).numpy() if density and n else None, grid=grid)
+                   density=torch.cat(dens).numpy() if dens else None, grid=grid)

@@ -271,7 +271,7 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
     import sys
     import warnings
 
-    from locdiff.answer_files import write_csv, write_html_map, write_jsonl
+    from locdiff.answer_files import HTML_MAX_INPUTS, write_csv, write_html_map, write_jsonl
     from locdiff.geolocator import Geolocator
     from locdiff.images import find_images
 
@@ -286,7 +286,7 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
     sampling = _sampling(args, geo.predictor)
     with warnings.catch_warnings():  # the summary warning: each skipped file is listed below
         warnings.filterwarnings("ignore", message=r"\d+ unreadable images left out")
-        ans = geo.predict(args.images, top_k=k, density=bool(html), **sampling)
+        ans = geo.predict(args.images, top_k=k, density=HTML_MAX_INPUTS if html else False, **sampling)
     for path, reason in ans.skipped:
         print(f"locdiff predict: warning: skipped {path}: {reason.removeprefix(f'{path}: ')}", file=sys.stderr)
     write_csv(out, ans)

@@ -112,11 +112,12 @@ class Geolocator:
         emb = np.concatenate(rows) if rows else np.empty((0, self.embedding_dim), np.float32)
         return emb, names, skipped
 
-    def predict(self, inputs, top_k: int = 5, density: bool = False, geocode: bool = True,
+    def predict(self, inputs, top_k: int = 5, density: bool | int = False, geocode: bool = True,
                 levels=LEVELS, batch_size: int = 32, **sampling):
         """:class:`locdiff.answers.Answers` for ``inputs``: embeddings (N, D) or (D,), or image
         files and folders (embedded with the run's encoder; unreadable files are left out and
-        listed in ``.skipped``). ``density=True`` keeps each density on ``.grid``. ``sampling``:
+        listed in ``.skipped``). ``density=True`` keeps each density on ``.grid`` (an int n: the
+        first n inputs'). ``sampling``:
         the run's prediction settings to override (``Predictor.predict``)."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")

@@ -102,7 +102,8 @@ def _check_has_modes(flat: torch.Tensor, name: str = "coeffs") -> None:
 MIN_TEMPERATURE = 1e-6
 
 
-def _check_temperature(temperature) -> float:
+def check_temperature(temperature) -> float:
+    """``temperature`` as a float; a ValueError naming it unless finite and >= MIN_TEMPERATURE."""
     try:
         t = float(temperature)
     except (TypeError, ValueError):
@@ -363,7 +364,7 @@ def density(coeffs, grid=None, temperature: float = 1.0):
     1.0
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     grid = _grid(grid, degree)
     f = shdd_api.synth(flat, _grid_args(grid, degree, flat.device))
     la = grid.area.to(device=f.device, dtype=f.dtype).log()
@@ -391,7 +392,7 @@ def log_normalizer(coeffs, grid=None, temperature: float = 1.0):
     the grid, differentiable w.r.t. coeffs. The default grid: Gauss-Legendre rings at 4x
     the decode grid's resolution (NORMALIZER_KIND, NORMALIZER_OVERSAMPLE)."""
     flat, degree, lead, numpy = _check_coeffs(coeffs)
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE, NORMALIZER_KIND)
     logz = shdd_api.log_partition(flat, _grid_args(grid, degree, flat.device), 1.0 / t)
     return _out(logz.reshape(lead), numpy)
@@ -405,7 +406,7 @@ def log_density_at(coeffs, latlon, grid=None, temperature: float = 1.0):
     Gauss-Legendre rings at 4x the decode grid's resolution (as :func:`log_normalizer`).
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE, NORMALIZER_KIND)
     c, ll, shape = _pairs(flat, lead, latlon)
     fx = values_at(c, ll)
@@ -432,7 +433,7 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     q, degree_t, lead_t, _ = _check_coeffs(target, "target")
     if degree_t != degree:
         raise ValueError(f"pred and target must have the same length, got {p.shape[-1]} and {q.shape[-1]}")
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE, NORMALIZER_KIND)
