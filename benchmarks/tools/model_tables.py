@@ -103,7 +103,7 @@ def cmd_reliability(a) -> None:
     tau = pred.config.predict.temperature
     out = pred.predict(te[0], top_k=5)
     c, modes = torch.as_tensor(out["coeffs"]).double(), torch.as_tensor(out["topk_latlon"])
-    grid, sep = default_grid(pred.degree, tau), shdd.default_separation_km(pred.degree)
+    grid, sep = default_grid(pred.degree), shdd.default_separation_km(pred.degree)
     prob, hit = [], []
     for i in range(0, len(c), 128):
         p, m = torch.as_tensor(shdd.density(c[i:i + 128], grid, tau)), modes[i:i + 128]

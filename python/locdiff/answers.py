@@ -3,7 +3,8 @@ mode's basin, credible regions (50 % and 90 %) as areas and equivalent radii, an
 country / region / nearest place of each mode (offline, ``reverse_geocode``).
 
 The density is ``shdd.density(coeffs, grid, temperature)`` on a ring grid, by default
-:func:`default_grid`, as fine as the density's sharpness needs; use the temperature the run
+``grids.for_degree(L, oversample=2)`` for the basins and, for the credible regions,
+:func:`credible_grid`, as fine as the density's sharpness needs; use the temperature the run
 was calibrated with (``predictor.config.predict.temperature``, chosen by validation NLL).
 
 Basins: every grid cell climbs to its highest neighbour (8 neighbours on the ring grid,
@@ -43,22 +44,28 @@ LEVELS = (0.5, 0.9)
 _CHUNK_CELLS = 1 << 20  # rows x grid cells handled at once (under 100 MB with the 8 neighbours)
 
 
-# Credible regions and basins are counted in grid cells, so the cells must be small beside
-# the lobe of softmax(f / t), sharper than f's by sqrt(f0 / t): at 2x the decode resolution
-# a 50 % region's radius was up to 90 % off at the random-split demo's sharpness (46);
+# Credible regions are counted in grid cells, so the cells must be small beside the lobe of
+# softmax(f / t), sharper than f's by sqrt(f0 / t): at 2x the decode resolution a 50 %
+# region's radius was up to 90 % off at the random-split demo's sharpness (46);
 # 1.2 sqrt(f0 / t) x on Gauss-Legendre rings keeps it within 4 % (docs/photos.md, "Answers").
+# Basins need no such grid (a basin's mass moves little with its border's cells).
 MIN_OVERSAMPLE, MAX_OVERSAMPLE = 2.0, 16.0
 
 
-def default_grid(degree: int, temperature: float = 1.0) -> grids.Grid:
-    """The ring grid for the density ``softmax(f / temperature)`` of degree-L vectors."""
+def default_grid(degree: int) -> grids.Grid:
+    """The ring grid of the basins and of ``Answers.density``."""
+    return grids.for_degree(degree, oversample=2)
+
+
+def credible_grid(degree: int, temperature: float) -> grids.Grid:
+    """The ring grid of the credible regions of ``softmax(f / temperature)``, degree L."""
     sharpness = (degree + 1) ** 2 / (4 * math.pi) / shdd.check_temperature(temperature)  # exact SHDD's peak / t
     oversample = min(MAX_OVERSAMPLE, max(MIN_OVERSAMPLE, 1.2 * math.sqrt(sharpness)))
     return grids.for_degree(degree, "gauss_legendre", oversample=oversample)
 
 
-def _ring(grid, degree: int, temperature: float) -> grids.Grid:
-    grid = default_grid(degree, temperature) if grid is None else grid
+def _ring(grid, degree: int) -> grids.Grid:
+    grid = default_grid(degree) if grid is None else grid
     if not isinstance(grid, grids.Grid) or not grid.is_ring:
         raise ValueError(f"grid must be a ring grid (equiangular or gauss_legendre), got {grid!r}")
     return grid
@@ -97,22 +104,26 @@ def grid_peaks(values: torch.Tensor, nlat: int, nlon: int) -> torch.Tensor:
         ptr = nxt
 
 
-def _mode_of_cell(grid, modes: torch.Tensor, sep_km: float) -> torch.Tensor:
-    """(B, G) index of the nearest mode within ``sep_km`` of each cell, or -1."""
+def _mode_of_peaks(grid, modes: torch.Tensor, sep_km: float, peaks: torch.Tensor) -> torch.Tensor:
+    """(B, G) index of the nearest mode within ``sep_km`` of the peak each cell climbs to
+    (``peaks``), or -1; distances are taken for the few peak cells alone."""
     ok = torch.isfinite(modes).all(-1)                          # (B, k)
     xyz = latlon_to_xyz(torch.where(ok[..., None], modes, torch.zeros_like(modes)))
-    cos = torch.einsum("gc,bkc->bgk", grid.xyz, xyz)
-    cos = torch.where(ok[:, None, :], cos, torch.tensor(-2.0, dtype=cos.dtype))
-    best_cos, best = cos.max(-1)
+    row, cell = torch.nonzero(peaks == torch.arange(peaks.shape[1]), as_tuple=True)
+    cos = torch.einsum("pc,pkc->pk", grid.xyz[cell], xyz[row])
+    cos = torch.where(ok[row], cos, torch.tensor(-2.0, dtype=cos.dtype))
+    best_cos, best = cos.max(-1) if len(row) else (cos.new_empty(0), row.new_empty(0))
     near = best_cos >= math.cos(min(sep_km / EARTH_RADIUS_KM, math.pi))
-    return torch.where(near, best, torch.full_like(best, -1))
+    owner = torch.full(peaks.shape, -1, dtype=torch.long)
+    owner[row, cell] = torch.where(near, best, -1)
+    return owner.gather(1, peaks)
 
 
 def basin_owner(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float) -> torch.Tensor:
     """(B, G) index of the mode owning the peak each cell of the density ``p`` climbs to, or
     -1 (what :func:`basin_mass` and :func:`basin_of` take as ``owner`` to share the climb)."""
     peaks = grid_peaks(p / grid.area.to(p), grid.nlat, grid.nlon)
-    return _mode_of_cell(grid, modes, sep_km).gather(1, peaks)
+    return _mode_of_peaks(grid, modes, sep_km, peaks)
 
 
 def basin_mass(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float, owner=None) -> torch.Tensor:
@@ -151,15 +162,25 @@ def answer_first_modes(latlon, modes, min_separation_km: float) -> np.ndarray:
 def credible_area(p: torch.Tensor, grid, levels=LEVELS) -> torch.Tensor:
     """(B, len(levels)) area in km^2 of the highest-density region holding each level."""
     area = grid.area.to(p)
-    order = torch.argsort(p / area, dim=1, descending=True)
-    ps, cells = p.gather(1, order), area[order]
-    cum, cum_area = ps.cumsum(1), cells.cumsum(1)
-    q = torch.tensor(levels, dtype=p.dtype).expand(p.shape[0], -1).contiguous()
-    i = torch.searchsorted(cum, q).clamp(max=p.shape[1] - 1)
-    before = torch.where(i > 0, cum.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(q))
-    area_before = torch.where(i > 0, cum_area.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(q))
-    frac = ((q - before) / ps.gather(1, i).clamp_min(1e-300)).clamp(0, 1)
-    return (area_before + frac * cells.gather(1, i)) * EARTH_RADIUS_KM ** 2
+    dens = p / area
+    # Cells below this density hold less than 1e-3 of the mass the highest level leaves out
+    # (their total is under floor x 4 pi), so no region reaches them: only the rest is sorted.
+    floor = 1e-3 * (1 - max(levels)) / (4 * math.pi)
+    out = []
+    for row, d in zip(p, dens):
+        keep = torch.nonzero(d >= floor).squeeze(1)
+        if keep.numel() == 0 or float(row[keep].sum()) < max(levels):  # not normalised: sort all
+            keep = torch.arange(len(d))
+        order = keep[torch.argsort(d[keep], descending=True)]
+        ps, cells = row[order], area[order]
+        cum, cum_area = ps.cumsum(0), cells.cumsum(0)
+        q = torch.tensor(levels, dtype=p.dtype)
+        i = torch.searchsorted(cum, q).clamp(max=len(order) - 1)
+        before = torch.where(i > 0, cum[(i - 1).clamp(min=0)], torch.zeros_like(q))
+        area_before = torch.where(i > 0, cum_area[(i - 1).clamp(min=0)], torch.zeros_like(q))
+        frac = ((q - before) / ps[i].clamp_min(1e-300)).clamp(0, 1)
+        out.append((area_before + frac * cells[i]) * EARTH_RADIUS_KM ** 2)
+    return torch.stack(out) if out else torch.zeros(0, len(levels), dtype=p.dtype)
 
 
 def cap_radius_km(area_km2):
@@ -260,17 +281,26 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
     if not isinstance(density, (bool, int)) or density < 0:
         raise ValueError(f"density must be True, False or a number of inputs >= 0, got {density!r}")
     keep = c.shape[0] if density is True else int(density)
-    grid = _ring(grid, degree, temperature)
+    fine = _ring(grid, degree) if grid is not None else credible_grid(degree, temperature)
+    grid = _ring(grid, degree)
     sep = shdd.default_separation_km(degree) if min_separation_km is None else float(min_separation_km)
+
+    def cells(rows: slice, g):
+        return torch.as_tensor(shdd.density(c[rows], g, temperature) if cell_probabilities is None
+                               else cell_probabilities(rows, g))
+
     n, chunk = c.shape[0], max(1, _CHUNK_CELLS // grid.size)
     probs, areas, dens = [], [], []
     for i in range(0, n, chunk):
-        p = torch.as_tensor(shdd.density(c[i:i + chunk], grid, temperature) if cell_probabilities is None
-                            else cell_probabilities(slice(i, i + chunk), grid))
+        p = cells(slice(i, i + chunk), grid)
         probs.append(basin_mass(p, grid, m[i:i + chunk], sep))
-        areas.append(credible_area(p, grid, levels))
+        if fine is grid:
+            areas.append(credible_area(p, grid, levels))
         if i < keep:
             dens.append(p[:keep - i].float())
+    if fine is not grid:
+        fine_chunk = max(1, _CHUNK_CELLS // fine.size)
+        areas = [credible_area(cells(slice(i, i + fine_chunk), fine), fine, levels) for i in range(0, n, fine_chunk)]
     prob = torch.cat(probs).numpy() if n else np.zeros((0, m.shape[1]))
     area = torch.cat(areas).numpy() if n else np.zeros((0, len(levels)))
     latlon = m[:, 0].numpy() if latlon is None else np.asarray(latlon, np.float64)
