@@ -117,6 +117,59 @@ def test_second_signal_during_the_final_save_stops_at_once(files, tmp_path, monk
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(stat))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_loader_workers_die_with_a_killed_trainer(files, tmp_path):
+    # Workers ignore SIGINT / SIGTERM (the trainer stops them); after a SIGKILL of the trainer
+    # they blocked for ever on the pipe no one reads, holding memory and its output pipe.
+    # Batches of 2 MB fill the pipes, so the workers are blocked writing when the trainer dies.
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "wide.npy", rng.normal(size=(4096, 2048)).astype(np.float32))
+    np.save(tmp_path / "coords.npy", np.stack([rng.uniform(-80, 80, 4096), rng.uniform(-180, 180, 4096)], 1))
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "locdiff", "train", "--embeddings", str(tmp_path / "wide.npy"), "--coords",
+            str(tmp_path / "coords.npy"), "--out", str(out), *TINY, "--steps", "100000", "--batch-size", "256",
+            "--workers", "2", "--set", "train.log_every=1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and not (
+            (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert len(workers) >= 2
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _alive(workers):
+        time.sleep(0.1)
+    assert not _alive(workers)
+
+
+def _alive(pids) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_interrupted_command_exits_128_plus_signal(files, tmp_path, sig, code):
     out = tmp_path / "run"

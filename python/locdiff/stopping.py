@@ -58,6 +58,25 @@ class StopSignals:
 
 def ignore_in_worker(_worker_id: int = 0) -> None:
     """For loader workers: the training process alone answers SIGINT and SIGTERM (a terminal's
-    Ctrl-C and a scheduler's SIGTERM reach the whole process group) and shuts them down."""
+    Ctrl-C and a scheduler's SIGTERM reach the whole process group) and shuts them down. If
+    it is killed outright, they are too (Linux)."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies. A worker whose trainer was
+    SIGKILLed otherwise blocks for ever writing to the pipe no one reads, holding memory
+    and the trainer's output pipe (it ignores SIGTERM). Elsewhere a no-op."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the workers' own checks remain
+        pass
