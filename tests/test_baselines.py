@@ -97,3 +97,28 @@ def test_regression_learns_the_direction():
     reg = Regressor(widths=(64, 32), dropout=0.0)
     reg.fit(emb, coords, steps=800, batch_size=128, lr=1e-2)
     assert distance_metrics(reg.predict(temb), tcoords)["acc_750km"] > 0.95
+
+
+def test_search_in_gallery_blocks_and_repeated_queries_agree(monkeypatch):
+    # A large gallery is searched in blocks (a 2M-place gallery had held a 256 x 2M matrix),
+    # and a query searched again comes from the cache: both must give the one-matrix answer.
+    from locdiff.baselines import knn
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(3000, 12)).astype(np.float32)
+    coords = np.stack([rng.uniform(-80, 80, 3000), rng.uniform(-180, 180, 3000)], 1)
+    query = rng.normal(size=(70, 12)).astype(np.float32)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    q = query / np.linalg.norm(query, axis=1, keepdims=True)
+    want = np.argsort(-(q @ unit.T), axis=1, kind="stable")[:, :20]
+    monkeypatch.setattr(knn, "MAX_BLOCK", 500)  # blocks of 7 gallery rows for 70 queries
+    index = knn.NeighbourIndex(emb, coords, batch=32)
+    sim, idx = index.search(query, 20)
+    np.testing.assert_array_equal(idx.numpy(), want)
+    np.testing.assert_allclose(sim.numpy(), np.take_along_axis(q @ unit.T, want, 1), rtol=0, atol=1e-5)
+    again, idx5 = index.search(query, 5)
+    np.testing.assert_array_equal(idx5.numpy(), want[:, :5])
+    np.testing.assert_array_equal(index.search(query[:40] + 1.0, 3)[1].numpy(),
+                                  np.argsort(-((query[:40] + 1) / np.linalg.norm(query[:40] + 1, axis=1,
+                                                                                 keepdims=True)) @ unit.T,
+                                             axis=1, kind="stable")[:, :3])
