@@ -385,3 +385,13 @@ def test_failed_resume_leaves_config_json(files, tmp_path, capsys):
     ckpt.write_bytes(ckpt.read_bytes()[:len(ckpt.read_bytes()) // 2])
     expect_error(capsys, train_argv(files, run, "--resume", "--steps", 6), "unreadable checkpoint, truncated")
     assert (run / CONFIG_FILE).read_bytes() == before
+
+
+def test_a_log_file_gets_few_progress_lines(files, tmp_path):
+    # Without a terminal (a scheduler's log file) the bar wrote a line a step.
+    argv = [sys.executable, "-m", "locdiff", *map(str, [a for a in train_argv(files, tmp_path / "run", "--steps", 60)
+                                                        if a != "--quiet"])]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    updates = proc.stderr.replace("\r", "\n").count("training:")
+    assert 1 <= updates <= 3, proc.stderr[-2000:]

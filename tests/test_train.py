@@ -155,3 +155,28 @@ def test_validation_median_falls_as_training_proceeds(tmp_path):
     cfg = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
     # Calibration wrote the density temperature and the point rule it chose.
     assert cfg["predict"]["temperature"] > 0 and cfg["predict"]["mode_of"] in ("density", "function")
+
+
+def test_calibration_reads_a_fixed_sample_of_a_large_validation_set(monkeypatch):
+    # 20,000 validation rows took minutes after the time budget; a fixed sample decides.
+    from locdiff import calibration
+    from locdiff.models import CSUNet
+
+    config = RunConfig(CSUNetConfig(degree=4, emb_dim=3, widths=(8,), cond_dim=8, emb_widths=(),
+                                    density_head=True))
+    torch.manual_seed(0)
+    net = CSUNet(config.model)
+    with torch.no_grad():  # an untrained network outputs zeros by construction: no modes
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    pred = Predictor(net, config)
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(300, 3)).astype(np.float32)
+    coords = np.stack([rng.uniform(-60, 60, 300), rng.uniform(-180, 180, 300)], 1)
+    monkeypatch.setattr(calibration, "CALIBRATION_ROWS", 100)
+    logged = []
+    got = calibration.calibrate(pred, (emb, coords), log=logged.append)
+    assert logged[0] == "calibration: on 100 of the 300 validation rows"
+    rows = np.sort(np.random.default_rng(0).choice(300, 100, replace=False))
+    want = calibration.calibrate(pred, (emb[rows], coords[rows]))
+    assert got["temperature"] == want["temperature"] and got["val_median_km"] == want["val_median_km"]
