@@ -122,3 +122,22 @@ def test_search_in_gallery_blocks_and_repeated_queries_agree(monkeypatch):
                                   np.argsort(-((query[:40] + 1) / np.linalg.norm(query[:40] + 1, axis=1,
                                                                                  keepdims=True)) @ unit.T,
                                              axis=1, kind="stable")[:, :3])
+
+
+def test_knn_density_narrower_than_the_cells_has_no_nan_rows():
+    # exp(kappa (mu.x - 1)) underflowed in every cell at a 1-5 km bandwidth: 0 / 0 rows,
+    # which RvA scored as the best possible search.
+    from locdiff.geo import latlon_to_xyz
+
+    grid = grids.for_degree(32, oversample=2)
+    coords = np.array([[12.345, 67.89], [89.99, 10.0], [-45.5, 179.99], [0.1, -0.1]])
+    emb = np.eye(4, dtype=np.float32)
+    d = KnnDensity(emb, coords, k=1, temperature=0.05, kappa=(6371.0088 / 1.0) ** 2)
+    p = d.grid_probabilities(emb, grid)
+    assert np.isfinite(p).all()
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=0, atol=1e-12)
+    # The mass sits in a cell nearest the place (float32 exponents: ties within a few km).
+    cos = latlon_to_xyz(coords) @ grid.xyz.numpy().T
+    near_km = 6371.0088 * np.arccos(np.clip(cos.max(1), -1, 1))
+    got_km = 6371.0088 * np.arccos(np.clip(cos[np.arange(4), p.argmax(1)], -1, 1))
+    assert np.all(got_km <= near_km + 5.0), (got_km, near_km)

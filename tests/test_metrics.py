@@ -94,3 +94,10 @@ def test_scores_of_nothing_are_refused(score, name):
     # A mean over no samples was NaN with numpy's RuntimeWarning, easily taken for a score.
     with pytest.raises(ValueError, match=f"{name} is empty"):
         score(np.array([]))
+
+
+def test_search_area_refuses_non_finite_probabilities():
+    prob = np.full((2, 4), 0.25)
+    prob[1, 2] = np.nan
+    with pytest.raises(ValueError, match="prob row 1 holds NaN"):
+        M.search_area_km2(prob, np.full(4, math.pi), np.array([0, 1]))

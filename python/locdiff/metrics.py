@@ -122,6 +122,9 @@ def search_area_km2(prob, cell_area_sr, true_cell) -> np.ndarray:
     steradians, ``true_cell`` (B,) index of the truth's cell."""
     prob, area = _np(prob), _np(cell_area_sr)
     true_cell = np.asarray(true_cell, np.int64)
+    bad = ~np.isfinite(prob).all(1) if prob.ndim == 2 else None
+    if bad is not None and bad.any():  # a NaN row would rank no cell ahead of the truth's: the best score
+        raise ValueError(f"prob row {int(np.flatnonzero(bad)[0])} holds NaN or infinite cell probabilities")
     dens = prob / area[None]
     true_d = dens[np.arange(len(dens)), true_cell][:, None]
     # Cells denser than the truth's come first; cells of equal density (within rounding)

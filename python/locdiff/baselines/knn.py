@@ -179,11 +179,13 @@ class KnnDensity:
         cells, area = grid.xyz.float(), grid.area.double()
         for i in range(0, len(query), 8):
             # One GEMM and one exp per cell and neighbour, in float32: this is the cost of
-            # RvA for this baseline. exp(kappa (mu.x - 1)) <= 1, so nothing overflows.
-            c, w = centres[i:i + 8], log_w[i:i + 8].exp()
-            b, k = w.shape
-            z = torch.mm(cells, (self.kappa * c).reshape(-1, 3).T.float()).sub_(self.kappa).exp_()
-            p = torch.einsum("gbk,bk->bg", z.view(-1, b, k), w.float()).double() * area
+            # RvA for this baseline. Each row's largest exponent kappa (mu.x - 1) + log w is
+            # taken off first, so that a mixture narrower than the cells is not 0 / 0 (NaN).
+            c, lw = centres[i:i + 8], log_w[i:i + 8]
+            b, k = lw.shape
+            z = torch.mm(cells, (self.kappa * c).reshape(-1, 3).T.float()).view(-1, b, k).add_((lw - self.kappa).float())
+            z.sub_(z.amax(dim=(0, 2))[None, :, None]).exp_()
+            p = z.sum(2).T.double() * area
             out[i:i + b] = (p / p.sum(1, keepdim=True)).numpy()
         return out
 
