@@ -229,12 +229,12 @@ def test_the_density_mode_of_an_exact_shdd_is_its_point(sharpness):
     assert float(locdiff.great_circle_km(got, poles.numpy()).max()) < 0.1
 
 
-@pytest.mark.parametrize("degree", [16, 64])
-@pytest.mark.parametrize("sharpness", [16.0, 40.0])
+@pytest.mark.parametrize("degree, sharpness", [(16, 16.0), (16, 40.0), (64, 16.0), (64, 40.0), (16, 300.0),
+                                               (4, 1000.0)])
 def test_the_default_normalizer_holds_at_the_poles(degree, sharpness):
     # An exact SHDD's normaliser is the same at every point (the kernel is a function of the
     # angle alone), so a 1-D integral in cos(angle) is the reference. Equal-angle rings
-    # missed it by 0.06-0.18 nats at the poles.
+    # missed it by 0.06-0.18 nats at the poles, a 4x grid by 5-24 nats at sharpness 300-1000.
     from scipy.integrate import quad
     from scipy.special import eval_legendre
 
@@ -245,9 +245,9 @@ def test_the_default_normalizer_holds_at_the_poles(degree, sharpness):
     def density(x):
         return math.exp(float(np.sum((2 * ells + 1) * eval_legendre(ells, x))) / (4 * math.pi) / t - sharpness)
 
-    pieces = np.concatenate([[-1.0], np.cos(np.linspace(math.pi, 0, 64)[1:-1]), [1.0]])
+    pieces = np.concatenate([[-1.0], np.cos(np.linspace(math.pi, 0, 400)[1:-1]), [1.0]])
     total = sum(quad(density, a, b, epsabs=0, epsrel=1e-12, limit=200)[0] for a, b in zip(pieces[:-1], pieces[1:]))
     reference = math.log(2 * math.pi * total) + sharpness
     lat = np.array([90.0, -90.0, 89.5, 88.0, 45.0, 0.0])
     c = shdd.encode(np.stack([lat, np.full_like(lat, 10.0)], 1), degree)
-    np.testing.assert_allclose(shdd.log_normalizer(c, temperature=t), reference, rtol=0, atol=0.02)
+    np.testing.assert_allclose(shdd.log_normalizer(c, temperature=t), reference, rtol=0, atol=0.04)

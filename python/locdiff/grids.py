@@ -207,12 +207,16 @@ def for_degree(degree: int, kind: str = "equiangular", oversample: float = 1.0) 
         if kind == "fibonacci":
             grid = fibonacci(max(12, math.ceil(4 * math.pi / (h * h))))
         else:
-            nlat = max(4, math.ceil(math.pi / h))
-            nlat += nlat % 2
-            nlon = max(8, _next_pow2(2 * math.pi / h))
-            grid = (equiangular if kind == "equiangular" else gauss_legendre)(nlat, nlon)
+            grid = (equiangular if kind == "equiangular" else gauss_legendre)(*ring_shape(degree, oversample))
         _FOR_DEGREE_CACHE[key] = grid
     return _FOR_DEGREE_CACHE[key]
+
+
+def ring_shape(degree: int, oversample: float = 1.0) -> tuple[int, int]:
+    """``(nlat, nlon)`` of the ring grid :func:`for_degree` builds, without building it."""
+    h = half_max_radius(degree) / oversample
+    nlat = max(4, math.ceil(math.pi / h))
+    return nlat + nlat % 2, max(8, _next_pow2(2 * math.pi / h))
 
 
 __all__ = ["Grid", "KINDS", "equiangular", "fibonacci", "for_degree", "gauss_legendre", "half_max_radius"]

@@ -123,12 +123,34 @@ def _broadcast(a, b, name_a: str, name_b: str) -> tuple:
                          f"expected equal shapes, or 1 where one of them repeats") from None
 
 
-# Normalisers integrate exp(f / t), which is sharper than f: on the decode grid the log of
-# an exact SHDD's at sharpness 16 (f0 / t) is 0.5-0.9 nats off. Gauss-Legendre rings at 4x
-# the resolution keep it under 0.02 up to sharpness 40, poles included, where equal-angle
-# rings miss by 0.06-0.18 at the same cost (docs/model.md, "Densities").
+# Normalisers integrate exp(f / t), whose lobe is sharper than f's by sqrt(peak / t): on
+# the decode grid the log of an exact SHDD's at sharpness 16 is 0.5-0.9 nats off, and 4x
+# grids fall behind past sharpness 40 (0.5 nats at 100, 18 at 1000). The default grid takes
+# Gauss-Legendre rings at max(4, 0.65 sqrt(sharpness)) x the decode resolution (within
+# 0.04 nats to sharpness 1000), rounded up on a ladder so that grids are reused, and at
+# most NORMALIZER_MAX_CELLS cells (docs/model.md, "Densities").
 NORMALIZER_OVERSAMPLE = 4.0
+NORMALIZER_LADDER = (4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0, 40.0)
+NORMALIZER_MAX_CELLS = 1 << 22
 NORMALIZER_KIND = "gauss_legendre"
+
+
+def _normalizer_grid(grid, flat: torch.Tensor, degree: int, t: float) -> _grids.Grid:
+    """``grid``, or the default grid of the normalisers for the sharpest of the rows."""
+    if grid is not None:
+        return _grid(grid, degree)
+    # |f(x)| <= |c| sqrt(K / 4 pi) (Cauchy-Schwarz; an exact SHDD reaches it at its point).
+    peak = float(flat.detach().norm(dim=-1).max()) * math.sqrt(flat.shape[-1] / (4 * math.pi)) if flat.numel() else 0.0
+    want = max(NORMALIZER_OVERSAMPLE, 0.65 * math.sqrt(peak / t))
+    chosen = NORMALIZER_LADDER[0]
+    for o in NORMALIZER_LADDER:
+        nlat, nlon = _grids.ring_shape(degree, o)
+        if nlat * nlon > NORMALIZER_MAX_CELLS:
+            break
+        chosen = o
+        if o >= want:
+            break
+    return _grids.for_degree(degree, NORMALIZER_KIND, oversample=chosen)
 
 
 def _grid(grid, degree: int, oversample: float = 1.0, kind: str = "equiangular") -> _grids.Grid:
@@ -389,11 +411,12 @@ def values_at(coeffs, latlon):
 def log_normalizer(coeffs, grid=None, temperature: float = 1.0):
     """``log sum_i area_i exp(f_i / t)`` over the grid cells (the log partition function of
     the density ``exp(f / t)`` per steradian): ``(..., K)`` -> ``(...)`` float64, fused over
-    the grid, differentiable w.r.t. coeffs. The default grid: Gauss-Legendre rings at 4x
-    the decode grid's resolution (NORMALIZER_KIND, NORMALIZER_OVERSAMPLE)."""
+    the grid, differentiable w.r.t. coeffs. The default grid: Gauss-Legendre rings at
+    ``max(4, 0.65 sqrt(sharpness))`` x the decode grid's resolution, where the sharpness
+    bounds the rows' peak over t (NORMALIZER_*)."""
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     t = check_temperature(temperature)
-    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE, NORMALIZER_KIND)
+    grid = _normalizer_grid(grid, flat, degree, t)
     logz = shdd_api.log_partition(flat, _grid_args(grid, degree, flat.device), 1.0 / t)
     return _out(logz.reshape(lead), numpy)
 
@@ -402,12 +425,12 @@ def log_density_at(coeffs, latlon, grid=None, temperature: float = 1.0):
     """log of the density per steradian, ``f(x)/t - log sum_i area_i exp(f_i/t)``, of each
     vector at its point: coeffs ``(..., K)``, latlon ``(..., 2)`` (broadcast) -> ``(...)``
     float64. Fused over the grid (no batch x grid matrix); differentiable w.r.t. coeffs.
-    The NLL of a prediction is ``-log_density_at(pred, true_latlon)``. The default grid:
-    Gauss-Legendre rings at 4x the decode grid's resolution (as :func:`log_normalizer`).
+    The NLL of a prediction is ``-log_density_at(pred, true_latlon)``. The default grid is
+    :func:`log_normalizer`'s.
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     t = check_temperature(temperature)
-    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE, NORMALIZER_KIND)
+    grid = _normalizer_grid(grid, flat, degree, t)
     c, ll, shape = _pairs(flat, lead, latlon)
     fx = values_at(c, ll)
     logz = shdd_api.log_partition(c, _grid_args(grid, degree, c.device), 1.0 / t)
@@ -421,9 +444,9 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     The fused op ``locdiff::shdd_kl`` keeps no batch x grid matrix; when either input needs a
     gradient, ``locdiff::shdd_kl_grad`` computes the gradients in the same pass (backward
     only scales them), w.r.t. pred and target. Shapes ``(..., K)``, broadcast. The default
-    grid is :func:`log_normalizer`'s, 4x the decode grid's resolution: the softmaxes are
-    sharper than f, and on the decode grid a sharp pair's KL can be off by half. Training
-    passes the grid its sharpness needs (``locdiff.diffusion.losses.kl_grid``).
+    grid is :func:`log_normalizer`'s for the sharper of the two: the softmaxes are sharper
+    than f, and on the decode grid a sharp pair's KL can be off by half. Training passes the
+    grid its sharpness needs (``locdiff.diffusion.losses.kl_grid``).
 
     >>> c = encode(torch.tensor([[10.0, 20.0]]), 16)
     >>> float(kl_divergence(c, c))
@@ -436,7 +459,7 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     t = check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    grid = _grid(grid, degree, NORMALIZER_OVERSAMPLE, NORMALIZER_KIND)
+    grid = _normalizer_grid(grid, torch.cat([p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])]), degree, t)
     if not grid.is_ring:
         raise ValueError(f"kl_divergence needs a ring grid (equiangular or gauss_legendre), got {grid.kind}")
     if p.device != q.device:
