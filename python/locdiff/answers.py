@@ -48,7 +48,8 @@ _CHUNK_CELLS = 1 << 20  # rows x grid cells handled at once (under 100 MB with t
 # softmax(f / t), sharper than f's by sqrt(f0 / t): at 2x the decode resolution a 50 %
 # region's radius was up to 90 % off at the random-split demo's sharpness (46);
 # 1.2 sqrt(f0 / t) x on Gauss-Legendre rings keeps it within 4 % (docs/photos.md, "Answers").
-# Basins need no such grid (a basin's mass moves little with its border's cells).
+# Basins keep the 2x grid: an exact SHDD's top basin holds 0.9997-1 of the mass there at
+# sharpness 16-46, as on finer grids (tests/test_answers.py).
 MIN_OVERSAMPLE, MAX_OVERSAMPLE = 2.0, 16.0
 
 
