@@ -60,7 +60,7 @@ def default_grid(degree: int) -> grids.Grid:
 
 def credible_grid(degree: int, temperature: float) -> grids.Grid:
     """The ring grid of the credible regions of ``softmax(f / temperature)``, degree L."""
-    sharpness = (degree + 1) ** 2 / (4 * math.pi) / shdd.check_temperature(temperature)  # exact SHDD's peak / t
+    sharpness = shdd.exact_peak(degree) / shdd.check_temperature(temperature)
     oversample = min(MAX_OVERSAMPLE, max(MIN_OVERSAMPLE, 1.2 * math.sqrt(sharpness)))
     return grids.for_degree(degree, "gauss_legendre", oversample=oversample)
 

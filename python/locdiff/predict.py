@@ -35,7 +35,7 @@ MIN_MODE_OVERSAMPLE, MAX_MODE_OVERSAMPLE = 4.0, 8.0
 def density_mode_grid(degree: int, temperature: float):
     """The grid on which :meth:`Predictor.locate` projects ``softmax(f / temperature)``, or
     None when the density is so sharp (f0 / t above 44) that its mode is f's own."""
-    sharpness = (degree + 1) ** 2 / (4 * math.pi) / temperature  # an exact SHDD's peak over t
+    sharpness = shdd.exact_peak(degree) / temperature
     oversample = max(MIN_MODE_OVERSAMPLE, 1.2 * math.sqrt(sharpness))
     return None if oversample > MAX_MODE_OVERSAMPLE else grids.for_degree(degree, "gauss_legendre", oversample=oversample)
 

@@ -102,6 +102,12 @@ def _check_has_modes(flat: torch.Tensor, name: str = "coeffs") -> None:
 MIN_TEMPERATURE = 1e-6
 
 
+def exact_peak(degree: int) -> float:
+    """The value of an exact SHDD's function at its point, ``(L+1)^2 / (4 pi)``: over a
+    temperature t, the sharpness of its density ``softmax(f / t)``."""
+    return (degree + 1) ** 2 / (4 * math.pi)
+
+
 def check_temperature(temperature) -> float:
     """``temperature`` as a float; a ValueError naming it unless finite and >= MIN_TEMPERATURE."""
     try:
@@ -135,13 +141,13 @@ NORMALIZER_MAX_CELLS = 1 << 22
 NORMALIZER_KIND = "gauss_legendre"
 
 
-def _normalizer_grid(grid, flat: torch.Tensor, degree: int, t: float) -> _grids.Grid:
-    """``grid``, or the default grid of the normalisers for the sharpest of the rows."""
+def _normalizer_grid(grid, degree: int, t: float, *coeffs: torch.Tensor) -> _grids.Grid:
+    """``grid``, or the default grid of the normalisers for the sharpest row of ``coeffs``."""
     if grid is not None:
         return _grid(grid, degree)
     # |f(x)| <= |c| sqrt(K / 4 pi) (Cauchy-Schwarz; an exact SHDD reaches it at its point).
-    peak = float(flat.detach().norm(dim=-1).max()) * math.sqrt(flat.shape[-1] / (4 * math.pi)) if flat.numel() else 0.0
-    want = max(NORMALIZER_OVERSAMPLE, 0.65 * math.sqrt(peak / t))
+    norm = max((float(c.detach().norm(dim=-1).max()) for c in coeffs if c.numel()), default=0.0)
+    want = max(NORMALIZER_OVERSAMPLE, 0.65 * math.sqrt(norm * math.sqrt(exact_peak(degree)) / t))
     chosen = NORMALIZER_LADDER[0]
     for o in NORMALIZER_LADDER:
         nlat, nlon = _grids.ring_shape(degree, o)
@@ -416,7 +422,7 @@ def log_normalizer(coeffs, grid=None, temperature: float = 1.0):
     bounds the rows' peak over t (NORMALIZER_*)."""
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     t = check_temperature(temperature)
-    grid = _normalizer_grid(grid, flat, degree, t)
+    grid = _normalizer_grid(grid, degree, t, flat)
     logz = shdd_api.log_partition(flat, _grid_args(grid, degree, flat.device), 1.0 / t)
     return _out(logz.reshape(lead), numpy)
 
@@ -430,7 +436,7 @@ def log_density_at(coeffs, latlon, grid=None, temperature: float = 1.0):
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     t = check_temperature(temperature)
-    grid = _normalizer_grid(grid, flat, degree, t)
+    grid = _normalizer_grid(grid, degree, t, flat)
     c, ll, shape = _pairs(flat, lead, latlon)
     fx = values_at(c, ll)
     logz = shdd_api.log_partition(c, _grid_args(grid, degree, c.device), 1.0 / t)
@@ -459,7 +465,7 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     t = check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    grid = _normalizer_grid(grid, torch.cat([p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])]), degree, t)
+    grid = _normalizer_grid(grid, degree, t, p, q)
     if not grid.is_ring:
         raise ValueError(f"kl_divergence needs a ring grid (equiangular or gauss_legendre), got {grid.kind}")
     if p.device != q.device:

@@ -81,7 +81,9 @@ class DiffusionConfig:
 def kl_temperature(degree: int, sharpness: float) -> float:
     """The absolute temperature ``f0 / kappa`` of :func:`locdiff.shdd.kl_divergence` for a
     sharpness kappa at degree L (``f0 = (L+1)^2 / (4 pi)``, the exact SHDD peak)."""
-    return (degree + 1) ** 2 / (4 * math.pi) / sharpness
+    from locdiff import shdd
+
+    return shdd.exact_peak(degree) / sharpness
 
 
 @functools.lru_cache(maxsize=16)
