@@ -67,11 +67,11 @@ def latlon_to_xyz(latlon):
         raise ValueError("latlon: longitudes must be finite")
     # The trigonometry in float64 whatever the input: float32 degrees made cos(90) -4.4e-8,
     # which high degrees amplify (7.9e-6 per unit at L = 256 on a pole, 2e-6 elsewhere).
-    radians = (latlon.double() if xp is torch else latlon.astype(np.float64)) * (math.pi / 180)
+    radians = (latlon.double() if xp is torch else latlon.astype(np.float64, copy=False)) * (math.pi / 180)
     cos, sin = xp.cos(radians), xp.sin(radians)
     clat = cos[..., 0]
     out = xp.stack([clat * cos[..., 1], clat * sin[..., 1], sin[..., 0]], -1)
-    return out.to(latlon.dtype) if xp is torch else out.astype(latlon.dtype)
+    return out.to(latlon.dtype) if xp is torch else out.astype(latlon.dtype, copy=False)
 
 
 def xyz_to_latlon(xyz):
@@ -109,7 +109,7 @@ def great_circle_km(a, b, radius_km: float = EARTH_RADIUS_KM):
         b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
     dtype = np.result_type(a.dtype, np.asarray(b).dtype) if xp is np else torch.promote_types(a.dtype, b.dtype)
     # In float64 whatever the input: float32 put (12.3, 180) 1 m from (12.3, -180).
-    a, b = (a.double(), b.double()) if xp is torch else (a.astype(np.float64), np.asarray(b, np.float64))
+    a, b = (a.double(), b.double()) if xp is torch else (a.astype(np.float64, copy=False), np.asarray(b, np.float64))
     lat1, lon1 = a[..., 0] * (math.pi / 180), a[..., 1] * (math.pi / 180)
     lat2, lon2 = b[..., 0] * (math.pi / 180), b[..., 1] * (math.pi / 180)
     dlon = lon2 - lon1
@@ -119,4 +119,4 @@ def great_circle_km(a, b, radius_km: float = EARTH_RADIUS_KM):
     den = s1 * s2 + c1 * c2 * cd
     ang = xp.arctan2(num, den) if xp is np else torch.atan2(num, den)
     out = ang * radius_km
-    return out.to(dtype) if xp is torch else out.astype(dtype)
+    return out.to(dtype) if xp is torch else out.astype(dtype, copy=False)
