@@ -282,8 +282,9 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
     if not isinstance(density, (bool, int)) or density < 0:
         raise ValueError(f"density must be True, False or a number of inputs >= 0, got {density!r}")
     keep = c.shape[0] if density is True else int(density)
-    fine = _ring(grid, degree) if grid is not None else credible_grid(degree, temperature)
+    given = grid is not None
     grid = _ring(grid, degree)
+    fine = grid if given else credible_grid(degree, temperature)
     sep = shdd.default_separation_km(degree) if min_separation_km is None else float(min_separation_km)
 
     def cells(rows: slice, g):

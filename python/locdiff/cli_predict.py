@@ -68,8 +68,7 @@ SAMPLING_FLAGS = {"sampler": "sampler", "steps": "sample-steps", "samples": "sam
 def _sampling(args, pred) -> dict:
     """Prediction settings given on the command line (None: the run's own), checked against
     the run before any prediction: one error line naming the flag."""
-    given = {"sampler": args.sampler, "steps": args.sample_steps, "samples": args.samples,
-             "guidance": args.guidance, "eta": args.eta}
+    given = {name: getattr(args, flag.replace("-", "_")) for name, flag in SAMPLING_FLAGS.items()}
     try:
         s = pred.settings(**given)
     except ValueError as err:

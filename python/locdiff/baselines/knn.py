@@ -8,6 +8,7 @@ and a k-NN von Mises-Fisher mixture density whose settings are chosen on validat
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -75,8 +76,6 @@ class NeighbourIndex:
         return torch.cat(sims), torch.cat(idxs)
 
     def _search_cached(self, q: torch.Tensor, k: int):
-        import hashlib
-
         key = (hashlib.blake2b(q.numpy().tobytes(), digest_size=16).digest(), tuple(q.shape))
         hit = self._cache.get(key)
         if hit is not None and hit[0].shape[1] >= k:
