@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from locdiff import grids, shdd
 from locdiff.geo import great_circle_km
@@ -194,3 +195,59 @@ def test_inputs_that_disagree_are_named():
         h.predict(coeffs, 5.0, q, np.zeros((3, 2)))
     with pytest.raises(ValueError, match="query embeddings row 0 is NaN"):
         h.predict(coeffs, 5.0, np.full((1, 2), np.nan, np.float32), mode)
+
+
+def _log_vmf_integral(degree, t, point, mu, bandwidth_km):
+    """Reference: log of the integral of vMF(x; mu) exp(f(x) / t) for the exact SHDD at
+    ``point``, in coordinates about the point (f is a Legendre sum of the angle to it)."""
+    from numpy.polynomial.legendre import leggauss
+    from scipy.special import eval_legendre
+
+    from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz
+    edges = np.concatenate([np.linspace(0, 0.2, 401), np.linspace(0.2, np.pi, 200)[1:]])
+    x, w = leggauss(8)
+    th = ((edges[:-1] + edges[1:])[:, None] / 2 + np.diff(edges)[:, None] / 2 * x).ravel()
+    thw = (np.diff(edges)[:, None] / 2 * w).ravel()
+    f = sum((2 * l + 1) / (4 * np.pi) * eval_legendre(l, np.cos(th)) for l in range(degree + 1))
+    phi = np.arange(2048) * 2 * np.pi / 2048
+    p, m = latlon_to_xyz(np.asarray(point, np.float64)), latlon_to_xyz(np.asarray(mu, np.float64))
+    e1 = np.cross(p, [0.0, 0.0, 1.0] if abs(p[2]) < 0.9 else [1.0, 0.0, 0.0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(p, e1)
+    cos_to_mu = np.cos(th)[:, None] * (p @ m) + np.sin(th)[:, None] * (np.cos(phi) * (e1 @ m) + np.sin(phi) * (e2 @ m))
+    kappa = (EARTH_RADIUS_KM / bandwidth_km) ** 2
+    log_vmf = kappa * (cos_to_mu - 1) + np.log(kappa / (2 * np.pi * -np.expm1(-2 * kappa)))
+    peak = f.max() / t
+    inner = np.exp(f[:, None] / t - peak + log_vmf).sum(1) * (2 * np.pi / 2048)
+    return float(np.log((inner * np.sin(th) * thw).sum()) + peak)
+
+
+@pytest.mark.parametrize("degree, sharpness, bandwidth_km", [(32, 200, 75.0), (64, 50, 25.0), (128, 50, 75.0)])
+@pytest.mark.parametrize("point", [(20.0, 30.0), (89.5, 30.0), (10.0, 179.9)])
+def test_normaliser_holds_where_the_model_is_sharper_than_the_vmf(degree, sharpness, bandwidth_km, point):
+    # With one neighbour and weight 1, p_H = q vMF / E[q], so log p_H - log q - log vMF is
+    # -log E[q]; E[q] is checked against a 2-D quadrature about the SHDD's point, with the
+    # neighbour on the point and 1 and 2.5 bandwidths away (across the antimeridian and
+    # near the pole too). A vMF much wider than q's lobe is where a 5 x 5 Gauss-Hermite rule
+    # missed the lobe (0.3-2 nats off here).
+    from locdiff.baselines.knn import log_vmf_mixture
+    from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+    t = shdd.exact_peak(degree) / sharpness
+    coeffs = shdd.encode(np.asarray(point, np.float64), degree)[None]
+    p = latlon_to_xyz(np.asarray(point, np.float64))
+    east = np.cross([0.0, 0.0, 1.0], p)
+    east /= np.linalg.norm(east)
+    cfg = HybridConfig(neighbours=1, weight=1.0, bandwidth_km=bandwidth_km)
+    for steps in (0.0, 1.0, 2.5):
+        ang = steps * bandwidth_km / EARTH_RADIUS_KM
+        mu = xyz_to_latlon(np.cos(ang) * p + np.sin(ang) * east)
+        h = Hybrid(np.ones((1, 2), np.float32), mu[None], cfg)
+        at = np.asarray(point, np.float64)[None]
+        log_ph = h.log_density_at(coeffs, t, np.ones((1, 2), np.float32), at)[0]
+        log_q = float(shdd.log_density_at(coeffs, at, temperature=t)[0])
+        log_v = float(log_vmf_mixture(torch.as_tensor(latlon_to_xyz(at))[None], torch.as_tensor(latlon_to_xyz(mu))[None, None],
+                                      torch.zeros(1, 1, dtype=torch.float64), cfg.kappa)[0, 0])
+        log_e = log_q + log_v - log_ph                      # log E[q], q normalised by the library
+        log_z = float(shdd.log_normalizer(coeffs, temperature=t)[0])
+        reference = _log_vmf_integral(degree, t, point, mu, bandwidth_km) - log_z
+        assert log_e == pytest.approx(reference, abs=0.005), (steps, log_e, reference)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import locdiff
-from locdiff import grids, shdd
+from locdiff import geo, grids, shdd
 from locdiff.ops import shdd as ops
 from locdiff.ops import shdd_api, shdd_gemm
 from shdd_helpers import refine_torch, ring_args, torch_route_candidates
@@ -421,3 +421,25 @@ GOOD = shdd.encode(torch.tensor([[1.0, 2.0]], dtype=torch.float64), 3)
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_values_at_with_and_without_a_gradient(dtype):
+    # Without a gradient values_at takes the fused kernel (no (N, K) tables), with one the
+    # harmonics table; both equal sum_k c_k Y_k(x) for broadcast batches, poles and the
+    # antimeridian included, and the gradient w.r.t. the coefficients is Y(x).
+    gen = torch.Generator().manual_seed(5)
+    c = torch.randn(3, 1, 289, generator=gen, dtype=torch.float64).to(dtype)
+    ll = torch.cat([torch.rand(1, 4, 2, generator=gen, dtype=torch.float64) * torch.tensor([180.0, 360.0]) - torch.tensor([90.0, 180.0]),
+                    torch.tensor([[[90.0, 0.0], [-90.0, 10.0], [5.0, 180.0], [5.0, -180.0]]], dtype=torch.float64)], 1)
+    y = locdiff.spherical_harmonics(geo.latlon_to_xyz(ll), 16)              # (1, 8, 289)
+    want = (c.double() * y).sum(-1)                                          # (3, 8)
+    plain = shdd.values_at(c, ll)
+    assert plain.shape == (3, 8) and plain.dtype == torch.float64
+    torch.testing.assert_close(plain, want, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-11)
+    cg = c.clone().requires_grad_(True)
+    tracked = shdd.values_at(cg, ll)
+    torch.testing.assert_close(tracked.detach(), want, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-11)
+    tracked.sum().backward()
+    torch.testing.assert_close(cg.grad.double(), y.sum(1, keepdim=True).expand(3, 1, 289), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(shdd.values_at(c.numpy(), ll.numpy()), want.numpy(), atol=1e-5)

@@ -9,8 +9,9 @@ query's nearest gallery entries,
 with ``a = softmax(similarity / temperature)`` over the ``neighbours`` most similar gallery
 embeddings (cosine), ``mu_j`` their locations and ``kappa = (R / bandwidth)^2``. Its
 normaliser is ``(1 - w) / (4 pi) + w sum_j a_j E_j[q]``, where ``E_j[q]``, the mean of q
-under the j-th vMF, is a 5 x 5 Gauss-Hermite rule in the tangent plane at ``mu_j`` (the
-vMF is a Gaussian there at these bandwidths), so NLL needs no global grid. The prediction is the best of the model's mode and the
+under the j-th vMF, is a product rule in the tangent plane at ``mu_j`` whose spacing
+resolves both the vMF and q's sharpest lobe (:func:`vmf_rule`), so NLL needs no global
+grid. The prediction is the best of the model's mode and the
 gallery locations under p_H: where a similar gallery entry lies in a likely region the
 answer snaps to it (fine scales), elsewhere the model's mode stands. Gallery entries within
 ``snap_km`` of that answer count as the same place, and the answer moves to the most similar
@@ -36,25 +37,52 @@ from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_
 from locdiff.metrics import check_latlon
 from locdiff.selection import MIN_GAIN, clearly_better
 
-# Gauss-Hermite nodes and weights for E[g(z)], z ~ N(0, 1) (probabilists' form), per axis.
-_NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(5)
-_WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
+# The tangent-plane rule for E_j[q]: nodes out to RULE_EXTENT vMF standard deviations
+# (the vMF falls to e^-18 there), RULE_SPACING widths of the product of the vMF and q's
+# sharpest lobe apart (a uniform rule's relative error on a Gaussian, exp(-2 pi^2 / 1.5^2),
+# is 1.5e-4), at most RULE_MAX_NODES per axis (docs/model.md, "LocDiff-H").
+RULE_EXTENT = 6.0
+RULE_SPACING = 1.5
+RULE_MAX_NODES = 129
+# Points evaluated at once: rows are taken in chunks of this many (row, neighbour, node)s.
+RULE_CHUNK = 1 << 21
 
 
-def _tangent_nodes(mu: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Points (..., 25, 3) of a 5 x 5 Gauss-Hermite rule for a Gaussian of std ``sigma``
-    (radians) in the tangent plane at unit vectors ``mu`` (..., 3), mapped onto the sphere
-    by the exponential map, and their weights (25,) summing to 1."""
+def lobe_width(coeffs: torch.Tensor, temperature: float) -> float:
+    """A lower bound (radians) on the standard deviation of the sharpest lobe of
+    ``softmax(f / t)`` over the rows ``coeffs`` (B, K): an exact SHDD's lobe,
+    ``2 / sqrt(S L (L + 2))``, at the sharpness S that bounds the rows' peak over t
+    (``|f| <= |c| sqrt(K / 4 pi)``)."""
+    degree = shdd.degree_of(coeffs.shape[-1])
+    if not len(coeffs) or degree == 0:
+        return math.pi
+    peak = float(coeffs.norm(dim=-1).max()) * math.sqrt(coeffs.shape[-1] / (4 * math.pi)) / temperature
+    return 2.0 / math.sqrt(max(peak, 1e-12) * degree * (degree + 2))
+
+
+def vmf_rule(mu: torch.Tensor, bandwidth: float, spacing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes (..., n, 3) and log weights (n,) of a rule for the mean of a function under
+    vMF(mu, kappa = 1 / bandwidth^2) (radians) at each unit vector ``mu`` (..., 3): the
+    nodes of a square lattice at most ``spacing`` apart in the tangent plane (at most
+    RULE_MAX_NODES a side) within RULE_EXTENT bandwidths (at most pi), mapped onto the
+    sphere by the exponential map and weighted by the vMF and the map's area factor; the
+    weights sum to 1."""
+    reach = min(RULE_EXTENT * bandwidth, math.pi)
+    half = min(math.ceil(reach / spacing), (RULE_MAX_NODES - 1) // 2)
+    h = torch.linspace(-reach, reach, 2 * half + 1, dtype=mu.dtype)
+    a, b = (g.reshape(-1) for g in torch.meshgrid(h, h, indexing="ij"))
+    r = torch.hypot(a, b)
+    keep = r <= reach
+    a, b, r = a[keep], b[keep], r[keep]
+    kappa = 1.0 / bandwidth ** 2
+    log_w = kappa * (torch.cos(r) - 1) + torch.log(torch.sinc(r / math.pi))
+    log_w = log_w - torch.logsumexp(log_w, 0)
     helper = torch.where(mu[..., 2:3].abs() < 0.9, mu.new_tensor([0.0, 0.0, 1.0]), mu.new_tensor([1.0, 0.0, 0.0]))
     e1 = torch.nn.functional.normalize(torch.cross(mu, helper.expand_as(mu), dim=-1), dim=-1)
     e2 = torch.cross(mu, e1, dim=-1)
-    h = torch.as_tensor(_NODES, dtype=mu.dtype) * sigma
-    a, b = torch.meshgrid(h, h, indexing="ij")
-    u = a.reshape(-1, 1) * e1[..., None, :] + b.reshape(-1, 1) * e2[..., None, :]  # (..., 25, 3)
-    r = u.norm(dim=-1, keepdim=True)
-    x = torch.cos(r) * mu[..., None, :] + torch.sinc(r / math.pi) * u
-    w = torch.as_tensor(np.outer(_WEIGHTS, _WEIGHTS).reshape(-1), dtype=mu.dtype)
-    return x, w
+    u = a[:, None] * e1[..., None, :] + b[:, None] * e2[..., None, :]
+    x = torch.cos(r)[:, None] * mu[..., None, :] + torch.sinc(r / math.pi)[:, None] * u
+    return x, log_w
 
 
 @dataclass(frozen=True)
@@ -113,16 +141,31 @@ class Hybrid:
             x = points(sl)
             logz = shdd.log_normalizer(c, temperature=temperature)
 
-            def log_q(xyz):
-                flat = xyz.reshape(len(c), -1, 3)
-                v = shdd.values_at(c[:, None], xyz_to_latlon(flat)) / temperature - logz[:, None]
+            def log_q(xyz, rows=slice(None), c=c, logz=logz):
+                flat = xyz.reshape(len(xyz), -1, 3)
+                v = shdd.values_at(c[rows, None], xyz_to_latlon(flat)) / temperature - logz[rows, None]
                 return v.reshape(xyz.shape[:-1])
             part = {"sim": sim.double(), "mu": mu, "x": x, "lq_mu": log_q(mu), "lq_x": log_q(x), "lq_vmf": {}}
+            lobe = lobe_width(c, temperature) if bandwidths_km else math.pi
             for bw in bandwidths_km:
-                nodes, w = _tangent_nodes(mu, bw / EARTH_RADIUS_KM)
-                part["lq_vmf"][bw] = torch.logsumexp(log_q(nodes) + w.log(), -1)
+                part["lq_vmf"][bw] = self._log_mean_q(log_q, mu, bw / EARTH_RADIUS_KM, lobe)
             parts.append(part)
         return parts
+
+    @staticmethod
+    def _log_mean_q(log_q, mu: torch.Tensor, bandwidth: float, lobe: float) -> torch.Tensor:
+        """log E_j[q] (b, k) for the vMFs at ``mu`` (b, k, 3), ``log_q(xyz (b, ..., 3))``
+        giving log q per row. The rule's spacing is RULE_SPACING x the width of the product
+        of the vMF and q's sharpest lobe, ``(bandwidth^-2 + lobe^-2)^-1/2``."""
+        spacing = (bandwidth ** -2 + lobe ** -2) ** -0.5
+        nodes, log_w = vmf_rule(mu[:1, :1], bandwidth, RULE_SPACING * spacing)
+        n = nodes.shape[-2]
+        step = max(1, RULE_CHUNK // max(1, mu.shape[1] * n))
+        out = []
+        for i in range(0, len(mu), step):
+            x, _ = vmf_rule(mu[i:i + step], bandwidth, RULE_SPACING * spacing)
+            out.append(torch.logsumexp(log_q(x, slice(i, i + step)) + log_w, -1))
+        return torch.cat(out) if out else mu.new_empty(mu.shape[:2])
 
     @staticmethod
     def _log_r(part: dict, xyz: torch.Tensor, cfg: HybridConfig) -> torch.Tensor:

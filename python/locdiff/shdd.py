@@ -409,9 +409,15 @@ def values_at(coeffs, latlon):
     True
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
-    c, ll, shape = _pairs(flat, lead, latlon)
-    y = spherical_harmonics(latlon_to_xyz(ll), degree)
-    return _out((c.double() * y).sum(-1).reshape(shape), numpy)
+    if flat.requires_grad and torch.is_grad_enabled():
+        c, ll, shape = _pairs(flat, lead, latlon)
+        y = spherical_harmonics(latlon_to_xyz(ll), degree)
+        return _out((c.double() * y).sum(-1).reshape(shape), numpy)
+    # Without a gradient, the fused kernel evaluates each point against its own row, with
+    # no (N, K) copies of the rows and the harmonics (gigabytes for many points at L >= 64).
+    rows = torch.arange(flat.shape[0], device=flat.device).reshape(lead)
+    row, ll, shape = _pairs(rows[..., None], lead, latlon)
+    return _out(shdd_api.values(flat, latlon_to_xyz(ll), row[:, 0], degree).reshape(shape), numpy)
 
 
 def log_normalizer(coeffs, grid=None, temperature: float = 1.0):

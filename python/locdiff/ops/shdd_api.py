@@ -40,6 +40,12 @@ def synth(flat: Tensor, grid: GridArgs) -> Tensor:
     return flat @ grid.dense(flat.dtype).T
 
 
+def values(flat: Tensor, xyz: Tensor, row: Tensor, degree: int) -> Tensor:
+    """f of row ``row[i]`` at the unit vector ``xyz[i]`` (N,) float64, fused: no (N, K)
+    table of harmonics. Not differentiable."""
+    return pick("shdd_eval", flat.device.type)(flat, xyz.double().contiguous(), row.contiguous(), degree)[0]
+
+
 def analyze(weights: Tensor, grid: GridArgs) -> Tensor:
     """``sum_g w_g Y_k(x_g)`` per row (B, K): the adjoint of :func:`synth`, differentiable."""
     if grid.ring is not None:
