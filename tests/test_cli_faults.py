@@ -216,7 +216,9 @@ def test_train_checks_validation_data_and_resumes_with_the_runs_settings(files, 
     ({"coarse_degree": 2.5}, "coarse_degree must be None"),
     ({"guidance": "a"}, "guidance must be a finite number"),
     ({"eta": -5.0}, "eta must be a finite number in"),
-    ({"temperature": float("nan")}, "temperature must be a finite number > 0"),
+    ({"temperature": float("nan")}, r"temperature must be a finite number >= 1e-06 .*got nan"),
+    ({"temperature": 1e-9}, r"temperature must be a finite number >= 1e-06 .*got 1e-09"),
+    ({"temperature": "0.5"}, "temperature must be a number, got '0.5'"),
 ])
 def test_predictor_names_a_bad_or_unknown_setting(files, overrides, error):
     from locdiff.predict import Predictor

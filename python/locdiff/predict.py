@@ -92,8 +92,9 @@ class Predictor:
             raise ValueError(f"coarse_degree must be None or an int in [1, {self.degree - 1}] (below the run's "
                              f"degree), got {cd!r}")
         t = s["temperature"]
-        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not (math.isfinite(t) and t > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)):
+            raise ValueError(f"temperature must be a number, got {t!r}")
+        s["temperature"] = shdd.check_temperature(t)
         return s
 
     def _embeddings(self, emb) -> torch.Tensor:
