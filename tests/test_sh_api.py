@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import locdiff
+from locdiff import shdd
 from locdiff.ops import spherical_harmonics_op, spherical_harmonics_out_op, spherical_harmonics_reference
 from locdiff.ops.sh import forward_cpu_numpy
 from locdiff.testing import assert_close
@@ -370,6 +371,15 @@ def test_a_non_finite_component_anywhere_is_caught(bad, degree, dtype):
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend"):
         locdiff.spherical_harmonics(torch.ones(3), 2, backend="fortran")
+
+
+def test_triton_backend_on_a_cpu_tensor_is_named(monkeypatch):
+    # Triton's own error on a machine without a GPU ("0 active drivers") names nothing.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend 'triton' runs spherical_harmonics on CUDA tensors, got a cpu"):
+        locdiff.spherical_harmonics(torch.ones(3), 2, backend="triton")
+    with pytest.raises(ValueError, match="backend 'triton' runs shdd_decode on CUDA tensors"):
+        shdd.decode(shdd.encode(torch.tensor([10.0, 20.0]), 4), backend="triton")
 
 
 def test_cuda_tensor_on_cpu_only_build_raises():

@@ -34,7 +34,11 @@ def main():
     ap.add_argument("--apart", action="store_true",
                     help="time each implementation in its own block of rounds, not interleaved")
     a = ap.parse_args()
-    import sphericart
+    try:
+        import sphericart
+    except ImportError:
+        raise SystemExit("sh_batch_sizes.py: this table compares with sphericart, which is not installed "
+                         "(pip install sphericart, or the bench extra on a machine with a CUDA torch)")
 
     torch.set_num_threads(a.threads)
     print("| L | points | locdiff (torch) us | locdiff (numpy) us | sphericart us | sphericart / locdiff (torch) "

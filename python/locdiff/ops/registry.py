@@ -11,6 +11,7 @@ reasons: docs/kernels.md, "Dispatch map".
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,12 +105,17 @@ TABLE: tuple[Row, ...] = tuple(
 )
 
 _INDEX = {(r.op, r.device, r.backend): r for r in TABLE}
+_TRUE = ("1", "true", "on", "yes")
 OPS = tuple(dict.fromkeys(r.op for r in TABLE))
 
 
 def row(op: str, device: str, backend: str | None = None) -> Row:
     """The row for op on a device type ("cpu", "cuda") and backend (None: "native")."""
     backend = backend or "native"
+    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET", "").lower() not in _TRUE:
+        # Triton compiles for GPUs; on the CPU its own error ("0 active drivers") names nothing.
+        raise ValueError(f"backend 'triton' runs {op} on CUDA tensors, got a cpu tensor; on the CPU use "
+                         f"backend None (the native kernels), or Triton's interpreter with TRITON_INTERPRET=1")
     hit = _INDEX.get((op, device, backend))
     if hit is None:
         have = sorted(f"{d}/{b}" for (o, d, b) in _INDEX if o == op)
