@@ -443,3 +443,22 @@ def test_values_at_with_and_without_a_gradient(dtype):
     tracked.sum().backward()
     torch.testing.assert_close(cg.grad.double(), y.sum(1, keepdim=True).expand(3, 1, 289), rtol=0, atol=1e-5)
     np.testing.assert_allclose(shdd.values_at(c.numpy(), ll.numpy()), want.numpy(), atol=1e-5)
+
+
+def test_decode_tables_that_cannot_fit_are_named(monkeypatch):
+    # At high degree the decode's Legendre table and GEMM tables grow as L^3 (gigabytes past
+    # L = 1000): a machine that cannot hold them gets a MemoryError naming them and the degree
+    # before anything is allocated, not the allocator's raw error.
+    from locdiff.ops import shdd_gemm, validation
+    grid = grids.equiangular(301, 602)  # a fresh grid: no table cached yet
+    c = shdd.encode(torch.tensor([10.0, 20.0]), 200)[None]
+    monkeypatch.setattr(validation, "physical_memory_bytes", lambda: 1 << 20)
+    with pytest.raises(MemoryError, match=r"Legendre table of a 301-ring grid at degree 200 .*more than the 0.0 GiB"):
+        shdd.decode(c, grid=grid)
+    monkeypatch.undo()
+    table = grid.legendre_table(200)
+    monkeypatch.setattr(validation, "physical_memory_bytes", lambda: table.numel() * 8)
+    with pytest.raises(MemoryError, match="the decode's GEMM tables at degree 200 .*decode at a lower degree"):
+        shdd_gemm._gemm_layout(table, 200, 301, float(grid.lon0), 602, torch.float64)
+    monkeypatch.undo()
+    np.testing.assert_allclose(shdd.decode(c, grid=grid).numpy(), [[10.0, 20.0]], atol=1e-9)

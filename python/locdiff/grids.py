@@ -86,6 +86,10 @@ class Grid:
         key = ("legendre", int(degree), str(_device(device)))
         if key not in self._cache:
             validation.check_device(device)
+            size = (self.nlat + 1) // 2 * ((int(degree) + 1) * (int(degree) + 2) // 2)
+            validation.check_allocation((size,), torch.float64, torch.device("cpu"),
+                                        f"the Legendre table of a {self.nlat}-ring grid at degree {degree}",
+                                        "use a lower degree or a grid with fewer rings")
             self._cache[key] = _legendre_table(self.theta, self.nlat, int(degree)).to(device)
         return self._cache[key]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from locdiff.ops import launch
+from locdiff.ops import launch, validation
 
 # Decoding synthesises f on the grid in chunks of vectors (at most _CHUNK_VALUES grid values,
 # so no batch x grid matrix), then the C++ scan keeps each vector's local maxima:
@@ -42,21 +42,27 @@ def _gemm_layout(table: Tensor, degree: int, nlat: int, lon0: float, nlon: int, 
     if hit is not None and hit[0] is table:
         return hit[1]
     L, nhalf, K = degree, (nlat + 1) // 2, (degree + 1) ** 2
-    ext = torch.cat([table, table.new_zeros(1)])
-    groups = []
     bounds = sorted({round(g * (L + 1) / _M_GROUPS) for g in range(_M_GROUPS + 1)})
-    for m0, m1 in zip(bounds[:-1], bounds[1:]):
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    validation.check_allocation((sum(2 * (m1 - m0) * nhalf * ((L + 2 - m0) // 2) for m0, m1 in spans),), dtype,
+                                torch.device("cpu"), f"the decode's GEMM tables at degree {L}",
+                                "decode at a lower degree")
+    groups = []
+    for m0, m1 in spans:
         n = (L + 2 - m0) // 2
+        # Block m of the table starts at nhalf * offset(m) and is (nhalf, L+1-m), entry (j, l-m);
+        # its even and odd l - m columns, scaled by w_m, fill slices 2(m - m0) and 2(m - m0) + 1.
+        t = torch.zeros((2 * (m1 - m0), nhalf, n), dtype=dtype)
+        for m in range(m0, m1):
+            off = nhalf * (m * (L + 1) - m * (m - 1) // 2)
+            block = table[off:off + nhalf * (L + 1 - m)].view(nhalf, L + 1 - m)
+            w = float(nlon) if m == 0 else nlon / 2.0
+            for parity in (0, 1):
+                cols = block[:, parity::2]
+                t[2 * (m - m0) + parity, :, :cols.shape[1]] = cols * w
         m = torch.arange(m0, m1)[:, None, None]
         l = m + torch.arange(2)[None, :, None] + 2 * torch.arange(n)[None, None, :]  # (m, parity, i)
         valid = l <= L
-        # Block m of the table starts at nhalf * offset(m) and is (nhalf, L+1-m), entry (j, l-m).
-        off = nhalf * (m * (L + 1) - m * (m - 1) // 2)
-        j = torch.arange(nhalf)[:, None]
-        tidx = torch.where(valid[:, :, None, :], off[:, :, None, :] + j * (L + 1 - m[:, :, None, :])
-                           + (l - m)[:, :, None, :], table.numel())  # (m, parity, ring, i)
-        w = torch.where(m == 0, float(nlon), nlon / 2.0)[:, :, None, :]
-        t = (ext[tidx] * w).reshape(2 * (m1 - m0), nhalf, n).to(dtype)
         # Coefficient rows (cos: l*l+l+m, sin: l*l+l-m) per (m, parity, i); K: the zero row.
         rows = torch.stack([torch.where(valid, l * l + l + m, K),
                             torch.where(valid & (m > 0), l * l + l - m, K)], -1)
