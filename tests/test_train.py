@@ -180,3 +180,40 @@ def test_calibration_reads_a_fixed_sample_of_a_large_validation_set(monkeypatch)
     rows = np.sort(np.random.default_rng(0).choice(300, 100, replace=False))
     want = calibration.calibrate(pred, (emb[rows], coords[rows]))
     assert got["temperature"] == want["temperature"] and got["val_median_km"] == want["val_median_km"]
+
+
+@pytest.mark.parametrize("spread_km, side", [(150.0, "sharper"), (None, "broader")])
+def test_calibrated_temperature_goes_past_the_ends_of_its_table(spread_km, side):
+    # Vectors that are exact SHDDs 150 km from the truth want a density far sharper than the
+    # table's sharpest (sharpness 46 at L = 8); vectors unrelated to the truth want a broader
+    # one than its broadest. The search goes on past the ends while the NLL falls, and stops
+    # at a minimum (or at the sharpness range's end).
+    from locdiff import shdd
+    from locdiff.calibration import SHARPNESS_RANGE, TEMPERATURE_FACTORS, nll_temperature
+    from locdiff.diffusion.losses import kl_temperature
+    from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+
+    rng = np.random.default_rng(3)
+    truth = np.c_[rng.uniform(-60, 60, 400), rng.uniform(-180, 180, 400)]
+    if spread_km is None:
+        points = np.c_[rng.uniform(-60, 60, 400), rng.uniform(-180, 180, 400)]
+    else:
+        p = latlon_to_xyz(truth)
+        e = np.cross(p, rng.normal(size=(400, 3)))
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        a = spread_km / EARTH_RADIUS_KM
+        points = xyz_to_latlon(np.cos(a) * p + np.sin(a) * e)
+    coeffs = shdd.encode(torch.as_tensor(points), 8)
+    t, nll = nll_temperature(coeffs, truth, 8)
+    table = [kl_temperature(8, 16.0) * f for f in TEMPERATURE_FACTORS]
+
+    def nll_at(x):
+        return -float(shdd.log_density_at(coeffs, torch.as_tensor(truth), temperature=x).mean())
+    assert nll == pytest.approx(nll_at(t))
+    if side == "sharper":
+        assert t < table[0] / 2 and nll < nll_at(table[0]) - 0.3
+    else:
+        assert t > table[-1] * 1.4 and nll < nll_at(table[-1])
+    lo, hi = (shdd.exact_peak(8) / s for s in reversed(SHARPNESS_RANGE))
+    for x in (t / 2 ** 0.5, t * 2 ** 0.5):  # a minimum of the steps, or the range's end
+        assert nll_at(x) >= nll or not lo <= x <= hi

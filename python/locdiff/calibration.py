@@ -15,6 +15,10 @@ from locdiff.selection import clearly_better
 # Density temperatures tried by calibration, in units of the SHDD-KL temperature f0 / 16
 # at the run's degree (the density head learns densities near that scale).
 TEMPERATURE_FACTORS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.0, 16.0, 23.0, 32.0)
+# Where the best lies at an end of the table, the search goes on in steps of sqrt(2) while
+# the NLL falls, between these sharpnesses (f0 / t): the normalisers hold to 0.04 nats up to
+# sharpness 1000 at L <= 16 and 300 at L = 64 (docs/model.md, "Densities").
+SHARPNESS_RANGE = (0.05, 1000.0)
 COARSE_DEGREES = (4, 8, 16)
 
 
@@ -27,15 +31,30 @@ CALIBRATION_ROWS = 10_000
 
 
 def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
-    """The density temperature of ``TEMPERATURE_FACTORS`` with the lowest NLL of ``coords``
-    under the SHDD vectors ``coeffs`` -> (temperature, that NLL)."""
+    """The density temperature with the lowest NLL of ``coords`` under the SHDD vectors
+    ``coeffs`` -> (temperature, that NLL): the best of ``TEMPERATURE_FACTORS``, then, where
+    that is an end of the table, further steps outwards while the NLL falls (within
+    SHARPNESS_RANGE)."""
     from locdiff import shdd
 
     truth = torch.as_tensor(np.asarray(coords, np.float64))
+
+    def nll_at(t):
+        return -float(shdd.log_density_at(coeffs, truth, temperature=t).mean())
+
     temps = [kl_temperature(degree, 16.0) * f for f in TEMPERATURE_FACTORS]
-    nll = [-float(shdd.log_density_at(coeffs, truth, temperature=t).mean()) for t in temps]
+    nll = [nll_at(t) for t in temps]
     best = int(np.argmin(nll))
-    return temps[best], nll[best]
+    t, value = temps[best], nll[best]
+    if best in (0, len(temps) - 1):
+        step = 2 ** -0.5 if best == 0 else 2 ** 0.5
+        lo, hi = (shdd.exact_peak(degree) / s for s in reversed(SHARPNESS_RANGE))
+        while lo <= t * step <= hi:
+            v = nll_at(t * step)
+            if not v < value:
+                break
+            t, value = t * step, v
+    return t, value
 
 
 def calibrate(predictor, val, gallery=None, log=None) -> dict:
