@@ -122,6 +122,8 @@ IMPLS = {
 
 def available(impl: str, device: str, degree: int) -> str | None:
     """None if impl can run here, else the reason to skip."""
+    if device == "cuda" and not (torch.cuda.is_available() and locdiff.has_cuda()):
+        return "no CUDA device or CPU-only build"
     try:
         if impl == "locdiff-triton":
             if device != "cuda":
@@ -140,8 +142,6 @@ def available(impl: str, device: str, degree: int) -> str | None:
             return "the naive torch path takes minutes beyond degree 64"
     except ImportError as e:
         return f"{impl} not installed ({e})"
-    if device == "cuda" and not (torch.cuda.is_available() and locdiff.has_cuda()):
-        return "no CUDA device or CPU-only build"
     return None
 
 

@@ -39,6 +39,7 @@ psutil = pytest.importorskip("psutil")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for memory figures")
 
 DIM, BATCH, GOAL_RATIO, GOAL_BYTES = 768, 256, 5.0, 2 * 1024**3
+DEGREE = 24  # the training step the loader is measured against
 SIZES = {"fast": 100_000, "full": int(os.environ.get("LOCDIFF_LOADER_ROWS", 4_700_000))}
 
 
@@ -93,7 +94,7 @@ def _status_kb(pid: int, key: str) -> int:
 def train_rate(device: torch.device) -> float:
     """Samples/s of training steps of the demo's model at batch 256 with 768-float
     embeddings on ``device`` (bfloat16 autocast on CUDA; the CPU threads of conftest.py)."""
-    step, net = make_step(device, degree=24, emb_dim=DIM, bf16=device.type == "cuda", batch=BATCH)
+    step, net = make_step(device, degree=DEGREE, emb_dim=DIM, bf16=device.type == "cuda", batch=BATCH)
     rate = samples_per_s(step, device)
     _MODEL.append(net)  # kept alive: the memory goal is "beyond the model"
     return rate
@@ -153,6 +154,7 @@ def test_loader_throughput_and_memory(benchmark, size):
         train_after = train_rate(dev)
         step_rate = max(train_before, train_after)
         benchmark.extra_info.update({
+            "impl": "locdiff", "op": "loader", "degree": DEGREE, "dtype": "float16", "items": batches * BATCH,
             "rows": rows, "rows_wanted": wanted, "scaled": rows < wanted, "file_gb": round(path.stat().st_size / 1e9, 2),
             "write_s": round(write_s, 1), "workers": workers, "batch": BATCH, "batches": batches,
             "device": str(dev), "train_samples_per_s": round(step_rate),

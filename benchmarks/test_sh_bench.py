@@ -1,10 +1,12 @@
-"""Spherical harmonics: locdiff and its anchors in one run (pytest benchmarks --benchmark-only -k sh).
+"""Spherical harmonics: locdiff and its anchors in one run (pytest benchmarks --benchmark-only -k test_sh).
 
 Each case checks the implementation once against locdiff's float64 result (error per unit
 of sqrt((2l+1)/4pi), recorded in extra_info; anchors that are wrong are timed anyway and
-flagged), then times it. `store-floor` times writing a fresh output of the same size: no
-implementation that returns a new array can beat it; `locdiff-out` writes into one reused
-buffer (out=), so it can. Report: python benchmarks/tools/report.py FILE.json.
+flagged), then times it. `store-floor` times allocating a fresh array of the output's size
+and filling it, page faults included: what an implementation that returns newly allocated
+memory pays at least. locdiff's CPU outputs come from a pool that reuses freed blocks, and
+`locdiff-out` writes into one reused buffer (out=), so both can come in under it.
+Report: python benchmarks/tools/report.py FILE.json.
 """
 import os
 

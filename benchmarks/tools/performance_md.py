@@ -27,6 +27,14 @@ is laid out as it is: `docs/kernels.md`; GPU status: `docs/gpu.md`.
 
 Spherical harmonics: ns per output value (best of the rounds); `*` marks a result that failed
 the accuracy check, with the degree it fails from. Decode and SHDD-KL: ms per call.
+
+Running them: `pytest benchmarks --benchmark-only` runs every benchmark, the training steps
+and the loader's full-size case included; that case writes a 7.2 GB file under
+`$LOCDIFF_CACHE/bench` and deletes it after. Subsets: `-k test_sh` (2.7 min on a busy 2-core
+CPU), `benchmarks/test_decode_bench.py benchmarks/test_kl_bench.py` (6.2 min),
+`benchmarks/test_loader_bench.py -m fast` (seconds). CPU benchmarks run on two threads;
+`LOCDIFF_BENCH_THREADS=N` sets another count. The anchors (sphericart, e3nn,
+torch-harmonics) come with the `bench` extra; without them their rows are skipped.
 """
 
 
