@@ -92,6 +92,9 @@ def test_gallery_runs_locdiff_h(files, tmp_path, capsys):
                    "--json", tmp_path / "h.json")[0] == 0
     plain, hybrid = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "h.json"))
     assert sorted(plain) == sorted(hybrid)
+    # each records what produced it: the run's prediction settings, and LocDiff-H's
+    assert plain["settings"]["hybrid"] is None and plain["settings"]["sampler"] == "density"
+    assert hybrid["settings"]["hybrid"]["neighbours"] >= 1 and "temperature" in hybrid["settings"]
     assert plain["acc_1km"] < 0.2 and hybrid["acc_1km"] > 0.9
     assert run_cli(capsys, "predict", *base, *gallery, "--out", tmp_path / "p.csv", "--top-k", 3)[0] == 0
     rows = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)
@@ -113,8 +116,8 @@ def test_gallery_runs_locdiff_h(files, tmp_path, capsys):
     ("missing.npy", "coords.csv", "missing.npy: embeddings file not found"),
     ("emb.npy", "missing.csv", "missing.csv: coordinates file not found"),
     ("emb.npy", "short.csv", "short.csv: 63 coordinate rows but the embeddings have 64"),
-    ("emb.npy", "nan.csv", "nan.csv: row 63 has a NaN"),
-    ("emb.npy", "lat.csv", "lat.csv: row 63 has latitude 91.0 outside [-90, 90]"),
+    ("emb.npy", "nan.csv", "nan.csv: line 65 (data row 63) has a NaN"),
+    ("emb.npy", "lat.csv", "lat.csv: line 65 (data row 63) has latitude 91.0 outside [-90, 90]"),
     ("emb_nan.npy", "coords.csv", "emb_nan.npy: row 5 of the embeddings is NaN"),
 ])
 def test_train_errors(files, tmp_path, capsys, emb, coords, fragment):
@@ -132,7 +135,7 @@ def test_train_refuses_to_overwrite(files, capsys):
     ("emb7.npy", "coords.csv", "emb7.npy: embedding dimension 7, but the run"),
     ("missing.npy", "coords.csv", "missing.npy: embeddings file not found"),
     ("emb.npy", "short.csv", "short.csv: 63 coordinate rows"),
-    ("emb.npy", "nan.csv", "nan.csv: row 63 has a NaN"),
+    ("emb.npy", "nan.csv", "nan.csv: line 65 (data row 63) has a NaN"),
     ("emb.npy", "lat.csv", "outside [-90, 90]"),
 ])
 def test_evaluate_errors(files, tmp_path, capsys, emb, coords, fragment):

@@ -187,7 +187,8 @@ def test_a_resumed_run_validates_as_it_started_and_finishes_what_was_cut(files, 
     first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_median_km" in x]
     code, stdout, _ = run_cli(capsys, *train_argv(files, out, "--resume", "--steps", "8", "--set",
                                                   "train.val_size=12"))
-    assert code == 0 and "trained 8 steps" in stdout
+    assert code == 0 and "completed the run at step 8: final validation and calibration" in stdout
+    assert "samples/s" not in stdout
     again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_median_km" in x]
     assert again[-1]["step"] == 8 and again[-1]["val_median_km"] == first[-1]["val_median_km"]
     assert json.loads((out / CONFIG_FILE).read_text())["finished_step"] == 8
@@ -210,6 +211,39 @@ def test_train_checks_validation_data_and_resumes_with_the_runs_settings(files, 
     assert res.nothing_to_do and "step 3" in res.nothing_to_do
 
 
+@pytest.mark.parametrize("where, value, error", [
+    ("coords", 200.0, r"coords row 9 is \[200.0, .*expected finite \(lat, lon\) degrees"),
+    ("coords", float("nan"), r"coords row 9 is \[nan"),
+    ("emb", float("nan"), "embeddings row 9 is NaN or infinite"),
+    ("emb", 1e30, "embeddings row 9 holds 1e\\+30"),
+    ("val coords", 95.0, r"val coords row 2 is \[95.0"),
+    ("val emb", float("inf"), "val embeddings row 2 is NaN or infinite"),
+])
+def test_train_checks_every_row_before_writing(files, tmp_path, where, value, error):
+    # The Python API checks what the CLI checks in its files, before anything is written,
+    # rather than when a batch reaches the bad row (or never, in a short run).
+    from cli_helpers import tiny_config
+    from locdiff.data.files import DataError
+    from locdiff.train import train
+
+    emb, coords = np.load(files / "emb.npy"), np.load(files / "coords.npy")
+    v_emb, v_coords = emb[:5].copy(), coords[:5].copy()
+    target = {"coords": coords, "emb": emb, "val coords": v_coords, "val emb": v_emb}[where]
+    target[2 if where.startswith("val") else 9, 0] = value
+    with pytest.raises(DataError, match=error):
+        train(emb, coords, tmp_path / "r", tiny_config(steps=3), val=(v_emb, v_coords), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_takes_a_list_of_rows(files, tmp_path):
+    from cli_helpers import tiny_config
+    from locdiff.train import train
+
+    emb, coords = np.load(files / "emb.npy"), np.load(files / "coords.npy")
+    res = train(emb.tolist(), coords.tolist(), tmp_path / "r", tiny_config(steps=2), progress=False)
+    assert res.steps == 2
+
+
 @pytest.mark.parametrize("overrides, error", [
     ({"temprature": 0.5}, "unknown prediction setting 'temprature'"),
     ({"coarse_degree": 0}, r"coarse_degree must be None or an int in \[1, 3\]"),
@@ -219,6 +253,7 @@ def test_train_checks_validation_data_and_resumes_with_the_runs_settings(files, 
     ({"temperature": float("nan")}, r"temperature must be a finite number >= 1e-06 .*got nan"),
     ({"temperature": 1e-9}, r"temperature must be a finite number >= 1e-06 .*got 1e-09"),
     ({"temperature": "0.5"}, "temperature must be a number, got '0.5'"),
+    ({"top_k": -1}, r"top_k must be an int >= 0 \(0: no further modes\), got -1"),
 ])
 def test_predictor_names_a_bad_or_unknown_setting(files, overrides, error):
     from locdiff.predict import Predictor
@@ -295,3 +330,59 @@ def test_device_the_kernels_cannot_use(files, tmp_path, capsys, device, fragment
     out = tmp_path / "p.csv"
     expect_error(capsys, ["predict", "--run", files / "base", "--embeddings", files / "emb.npy", "--out", out,
                           "--device", device], fragment, [out])
+
+
+@pytest.mark.parametrize("hybrid, fragment", [
+    ({"weight": 2.0}, "config.json: predict.hybrid: weight must be in [0, 1], got 2.0"),
+    ({"foo": 1}, "config.json: predict.hybrid has an unknown key 'foo'"),
+    ([1, 2], "config.json: predict.hybrid = [1, 2]: expected a table"),
+])
+def test_damaged_hybrid_settings_are_named(files, tmp_path, capsys, hybrid, fragment):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(files / "base", run)
+    raw = json.loads((run / CONFIG_FILE).read_text())
+    raw["predict"]["hybrid"] = hybrid
+    (run / CONFIG_FILE).write_text(json.dumps(raw))
+    gallery = ["--gallery-embeddings", files / "emb.npy", "--gallery-coords", files / "coords.csv"]
+    expect_error(capsys, ["predict", "--run", run, "--embeddings", files / "emb.npy", *gallery, "--out",
+                          tmp_path / "p.csv"], fragment, [tmp_path / "p.csv"])
+
+
+def test_an_unfitted_run_says_its_locdiff_h_settings_are_the_defaults(files, tmp_path, capsys):
+    # files/base was trained without validation: no LocDiff-H settings were fitted.
+    import warnings
+
+    from locdiff.geolocator import Geolocator
+
+    gallery = ["--gallery-embeddings", files / "emb.npy", "--gallery-coords", files / "coords.csv"]
+    code, _, err = run_cli(capsys, "predict", "--run", files / "base", "--embeddings", files / "emb.npy", *gallery,
+                           "--out", tmp_path / "p.csv")
+    assert code == 0 and "locdiff predict: note: the run has no LocDiff-H settings fitted on validation data" in err
+    assert "weight 0.5, bandwidth 25 km" in err
+    emb, coords = np.load(files / "emb.npy"), np.load(files / "coords.npy")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Geolocator.from_run(files / "base", "cpu", gallery=(emb, coords))
+    assert any("no LocDiff-H settings fitted" in str(w.message) for w in caught)
+
+
+def test_a_temperature_override_reaches_the_densities(files):
+    # evaluate(..., temperature=T) scores the densities at T, and Geolocator.predict's
+    # probabilities and credible regions use it too.
+    from locdiff import shdd
+    from locdiff.evaluate import evaluate
+    from locdiff.geolocator import Geolocator
+    from locdiff.predict import Predictor
+
+    pred = Predictor.from_run(files / "base", "cpu")
+    emb, coords = np.load(files / "emb.npy")[:16], np.load(files / "coords.npy")[:16]
+    coeffs = pred.coefficients(emb).double()
+    for t in (0.5, 5.0):
+        want = -float(shdd.log_density_at(coeffs, coords, temperature=t).mean())
+        assert evaluate(pred, emb, coords, temperature=t)["nll"] == pytest.approx(want, rel=1e-9)
+    geo = Geolocator.from_run(files / "base", "cpu")
+    sharp, broad = (geo.predict(emb[:2], geocode=False, temperature=t) for t in (0.05, 5.0))
+    assert sharp.temperature == 0.05 and broad.temperature == 5.0
+    assert (sharp.radius_km[:, -1] < broad.radius_km[:, -1]).all()

@@ -203,6 +203,16 @@ def test_settings_out_of_range(files, tmp_path, capsys, extra, fragment):
     expect_error(capsys, train_argv(files, out, *extra), fragment, [out])
 
 
+def test_an_unknown_argument_is_named_by_its_command(files, tmp_path, capsys):
+    # An unquoted list splits in two: argparse's error names the command, as the others do.
+    from locdiff import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(a) for a in train_argv(files, tmp_path / "run", "--set", "model.widths=[64,", "32]")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err == ["locdiff train: error: unrecognized arguments: 32] (see locdiff train --help)"]
+
+
 def test_embeddings_without_columns(files, tmp_path, capsys):
     np.save(tmp_path / "e0.npy", np.zeros((64, 0), np.float32))
     out = tmp_path / "run"

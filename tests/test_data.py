@@ -70,8 +70,10 @@ def test_read_coords_other_separators(tmp_path, text):
     ("x,y\n1,2\n", "'lat' and 'lon'"),
     ("lat,lon\n1,2\n3,4\n5,6\n", "3 coordinate rows but the embeddings have 2"),
     ("lat,lon\nnan,2\n3,4\n", "NaN"),
-    ("lat,lon\n1,2\n95,4\n", "latitude 95.0 outside"),
-    ("lat,lon\n1,abc\n3,4\n", "no numeric"),
+    ("lat,lon\n1,2\n95,4\n", r"line 3 \(data row 1\) has latitude 95.0 outside"),
+    ("lat,lon\n\n1,2\n\n95,4\n", r"line 5 \(data row 1\) has latitude 95.0 outside"),  # the line an editor shows
+    ("lat,lon\n1,abc\n3,4\n", "line 2 has no numeric lat/lon: got '1', 'abc'"),
+    ("lat,lon\n1,2\n3\n", "line 3 has no numeric lat/lon: got '3', ''"),
     ("lat;lon\n1,2,5;3\n3;4\n", "no numeric"),
     ("", "empty"),
 ])
@@ -88,6 +90,11 @@ def test_atomic_writes(tmp_path):
     assert (tmp_path / "a.bin").read_bytes() == b"123"
     write_coords_csv(tmp_path / "p.csv", np.array([[1.0, 2.0]]), {"score": np.array([0.5])})
     assert (tmp_path / "p.csv").read_text() == "lat,lon,score\n1.000000,2.000000,0.5\n"
+    # further coordinates as precise as the answer's; other numbers to 6 significant digits
+    write_coords_csv(tmp_path / "q.csv", np.array([[-34.0022551, -151.0381234]]),
+                     {"lat_1": np.array([-34.0022551]), "lon_1": np.array([-151.0381234]), "p_1": np.array([0.1234567])})
+    assert (tmp_path / "q.csv").read_text() == ("lat,lon,lat_1,lon_1,p_1\n-34.002255,-151.038123,-34.002255,"
+                                                "-151.038123,0.123457\n")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

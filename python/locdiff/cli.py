@@ -106,7 +106,11 @@ def _one_line_warnings(command: str):
 def main(argv=None) -> int:
     from locdiff.stopping import Interrupted
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's parser ("locdiff train: error: ..."), as its other errors
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     prefix = f"locdiff {args.command}"
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)

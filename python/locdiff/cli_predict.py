@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from locdiff import distributed
 from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, check_dim, check_finite_embeddings, load_pair, require_packages
 from locdiff.data.files import DataError, atomic_write_bytes, open_embeddings
 from locdiff.runfolder import check_output_file
+from locdiff.run import CONFIG_FILE
 
 # --top-k: at most this many modes, and never more than the sphere holds apart.
 MAX_TOP_K = 100
@@ -55,9 +57,7 @@ def _inputs(args) -> list:
 def _predictor(run, device):
     from locdiff.predict import Predictor
 
-    if not Path(run).is_dir():
-        raise DataError(f"{run}: " + ("is a file, not a run folder" if Path(run).exists() else "run folder not found"))
-    return Predictor.from_run(run, device)
+    return Predictor.from_run(run, device)  # (read_config names a file or a missing folder)
 
 
 # The command line's names of the sampling settings (locdiff.run.PredictConfig).
@@ -100,10 +100,14 @@ def _hybrid(args, pred):
     gallery = _gallery(args)
     if gallery is None:
         return None
-    from locdiff.hybrid import Hybrid, HybridConfig
+    from locdiff.hybrid import UNFITTED_NOTE, Hybrid, HybridConfig
 
     check_dim(gallery[0], args.gallery_embeddings, pred, args.run)
-    return Hybrid(*gallery, HybridConfig(**pred.config.predict.hybrid))
+    settings = pred.config.predict.hybrid
+    cfg = HybridConfig.of_run(settings, f"{args.run}/{CONFIG_FILE}")
+    if not settings:
+        print(f"locdiff {args.command}: note: " + UNFITTED_NOTE.format(**cfg.to_dict()), file=sys.stderr)
+    return Hybrid(*gallery, cfg)
 
 
 def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, **sampling) -> dict | None:
@@ -158,6 +162,8 @@ def cmd_evaluate(args) -> int:
     if not distributed.is_main():
         return 0
     m = evaluate(_Predicted(pred, done), emb, coords, hybrid=hybrid)
+    # What produced the figures: the prediction settings in force and LocDiff-H's, if it ran.
+    m["settings"] = {**pred.settings(**sampling), "hybrid": hybrid.config.to_dict() if hybrid else None}
     atomic_write_bytes(out, (json.dumps(m, indent=2) + "\n").encode())
     print(format_table({"LocDiff-H" if hybrid else "LocDiff": m}))
     print(f"metrics written to {out}")
@@ -267,7 +273,6 @@ def _png(path, coeffs, names, topk, points, temperature) -> None:
 
 def _predict_images(args, dev, out, jsonl, html, png) -> int:
     """Photos to answers: embedded with the run's encoder, one process (rank 0 under torchrun)."""
-    import sys
     import warnings
 
     from locdiff.answer_files import HTML_MAX_INPUTS, write_csv, write_html_map, write_jsonl

@@ -153,7 +153,8 @@ def cmd_train(args) -> int:
             raise DataError(f"{d.val_embeddings}: embedding dimension {val[0].shape[1]}, but the training "
                             f"embeddings have {emb.shape[1]}")
         val = (val[0][:], val[1])
-    res = train(emb, coords, out, cfg, resume=args.resume, device=args.device, val=val, progress=not args.quiet)
+    res = train(emb, coords, out, cfg, resume=args.resume, device=args.device, val=val, progress=not args.quiet,
+                check_data=False)  # load_pair has checked both files
     if not distributed.is_main():
         return 128 + res.signal if res.signal else 0
     if res.signal:
@@ -167,8 +168,11 @@ def cmd_train(args) -> int:
     if record_encoder(d.embeddings, out):
         print(f"recorded the image encoder of {d.embeddings} in {out}")
     best = f"; best validation median {res.best['median_km']:.0f} km at step {res.best['step']}" if res.best else ""
-    print(f"trained {res.steps} steps in {res.elapsed_s / 60:.1f} min ({res.samples_per_s:.0f} samples/s{best}); "
-          f"run saved in {out}")
+    if res.samples_per_s > 0:
+        print(f"trained {res.steps} steps in {res.elapsed_s / 60:.1f} min ({res.samples_per_s:.0f} samples/s{best}); "
+              f"run saved in {out}")
+    else:  # a resume that only had the final validation and calibration left
+        print(f"completed the run at step {res.steps}: final validation and calibration{best}; run saved in {out}")
     if res.skipped_steps:
         print(f"note: {res.skipped_steps} steps were skipped for a non-finite or spiking loss (metrics.jsonl)")
     if res.time_up:

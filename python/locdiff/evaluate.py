@@ -69,12 +69,13 @@ def hybrid_density_scores(hybrid, coeffs, temperature: float, emb, true_latlon) 
 def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress: bool = False, **kw) -> dict:
     """Metrics for a :class:`locdiff.predict.Predictor` on ``emb`` (N, D) and true ``coords``
     (N, 2): accuracies, median and mean km, GeoScore, and ``nll`` / ``rva_auc`` of the
-    predicted densities (at the run's temperature) when ``density``. With ``hybrid`` (a
-    :class:`locdiff.hybrid.Hybrid`), the same keys for LocDiff-H. ``kw``: prediction
-    settings (sampler, steps, samples, guidance, ...)."""
+    predicted densities (at the run's temperature, or ``temperature`` among ``kw``) when
+    ``density``. With ``hybrid`` (a :class:`locdiff.hybrid.Hybrid`), the same keys for
+    LocDiff-H. ``kw``: prediction settings (sampler, steps, samples, guidance, ...)."""
     coords = M.check_latlon(coords, "coords", rows=len(emb))  # before the predictions
     out = predictor.predict(emb, progress=progress, **kw)
-    tau = predictor.config.predict.temperature
+    tau = kw.get("temperature")
+    tau = predictor.config.predict.temperature if tau is None else float(tau)
     if hybrid is None:
         m = M.distance_metrics(out["latlon"], coords)
         if density:

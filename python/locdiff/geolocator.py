@@ -71,13 +71,18 @@ class Geolocator:
                             f"{spec.get('model')} ({spec_path}) gives {spec.get('embedding_dim')}-dimensional ones")
         hybrid = None
         if gallery is not None:
-            from locdiff.hybrid import Hybrid, HybridConfig
+            from locdiff.hybrid import UNFITTED_NOTE, Hybrid, HybridConfig
+            from locdiff.run import CONFIG_FILE
 
             g_emb, g_coords = np.asarray(gallery[0], np.float32), np.asarray(gallery[1], np.float64)
             if g_emb.ndim != 2 or g_emb.shape[1] != pred.embedding_dim or g_coords.shape != (len(g_emb), 2):
                 raise DataError(f"gallery: embeddings (M, {pred.embedding_dim}) and coordinates (M, 2) expected, "
                                 f"got {np.shape(g_emb)} and {np.shape(g_coords)}")
-            hybrid = Hybrid(g_emb, g_coords, HybridConfig(**pred.config.predict.hybrid))
+            settings = pred.config.predict.hybrid
+            cfg = HybridConfig.of_run(settings, f"{run}/{CONFIG_FILE}")
+            if not settings:
+                warnings.warn(UNFITTED_NOTE.format(**cfg.to_dict()), stacklevel=2)
+            hybrid = Hybrid(g_emb, g_coords, cfg)
         return cls(pred, run, spec, spec_path, device, hybrid)
 
     @property
@@ -118,10 +123,11 @@ class Geolocator:
         files and folders (embedded with the run's encoder; unreadable files are left out and
         listed in ``.skipped``). ``density=True`` keeps each density on ``.grid`` (an int n: the
         first n inputs'). ``sampling``:
-        the run's prediction settings to override (``Predictor.predict``)."""
+        the run's prediction settings to override (``Predictor.predict``); a ``temperature``
+        among them is the density's for the probabilities and credible regions too."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-        self.predictor.settings(**sampling)  # before any photo is read
+        t = self.predictor.settings(**sampling)["temperature"]  # checked before any photo is read
         skipped = []
         if _is_paths(inputs):
             emb, names, skipped = self.embed(inputs, batch_size)
@@ -148,11 +154,11 @@ class Geolocator:
         else:
             # LocDiff-H: its answer, its ranking of the modes and gallery places, and its
             # density for the basins' probabilities and the credible regions.
-            t, c, h = self.temperature, out["coeffs"], self.hybrid
+            c, h = out["coeffs"], self.hybrid
             latlon = h.predict(c, t, emb, out["latlon"])
             modes = h.top_k(c, t, emb, out["latlon"], out["topk_latlon"], top_k, sep, answer=latlon)
             cells = lambda rows, grid: h.grid_probabilities(c[rows], t, emb[rows], grid)  # noqa: E731
-        ans = summarize(out["coeffs"], modes, self.temperature, latlon=latlon, names=names,
+        ans = summarize(out["coeffs"], modes, t, latlon=latlon, names=names,
                         levels=levels, geocode=geocode, density=density, cell_probabilities=cells)
         ans.skipped = skipped
         return ans

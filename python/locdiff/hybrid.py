@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -85,6 +85,12 @@ def vmf_rule(mu: torch.Tensor, bandwidth: float, spacing: float) -> tuple[torch.
     return x, log_w
 
 
+# Said where a run has no LocDiff-H settings fitted on validation data (trained without it).
+UNFITTED_NOTE = ("the run has no LocDiff-H settings fitted on validation data (it was trained without "
+                 "validation); using the defaults weight {weight:g}, bandwidth {bandwidth_km:g} km, "
+                 "similarity temperature {temperature:g}")
+
+
 @dataclass(frozen=True)
 class HybridConfig:
     """Settings of :class:`Hybrid` (see the module docstring)."""
@@ -110,6 +116,24 @@ class HybridConfig:
     @property
     def kappa(self) -> float:
         return (EARTH_RADIUS_KM / self.bandwidth_km) ** 2
+
+    @classmethod
+    def of_run(cls, settings: dict, source: str) -> "HybridConfig":
+        """The settings a run recorded as ``predict.hybrid`` (``source``: its config file, for
+        the message); a DataError naming the key or value a damaged file holds. An empty dict
+        (a run trained without validation) gives the defaults: see :data:`UNFITTED_NOTE`."""
+        from locdiff.data.files import DataError
+
+        if not isinstance(settings, dict):
+            raise DataError(f"{source}: predict.hybrid must be a table of LocDiff-H settings, got {settings!r}")
+        known = sorted(f.name for f in fields(cls))
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise DataError(f"{source}: predict.hybrid has an unknown key {unknown[0]!r}; expected some of {known}")
+        try:
+            return cls(**settings)
+        except (TypeError, ValueError) as err:
+            raise DataError(f"{source}: predict.hybrid: {err}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)

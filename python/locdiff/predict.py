@@ -190,12 +190,16 @@ class Predictor:
 
     def predict(self, emb, top_k: int = 0, progress: bool = False, **overrides) -> dict:
         """``{"latlon": (N, 2), "coeffs": (N, K)}`` numpy arrays, plus ``"topk_latlon"``
-        (N, k, 2) and ``"topk_values"`` (N, k) when ``top_k`` > 0. Batched by the config's
-        ``batch_size``; ``emb`` may be a memory-mapped array. ``overrides``: any setting of
-        :class:`locdiff.run.PredictConfig` (sampler, steps, samples, guidance, eta,
-        coarse_degree, mode_of, temperature)."""
+        (N, k, 2) and ``"topk_values"`` (N, k) when ``top_k`` > 0: the function's distinct
+        modes by height (:func:`locdiff.shdd.top_k`; the answer, the density's mode, need not be
+        the first: ``locdiff.answers.answer_first_modes`` puts it there as the CLI does).
+        Batched by the config's ``batch_size``; ``emb`` may be a memory-mapped array.
+        ``overrides``: any setting of :class:`locdiff.run.PredictConfig` (sampler, steps,
+        samples, guidance, eta, coarse_degree, mode_of, temperature)."""
         from tqdm.auto import tqdm
 
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: no further modes), got {top_k!r}")
         s = self.settings(**overrides)
         n = len(emb)
         bs = self.config.predict.batch_size

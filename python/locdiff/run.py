@@ -185,6 +185,9 @@ def config_from_raw(raw, source: str) -> RunConfig:
 def read_config(run_dir) -> tuple[RunConfig, dict]:
     """``(RunConfig, raw dict)`` of a run folder; :class:`DataError` if it is not one."""
     path = Path(run_dir) / CONFIG_FILE
+    if not Path(run_dir).is_dir():
+        raise DataError(f"{run_dir}: " + ("is a file, not a run folder" if Path(run_dir).exists()
+                                          else "run folder not found"))
     if not path.is_file():
         raise DataError(f"{path}: not found (is {run_dir} a locdiff run folder?)")
     try:

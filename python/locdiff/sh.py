@@ -30,7 +30,8 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
     ``xyz`` is ``(..., 3)`` (normalised inside; zero vectors are errors), a torch tensor on
     CPU or CUDA or a numpy array (numpy in, numpy out). Output ``(..., (degree+1)**2)`` in
     the input's dtype, flat index ``k = l*l + l + m``, no Condon-Shortley phase; float64
-    within 1e-11 and float32 within 2e-6 of exact for every degree up to 2048.
+    within 1e-11 and float32 within 2e-6 of exact for every degree up to 2048 (float16 and
+    bfloat16 inputs are computed in float32 and rounded to their dtype).
     Differentiable w.r.t. ``xyz`` (analytic gradient, finite at the poles).
 
     ``backend``: None or "native" for the compiled kernels (C++ on CPU, CUDA on GPU), or
@@ -52,7 +53,7 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
     if isinstance(xyz, np.ndarray) or not isinstance(xyz, torch.Tensor):
         arr = np.asarray(xyz)
         if arr.dtype.kind not in "f":
-            raise TypeError(f"xyz must be a float32 or float64 array, got dtype {arr.dtype}")
+            raise TypeError(f"xyz must be a floating-point array (float16, float32 or float64), got dtype {arr.dtype}")
         if out is None and backend in (None, "native") and arr.dtype in _KERNEL_DTYPES and arr.ndim and arr.shape[-1] == 3:
             degree = validation.check_degree(degree)
             if arr.size // 3 * (degree + 1) ** 2 <= _SMALL:

@@ -220,9 +220,26 @@ def _split_rows(n: int, tc: TrainConfig, val) -> tuple[np.ndarray, np.ndarray | 
     return np.arange(n), None
 
 
+def _check_rows(embeddings, coords, which: str, chunk: int = 65_536) -> None:
+    """Finite embeddings the network can read and (lat, lon) coordinates in range, or a
+    DataError naming the first bad row; embeddings are read in chunks (memmaps, shards)."""
+    from locdiff.data.files import embeddings_ok, first_bad_embedding
+    from locdiff.metrics import check_latlon
+
+    try:
+        check_latlon(coords, f"{which}coords")
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    for i in range(0, len(embeddings), chunk):
+        block = np.asarray(embeddings[i:i + chunk])
+        if not embeddings_ok(block):
+            row, what = first_bad_embedding(block)
+            raise DataError(f"{which}embeddings row {i + row} {what}")
+
+
 def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resume: bool = False,
           device: str | None = None, val: tuple | None = None, progress: bool = True,
-          extra_config: dict | None = None, log=None) -> TrainResult:
+          extra_config: dict | None = None, log=None, check_data: bool = True) -> TrainResult:
     """Train a CS-UNet on ``embeddings`` (N, D) (array, memmap or shards) and ``coords`` (N, 2).
 
     ``val``: optional ``(embeddings, coords)`` for validation; by default ``val_size`` random
@@ -233,7 +250,9 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
     each process trains on its part of each global batch. Returns a :class:`TrainResult`
     (``signal`` set when SIGINT or SIGTERM stopped it after a checkpoint); the run folder
     holds the config, the checkpoints and ``metrics.jsonl``. ``resume`` without ``config``
-    continues with the run's own settings.
+    continues with the run's own settings. ``check_data``: before anything is written, every
+    embedding is checked finite and every coordinate a (lat, lon) in range, a DataError naming
+    the first bad row otherwise (one pass over the embeddings; the CLI has checked its files).
     """
     from locdiff.runfolder import RunLock, check_run_folder, clean_stale_temp, ensure_space
     from locdiff.settings import validate
@@ -247,6 +266,10 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
     dev = resolve_device(device)
     if distributed.is_distributed() and dev.type == "cuda":
         dev = distributed.device()
+    if not hasattr(embeddings, "shape"):  # a list of rows
+        embeddings = np.asarray(embeddings, np.float32)
+    if len(embeddings.shape) != 2:
+        raise DataError(f"embeddings must have shape (N, D), got {tuple(embeddings.shape)}")
     n, d = embeddings.shape
     coords = np.asarray(coords, np.float64)
     if len(coords) != n:
@@ -256,6 +279,10 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
         if np.ndim(v_emb) != 2 or np.shape(v_emb)[1] != d or np.shape(v_coords) != (len(v_emb), 2):
             raise DataError(f"val: embeddings (M, {d}) and coordinates (M, 2) expected, got {np.shape(v_emb)} and "
                             f"{np.shape(v_coords)}")
+    if check_data:
+        _check_rows(embeddings, coords, "")
+        if val is not None:
+            _check_rows(val[0], val[1], "val ")
     config.model.emb_dim = d
     config.model.timesteps = config.diffusion.timesteps
     tc = config.train
@@ -268,11 +295,6 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
     if tc.tensorboard:
         require_tensorboard()
     log = (log or _tqdm_write) if main else (lambda msg: None)
-    if val is None and val_idx is None:
-        why = ("train.val_size = 0" if tc.val_size <= 0 else
-               f"{n} rows are too few to hold out train.val_size = {tc.val_size} (more than {4 * tc.val_size} needed)")
-        log(f"no validation: no validation files, and {why}; no best checkpoint, and the density temperature "
-            "is not calibrated")
     with ExitStack() as stack:
         payload = {"config": None}
         ckpt = None
@@ -294,6 +316,12 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
         if done:  # nothing written: the run stays as it was
             return TrainResult(int(done["step"] or 0), float(done["elapsed_s"] or 0.0), 0.0, done["history"] or [],
                                done["skipped"] or 0, best=done["best"], nothing_to_do=done["why"])
+        if val is None and val_idx is None:  # (after the folder is accepted: a refusal comes first)
+            why = ("train.val_size = 0" if tc.val_size <= 0 else
+                   f"{n} rows are too few to hold out train.val_size = {tc.val_size} (more than "
+                   f"{4 * tc.val_size} needed)")
+            log(f"no validation: no validation files, and {why}; no best checkpoint, and the density temperature "
+                "is not calibrated")
         if val_idx is not None and main:  # held-out rows, read by the rank that validates
             val = (_gather(embeddings, val_idx), coords[val_idx])
         return _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val, progress,
@@ -356,7 +384,8 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         from locdiff import config as C
 
         atomic_write_bytes(run_dir / TOML_FILE, C.dumps(config, version=TOML_VERSION, header=(
-            "The settings this run was started with; `locdiff train --config train.toml` repeats them.")).encode())
+            "The settings of this run as last started or resumed (train.steps included); `locdiff train "
+            "--config train.toml` repeats them.")).encode())
         keeper = Checkpoints(run_dir, tc.keep_checkpoints)
         if ckpt is None:
             keeper.remove_others()

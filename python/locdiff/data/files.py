@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -183,16 +184,18 @@ def read_coords(path, rows: int | None = None) -> np.ndarray:
         arr = np.array(_open_npy(path), np.float64)
         if arr.ndim != 2 or arr.shape[1] != 2:
             raise DataError(f"{path}: coordinates must have shape (N, 2), got {arr.shape}")
+        where = lambda i: f"row {i}"  # noqa: E731
     else:
-        arr = _read_csv(path)
+        arr, lines = _read_csv(path)
+        where = lambda i: f"line {lines[i]} (data row {i})"  # noqa: E731  (the line an editor shows)
     if rows is not None and len(arr) != rows:
         raise DataError(f"{path}: {len(arr)} coordinate rows but the embeddings have {rows}")
     bad = np.flatnonzero(~np.isfinite(arr).all(1))
     if len(bad):
-        raise DataError(f"{path}: row {bad[0]} has a NaN or infinite coordinate")
+        raise DataError(f"{path}: {where(bad[0])} has a NaN or infinite coordinate: {arr[bad[0]].tolist()}")
     bad = np.flatnonzero(np.abs(arr[:, 0]) > 90)
     if len(bad):
-        raise DataError(f"{path}: row {bad[0]} has latitude {arr[bad[0], 0]} outside [-90, 90]")
+        raise DataError(f"{path}: {where(bad[0])} has latitude {arr[bad[0], 0]} outside [-90, 90]")
     out = np.abs(arr[:, 1]) > 180
     arr[out, 1] = (arr[out, 1] + 180.0) % 360.0 - 180.0
     return arr
@@ -213,7 +216,8 @@ def decode_text(data: bytes, path) -> str:
         return data.decode("latin-1")
 
 
-def _read_csv(path: Path) -> np.ndarray:
+def _read_csv(path: Path) -> tuple[np.ndarray, list[int]]:
+    """(lat, lon) rows and the file line each came from."""
     import io
 
     text = decode_text(path.read_bytes(), path)
@@ -235,20 +239,23 @@ def _read_csv(path: Path) -> np.ndarray:
         raise DataError(f"{path}: CSV header needs 'lat' and 'lon' columns, got {header}")
     # Where the separator is not a comma, a comma in a number is a decimal comma ("33,7").
     number = float if dialect.delimiter == "," else (lambda cell: float(cell.replace(",", ".", 1)))
-    out = []
+    out, lines = [], []
     try:
-        for i, row in enumerate(reader):
+        for row in reader:
             if not row or not any(c.strip() for c in row):
                 continue
             try:
                 out.append((number(row[lat]), number(row[lon])))
             except (ValueError, IndexError):
-                raise DataError(f"{path}: line {i + 2} has no numeric lat/lon") from None
+                cells = [row[c] if c < len(row) else "" for c in (lat, lon)]
+                raise DataError(f"{path}: line {reader.line_num} has no numeric lat/lon: got {cells[0]!r}, "
+                                f"{cells[1]!r}") from None
+            lines.append(reader.line_num)
     except csv.Error as err:
         raise DataError(f"{path}: not a readable CSV file, line {reader.line_num} ({err})") from None
     if not out:
         raise DataError(f"{path}: CSV file has no data rows")
-    return np.array(out, np.float64)
+    return np.array(out, np.float64), lines
 
 
 def write_coords_csv(path, latlon: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
@@ -260,10 +267,14 @@ def write_coords_csv(path, latlon: np.ndarray, extra: dict[str, np.ndarray] | No
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     ex = [np.asarray(v) for v in (extra or {}).values()]
+    # Further coordinates (lat_1, lon_1, ...) as the answer's: 6 decimals, about 0.1 m.
+    degrees = [re.fullmatch(r"(lat|lon)_\d+", c) is not None for c in cols[2:]]
     for i in range(len(latlon)):
-        w.writerow([f"{latlon[i, 0]:.6f}", f"{latlon[i, 1]:.6f}"] + [_fmt(e[i]) for e in ex])
+        w.writerow([f"{latlon[i, 0]:.6f}", f"{latlon[i, 1]:.6f}"] + [_fmt(e[i], d) for e, d in zip(ex, degrees)])
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, (float, np.floating)) else str(v)
+def _fmt(v, degrees: bool = False) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.6f}" if degrees else f"{v:.6g}"
+    return str(v)
