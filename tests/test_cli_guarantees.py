@@ -196,7 +196,8 @@ def test_interrupted_command_exits_128_plus_signal(files, tmp_path, sig, code):
     (["--max-minutes", "-1"], "--max-minutes -1.0: expected a finite number > 0"),
     (["--max-minutes", "nan"], "--max-minutes nan: expected a finite number > 0"),
     (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
-    (["--set", "model.widths=[0, 4]"], "--set model.widths=(0, 4): expected a non-empty list of integers >= 1"),
+    (["--set", "model.widths=[0, 4]"], "--set model.widths=[0, 4]: expected a non-empty list of integers >= 1"),
+    (["--set", "train.lr=0"], "--set train.lr=0: expected"),  # as typed, not the parsed 0.0
 ])
 def test_settings_out_of_range(files, tmp_path, capsys, extra, fragment):
     out = tmp_path / "run"

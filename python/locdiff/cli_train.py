@@ -52,7 +52,7 @@ def _run_config_text(out: Path) -> str | None:
 
 def resolve_settings(args, resume_base: str | None = None):
     """``(RunConfig, origin)``: the settings, and for each setting given, where it came from
-    (``--degree``, ``--set``, or the TOML file's name) for error messages."""
+    (``--degree``, ``--set key=value`` as typed, or the TOML file's name) for error messages."""
     import json
 
     from locdiff.run import TOML_VERSION, RunConfig, config_from_raw
@@ -85,7 +85,8 @@ def resolve_settings(args, resume_base: str | None = None):
         cfg = _set(cfg, key, value)
         origin[key] = _flag(dest)
     cfg = C.apply_overrides(cfg, args.set or [])
-    origin.update({item.partition("=")[0].strip(): "--set" for item in args.set or []})
+    # A --set's origin is the flag as typed: messages echo "train.lr=0", not the parsed 0.0.
+    origin.update({item.partition("=")[0].strip(): f"--set {item.strip()}" for item in args.set or []})
     return cfg, origin
 
 
@@ -101,10 +102,10 @@ def _check(cfg, origin: dict, device, world: int) -> None:
                                f"(processes over all nodes) x train.accumulate {cfg.train.accumulate} = {pieces}")
     except SettingError as err:
         where = origin.get(err.key)
-        if where and where.startswith("--") and where != "--set":
+        if where and where.startswith("--set "):
+            raise CliError(f"{where}: expected {err.expected}") from None
+        if where and where.startswith("--"):
             raise CliError(f"{where} {err.value}: expected {err.expected}") from None
-        if where == "--set":
-            raise CliError(f"--set {err.key}={err.value}: expected {err.expected}") from None
         raise CliError(f"{where + ': ' if where else ''}{err.key} = {err.value!r}: expected {err.expected}") from None
 
 
@@ -117,8 +118,8 @@ def _check_derived(cfg, origin: dict, emb_dim: int) -> None:
                                 ("model.timesteps", cfg.diffusion.timesteps,
                                  f"diffusion.timesteps ({cfg.diffusion.timesteps})")):
         given = getattr(cfg.model, key.partition(".")[2])
-        if origin.get(key) == "--set" and given != value:
-            raise CliError(f"{origin[key]} {key}={given}: this setting follows {follows}; leave it out")
+        if origin.get(key, "").startswith("--set ") and given != value:
+            raise CliError(f"{origin[key]}: this setting follows {follows}; leave it out")
 
 
 def cmd_train(args) -> int:
