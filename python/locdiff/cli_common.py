@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-import numpy as np
-
-from locdiff.data.files import DataError, embeddings_ok, first_bad_embedding, open_embeddings, read_coords
+from locdiff.data.files import DataError, open_embeddings, read_coords, scan_embeddings
 
 # What each optional feature imports, and the pip requirement that brings it.
 OPTIONAL = {
@@ -44,12 +42,10 @@ def check_finite_embeddings(path, chunk: int = 65_536) -> None:
     a file of several GB is scanned without loading it, and its pages do not stay resident
     in this process (the training loader reads rows without mapping it; docs/training.md)."""
     scan = open_embeddings(path)
-    for i in range(0, len(scan), chunk):
-        block = np.array(scan[i:i + chunk])
-        if not embeddings_ok(block):
-            row, what = first_bad_embedding(block)
-            raise DataError(f"{path}: row {i + row} of the embeddings {what}")
+    bad = scan_embeddings(scan, chunk)
     del scan  # (the blocks are copies: nothing else holds the mapping)
+    if bad:
+        raise DataError(f"{path}: row {bad[0]} of the embeddings {bad[1]}")
 
 
 def load_pair(emb_path, coords_path):

@@ -10,7 +10,7 @@ with ``a = softmax(similarity / temperature)`` over the ``neighbours`` most simi
 embeddings (cosine), ``mu_j`` their locations and ``kappa = (R / bandwidth)^2``. Its
 normaliser is ``(1 - w) / (4 pi) + w sum_j a_j E_j[q]``, where ``E_j[q]``, the mean of q
 under the j-th vMF, is a product rule in the tangent plane at ``mu_j`` whose spacing
-resolves both the vMF and q's sharpest lobe (:func:`vmf_rule`), so NLL needs no global
+resolves both the vMF and q's sharpest lobe (:func:`vmf_lattice`), so NLL needs no global
 grid. The prediction is the best of the model's mode and the
 gallery locations under p_H: where a similar gallery entry lies in a likely region the
 answer snaps to it (fine scales), elsewhere the model's mode stands. Gallery entries within
@@ -60,29 +60,31 @@ def lobe_width(coeffs: torch.Tensor, temperature: float) -> float:
     return 2.0 / math.sqrt(max(peak, 1e-12) * degree * (degree + 2))
 
 
-def vmf_rule(mu: torch.Tensor, bandwidth: float, spacing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes (..., n, 3) and log weights (n,) of a rule for the mean of a function under
-    vMF(mu, kappa = 1 / bandwidth^2) (radians) at each unit vector ``mu`` (..., 3): the
-    nodes of a square lattice at most ``spacing`` apart in the tangent plane (at most
-    RULE_MAX_NODES a side) within RULE_EXTENT bandwidths (at most pi), mapped onto the
-    sphere by the exponential map and weighted by the vMF and the map's area factor; the
-    weights sum to 1."""
+def vmf_lattice(bandwidth: float, spacing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tangent-plane offsets (n, 2) (radians) and log weights (n,) of a rule for the mean of
+    a function under vMF(mu, kappa = 1 / bandwidth^2): the nodes of a square lattice at most
+    ``spacing`` apart (at most RULE_MAX_NODES a side) within RULE_EXTENT bandwidths (at most
+    pi), weighted by the vMF and the exponential map's area factor; the weights sum to 1."""
     reach = min(RULE_EXTENT * bandwidth, math.pi)
     half = min(math.ceil(reach / spacing), (RULE_MAX_NODES - 1) // 2)
-    h = torch.linspace(-reach, reach, 2 * half + 1, dtype=mu.dtype)
-    a, b = (g.reshape(-1) for g in torch.meshgrid(h, h, indexing="ij"))
-    r = torch.hypot(a, b)
-    keep = r <= reach
-    a, b, r = a[keep], b[keep], r[keep]
-    kappa = 1.0 / bandwidth ** 2
-    log_w = kappa * (torch.cos(r) - 1) + torch.log(torch.sinc(r / math.pi))
-    log_w = log_w - torch.logsumexp(log_w, 0)
+    h = torch.linspace(-reach, reach, 2 * half + 1, dtype=torch.float64)
+    ab = torch.stack([g.reshape(-1) for g in torch.meshgrid(h, h, indexing="ij")], 1)
+    r = ab.norm(dim=1)
+    ab, r = ab[r <= reach], r[r <= reach]
+    log_w = (torch.cos(r) - 1) / bandwidth ** 2 + torch.log(torch.sinc(r / math.pi))
+    return ab, log_w - torch.logsumexp(log_w, 0)
+
+
+def vmf_rule(mu: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The nodes (..., n, 3) of :func:`vmf_lattice`'s ``offsets`` (n, 2) in the tangent plane
+    at each unit vector ``mu`` (..., 3), mapped onto the sphere by the exponential map."""
     helper = torch.where(mu[..., 2:3].abs() < 0.9, mu.new_tensor([0.0, 0.0, 1.0]), mu.new_tensor([1.0, 0.0, 0.0]))
     e1 = torch.nn.functional.normalize(torch.cross(mu, helper.expand_as(mu), dim=-1), dim=-1)
     e2 = torch.cross(mu, e1, dim=-1)
+    a, b = offsets.to(mu.dtype).unbind(1)
+    r = torch.hypot(a, b)
     u = a[:, None] * e1[..., None, :] + b[:, None] * e2[..., None, :]
-    x = torch.cos(r)[:, None] * mu[..., None, :] + torch.sinc(r / math.pi)[:, None] * u
-    return x, log_w
+    return torch.cos(r)[:, None] * mu[..., None, :] + torch.sinc(r / math.pi)[:, None] * u
 
 
 # Said where a run has no LocDiff-H settings fitted on validation data (trained without it).
@@ -181,14 +183,11 @@ class Hybrid:
         """log E_j[q] (b, k) for the vMFs at ``mu`` (b, k, 3), ``log_q(xyz (b, ..., 3))``
         giving log q per row. The rule's spacing is RULE_SPACING x the width of the product
         of the vMF and q's sharpest lobe, ``(bandwidth^-2 + lobe^-2)^-1/2``."""
-        spacing = (bandwidth ** -2 + lobe ** -2) ** -0.5
-        nodes, log_w = vmf_rule(mu[:1, :1], bandwidth, RULE_SPACING * spacing)
-        n = nodes.shape[-2]
-        step = max(1, RULE_CHUNK // max(1, mu.shape[1] * n))
+        offsets, log_w = vmf_lattice(bandwidth, RULE_SPACING * (bandwidth ** -2 + lobe ** -2) ** -0.5)
+        step = max(1, RULE_CHUNK // max(1, mu.shape[1] * len(offsets)))
         out = []
         for i in range(0, len(mu), step):
-            x, _ = vmf_rule(mu[i:i + step], bandwidth, RULE_SPACING * spacing)
-            out.append(torch.logsumexp(log_q(x, slice(i, i + step)) + log_w, -1))
+            out.append(torch.logsumexp(log_q(vmf_rule(mu[i:i + step], offsets), slice(i, i + step)) + log_w, -1))
         return torch.cat(out) if out else mu.new_empty(mu.shape[:2])
 
     @staticmethod

@@ -220,21 +220,19 @@ def _split_rows(n: int, tc: TrainConfig, val) -> tuple[np.ndarray, np.ndarray | 
     return np.arange(n), None
 
 
-def _check_rows(embeddings, coords, which: str, chunk: int = 65_536) -> None:
+def _check_rows(embeddings, coords, which: str) -> None:
     """Finite embeddings the network can read and (lat, lon) coordinates in range, or a
     DataError naming the first bad row; embeddings are read in chunks (memmaps, shards)."""
-    from locdiff.data.files import embeddings_ok, first_bad_embedding
+    from locdiff.data.files import scan_embeddings
     from locdiff.metrics import check_latlon
 
     try:
         check_latlon(coords, f"{which}coords")
     except ValueError as e:
         raise DataError(str(e)) from None
-    for i in range(0, len(embeddings), chunk):
-        block = np.asarray(embeddings[i:i + chunk])
-        if not embeddings_ok(block):
-            row, what = first_bad_embedding(block)
-            raise DataError(f"{which}embeddings row {i + row} {what}")
+    bad = scan_embeddings(embeddings)
+    if bad:
+        raise DataError(f"{which}embeddings row {bad[0]} {bad[1]}")
 
 
 def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resume: bool = False,

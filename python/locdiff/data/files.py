@@ -169,6 +169,18 @@ def first_bad_embedding(emb) -> tuple[int, str]:
                  f"{MAX_EMBEDDING_ABS:g}")
 
 
+def scan_embeddings(emb, chunk: int = 65_536) -> tuple[int, str] | None:
+    """:func:`first_bad_embedding` over all of ``emb`` (an array, memmap or shards) read in
+    chunks of copied rows, so that a file of several GB is scanned without loading it; None
+    when every row is fine."""
+    for i in range(0, len(emb), chunk):
+        block = np.array(emb[i:i + chunk])
+        if not embeddings_ok(block):
+            row, what = first_bad_embedding(block)
+            return i + row, what
+    return None
+
+
 def read_coords(path, rows: int | None = None) -> np.ndarray:
     """``(N, 2)`` float64 (lat, lon) from a CSV with ``lat`` and ``lon`` columns (header names
     ``latitude``/``longitude``/``lng`` are accepted too) or an ``(N, 2)`` ``.npy``.
