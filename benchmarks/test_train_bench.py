@@ -1,6 +1,8 @@
 """Training throughput of the demo's LocDiff model (benchmarks/train_step.py: batch 256 per
 process, 768-float embeddings) at L = 24 and 64: eager, ``torch.compile`` and bfloat16
-autocast in one process, and DistributedDataParallel over several processes.
+autocast in one process, and DistributedDataParallel over several processes. The
+``eager-plain-adamw`` rows are the anchor of training's optimiser: eager with torch's
+default (unfused) AdamW.
 
     pytest benchmarks/test_train_bench.py --benchmark-only              # CPU: 1 and 2 processes
     pytest benchmarks/test_train_bench.py --benchmark-only -k "not ddp"  # one process only
@@ -34,11 +36,12 @@ def _info(benchmark, **kw):
 
 
 @pytest.mark.parametrize("degree", DEGREES)
-@pytest.mark.parametrize("impl", ["eager", "compile", "bf16"])
+@pytest.mark.parametrize("impl", ["eager", "eager-plain-adamw", "compile", "bf16"])
 def test_train_step(benchmark, degree, impl):
     if impl == "compile" and sys.platform != "linux":
         pytest.skip("torch.compile's CPU backend is measured on Linux")
-    step, _ = make_step(DEVICE, degree=degree, emb_dim=DIM, compiled=impl == "compile", bf16=impl == "bf16")
+    step, _ = make_step(DEVICE, degree=degree, emb_dim=DIM, compiled=impl == "compile", bf16=impl == "bf16",
+                         plain_adamw=impl == "eager-plain-adamw")
     rate = benchmark.pedantic(lambda: samples_per_s(step, DEVICE), rounds=1, iterations=1)
     _info(benchmark, impl=impl, degree=degree, samples_per_s=round(rate), threads=torch.get_num_threads(),
           dtype="bfloat16" if impl == "bf16" else "float32")

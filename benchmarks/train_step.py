@@ -11,19 +11,21 @@ BATCH = 256
 
 
 def make_step(device: torch.device, degree: int = 24, emb_dim: int = 768, compiled: bool = False,
-              bf16: bool = False, batch: int = BATCH):
-    """``(step, net)``: ``step()`` runs one forward + backward + AdamW update of batch ``batch``."""
+              bf16: bool = False, batch: int = BATCH, plain_adamw: bool = False):
+    """``(step, net)``: ``step()`` runs one forward + backward + AdamW update of batch ``batch``,
+    with training's optimiser (``locdiff.optim.adamw``) or, ``plain_adamw``, torch's default."""
     from locdiff import shdd
     from locdiff.demo import demo_config
     from locdiff.diffusion import diffusion_loss
     from locdiff.models import CSUNet
+    from locdiff.optim import adamw
 
     cfg = demo_config(1.0)
     mc = type(cfg.model).from_dict({**cfg.model.to_dict(), "degree": degree, "emb_dim": emb_dim})
     dc = cfg.diffusion
     net = CSUNet(mc).to(device)
     model = torch.compile(net) if compiled else net
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4) if plain_adamw else adamw(net.parameters(), 1e-4, 0.01)
     schedule = dc.make_schedule().to(device)
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(batch, emb_dim, generator=g).to(device)

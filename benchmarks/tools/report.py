@@ -1,5 +1,5 @@
 """Markdown tables from a pytest-benchmark JSON of test_sh_bench.py / test_decode_bench.py /
-test_kl_bench.py.
+test_kl_bench.py / test_train_bench.py.
 
     python benchmarks/tools/report.py benchmarks/results/xeon-2c-480mb/sh_cpu.json
 
@@ -7,6 +7,7 @@ Spherical harmonics: ns per output value (best time of the rounds / values; on a
 machine the median carries the neighbours' load), per pass; a * marks a result that failed
 the accuracy check (error per unit over 2e-6 float32 / 1e-11 float64) with the degree it
 goes wrong from. Decode and SHDD-KL (forward + backward): best time in ms per call.
+Training: samples per second (``extra_info["samples_per_s"]``, the best of its rounds).
 """
 import collections
 import json
@@ -73,16 +74,45 @@ def timing_table(benchmarks, op):
     return "\n".join(lines)
 
 
+def train_table(benchmarks):
+    """Samples/s of every impl of the training step per (device, L, processes), with training's
+    optimiser against torch's default AdamW (``eager`` / ``eager-plain-adamw``)."""
+    rows = collections.defaultdict(dict)
+    impls = []
+    for b in benchmarks:
+        e = b["extra_info"]
+        if e.get("op") != "train_step":
+            continue
+        key = (e["device"], e["degree"], e.get("threads", ""))
+        if e["impl"] not in impls:
+            impls.append(e["impl"])
+        rows[key][e["impl"]] = e["samples_per_s"]
+    if not rows:
+        return ""
+    lines = ["| device | L | threads | " + " | ".join(f"{i} (samples/s)" for i in impls)
+             + " | eager / eager-plain-adamw |", "|---" * (len(impls) + 4) + "|"]
+    for key in sorted(rows, key=str):
+        r = rows[key]
+        ratio = f'{r["eager"] / r["eager-plain-adamw"]:.2f}x' if r.get("eager") and r.get("eager-plain-adamw") else ""
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(str(r.get(i, "")) for i in impls)
+                     + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def tables(benchmarks):
+    """Every table the benchmarks of one JSON give."""
+    return [t for t in (sh_table(benchmarks), timing_table(benchmarks, "decode"), timing_table(benchmarks, "kl"),
+                        train_table(benchmarks)) if t]
+
+
 def main(path):
     with open(path) as f:
         data = json.load(f)
     info = data.get("machine_info", {})
     print(f'<!-- {path}: {info.get("cpu", {}).get("brand_raw", "")}, commit {data.get("commit_info", {}).get("id", "")[:10]} -->')
-    for table in (sh_table(data["benchmarks"]), timing_table(data["benchmarks"], "decode"),
-                  timing_table(data["benchmarks"], "kl")):
-        if table:
-            print(table)
-            print()
+    for table in tables(data["benchmarks"]):
+        print(table)
+        print()
 
 
 if __name__ == "__main__":

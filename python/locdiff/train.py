@@ -36,6 +36,7 @@ from locdiff.data.files import DataError, atomic_write_bytes
 from locdiff.devices import resolve_device
 from locdiff.diffusion import EMA, diffusion_loss
 from locdiff.models import CSUNet
+from locdiff.optim import adamw
 from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, TOML_VERSION, PredictConfig, RunConfig, TrainConfig,
                          checkpoint_bytes, parse_checkpoint, read_config, restore, write_config)
 
@@ -360,7 +361,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
     extra = {"embedding_dim": d, **(extra_config or {})}
     torch.manual_seed(tc.seed)
     net = CSUNet(mc).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = adamw(net.parameters(), tc.lr, tc.weight_decay)
     ema = EMA(net, tc.ema_decay)
     state = {"step": 0, "elapsed_s": 0.0, "history": [], "skipped": 0, "recent": [], "best": None}
     if ckpt is not None:

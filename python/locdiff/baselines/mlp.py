@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from locdiff.optim import adamw
+
 
 def mlp(d_in: int, widths, d_out: int, dropout: float = 0.1) -> nn.Sequential:
     """LayerNorm, then Linear + GELU + Dropout per width, then a Linear head."""
@@ -32,7 +34,7 @@ def fit(net: nn.Module, loss_fn, x: np.ndarray, y, *, steps: int = 3000, minutes
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     xt = torch.as_tensor(np.asarray(x, np.float32))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = adamw(net.parameters(), lr, weight_decay)
     t0, step = time.perf_counter(), 0
     limit = minutes * 60 if minutes else math.inf
     best, best_state = math.inf, None

@@ -29,7 +29,7 @@ class EMA:
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for k, v in model.state_dict().items():
             if k in self.shadow:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
