@@ -262,6 +262,19 @@ def test_out_buffer_gets_the_same_values_and_is_returned(dtype, degree, rng):
     assert locdiff.spherical_harmonics(torch.empty((0, 3), dtype=dtype), degree, out=empty) is empty
 
 
+def test_numpy_inputs_of_every_layout_and_byte_order(rng):
+    x = rng.standard_normal((5, 3))
+    want = locdiff.spherical_harmonics(x, 4)
+    np.testing.assert_array_equal(locdiff.spherical_harmonics(x.astype(">f8"), 4), want)
+    out = np.empty((16, 5)).T  # a transposed (non-contiguous) buffer takes the values as they are
+    np.testing.assert_array_equal(locdiff.spherical_harmonics(x, 3, out=out), want[:, :16])
+    with pytest.raises(TypeError, match="xyz must be a floating-point array .* got dtype float128"):
+        locdiff.spherical_harmonics(x.astype(np.longdouble), 2)
+    for scalar in (np.array(2.0), 2.0):
+        with pytest.raises(ValueError, match=r"xyz must have shape \(\.\.\., 3\), got a scalar"):
+            locdiff.spherical_harmonics(scalar, 2)
+
+
 def test_out_buffer_bad_input():
     xyz = torch.randn(4, 3, dtype=torch.float64)
     cases = [
@@ -269,6 +282,8 @@ def test_out_buffer_bad_input():
         (torch.empty(4, 16, dtype=torch.float32), TypeError, "out must have xyz's dtype torch.float64"),
         (np.empty((4, 16)), TypeError, "out must be a torch.Tensor"),
         (torch.empty(4, 16, dtype=torch.float64, requires_grad=True), ValueError, "not differentiable"),
+        (torch.empty(1, 16, dtype=torch.float64).expand(4, 16), ValueError,
+         r"out has elements that may share memory \(strides \(0, 1\)"),
     ]
     for out, error, match in cases:
         with pytest.raises(error, match=match):
@@ -404,3 +419,23 @@ def test_geo_round_trip_and_distances(rng):
         locdiff.latlon_to_xyz(np.array([91.0, 0.0]))
     with pytest.raises(ValueError, match="latitude"):
         locdiff.latlon_to_xyz(torch.tensor([float("nan"), 0.0]))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
+def test_jacobians_in_reverse_mode_and_forward_mode_refused(rng):
+    # docs/conventions.md: the custom ops have no JVP; forward mode used to give a silent
+    # zero derivative.
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.from_numpy(rng.standard_normal(3))
+    f = lambda v: locdiff.spherical_harmonics(v, 5)  # noqa: E731
+    want = torch.autograd.functional.jacobian(lambda v: spherical_harmonics_reference(v[None], 5)[0], x)
+    assert_close(torch.autograd.functional.jacobian(f, x), want)
+    c = shdd.encode(torch.tensor([[10.0, 20.0]], dtype=torch.float64), 8)
+    calls = [lambda: torch.func.jacfwd(f)(x), lambda: torch.func.jvp(shdd.density, (c,), (c,)),
+             lambda: torch.func.jvp(lambda v: shdd.values_at(v, torch.zeros(2)), (c,), (c,))]
+    for call in calls:
+        with pytest.raises(NotImplementedError, match="forward-mode tangent .* reverse mode only"):
+            call()
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="xyz carries a forward-mode tangent"):
+        f(fwAD.make_dual(x, torch.ones_like(x)))

@@ -34,6 +34,64 @@ def test_decode_and_top_k_do_not_depend_on_a_positive_scale(scale, refine):
     np.testing.assert_allclose(v[ok], v1[ok] * scale, rtol=1e-12 if refine else 1e-6)  # unrefined: float32
 
 
+@pytest.mark.parametrize("scale", [1e-309, 1e-315])
+def test_subnormal_coefficients_keep_their_mode(scale):
+    # Scaling such a row to unit size takes a factor past float64's largest (2^1026 and
+    # more): it is applied in two halves, so the row's remaining bits still find the mode.
+    c = shdd.encode(PARIS, 16)
+    for refine in (True, False):
+        assert float(locdiff.great_circle_km(shdd.decode(c * scale, refine=refine), PARIS)) < (1e-3 if refine else 400)
+    ll, v = shdd.top_k(c * scale, 2)
+    assert float(locdiff.great_circle_km(ll[0], PARIS)) < 1e-3
+    np.testing.assert_allclose(v[0] / scale, shdd.top_k(c, 1)[1][0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("degree", [8, 16, 32])
+def test_a_large_constant_term_does_not_hide_the_mode(degree):
+    # A constant moves no mode, but in the float32 grid stage c_00 = 1 drowned an SHDD
+    # scaled by 1e-9 (decoded thousands of km off); top_k's values still include it.
+    p = np.array([37.0, -120.0])
+    c = shdd.encode(p, degree) * 1e-9
+    c[0] = 1.0
+    for coeffs in (c, c.astype(np.float32)):
+        assert float(locdiff.great_circle_km(shdd.decode(coeffs), p)) < 1.0
+    ll, v = shdd.top_k(c, 1)
+    assert float(locdiff.great_circle_km(ll[0], p)) < 1e-3
+    np.testing.assert_allclose(v[0], shdd.values_at(c, p), rtol=1e-14)
+
+
+def test_a_mode_whose_value_overflows_keeps_its_place():
+    c = shdd.encode(PARIS, 16) * 1e307  # f's peak, 1e307 x (L+1)^2 / sqrt(4 pi), is past float64
+    ll, v = shdd.top_k(c, 2)
+    assert v[0] == np.inf and float(locdiff.great_circle_km(ll[0], PARIS)) < 1e-3
+    np.testing.assert_allclose(shdd.decode(c), PARIS, atol=1e-9)
+
+
+def test_values_at_differentiates_with_respect_to_the_points():
+    c = shdd.encode(torch.tensor([[10.0, 20.0]], dtype=torch.float64), 8)
+    for fn in (shdd.values_at, shdd.log_density_at):
+        ll = torch.tensor([[11.0, 21.0]], dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x: fn(c, x), (ll,))
+
+
+def test_wrong_kinds_of_input_are_type_errors():
+    c = shdd.encode(PARIS, 8)
+    for bad in (torch.ones(1, 81, dtype=torch.bool), torch.ones(1, 81, dtype=torch.complex64)):
+        for fn in (shdd.decode, shdd.density, shdd.log_normalizer):
+            with pytest.raises(TypeError, match=r"coeffs must be a real numeric array or tensor, got dtype torch\."):
+                fn(bad)
+    with pytest.raises(TypeError, match="latlon must be a real numeric array or tensor, got dtype float128"):
+        shdd.encode(PARIS.astype(np.longdouble), 8)
+    np.testing.assert_array_equal(shdd.encode(PARIS.astype(">f8"), 8), c)  # the other byte order converts
+    with pytest.raises(TypeError, match="temperature must be a real number, got '2'"):
+        shdd.density(c, temperature="2")
+    with pytest.raises(TypeError, match="min_separation_km must be a real number or None, got '5'"):
+        shdd.top_k(c, 2, min_separation_km="5")
+    np.testing.assert_array_equal(shdd.decode(c, candidates=np.int64(3)), shdd.decode(c, candidates=3))
+    with pytest.raises(MemoryError, match=r"top_k's candidates for k = 1000000000 .*ask for fewer modes"):
+        shdd.top_k(c, 10**9)
+
+
 def test_decode_scales_each_row_alone():
     c = shdd.encode(np.array([PARIS, [-33.9, 151.2]]), 16)
     c[0] *= 1e200
@@ -227,6 +285,26 @@ def test_the_density_mode_of_an_exact_shdd_is_its_point(sharpness):
     poles = torch.tensor([[90.0, 0.0], [-90.0, 0.0], [89.9, 33.0], [89.0, -120.0], [-88.7, 179.9]], dtype=torch.float64)
     got = pred.locate(shdd.encode(poles, L), mode_of="density", temperature=t)
     assert float(locdiff.great_circle_km(got, poles.numpy()).max()) < 0.1
+
+
+def test_density_modes_are_found_in_chunks_that_bound_memory(monkeypatch):
+    # At high degree the projection grid holds millions of points: rows go in chunks sized
+    # by DENSITY_CHUNK_BYTES (256 rows of a degree-300 grid took 20 GB), with the same answers.
+    from locdiff import predict
+    from locdiff.models import CSUNet, CSUNetConfig
+    from locdiff.run import RunConfig
+
+    config = RunConfig(CSUNetConfig(degree=16, emb_dim=2, widths=(8,), cond_dim=8, emb_widths=()))
+    pred = predict.Predictor(CSUNet(config.model), config)
+    c = shdd.encode(torch.tensor([[10.0, 20.0], [-40.0, 100.0], [70.0, -30.0]], dtype=torch.float64), 16)
+    c = c + 0.05 * torch.randn(c.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole = pred.locate(c, mode_of="density", temperature=2.0)
+    sizes = []
+    real = shdd.density
+    monkeypatch.setattr(predict, "DENSITY_CHUNK_BYTES", 1)
+    monkeypatch.setattr(shdd, "density", lambda rows, *a, **kw: sizes.append(len(rows)) or real(rows, *a, **kw))
+    np.testing.assert_array_equal(pred.locate(c, mode_of="density", temperature=2.0), whole)
+    assert sizes == [1, 1, 1]
 
 
 @pytest.mark.parametrize("degree, sharpness", [(16, 16.0), (16, 40.0), (64, 16.0), (64, 40.0), (16, 300.0),

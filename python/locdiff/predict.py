@@ -30,6 +30,7 @@ from locdiff.settings import MAX_GUIDANCE
 # max(4, 1.2 sqrt(f0 / t)) x, under 1 km. Gauss-Legendre rings keep it so at the poles
 # (docs/model.md, "Point predictions").
 MIN_MODE_OVERSAMPLE, MAX_MODE_OVERSAMPLE = 4.0, 8.0
+DENSITY_CHUNK_BYTES = 1 << 29
 
 
 def density_mode_grid(degree: int, temperature: float):
@@ -180,8 +181,11 @@ class Predictor:
         c = torch.as_tensor(coeffs).double()
         grid = density_mode_grid(self.degree, s["temperature"]) if s["mode_of"] == "density" else None
         if grid is not None:
-            c = torch.cat([shdd.project(shdd.density(c[i:i + 256], grid, s["temperature"]), self.degree, grid)
-                           for i in range(0, len(c), 256)]) if len(c) else c
+            # Rows per chunk so that the (rows, grid) densities and their temporaries stay
+            # within DENSITY_CHUNK_BYTES: at high degree the grid holds millions of points.
+            step = max(1, min(256, DENSITY_CHUNK_BYTES // (3 * 8 * grid.size)))
+            c = torch.cat([shdd.project(shdd.density(c[i:i + step], grid, s["temperature"]), self.degree, grid)
+                           for i in range(0, len(c), step)]) if len(c) else c
         cd = s["coarse_degree"]
         if cd is None or cd >= self.degree:
             return np.asarray(shdd.decode(c))

@@ -10,7 +10,6 @@ Types are :mod:`locdiff.config`'s business; this module checks values: each fail
 from __future__ import annotations
 
 import math
-import os
 
 from locdiff.data.files import DataError
 
@@ -164,17 +163,13 @@ def available_bytes(device) -> tuple[int | None, str]:
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         return int(free), f"GPU {dev}"
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available memory"
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical memory"
-    except (ValueError, OSError, AttributeError):
-        return None, ""
+    from locdiff.ops.validation import available_memory_bytes, physical_memory_bytes
+
+    free = available_memory_bytes()
+    if free is not None:
+        return free, "available memory"
+    free = physical_memory_bytes()
+    return (free, "physical memory") if free is not None else (None, "")
 
 
 def max_degree(config, device, rows: int) -> tuple[int, str]:

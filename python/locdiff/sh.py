@@ -51,9 +51,10 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
     array([0.282095, 0.      , 0.488603, 0.      ])
     """
     if isinstance(xyz, np.ndarray) or not isinstance(xyz, torch.Tensor):
-        arr = np.asarray(xyz)
-        if arr.dtype.kind not in "f":
-            raise TypeError(f"xyz must be a floating-point array (float16, float32 or float64), got dtype {arr.dtype}")
+        arr = validation.native_array(np.asarray(xyz), "xyz", "f", "a floating-point array (float16, float32 or "
+                                      "float64)")
+        if arr.ndim == 0:
+            raise ValueError("xyz must have shape (..., 3), got a scalar")
         if out is None and backend in (None, "native") and arr.dtype in _KERNEL_DTYPES and arr.ndim and arr.shape[-1] == 3:
             degree = validation.check_degree(degree)
             if arr.size // 3 * (degree + 1) ** 2 <= _SMALL:
@@ -68,6 +69,7 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
         return out if out is not None else result.numpy()
     validation.check_float_tensor(xyz, "xyz")
     validation.check_last_dim(xyz, 3, "xyz")
+    validation.check_no_forward_ad(xyz, "xyz")
     degree = validation.check_degree(degree)
     validation.check_backend(backend)
     # A device with no implementation (meta, mps, ...) is named before any check reads values;

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -36,10 +37,11 @@ def _to_torch(x, name: str):
     """(tensor, was_numpy)."""
     if isinstance(x, torch.Tensor):
         validation.check_device_type(x.device, f"{name} is on {x.device}")
+        if x.dtype == torch.bool or x.dtype.is_complex:
+            raise TypeError(f"{name} must be a real numeric array or tensor, got dtype {x.dtype}")
+        validation.check_no_forward_ad(x, name)
         return x, False
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be a real numeric array or tensor, got dtype {arr.dtype}")
+    arr = validation.native_array(np.asarray(x), name, "fiu", "a real numeric array or tensor")
     if arr.dtype.kind in "iu":
         arr = arr.astype(np.float64)
     # (ascontiguousarray would turn a 0-d array into a 1-d one)
@@ -109,11 +111,15 @@ def exact_peak(degree: int) -> float:
 
 
 def check_temperature(temperature) -> float:
-    """``temperature`` as a float; a ValueError naming it unless finite and >= MIN_TEMPERATURE."""
+    """``temperature`` as a float; a TypeError naming it unless a real number, a ValueError
+    unless finite and >= MIN_TEMPERATURE."""
+    if isinstance(temperature, (str, bytes, bool)) or not isinstance(temperature, (numbers.Real, np.ndarray,
+                                                                                     torch.Tensor)):
+        raise TypeError(f"temperature must be a real number, got {temperature!r}")
     try:
         t = float(temperature)
     except (TypeError, ValueError):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}") from None
+        raise TypeError(f"temperature must be a real number, got {temperature!r}") from None
     if not (math.isfinite(t) and t >= MIN_TEMPERATURE):
         raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (float64 precision of "
                          f"f / temperature), got {temperature!r}")
@@ -311,8 +317,9 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     grid = _grid(grid, degree)
     validation.check_backend(backend)
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
         raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
+    candidates = int(candidates)
     if flat.shape[0] == 0:
         return _out(torch.empty(*lead, 2, dtype=torch.float64, device=flat.device), numpy)
     _check_has_modes(flat)
@@ -366,6 +373,9 @@ def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     k = int(k)
+    if min_separation_km is not None and (isinstance(min_separation_km, (str, bytes, bool))
+                                          or not isinstance(min_separation_km, numbers.Real)):
+        raise TypeError(f"min_separation_km must be a real number or None, got {min_separation_km!r}")
     sep_km = default_separation_km(degree) if min_separation_km is None else float(min_separation_km)
     if not (math.isfinite(sep_km) and sep_km >= 0):
         raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")
@@ -373,9 +383,13 @@ def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, 
     validation.check_backend(backend)
     if flat.shape[0]:
         _check_has_modes(flat)
+        # Each of the 4k + 8 candidates holds about eight float64 numbers on the way.
+        validation.check_allocation((flat.shape[0], 4 * k + 8, 8), torch.float64, flat.device,
+                                    f"top_k's candidates for k = {k}", "ask for fewer modes (k)")
         cos_sep = math.cos(min(sep_km / EARTH_RADIUS_KM, math.pi))
         xyz, vals = shdd_api.top_k(flat, _grid_args(grid, degree, flat.device), degree, k, cos_sep, refine, backend)
-        latlon = torch.where(torch.isfinite(vals)[..., None], xyz_to_latlon(xyz), torch.nan)
+        # A value can overflow to +inf at a real mode (coefficients near 1e307); -inf marks none.
+        latlon = torch.where((vals > -torch.inf)[..., None], xyz_to_latlon(xyz), torch.nan)
     else:
         latlon = torch.empty(0, k, 2, dtype=torch.float64, device=flat.device)
         vals = torch.empty(0, k, dtype=torch.float64, device=flat.device)
@@ -402,14 +416,14 @@ def density(coeffs, grid=None, temperature: float = 1.0):
 
 def values_at(coeffs, latlon):
     """f(x) = sum_k c_k Y_k(x) of each vector at its point(s): coeffs ``(..., K)``, latlon
-    ``(..., 2)`` (broadcast) -> ``(...)`` float64, differentiable w.r.t. coeffs.
+    ``(..., 2)`` (broadcast) -> ``(...)`` float64, differentiable w.r.t. coeffs and latlon.
 
     >>> c = encode(np.array([0.0, 0.0]), 8)
     >>> round(float(values_at(c, np.array([0.0, 0.0]))), 6) == round(81 / (4 * math.pi), 6)
     True
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
-    if flat.requires_grad and torch.is_grad_enabled():
+    if torch.is_grad_enabled() and (flat.requires_grad or (torch.is_tensor(latlon) and latlon.requires_grad)):
         c, ll, shape = _pairs(flat, lead, latlon)
         y = spherical_harmonics(latlon_to_xyz(ll), degree)
         return _out((c.double() * y).sum(-1).reshape(shape), numpy)
@@ -436,8 +450,8 @@ def log_normalizer(coeffs, grid=None, temperature: float = 1.0):
 def log_density_at(coeffs, latlon, grid=None, temperature: float = 1.0):
     """log of the density per steradian, ``f(x)/t - log sum_i area_i exp(f_i/t)``, of each
     vector at its point: coeffs ``(..., K)``, latlon ``(..., 2)`` (broadcast) -> ``(...)``
-    float64. Fused over the grid (no batch x grid matrix); differentiable w.r.t. coeffs.
-    The NLL of a prediction is ``-log_density_at(pred, true_latlon)``. The default grid is
+    float64. Fused over the grid (no batch x grid matrix); differentiable w.r.t. coeffs and
+    latlon. The NLL of a prediction is ``-log_density_at(pred, true_latlon)``. The default grid is
     :func:`log_normalizer`'s.
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)

@@ -73,18 +73,43 @@ def kl_divergence(p: Tensor, q: Tensor, grid: GridArgs, inv_temperature: float) 
     return pick("shdd_kl", p.device.type)(p, q, *args)
 
 
+def times_pow2(x: Tensor, e: Tensor) -> Tensor:
+    """``x * 2^e`` in float64, exact where the result is a normal number: in two halves, so
+    that a factor such as 2^1070 (for subnormal rows) never overflows on its own."""
+    h = torch.div(e, 2, rounding_mode="floor")
+    one = torch.ones(e.shape, dtype=torch.float64, device=x.device)
+    return x.double() * torch.ldexp(one, h) * torch.ldexp(one, e - h)
+
+
 def unit_rows(flat: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Rows scaled by a power of two to a largest magnitude in [0.5, 1), and the factors
-    (B, 1) (None: unscaled). Exact, so modes and values are unchanged up to the factor,
-    and the float32 grid stage neither overflows nor underflows. Rows already within
-    [2^-60, 2^60] are left as they are (no float32 risk: docs/conventions.md, "Scale")."""
+    """Rows scaled by a power of two to a largest magnitude in [0.5, 1), and the binary
+    exponents e (B, 1) that undo it, ``times_pow2(values, e)`` (None: unscaled). Exact, so
+    modes and values are unchanged up to the factor, and the float32 grid stage neither
+    overflows nor underflows. Rows already within [2^-60, 2^60] are left as they are (no
+    float32 risk: docs/conventions.md, "Scale")."""
     big = flat.detach().abs().amax(-1, keepdim=True)
     if flat.numel() == 0 or bool(((big <= 2.0 ** 60) & ((big >= 2.0 ** -60) | (big == 0))).all()):
         return flat, None
     _, e = torch.frexp(big.double())
-    factor = torch.ldexp(torch.ones_like(big, dtype=torch.float64), -e.to(torch.int64))
-    factor = torch.where(big > 0, factor, 1.0)
-    return (flat.double() * factor).to(flat.dtype).contiguous(), factor
+    e = torch.where(big > 0, e.to(torch.int64), 0)
+    return times_pow2(flat, -e).to(flat.dtype).contiguous(), e
+
+
+def without_constant(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows with c_00 set to 0, and the constant c_00 Y_00 (B, 1) float64 it added to f.
+    A constant never moves a mode, but a large one drowns f's variation in the float32 grid
+    stage (c_00 = 1 beside an SHDD scaled by 1e-9 decoded 6,000 km off)."""
+    const = flat[:, :1].detach().double() / math.sqrt(4 * math.pi)
+    if not bool((const != 0).any()):
+        return flat, const
+    out = flat.clone()
+    out[:, 0] = 0
+    return out, const
+
+
+def _values_back(vals: Tensor, e: Tensor | None, const: Tensor) -> Tensor:
+    """Values of the scaled rows without their constant -> values of the rows given."""
+    return (vals if e is None else times_pow2(vals, e)) + const
 
 
 def candidates(flat: Tensor, grid: GridArgs, ncand: int, backend: str | None = None) -> tuple[Tensor, Tensor]:
@@ -121,18 +146,20 @@ def _refine_fn(c64: Tensor, degree: int, radius: float, backend: str | None) -> 
 
 def ascend(flat: Tensor, xyz: Tensor, degree: int, radius: float, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """Newton ascent of each row's f from its start point xyz (B, 3) float64 -> (xyz, f)."""
-    flat, factor = unit_rows(flat)
+    flat, const = without_constant(flat)
+    flat, e = unit_rows(flat)
     c64 = flat.double()
     rows = torch.arange(flat.shape[0], device=flat.device)
     u, f = _refine_fn(c64, degree, radius, backend)(rows, xyz)
-    return u, f if factor is None else f / factor[:, 0]
+    return u, _values_back(f[:, None], e, const)[:, 0]
 
 
 def decode(flat: Tensor, grid: GridArgs, degree: int, ncand: int, nrefine: int, refine: bool = True,
            backend: str | None = None) -> tuple[Tensor, Tensor]:
     """-> (xyz (B, ncand, 3), values (B, ncand)) best first; -inf values (and zero vectors
     after refinement) mark gaps. Policy: locdiff.ops.candidates (k = 1)."""
-    flat, factor = unit_rows(flat)
+    flat, const = without_constant(flat)
+    flat, e = unit_rows(flat)
     if refine and grid.ring is not None:
         xyz, vals = pick("shdd_decode", flat.device.type, backend)(flat, *grid.ring, ncand, grid.radius, nrefine,
                                                                     MAX_ITER)
@@ -142,7 +169,7 @@ def decode(flat: Tensor, grid: GridArgs, degree: int, ncand: int, nrefine: int, 
             c64 = flat.double()
             xyz, vals = refine_candidates(c64, degree, vals, xyz, nrefine, _refine_fn(c64, degree, grid.radius,
                                                                                          backend))
-    return xyz, vals if factor is None else vals / factor
+    return xyz, _values_back(vals, e, const)
 
 
 def top_k(flat: Tensor, grid: GridArgs, degree: int, k: int, cos_sep: float, refine: bool = True,
@@ -150,7 +177,8 @@ def top_k(flat: Tensor, grid: GridArgs, degree: int, k: int, cos_sep: float, ref
     """The k best distinct local maxima -> (xyz (B, k, 3), values (B, k)) best first; past
     the real modes, values -inf (xyz zero). Candidates: 4k + 8 grid maxima; with ``refine``,
     those that can still be among the k best are refined (locdiff.ops.candidates)."""
-    flat, factor = unit_rows(flat)
+    flat, const = without_constant(flat)
+    flat, e = unit_rows(flat)
     # A side-lobe ring breaks into many grid maxima that can crowd a higher lobe out of a
     # small pool: with 2k + 4, 44 of 1,050 exact SHDDs (L 4-32) lost a mode (docs/kernels.md).
     ncand = 4 * k + 8
@@ -164,4 +192,4 @@ def top_k(flat: Tensor, grid: GridArgs, degree: int, k: int, cos_sep: float, ref
         vals = torch.gather(vals, 1, order)
         xyz = torch.gather(xyz, 1, order[..., None].expand(-1, -1, 3))
     xyz, vals = distinct_modes(xyz, vals, k, cos_sep)
-    return xyz, vals if factor is None else vals / factor
+    return xyz, _values_back(vals, e, const)

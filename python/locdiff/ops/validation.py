@@ -6,6 +6,7 @@ import functools
 import os
 
 import torch
+from torch.autograd import forward_ad
 
 # Accuracy is verified up to 2048 (tests/test_sh_accuracy.py); the recurrences stay stable
 # beyond, so allow some headroom without promising the tolerance there.
@@ -99,6 +100,26 @@ def raise_bad_row(x: torch.Tensor, index: int, name: str) -> None:
     raise ValueError(f"{name} row {index} is {what}: {row.tolist()}; expected finite, non-zero vectors")
 
 
+def check_no_forward_ad(t: torch.Tensor, name: str) -> None:
+    """NotImplementedError naming ``name`` for a tensor carrying a forward-mode tangent
+    (torch.func.jvp / jacfwd, torch.autograd.forward_ad): the kernels' custom ops have no JVP
+    and would return no tangent, a silent zero derivative."""
+    if forward_ad.unpack_dual(t).tangent is not None:
+        raise NotImplementedError(
+            f"{name} carries a forward-mode tangent (torch.func.jvp / jacfwd, torch.autograd.forward_ad); "
+            f"locdiff's kernels differentiate in reverse mode only: use backward(), torch.autograd.grad or "
+            f"torch.autograd.functional.jacobian")
+
+
+def native_array(arr, name: str, kinds: str, expected: str):
+    """``arr`` as a numpy array torch can take: a TypeError naming ``name`` (``expected`` says
+    what would do) unless its dtype kind is in ``kinds`` and no float is wider than float64;
+    values stored in the other byte order are converted."""
+    if arr.dtype.kind not in kinds or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
+        raise TypeError(f"{name} must be {expected}, got dtype {arr.dtype}")
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+
+
 @functools.cache  # two system calls, on every call of the public functions
 def physical_memory_bytes() -> int | None:
     """The machine's memory in bytes, or None where the OS does not say."""
@@ -108,9 +129,24 @@ def physical_memory_bytes() -> int | None:
         return None
 
 
+def available_memory_bytes() -> int | None:
+    """The memory the system can give now (``MemAvailable`` of /proc/meminfo), or None
+    where it does not say."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, name: str,
                      hint: str = "use fewer points or a lower degree") -> None:
-    """Raise MemoryError before allocating an output that cannot fit."""
+    """Raise MemoryError before allocating an output that cannot fit: in free GPU memory, or
+    in the memory available now on the CPU (read only for requests over an eighth of the
+    machine's memory; smaller ones are left to the allocator)."""
     numel = 1
     for s in shape:
         numel *= int(s)
@@ -120,11 +156,24 @@ def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, nam
         limit = free
     else:
         limit = physical_memory_bytes() or 1 << 62
+        if nbytes > limit // 8:
+            limit = min(limit, available_memory_bytes() or limit)
     if nbytes > limit:
         raise MemoryError(
             f"{name} of shape {tuple(shape)} ({dtype}) needs {nbytes / 2**30:.1f} GiB, more than the "
             f"{limit / 2**30:.1f} GiB available on {device}; {hint}"
         )
+
+
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory: its dims of size > 1, by stride, must
+    each step past the farthest element of the finer ones (a sufficient test)."""
+    reach = 0
+    for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
 
 
 def check_out(out, xyz: torch.Tensor, shape: tuple, name: str = "out") -> None:
@@ -141,6 +190,9 @@ def check_out(out, xyz: torch.Tensor, shape: tuple, name: str = "out") -> None:
     if torch.is_grad_enabled() and (xyz.requires_grad or out.requires_grad):
         raise ValueError(f"{name}= results are not differentiable, but xyz or {name} requires grad; "
                          f"call without {name}= for autograd, or under torch.no_grad()")
+    if _overlaps_itself(out):
+        raise ValueError(f"{name} has elements that may share memory (strides {out.stride()}, as of an expanded "
+                         f"view); expected a buffer with one place per value")
     if out.numel() and xyz.numel() and not torch.compiler.is_compiling():
         a, b = out.untyped_storage(), xyz.untyped_storage()
         if a.data_ptr() < b.data_ptr() + b.nbytes() and b.data_ptr() < a.data_ptr() + a.nbytes():
