@@ -103,6 +103,29 @@ def test_a_folder_of_the_users_own_files_is_not_trained_into(files, tmp_path, ca
     (mine / ".mynotes.tmp").write_text("mine")  # a dot file of the user's, not a locdiff temporary
     expect_error(capsys, train_argv(files, mine, "--steps", "3"), ".mynotes.tmp")
     assert (mine / ".mynotes.tmp").exists()
+    (mine / ".mynotes.tmp").unlink()
+    # Named as a run's files, but with no config.json (a run writes it first): the user's.
+    for name in ("train.toml", "metrics.jsonl"):
+        (mine / name).write_text("# my annotated config\n")
+        expect_error(capsys, train_argv(files, mine, "--steps", "3"), f"holds files that no locdiff run writes ({name})")
+        assert (mine / name).read_text() == "# my annotated config\n"
+        (mine / name).unlink()
+    # A refusal leaves no lock file behind, nor a folder it made.
+    assert sorted(p.name for p in mine.iterdir()) == []
+    expect_error(capsys, train_argv(files, tmp_path / "new", "--steps", "3", "--resume"), "nothing to resume")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_without_its_latest_checkpoint_is_not_trained_over(files, tmp_path, capsys):
+    # Its kept and best checkpoints would go: a new run starts by removing them.
+    out = tmp_path / "run"
+    assert run_cli(capsys, *train_argv(files, out, "--steps", "6", "--set", "train.keep_checkpoints=3", "--set",
+                                       "train.checkpoint_every=2"))[0] == 0
+    (out / CHECKPOINT_FILE).unlink()
+    kept = sorted(p.name for p in out.glob("checkpoint-*.safetensors"))
+    assert kept
+    expect_error(capsys, train_argv(files, out, "--steps", "3"), f"already holds a trained run ({kept[0]}")
+    assert sorted(p.name for p in out.glob("checkpoint-*.safetensors")) == kept
 
 
 def test_resume_refuses_settings_it_would_drop_and_says_when_nothing_is_left(files, tmp_path, capsys):
@@ -354,6 +377,7 @@ def test_an_unfitted_run_says_its_locdiff_h_settings_are_the_defaults(files, tmp
     # files/base was trained without validation: no LocDiff-H settings were fitted.
     import warnings
 
+    from locdiff.data.files import DataError
     from locdiff.geolocator import Geolocator
 
     gallery = ["--gallery-embeddings", files / "emb.npy", "--gallery-coords", files / "coords.csv"]
@@ -364,8 +388,16 @@ def test_an_unfitted_run_says_its_locdiff_h_settings_are_the_defaults(files, tmp
     emb, coords = np.load(files / "emb.npy"), np.load(files / "coords.npy")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Geolocator.from_run(files / "base", "cpu", gallery=(emb, coords))
+        arrays = Geolocator.from_run(files / "base", "cpu", gallery=(emb, coords))
+        paths = Geolocator.from_run(files / "base", "cpu", gallery=(str(files / "emb.npy"), files / "coords.csv"))
     assert any("no LocDiff-H settings fitted" in str(w.message) for w in caught)
+    # A gallery given as files is read as --gallery-embeddings / --gallery-coords read them.
+    np.testing.assert_array_equal(paths.predict(emb[:5]).latlon, arrays.predict(emb[:5]).latlon)
+    for bad, fragment in (((files / "emb.npy", coords), "as arrays, or both as file paths"),
+                          ((files / "emb.npy", tmp_path / "none.csv"), "none.csv: coordinates file not found"),
+                          (files / "emb.npy", "expected \\(embeddings, coordinates\\)")):
+        with pytest.raises(DataError, match=fragment):
+            Geolocator.from_run(files / "base", "cpu", gallery=bad)
 
 
 def test_a_temperature_override_reaches_the_densities(files):

@@ -117,6 +117,25 @@ def test_second_signal_during_the_final_save_stops_at_once(files, tmp_path, monk
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
+def test_a_run_stopped_during_calibration_validates_once(files, tmp_path, monkeypatch):
+    from locdiff import train as train_module
+
+    real = train_module.calibrate
+
+    def interrupted(*args, **kw):  # Ctrl-C while the finished run calibrates
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kw)
+    monkeypatch.setattr(train_module, "calibrate", interrupted)
+    emb, coords = np.load(files / "emb.npy"), np.load(files / "coords.npy")
+    val = (emb[:40], coords[:40])
+    assert train(emb, coords, tmp_path / "run", tiny_config(), val=val, progress=False).signal == signal.SIGINT
+    monkeypatch.undo()
+    train(emb, coords, tmp_path / "run", tiny_config(), val=val, resume=True, progress=False)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "val_median_km" in r]
+    assert steps and len(steps) == len(set(steps)), steps
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for stat in os.listdir("/proc"):
@@ -283,6 +302,51 @@ def test_free_space_checked_before_each_checkpoint(files, tmp_path, capsys, monk
     assert json.loads(meta["state"])["step"] == 4
 
 
+def test_write_errors_no_space_check_foresees_are_named(files, tmp_path, capsys, monkeypatch):
+    # A file-size limit or quota: the periodic checkpoint is skipped with a warning and
+    # training goes on; elsewhere the write is a one-line error naming the file.
+    import errno
+    import os
+
+    from locdiff.data import files as data_files
+
+    real, failed = os.replace, []
+
+    def replace(src, dst):
+        if str(dst).endswith(CHECKPOINT_FILE) and not failed:
+            failed.append(dst)
+            raise OSError(errno.EFBIG, "File too large")
+        return real(src, dst)
+    monkeypatch.setattr(data_files.os, "replace", replace)
+    out = tmp_path / "run"
+    code, text, err = run_cli(capsys, *train_argv(files, out, "--steps", 8, "--set", "train.checkpoint_every=4"))
+    assert code == 0 and failed, err
+    assert "warning: checkpoint of step 4 not saved" in text + err and "cannot be written (File too large)" in text + err
+    assert json.loads(load_checkpoint(out)[1]["state"])["step"] == 8
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_dead_loader_worker_ends_training_with_a_checkpoint_and_one_line(files, tmp_path, capsys, monkeypatch):
+    from locdiff.data import dataset
+
+    real = dataset.make_loader
+
+    def dying(*args, **kw):
+        for i, batch in enumerate(real(*args, **kw)):
+            if i == 5:
+                raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+            yield batch
+    monkeypatch.setattr(dataset, "make_loader", dying)
+    out = tmp_path / "run"
+    line = expect_error(capsys, train_argv(files, out, "--steps", 20), "data loading stopped at step 5: DataLoader "
+                        "worker (pid(s) 4242) exited unexpectedly; the checkpoint of step 5 is saved: --resume")
+    assert "fewer loader workers" in line
+    assert json.loads(load_checkpoint(out)[1]["state"])["step"] == 5
+    monkeypatch.undo()
+    code, text, _ = run_cli(capsys, *train_argv(files, out, "--steps", 8, "--resume"))
+    assert code == 0 and "trained 8 steps" in text
+
+
 def test_stale_temp_files_are_removed_on_start(files, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(capsys, *train_argv(files, out, "--steps", 2))[0] == 0
@@ -338,6 +402,16 @@ def test_changed_bytes_fail_the_checksum(files, tmp_path, capsys):
     (run / CHECKPOINT_FILE).write_bytes(bytes(data))
     expect_error(capsys, ["predict", "--run", run, "--embeddings", files / "emb.npy", "--out", tmp_path / "p.csv"],
                  "checksum mismatch")
+
+
+def test_a_run_with_only_its_best_checkpoint_says_how_to_use_it(files, tmp_path, capsys):
+    run = _copy_run(files, tmp_path)
+    (run / CHECKPOINT_FILE).rename(run / "checkpoint-best.safetensors")
+    argv = ["predict", "--run", run, "--embeddings", files / "emb.npy", "--out", tmp_path / "p.csv"]
+    expect_error(capsys, argv, "not found, but checkpoint-best.safetensors are there; copy the one to use to "
+                               "checkpoint.safetensors")
+    (run / "checkpoint-best.safetensors").unlink()
+    expect_error(capsys, argv, "no checkpoint (training has not saved one yet)")
 
 
 def test_nan_weights(files, tmp_path, capsys):

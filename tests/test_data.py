@@ -49,7 +49,7 @@ def test_embedding_errors(tmp_path, content, match):
 
 
 def test_read_coords_csv_and_npy(tmp_path):
-    (tmp_path / "c.csv").write_text("name,Latitude,lon\na,10.5,200\nb,-20,30\n")
+    (tmp_path / "c.csv").write_text("name,Latitude,lon\na,10.5,200\nb,-20,30,\n")  # an empty cell past the header
     c = read_coords(tmp_path / "c.csv", rows=2)
     np.testing.assert_allclose(c, [[10.5, -160.0], [-20.0, 30.0]])
     np.save(tmp_path / "c.npy", c)
@@ -75,6 +75,7 @@ def test_read_coords_other_separators(tmp_path, text):
     ("lat,lon\n1,abc\n3,4\n", "line 2 has no numeric lat/lon: got '1', 'abc'"),
     ("lat,lon\n1,2\n3\n", "line 3 has no numeric lat/lon: got '3', ''"),
     ("lat;lon\n1,2,5;3\n3;4\n", "no numeric"),
+    ("lat,lon\n45,5,10,2\n3,4\n", "line 2 has 4 fields but the header has 2 .*quote numbers with a decimal comma"),
     ("", "empty"),
 ])
 def test_read_coords_errors(tmp_path, text, match):

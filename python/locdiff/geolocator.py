@@ -20,7 +20,7 @@ import numpy as np
 
 from locdiff import shdd
 from locdiff.answers import LEVELS, answer_first_modes, summarize
-from locdiff.data.files import DataError, embeddings_ok, first_bad_embedding
+from locdiff.data.files import DataError, embeddings_ok, first_bad_embedding, open_embeddings, read_coords
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
 
 
@@ -74,7 +74,7 @@ class Geolocator:
             from locdiff.hybrid import UNFITTED_NOTE, Hybrid, HybridConfig
             from locdiff.run import CONFIG_FILE
 
-            g_emb, g_coords = np.asarray(gallery[0], np.float32), np.asarray(gallery[1], np.float64)
+            g_emb, g_coords = _gallery_arrays(gallery)
             if g_emb.ndim != 2 or g_emb.shape[1] != pred.embedding_dim or g_coords.shape != (len(g_emb), 2):
                 raise DataError(f"gallery: embeddings (M, {pred.embedding_dim}) and coordinates (M, 2) expected, "
                                 f"got {np.shape(g_emb)} and {np.shape(g_coords)}")
@@ -162,3 +162,22 @@ class Geolocator:
                         levels=levels, geocode=geocode, density=density, cell_probabilities=cells)
         ans.skipped = skipped
         return ans
+
+
+def _gallery_arrays(gallery) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings float32, coordinates float64) of a gallery given as two arrays, or as the
+    paths of an embeddings file (``.npy`` or a folder of shards) and a coordinates file
+    (CSV or ``.npy``), read as ``--gallery-embeddings`` / ``--gallery-coords`` are."""
+    if not isinstance(gallery, (tuple, list)) or len(gallery) != 2:
+        raise DataError(f"gallery: expected (embeddings, coordinates), arrays or file paths, got "
+                        f"{type(gallery).__name__}")
+    emb, coords = gallery
+    if isinstance(emb, (str, Path)) != isinstance(coords, (str, Path)):
+        raise DataError("gallery: give both embeddings and coordinates as arrays, or both as file paths")
+    if isinstance(emb, (str, Path)):
+        emb = open_embeddings(emb)
+        coords = read_coords(coords, rows=len(emb))
+    try:
+        return np.asarray(emb, np.float32), np.asarray(coords, np.float64)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"gallery: embeddings and coordinates must be numeric arrays ({err})") from None

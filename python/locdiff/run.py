@@ -250,6 +250,10 @@ def load_checkpoint(run_dir, name: str = CHECKPOINT_FILE) -> tuple[dict, dict]:
     """``(tensors, metadata)`` of a run's checkpoint (``name``: another kept checkpoint)."""
     path = Path(run_dir) / name
     if not path.is_file():
+        others = sorted(p.name for p in Path(run_dir).glob("checkpoint*.safetensors"))
+        if others:  # the latest is gone, kept or best ones are there
+            raise DataError(f"{path}: not found, but {', '.join(others)} are there; copy the one to use to "
+                            f"{name} (checkpoint-best: the lowest validation median)")
         raise DataError(f"{path}: no checkpoint (training has not saved one yet)")
     return parse_checkpoint(path.read_bytes(), path)
 

@@ -43,10 +43,13 @@ class RunLock:
     def __init__(self, run_dir):
         self.path = Path(run_dir) / LOCK_FILE
         self._fd = None
+        self._made_dir = self._made_file = False
 
     def acquire(self) -> "RunLock":
         import fcntl
 
+        self._made_dir = not self.path.parent.exists()
+        self._made_file = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
         if key in RunLock._held:
@@ -73,6 +76,18 @@ class RunLock:
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
             RunLock._held.discard(self._key)
+
+    def withdraw(self) -> None:
+        """Release, leaving the folder as it was found: for a command refused before any work,
+        the lock file goes if this lock made it, and the folder if this lock made it."""
+        if self._fd is not None and self._made_file:
+            self.path.unlink(missing_ok=True)
+        self.release()
+        if self._made_dir:
+            try:
+                self.path.parent.rmdir()
+            except OSError:  # not empty: something else was written meanwhile
+                pass
 
     def __enter__(self):
         return self.acquire()
@@ -152,13 +167,13 @@ class Checkpoints:
                     os.link(latest, kept)
                 except OSError:  # a file system without hard links
                     atomic_write_bytes(kept, latest.read_bytes())
-        _write(latest, data)
+        atomic_write_bytes(latest, data)
         self.latest_step = step
         self._prune()
 
     def save_best(self, data: bytes, step: int) -> None:
         ensure_space(self.dir, len(data), f"the best checkpoint (step {step})")
-        _write(self.dir / BEST_FILE, data)
+        atomic_write_bytes(self.dir / BEST_FILE, data)
 
     def kept(self) -> list[Path]:
         """Older checkpoints kept, oldest first."""
@@ -169,16 +184,6 @@ class Checkpoints:
         old = self.kept()
         for p in old[:max(0, len(old) - (self.keep - 1))]:
             p.unlink(missing_ok=True)
-
-
-def _write(path: Path, data: bytes) -> None:
-    try:
-        atomic_write_bytes(path, data)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DataError(f"{path}: no space left to write {_mb(len(data))} ({err.strerror}); free some space") \
-                from None
-        raise
 
 
 def check_output_file(path, what: str, inputs=(), run=None) -> Path:

@@ -148,8 +148,9 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
     cfg_path, ckpt_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
     has_cfg, has_ckpt = cfg_path.is_file(), ckpt_path.is_file()
     if not resume:
-        if has_ckpt:
-            raise DataError(f"{run_dir}: already holds a trained run (checkpoint.safetensors); continue it with "
+        kept = sorted(p.name for p in run_dir.glob("checkpoint*.safetensors"))
+        if kept:  # a new run would remove them (kept and best ones too, with no checkpoint.safetensors)
+            raise DataError(f"{run_dir}: already holds a trained run ({', '.join(kept)}); continue it with "
                             "--resume or choose a new --out")
         _check_not_foreign(run_dir, has_cfg)
         return config, None, None
@@ -196,10 +197,14 @@ def _nothing_left(state: dict, tc: TrainConfig, finished_step) -> str | None:
 
 def _check_not_foreign(run_dir: Path, has_cfg: bool) -> None:
     """A new run may reuse a run's folder (one stopped before its first checkpoint), never
-    overwrite a folder of the user's own files."""
-    from locdiff.runfolder import foreign_entries
+    overwrite a folder of the user's own files. A run writes config.json first: without it,
+    files named as a run's (a train.toml to train from, say) are the user's."""
+    from locdiff.runfolder import LOCK_FILE, RUN_TEMP, foreign_entries
 
     foreign = foreign_entries(run_dir)
+    if not has_cfg and run_dir.is_dir():
+        foreign = sorted(foreign + [p.name for p in run_dir.iterdir() if p.name not in foreign
+                                    and p.name != LOCK_FILE and not RUN_TEMP.fullmatch(p.name)])
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise DataError(f"{run_dir}: holds files that no locdiff run writes ({shown}); train into an empty or "
@@ -300,10 +305,14 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
         if main:
             check_run_folder(run_dir)
             ensure_space(_nearest_folder(run_dir), _checkpoint_size(config), "a checkpoint of this model")
-            stack.enter_context(RunLock(run_dir))
+            lock = stack.enter_context(RunLock(run_dir))
             for p in clean_stale_temp(run_dir):
                 log(f"removed {p.name}, left by a process killed while writing")
-            config, ckpt, done = _prepare_folder(run_dir, config, resume, d, log)
+            try:
+                config, ckpt, done = _prepare_folder(run_dir, config, resume, d, log)
+            except DataError:
+                lock.withdraw()  # refused before any work: nothing of this command stays behind
+                raise
             payload = {"config": config.to_dict(), "resume": ckpt is not None, "done": done}
         if world > 1:  # the run folder is rank 0's: its settings and checkpoint reach the others
             payload = json.loads(distributed.broadcast_bytes(json.dumps(payload).encode() if main else None))
@@ -469,7 +478,13 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         prog = max(step / tc.steps, clock / max_s if max_s else 0.0)
         for g in opt.param_groups:
             g["lr"] = tc.lr * lr_factor(step, prog, tc)
-        batch = next(batches)
+        try:
+            batch = next(batches)
+        except RuntimeError as err:  # a worker killed (the out-of-memory killer): the weights are whole
+            if "DataLoader worker" not in str(err):
+                raise
+            raise _loader_died(err, step, keeper, snapshot if main and step != keeper.latest_step else None,
+                               workers) from None
         emb_all = batch.emb.to(dev, non_blocking=True)
         x0_all = shdd.encode(batch.latlon, mc.degree, smoothing=dc.smoothing).float().to(dev)
         net.train()
@@ -551,7 +566,10 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
     if stopped_by is not None:
         return result
     # From here a first signal ends the run after the part in progress.
-    if not stop.signum and run_validation() is not None:
+    # A validation of this very step is in the history already where a resumed run had
+    # finished it (stopped during calibration), or a periodic one fell on the last step.
+    validated = bool(state["history"]) and state["history"][-1]["step"] == step
+    if not stop.signum and not validated and run_validation() is not None:
         _final_save(keeper, snapshot(), step)  # its history holds the last validation
     result.best = state["best"]
     if not stop.signum and val is not None and step > 0:
@@ -581,6 +599,19 @@ def _diverged(step: int, loss: float, keeper, tc: TrainConfig, nonfinite: int, w
     return Diverged(f"training diverged by step {step}: {what}"
                     f"{last}; train again with a lower train.lr (now {tc.lr:g}), a longer train.warmup_steps "
                     f"(now {tc.warmup_steps}) or train.grad_clip > 0 (now {tc.grad_clip:g})")
+
+
+def _loader_died(err: RuntimeError, step: int, keeper, snapshot, workers: int) -> DataError:
+    """The one-line error of a data-loader worker that died; rank 0 first saves the weights
+    of ``step`` (``snapshot``: None where nothing is to save)."""
+    saved = ""
+    if snapshot is not None:
+        _final_save(keeper, snapshot(), step)
+    if keeper is not None and keeper.latest_step is not None:
+        saved = f"; the checkpoint of step {keeper.latest_step} is saved: --resume continues"
+    cause = " ".join(str(err).split())
+    return DataError(f"data loading stopped at step {step}: {cause}{saved} (the out-of-memory killer ends workers "
+                     f"first: fewer loader workers, now {workers}, or more memory)")
 
 
 def _final_save(keeper, data: bytes, step: int) -> None:

@@ -11,7 +11,9 @@ command line prints as is (exit code 2).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import os
 import re
 import tempfile
@@ -39,32 +41,47 @@ def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it, so a
     killed process leaves either the old file or the new one, never half of one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with _write_errors(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            # mkstemp creates 0600 files; give the result the permissions of a normal file.
+            os.chmod(tmp, _umask_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path):
+    """A failed write (a full disk or quota, a file-size limit, a read-only or forbidden
+    folder) as a DataError naming the file: free-space checks cannot foresee them all."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600 files; give the result the permissions of a normal file.
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"{path}: no space left to write it ({err.strerror}); free some space") from None
+        raise DataError(f"{path}: cannot be written ({err.strerror or err}); lift the limit or write elsewhere") \
+            from None
 
 
 def atomic_save_npy(path, array: np.ndarray) -> None:
     """``np.save`` through a temporary file and ``os.replace``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _write_errors(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, array)
+            os.chmod(tmp, _umask_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 class ShardedArray:
@@ -256,6 +273,10 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[int]]:
         for row in reader:
             if not row or not any(c.strip() for c in row):
                 continue
+            if any(c.strip() for c in row[len(header):]):  # "45,5,10,2": decimal commas, comma-separated
+                raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields but the header has "
+                                f"{len(header)} ({dialect.delimiter.join(row)!r}); quote numbers with a decimal "
+                                "comma, or separate the columns with ';'")
             try:
                 out.append((number(row[lat]), number(row[lon])))
             except (ValueError, IndexError):
