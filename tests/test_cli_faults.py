@@ -107,7 +107,8 @@ def test_a_folder_of_the_users_own_files_is_not_trained_into(files, tmp_path, ca
     # Named as a run's files, but with no config.json (a run writes it first): the user's.
     for name in ("train.toml", "metrics.jsonl"):
         (mine / name).write_text("# my annotated config\n")
-        expect_error(capsys, train_argv(files, mine, "--steps", "3"), f"holds files that no locdiff run writes ({name})")
+        expect_error(capsys, train_argv(files, mine, "--steps", "3"),
+                     f"holds files that no locdiff run writes ({name})")
         assert (mine / name).read_text() == "# my annotated config\n"
         (mine / name).unlink()
     # A refusal leaves no lock file behind, nor a folder it made.

@@ -423,8 +423,8 @@ def test_geo_round_trip_and_distances(rng):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
 def test_jacobians_in_reverse_mode_and_forward_mode_refused(rng):
-    # docs/conventions.md: the custom ops have no JVP; forward mode used to give a silent
-    # zero derivative.
+    # docs/conventions.md: the custom ops have no JVP, so forward mode would give a silent
+    # zero derivative: it is refused.
     import torch.autograd.forward_ad as fwAD
 
     x = torch.from_numpy(rng.standard_normal(3))

@@ -48,8 +48,8 @@ def test_subnormal_coefficients_keep_their_mode(scale):
 
 @pytest.mark.parametrize("degree", [8, 16, 32])
 def test_a_large_constant_term_does_not_hide_the_mode(degree):
-    # A constant moves no mode, but in the float32 grid stage c_00 = 1 drowned an SHDD
-    # scaled by 1e-9 (decoded thousands of km off); top_k's values still include it.
+    # A constant moves no mode, but c_00 = 1 beside an SHDD scaled by 1e-9 would drown its
+    # variation in the float32 grid stage; top_k's values still include the constant.
     p = np.array([37.0, -120.0])
     c = shdd.encode(p, degree) * 1e-9
     c[0] = 1.0
@@ -288,8 +288,8 @@ def test_the_density_mode_of_an_exact_shdd_is_its_point(sharpness):
 
 
 def test_density_modes_are_found_in_chunks_that_bound_memory(monkeypatch):
-    # At high degree the projection grid holds millions of points: rows go in chunks sized
-    # by DENSITY_CHUNK_BYTES (256 rows of a degree-300 grid took 20 GB), with the same answers.
+    # At high degree the projection grid holds millions of points (19 M at L = 300): rows go
+    # in chunks sized by DENSITY_CHUNK_BYTES, with the same answers.
     from locdiff import predict
     from locdiff.models import CSUNet, CSUNetConfig
     from locdiff.run import RunConfig

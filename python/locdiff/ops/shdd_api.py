@@ -96,15 +96,17 @@ def unit_rows(flat: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 def without_constant(flat: Tensor) -> tuple[Tensor, Tensor]:
-    """The rows with c_00 set to 0, and the constant c_00 Y_00 (B, 1) float64 it added to f.
-    A constant never moves a mode, but a large one drowns f's variation in the float32 grid
-    stage (c_00 = 1 beside an SHDD scaled by 1e-9 decoded 6,000 km off)."""
-    const = flat[:, :1].detach().double() / math.sqrt(4 * math.pi)
-    if not bool((const != 0).any()):
-        return flat, const
+    """The rows whose constant term dwarfs the rest (|c_00| > 2^8 max |c_k|) with c_00 set
+    to 0, and the constant c_00 Y_00 (B, 1) float64 taken out (0 where none was). A constant
+    moves no mode, but a large one drowns f's variation in the float32 grid stage
+    (tests/test_shdd_edges.py); other rows are left as they are, with no copy."""
+    c00 = flat[:, :1].detach()
+    big = (c00.abs() > 256.0 * flat[:, 1:].detach().abs().amax(-1, keepdim=True)) if flat.shape[1] > 1 else c00 != 0
+    if not bool(big.any()):
+        return flat, torch.zeros_like(c00, dtype=torch.float64)
     out = flat.clone()
-    out[:, 0] = 0
-    return out, const
+    out[:, :1] = torch.where(big, 0.0, c00)
+    return out, torch.where(big, c00.double(), 0.0) / math.sqrt(4 * math.pi)
 
 
 def _values_back(vals: Tensor, e: Tensor | None, const: Tensor) -> Tensor:
