@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -24,6 +25,8 @@ import pytest
 import torch
 
 from train_step import BATCH, make_step, samples_per_s
+
+from locdiff.stopping import on_parent_death
 
 DEGREES = [24, 64]
 DIM = 768
@@ -61,7 +64,9 @@ def _ddp_rate(tmp_path, degree: int, nproc: int, steps: int = 30) -> float:
            "--coords", str(tmp_path / "coords.npy"), "--out", str(out), "--degree", str(degree),
            "--steps", str(steps), "--batch-size", str(BATCH * nproc), "--set", "train.log_every=5",
            "--set", "train.val_every=0"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    # SIGTERM to torchrun if pytest dies (Ctrl-C, a killed job): its agent stops the workers.
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800,
+                          preexec_fn=on_parent_death(signal.SIGTERM))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rates = [r["samples_per_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if r.get("samples_per_s")]

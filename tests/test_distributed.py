@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchrun_helpers import clean_env, finish, free_port
+from torchrun_helpers import clean_env, finish, free_port, stop_with_this_process
 
 from locdiff import distributed as D
 from locdiff.data.sampler import BatchSampler
@@ -22,7 +22,8 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 
 def _torchrun(*args, timeout=60) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=stop_with_this_process())
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,32 @@ def test_python_dash_m_locdiff_is_the_cli(tmp_path):
                           env=clean_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"locdiff train: error: {tmp_path / 'no.npy'}: embeddings file not found"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_launcher_started_with_on_parent_death_ends_with_its_parent():
+    # A torchrun started by pytest (or by a benchmark) gets SIGTERM when pytest is killed,
+    # so that its agent stops the workers rather than leaving them running.
+    import os
+    import signal
+    import time
+
+    script = ("import signal, subprocess, sys, time\nfrom locdiff.stopping import on_parent_death\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+              "preexec_fn=on_parent_death(signal.SIGTERM))\nprint(child.pid, flush=True)\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=clean_env())
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as f:  # reaped by init once it exits: a zombie counts as gone
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the child outlived its killed parent")

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from torchrun_helpers import clean_env, finish, free_port
+from torchrun_helpers import clean_env, finish, free_port, stop_with_this_process
 
 from locdiff.run import CHECKPOINT_FILE, load_checkpoint
 
@@ -50,6 +50,7 @@ def _locdiff(*args, nproc: int | None = None, torchrun=(), **kw) -> subprocess.P
     if nproc or torchrun:
         launch = list(torchrun) or ["--standalone", "--nproc-per-node", str(nproc)]
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "locdiff", *map(str, args)]
+    kw.setdefault("preexec_fn", stop_with_this_process())
     return subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

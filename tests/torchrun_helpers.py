@@ -9,6 +9,16 @@ import subprocess
 import pytest
 
 
+def stop_with_this_process():
+    """preexec_fn of a torchrun a test starts: SIGTERM when pytest dies, so that its agent
+    stops the workers instead of leaving them running."""
+    import signal
+
+    from locdiff.stopping import on_parent_death
+
+    return on_parent_death(signal.SIGTERM)
+
+
 def clean_env() -> dict:
     """This environment without a parent torchrun's variables, one thread per process."""
     env = {k: v for k, v in os.environ.items()

@@ -69,14 +69,24 @@ def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies. A worker whose trainer was
     SIGKILLed otherwise blocks for ever writing to the pipe no one reads, holding memory
     and the trainer's output pipe (it ignores SIGTERM). Elsewhere a no-op."""
+    call = on_parent_death(signal.SIGKILL)
+    if call is not None:
+        call()
+
+
+def on_parent_death(sig: int):
+    """A callable that asks Linux to send the calling process ``sig`` when its parent dies,
+    or None where there is no prctl. As a subprocess ``preexec_fn`` it makes a launcher such
+    as torchrun stop its workers when the process that started it is killed. prctl is looked
+    up here, in the parent, so that the forked child only makes the call."""
     import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # no prctl: the workers' own checks remain
-        pass
+        return None
+    PR_SET_PDEATHSIG = 1
+    return lambda: prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
