@@ -119,7 +119,7 @@ def test_predict_images_with_a_gallery_answers_as_locdiff_h(trained, tmp_path, c
     assert sum(e < 1 for e in hybrid) >= len(hybrid) // 2 and sum(e < 1 for e in plain) == 0
     records = [json.loads(line) for line in open(tmp_path / "h.jsonl")]
     assert all(0 < r["modes"][0]["probability"] <= 1 for r in records)
-    # The same folder of shards as the gallery of `evaluate` (the README's LocDiff-H line).
+    # The same folder of shards as the gallery of `evaluate` (every photo here is geotagged).
     assert run_cli(capsys, "evaluate", "--run", trained / "run", "--embeddings", trained / "E", "--coords",
                    trained / "E" / "coords.csv", *gallery, "--json", tmp_path / "m.json",
                    "--device", "cpu")[0] == 0

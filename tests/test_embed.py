@@ -59,6 +59,30 @@ def test_unreadable_and_other_formats_are_named(tmp_path):
         read_image(tmp_path / "g.gif")
 
 
+def test_phone_jpegs_and_deep_grayscale_are_read_as_they_look(tmp_path, monkeypatch):
+    from PIL import Image
+
+    # A JPEG with a multi-picture block (phones' HDR gain maps): Pillow calls it MPO.
+    first = Image.new("RGB", (60, 40), (200, 30, 30))
+    first.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[Image.new("RGB", (60, 40))])
+    with Image.open(tmp_path / "phone.jpg") as img:
+        assert img.format == "MPO"
+    red = np.asarray(read_image(tmp_path / "phone.jpg").image).reshape(-1, 3).mean(0)
+    assert red[0] > 150 and red[1] < 80
+    # 16-bit grayscale: a gradient over the whole 16-bit range, not clipped to white.
+    Image.fromarray(np.linspace(0, 65535, 12000).reshape(100, 120).astype(np.uint16)).save(tmp_path / "g16.png")
+    grey = np.asarray(read_image(tmp_path / "g16.png").image)[..., 0].astype(float)
+    assert grey.min() <= 1 and grey.max() >= 254 and abs(grey.mean() - 127.5) < 2
+    # Pillow's size warning names no file; read_image's does, and its refusal says what to raise.
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
+    with pytest.warns(Image.DecompressionBombWarning, match="big.png: Image size"):
+        read_image(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)
+    with pytest.raises(UnreadableImage, match="big.png: not read .*raise PIL.Image.MAX_IMAGE_PIXELS"):
+        read_image(tmp_path / "big.png")
+
+
 def test_find_images(tmp_path):
     photos = photo_folder(tmp_path / "d", n=4)
     (tmp_path / "d" / "notes.txt").write_text("x")
@@ -71,6 +95,20 @@ def test_find_images(tmp_path):
         find_images([tmp_path / "empty"])
     with pytest.raises(DataError, match="nope: image file or folder not found"):
         find_images([tmp_path / "nope"])
+
+
+def test_a_folder_of_the_users_own_files_is_not_embedded_into(tmp_path, encoder):
+    photos = photo_folder(tmp_path / "d", n=2)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, text in (("coords.csv", "lat,lon\n1,2\n"), ("encoder.json", '{"mine": 1}')):
+        (mine / name).write_text(text)
+        with pytest.raises(DataError, match=f"mine: holds files that locdiff embed did not write \\({name}\\)"):
+            embed_images(photos, mine, encoder=encoder, progress=False)
+        assert (mine / name).read_text() == text
+        (mine / name).unlink()
+    assert embed_images(photos, mine, encoder=encoder, progress=False).embedded == 2  # empty: fine
+    assert embed_images(photos, mine, encoder=encoder, progress=False).already == 2   # its own: fine
 
 
 def test_embed_writes_shards_manifest_coords(tmp_path, encoder):

@@ -118,6 +118,24 @@ def test_width_mismatch_names_both(setup, tmp_path):
         geo.predict(np.zeros((2, 7)))
 
 
+@pytest.mark.parametrize("change, fragment", [
+    ({"seed": "abc"}, "seed = 'abc': expected an integer >= 0"),
+    ({"pretrained": "maybe"}, "pretrained = 'maybe': expected one of weights, none"),
+    ({"config": {"hidden_size": "big"}}, "config is not a CLIP vision architecture"),
+    ({"config": {"hidden_size": 64, "num_attention_heads": 3}}, "config is not a CLIP vision architecture"),
+    ({"config": {}}, "embedding_dim = 16 but the architecture's projection_dim is 512"),
+])
+def test_a_damaged_encoder_description_is_named_before_any_photo(setup, tmp_path, change, fragment):
+    d, photos, run = setup
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    spec = json.loads((d / "E" / "encoder.json").read_text())
+    (moved / "encoder.json").write_text(json.dumps({**spec, **change}))
+    geo = Geolocator.from_run(moved, device="cpu")
+    with pytest.raises(DataError, match=f"{moved / 'encoder.json'}: {fragment}"):
+        geo.predict([photos[0]], progress=False)
+
+
 def test_bad_arguments(setup, tmp_path):
     _, _, run = setup
     with pytest.raises(DataError, match="nope: run folder not found"):
@@ -125,6 +143,10 @@ def test_bad_arguments(setup, tmp_path):
     geo = Geolocator.from_run(run, device="cpu")
     with pytest.raises(ValueError, match="top_k must be an int >= 1, got 0"):
         geo.predict(np.zeros((1, 16)), top_k=0)
+    with pytest.raises(DataError, match="no inputs: expected image paths or an"):
+        geo.predict([])
+    with pytest.raises(DataError, match="inputs: expected image paths, or an .* not a mix"):
+        geo.predict(["a.jpg", np.zeros(16)])
     bad = save_photo(tmp_path / "x.png", 1)
     bad.write_bytes(b"nope")
     with pytest.warns(UserWarning), pytest.raises(DataError, match="no image could be read: .*x.png"):

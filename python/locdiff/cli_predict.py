@@ -84,14 +84,20 @@ def _sampling(args, pred) -> dict:
     return given
 
 
-def _gallery(args):
-    """(embeddings, coordinates) of --gallery-embeddings and --gallery-coords, checked, or
-    None without them."""
+def _gallery_paths(args):
+    """(--gallery-embeddings, --gallery-coords), or None without them."""
     if not args.gallery_embeddings and not args.gallery_coords:
         return None
     if not (args.gallery_embeddings and args.gallery_coords):
         raise CliError("--gallery-embeddings and --gallery-coords go together")
-    return load_pair(args.gallery_embeddings, args.gallery_coords)
+    return args.gallery_embeddings, args.gallery_coords
+
+
+def _gallery(args):
+    """(embeddings, coordinates) of --gallery-embeddings and --gallery-coords, checked, or
+    None without them."""
+    paths = _gallery_paths(args)
+    return None if paths is None else load_pair(*paths)
 
 
 def _hybrid(args, pred):
@@ -282,7 +288,8 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
     find_images(args.images)  # a missing path or a folder without images: before loading anything
     if not Path(args.run).is_dir():
         raise DataError(f"{args.run}: run folder not found")
-    geo = Geolocator.from_run(args.run, str(dev), gallery=_gallery(args))
+    # The gallery as files: the Geolocator reads them as _gallery does, and names them.
+    geo = Geolocator.from_run(args.run, str(dev), gallery=_gallery_paths(args))
     k = 5 if args.top_k is None else args.top_k
     _check_top_k(k, geo.predictor.degree)
     if k < 1:

@@ -76,6 +76,27 @@ def _read_manifest(out: Path) -> tuple[list[dict], bool]:
     return rows, text == "" or text.endswith("\n")
 
 
+def _check_not_foreign(out: Path) -> None:
+    """DataError unless ``out`` is new, empty, or a folder locdiff embed wrote (its manifest,
+    or its encoder.json after a first run that read no image): embed rewrites coords.csv,
+    skipped.csv and encoder.json, which in any other folder may be the user's own."""
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".emb-"))
+    if not entries or MANIFEST in entries:
+        return
+    if SPEC_FILE in entries:
+        try:
+            spec = json.loads((out / SPEC_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            spec = None
+        if isinstance(spec, dict) and {"model", "pretrained", "embedding_dim"} <= set(spec):
+            return
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    raise DataError(f"{out}: holds files that locdiff embed did not write ({shown}); use an empty folder or one "
+                    "written by locdiff embed")
+
+
 def _load_state(out: Path, log) -> list[dict]:
     """The manifest rows whose shards are complete; everything else a killed run left (temp
     files, a shard without its complete lines) is removed."""
@@ -176,6 +197,7 @@ def embed_images(inputs, out, model: str = DEFAULT_MODEL, pretrained: str = "wei
     if ignored:
         log(f"warning: ignored {len(ignored)} file{'s' if len(ignored) != 1 else ''} without an image extension ({', '.join(IMAGE_SUFFIXES)}), "
             f"e.g. {ignored[0]}")
+    _check_not_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = _load_state(out, log)
     # A folder with no rows yet (a first run that read nothing) takes any settings.

@@ -107,16 +107,31 @@ class Encoder:
         return cls._build(canonical_model(model), pretrained, cfg, device, seed)
 
     @classmethod
-    def from_spec(cls, spec: dict, device=None) -> "Encoder":
+    def from_spec(cls, spec: dict, device=None, path=SPEC_FILE) -> "Encoder":
         """The encoder an ``encoder.json`` describes (random weights are drawn again from its
-        seed, so they match the ones its embeddings were made with)."""
+        seed, so they match the ones its embeddings were made with); a DataError naming
+        ``path``, the key and the value for a description that cannot be one."""
         tf = require("transformers", "the CLIP image encoder")
         missing = [k for k in _SPEC_KEYS if k not in spec]
         if missing or spec.get("library") != "transformers":
-            raise DataError(f"{SPEC_FILE}: not an encoder description of this version "
+            raise DataError(f"{path}: not an encoder description of this version "
                             f"(missing {missing or ['library: transformers']})")
-        cfg = tf.CLIPVisionConfig(**spec["config"])
-        return cls._build(spec["model"], spec["pretrained"], cfg, device, int(spec["seed"]))
+        if spec["pretrained"] not in PRETRAINED:
+            raise DataError(f"{path}: pretrained = {spec['pretrained']!r}: expected one of {', '.join(PRETRAINED)}")
+        for key in ("seed", "embedding_dim", "image_size"):
+            v = spec[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1):
+                raise DataError(f"{path}: {key} = {v!r}: expected an integer >= {0 if key == 'seed' else 1}")
+        if not isinstance(spec["config"], dict):
+            raise DataError(f"{path}: config = {spec['config']!r}: expected the architecture's settings (an object)")
+        try:
+            cfg = tf.CLIPVisionConfig(**spec["config"])
+        except Exception as err:  # noqa: BLE001  (huggingface_hub's validation errors derive from Exception)
+            raise DataError(f"{path}: config is not a CLIP vision architecture ({_one_line(err)})") from None
+        if int(getattr(cfg, "projection_dim", spec["embedding_dim"])) != spec["embedding_dim"]:
+            raise DataError(f"{path}: embedding_dim = {spec['embedding_dim']} but the architecture's projection_dim "
+                            f"is {cfg.projection_dim}")
+        return cls._build(spec["model"], spec["pretrained"], cfg, device, spec["seed"])
 
     @classmethod
     def _build(cls, model, pretrained, cfg, device, seed):

@@ -20,7 +20,8 @@ import numpy as np
 
 from locdiff import shdd
 from locdiff.answers import LEVELS, answer_first_modes, summarize
-from locdiff.data.files import DataError, embeddings_ok, first_bad_embedding, open_embeddings, read_coords
+from locdiff.data.files import (DataError, embeddings_ok, first_bad_embedding, open_embeddings, read_coords,
+                                scan_embeddings)
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
 
 
@@ -74,9 +75,9 @@ class Geolocator:
             from locdiff.hybrid import UNFITTED_NOTE, Hybrid, HybridConfig
             from locdiff.run import CONFIG_FILE
 
-            g_emb, g_coords = _gallery_arrays(gallery)
+            g_emb, g_coords, name = _gallery_arrays(gallery)
             if g_emb.ndim != 2 or g_emb.shape[1] != pred.embedding_dim or g_coords.shape != (len(g_emb), 2):
-                raise DataError(f"gallery: embeddings (M, {pred.embedding_dim}) and coordinates (M, 2) expected, "
+                raise DataError(f"{name}: embeddings (M, {pred.embedding_dim}) and coordinates (M, 2) expected, "
                                 f"got {np.shape(g_emb)} and {np.shape(g_coords)}")
             settings = pred.config.predict.hybrid
             cfg = HybridConfig.of_run(settings, f"{run}/{CONFIG_FILE}")
@@ -101,40 +102,52 @@ class Geolocator:
             if self.encoder_spec is None:
                 raise DataError(f"{self.run_dir}: the run records no image encoder; copy the {SPEC_FILE} that "
                                 f"locdiff embed wrote beside the training embeddings into {self.run_dir}")
-            self._encoder = Encoder.from_spec(self.encoder_spec, self.device)
+            self._encoder = Encoder.from_spec(self.encoder_spec, self.device, self.spec_path or SPEC_FILE)
         return self._encoder
 
-    def embed(self, paths, batch_size: int = 32):
-        """(embeddings (n, D) float32, names of the images read, skipped [(path, reason)])."""
+    def embed(self, paths, batch_size: int = 32, progress: bool = True):
+        """(embeddings (n, D) float32, names of the images read, skipped [(path, reason)]),
+        with a progress bar on stderr (``progress``): a CPU takes seconds per photo."""
+        from tqdm.auto import tqdm
+
         from locdiff.images import find_images
 
         files, _ = find_images([paths] if isinstance(paths, (str, Path)) else paths)
         rows, names, skipped = [], [], []
-        for emb, kept, _, skip in self.encoder.iter_files(files, batch_size):
-            rows.append(emb)
-            names.extend(str(p) for p in kept)
-            skipped.extend((str(p), r) for p, r in skip)
+        with tqdm(total=len(files), unit="image", desc="embedding", disable=not progress) as bar:
+            for emb, kept, _, skip in self.encoder.iter_files(files, batch_size):
+                rows.append(emb)
+                names.extend(str(p) for p in kept)
+                skipped.extend((str(p), r) for p, r in skip)
+                bar.update(len(kept) + len(skip))
         emb = np.concatenate(rows) if rows else np.empty((0, self.embedding_dim), np.float32)
         return emb, names, skipped
 
     def predict(self, inputs, top_k: int = 5, density: bool | int = False, geocode: bool = True,
-                levels=LEVELS, batch_size: int = 32, **sampling):
+                levels=LEVELS, batch_size: int = 32, progress: bool = True, **sampling):
         """:class:`locdiff.answers.Answers` for ``inputs``: embeddings (N, D) or (D,), or image
         files and folders (embedded with the run's encoder; unreadable files are left out and
         listed in ``.skipped``). ``density=True`` keeps each density on ``.grid`` (an int n: the
         first n inputs'). ``sampling``:
         the run's prediction settings to override (``Predictor.predict``); a ``temperature``
-        among them is the density's for the probabilities and credible regions too."""
+        among them is the density's for the probabilities and credible regions too.
+        ``progress``: a bar while photos are embedded."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         t = self.predictor.settings(**sampling)["temperature"]  # checked before any photo is read
         skipped = []
         if _is_paths(inputs):
-            emb, names, skipped = self.embed(inputs, batch_size)
+            emb, names, skipped = self.embed(inputs, batch_size, progress)
             if skipped:
                 warnings.warn(f"{len(skipped)} unreadable images left out, e.g. {skipped[0][1]}", stacklevel=2)
         else:
-            emb = np.asarray(inputs, np.float32)
+            if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+                raise DataError("no inputs: expected image paths or an (N, D) array with N >= 1")
+            try:
+                emb = np.asarray(inputs, np.float32)
+            except (TypeError, ValueError):
+                raise DataError(f"inputs: expected image paths, or an (N, D) array of embeddings, not a mix or "
+                                f"{type(inputs).__name__} of other things") from None
             emb = emb[None] if emb.ndim == 1 else emb
             names = [f"row {i}" for i in range(len(emb))]
         if emb.ndim != 2 or emb.shape[1] != self.embedding_dim:
@@ -164,20 +177,26 @@ class Geolocator:
         return ans
 
 
-def _gallery_arrays(gallery) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings float32, coordinates float64) of a gallery given as two arrays, or as the
-    paths of an embeddings file (``.npy`` or a folder of shards) and a coordinates file
-    (CSV or ``.npy``), read as ``--gallery-embeddings`` / ``--gallery-coords`` are."""
+def _gallery_arrays(gallery) -> tuple[np.ndarray, np.ndarray, str]:
+    """(embeddings float32, coordinates float64, the name errors give them) of a gallery
+    given as two arrays, or as the paths of an embeddings file (``.npy`` or a folder of
+    shards) and a coordinates file (CSV or ``.npy``), read as ``--gallery-embeddings`` /
+    ``--gallery-coords`` are."""
     if not isinstance(gallery, (tuple, list)) or len(gallery) != 2:
         raise DataError(f"gallery: expected (embeddings, coordinates), arrays or file paths, got "
                         f"{type(gallery).__name__}")
     emb, coords = gallery
     if isinstance(emb, (str, Path)) != isinstance(coords, (str, Path)):
         raise DataError("gallery: give both embeddings and coordinates as arrays, or both as file paths")
+    name = "gallery"
     if isinstance(emb, (str, Path)):
-        emb = open_embeddings(emb)
+        name = f"gallery {emb}"
+        path, emb = emb, open_embeddings(emb)
         coords = read_coords(coords, rows=len(emb))
+        bad = scan_embeddings(emb)
+        if bad:
+            raise DataError(f"{path}: row {bad[0]} {bad[1]}")
     try:
-        return np.asarray(emb, np.float32), np.asarray(coords, np.float64)
+        return np.asarray(emb, np.float32), np.asarray(coords, np.float64), name
     except (TypeError, ValueError) as err:
         raise DataError(f"gallery: embeddings and coordinates must be numeric arrays ({err})") from None

@@ -13,6 +13,7 @@ a file named on its own is always tried. A file that cannot be decoded raises
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from locdiff.data.files import DataError
 from locdiff.extras import require
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-FORMATS = ("JPEG", "PNG", "WEBP")
+# MPO: a JPEG with a multi-picture block (phones' HDR gain maps, some cameras); its first
+# picture is the photo.
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 
 
 class UnreadableImage(Exception):
@@ -73,21 +76,42 @@ def read_image(path, size: int | None = None) -> Photo:
 
     path = Path(path)
     try:
-        with pil.open(path) as img:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pil.DecompressionBombWarning)
+            img = pil.open(path)
+        for w in caught:  # Pillow's warning names no file
+            warnings.warn(f"{path}: {_one_line(w.message)}", w.category, stacklevel=2)
+        with img:
             if img.format not in FORMATS:
                 raise UnreadableImage(f"{path}: not a JPEG, PNG or WebP image ({img.format})")
-            if size and img.format == "JPEG":
+            if size and img.format in ("JPEG", "MPO"):
                 img.draft("RGB", (size, size))
             latlon = gps_latlon(img.getexif())
-            upright = ImageOps.exif_transpose(img)
+            upright = _eight_bits(ImageOps.exif_transpose(img))
             rgb = upright.convert("RGB")
             rgb.load()
     except UnreadableImage:
         raise
-    except (OSError, ValueError, SyntaxError, pil.DecompressionBombError) as err:
+    except pil.DecompressionBombError as err:
+        raise UnreadableImage(f"{path}: not read ({_one_line(err)}); raise PIL.Image.MAX_IMAGE_PIXELS to read such "
+                              "images") from None
+    except (OSError, ValueError, SyntaxError) as err:
         # PIL reports truncated or corrupt files with all of these.
         raise UnreadableImage(f"{path}: not a readable image ({_one_line(err)})") from None
     return Photo(rgb, latlon)
+
+
+def _eight_bits(img):
+    """16- and 32-bit grayscale (PNG "I;16", "I") scaled to 8 bits: PIL's convert("RGB")
+    clips such values at 255, which turns most of a 16-bit image white."""
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I"):
+        return img
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(img).astype(np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else float(arr.max())
+    return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
 
 
 def _one_line(err: BaseException) -> str:
