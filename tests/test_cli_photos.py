@@ -140,6 +140,7 @@ def test_an_unreadable_photo_is_reported_once(trained, tmp_path, capsys):
     photos = tmp_path / "photos"
     shutil.copytree(trained / "photos", photos)
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    (photos / "notes.txt").write_text("not an image")
     code, text, err = run_cli(capsys, "predict", "--run", trained / "run", "--images", photos,
                               "--out", tmp_path / "a.csv", "--top-k", 1, "--device", "cpu")
     assert code == 0, err
@@ -147,6 +148,11 @@ def test_an_unreadable_photo_is_reported_once(trained, tmp_path, capsys):
     lines = [line for line in err.splitlines() if "broken.jpg" in line]
     broken = photos / "broken.jpg"
     assert len(lines) == 1 and lines[0].startswith(f"locdiff predict: warning: skipped {broken}: not a readable"), err
+    # Left out for its extension, as embed says too.
+    assert "locdiff predict: warning: ignored 1 file without an image extension" in err and "notes.txt" in err
+    code, _, err = run_cli(capsys, "predict", "--run", trained / "run", "--images", photos, "--out",
+                           tmp_path / "a.jsonl", "--device", "cpu")
+    assert code == 2 and "with --images the answers also go to --out with a .jsonl suffix" in err
 
 
 def test_embed_reports_an_unreadable_photo_as_a_warning_line(trained, tmp_path, capsys):

@@ -197,6 +197,9 @@ def cmd_predict(args) -> int:
         if args.images else None
     html = check_output_file(args.html, "HTML map", inputs, args.run) if args.html else None
     png = check_output_file(args.map, "map", inputs, args.run) if args.map else None
+    if jsonl is not None and jsonl.resolve() == out.resolve():
+        raise CliError(f"--out {args.out}: with --images the answers also go to --out with a .jsonl suffix, the same "
+                       "file here; give --out a .csv name")
     named = [p.resolve() for p in (out, jsonl, html, png) if p]
     if len(set(named)) < len(named):
         raise CliError(f"--out, --map and --html name the same file: {', '.join(map(str, named))}")
@@ -283,9 +286,12 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
 
     from locdiff.answer_files import HTML_MAX_INPUTS, write_csv, write_html_map, write_jsonl
     from locdiff.geolocator import Geolocator
-    from locdiff.images import find_images
+    from locdiff.images import find_images, ignored_message
 
-    find_images(args.images)  # a missing path or a folder without images: before loading anything
+    # A missing path or a folder without images: before loading anything.
+    _, ignored = find_images(args.images)
+    if ignored:
+        print(f"locdiff predict: warning: {ignored_message(ignored)}", file=sys.stderr)
     if not Path(args.run).is_dir():
         raise DataError(f"{args.run}: run folder not found")
     # The gallery as files: the Geolocator reads them as _gallery does, and names them.

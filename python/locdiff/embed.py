@@ -34,7 +34,7 @@ import numpy as np
 
 from locdiff.data.files import DataError, atomic_save_npy, atomic_write_bytes
 from locdiff.encoder import DEFAULT_MODEL, SPEC_FILE, Encoder, canonical_model, vision_config
-from locdiff.images import IMAGE_SUFFIXES, find_images
+from locdiff.images import find_images, ignored_message
 
 MANIFEST, COORDS, SKIPPED, GEOTAGGED = "manifest.csv", "coords.csv", "skipped.csv", "geotagged"
 FIELDS = ("path", "shard", "row", "lat", "lon")
@@ -195,8 +195,7 @@ def embed_images(inputs, out, model: str = DEFAULT_MODEL, pretrained: str = "wei
         vision_config(model, pretrained)  # a wrong name fails now, before anything is written
         model = canonical_model(model)
     if ignored:
-        log(f"warning: ignored {len(ignored)} file{'s' if len(ignored) != 1 else ''} without an image extension ({', '.join(IMAGE_SUFFIXES)}), "
-            f"e.g. {ignored[0]}")
+        log(f"warning: {ignored_message(ignored)}")
     _check_not_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = _load_state(out, log)

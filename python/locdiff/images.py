@@ -152,3 +152,10 @@ def _sign(ref, negative: str) -> float:
     if isinstance(ref, bytes):
         ref = ref.decode("ascii", "replace")
     return -1.0 if str(ref).strip().upper().startswith(negative) else 1.0
+
+
+def ignored_message(ignored) -> str:
+    """The warning for files that ``find_images`` left out of folders for their extension."""
+    n = len(ignored)
+    return (f"ignored {n} file{'s' if n != 1 else ''} without an image extension ({', '.join(IMAGE_SUFFIXES)}), "
+            f"e.g. {ignored[0]}")
