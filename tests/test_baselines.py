@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import torch
 import pytest
 
 from locdiff import grids
@@ -136,8 +137,33 @@ def test_knn_density_narrower_than_the_cells_has_no_nan_rows():
     p = d.grid_probabilities(emb, grid)
     assert np.isfinite(p).all()
     np.testing.assert_allclose(p.sum(1), 1.0, rtol=0, atol=1e-12)
-    # The mass sits in a cell nearest the place (float32 exponents: ties within a few km).
+    # The mass sits in a cell nearest the place.
     cos = latlon_to_xyz(coords) @ grid.xyz.numpy().T
     near_km = 6371.0088 * np.arccos(np.clip(cos.max(1), -1, 1))
     got_km = 6371.0088 * np.arccos(np.clip(cos[np.arange(4), p.argmax(1)], -1, 1))
     assert np.all(got_km <= near_km + 5.0), (got_km, near_km)
+
+
+def test_knn_density_ranks_every_cell_at_small_bandwidths():
+    # Far from every neighbour the exponents span thousands of nats: in exp form those cells
+    # tied at 0, and the RvA counted them all at half their area. Ranked by log density, the
+    # search areas equal a brute-force float64 ranking of the cells' log densities.
+    from locdiff.baselines.knn import log_vmf_mixture
+    from locdiff.evaluate import _rva_grid, _search_areas
+    from locdiff.geo import latlon_to_xyz
+
+    rng = np.random.default_rng(0)
+    coords = np.stack([rng.uniform(-60, 60, 300), rng.uniform(-180, 180, 300)], 1)
+    emb = rng.normal(size=(300, 8)).astype(np.float32)
+    truth = coords[:40] + rng.normal(scale=2.5, size=(40, 2))  # about 300 km from their neighbours
+    d = KnnDensity(emb, coords, k=5, temperature=0.1, kappa=(6371.0088 / 10.0) ** 2)  # 10 km
+    got = _search_areas(lambda sl, g: d.grid_log_probabilities(emb[:40][sl], g), truth, log=True)
+    grid = _rva_grid()
+    centres, log_w = d._mixture(emb[:40])
+    cells = torch.as_tensor(grid.xyz.numpy())[None].expand(40, -1, -1)
+    logd = log_vmf_mixture(cells, centres, log_w, d.kappa).numpy()  # (40, G) per steradian
+    area = grid.area.numpy()
+    true_cell = np.argmax(latlon_to_xyz(truth) @ grid.xyz.numpy().T, 1)
+    want = np.array([(area[logd[i] > logd[i, c]].sum() + area[c]) * 6371.0088 ** 2 for i, c in enumerate(true_cell)])
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    np.testing.assert_allclose(d.grid_probabilities(emb[:3], grid).sum(1), 1.0, atol=1e-12)

@@ -47,6 +47,28 @@ def test_search_area_and_rva():
     hi = math.log10(4 * math.pi * r2)
     assert M.rva_auc(s) == pytest.approx(np.mean([(hi - math.log10(math.pi * r2)) / hi, 0.0]))
     assert M.rva_auc(np.array([0.5])) == 1.0
+    # The same ranking from log-probabilities, which keep the order of underflowed cells.
+    np.testing.assert_allclose(M.search_area_km2(np.log(prob), area, np.array([0, 0]), log=True), s)
+    tiny = np.array([[0.0, -1000.0, -2000.0, -3000.0]])  # exp() of these is 1, 0, 0, 0
+    np.testing.assert_allclose(M.search_area_km2(tiny, area, np.array([3]), log=True), [4 * math.pi * r2])
+    np.testing.assert_allclose(M.search_area_km2(np.exp(tiny), area, np.array([3])), [3 * math.pi * r2])  # ties
+
+
+def test_scores_refuse_what_they_cannot_mean():
+    for bad in ([np.nan, 1e6], [-5.0]):
+        with pytest.raises(ValueError, match="search_km2 must hold positive areas"):
+            M.rva_auc(bad)
+    with pytest.raises(ValueError, match=r"log_density must be one finite value .* with NaN"):
+        M.nll([np.nan, 1.0])
+    with pytest.raises(ValueError, match=r"got shape \(2, 2\)"):
+        M.nll(np.zeros((2, 2)))
+    truth = np.array([[10.0, 20.0], [30.0, 40.0]])
+    cands = np.array([[[10.0, 20.0], [np.nan, np.nan]], [[31.0, 40.0], [30.0, 40.0]]])
+    assert M.best_of_k_metrics(cands, truth, ks=(np.int64(2),))["top2_median_km"] == 0.0
+    with pytest.raises(ValueError, match=r"true_latlon row 1 is \[200.0, 40.0\]"):
+        M.best_of_k_metrics(cands, np.array([[10.0, 20.0], [200.0, 40.0]]))
+    with pytest.raises(ValueError, match="candidates \\(the answers given\\) row 2"):
+        M.best_of_k_metrics(np.where(cands == 30.0, 500.0, cands), truth, ks=(2,))
 
 
 def test_density_metrics_uniform_vs_peaked():

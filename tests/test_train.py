@@ -217,3 +217,17 @@ def test_calibrated_temperature_goes_past_the_ends_of_its_table(spread_km, side)
     lo, hi = (shdd.exact_peak(8) / s for s in reversed(SHARPNESS_RANGE))
     for x in (t / 2 ** 0.5, t * 2 ** 0.5):  # a minimum of the steps, or the range's end
         assert nll_at(x) >= nll or not lo <= x <= hi
+
+
+def test_calibration_stops_where_the_normaliser_stops_following():
+    # Exact SHDDs at the truths want an ever sharper density. At L = 64 the normaliser's
+    # grid reaches its cell cap at sharpness 237 and then comes out too small (NLLs too
+    # low), which would pull the search on: it stops there.
+    from locdiff import shdd
+    from locdiff.calibration import nll_temperature
+
+    rng = np.random.default_rng(4)
+    truth = np.c_[rng.uniform(-60, 60, 20), rng.uniform(-180, 180, 20)]
+    t, _ = nll_temperature(shdd.encode(torch.as_tensor(truth), 64), truth, 64)
+    sharpness = shdd.exact_peak(64) / t
+    assert shdd.normalizer_max_sharpness(64) / 2 ** 0.5 < sharpness <= shdd.normalizer_max_sharpness(64)

@@ -16,8 +16,9 @@ from locdiff.selection import clearly_better
 # at the run's degree (the density head learns densities near that scale).
 TEMPERATURE_FACTORS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.0, 16.0, 23.0, 32.0)
 # Where the best lies at an end of the table, the search goes on in steps of sqrt(2) while
-# the NLL falls, between these sharpnesses (f0 / t): the normalisers hold to 0.04 nats up to
-# sharpness 1000 at L <= 16 and 300 at L = 64 (docs/model.md, "Densities").
+# the NLL falls, between these sharpnesses (f0 / t), and no sharper than the normaliser
+# follows (shdd.normalizer_max_sharpness: past it NLLs come out too low, which would pull
+# the search on; docs/model.md, "Densities").
 SHARPNESS_RANGE = (0.05, 1000.0)
 COARSE_DEGREES = (4, 8, 16)
 
@@ -34,7 +35,7 @@ def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
     """The density temperature with the lowest NLL of ``coords`` under the SHDD vectors
     ``coeffs`` -> (temperature, that NLL): the best of ``TEMPERATURE_FACTORS``, then, where
     that is an end of the table, further steps outwards while the NLL falls (within
-    SHARPNESS_RANGE)."""
+    SHARPNESS_RANGE, and where the normaliser holds)."""
     from locdiff import shdd
 
     truth = torch.as_tensor(np.asarray(coords, np.float64))
@@ -48,7 +49,8 @@ def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
     t, value = temps[best], nll[best]
     if best in (0, len(temps) - 1):
         step = 2 ** -0.5 if best == 0 else 2 ** 0.5
-        lo, hi = (shdd.exact_peak(degree) / s for s in reversed(SHARPNESS_RANGE))
+        sharpest = min(SHARPNESS_RANGE[1], shdd.normalizer_max_sharpness(degree))
+        lo, hi = shdd.exact_peak(degree) / sharpest, shdd.exact_peak(degree) / SHARPNESS_RANGE[0]
         while lo <= t * step <= hi:
             v = nll_at(t * step)
             if not v < value:

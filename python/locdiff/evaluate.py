@@ -27,8 +27,9 @@ def _rva_grid():
     return grids.for_degree(RVA_DEGREE, oversample=RVA_OVERSAMPLE)
 
 
-def _search_areas(grid_probabilities, true_latlon, batch: int = 256) -> np.ndarray:
-    """Search area (km^2) per sample from ``grid_probabilities(rows: slice, grid) -> (b, G)``."""
+def _search_areas(grid_probabilities, true_latlon, batch: int = 256, log: bool = False) -> np.ndarray:
+    """Search area (km^2) per sample from ``grid_probabilities(rows: slice, grid) -> (b, G)``
+    (``log``: log-probabilities, which keep the order of cells whose probabilities underflow)."""
     grid = _rva_grid()
     cells = grid.xyz.numpy()
     xyz = latlon_to_xyz(np.asarray(true_latlon, np.float64))
@@ -36,7 +37,7 @@ def _search_areas(grid_probabilities, true_latlon, batch: int = 256) -> np.ndarr
     for i in range(0, len(xyz), batch):
         prob = grid_probabilities(slice(i, i + batch), grid)
         cell = np.argmax(xyz[i:i + batch] @ cells.T, 1)
-        out.append(M.search_area_km2(prob, grid.area.numpy(), cell))
+        out.append(M.search_area_km2(prob, grid.area.numpy(), cell, log=log))
     return np.concatenate(out) if out else np.empty(0)
 
 
@@ -46,7 +47,11 @@ def density_scores(coeffs, true_latlon, temperature: float = 1.0) -> dict:
     from locdiff import shdd
 
     coeffs = torch.as_tensor(np.asarray(coeffs)).double()
-    search = _search_areas(lambda sl, grid: shdd.density(coeffs[sl], grid, temperature).numpy(), true_latlon)
+
+    def log_probabilities(sl, grid):  # log softmax(f / t + log area): no cell underflows to a tie
+        f = shdd.grid_values(coeffs[sl], grid)
+        return torch.log_softmax(f / temperature + grid.area.to(f).log(), -1).numpy()
+    search = _search_areas(log_probabilities, true_latlon, log=True)
     logd = shdd.log_density_at(coeffs, torch.as_tensor(np.asarray(true_latlon, np.float64)),
                                temperature=temperature)
     return {"nll": M.nll(np.asarray(logd)), "rva_auc": M.rva_auc(search)}
@@ -55,7 +60,10 @@ def density_scores(coeffs, true_latlon, temperature: float = 1.0) -> dict:
 def method_density_scores(method, emb, true_latlon) -> dict:
     """``nll`` and ``rva_auc`` of a baseline density (``grid_probabilities(emb, grid)`` and
     ``log_density_at(emb, latlon)``, see :mod:`locdiff.baselines`)."""
-    search = _search_areas(lambda sl, grid: method.grid_probabilities(emb[sl], grid), true_latlon)
+    if hasattr(method, "grid_log_probabilities"):
+        search = _search_areas(lambda sl, grid: method.grid_log_probabilities(emb[sl], grid), true_latlon, log=True)
+    else:
+        search = _search_areas(lambda sl, grid: method.grid_probabilities(emb[sl], grid), true_latlon)
     return {"nll": M.nll(method.log_density_at(emb, true_latlon)), "rva_auc": M.rva_auc(search)}
 
 

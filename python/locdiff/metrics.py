@@ -96,42 +96,57 @@ def best_of_k_metrics(candidates, true_latlon, ks=(3, 5)) -> dict[str, float]:
     c, t = _np(candidates), _np(true_latlon)
     if c.ndim != 3 or c.shape[2] != 2 or t.shape != (c.shape[0], 2):
         raise ValueError(f"candidates must be (N, K, 2) for true_latlon (N, 2), got {c.shape} and {t.shape}")
-    found = np.isfinite(c).all(2)
+    t = check_latlon(t, "true_latlon")
+    found = ~np.isnan(c).any(2)
     if not found[:, 0].all():
         raise ValueError(f"candidates: every query needs a first answer, {int((~found[:, 0]).sum())} have none")
+    check_latlon(c[found], "candidates (the answers given)")
     d = np.asarray(great_circle_km(np.where(found[..., None], c, 0.0), t[:, None, :]))
     best = np.minimum.accumulate(np.where(found, d, np.inf), axis=1)
     out = {}
     for k in ks:
-        if not (isinstance(k, int) and 1 <= k <= c.shape[1]):
+        if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and 1 <= k <= c.shape[1]):
             raise ValueError(f"ks must hold ints in [1, {c.shape[1]}] (candidates per query), got {k!r}")
-        out.update({f"top{k}_{key}": v for key, v in metrics_from_distances(best[:, k - 1]).items()})
+        out.update({f"top{k}_{key}": v for key, v in metrics_from_distances(best[:, int(k) - 1]).items()})
     return out
 
 
 def nll(log_density) -> float:
     """Mean negative log-likelihood (nats) of the truths from their log densities per
     steradian (e.g. ``locdiff.shdd.log_density_at``). Uniform on the sphere is log(4 pi) = 2.531."""
-    return float(-np.mean(_some(log_density, "log_density")))
+    d = _some(log_density, "log_density")
+    if d.ndim != 1 or np.isnan(d).any() or (d == np.inf).any():
+        raise ValueError(f"log_density must be one finite value (or -inf) per truth, (N,), got shape {d.shape}"
+                         + (" with NaN or +inf values" if d.ndim == 1 else ""))
+    return float(-np.mean(d))
 
 
-def search_area_km2(prob, cell_area_sr, true_cell) -> np.ndarray:
+def search_area_km2(prob, cell_area_sr, true_cell, log: bool = False) -> np.ndarray:
     """Search area (km^2) needed per sample: grid cells sorted by predicted density
     (probability / area) from high to low, areas accumulated up to and including the cell
-    that holds the truth (cells tied with it count half). ``prob`` (B, G) cell probabilities, ``cell_area_sr`` (G,) in
-    steradians, ``true_cell`` (B,) index of the truth's cell."""
+    that holds the truth (cells tied with it count half). ``prob`` (B, G) cell probabilities
+    (``log``: their logarithms, which keep the order where probabilities underflow),
+    ``cell_area_sr`` (G,) in steradians, ``true_cell`` (B,) index of the truth's cell."""
     prob, area = _np(prob), _np(cell_area_sr)
     true_cell = np.asarray(true_cell, np.int64)
-    bad = ~np.isfinite(prob).all(1) if prob.ndim == 2 else None
+    bad = (np.isnan(prob) | (prob == np.inf)).any(1) if log and prob.ndim == 2 else \
+        ~np.isfinite(prob).all(1) if prob.ndim == 2 else None
     if bad is not None and bad.any():  # a NaN row would rank no cell ahead of the truth's: the best score
         raise ValueError(f"prob row {int(np.flatnonzero(bad)[0])} holds NaN or infinite cell probabilities")
-    dens = prob / area[None]
-    true_d = dens[np.arange(len(dens)), true_cell][:, None]
+    rows = np.arange(len(prob))
+    if log:
+        dens = prob - np.log(area)[None]
+        true_d = dens[rows, true_cell][:, None]
+        tie = np.abs(dens - true_d) <= 1e-9 * np.maximum(1.0, np.abs(true_d))
+        tie |= (dens == -np.inf) & (true_d == -np.inf)
+    else:
+        dens = prob / area[None]
+        true_d = dens[rows, true_cell][:, None]
+        tie = np.abs(dens - true_d) <= 1e-9 * np.abs(true_d)
     # Cells denser than the truth's come first; cells of equal density (within rounding)
     # count half, the expected cost of searching them in random order.
-    tie = np.abs(dens - true_d) <= 1e-9 * np.abs(true_d)
     ahead = ((dens > true_d) & ~tie) * area[None] + 0.5 * tie * area[None]
-    ahead[np.arange(len(dens)), true_cell] = 0.0
+    ahead[rows, true_cell] = 0.0
     return (ahead.sum(1) + area[true_cell]) * EARTH_RADIUS_KM ** 2
 
 
@@ -148,10 +163,14 @@ def recall_vs_area(search_km2, budgets_km2=None):
 def rva_auc(search_km2) -> float:
     """Area under the Recall-vs-Area curve on a log10-area axis from 1 km^2 to the Earth's
     area, normalised to [0, 1] (1: every truth found in 1 km^2; a uniform density on the RvA
-    grid of locdiff.evaluate scores about 0.035, its ties ranked in grid order). Computed
-    exactly: the mean over samples of the fraction of the log-area range after the sample's
-    search area."""
-    s = np.clip(_some(search_km2, "search_km2"), RVA_MIN_KM2, EARTH_AREA_KM2)
+    grid of locdiff.evaluate scores about 0.035, its equal cells counted at half their
+    area). Computed exactly: the mean over samples of the fraction of the log-area range
+    after the sample's search area."""
+    s = _some(search_km2, "search_km2")
+    if np.isnan(s).any() or (s <= 0).any():
+        raise ValueError("search_km2 must hold positive areas (km^2), got "
+                         f"{s[np.isnan(s) | (s <= 0)][0]!r} among them")
+    s = np.clip(s, RVA_MIN_KM2, EARTH_AREA_KM2)
     lo, hi = math.log10(RVA_MIN_KM2), math.log10(EARTH_AREA_KM2)
     return float(np.mean((hi - np.log10(s)) / (hi - lo)))
 

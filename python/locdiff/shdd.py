@@ -154,15 +154,23 @@ def _normalizer_grid(grid, degree: int, t: float, *coeffs: torch.Tensor) -> _gri
     # |f(x)| <= |c| sqrt(K / 4 pi) (Cauchy-Schwarz; an exact SHDD reaches it at its point).
     norm = max((float(c.detach().norm(dim=-1).max()) for c in coeffs if c.numel()), default=0.0)
     want = max(NORMALIZER_OVERSAMPLE, 0.65 * math.sqrt(norm * math.sqrt(exact_peak(degree)) / t))
-    chosen = NORMALIZER_LADDER[0]
-    for o in NORMALIZER_LADDER:
-        nlat, nlon = _grids.ring_shape(degree, o)
-        if nlat * nlon > NORMALIZER_MAX_CELLS:
-            break
-        chosen = o
-        if o >= want:
-            break
+    fitting = _normalizer_oversamples(degree)
+    chosen = next((o for o in fitting if o >= want), fitting[-1])
     return _grids.for_degree(degree, NORMALIZER_KIND, oversample=chosen)
+
+
+def _normalizer_oversamples(degree: int) -> tuple:
+    """The steps of NORMALIZER_LADDER whose grids stay within NORMALIZER_MAX_CELLS at
+    ``degree`` (the first step always)."""
+    fitting = [o for o in NORMALIZER_LADDER if math.prod(_grids.ring_shape(degree, o)) <= NORMALIZER_MAX_CELLS]
+    return tuple(fitting) or NORMALIZER_LADDER[:1]
+
+
+def normalizer_max_sharpness(degree: int) -> float:
+    """The sharpness f0 / t up to which the default normaliser grid follows an exact SHDD's
+    lobe at ``degree``: past it the grid stops at NORMALIZER_MAX_CELLS, the normaliser
+    comes out too small and NLLs too low (docs/model.md, "Densities")."""
+    return (_normalizer_oversamples(degree)[-1] / 0.65) ** 2
 
 
 def _grid(grid, degree: int, oversample: float = 1.0, kind: str = "equiangular") -> _grids.Grid:

@@ -172,20 +172,23 @@ class KnnDensity:
 
     def grid_probabilities(self, query, grid) -> np.ndarray:
         """Cell probabilities ``(N, G)`` on a :class:`locdiff.grids.Grid` (density x area,
-        normalised over the grid)."""
+        normalised over the grid); cells far from every neighbour underflow to 0, so rank
+        cells by :meth:`grid_log_probabilities`."""
+        return np.exp(self.grid_log_probabilities(query, grid))
+
+    def grid_log_probabilities(self, query, grid) -> np.ndarray:
+        """log of :meth:`grid_probabilities`, in float64 and never -inf: at small bandwidths
+        the exponents of cells far from every neighbour span thousands of nats, and in
+        exp form those cells would tie at 0 (the RvA would rank them as one)."""
         centres, log_w = self._mixture(query)
         out = np.empty((len(query), grid.size))
-        cells, area = grid.xyz.float(), grid.area.double()
+        cells, log_area = grid.xyz.double(), grid.area.double().log()
         for i in range(0, len(query), 8):
-            # One GEMM and one exp per cell and neighbour, in float32: this is the cost of
-            # RvA for this baseline. Each row's largest exponent kappa (mu.x - 1) + log w is
-            # taken off first, so that a mixture narrower than the cells is not 0 / 0 (NaN).
             c, lw = centres[i:i + 8], log_w[i:i + 8]
             b, k = lw.shape
-            z = torch.mm(cells, (self.kappa * c).reshape(-1, 3).T.float()).view(-1, b, k).add_((lw - self.kappa).float())
-            z.sub_(z.amax(dim=(0, 2))[None, :, None]).exp_()
-            p = z.sum(2).T.double() * area
-            out[i:i + b] = (p / p.sum(1, keepdim=True)).numpy()
+            z = torch.mm(cells, (self.kappa * c).reshape(-1, 3).T.double()).view(-1, b, k) + (lw - self.kappa)
+            logp = torch.logsumexp(z, 2).T + log_area
+            out[i:i + b] = (logp - torch.logsumexp(logp, 1, keepdim=True)).numpy()
         return out
 
     def fit(self, val_emb, val_coords, ks=(5, 10, 20, 50), temperatures=(0.01, 0.02, 0.05, 0.1, 0.2),
