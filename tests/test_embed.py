@@ -107,6 +107,11 @@ def test_a_folder_of_the_users_own_files_is_not_embedded_into(tmp_path, encoder)
             embed_images(photos, mine, encoder=encoder, progress=False)
         assert (mine / name).read_text() == text
         (mine / name).unlink()
+    # A device this machine lacks is named before the folder is made.
+    with pytest.raises(DataError, match="cuda:99"):
+        embed_images(photos, tmp_path / "new", model=str(tiny_model_dir(tmp_path / "tiny")), pretrained="none",
+                     device="cuda:99", progress=False)
+    assert not (tmp_path / "new").exists()
     assert embed_images(photos, mine, encoder=encoder, progress=False).embedded == 2  # empty: fine
     assert embed_images(photos, mine, encoder=encoder, progress=False).already == 2   # its own: fine
 
@@ -259,6 +264,20 @@ def test_cli_embed_errors(tmp_path, tiny, capsys, monkeypatch, case):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and fragment in lines[0] and lines[0].startswith("locdiff embed: error:"), err
     assert not list((tmp_path / "E").glob("*.npy")) if (tmp_path / "E").exists() else True
+
+
+def test_an_unreachable_hub_points_to_the_offline_ways(tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    monkeypatch.setattr(transformers.CLIPVisionConfig, "from_pretrained", unreachable)
+    with pytest.raises(DataError, match="from a local folder, the cache or the hub .*set HF_HUB_OFFLINE=1 .*"
+                                        "--pretrained none"):
+        vision_config("nobody/no-such-clip", "weights")
 
 
 def test_missing_extra_is_named(monkeypatch):

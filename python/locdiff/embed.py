@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from locdiff.data.files import DataError, atomic_save_npy, atomic_write_bytes
+from locdiff.devices import resolve_device
 from locdiff.encoder import DEFAULT_MODEL, SPEC_FILE, Encoder, canonical_model, vision_config
 from locdiff.images import find_images, ignored_message
 
@@ -185,6 +186,8 @@ def embed_images(inputs, out, model: str = DEFAULT_MODEL, pretrained: str = "wei
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     _check_args(batch_size, shard_size, dtype)
+    if encoder is None:
+        resolve_device(device)  # a device this machine lacks: named before the folder is made
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")

@@ -75,8 +75,10 @@ def vision_config(model: str, pretrained: str = "weights"):
         return tf.CLIPVisionConfig.from_pretrained(model, local_files_only=local)
     except Exception as err:  # transformers and huggingface_hub raise many types here
         where = "a local folder or the Hugging Face cache" if local else "a local folder, the cache or the hub"
+        offline = "" if local else ("; without a network, set HF_HUB_OFFLINE=1 to read the cache only, give a local "
+                                    "model folder, or --pretrained none")
         raise DataError(f"--model {model!r}: cannot load the encoder's configuration from {where} "
-                        f"({_one_line(err)})") from None
+                        f"({_one_line(err)}){offline}") from None
 
 
 def _processor_class(tf):
