@@ -300,7 +300,7 @@ def test_float16_embeddings_are_checked_quietly(files, tmp_path):
     # The magnitude bound (1e12) overflows float16: the comparison is made in float64.
     import warnings
 
-    from locdiff.cli_common import check_finite_embeddings
+    from locdiff.data.files import check_finite_embeddings
 
     np.save(tmp_path / "e16.npy", np.load(files / "emb.npy").astype(np.float16))
     with warnings.catch_warnings():

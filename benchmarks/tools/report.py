@@ -46,18 +46,24 @@ def sh_table(benchmarks):
     return "\n".join(lines)
 
 
-def timing_table(benchmarks, op):
-    """ms per call of every impl of ``op`` ("decode", "kl") per (device, dtype, L, B)."""
-    rows = collections.defaultdict(dict)
-    impls = []
+def _rows_by_impl(benchmarks, op, key, value):
+    """``({key(extra_info): {impl: value(benchmark)}}, impls in order of appearance)`` of the
+    benchmarks of ``op``."""
+    rows, impls = collections.defaultdict(dict), []
     for b in benchmarks:
         e = b["extra_info"]
         if e.get("op") != op:
             continue
-        key = (e["device"], e["dtype"], e["degree"], e["items"])
         if e["impl"] not in impls:
             impls.append(e["impl"])
-        rows[key][e["impl"]] = f'{b["stats"]["min"] * 1e3:.3g}'
+        rows[key(e)][e["impl"]] = value(b)
+    return rows, impls
+
+
+def timing_table(benchmarks, op):
+    """ms per call of every impl of ``op`` ("decode", "kl") per (device, dtype, L, B)."""
+    rows, impls = _rows_by_impl(benchmarks, op, lambda e: (e["device"], e["dtype"], e["degree"], e["items"]),
+                                lambda b: f'{b["stats"]["min"] * 1e3:.3g}')
     if not rows:
         return ""
     ratio = "th-isht" in impls and "locdiff" in impls
@@ -75,18 +81,10 @@ def timing_table(benchmarks, op):
 
 
 def train_table(benchmarks):
-    """Samples/s of every impl of the training step per (device, L, processes), with training's
+    """Samples/s of every impl of the training step per (device, L, threads), with training's
     optimiser against torch's default AdamW (``eager`` / ``eager-plain-adamw``)."""
-    rows = collections.defaultdict(dict)
-    impls = []
-    for b in benchmarks:
-        e = b["extra_info"]
-        if e.get("op") != "train_step":
-            continue
-        key = (e["device"], e["degree"], e.get("threads", ""))
-        if e["impl"] not in impls:
-            impls.append(e["impl"])
-        rows[key][e["impl"]] = e["samples_per_s"]
+    rows, impls = _rows_by_impl(benchmarks, "train_step", lambda e: (e["device"], e["degree"], e.get("threads", "")),
+                                lambda b: b["extra_info"]["samples_per_s"])
     if not rows:
         return ""
     lines = ["| device | L | threads | " + " | ".join(f"{i} (samples/s)" for i in impls)

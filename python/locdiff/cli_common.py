@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from locdiff.data.files import DataError, open_embeddings, read_coords, scan_embeddings
+from locdiff.data.files import DataError
 
 # What each optional feature imports, and the pip requirement that brings it.
 OPTIONAL = {
@@ -34,26 +34,6 @@ def _missing(module: str) -> bool:
         return importlib.util.find_spec(module) is None
     except (ImportError, ValueError):  # a parent package is missing
         return True
-
-
-def check_finite_embeddings(path, chunk: int = 65_536) -> None:
-    """Every value of the embeddings file ``path`` finite and within what the network can read
-    (``files.embeddings_ok``). Chunked copies from a mapping of its own, dropped at the end:
-    a file of several GB is scanned without loading it, and its pages do not stay resident
-    in this process (the training loader reads rows without mapping it; docs/training.md)."""
-    scan = open_embeddings(path)
-    bad = scan_embeddings(scan, chunk)
-    del scan  # (the blocks are copies: nothing else holds the mapping)
-    if bad:
-        raise DataError(f"{path}: row {bad[0]} of the embeddings {bad[1]}")
-
-
-def load_pair(emb_path, coords_path):
-    """Embeddings (memory-mapped) and coordinates, checked: rows agree, values finite."""
-    emb = open_embeddings(emb_path)
-    coords = read_coords(coords_path, rows=len(emb))
-    check_finite_embeddings(emb_path)
-    return emb, coords
 
 
 def check_dim(emb, path, pred, run) -> None:

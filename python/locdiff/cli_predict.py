@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from locdiff import distributed
-from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, check_dim, check_finite_embeddings, load_pair, require_packages
-from locdiff.data.files import DataError, atomic_write_bytes, open_embeddings
+from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, check_dim, require_packages
+from locdiff.data.files import DataError, atomic_write_bytes, check_finite_embeddings, load_pair, open_embeddings
 from locdiff.runfolder import check_output_file
 from locdiff.run import CONFIG_FILE
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from locdiff import config as C
 from locdiff import distributed
-from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, load_pair, require_packages
-from locdiff.data.files import DataError
+from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, require_packages
+from locdiff.data.files import DataError, load_pair
 
 # Flags for the common settings: argparse destination -> setting.
 FLAG_SETTINGS = {

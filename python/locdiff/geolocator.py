@@ -20,8 +20,7 @@ import numpy as np
 
 from locdiff import shdd
 from locdiff.answers import LEVELS, answer_first_modes, summarize
-from locdiff.data.files import (DataError, embeddings_ok, first_bad_embedding, open_embeddings, read_coords,
-                                scan_embeddings)
+from locdiff.data.files import DataError, embeddings_ok, first_bad_embedding, load_pair
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
 
 
@@ -191,11 +190,7 @@ def _gallery_arrays(gallery) -> tuple[np.ndarray, np.ndarray, str]:
     name = "gallery"
     if isinstance(emb, (str, Path)):
         name = f"gallery {emb}"
-        path, emb = emb, open_embeddings(emb)
-        coords = read_coords(coords, rows=len(emb))
-        bad = scan_embeddings(emb)
-        if bad:
-            raise DataError(f"{path}: row {bad[0]} {bad[1]}")
+        emb, coords = load_pair(emb, coords)
     try:
         return np.asarray(emb, np.float32), np.asarray(coords, np.float64), name
     except (TypeError, ValueError) as err:

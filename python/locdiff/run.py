@@ -246,11 +246,16 @@ def parse_checkpoint(data: bytes, path) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def saved_checkpoints(run_dir) -> list[str]:
+    """The names of the checkpoints in ``run_dir`` (the latest, kept ones, the best), sorted."""
+    return sorted(p.name for p in Path(run_dir).glob("checkpoint*.safetensors"))
+
+
 def load_checkpoint(run_dir, name: str = CHECKPOINT_FILE) -> tuple[dict, dict]:
     """``(tensors, metadata)`` of a run's checkpoint (``name``: another kept checkpoint)."""
     path = Path(run_dir) / name
     if not path.is_file():
-        others = sorted(p.name for p in Path(run_dir).glob("checkpoint*.safetensors"))
+        others = saved_checkpoints(run_dir)
         if others:  # the latest is gone, kept or best ones are there
             raise DataError(f"{path}: not found, but {', '.join(others)} are there; copy the one to use to "
                             f"{name} (checkpoint-best: the lowest validation median)")

@@ -38,7 +38,7 @@ from locdiff.diffusion import EMA, diffusion_loss
 from locdiff.models import CSUNet
 from locdiff.optim import adamw
 from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, TOML_VERSION, PredictConfig, RunConfig, TrainConfig,
-                         checkpoint_bytes, parse_checkpoint, read_config, restore, write_config)
+                         checkpoint_bytes, parse_checkpoint, read_config, restore, saved_checkpoints, write_config)
 
 __all__ = ["PredictConfig", "RunConfig", "TrainConfig", "TrainResult", "calibrate", "lr_factor", "train"]
 
@@ -148,7 +148,7 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
     cfg_path, ckpt_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
     has_cfg, has_ckpt = cfg_path.is_file(), ckpt_path.is_file()
     if not resume:
-        kept = sorted(p.name for p in run_dir.glob("checkpoint*.safetensors"))
+        kept = saved_checkpoints(run_dir)
         if kept:  # a new run would remove them (kept and best ones too, with no checkpoint.safetensors)
             raise DataError(f"{run_dir}: already holds a trained run ({', '.join(kept)}); continue it with "
                             "--resume or choose a new --out")
@@ -166,7 +166,7 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
                         f"these have {emb_dim}")
     config = RunConfig(old.model, old.diffusion, config.train, old.predict, config.data)
     if not has_ckpt:
-        kept = sorted(p.name for p in run_dir.glob("checkpoint-*.safetensors"))
+        kept = saved_checkpoints(run_dir)  # (no checkpoint.safetensors: the kept and best ones)
         if kept:  # starting at step 0 would remove them: the user must choose
             raise DataError(f"{ckpt_path}: not found, but {', '.join(kept)} are there; copy the one to go on from "
                             f"to {CHECKPOINT_FILE} and --resume, or train into a new --out")
@@ -201,10 +201,11 @@ def _check_not_foreign(run_dir: Path, has_cfg: bool) -> None:
     files named as a run's (a train.toml to train from, say) are the user's."""
     from locdiff.runfolder import LOCK_FILE, RUN_TEMP, foreign_entries
 
-    foreign = foreign_entries(run_dir)
-    if not has_cfg and run_dir.is_dir():
-        foreign = sorted(foreign + [p.name for p in run_dir.iterdir() if p.name not in foreign
-                                    and p.name != LOCK_FILE and not RUN_TEMP.fullmatch(p.name)])
+    if has_cfg:
+        foreign = foreign_entries(run_dir)
+    else:
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE and not RUN_TEMP.fullmatch(p.name)) \
+            if run_dir.is_dir() else []
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise DataError(f"{run_dir}: holds files that no locdiff run writes ({shown}); train into an empty or "

@@ -198,6 +198,26 @@ def scan_embeddings(emb, chunk: int = 65_536) -> tuple[int, str] | None:
     return None
 
 
+def check_finite_embeddings(path, chunk: int = 65_536) -> None:
+    """Every value of the embeddings file ``path`` finite and within what the network can read
+    (``files.embeddings_ok``). Chunked copies from a mapping of its own, dropped at the end:
+    a file of several GB is scanned without loading it, and its pages do not stay resident
+    in this process (the training loader reads rows without mapping it; docs/training.md)."""
+    scan = open_embeddings(path)
+    bad = scan_embeddings(scan, chunk)
+    del scan  # (the blocks are copies: nothing else holds the mapping)
+    if bad:
+        raise DataError(f"{path}: row {bad[0]} of the embeddings {bad[1]}")
+
+
+def load_pair(emb_path, coords_path):
+    """Embeddings (memory-mapped) and coordinates, checked: rows agree, values finite."""
+    emb = open_embeddings(emb_path)
+    coords = read_coords(coords_path, rows=len(emb))
+    check_finite_embeddings(emb_path)
+    return emb, coords
+
+
 def read_coords(path, rows: int | None = None) -> np.ndarray:
     """``(N, 2)`` float64 (lat, lon) from a CSV with ``lat`` and ``lon`` columns (header names
     ``latitude``/``longitude``/``lng`` are accepted too) or an ``(N, 2)`` ``.npy``.
