@@ -19,6 +19,18 @@ def test_doctest():
     assert doctest.testmod(I).failed == 0
 
 
+def test_resampled_medians_are_numpy_medians_of_the_resampled_errors():
+    # The point median is np.median (the mean of the two middle errors for an even count);
+    # each resample's median must be the same statistic, or intervals can miss the point.
+    rng = np.random.default_rng(1)
+    errors = rng.permutation(np.arange(1.0, 11.0))
+    weights = rng.integers(0, 3, (50, errors.size))
+    weights[weights.sum(1) == 0, 0] = 1
+    expected = [np.median(np.repeat(errors, w)) for w in weights]
+    np.testing.assert_allclose(I._weighted_medians(errors, weights), expected)
+    assert I.median_intervals({"m": [1.0, 2, 3, 4]}, [0, 0, 0, 0], reps=20)["m"]["interval_km"] == [2.5, 2.5]
+
+
 def test_interval_covers_the_true_median_at_about_the_level():
     # The population median of the errors is known (300 km: log-normal region levels times
     # a median-one place factor); 90% intervals from independent test sets should hold it

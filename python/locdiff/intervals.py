@@ -18,12 +18,15 @@ import numpy as np
 
 
 def _weighted_medians(errors: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Median of ``errors`` (N,) under each row of integer ``weights`` (R, N) -> (R,): the
-    smallest error whose cumulative weight reaches half the total."""
+    """Median of ``errors`` (N,) under each row of integer ``weights`` (R, N) -> (R,): as
+    ``np.median`` of the errors repeated by weight, the mean of the two middle ones where
+    the total weight is even, so that intervals and point medians agree."""
     order = np.argsort(errors, kind="stable")
     cum = np.cumsum(weights[:, order], axis=1)
-    idx = (cum < 0.5 * cum[:, -1:]).sum(1)
-    return errors[order][idx]
+    half = 0.5 * cum[:, -1:]
+    lower = (cum < half).sum(1)
+    upper = np.minimum((cum <= half).sum(1), errors.size - 1)
+    return 0.5 * (errors[order][lower] + errors[order][upper])
 
 
 def median_intervals(errors_km: Mapping[str, object], groups, reference: str | None = None,
