@@ -167,3 +167,35 @@ def test_knn_density_ranks_every_cell_at_small_bandwidths():
     want = np.array([(area[logd[i] > logd[i, c]].sum() + area[c]) * 6371.0088 ** 2 for i, c in enumerate(true_cell)])
     np.testing.assert_allclose(got, want, rtol=1e-9)
     np.testing.assert_allclose(d.grid_probabilities(emb[:3], grid).sum(1), 1.0, atol=1e-12)
+
+
+def test_vmf_normaliser_holds_down_to_the_uniform_density():
+    # The mixture integrates to one for any kappa >= 0: kappa = 0 is 1 / (4 pi) everywhere,
+    # and tiny kappa (where 1 - exp(-2 kappa) loses its digits) tends to it.
+    from locdiff.baselines.knn import log_vmf_mixture
+    grid = grids.gauss_legendre(64)
+    cells = grid.xyz.double()[None]
+    centre = torch.tensor([[[0.6, 0.0, 0.8]]], dtype=torch.float64)
+    for kappa in (0.0, 1e-300, 1e-12, 1.0, 300.0):
+        logd = log_vmf_mixture(cells, centre, torch.zeros(1, 1, dtype=torch.float64), kappa)[0]
+        assert abs(float((logd.exp() * grid.area.double()).sum()) - 1) < 1e-9, kappa
+    assert float(log_vmf_mixture(cells, centre, torch.zeros(1, 1, dtype=torch.float64), 0.0)[0, 0]) == \
+        pytest.approx(-np.log(4 * np.pi))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=0), "k must be an int >= 1, got 0"), (dict(k=2.5), "k must be an int >= 1, got 2.5"),
+    (dict(temperature=0.0), "temperature must be a positive finite number, got 0.0"),
+    (dict(temperature=-0.1), "temperature must be a positive finite number, got -0.1"),
+    (dict(kappa=-1.0), "kappa must be a finite number >= 0, got -1.0"),
+    (dict(kappa=float("nan")), "kappa must be a finite number >= 0, got nan")])
+def test_knn_settings_out_of_range_are_named(kwargs, match):
+    rng = np.random.default_rng(0)
+    emb, coords = rng.normal(size=(20, 8)).astype(np.float32), rng.uniform(-60, 60, (20, 2))
+    settings = {**dict(k=5, temperature=0.1, kappa=100.0), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        KnnDensity(emb, coords, **settings)
+    if "kappa" not in kwargs:
+        settings.pop("kappa")
+        with pytest.raises(ValueError, match=match):
+            knn_predict(emb, coords, emb[:2], **settings)

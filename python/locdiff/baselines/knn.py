@@ -33,6 +33,20 @@ def _check_finite_rows(t: torch.Tensor, name: str, offset: int = 0) -> None:
         raise ValueError(f"{name} row {offset + int(bad.nonzero()[0, 0])} is NaN or infinite")
 
 
+def _check_mixture_args(k, temperature, kappa=None) -> None:
+    """ValueError naming the first of ``k`` (int >= 1), ``temperature`` (> 0) and ``kappa``
+    (>= 0, 0 being the uniform density) that is out of range: k = 0 gave -inf densities,
+    temperature 0 NaN weights, and a negative temperature silently favoured dissimilar places."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float, np.number))
+                                             and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if kappa is not None and (isinstance(kappa, bool) or not (isinstance(kappa, (int, float, np.number))
+                                                              and math.isfinite(kappa) and kappa >= 0)):
+        raise ValueError(f"kappa must be a finite number >= 0, got {kappa!r}")
+
+
 # Similarities held at once in a search (floats): a 2M-place gallery against 256 queries
 # took 2 GB, against 2,048 16 GB; blocks of the gallery keep it to 256 MB.
 MAX_BLOCK = 1 << 26
@@ -107,6 +121,7 @@ def knn_predict(train_emb, train_coords, query_emb, k: int = 10, temperature: fl
     """The k nearest training locations (cosine similarity of embeddings), averaged on the
     sphere with softmax(similarity / temperature) weights; k = 1 is the nearest one's
     location. Returns ``(N, 2)`` (lat, lon)."""
+    _check_mixture_args(k, temperature)
     index = index or NeighbourIndex(train_emb, train_coords)
     sim, idx = index.search(query_emb, k)
     w = torch.softmax(sim.double() / temperature, 1)
@@ -126,8 +141,12 @@ def knn_top_k(train_emb, train_coords, query_emb, k: int = 5, min_separation_km:
 def log_vmf_mixture(x: torch.Tensor, centres: torch.Tensor, log_w: torch.Tensor, kappa: float) -> torch.Tensor:
     """log of ``sum_j w_j vMF(x; mu_j, kappa)`` per steradian: x (B, P, 3), centres (B, k, 3),
     log_w (B, k) -> (B, P). The normaliser ``kappa / (2 pi (1 - exp(-2 kappa)))`` times
-    ``exp(kappa (mu.x - 1))`` stays finite for any kappa."""
-    log_c = math.log(kappa) - math.log(2 * math.pi) - math.log1p(-math.exp(-2 * kappa))
+    ``exp(kappa (mu.x - 1))`` stays finite for any kappa; kappa = 0 is the uniform density."""
+    _check_mixture_args(1, 1.0, kappa)
+    if kappa == 0:
+        log_c = -math.log(4 * math.pi)
+    else:  # expm1 keeps 1 - exp(-2 kappa) exact for tiny kappa, where it tends to 2 kappa
+        log_c = math.log(kappa) - math.log(2 * math.pi) - math.log(-math.expm1(-2 * kappa))
     dots = x @ centres.transpose(1, 2)  # (B, P, k)
     return torch.logsumexp(log_w[:, None, :] + kappa * (dots - 1), -1) + log_c
 
@@ -148,6 +167,7 @@ class KnnDensity:
 
     def __init__(self, emb, coords, k: int = 10, temperature: float = 0.05, kappa: float = 1000.0,
                  index: NeighbourIndex | None = None):
+        _check_mixture_args(k, temperature, kappa)
         self.index = index or NeighbourIndex(emb, coords)
         self.k, self.temperature, self.kappa = int(k), float(temperature), float(kappa)
 
