@@ -203,6 +203,11 @@ def test_demo_plumbing(tmp_path, capsys, monkeypatch):
     assert list(report["metrics"]) == ["LocDiff", "LocDiff-H", "1-NN", "10-NN", "kNN-vMF", "geocell", "regression"]
     assert {"nll", "rva_auc"} <= set(report["metrics"]["geocell"]) and {"nll", "rva_auc"} <= set(report["metrics"]["LocDiff-H"])
     assert report["train_steps"] > 0 and report["train_samples_per_s"] > 0
+    # The fitted density settings are the ones the log printed.
+    knn = report["baselines"]["kNN-vMF"]
+    assert f"k-NN density: k = {knn['neighbours']}, temperature {knn['temperature']:g}, " \
+           f"bandwidth {knn['bandwidth_km']:.0f} km" in out
+    assert report["baselines"]["geocell"]["steps"] > 0 and report["baselines"]["regression"]["steps"] > 0
     assert (tmp_path / "demo" / "map.png").read_bytes()[:4] == b"\x89PNG"
     assert "LocDiff" in out and "10-NN" in out and "intervals from resampled test regions" in out
     # Per-place answers: the errors they give are the report's medians, method by method.

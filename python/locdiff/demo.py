@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from locdiff.data.files import atomic_write_bytes
+from locdiff.geo import EARTH_RADIUS_KM
 
 BUDGET_ENV = "LOCDIFF_DEMO_MINUTES"
 DEFAULT_BUDGET_MIN = 11.0
@@ -55,7 +56,8 @@ def demo_config(train_minutes: float, seed: int = 0):
 def _baselines(tr, va, te, budget_min: float, log, seed: int = 0, separation_km: float = 1000.0):
     """Point and density baselines on the test places -> (test predictions (N, 2) per point
     method, density scores per density method, top-k answers (N, TOP_K, 2) at least
-    ``separation_km`` apart per ranking method, extras)."""
+    ``separation_km`` apart per ranking method, extras: the neighbour index and the
+    settings fitted or reached per baseline)."""
     from locdiff.baselines import GeocellClassifier, KnnDensity, Regressor, knn_predict, knn_top_k
     from locdiff.baselines.knn import NeighbourIndex
     from locdiff.evaluate import method_density_scores
@@ -66,19 +68,23 @@ def _baselines(tr, va, te, budget_min: float, log, seed: int = 0, separation_km:
     density = {"kNN-vMF": method_density_scores(kd, *te)}
     top = {"1-NN": knn_top_k(*tr, te[0], TOP_K, separation_km, index=index),
            "kNN-vMF": kd.top_k(te[0], TOP_K, separation_km)}
+    knn = {"neighbours": kd.k, "temperature": kd.temperature, "bandwidth_km": round(EARTH_RADIUS_KM / kd.kappa ** 0.5, 1)}
+    settings = {"kNN-vMF": knn}
     log(f"    k-NN density: k = {kd.k}, temperature {kd.temperature:g}, "
-        f"bandwidth {6371.0088 / kd.kappa ** 0.5:.0f} km (validation NLL)")
+        f"bandwidth {knn['bandwidth_km']:.0f} km (validation NLL)")
     geo = GeocellClassifier(**GEOCELL, seed=seed)
     info = geo.fit(*tr, val=va, minutes=GEOCELL_SHARE * budget_min, steps=100_000, select="median")
     preds["geocell"] = geo.predict(te[0])
     density["geocell"] = method_density_scores(geo, *te)
     top["geocell"] = geo.top_k(te[0], TOP_K, separation_km)
+    settings["geocell"] = {"cells": GEOCELL["cells"], "steps": info["steps"]}
     log(f"    geocell: {GEOCELL['cells']} cells, {info['steps']} steps in {info['seconds']:.0f} s")
     reg = Regressor(widths=demo_config(1.0).model.widths, seed=seed)
     info = reg.fit(*tr, val=va, minutes=REGRESSION_SHARE * budget_min, steps=100_000)
     preds["regression"] = reg.predict(te[0])
+    settings["regression"] = {"steps": info["steps"]}
     log(f"    regression: {info['steps']} steps in {info['seconds']:.0f} s")
-    return preds, density, top, {"index": index}
+    return preds, density, top, {"index": index, "settings": settings}
 
 
 def _write_predictions(path: Path, texts, truth, preds: dict) -> None:
@@ -175,7 +181,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     report = {"task": f"places ({split} split)", "split": split, "variant": variant, "split_seed": split_seed,
               "seed": seed, "top_k_separation_km": round(separation_km, 1),
               "n_train": int(len(tr[1])), "n_val": int(len(va[1])), "n_test": int(len(te[1])), "metrics": rows,
-              "median_intervals": spread, "hybrid": fit, "train_steps": res.steps,
+              "median_intervals": spread, "baselines": extra["settings"], "hybrid": fit, "train_steps": res.steps,
               "train_samples_per_s": round(res.samples_per_s, 1),
               "train_minutes": round(res.elapsed_s / 60, 2), "validation_history": res.history,
               "data_seconds": round(t_data, 1), "baseline_seconds": round(t_base, 1),
