@@ -89,15 +89,16 @@ def test_predict_images_end_to_end(trained, tmp_path, capsys):
 
 
 def test_top_k_is_capped(trained, tmp_path, capsys):
-    from locdiff.cli_predict import top_k_limit
+    from locdiff.answers import top_k_limit
 
     cap = top_k_limit(4)
     out = tmp_path / "a.csv"
-    code, _, err = run_cli(capsys, "predict", "--run", trained / "run", "--images", trained / "photos", "--out", out,
-                           "--top-k", cap + 1, "--device", "cpu")
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and f"--top-k {cap + 1}: expected an integer in [0, {cap}]" in lines[0]
-    assert not out.exists()
+    for k in (cap + 1, 0):  # an answer is at least its first mode
+        code, _, err = run_cli(capsys, "predict", "--run", trained / "run", "--images", trained / "photos",
+                               "--out", out, "--top-k", k, "--device", "cpu")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and f"--top-k {k}: expected an integer in [1, {cap}]" in lines[0]
+        assert not out.exists()
 
 
 def test_predict_images_with_a_gallery_answers_as_locdiff_h(trained, tmp_path, capsys):

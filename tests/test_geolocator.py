@@ -141,8 +141,12 @@ def test_bad_arguments(setup, tmp_path):
     with pytest.raises(DataError, match="nope: run folder not found"):
         Geolocator.from_run(tmp_path / "nope")
     geo = Geolocator.from_run(run, device="cpu")
-    with pytest.raises(ValueError, match="top_k must be an int >= 1, got 0"):
-        geo.predict(np.zeros((1, 16)), top_k=0)
+    from locdiff.answers import top_k_limit
+
+    cap = top_k_limit(geo.predictor.degree)
+    for k in (0, cap + 1, 10**9):  # a huge k was left to the decode's memory check
+        with pytest.raises(ValueError, match=rf"top_k must be an int in \[1, {cap}\] .* got {k}"):
+            geo.predict(np.zeros((1, 16)), top_k=k)
     with pytest.raises(DataError, match="no inputs: expected image paths or an"):
         geo.predict([])
     with pytest.raises(DataError, match="inputs: expected image paths, or an .* not a mix"):

@@ -41,6 +41,7 @@ from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz
 from locdiff.extras import require
 
 LEVELS = (0.5, 0.9)
+MAX_TOP_K = 100  # modes per answer at most, and never more than the sphere holds apart
 _CHUNK_CELLS = 1 << 20  # rows x grid cells handled at once (under 100 MB with the 8 neighbours)
 
 
@@ -51,6 +52,13 @@ _CHUNK_CELLS = 1 << 20  # rows x grid cells handled at once (under 100 MB with t
 # Basins keep the 2x grid: an exact SHDD's top basin holds 0.9997-1 of the mass there at
 # sharpness 16-46, as on finer grids (tests/test_answers.py).
 MIN_OVERSAMPLE, MAX_OVERSAMPLE = 2.0, 16.0
+
+
+def top_k_limit(degree: int) -> int:
+    """The most modes a degree-``degree`` answer can hold: caps of half the modes' minimum
+    separation that fit on the sphere, at most :data:`MAX_TOP_K`."""
+    half = shdd.default_separation_km(degree) / EARTH_RADIUS_KM / 2
+    return int(min(MAX_TOP_K, max(1, math.floor(2 / (1 - math.cos(min(half, math.pi / 2)))))))
 
 
 def default_grid(degree: int) -> grids.Grid:

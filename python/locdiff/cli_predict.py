@@ -5,7 +5,6 @@ output equals a single process's) and rank 0 writes one output in input order.""
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -18,24 +17,13 @@ from locdiff.data.files import DataError, atomic_write_bytes, check_finite_embed
 from locdiff.runfolder import check_output_file
 from locdiff.run import CONFIG_FILE
 
-# --top-k: at most this many modes, and never more than the sphere holds apart.
-MAX_TOP_K = 100
+def _check_top_k(k: int, degree: int, lo: int = 0) -> None:
+    from locdiff.answers import top_k_limit
 
-
-def top_k_limit(degree: int) -> int:
-    """The most modes a degree-``degree`` run can report: caps of half the modes' minimum
-    separation that fit on the sphere, at most :data:`MAX_TOP_K`."""
-    from locdiff import EARTH_RADIUS_KM, shdd
-
-    half = shdd.default_separation_km(degree) / EARTH_RADIUS_KM / 2
-    return int(min(MAX_TOP_K, max(1, math.floor(2 / (1 - math.cos(min(half, math.pi / 2)))))))
-
-
-def _check_top_k(k: int, degree: int) -> None:
     cap = top_k_limit(degree)
-    if not 0 <= k <= cap:
-        raise CliError(f"--top-k {k}: expected an integer in [0, {cap}] (the most separate modes a degree-{degree} "
-                       "run reports)")
+    if not lo <= k <= cap:
+        raise CliError(f"--top-k {k}: expected an integer in [{lo}, {cap}] (the most separate modes a "
+                       f"degree-{degree} run reports{'; answers for --images need at least 1' if lo else ''})")
 
 
 def _join(args):
@@ -297,9 +285,7 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
     # The gallery as files: the Geolocator reads them as _gallery does, and names them.
     geo = Geolocator.from_run(args.run, str(dev), gallery=_gallery_paths(args))
     k = 5 if args.top_k is None else args.top_k
-    _check_top_k(k, geo.predictor.degree)
-    if k < 1:
-        raise CliError(f"--top-k {k}: answers for --images need at least 1 mode")
+    _check_top_k(k, geo.predictor.degree, lo=1)
     sampling = _sampling(args, geo.predictor)
     with warnings.catch_warnings():  # the summary warning: each skipped file is listed below
         warnings.filterwarnings("ignore", message=r"\d+ unreadable images left out")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from locdiff import shdd
-from locdiff.answers import LEVELS, answer_first_modes, summarize
+from locdiff.answers import LEVELS, answer_first_modes, summarize, top_k_limit
 from locdiff.data.files import DataError, embeddings_ok, first_bad_embedding, load_pair
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
 
@@ -131,8 +131,10 @@ class Geolocator:
         the run's prediction settings to override (``Predictor.predict``); a ``temperature``
         among them is the density's for the probabilities and credible regions too.
         ``progress``: a bar while photos are embedded."""
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        cap = top_k_limit(self.predictor.degree)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= cap:
+            raise ValueError(f"top_k must be an int in [1, {cap}] (the most separate modes a degree-"
+                             f"{self.predictor.degree} run reports), got {top_k!r}")
         t = self.predictor.settings(**sampling)["temperature"]  # checked before any photo is read
         skipped = []
         if _is_paths(inputs):
