@@ -288,3 +288,19 @@ def test_missing_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "folium", None)
     with pytest.raises(DataError, match=r"the HTML map needs the package 'folium': pip install 'locdiff\[photos\]'"):
         require("folium", "the HTML map")
+
+
+def test_a_run_that_reads_nothing_says_why_and_leaves_a_folder_to_rerun(tmp_path, encoder):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "bad.jpg").write_text("not an image")
+    out = tmp_path / "E"
+    with pytest.raises(DataError, match=rf"bad.jpg: none of the images could be read \(the reasons are in .*skipped.csv\)"):
+        embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
+    with open(out / "skipped.csv", newline="") as fh:
+        assert [r["reason"][:20] for r in csv.DictReader(fh)] == ["not a readable image"]
+    # Once the photo is mended, the same folder takes it.
+    (photos / "bad.jpg").unlink()
+    save_photo(photos / "good.jpg", 1)
+    res = embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
+    assert res.embedded == 1 and open_embeddings(out).shape[0] == 1

@@ -266,7 +266,7 @@ def _embed_todo(encoder, todo, out, rows, res, batch_size, shard_size, dtype, pr
                    [(str(Path(p).resolve()), r.removeprefix(f"{p}: ")) for p, r in res.skipped])
     if not res.embedded and not rows:
         shown = [str(p) for p, _ in res.skipped[:3]] + (["..."] if len(res.skipped) > 3 else [])
-        raise DataError(f"{', '.join(shown)}: none of the images could be read")
+        raise DataError(f"{', '.join(shown)}: none of the images could be read (the reasons are in {out / SKIPPED})")
 
 
 def _write_coords(out: Path, rows: list[dict], changed: bool, log) -> None:
