@@ -56,6 +56,21 @@ def test_read_coords_csv_and_npy(tmp_path):
     np.testing.assert_allclose(read_coords(tmp_path / "c.npy"), c)
 
 
+def test_read_coords_warns_of_radians(tmp_path):
+    rng = np.random.default_rng(0)
+    deg = np.stack([rng.uniform(-60, 60, 20), rng.uniform(-180, 180, 20)], 1)
+    np.save(tmp_path / "rad.npy", np.radians(deg))
+    with pytest.warns(UserWarning, match=r"rad.npy: every coordinate lies within \+-pi/2 .* if these are radians"):
+        read_coords(tmp_path / "rad.npy")
+    import warnings
+
+    np.save(tmp_path / "deg.npy", deg)
+    np.save(tmp_path / "few.npy", np.radians(deg[:9]))  # too few to tell
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_coords(tmp_path / "deg.npy"), read_coords(tmp_path / "few.npy")
+
+
 @pytest.mark.parametrize("text", [
     "lat;lon\n33,7016;-169,3979\n-20;30\n",         # a spreadsheet in a decimal-comma locale
     "lat;lon\n33.7016;-169.3979\n-20;30\n",         # semicolons with decimal points

@@ -247,7 +247,18 @@ def read_coords(path, rows: int | None = None) -> np.ndarray:
         raise DataError(f"{path}: {where(bad[0])} has latitude {arr[bad[0], 0]} outside [-90, 90]")
     out = np.abs(arr[:, 1]) > 180
     arr[out, 1] = (arr[out, 1] + 180.0) % 360.0 - 180.0
+    _warn_if_radians(arr, path)
     return arr
+
+
+def _warn_if_radians(arr: np.ndarray, path) -> None:
+    # Radians pass every range check and train a model on a box of 350 x 700 km off West
+    # Africa; with 10+ places all inside that box, degrees are unlikely.
+    import warnings
+
+    if len(arr) >= 10 and np.abs(arr[:, 0]).max() <= np.pi / 2 and np.abs(arr[:, 1]).max() <= np.pi:
+        warnings.warn(f"{path}: every coordinate lies within +-pi/2 latitude and +-pi longitude; locdiff reads "
+                      "degrees, so if these are radians convert them (numpy.degrees)", UserWarning, stacklevel=3)
 
 
 def decode_text(data: bytes, path) -> str:
