@@ -279,7 +279,7 @@ def test_out_buffer_bad_input():
     xyz = torch.randn(4, 3, dtype=torch.float64)
     cases = [
         (torch.empty(4, 15, dtype=torch.float64), ValueError, r"out must have shape \(4, 16\), got \(4, 15\)"),
-        (torch.empty(4, 16, dtype=torch.float32), TypeError, "out must have xyz's dtype torch.float64"),
+        (torch.empty(4, 16, dtype=torch.float32), TypeError, "out must have xyz's dtype float64, got float32"),
         (np.empty((4, 16)), TypeError, "out must be a torch.Tensor"),
         (torch.empty(4, 16, dtype=torch.float64, requires_grad=True), ValueError, "not differentiable"),
         (torch.empty(1, 16, dtype=torch.float64).expand(4, 16), ValueError,
@@ -293,6 +293,8 @@ def test_out_buffer_bad_input():
     buf = torch.randn(100, dtype=torch.float64)
     with pytest.raises(ValueError, match="out shares memory with xyz"):
         locdiff.spherical_harmonics(buf[:12].view(4, 3), 3, out=buf[36:100].view(4, 16))
+    with pytest.raises(TypeError, match="out must have xyz's dtype float64, got float32$"):
+        locdiff.spherical_harmonics(xyz.numpy(), 3, out=np.empty((4, 16), np.float32))  # numpy names, not torch's
     with pytest.raises(TypeError, match="out must be a numpy array when xyz is one"):
         locdiff.spherical_harmonics(xyz.numpy(), 3, out=torch.empty(4, 16, dtype=torch.float64))
     read_only = np.empty((4, 16))

@@ -184,7 +184,9 @@ def check_out(out, xyz: torch.Tensor, shape: tuple, name: str = "out") -> None:
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
     if out.dtype != xyz.dtype:
-        raise TypeError(f"{name} must have xyz's dtype {xyz.dtype}, got {out.dtype}")
+        # Plain names: the buffers may be numpy arrays seen through torch.
+        plain = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+        raise TypeError(f"{name} must have xyz's dtype {plain(xyz.dtype)}, got {plain(out.dtype)}")
     if out.device != xyz.device:
         raise ValueError(f"{name} must be on xyz's device {xyz.device}, got {out.device}")
     if torch.is_grad_enabled() and (xyz.requires_grad or out.requires_grad):
