@@ -272,12 +272,29 @@ def test_an_unreachable_hub_points_to_the_offline_ways(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
 
+    import socket
+
+    asked = []
+
     def unreachable(*args, **kwargs):
+        asked.append(kwargs["local_files_only"])
         raise OSError("We couldn't connect to 'https://huggingface.co'")
     monkeypatch.setattr(transformers.CLIPVisionConfig, "from_pretrained", unreachable)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])  # a host that resolves, as online
     with pytest.raises(DataError, match="from a local folder, the cache or the hub .*set HF_HUB_OFFLINE=1 .*"
                                         "--pretrained none"):
         vision_config("nobody/no-such-clip", "weights")
+    # Without name resolution the hub is not asked (huggingface_hub would retry for ~25 s):
+    # the cache only, and the error says why.
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org")
+    with pytest.raises(DataError, match="the Hugging Face cache, and the hub's host hub.example.org cannot be "
+                                        "resolved .*set HF_HUB_OFFLINE=1"):
+        vision_config("nobody/no-such-clip", "weights")
+    assert asked == [False, True]
 
 
 def test_missing_extra_is_named(monkeypatch):

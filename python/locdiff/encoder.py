@@ -42,6 +42,20 @@ def _offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def _hub_unresolvable() -> str | None:
+    """The hub's host name when it cannot be resolved (no network), else None: huggingface_hub
+    retries such a failure five times over about 25 s before transformers gives up."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError):
+        return host
+    return None
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())[:300] or type(err).__name__
 
@@ -70,13 +84,16 @@ def vision_config(model: str, pretrained: str = "weights"):
             raise DataError(f"--model {model!r}: model folder not found (expected a folder with a config.json, "
                             f"or a Hugging Face model name such as {DEFAULT_MODEL})")
         model = os.path.expanduser(model)
-    local = pretrained == "none" or _offline()
+    local = pretrained == "none" or _offline() or os.path.isdir(model)
+    unresolvable = None if local else _hub_unresolvable()
     try:
-        return tf.CLIPVisionConfig.from_pretrained(model, local_files_only=local)
+        return tf.CLIPVisionConfig.from_pretrained(model, local_files_only=local or unresolvable is not None)
     except Exception as err:  # transformers and huggingface_hub raise many types here
         where = "a local folder or the Hugging Face cache" if local else "a local folder, the cache or the hub"
         offline = "" if local else ("; without a network, set HF_HUB_OFFLINE=1 to read the cache only, give a local "
                                     "model folder, or --pretrained none")
+        if unresolvable:
+            where = f"a local folder or the Hugging Face cache, and the hub's host {unresolvable} cannot be resolved"
         raise DataError(f"--model {model!r}: cannot load the encoder's configuration from {where} "
                         f"({_one_line(err)}){offline}") from None
 
@@ -151,9 +168,10 @@ class Encoder:
                 net = tf.CLIPVisionModelWithProjection(cfg)
             proc = proc_cls(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
         else:
+            local = _offline() or os.path.isdir(os.path.expanduser(model)) or _hub_unresolvable() is not None
             try:
-                net = tf.CLIPVisionModelWithProjection.from_pretrained(model, local_files_only=_offline())
-                proc = proc_cls.from_pretrained(model, local_files_only=_offline())
+                net = tf.CLIPVisionModelWithProjection.from_pretrained(model, local_files_only=local)
+                proc = proc_cls.from_pretrained(model, local_files_only=local)
             except Exception as err:  # transformers and huggingface_hub raise many types here
                 raise DataError(f"--model {model!r}: cannot load the encoder's weights "
                                 f"({_one_line(err)})") from None
