@@ -217,6 +217,13 @@ def test_kl_gradcheck():
     fn = lambda a, b: shdd.kl_divergence(a, b, grid=GRID, temperature=0.8, reduction="none")
     assert torch.autograd.gradcheck(fn, (p, t))
     assert torch.autograd.gradcheck(lambda a: fn(a, t.detach()), (p,))
+    # Twice over (a Hessian, a gradient penalty): the fused gradient is a constant, so a
+    # second derivative must come from elsewhere, not silently be 0; the op's own backward
+    # (reached through the op, not kl_divergence) too.
+    assert torch.autograd.gradgradcheck(fn, (p, t))
+    assert torch.autograd.gradgradcheck(lambda a: fn(a, t.detach()), (p,))
+    assert float(torch.autograd.functional.hessian(lambda a: fn(a, t.detach()).sum(), p.detach()).abs().max()) > 1e-3
+    assert torch.autograd.gradgradcheck(lambda a, b: ops.shdd_kl_op(a, b, *ring_args(GRID, L), 1 / 0.8), (p, t))
     # Synthesis and its adjoint are each other's backward.
     a = ring_args(GRID, L)
     assert torch.autograd.gradcheck(lambda c: ops.shdd_synth_op(c, *a), (p,))

@@ -315,16 +315,38 @@ def _(pred, target, table, theta, log_area, degree, nlat, nlon, lon0, inv_temper
     return (pred.new_empty((pred.shape[0],)), *_grad_outputs(pred, target, need_pred, need_target))
 
 
+def _kl_graph(pred, target, table, theta, log_area, degree, nlat, nlon, lon0, inv_temperature):
+    """The SHDD-KL per pair through ops with derivatives of every order (synthesis and its
+    adjoint are linear): a (B, G) matrix per input, so only for higher derivatives."""
+    ring = (table, theta, log_area, degree, nlat, nlon, lon0)
+    la = log_area.repeat_interleave(nlon)
+    log_p = torch.log_softmax(shdd_synth_op(pred.contiguous(), *ring).double() * inv_temperature + la, -1)
+    log_q = torch.log_softmax(shdd_synth_op(target.contiguous(), *ring).double() * inv_temperature + la, -1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def _kl_grads_with_graph(pred, target, grad, rest, need_pred, need_target):
+    # create_graph=True (a Hessian, a gradient penalty): the fused kernels' gradients are
+    # constants, so the gradient is taken again through _kl_graph, which keeps its graph.
+    with torch.enable_grad():
+        kl = _kl_graph(pred, target, *rest)
+        wanted = [x for x, need in ((pred, need_pred), (target, need_target)) if need]
+        got = iter(torch.autograd.grad(kl, wanted, grad.to(kl.dtype), create_graph=True))
+    return next(got) if need_pred else None, next(got) if need_target else None
+
+
 def _setup_kl_grad(ctx, inputs, output):
     _, gp, gt = output
-    ctx.save_for_backward(gp, gt)
+    ctx.save_for_backward(gp, gt, *inputs[:2])
     ctx.mark_non_differentiable(gp, gt)
-    ctx.need = inputs[-2:]
+    ctx.rest, ctx.need = inputs[2:10], inputs[-2:]
 
 
 def _kl_grad_backward(ctx, grad, _grad_gp, _grad_gt):
-    gp, gt = ctx.saved_tensors
+    gp, gt, pred, target = ctx.saved_tensors
     need_pred, need_target = ctx.need
+    if torch.is_grad_enabled():
+        return _kl_grads_with_graph(pred, target, grad, ctx.rest, need_pred, need_target) + (None,) * 10
     return ((grad[:, None] * gp if need_pred else None, grad[:, None] * gt if need_target else None)
             + (None,) * 10)
 
@@ -341,6 +363,8 @@ def _setup_kl(ctx, inputs, output):
 def _kl_backward(ctx, grad):
     pred, target = ctx.saved_tensors
     need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if torch.is_grad_enabled():
+        return _kl_grads_with_graph(pred, target, grad, ctx.rest, need_pred, need_target) + (None,) * 8
     gp, gt = shdd_kl_backward_op(pred, target, grad.contiguous(), *ctx.rest, need_pred, need_target)
     return (gp if need_pred else None, gt if need_target else None) + (None,) * 8
 
