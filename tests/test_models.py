@@ -126,6 +126,33 @@ def test_cs_unet_conditioning():
     torch.testing.assert_close(mixed[~drop], a[~drop])
 
 
+def test_cs_unet_one_wide_condition_is_heard():
+    # LayerNorm of one feature is its bias, whatever the value: a 1-wide embedding was ignored.
+    net = _randomise(CSUNet(_cfg(emb_dim=1)))
+    x, t = torch.randn(2, 25), torch.full((2,), 500)
+    a = net(x, t, torch.tensor([[-5.0], [-5.0]]))
+    assert not torch.allclose(a, net(x, t, torch.tensor([[100.0], [100.0]])))
+
+
+@pytest.mark.parametrize("weights, inputs", [(torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float32, torch.float64)])
+def test_cs_unet_computes_in_its_weights_dtype(weights, inputs):
+    net = CSUNet(_cfg()).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # small steps from the initialisation (whose output layer is 0)
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    net = net.to(weights)
+    x, t, e = torch.randn(3, 25, dtype=inputs), torch.tensor([0, 10, 999]), torch.randn(3, 8, dtype=inputs)
+    with torch.no_grad():
+        out = net(x, t, e)
+        ref = net.float()(x.float(), t, e.float()) if weights == torch.float64 else None
+    assert out.dtype == weights and torch.isfinite(out).all()
+    if weights == torch.float64:  # the same net in float32 agrees to float32's precision
+        assert float(ref.abs().max()) > 0.01
+        torch.testing.assert_close(out.float(), ref, atol=1e-4, rtol=1e-3)
+
+
 def test_cs_unet_dropout_only_in_training():
     net = _randomise(CSUNet(_cfg(dropout=0.5)))
     x, t, e = torch.randn(2, 25), torch.tensor([3, 4]), torch.randn(2, 8)

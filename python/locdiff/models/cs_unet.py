@@ -110,7 +110,8 @@ class CSUNet(nn.Module):
         super().__init__()
         self.config = cfg = config
         w, cd, p = list(cfg.widths), cfg.cond_dim, cfg.dropout
-        layers, prev = [nn.LayerNorm(cfg.emb_dim)], cfg.emb_dim
+        # LayerNorm of one feature is its bias whatever the input: a 1-wide condition passes as is.
+        layers, prev = [nn.LayerNorm(cfg.emb_dim) if cfg.emb_dim > 1 else nn.Identity()], cfg.emb_dim
         for width in cfg.emb_widths:
             layers += [nn.Linear(prev, width), nn.GELU(), nn.Dropout(cfg.emb_dropout)]
             prev = width
@@ -152,7 +153,7 @@ class CSUNet(nn.Module):
             if drop is not None:
                 emb = torch.where(drop[:, None], self.null_emb.expand(b, -1), emb)
         e = self.emb_net(emb)
-        c = self.emb_out(e) + self.time_net(timestep_features(t, 128, self.config.timesteps))
+        c = self.emb_out(e) + self.time_net(timestep_features(t, 128, self.config.timesteps).to(self.null_emb.dtype))
         return self.cond_act(c), e
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor | None = None,
@@ -174,7 +175,7 @@ class CSUNet(nn.Module):
         """The last hidden layer (B, widths[0] * 2) that the output layers read, and the
         embedding features (B, emb_widths[-1]) that the density head reads beside it."""
         c, e = self.condition(t, emb, drop)
-        skips, h = [], x
+        skips, h = [], x.to(self.null_emb.dtype)  # the weights' (a float64 SHDD into a float32 net)
         for blk in self.down:
             h = blk(h, c)
             skips.append(h)
