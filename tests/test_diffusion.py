@@ -56,10 +56,39 @@ def test_q_sample_and_split_round_trip():
 
 def test_ddim_timesteps():
     assert ddim_timesteps(1000, 1) == [999]
-    assert ddim_timesteps(1000, 4) == [999, 749, 500, 250]
-    assert len(ddim_timesteps(50, 50)) == 50
-    with pytest.raises(ValueError):
-        ddim_timesteps(10, 11)
+    assert ddim_timesteps(1000, 4) == [999, 749, 499, 249]
+    for n in (7, 50, 100, 1000):
+        assert ddim_timesteps(n, n) == list(range(n - 1, -1, -1))  # every timestep once
+        for steps in range(1, n + 1, max(1, n // 37)):
+            ts = ddim_timesteps(n, steps)
+            assert len(ts) == steps and ts[0] == n - 1 and all(a > b >= 0 for a, b in zip(ts, ts[1:]))
+    for bad in (11, 0, 2.5):
+        with pytest.raises(ValueError, match=f"steps must be an int in \\[1, 10\\], got {bad}"):
+            ddim_timesteps(10, bad)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_ddim_with_every_timestep_at_eta_1_is_ddpm(schedule):
+    # The same draws in the same order: DDIM's sigma at eta = 1 is DDPM's posterior std.
+    s = get_schedule(schedule, 100)
+    model = lambda x, t: torch.tanh(x) * (t[:, None] / 100.0) + 0.3  # noqa: E731  (smooth, t-dependent)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = sample_ddpm(model, x, s, prediction="x0", generator=torch.Generator().manual_seed(1))
+    b = sample_ddim(model, x, s, steps=100, eta=1.0, prediction="x0", generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 19, 20, 50, 1000])
+def test_schedules_are_valid_at_any_length(n):
+    # Below 20 steps the rescaled linear betas passed 1: abar went negative, samples NaN.
+    for name in ("linear", "cosine"):
+        s = get_schedule(name, n)
+        assert len(s) == n and bool((s.betas > 0).all()) and bool((s.betas < 1).all()), name
+        ab = s.alphas_cumprod
+        assert bool((ab > 0).all()) and bool((ab[1:] < ab[:-1]).all()), name
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"n \\(the number of timesteps\\) must be an int >= 1, got {bad}"):
+            get_schedule("linear", bad)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0"])

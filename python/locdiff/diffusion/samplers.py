@@ -1,7 +1,9 @@
 """Samplers as plain functions, ``sample_<method>(model, x, schedule, ..., callback=None)``.
 
 ``model(x_t, t)`` returns the network's prediction for a batch: the noise (``prediction=
-"eps"``) or the clean vector (``prediction="x0"``); :func:`guided` builds such a callable
+"eps"``), the clean vector (``"x0"``) or the velocity (``"v"``). ``prediction`` has no
+default: it must be what the network was trained on (``DiffusionConfig.prediction``), and a
+wrong one samples garbage without an error. :func:`guided` builds such a callable
 from a conditional network with classifier-free guidance. ``x`` is the starting noise
 ``x_T ~ N(0, I)``. ``callback``, if given, is called as ``callback(i, t, x, x0)`` after each
 step. Everything runs under ``torch.no_grad()``.
@@ -64,7 +66,7 @@ def _t(i: int, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_ddpm(model, x: torch.Tensor, schedule: Schedule, prediction: str = "eps",
+def sample_ddpm(model, x: torch.Tensor, schedule: Schedule, *, prediction: str,
                 clip: float | None = None, generator: torch.Generator | None = None, callback=None):
     """Ancestral sampling (Ho et al. 2020, Alg. 2) through every timestep, using the
     posterior ``q(x_{t-1} | x_t, x0_hat)`` (Eq. 6-7):
@@ -90,17 +92,17 @@ def sample_ddpm(model, x: torch.Tensor, schedule: Schedule, prediction: str = "e
 
 
 def ddim_timesteps(n: int, steps: int) -> list[int]:
-    """``steps`` timesteps from ``n - 1`` down to 0, evenly spaced ("trailing" spacing, so the
-    first step starts from pure noise; Lin et al. 2024, Table 2)."""
-    if not 1 <= steps <= n:
-        raise ValueError(f"steps must be in [1, {n}], got {steps}")
-    ts = torch.linspace(n - 1, 0, steps + 1)[:-1].round().long().tolist()
-    return ts
+    """``steps`` distinct timesteps from ``n - 1`` down, ``n / steps`` apart ("trailing"
+    spacing, so the first step starts from pure noise; Lin et al. 2024, Table 2): with
+    ``steps = n`` every timestep once, so DDIM at eta = 1 is DDPM."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n:
+        raise ValueError(f"steps must be an int in [1, {n}], got {steps!r}")
+    return [round(n - k * n / steps) - 1 for k in range(steps)]
 
 
 @torch.no_grad()
-def sample_ddim(model, x: torch.Tensor, schedule: Schedule, steps: int = 10, eta: float = 0.0,
-                prediction: str = "eps", clip: float | None = None,
+def sample_ddim(model, x: torch.Tensor, schedule: Schedule, steps: int = 10, eta: float = 0.0, *,
+                prediction: str, clip: float | None = None,
                 generator: torch.Generator | None = None, callback=None):
     """DDIM (Song et al. 2021, Eq. 12) on ``steps`` timesteps ``t_k`` of :func:`ddim_timesteps`:
     ``x_{prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z``,

@@ -29,7 +29,9 @@ class Schedule:
         return Schedule(self.betas.to(device), self.alphas_cumprod.to(device))
 
     def abar(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        """``abar_t`` gathered at integer timesteps ``t`` (any shape); ``t = -1`` gives 1."""
+        """``abar_t`` gathered at integer timesteps ``t`` (any shape) in [-1, n - 1]; ``t = -1``
+        gives 1. Not checked, as it is called on every step (the samplers and the loss make
+        their own timesteps); t below -1 would wrap around."""
         a = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod]).to(t.device)
         return a[t.long() + 1].to(dtype)
 
@@ -44,18 +46,28 @@ def _from_betas(betas: torch.Tensor) -> Schedule:
     return Schedule(betas, torch.cumprod(1 - betas, 0))
 
 
-def get_linear_schedule(n: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+def _check_steps(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (the number of timesteps) must be an int >= 1, got {n!r}")
+    return n
+
+
+def get_linear_schedule(n: int, beta_start: float = 1e-4, beta_end: float = 0.02,
+                        max_beta: float = 0.999) -> Schedule:
     """Linear betas (Ho et al. 2020, Sec. 4), rescaled by ``1000 / n`` so that every ``n``
-    spans the same signal-to-noise range as the 1000-step original."""
-    scale = 1000.0 / n
-    return _from_betas(torch.linspace(beta_start * scale, beta_end * scale, n, dtype=torch.float64))
+    spans the same signal-to-noise range as the 1000-step original; clipped at ``max_beta``
+    as the cosine schedule is (below 20 steps the rescaled betas pass 1, and abar turns
+    negative)."""
+    scale = 1000.0 / _check_steps(n)
+    betas = torch.linspace(beta_start * scale, beta_end * scale, n, dtype=torch.float64)
+    return _from_betas(betas.clamp(max=max_beta))
 
 
 def get_cosine_schedule(n: int, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
     """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17):
     ``abar_t = f(t) / f(0)``, ``f(t) = cos(((t/n + s) / (1 + s)) * pi/2)^2``, with betas
     clipped at ``max_beta`` to avoid the singularity at ``t = n``."""
-    steps = torch.arange(n + 1, dtype=torch.float64)
+    steps = torch.arange(_check_steps(n) + 1, dtype=torch.float64)
     f = torch.cos(((steps / n + s) / (1 + s)) * math.pi / 2) ** 2
     abar = f / f[0]
     betas = (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
