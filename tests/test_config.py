@@ -176,3 +176,26 @@ def test_the_run_config_round_trips():
                                           "diffusion.smoothing=0.5", "train.amp=false"])
     back = C.from_dict(RunConfig, C.tomllib.loads(C.dumps(cfg)))
     assert back == cfg and back.model.widths == (512, 256, 128) and back.train.max_minutes == 3.0
+
+
+@pytest.mark.parametrize("section, kwargs, message", [
+    ("diffusion", dict(timesteps=0), "diffusion.timesteps = 0: expected an integer >= 2"),
+    ("diffusion", dict(p_uncond=2.0), r"diffusion.p_uncond = 2.0: expected a number in \[0, 1\)"),
+    ("diffusion", dict(density_fraction=-1.0), r"diffusion.density_fraction = -1.0: expected a number in \(0, 1\]"),
+    ("diffusion", dict(timestep_power=0.0), "diffusion.timestep_power = 0.0: expected a finite number > 0"),
+    ("diffusion", dict(schedule="foo"), "diffusion.schedule = 'foo': expected one of 'cosine', 'linear'"),
+    ("model", dict(widths=()), "model.widths = \\(\\): expected a non-empty list of integers >= 1"),
+    ("model", dict(dropout=1.0), r"model.dropout = 1.0: expected a number in \[0, 1\)"),
+])
+def test_configs_built_in_python_check_their_ranges(section, kwargs, message):
+    # A config built in Python is checked as a config file is, naming the setting.
+    import doctest
+
+    from locdiff import ranges
+    from locdiff.diffusion import DiffusionConfig
+    from locdiff.models import CSUNetConfig
+
+    cls = DiffusionConfig if section == "diffusion" else CSUNetConfig
+    with pytest.raises(ranges.SettingError, match=message):
+        cls(**kwargs)
+    assert doctest.testmod(ranges).failed == 0

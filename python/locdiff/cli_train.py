@@ -12,6 +12,7 @@ from locdiff import config as C
 from locdiff import distributed
 from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, require_packages
 from locdiff.data.files import DataError, load_pair
+from locdiff.ranges import SettingError
 
 # Flags for the common settings: argparse destination -> setting.
 FLAG_SETTINGS = {
@@ -82,7 +83,10 @@ def resolve_settings(args, resume_base: str | None = None):
             continue
         if dest in ("embeddings", "coords", "val_embeddings", "val_coords"):
             value = str(Path(value).expanduser().absolute())
-        cfg = _set(cfg, key, value)
+        try:
+            cfg = _set(cfg, key, value)
+        except SettingError as err:  # a config's own range check, worded as _check words it
+            raise CliError(f"{_flag(dest)} {err.value}: expected {err.expected}") from None
         origin[key] = _flag(dest)
     cfg = C.apply_overrides(cfg, args.set or [])
     # A --set's origin is the flag as typed: messages echo "train.lr=0", not the parsed 0.0.
@@ -91,7 +95,7 @@ def resolve_settings(args, resume_base: str | None = None):
 
 
 def _check(cfg, origin: dict, device, world: int) -> None:
-    from locdiff.settings import SettingError, validate
+    from locdiff.settings import validate
 
     try:
         validate(cfg)  # types and ranges first: the memory bound below divides by them

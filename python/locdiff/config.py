@@ -91,8 +91,12 @@ def from_dict(cls, data, *, source: str = "config", prefix: str = ""):
         if key not in fields:
             raise ConfigError(f"{source}: unknown setting {name!r}; {_known(cls, prefix)}")
         kwargs[key] = convert(value, hints[key], name, source)
+    from locdiff.ranges import SettingError
+
     try:
         return cls(**kwargs)
+    except SettingError as err:  # a range check of __post_init__: it names the setting itself
+        raise SettingError(err.key, err.value, err.expected, source) from None
     except (TypeError, ValueError) as err:  # a __post_init__ check, or a field without default
         raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {err}") from None
 
@@ -208,9 +212,13 @@ def _override(obj, item: str):
     tp = typing.get_type_hints(type(chain[-1]))[path[-1]]
     value = parse_value(raw.strip(), tp, key, source)
     # Rebuild from the leaf up, so `obj` and its defaults are left unchanged.
+    from locdiff.ranges import SettingError
+
     for node, name in zip(reversed(chain), reversed(path)):
         try:
             value = dataclasses.replace(node, **{name: value})
+        except SettingError as err:  # a range check: worded as the run's own check words it
+            raise ConfigError(f"{source} {item.strip()}: expected {err.expected}") from None
         except (TypeError, ValueError) as err:  # a __post_init__ check, as from a config file
             raise ConfigError(f"{source} {item.strip()!r}: {err}") from None
     return value

@@ -21,7 +21,7 @@ from locdiff.devices import resolve_device
 from locdiff.ops import validation
 from locdiff.diffusion import guided, sample_ddim, sample_ddpm, split_prediction
 from locdiff.run import MODES, SAMPLERS, load_model
-from locdiff.settings import MAX_GUIDANCE
+from locdiff.ranges import MAX_GUIDANCE
 
 
 # Grids for the density's mode: the band-limited projection of softmax(f / t) is taken by

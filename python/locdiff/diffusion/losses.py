@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from locdiff.diffusion.samplers import PREDICTIONS, split_prediction
+from locdiff.diffusion.samplers import split_prediction
 from locdiff.diffusion.schedules import Schedule, get_schedule
 
 
@@ -56,16 +56,11 @@ class DiffusionConfig:
     scale: float = math.sqrt(4 * math.pi)
 
     def __post_init__(self):
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        for name in ("mse_weight", "kl_weight"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        from locdiff.ranges import check_section
+
+        check_section("diffusion", self)  # a SettingError (ValueError) naming the field
         if self.mse_weight == 0 and self.kl_weight == 0:
             raise ValueError("mse_weight and kl_weight are both 0: the loss would be empty")
-        if not (math.isfinite(self.kl_sharpness) and self.kl_sharpness > 0):
-            raise ValueError(f"kl_sharpness must be a positive finite number, got {self.kl_sharpness!r}")
 
     def make_schedule(self) -> Schedule:
         return get_schedule(self.schedule, self.timesteps)

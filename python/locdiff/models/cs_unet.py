@@ -54,6 +54,12 @@ class CSUNetConfig:
     timesteps: int = 1000
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # The degree is checked where it is used (CSUNet; a run's, with its memory bound).
+        from locdiff.ranges import check_section
+
+        check_section("model", self)  # a SettingError (ValueError) naming the field
+
     @property
     def dim(self) -> int:
         return (self.degree + 1) ** 2
@@ -108,6 +114,9 @@ class CSUNet(nn.Module):
 
     def __init__(self, config: CSUNetConfig):
         super().__init__()
+        deg = config.degree
+        if isinstance(deg, bool) or not isinstance(deg, int) or deg < 0:
+            raise ValueError(f"model.degree = {deg!r}: expected an integer >= 0")
         self.config = cfg = config
         w, cd, p = list(cfg.widths), cfg.cond_dim, cfg.dropout
         # LayerNorm of one feature is its bias whatever the input: a 1-wide condition passes as is.
