@@ -329,3 +329,24 @@ def test_the_default_normalizer_holds_at_the_poles(degree, sharpness):
     lat = np.array([90.0, -90.0, 89.5, 88.0, 45.0, 0.0])
     c = shdd.encode(np.stack([lat, np.full_like(lat, 10.0)], 1), degree)
     np.testing.assert_allclose(shdd.log_normalizer(c, temperature=t), reference, rtol=0, atol=0.04)
+
+
+def test_kl_of_large_vectors_keeps_its_digits_or_is_refused():
+    # Once the target is a one-cell delta its KL no longer changes with its scale; float64
+    # keeps that up to |f| / t ~ 1e12, and past it the KL went negative (-19 at 1e18).
+    from locdiff.diffusion import DiffusionConfig
+    from locdiff.diffusion.losses import shdd_kl
+
+    c = shdd.encode(torch.tensor([[10.0, 20.0]], dtype=torch.float64), 8)
+    c2 = shdd.encode(torch.tensor([[7.0, 17.0]], dtype=torch.float64), 8)
+    kls = [float(shdd.kl_divergence(c2, c * s, temperature=0.9)) for s in (1e6, 1e8, 1e10, 1e11)]
+    assert max(kls) - min(kls) < 1e-4 and min(kls) > 0
+    for big in ("pred", "target"):
+        args = (c2 * 1e18, c) if big == "pred" else (c2, c * 1e18)
+        with pytest.raises(ValueError, match=rf"{big} row 0: \|f\| / temperature may reach 7.\d+e\+18, past 1e\+12"):
+            shdd.kl_divergence(*args, temperature=0.9)
+    # In training such a prediction is a diverging network: a NaN loss, which the loop skips.
+    pred = (c2 * 1e30).float().requires_grad_(True)
+    loss = shdd_kl(pred, c.float(), 8, DiffusionConfig())
+    assert math.isnan(float(loss.detach()))
+    loss.backward()

@@ -471,6 +471,18 @@ def log_density_at(coeffs, latlon, grid=None, temperature: float = 1.0):
     return _out((fx / t - logz).reshape(shape), numpy)
 
 
+# |f| / t at most this, for the KL: its terms f/t and log Z cancel, so float64 keeps about
+# 1e-16 |f| / t of it; past 1e12 (1e-4 nats) it went negative (tests/test_shdd_edges.py).
+KL_MAX_EXPONENT = 1e12
+
+
+def kl_exponent_bound(flat: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A bound on max |f| / t of each row (B,): |f(x)| <= ||c|| sqrt(K / 4 pi) for every x
+    (the addition theorem), float64."""
+    k = flat.shape[-1]
+    return flat.detach().double().norm(dim=-1) * (math.sqrt(k / (4 * math.pi)) / temperature)
+
+
 def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reduction: str = "mean"):
     """SHDD-KL: ``KL(softmax(f_target/t) || softmax(f_pred/t))`` over the cells of a ring grid
     (with their areas), per vector, reduced by ``reduction`` ("mean", "sum", "none").
@@ -493,6 +505,13 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     t = check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    for name, flat in (("pred", p), ("target", q)):
+        bound = kl_exponent_bound(flat, t)
+        if flat.shape[0] and float(bound.max()) > KL_MAX_EXPONENT:
+            b = int(bound.argmax())
+            raise ValueError(f"{name} row {b}: |f| / temperature may reach {float(bound[b]):.3g}, past "
+                             f"{KL_MAX_EXPONENT:g}, where the KL loses its digits in float64; expected vectors "
+                             "of a smaller scale or a higher temperature")
     grid = _normalizer_grid(grid, degree, t, p, q)
     if not grid.is_ring:
         raise ValueError(f"kl_divergence needs a ring grid (equiangular or gauss_legendre), got {grid.kind}")

@@ -107,16 +107,19 @@ def sample_timesteps(b: int, n: int, power: float, device, generator=None) -> to
 def shdd_kl(pred: torch.Tensor, target: torch.Tensor, degree: int, cfg: DiffusionConfig,
             reduction: str = "mean") -> torch.Tensor:
     """SHDD-KL of unscaled SHDD vectors (module docstring) with the settings of ``cfg``. A
-    non-finite prediction (a diverging network) gives a NaN loss, which the training loop
-    counts and skips, rather than the error shdd.kl_divergence raises for such input."""
+    non-finite prediction, or one too large for the KL's float64 (a diverging network), gives
+    a NaN loss, which the training loop counts and skips, rather than the error
+    shdd.kl_divergence raises for such input."""
     from locdiff import shdd
 
-    if not bool(torch.isfinite(pred.detach()).all()):
+    t = kl_temperature(degree, cfg.kl_sharpness)
+    if not bool(torch.isfinite(pred.detach()).all()) or (
+            pred.shape[0] and float(shdd.kl_exponent_bound(pred.reshape(-1, pred.shape[-1]), t).max())
+            > shdd.KL_MAX_EXPONENT):
         nan = pred.sum() * float("nan")  # keeps the graph: backward runs, the step is skipped
         return nan if reduction != "none" else nan.expand(pred.shape[:-1])
     grid = kl_grid(degree, float(cfg.kl_sharpness), float(cfg.kl_grid_oversample))
-    return shdd.kl_divergence(pred, target, grid=grid, temperature=kl_temperature(degree, cfg.kl_sharpness),
-                              reduction=reduction)
+    return shdd.kl_divergence(pred, target, grid=grid, temperature=t, reduction=reduction)
 
 
 def diffusion_loss(net, x0: torch.Tensor, emb: torch.Tensor | None, schedule: Schedule,
