@@ -199,3 +199,35 @@ def test_knn_settings_out_of_range_are_named(kwargs, match):
         settings.pop("kappa")
         with pytest.raises(ValueError, match=match):
             knn_predict(emb, coords, emb[:2], **settings)
+
+
+def test_learned_baselines_name_bad_input():
+    rng = np.random.default_rng(0)
+    emb, coords = rng.normal(size=(40, 6)).astype(np.float32), rng.uniform(-60, 60, (40, 2))
+    for model in (GeocellClassifier(cells=4, widths=(8,)), Regressor(widths=(8,))):
+        with pytest.raises(RuntimeError, match="not fitted yet: call fit"):
+            model.predict(emb[:2])
+        with pytest.raises(ValueError, match=r"coords must have shape \(40, 2\)"):
+            model.fit(emb, coords[:39], steps=2)
+        bad = emb.copy()
+        bad[7, 1] = np.nan
+        with pytest.raises(ValueError, match="emb row 7 is NaN or infinite"):
+            model.fit(bad, coords, steps=2)
+        model.fit(emb, coords, steps=2)
+        assert model.predict(emb[:0]).shape == (0, 2)  # no queries, no answers
+        with pytest.raises(ValueError, match=r"query embeddings must have shape \(N, 6\)"):
+            model.predict(emb[:, :5])
+    for cells in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"cells must be an int >= 1, got {cells}"):
+            GeocellClassifier(cells=cells)
+        with pytest.raises(ValueError, match=f"k must be an int >= 1, got {cells}"):
+            spherical_kmeans(coords, cells)
+    geo = GeocellClassifier(cells=4, widths=(8,))
+    geo.fit(emb, coords, steps=2)
+    with pytest.raises(ValueError, match=r"latlon must have shape \(3, 2\)"):
+        geo.log_density_at(emb[:3], coords[:2])
+    assert geo.top_k(emb[:2], 2, np.float32(100.0)).shape == (2, 2, 2)  # numpy scalars are numbers
+    kd = KnnDensity(emb, coords, k=3, temperature=0.1, kappa=100.0)
+    with pytest.raises(ValueError, match=r"latlon must have shape \(3, 2\)"):
+        kd.log_density_at(emb[:3], coords[:2])
+    assert knn_predict(emb, coords, emb[:0], k=3).shape == (0, 2)

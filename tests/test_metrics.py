@@ -108,6 +108,9 @@ def test_metrics_from_distances_refuse_negative_and_nan():
     for d in ([1.0, -2.0], [1.0, np.nan]):
         with pytest.raises(ValueError, match="distances must be finite and >= 0 km"):
             M.metrics_from_distances(np.array(d))
+        # GeoScore alone too: a negative distance scored past its maximum of 5000.
+        with pytest.raises(ValueError, match=r"distance_km must be finite and >= 0 km, got (-2.0|nan) at index 1"):
+            M.geoscore(np.array(d))
 
 
 @pytest.mark.parametrize("score, name", [(M.geoscore, "distance_km"), (M.nll, "log_density"),

@@ -41,9 +41,18 @@ def _some(a, name: str) -> np.ndarray:
     return a
 
 
+def _check_distances(d: np.ndarray, name: str) -> None:
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(d) & (d >= 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad.reshape(-1))[0])
+        raise ValueError(f"{name} must be finite and >= 0 km, got {d.reshape(-1)[i]} at index {i}")
+
+
 def geoscore(distance_km) -> float:
     """Mean of ``5000 exp(-d / 1492.7 km)`` (the GeoGuessr score)."""
     d = _some(distance_km, "distance_km")
+    _check_distances(d, "distance_km")
     return float(np.mean(5000.0 * np.exp(-d / GEOSCORE_SCALE_KM)))
 
 
@@ -78,11 +87,7 @@ def metrics_from_distances(d) -> dict[str, float]:
     d = _np(d)
     if d.size == 0:
         raise ValueError("metrics need at least one prediction")
-    with np.errstate(invalid="ignore"):
-        bad = ~(np.isfinite(d) & (d >= 0))
-    if bad.any():
-        i = int(np.flatnonzero(bad.reshape(-1))[0])
-        raise ValueError(f"distances must be finite and >= 0 km, got {d.reshape(-1)[i]} at index {i}")
+    _check_distances(d, "distances")
     out = {f"acc_{t}km": float(np.mean(d <= t)) for t in THRESHOLDS_KM}
     out.update(median_km=float(np.median(d)), mean_km=float(np.mean(d)), geoscore=geoscore(d))
     return out

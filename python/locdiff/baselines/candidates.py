@@ -11,6 +11,7 @@ places rather than k neighbours of one.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 def check_top_k_args(k, min_separation_km) -> tuple[int, float]:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if not (isinstance(min_separation_km, (int, float)) and math.isfinite(min_separation_km)
-            and min_separation_km >= 0):
+    if isinstance(min_separation_km, bool) or not (isinstance(min_separation_km, numbers.Real)
+                                                   and math.isfinite(min_separation_km) and min_separation_km >= 0):
         raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")
     return int(k), float(min_separation_km)
 

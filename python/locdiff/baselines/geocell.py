@@ -17,14 +17,20 @@ import torch
 import torch.nn.functional as F
 
 from locdiff.baselines.candidates import check_top_k_args, separated_top_k
-from locdiff.baselines.mlp import fit, mlp, predict_batches
+from locdiff.baselines.mlp import check_training_pair, fit, mlp, predict_batches
 from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_latlon
+from locdiff.metrics import check_latlon
 
 
 def spherical_kmeans(latlon, k: int, iters: int = 30, seed: int = 0) -> np.ndarray:
     """``k`` unit-vector centres ``(k, 3)`` of the points (k-means++ seeding, cosine
     assignment, centres renormalised means)."""
-    x = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64)))
+    latlon = check_latlon(latlon, "latlon")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if len(latlon) == 0:
+        raise ValueError("latlon must hold at least one point")
+    x = torch.as_tensor(latlon_to_xyz(latlon))
     k = min(int(k), len(x))
     gen = torch.Generator().manual_seed(seed)
     centres = [x[torch.randint(len(x), (1,), generator=gen)].squeeze(0)]
@@ -48,6 +54,8 @@ class GeocellClassifier:
 
     def __init__(self, cells: int = 512, widths=(1024, 1024), dropout: float = 0.2,
                  smoothing_km: float = 100.0, label_smoothing: float = 0.0, seed: int = 0):
+        if isinstance(cells, bool) or not isinstance(cells, (int, np.integer)) or cells < 1:
+            raise ValueError(f"cells must be an int >= 1, got {cells!r}")
         self.cells, self.widths, self.dropout = int(cells), tuple(widths), float(dropout)
         self.smoothing_km, self.label_smoothing, self.seed = float(smoothing_km), float(label_smoothing), seed
         self.net = None
@@ -67,13 +75,13 @@ class GeocellClassifier:
         ``train_kw`` go to :func:`locdiff.baselines.mlp.fit`."""
         if select not in ("median", "nll"):
             raise ValueError(f"select must be 'median' or 'nll', got {select!r}")
-        coords = np.asarray(coords, np.float64)
+        emb, coords = check_training_pair(emb, coords)
         self.centres = spherical_kmeans(coords, self.cells, seed=self.seed)
         self.cell_area = _voronoi_areas(self.centres)
         xyz = torch.as_tensor(latlon_to_xyz(coords))
         y = self._targets(xyz)
         torch.manual_seed(self.seed)
-        self.net = mlp(np.asarray(emb).shape[1], self.widths, len(self.centres), self.dropout)
+        self.net = mlp(emb.shape[1], self.widths, len(self.centres), self.dropout)
         ls = self.label_smoothing
 
         def loss(logits, target):
@@ -90,6 +98,8 @@ class GeocellClassifier:
         return fit(self.net, loss, emb, y, val_fn=val_fn, seed=self.seed, **train_kw)
 
     def _cell_of(self, latlon) -> np.ndarray:
+        if self.centres is None:
+            raise RuntimeError("the baseline is not fitted yet: call fit(emb, coords) first")
         x = latlon_to_xyz(np.asarray(latlon, np.float64))
         return np.argmax(x @ self.centres.T, 1)
 
@@ -113,7 +123,8 @@ class GeocellClassifier:
 
     def log_density_at(self, emb, latlon) -> np.ndarray:
         """log density per steradian: cell probability / cell area at the point's cell."""
-        return self._log_density(predict_batches(self.net, emb), latlon)
+        logits = predict_batches(self.net, emb)
+        return self._log_density(logits, check_latlon(latlon, "latlon", rows=len(logits)))
 
     def grid_probabilities(self, emb, grid) -> np.ndarray:
         """Cell probabilities on ``grid``: each geocell's probability spread by area over the

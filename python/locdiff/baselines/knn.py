@@ -87,6 +87,8 @@ class NeighbourIndex:
             s, j = self._search_cached(q, k)
             sims.append(s)
             idxs.append(j)
+        if not sims:  # no queries
+            return torch.empty((0, k)), torch.empty((0, k), dtype=torch.int64)
         return torch.cat(sims), torch.cat(idxs)
 
     def _search_cached(self, q: torch.Tensor, k: int):
@@ -179,7 +181,7 @@ class KnnDensity:
     def log_density_at(self, query, latlon) -> np.ndarray:
         """log density (per steradian) of each query's mixture at its ``latlon`` -> (N,)."""
         centres, log_w = self._mixture(query)
-        x = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64)))[:, None, :]
+        x = torch.as_tensor(latlon_to_xyz(check_latlon(latlon, "latlon", rows=len(centres))))[:, None, :]
         return log_vmf_mixture(x, centres, log_w, self.kappa)[:, 0].numpy()
 
     def top_k(self, query, k: int = 5, min_separation_km: float = 1000.0) -> np.ndarray:

@@ -77,8 +77,30 @@ def fit(net: nn.Module, loss_fn, x: np.ndarray, y, *, steps: int = 3000, minutes
 
 
 @torch.no_grad()
-def predict_batches(net: nn.Module, x, batch: int = 4096) -> torch.Tensor:
-    """``net`` on rows of ``x`` in batches (eval mode), concatenated."""
+def predict_batches(net: nn.Module | None, x, batch: int = 4096) -> torch.Tensor:
+    """``net`` on rows of ``x`` (N, D) in batches (eval mode), concatenated; N may be 0.
+    A ValueError names a query of the wrong shape, a RuntimeError a model not fitted."""
+    if net is None:
+        raise RuntimeError("the baseline is not fitted yet: call fit(emb, coords) first")
+    first = next(m for m in net.modules() if isinstance(m, nn.Linear))
+    last = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    if np.ndim(x) != 2 or np.shape(x)[1] != first.in_features:
+        raise ValueError(f"query embeddings must have shape (N, {first.in_features}) like the training ones, "
+                         f"got {tuple(np.shape(x))}")
     net.eval()
-    return torch.cat([net(torch.as_tensor(np.asarray(x[i:i + batch], np.float32)))
-                      for i in range(0, len(x), batch)])
+    parts = [net(torch.as_tensor(np.asarray(x[i:i + batch], np.float32))) for i in range(0, len(x), batch)]
+    return torch.cat(parts) if parts else torch.empty((0, last.out_features))
+
+
+def check_training_pair(emb, coords) -> tuple[np.ndarray, np.ndarray]:
+    """``(emb (N, D) float32, coords (N, 2) float64)`` of a learned baseline's fit, N >= 1,
+    or a ValueError naming what is wrong (the row counts, a NaN, latitudes out of range)."""
+    from locdiff.metrics import check_latlon
+
+    if np.ndim(emb) != 2 or len(emb) == 0:
+        raise ValueError(f"emb must have shape (N, D) with N >= 1, got {tuple(np.shape(emb))}")
+    x = np.asarray(emb, np.float32)
+    bad = np.flatnonzero(~np.isfinite(x).all(1))
+    if len(bad):
+        raise ValueError(f"emb row {bad[0]} is NaN or infinite")
+    return x, check_latlon(coords, "coords", rows=len(x))

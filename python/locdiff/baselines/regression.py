@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from locdiff.baselines.mlp import fit, mlp, predict_batches
+from locdiff.baselines.mlp import check_training_pair, fit, mlp, predict_batches
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 
 
@@ -32,9 +32,10 @@ class Regressor:
         self.net = None
 
     def fit(self, emb, coords, val=None, **train_kw) -> dict:
-        y = torch.as_tensor(latlon_to_xyz(np.asarray(coords, np.float64))).float()
+        emb, coords = check_training_pair(emb, coords)
+        y = torch.as_tensor(latlon_to_xyz(coords)).float()
         torch.manual_seed(self.seed)
-        self.net = mlp(np.asarray(emb).shape[1], self.widths, 3, self.dropout)
+        self.net = mlp(emb.shape[1], self.widths, 3, self.dropout)
         val_fn = None
         if val is not None:
             vx = np.asarray(val[0], np.float32)
