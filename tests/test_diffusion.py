@@ -178,6 +178,19 @@ def test_ema():
     torch.testing.assert_close(target.weight, torch.ones(1, 2))
 
 
+def test_ema_keeps_float64_weights_and_averages_bfloat16_in_float32():
+    net = torch.nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        net.weight.fill_(1 + 1e-12)
+    ema = EMA(net)
+    ema.update(net)
+    back = torch.nn.Linear(2, 1, bias=False).double()
+    ema.copy_to(back)
+    assert ema.shadow["weight"].dtype == torch.float64 and bool((back.weight == 1 + 1e-12).all())
+    low = torch.nn.Linear(2, 1, bias=False).bfloat16()
+    assert EMA(low).shadow["weight"].dtype == torch.float32
+
+
 @pytest.mark.parametrize("prediction", ["eps", "x0"])
 def test_diffusion_loss_parts_and_gradient(prediction):
     from locdiff import shdd

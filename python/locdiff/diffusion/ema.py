@@ -15,13 +15,14 @@ class EMA:
     """Shadow copies of a module's floating-point parameters and buffers, updated as
     ``shadow = d * shadow + (1 - d) * param`` with ``d = min(decay, (1 + n) / (10 + n))``
     after ``n`` updates (the warm-up of TensorFlow's ExponentialMovingAverage), so early
-    averages are not dominated by the random initialisation."""
+    averages are not dominated by the random initialisation. Shadows are float32 at least
+    (a bfloat16 average would stop moving) and float64 for float64 weights."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
         self.decay = float(decay)
         self.num_updates = 0
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()
-                       if v.dtype.is_floating_point}
+        self.shadow = {k: v.detach().to(torch.promote_types(v.dtype, torch.float32), copy=True)
+                       for k, v in model.state_dict().items() if v.dtype.is_floating_point}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -29,7 +30,7 @@ class EMA:
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for k, v in model.state_dict().items():
             if k in self.shadow:
-                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+                self.shadow[k].lerp_(v.detach().to(self.shadow[k].dtype), 1 - d)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
