@@ -64,16 +64,20 @@ def test_candidates_match_the_torch_route(grid, degree, ncand):
 
 
 @needs_interpreter
-def test_fewer_maxima_than_candidates_pad_with_minus_inf():
+@pytest.mark.parametrize("nlat, nlon", [(6, 8), (8, 15)])
+def test_fewer_maxima_than_candidates_pad_with_minus_inf(nlat, nlon):
+    # nlon 15: a ring is scanned in 16 lanes, and the padding lane's index lay past the grid.
     from locdiff.ops.triton.shdd_triton import ring_candidates_triton
 
-    degree, grid = 2, grids.equiangular(6, 8)
+    degree, grid = 2, grids.equiangular(nlat, nlon)
     c = shdd.encode(torch.tensor([[30.0, 40.0]]), degree).float()
     value, index = ring_candidates_triton(c, grid.legendre_table(degree), degree, grid.nlat, grid.nlon,
                                           grid.lon0, 64)
     want, _ = torch_route_candidates(c, degree, grid, 64)
     assert value.shape == (1, 64) and int(torch.isfinite(value).sum()) == int(torch.isfinite(want).sum()) >= 1
     assert not torch.isfinite(value[0, -1]) and index.min() >= 0 and index.max() < grid.size
+    cd = shdd.encode(torch.tensor([[30.0, 40.0]], dtype=torch.float64), 4)
+    torch.testing.assert_close(shdd.decode(cd, grid=grid, backend="triton"), shdd.decode(cd, grid=grid))
 
 
 @needs_interpreter

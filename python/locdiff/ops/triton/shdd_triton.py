@@ -176,6 +176,9 @@ def _ring_candidates(coeffs, table, degree, nlat, nlon, lon0, ncand):
     top = keys.view(b, n_bands * c).topk(min(ncand, n_bands * c), dim=-1).values
     value, index = _unpack(top)
     value = value.double()
+    # A ring's padding lanes (past nlon) carry -inf keys whose indices can lie past the grid;
+    # slots with no maximum take the first candidate's index, as on the other routes.
+    index = torch.where(torch.isfinite(value), index, index[:, :1].clamp(max=nlat * nlon - 1))
     if value.shape[1] < ncand:
         pad = ncand - value.shape[1]
         value = torch.cat([value, value.new_full((b, pad), -torch.inf)], 1)
