@@ -452,6 +452,21 @@ def test_values_at_with_and_without_a_gradient(dtype):
     np.testing.assert_allclose(shdd.values_at(c.numpy(), ll.numpy()), want.numpy(), atol=1e-5)
 
 
+def test_gpu_memory_counts_what_torch_holds_unused(monkeypatch):
+    # cudaMemGetInfo counts torch's cached, unused blocks as taken: after freeing a 50 GB
+    # output, the same call again was refused though torch would reuse its cache.
+    from locdiff.ops import validation
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (28 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    dev = torch.device("cuda", 0)
+    assert validation.free_gpu_bytes(dev) == 78 * gib
+    validation.check_allocation((1500, 2049 ** 2), torch.float64, dev, "out")  # 47 GiB: fits the 78
+    with pytest.raises(MemoryError, match=r"more than the 78.0 GiB available on cuda:0"):
+        validation.check_allocation((2500, 2049 ** 2), torch.float64, dev, "out")
+
+
 def test_decode_tables_that_cannot_fit_are_named(monkeypatch):
     # At high degree the decode's Legendre table and GEMM tables grow as L^3 (gigabytes past
     # L = 1000): a machine that cannot hold them gets a MemoryError naming them and the degree

@@ -88,11 +88,11 @@ def available_bytes(device) -> tuple[int | None, str]:
     (``MemAvailable``); None when it cannot be told."""
     import torch
 
+    from locdiff.ops.validation import available_memory_bytes, free_gpu_bytes, physical_memory_bytes
+
     dev = torch.device(device)
     if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return int(free), f"GPU {dev}"
-    from locdiff.ops.validation import available_memory_bytes, physical_memory_bytes
+        return free_gpu_bytes(dev), f"GPU {dev}"
 
     free = available_memory_bytes()
     if free is not None:

@@ -142,6 +142,14 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def free_gpu_bytes(device: torch.device) -> int:
+    """GPU memory a new tensor can take: the device's free memory and what torch's caching
+    allocator holds unused (mem_get_info counts that as taken, so a second call of the same
+    size after freeing the first would be refused)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free) + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, name: str,
                      hint: str = "use fewer points or a lower degree") -> None:
     """Raise MemoryError before allocating an output that cannot fit: in free GPU memory, or
@@ -152,8 +160,7 @@ def check_allocation(shape: tuple, dtype: torch.dtype, device: torch.device, nam
         numel *= int(s)
     nbytes = numel * dtype.itemsize
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        limit = free
+        limit = free_gpu_bytes(device)
     else:
         limit = physical_memory_bytes() or 1 << 62
         if nbytes > limit // 8:
