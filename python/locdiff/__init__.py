@@ -1,11 +1,23 @@
 """locdiff: geolocation by diffusion in spherical-harmonic space (LocDiff), with exact, fast
 spherical harmonics on CPU and GPU."""
-from locdiff import _C
+try:
+    from locdiff import _C
+except ImportError as _err:  # the source tree, not the installed package, is on sys.path
+    import os as _os
+
+    raise ImportError(f"locdiff's compiled extension (_C) is not in {_os.path.dirname(__file__)}: this is the "
+                      "source tree, not an installed locdiff; run from another folder, or pip install -e . "
+                      f"to build it in place ({_err})") from None
 from locdiff.ops.output_pool import output_cache_bytes, set_output_cache
 from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_latlon
 from locdiff.sh import SphericalHarmonics, spherical_harmonics
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version, so that pyproject.toml is its one source
+    from importlib.metadata import PackageNotFoundError as _NotFound, version as _version
+
+    __version__ = _version("locdiff")
+except _NotFound:
+    __version__ = "unknown"
 
 
 def has_cuda() -> bool:

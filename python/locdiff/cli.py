@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from locdiff import distributed
-from locdiff.cli_common import CliError
+from locdiff.cli_common import CliError, require_packages
 from locdiff.data.files import DataError
 
 __all__ = ["CliError", "build_parser", "main"]
@@ -26,6 +26,7 @@ def cmd_demo(args) -> int:
     for flag, value in (("--seed", args.seed), ("--split-seed", args.split_seed)):
         if value < 0:
             raise CliError(f"{flag} {value}: expected an integer >= 0")
+    require_packages("demo")  # before the folder is made
     check_run_folder(args.out)  # a file or an unwritable place: before the minutes of work
     run_demo(args.out, split=args.split, device=args.device, seed=args.seed, split_seed=args.split_seed,
              variant=args.text)
@@ -58,10 +59,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _version_line() -> str:
+    """What a bug report needs: locdiff's version and build, torch's and Python's."""
+    import platform
+
+    import torch
+
+    import locdiff
+
+    return (f"locdiff {locdiff.__version__} ({'CUDA' if locdiff.has_cuda() else 'CPU'} build), torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from locdiff import cli_predict, cli_train
 
     p = _Parser(prog="locdiff", description="Geolocation by diffusion in spherical-harmonic space.")
+    p.add_argument("--version", action="version", version=_version_line())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     cli_train.add_parsers(sub)
     cli_predict.add_parsers(sub)

