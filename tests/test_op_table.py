@@ -94,8 +94,13 @@ def test_every_op_has_cpu_and_cuda_rows_with_sample_inputs():
 
 
 def test_rows_resolve_to_ops_of_their_kind():
+    try:
+        import triton  # noqa: F401
+        have_triton = True
+    except ImportError:  # the test extra has triton only on Linux x86_64
+        have_triton = False
     for r in registry.TABLE:
-        if r.backend == "triton" and available(r) == "needs triton":
+        if r.backend == "triton" and not have_triton:
             continue
         impl = r.load()
         is_op = isinstance(impl, torch._library.custom_ops.CustomOpDef)

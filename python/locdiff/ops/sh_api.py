@@ -17,10 +17,11 @@ def spherical_harmonics(flat: torch.Tensor, degree: int, backend: str | None = N
     implementation comes from locdiff.ops.registry; on the CPU, calls nothing can observe
     skip the op's dispatch (can_skip_dispatch)."""
     if backend == "triton":
+        fn = pick("spherical_harmonics", flat.device.type, backend)  # a CPU tensor is named first
         from locdiff.ops.triton.sh_triton import _check
 
         _check(flat, degree)
-        result = pick("spherical_harmonics", flat.device.type, backend)(flat, degree)
+        result = fn(flat, degree)
         return result if out is None else out.copy_(result)
     if out is not None:
         pick("spherical_harmonics_out", flat.device.type)(flat, degree, out)
