@@ -136,6 +136,27 @@ def test_a_damaged_encoder_description_is_named_before_any_photo(setup, tmp_path
         geo.predict([photos[0]], progress=False)
 
 
+def test_embeddings_need_no_photos_extra(setup, monkeypatch):
+    # Without reverse_geocode (a base install predicting on embeddings) the answers come
+    # without place names; asking for names says which extra, before any prediction.
+    import sys
+
+    _, _, run = setup
+    geo = Geolocator.from_run(run, device="cpu")
+    monkeypatch.setitem(sys.modules, "reverse_geocode", None)
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "reverse_geocode" else real(name, *a))
+    ans = geo.predict(np.zeros((2, 16)), top_k=2)
+    assert ans.places is None or all(p is None for row in ans.places for p in row)
+    called = []
+    monkeypatch.setattr(geo.predictor, "predict", lambda *a, **k: called.append(1))
+    with pytest.raises(DataError, match=r"reverse geocoding \(geocode=True; geocode=False leaves it out\) needs "
+                                        r"the package 'reverse_geocode': pip install 'locdiff\[photos\]'"):
+        geo.predict(np.zeros((2, 16)), geocode=True)
+    assert not called
+
+
 def test_bad_arguments(setup, tmp_path):
     _, _, run = setup
     with pytest.raises(DataError, match="nope: run folder not found"):

@@ -12,6 +12,7 @@ embeddings the run was trained on (``data.embeddings`` in its ``config.json``, w
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from locdiff import shdd
 from locdiff.answers import LEVELS, answer_first_modes, summarize, top_k_limit
 from locdiff.data.files import DataError, embeddings_ok, first_bad_embedding, load_pair
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
+from locdiff.extras import require
 
 
 def find_encoder_spec(run_dir) -> Path | None:
@@ -122,7 +124,7 @@ class Geolocator:
         emb = np.concatenate(rows) if rows else np.empty((0, self.embedding_dim), np.float32)
         return emb, names, skipped
 
-    def predict(self, inputs, top_k: int = 5, density: bool | int = False, geocode: bool = True,
+    def predict(self, inputs, top_k: int = 5, density: bool | int = False, geocode: bool | None = None,
                 levels=LEVELS, batch_size: int = 32, progress: bool = True, **sampling):
         """:class:`locdiff.answers.Answers` for ``inputs``: embeddings (N, D) or (D,), or image
         files and folders (embedded with the run's encoder; unreadable files are left out and
@@ -130,7 +132,12 @@ class Geolocator:
         first n inputs'). ``sampling``:
         the run's prediction settings to override (``Predictor.predict``); a ``temperature``
         among them is the density's for the probabilities and credible regions too.
-        ``progress``: a bar while photos are embedded."""
+        ``progress``: a bar while photos are embedded. ``geocode``: name each mode's country,
+        region and place (needs reverse_geocode, of the photos extra); None: where installed."""
+        if geocode is None:
+            geocode = importlib.util.find_spec("reverse_geocode") is not None
+        elif geocode:  # before the predictions, not after them
+            require("reverse_geocode", "reverse geocoding (geocode=True; geocode=False leaves it out)")
         cap = top_k_limit(self.predictor.degree)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= cap:
             raise ValueError(f"top_k must be an int in [1, {cap}] (the most separate modes a degree-"
