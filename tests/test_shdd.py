@@ -467,6 +467,33 @@ def test_gpu_memory_counts_what_torch_holds_unused(monkeypatch):
         validation.check_allocation((2500, 2049 ** 2), torch.float64, dev, "out")
 
 
+def test_cuda_scratch_out_of_memory_frees_torch_cache_then_says_so(monkeypatch):
+    # The CUDA kernels' scratch comes from the driver, beside torch's cache: one retry after
+    # torch.cuda.empty_cache(), then torch's own OutOfMemoryError (CUDA calls patched).
+    import contextlib
+    import types
+
+    from locdiff.ops import launch
+    calls, emptied = [], []
+
+    def kernel(*args):
+        calls.append(args)
+        if len(calls) <= fails:
+            raise RuntimeError(launch.SCRATCH_OOM)
+        return "done"
+    monkeypatch.setattr(launch._C, "fake_op_cuda", kernel, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    like = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+    fails = 1
+    assert launch.run("fake_op", like, 7) == "done" and len(calls) == 2 and emptied == [1]
+    calls.clear()
+    fails = 2
+    with pytest.raises(torch.OutOfMemoryError, match="locdiff fake_op on cuda:0: no GPU memory for its scratch"):
+        launch.run("fake_op", like, 7)
+
+
 def test_decode_tables_that_cannot_fit_are_named(monkeypatch):
     # At high degree the decode's Legendre table and GEMM tables grow as L^3 (gigabytes past
     # L = 1000): a machine that cannot hold them gets a MemoryError naming them and the degree

@@ -32,6 +32,25 @@ void check(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("locdiff CUDA ") + what + ": " + cudaGetErrorString(err));
 }
 
+// A float64 scratch buffer ordered on `stream`, freed on every way out (an error thrown by a
+// later allocation or launch included), so a failed call leaks nothing.
+class DeviceScratch {
+ public:
+  DeviceScratch(int64_t elems, cudaStream_t stream) : stream_(stream) {
+    check(cudaMallocAsync(&ptr_, sizeof(double) * elems, stream), "alloc");
+  }
+  ~DeviceScratch() {
+    if (ptr_) cudaFreeAsync(ptr_, stream_);
+  }
+  DeviceScratch(const DeviceScratch&) = delete;
+  DeviceScratch& operator=(const DeviceScratch&) = delete;
+  double* get() const { return ptr_; }
+
+ private:
+  double* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
 __host__ __device__ inline int64_t leg_off(int L, int m) {
   return int64_t(m) * (L + 1) - int64_t(m) * (m - 1) / 2;
 }
@@ -275,14 +294,12 @@ int64_t chunk_rows(const RingGrid& g) {
 template <typename In, typename T, typename Launch>
 void map_rows(const In* in, int64_t batch, int64_t in_width, int64_t out_width, int64_t rows, T* out,
               cudaStream_t stream, Launch launch) {
-  double* buf = nullptr;
-  check(cudaMallocAsync(&buf, sizeof(double) * out_width * std::min(rows, batch), stream), "alloc");
+  DeviceScratch buf(out_width * std::min(rows, batch), stream);
   for (int64_t b0 = 0; b0 < batch; b0 += rows) {
     const int64_t nb = std::min(rows, batch - b0);
-    launch(in + in_width * b0, nb, buf);
-    launch_cast(buf, out + out_width * b0, nb * out_width, stream);
+    launch(in + in_width * b0, nb, buf.get());
+    launch_cast(buf.get(), out + out_width * b0, nb * out_width, stream);
   }
-  check(cudaFreeAsync(buf, stream), "free");
 }
 
 template <typename T>
@@ -316,19 +333,15 @@ void shdd_kl_fwd_cuda(const T* pred, const T* target, int64_t batch, int degree,
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t G = int64_t(grid.nlat) * grid.nlon, K = int64_t(degree + 1) * (degree + 1);
   const int64_t rows = chunk_rows(grid);
-  double *fp = nullptr, *ft = nullptr;
-  check(cudaMallocAsync(&fp, sizeof(double) * G * std::min(rows, batch), stream), "alloc");
-  check(cudaMallocAsync(&ft, sizeof(double) * G * std::min(rows, batch), stream), "alloc");
+  DeviceScratch fp(G * std::min(rows, batch), stream), ft(G * std::min(rows, batch), stream);
   for (int64_t b0 = 0; b0 < batch; b0 += rows) {
     const int64_t nb = std::min(rows, batch - b0);
-    launch_synth(pred + K * b0, nb, degree, grid, fp, stream);
-    launch_synth(target + K * b0, nb, degree, grid, ft, stream);
-    kl_kernel<T><<<unsigned(nb), kThreads, 0, stream>>>(fp, ft, grid.nlat, grid.nlon, grid.log_area,
+    launch_synth(pred + K * b0, nb, degree, grid, fp.get(), stream);
+    launch_synth(target + K * b0, nb, degree, grid, ft.get(), stream);
+    kl_kernel<T><<<unsigned(nb), kThreads, 0, stream>>>(fp.get(), ft.get(), grid.nlat, grid.nlon, grid.log_area,
                                                         inv_temperature, kl + b0, nullptr, false, false);
     check_launch("shdd kl launch");
   }
-  check(cudaFreeAsync(fp, stream), "free");
-  check(cudaFreeAsync(ft, stream), "free");
 }
 
 template <typename T>
@@ -339,29 +352,23 @@ void shdd_kl_bwd_cuda(const T* pred, const T* target, const T* grad_kl, int64_t 
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t G = int64_t(grid.nlat) * grid.nlon, K = int64_t(degree + 1) * (degree + 1);
   const int64_t rows = chunk_rows(grid);
-  double *fp = nullptr, *ft = nullptr, *acc = nullptr;
   const int64_t cap = std::min(rows, batch);
-  check(cudaMallocAsync(&fp, sizeof(double) * G * cap, stream), "alloc");
-  check(cudaMallocAsync(&ft, sizeof(double) * G * cap, stream), "alloc");
-  check(cudaMallocAsync(&acc, sizeof(double) * K * cap, stream), "alloc");
+  DeviceScratch fp(G * cap, stream), ft(G * cap, stream), acc(K * cap, stream);
   for (int64_t b0 = 0; b0 < batch; b0 += rows) {
     const int64_t nb = std::min(rows, batch - b0);
-    launch_synth(pred + K * b0, nb, degree, grid, fp, stream);
-    launch_synth(target + K * b0, nb, degree, grid, ft, stream);
-    kl_kernel<T><<<unsigned(nb), kThreads, 0, stream>>>(fp, ft, grid.nlat, grid.nlon, grid.log_area,
+    launch_synth(pred + K * b0, nb, degree, grid, fp.get(), stream);
+    launch_synth(target + K * b0, nb, degree, grid, ft.get(), stream);
+    kl_kernel<T><<<unsigned(nb), kThreads, 0, stream>>>(fp.get(), ft.get(), grid.nlat, grid.nlon, grid.log_area,
                                                         inv_temperature, nullptr, grad_kl + b0,
                                                         grad_pred != nullptr, grad_target != nullptr);
     check_launch("shdd kl backward launch");
     for (int which = 0; which < 2; ++which) {
       T* dst = which == 0 ? grad_pred : grad_target;
       if (!dst) continue;
-      launch_adjoint<double>(which == 0 ? fp : ft, nb, degree, grid, acc, stream);
-      launch_cast(acc, dst + K * b0, nb * K, stream);
+      launch_adjoint<double>(which == 0 ? fp.get() : ft.get(), nb, degree, grid, acc.get(), stream);
+      launch_cast(acc.get(), dst + K * b0, nb * K, stream);
     }
   }
-  check(cudaFreeAsync(fp, stream), "free");
-  check(cudaFreeAsync(ft, stream), "free");
-  check(cudaFreeAsync(acc, stream), "free");
 }
 
 #define LOCDIFF_INSTANTIATE(T)                                                                  \

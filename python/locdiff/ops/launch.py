@@ -32,6 +32,10 @@ def one_device(op: str, **tensors: Tensor) -> None:
                              f"expected every tensor on one device")
 
 
+# What the CUDA kernels raise when a scratch buffer cannot be allocated (csrc/cuda/shdd_cuda.cu).
+SCRATCH_OOM = "locdiff CUDA alloc: out of memory"
+
+
 def run(op: str, like: Tensor, *args, bwd: bool = False):
     """``_C.<op>_<device>[_bwd](*args, threads or stream, dtype tag of like)`` on like's device."""
     name = f"{op}_{like.device.type}{'_bwd' if bwd else ''}"
@@ -41,7 +45,22 @@ def run(op: str, like: Tensor, *args, bwd: bool = False):
     if like.device.type == "cpu":
         return kernel(*args, torch.get_num_threads(), dtype_tag(like))
     with torch.cuda.device(like.device):
-        return kernel(*args, torch.cuda.current_stream(like.device).cuda_stream, dtype_tag(like))
+        try:
+            return kernel(*args, torch.cuda.current_stream(like.device).cuda_stream, dtype_tag(like))
+        except RuntimeError as err:
+            if SCRATCH_OOM not in str(err):
+                raise
+        # The kernels' scratch buffers come from the driver, beside torch's cache: hand that
+        # back and try once more, then fail as torch does when memory runs out.
+        torch.cuda.empty_cache()
+        try:
+            return kernel(*args, torch.cuda.current_stream(like.device).cuda_stream, dtype_tag(like))
+        except RuntimeError as err:
+            if SCRATCH_OOM not in str(err):
+                raise
+            raise torch.OutOfMemoryError(f"locdiff {op} on {like.device}: no GPU memory for its scratch buffers "
+                                         f"(up to 128 MB per grid) even after torch.cuda.empty_cache(); use "
+                                         "smaller batches or free GPU memory") from None
 
 
 def _one_thread_in_forked_child() -> None:
