@@ -231,3 +231,20 @@ def test_learned_baselines_name_bad_input():
     with pytest.raises(ValueError, match=r"latlon must have shape \(3, 2\)"):
         kd.log_density_at(emb[:3], coords[:2])
     assert knn_predict(emb, coords, emb[:0], k=3).shape == (0, 2)
+
+
+def test_gallery_rows_are_read_in_chunks_and_named(monkeypatch, tmp_path):
+    # A memory-mapped float16 gallery is converted, checked and normalised a chunk at a
+    # time; a bad row is named by its place in the whole file.
+    from locdiff.baselines import knn
+
+    monkeypatch.setattr(knn, "UNIT_ROWS_CHUNK", 7)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(30, 5)).astype(np.float16)
+    np.save(tmp_path / "g.npy", emb)
+    index = knn.NeighbourIndex(np.load(tmp_path / "g.npy", mmap_mode="r"), rng.uniform(-60, 60, (30, 2)))
+    want = emb.astype(np.float32) / np.linalg.norm(emb.astype(np.float32), axis=1, keepdims=True)
+    np.testing.assert_allclose(index.emb.numpy(), want, rtol=1e-6)
+    emb[23, 2] = np.inf
+    with pytest.raises(ValueError, match="gallery embeddings row 23 is NaN or infinite"):
+        knn.NeighbourIndex(emb, rng.uniform(-60, 60, (30, 2)))
