@@ -73,6 +73,22 @@ def test_two_equal_lobes_share_the_probability():
     assert p2[0] > 0.9 and np.allclose(m2[0, 0], pts[0], atol=1)
 
 
+@pytest.mark.parametrize("degree, sharpness, pts", [
+    (16, 46, [[90.0, 0.0], [0.0, 50.0]]),         # a pole's lobe falls inside the first ring
+    (16, 46, [[-3.7, -64.0], [5.5, 90.5]]),       # off the grid's symmetry, unlike the test above
+    (32, 100, [[12.0, 30.0], [-40.0, 150.0]]),
+    (8, 30, [[-90.0, 0.0], [20.0, -120.0]]),
+])
+def test_equal_modes_get_equal_probabilities_wherever_they_fall(degree, sharpness, pts):
+    # Summed on the 2x grid, a sharp lobe's mass depended on where it fell between the
+    # nodes: 0.62 / 0.38, 0.44 / 0.56, 0.37 / 0.63, 0.56 / 0.44 for these equal pairs.
+    c = 0.5 * shdd.encode(np.array(pts), degree).sum(0)
+    modes, _ = shdd.top_k(c, 2)
+    t = shdd.exact_peak(degree) / sharpness
+    prob = summarize(c[None], modes[None], t, geocode=False).probability[0]
+    assert prob.sum() > 0.99 and abs(prob[0] - prob[1]) < 0.005, prob
+
+
 def test_missing_modes_get_nan_and_far_peaks_count_as_other():
     L = 8
     c = shdd.encode(np.array([[0.0, 0.0], [0.0, 180.0]]), L).sum(0)[None]

@@ -3,9 +3,10 @@ mode's basin, credible regions (50 % and 90 %) as areas and equivalent radii, an
 country / region / nearest place of each mode (offline, ``reverse_geocode``).
 
 The density is ``shdd.density(coeffs, grid, temperature)`` on a ring grid, by default
-``grids.for_degree(L, oversample=2)`` for the basins and, for the credible regions,
-:func:`credible_grid`, as fine as the density's sharpness needs; use the temperature the run
-was calibrated with (``predictor.config.predict.temperature``, chosen by validation NLL).
+``grids.for_degree(L, oversample=2)`` for the basins' climb and, for the basins' masses and
+the credible regions, :func:`credible_grid`, as fine as the density's sharpness needs; use
+the temperature the run was calibrated with (``predictor.config.predict.temperature``,
+chosen by validation NLL).
 
 Basins: every grid cell climbs to its highest neighbour (8 neighbours on the ring grid,
 across the poles too) while that one is higher, until it reaches a grid peak; each peak
@@ -49,8 +50,8 @@ _CHUNK_CELLS = 1 << 20  # rows x grid cells handled at once (under 100 MB with t
 # softmax(f / t), sharper than f's by sqrt(f0 / t): at 2x the decode resolution a 50 %
 # region's radius was up to 90 % off at the random-split demo's sharpness (46);
 # 1.2 sqrt(f0 / t) x on Gauss-Legendre rings keeps it within 4 % (docs/photos.md, "Answers").
-# Basins keep the 2x grid: an exact SHDD's top basin holds 0.9997-1 of the mass there at
-# sharpness 16-46, as on finer grids (tests/test_answers.py).
+# Basins climb on the 2x grid (the valleys between them need no finer cells) and sum their
+# masses on the credible grid, where two equal lobes share the mass equally wherever they fall.
 MIN_OVERSAMPLE, MAX_OVERSAMPLE = 2.0, 16.0
 
 
@@ -126,6 +127,15 @@ def _mode_of_peaks(grid, modes: torch.Tensor, sep_km: float, peaks: torch.Tensor
     owner = torch.full(peaks.shape, -1, dtype=torch.long)
     owner[row, cell] = torch.where(near, best, -1)
     return owner.gather(1, peaks)
+
+
+def _nearest_cell(fine, grid) -> torch.Tensor:
+    """(fine.size,) index of the cell of ring grid ``grid`` nearest each point of ring grid
+    ``fine``: its nearest ring, then the nearest point on that ring."""
+    ring = (fine.theta[:, None] - grid.theta[None]).abs().argmin(1)
+    lon = fine.lon0 + 2 * math.pi * torch.arange(fine.nlon, dtype=torch.float64) / fine.nlon
+    j = torch.round((lon - grid.lon0) * (grid.nlon / (2 * math.pi))).long() % grid.nlon
+    return (ring[:, None] * grid.nlon + j[None]).reshape(-1)
 
 
 def basin_owner(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float) -> torch.Tensor:
@@ -299,18 +309,22 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
         return torch.as_tensor(shdd.density(c[rows], g, temperature) if cell_probabilities is None
                                else cell_probabilities(rows, g))
 
-    n, chunk = c.shape[0], max(1, _CHUNK_CELLS // grid.size)
+    n = c.shape[0]
     probs, areas, dens = [], [], []
+    # The basins climb on the 2x grid, but their masses are summed on the fine one: on the 2x
+    # grid a sharp lobe's mass depends on where it falls between nodes (two equal modes came
+    # out 0.62 / 0.38; tests/test_answers.py). Each fine cell joins its nearest coarse cell's basin.
+    near = None if fine is grid else _nearest_cell(fine, grid)
+    chunk = max(1, _CHUNK_CELLS // fine.size)
     for i in range(0, n, chunk):
-        p = cells(slice(i, i + chunk), grid)
-        probs.append(basin_mass(p, grid, m[i:i + chunk], sep))
-        if fine is grid:
-            areas.append(credible_area(p, grid, levels))
+        rows = slice(i, i + chunk)
+        p = cells(rows, fine)
+        coarse = p if near is None else cells(rows, grid)
+        owner = basin_owner(coarse, grid, m[rows], sep)
+        probs.append(basin_mass(p, fine, m[rows], sep, owner=owner if near is None else owner[:, near]))
+        areas.append(credible_area(p, fine, levels))
         if i < keep:
-            dens.append(p[:keep - i].float())
-    if fine is not grid:
-        fine_chunk = max(1, _CHUNK_CELLS // fine.size)
-        areas = [credible_area(cells(slice(i, i + fine_chunk), fine), fine, levels) for i in range(0, n, fine_chunk)]
+            dens.append(coarse[:keep - i].float())
     prob = torch.cat(probs).numpy() if n else np.zeros((0, m.shape[1]))
     area = torch.cat(areas).numpy() if n else np.zeros((0, len(levels)))
     latlon = m[:, 0].numpy() if latlon is None else np.asarray(latlon, np.float64)
