@@ -95,7 +95,7 @@ def cmd_samplers(a) -> None:
 
 def cmd_reliability(a) -> None:
     """Predicted probability of the top mode's basin against how often the truth lies in it."""
-    from locdiff.answers import basin_mass, basin_of, basin_owner, default_grid
+    from locdiff.answers import basin_of, default_grid, summarize
     from locdiff.predict import Predictor
 
     _, _, te = task(a.split)
@@ -107,9 +107,9 @@ def cmd_reliability(a) -> None:
     prob, hit = [], []
     for i in range(0, len(c), 128):
         p, m = torch.as_tensor(shdd.density(c[i:i + 128], grid, tau)), modes[i:i + 128]
-        owner = basin_owner(p, grid, m, sep)
-        hit.append((basin_of(p, grid, m, sep, te[1][i:i + 128], owner) == 0).numpy())
-        prob.append(basin_mass(p, grid, m, sep, owner)[:, 0].numpy())
+        hit.append((basin_of(p, grid, m, sep, te[1][i:i + 128]) == 0).numpy())
+        # The probability predict reports (masses on the credible grid).
+        prob.append(summarize(c[i:i + 128], m, tau, geocode=False).probability[:, 0])
     prob, hit = np.concatenate(prob), np.concatenate(hit)
     print(f"temperature {tau:.3g}; {len(prob)} test places; mean predicted {prob.mean():.3f}, observed {hit.mean():.3f}")
     print("| predicted probability of the top basin | places | mean predicted | observed |\n|---|---|---|---|")
