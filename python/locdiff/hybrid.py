@@ -151,14 +151,18 @@ class Hybrid:
 
     def _prepare(self, coeffs, temperature: float, emb, points, neighbours: int,
                  bandwidths_km=()) -> list[dict]:
+        """:meth:`_parts` held at once, for the fit, which goes over them per setting."""
+        return list(self._parts(coeffs, temperature, emb, points, neighbours, bandwidths_km))
+
+    def _parts(self, coeffs, temperature: float, emb, points, neighbours: int, bandwidths_km=()):
         """Per batch of 256 rows, what every setting needs: similarities (b, k), gallery
         locations mu (b, k, 3), the extra points (b, P, 3) given by ``points(slice)``, log q
-        at mu and at the points, and for each of ``bandwidths_km`` log E_j[q] (b, k)."""
+        at mu and at the points, and for each of ``bandwidths_km`` log E_j[q] (b, k). A
+        generator: a single pass holds one batch's (tens of KB a row), not every row's."""
         c_all = torch.as_tensor(np.asarray(coeffs)).double()
         if c_all.ndim != 2 or np.ndim(emb) != 2 or len(emb) != len(c_all):
             raise ValueError(f"coeffs (B, K) and emb (B, D) must have one row per query, got {tuple(c_all.shape)} "
                              f"and {tuple(np.shape(emb))}")
-        parts = []
         for i in range(0, len(c_all), 256):
             sl = slice(i, i + 256)
             c = c_all[sl]
@@ -175,8 +179,7 @@ class Hybrid:
             lobe = lobe_width(c, temperature) if bandwidths_km else math.pi
             for bw in bandwidths_km:
                 part["lq_vmf"][bw] = self._log_mean_q(log_q, mu, bw / EARTH_RADIUS_KM, lobe)
-            parts.append(part)
-        return parts
+            yield part
 
     @staticmethod
     def _log_mean_q(log_q, mu: torch.Tensor, bandwidth: float, lobe: float) -> torch.Tensor:
@@ -202,7 +205,7 @@ class Hybrid:
             return base
         return torch.logaddexp(base, log_vmf_mixture(xyz, mu, log_a, cfg.kappa) + math.log(w))
 
-    def _choose(self, parts: list[dict], cfg: HybridConfig) -> torch.Tensor:
+    def _choose(self, parts, cfg: HybridConfig) -> torch.Tensor:
         out = []
         for part in parts:
             if cfg.weight == 0:
@@ -234,7 +237,7 @@ class Hybrid:
         norm = torch.logaddexp(torch.logsumexp(share, 1), torch.full(share.shape[:1], base, dtype=share.dtype))
         return norm, share, base
 
-    def _log_density(self, parts: list[dict], cfg: HybridConfig) -> np.ndarray:
+    def _log_density(self, parts, cfg: HybridConfig) -> np.ndarray:
         out = []
         for part in parts:
             norm, _, _ = self._log_norm(part, cfg)
@@ -250,7 +253,7 @@ class Hybrid:
         """The mode of p_H among the model's mode and the gallery neighbours -> (B, 2)."""
         cfg = config or self.config
         points = self._points(model_latlon, len(emb), "model_latlon")
-        return self._choose(self._prepare(coeffs, temperature, emb, points, cfg.neighbours), cfg)
+        return self._choose(self._parts(coeffs, temperature, emb, points, cfg.neighbours), cfg)
 
     def top_k(self, coeffs, temperature: float, emb, model_latlon, modes, k: int = 5,
               min_separation_km: float = 1000.0, config: HybridConfig | None = None,
@@ -271,7 +274,7 @@ class Hybrid:
         found = torch.as_tensor(np.isfinite(modes).all(2))
         xyz = torch.as_tensor(latlon_to_xyz(np.nan_to_num(modes)))
         cands, scores = [], []
-        for part in self._prepare(coeffs, temperature, emb, lambda sl: xyz[sl], cfg.neighbours):
+        for part in self._parts(coeffs, temperature, emb, lambda sl: xyz[sl], cfg.neighbours):
             c = torch.cat([part["x"], part["mu"][:, :cfg.neighbours]], 1)
             cands.append(c)
             scores.append(torch.cat([part["lq_x"], part["lq_mu"][:, :cfg.neighbours]], 1) + self._log_r(part, c, cfg))
@@ -282,8 +285,8 @@ class Hybrid:
     def log_density_at(self, coeffs, temperature: float, emb, latlon, config: HybridConfig | None = None) -> np.ndarray:
         """log p_H per steradian at ``latlon`` (B, 2) -> (B,)."""
         cfg = config or self.config
-        parts = self._prepare(coeffs, temperature, emb, self._points(latlon, len(emb), "latlon"), cfg.neighbours,
-                              (cfg.bandwidth_km,))
+        parts = self._parts(coeffs, temperature, emb, self._points(latlon, len(emb), "latlon"), cfg.neighbours,
+                            (cfg.bandwidth_km,))
         return self._log_density(parts, cfg)
 
     def grid_probabilities(self, coeffs, temperature: float, emb, grid, config: HybridConfig | None = None) -> np.ndarray:
@@ -292,7 +295,7 @@ class Hybrid:
         cell that holds mu_j (the vMF bandwidths are about a cell of the RvA grid or less)."""
         cfg = config or self.config
         none = lambda sl: torch.empty(len(np.asarray(coeffs)[sl]), 0, 3, dtype=torch.float64)  # noqa: E731
-        parts = self._prepare(coeffs, temperature, emb, none, cfg.neighbours, (cfg.bandwidth_km,))
+        parts = self._parts(coeffs, temperature, emb, none, cfg.neighbours, (cfg.bandwidth_km,))
         out, row = [], 0
         for part in parts:
             b = len(part["sim"])

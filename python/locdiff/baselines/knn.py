@@ -59,8 +59,9 @@ def _check_mixture_args(k, temperature, kappa=None) -> None:
 # took 2 GB, against 2,048 16 GB; blocks of the gallery keep it to 256 MB.
 MAX_BLOCK = 1 << 26
 # Results kept for queries searched again (LocDiff-H's answer, ranking and scores each
-# search the same rows): at most this many (row, neighbour) pairs.
-CACHE_PAIRS = 1 << 22
+# search the same rows): at most this many (row, neighbour) pairs, 12 bytes each (400 MB),
+# so a command's passes search a million queries' 32 neighbours once.
+CACHE_PAIRS = 1 << 25
 
 
 class NeighbourIndex:
