@@ -231,3 +231,15 @@ def test_calibration_stops_where_the_normaliser_stops_following():
     t, _ = nll_temperature(shdd.encode(torch.as_tensor(truth), 64), truth, 64)
     sharpness = shdd.exact_peak(64) / t
     assert shdd.normalizer_max_sharpness(64) / 2 ** 0.5 < sharpness <= shdd.normalizer_max_sharpness(64)
+
+
+def test_predict_without_the_vectors_gives_the_same_answers(tmp_path):
+    # The CLI and validation ask for the answers alone; the (N, K) vectors are then not kept.
+    emb, coords = synthetic(128)
+    train(emb, coords, tmp_path / "run", tiny_config(steps=10), progress=False)
+    pred = Predictor.from_run(tmp_path / "run")
+    emb = emb[:40]
+    full, lean = pred.predict(emb, top_k=2), pred.predict(emb, top_k=2, coeffs=False)
+    assert "coeffs" not in lean and full["coeffs"].shape == (40, pred.config.model.dim)
+    np.testing.assert_array_equal(lean["latlon"], full["latlon"])
+    np.testing.assert_array_equal(lean["topk_latlon"], full["topk_latlon"])

@@ -104,12 +104,13 @@ def _hybrid(args, pred):
     return Hybrid(*gallery, cfg)
 
 
-def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, **sampling) -> dict | None:
-    """``pred.predict(emb, top_k)`` over the processes of a ``torchrun`` group: each takes
-    whole batches of ``predict.batch_size`` rows, seeded by their position as in one process;
-    rank 0 gets the merged outputs in input order, the others None."""
+def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, coeffs: bool = True,
+                    **sampling) -> dict | None:
+    """``pred.predict(emb, top_k, coeffs=...)`` over the processes of a ``torchrun`` group:
+    each takes whole batches of ``predict.batch_size`` rows, seeded by their position as in
+    one process; rank 0 gets the merged outputs in input order, the others None."""
     if distributed.world_size() == 1:
-        return pred.predict(emb, top_k=top_k, progress=progress, **sampling)
+        return pred.predict(emb, top_k=top_k, progress=progress, coeffs=coeffs, **sampling)
     from locdiff import shdd
 
     bs, n = pred.config.predict.batch_size, len(emb)
@@ -117,7 +118,8 @@ def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, **samplin
     parts: dict = {"latlon": [], "coeffs": [], "topk_latlon": [], "topk_values": []}
     for g in range(part.start * bs, min(part.stop * bs, n), bs):
         c = pred.coefficients(np.asarray(emb[g:g + bs], np.float32), seed=g, **sampling)
-        parts["coeffs"].append(c.numpy())
+        if coeffs:
+            parts["coeffs"].append(c.numpy())
         parts["latlon"].append(pred.locate(c))
         if top_k:
             tl, tv = shdd.top_k(c.double(), top_k)
@@ -126,7 +128,7 @@ def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, **samplin
     empty = {"latlon": (0, 2), "coeffs": (0, pred.config.model.dim), "topk_latlon": (0, top_k, 2),
              "topk_values": (0, top_k)}
     mine = {k: np.concatenate(v) if v else np.empty(empty[k], np.float32 if k == "coeffs" else np.float64)
-            for k, v in parts.items() if top_k or not k.startswith("topk")}
+            for k, v in parts.items() if (top_k or not k.startswith("topk")) and (coeffs or k != "coeffs")}
     return distributed.gather_in_order(mine)
 
 
@@ -208,7 +210,9 @@ def _predict_embeddings(args, dev, out, png) -> int:
     check_dim(emb, args.embeddings, pred, args.run)
     check_finite_embeddings(args.embeddings)
     hybrid = _hybrid(args, pred)
-    res = sharded_predict(pred, emb, top_k=k, progress=distributed.is_main(), **sampling)
+    # The vectors (K floats a row, 10 KB at L = 32) only where something reads them.
+    needs_coeffs = hybrid is not None or k > 0 or bool(png)
+    res = sharded_predict(pred, emb, top_k=k, progress=distributed.is_main(), coeffs=needs_coeffs, **sampling)
     if not distributed.is_main():
         return 0
     from locdiff.data.files import write_coords_csv

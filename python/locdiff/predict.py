@@ -192,8 +192,9 @@ class Predictor:
         start = shdd.decode(c[:, :(cd + 1) ** 2])
         return np.asarray(shdd.ascend(c, start)[0])
 
-    def predict(self, emb, top_k: int = 0, progress: bool = False, **overrides) -> dict:
-        """``{"latlon": (N, 2), "coeffs": (N, K)}`` numpy arrays, plus ``"topk_latlon"``
+    def predict(self, emb, top_k: int = 0, progress: bool = False, coeffs: bool = True, **overrides) -> dict:
+        """``{"latlon": (N, 2), "coeffs": (N, K)}`` numpy arrays (``coeffs=False``: without
+        the vectors, K floats a row, which the answers alone do not need), plus ``"topk_latlon"``
         (N, k, 2) and ``"topk_values"`` (N, k) when ``top_k`` > 0: the function's distinct
         modes by height (:func:`locdiff.shdd.top_k`; the answer, the density's mode, need not be
         the first: ``locdiff.answers.answer_first_modes`` puts it there as the CLI does).
@@ -207,19 +208,21 @@ class Predictor:
         s = self.settings(**overrides)
         n = len(emb)
         bs = self.config.predict.batch_size
-        coeffs, lls, tks, tvs = [], [], [], []
+        keep, lls, tks, tvs = [], [], [], []
         for i in tqdm(range(0, n, bs), desc="predicting", unit="batch", disable=not progress):
             c = self.coefficients(np.asarray(emb[i:i + bs], np.float32), seed=i,
                                   **{k: s[k] for k in ("sampler", "steps", "samples", "guidance", "eta")})
-            coeffs.append(c.numpy())
+            if coeffs:
+                keep.append(c.numpy())
             lls.append(self.locate(c, s["coarse_degree"], s["mode_of"], s["temperature"]))
             if top_k:
                 tl, tv = shdd.top_k(c.double(), top_k)
                 tks.append(np.asarray(tl))
                 tvs.append(np.asarray(tv))
         K = self.config.model.dim
-        out = {"latlon": np.concatenate(lls) if lls else np.empty((0, 2)),
-               "coeffs": np.concatenate(coeffs) if coeffs else np.empty((0, K), np.float32)}
+        out = {"latlon": np.concatenate(lls) if lls else np.empty((0, 2))}
+        if coeffs:
+            out["coeffs"] = np.concatenate(keep) if keep else np.empty((0, K), np.float32)
         if top_k:
             out["topk_latlon"] = np.concatenate(tks) if tks else np.empty((0, top_k, 2))
             out["topk_values"] = np.concatenate(tvs) if tvs else np.empty((0, top_k))

@@ -443,7 +443,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
             return None
         from locdiff.metrics import distance_metrics
 
-        m = distance_metrics(ema_predictor().predict(val[0])["latlon"], val[1])
+        m = distance_metrics(ema_predictor().predict(val[0], coeffs=False)["latlon"], val[1])
         v = {"step": step, "median_km": round(m["median_km"], 1), "acc_750km": round(m["acc_750km"], 4)}
         state["history"].append(v)
         tlog.write(step, {"val_median_km": v["median_km"], "val_acc_750km": v["acc_750km"]})
