@@ -157,7 +157,7 @@ def cmd_evaluate(args) -> int:
     done = sharded_predict(pred, emb, progress=distributed.is_main(), **sampling)
     if not distributed.is_main():
         return 0
-    m = evaluate(_Predicted(pred, done), emb, coords, hybrid=hybrid)
+    m = evaluate(_Predicted(pred, done), emb, coords, hybrid=hybrid, progress=True)
     # What produced the figures: the prediction settings in force and LocDiff-H's, if it ran.
     m["settings"] = {**pred.settings(**sampling), "hybrid": hybrid.config.to_dict() if hybrid else None}
     atomic_write_bytes(out, (json.dumps(m, indent=2) + "\n").encode())

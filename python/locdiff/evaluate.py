@@ -27,21 +27,25 @@ def _rva_grid():
     return grids.for_degree(RVA_DEGREE, oversample=RVA_OVERSAMPLE)
 
 
-def _search_areas(grid_probabilities, true_latlon, batch: int = 256, log: bool = False) -> np.ndarray:
+def _search_areas(grid_probabilities, true_latlon, batch: int = 256, log: bool = False,
+                  progress: bool = False) -> np.ndarray:
     """Search area (km^2) per sample from ``grid_probabilities(rows: slice, grid) -> (b, G)``
-    (``log``: log-probabilities, which keep the order of cells whose probabilities underflow)."""
+    (``log``: log-probabilities, which keep the order of cells whose probabilities underflow;
+    ``progress``: a bar, as this takes longer than the predictions)."""
+    from tqdm.auto import tqdm
+
     grid = _rva_grid()
     cells = grid.xyz.numpy()
     xyz = latlon_to_xyz(np.asarray(true_latlon, np.float64))
     out = []
-    for i in range(0, len(xyz), batch):
+    for i in tqdm(range(0, len(xyz), batch), desc="recall vs area", unit="batch", disable=not progress):
         prob = grid_probabilities(slice(i, i + batch), grid)
         cell = np.argmax(xyz[i:i + batch] @ cells.T, 1)
         out.append(M.search_area_km2(prob, grid.area.numpy(), cell, log=log))
     return np.concatenate(out) if out else np.empty(0)
 
 
-def density_scores(coeffs, true_latlon, temperature: float = 1.0) -> dict:
+def density_scores(coeffs, true_latlon, temperature: float = 1.0, progress: bool = False) -> dict:
     """``nll`` and ``rva_auc`` of the densities ``softmax(f / temperature)`` that SHDD vectors
     ``coeffs`` (N, K) describe, against the truths."""
     from locdiff import shdd
@@ -51,7 +55,7 @@ def density_scores(coeffs, true_latlon, temperature: float = 1.0) -> dict:
     def log_probabilities(sl, grid):  # log softmax(f / t + log area): no cell underflows to a tie
         f = shdd.grid_values(coeffs[sl], grid)
         return torch.log_softmax(f / temperature + grid.area.to(f).log(), -1).numpy()
-    search = _search_areas(log_probabilities, true_latlon, log=True)
+    search = _search_areas(log_probabilities, true_latlon, log=True, progress=progress)
     logd = shdd.log_density_at(coeffs, torch.as_tensor(np.asarray(true_latlon, np.float64)),
                                temperature=temperature)
     return {"nll": M.nll(np.asarray(logd)), "rva_auc": M.rva_auc(search)}
@@ -67,10 +71,10 @@ def method_density_scores(method, emb, true_latlon) -> dict:
     return {"nll": M.nll(method.log_density_at(emb, true_latlon)), "rva_auc": M.rva_auc(search)}
 
 
-def hybrid_density_scores(hybrid, coeffs, temperature: float, emb, true_latlon) -> dict:
+def hybrid_density_scores(hybrid, coeffs, temperature: float, emb, true_latlon, progress: bool = False) -> dict:
     """``nll`` and ``rva_auc`` of LocDiff-H's density (:class:`locdiff.hybrid.Hybrid`)."""
     search = _search_areas(lambda sl, grid: hybrid.grid_probabilities(coeffs[sl], temperature, emb[sl], grid),
-                           true_latlon)
+                           true_latlon, progress=progress)
     return {"nll": M.nll(hybrid.log_density_at(coeffs, temperature, emb, true_latlon)), "rva_auc": M.rva_auc(search)}
 
 
@@ -87,11 +91,11 @@ def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress
     if hybrid is None:
         m = M.distance_metrics(out["latlon"], coords)
         if density:
-            m.update(density_scores(out["coeffs"], coords, tau))
+            m.update(density_scores(out["coeffs"], coords, tau, progress=progress))
     else:
         m = M.distance_metrics(hybrid.predict(out["coeffs"], tau, emb, out["latlon"]), coords)
         if density:
-            m.update(hybrid_density_scores(hybrid, out["coeffs"], tau, emb, coords))
+            m.update(hybrid_density_scores(hybrid, out["coeffs"], tau, emb, coords, progress=progress))
     m["n"] = int(len(coords))
     return m
 

@@ -48,6 +48,8 @@ TOML_FILE = "train.toml"
 FINISHED_KEY = "finished_step"
 # Consecutive steps with a NaN or infinite loss after which a run counts as diverged.
 MAX_NONFINITE_STEPS = 20
+# Validation sets from this many rows on get a line before each validation.
+VALIDATION_NOTE_ROWS = 50_000
 
 
 @dataclass
@@ -443,6 +445,8 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
             return None
         from locdiff.metrics import distance_metrics
 
+        if len(val[0]) >= VALIDATION_NOTE_ROWS:  # minutes of silence otherwise, the bar standing still
+            log(f"step {step}: validating on {len(val[0]):,} rows")
         m = distance_metrics(ema_predictor().predict(val[0], coeffs=False)["latlon"], val[1])
         v = {"step": step, "median_km": round(m["median_km"], 1), "acc_750km": round(m["acc_750km"], 4)}
         state["history"].append(v)
