@@ -181,3 +181,16 @@ def test_places_cache(tmp_path, monkeypatch):
     assert 0.03 < t1.test_mask.mean() < 0.3
     tr_e, tr_c = t1.train
     assert len(tr_e) + len(t1.test[0]) == len(t1.texts)
+
+
+def test_a_large_pair_is_announced(tmp_path, monkeypatch):
+    from locdiff.data import files
+
+    np.save(tmp_path / "e.npy", np.ones((12, 3), np.float32))
+    np.save(tmp_path / "c.npy", np.tile([[10.0, 20.0]], (12, 1)))
+    heard = []
+    files.load_pair(tmp_path / "e.npy", tmp_path / "c.npy", log=heard.append)
+    assert heard == []
+    monkeypatch.setattr(files, "LOAD_NOTE_ROWS", 10)
+    files.load_pair(tmp_path / "e.npy", tmp_path / "c.npy", log=heard.append)
+    assert heard == [f"reading {tmp_path / 'c.npy'} and checking the 12 rows of {tmp_path / 'e.npy'}"]

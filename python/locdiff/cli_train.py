@@ -149,11 +149,13 @@ def cmd_train(args) -> int:
         raise CliError("--embeddings and --coords are needed (or data.embeddings and data.coords in --config)")
     if bool(d.val_embeddings) != bool(d.val_coords):
         raise CliError("--val-embeddings and --val-coords go together")
-    emb, coords = load_pair(d.embeddings, d.coords)
+    note = None if args.quiet or not distributed.is_main() else \
+        (lambda msg: print(f"locdiff train: {msg}", file=sys.stderr, flush=True))
+    emb, coords = load_pair(d.embeddings, d.coords, log=note)
     _check_derived(cfg, origin, emb.shape[1])
     val = None
     if d.val_embeddings:
-        val = load_pair(d.val_embeddings, d.val_coords)
+        val = load_pair(d.val_embeddings, d.val_coords, log=note)
         if val[0].shape[1] != emb.shape[1]:
             raise DataError(f"{d.val_embeddings}: embedding dimension {val[0].shape[1]}, but the training "
                             f"embeddings have {emb.shape[1]}")

@@ -210,9 +210,16 @@ def check_finite_embeddings(path, chunk: int = 65_536) -> None:
         raise DataError(f"{path}: row {bad[0]} of the embeddings {bad[1]}")
 
 
-def load_pair(emb_path, coords_path):
-    """Embeddings (memory-mapped) and coordinates, checked: rows agree, values finite."""
+# Files from this many rows on get a line before they are read and checked (a minute at 5 M).
+LOAD_NOTE_ROWS = 1_000_000
+
+
+def load_pair(emb_path, coords_path, log=None):
+    """Embeddings (memory-mapped) and coordinates, checked: rows agree, values finite.
+    ``log(message)``, if given, hears that a large file is being read."""
     emb = open_embeddings(emb_path)
+    if log is not None and len(emb) >= LOAD_NOTE_ROWS:
+        log(f"reading {coords_path} and checking the {len(emb):,} rows of {emb_path}")
     coords = read_coords(coords_path, rows=len(emb))
     check_finite_embeddings(emb_path)
     return emb, coords
