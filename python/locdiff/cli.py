@@ -67,7 +67,8 @@ def _version_line() -> str:
 
     import locdiff
 
-    return (f"locdiff {locdiff.__version__} ({'CUDA' if locdiff.has_cuda() else 'CPU'} build), torch {torch.__version__}, "
+    build = "CUDA" if locdiff.has_cuda() else "CPU"
+    return (f"locdiff {locdiff.__version__} ({build} build), torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 
 

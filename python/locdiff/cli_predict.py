@@ -151,7 +151,8 @@ def cmd_evaluate(args) -> int:
         else Path(args.json)
     pred = _predictor(args.run, dev)
     sampling = _sampling(args, pred)
-    note = (lambda msg: print(f"locdiff evaluate: {msg}", file=sys.stderr, flush=True)) if distributed.is_main() else None
+    note = None if not distributed.is_main() else \
+        (lambda msg: print(f"locdiff evaluate: {msg}", file=sys.stderr, flush=True))
     emb, coords = load_pair(args.embeddings, args.coords, log=note)
     check_dim(emb, args.embeddings, pred, args.run)
     hybrid = _hybrid(args, pred)

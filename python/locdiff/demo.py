@@ -68,7 +68,8 @@ def _baselines(tr, va, te, budget_min: float, log, seed: int = 0, separation_km:
     density = {"kNN-vMF": method_density_scores(kd, *te)}
     top = {"1-NN": knn_top_k(*tr, te[0], TOP_K, separation_km, index=index),
            "kNN-vMF": kd.top_k(te[0], TOP_K, separation_km)}
-    knn = {"neighbours": kd.k, "temperature": kd.temperature, "bandwidth_km": round(EARTH_RADIUS_KM / kd.kappa ** 0.5, 1)}
+    knn = {"neighbours": kd.k, "temperature": kd.temperature,
+           "bandwidth_km": round(EARTH_RADIUS_KM / kd.kappa ** 0.5, 1)}
     settings = {"kNN-vMF": knn}
     log(f"    k-NN density: k = {kd.k}, temperature {kd.temperature:g}, "
         f"bandwidth {knn['bandwidth_km']:.0f} km (validation NLL)")
