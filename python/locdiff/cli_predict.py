@@ -17,6 +17,7 @@ from locdiff.data.files import DataError, atomic_write_bytes, check_finite_embed
 from locdiff.runfolder import check_output_file
 from locdiff.run import CONFIG_FILE
 
+
 def _check_top_k(k: int, degree: int, lo: int = 0) -> None:
     from locdiff.answers import top_k_limit
 
