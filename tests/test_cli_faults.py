@@ -93,6 +93,24 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(files, tmp_pat
         json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
 
 
+def test_a_dangling_link_or_an_unopenable_lock_is_one_line(files, tmp_path, capsys, monkeypatch):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    expect_error(capsys, train_argv(files, tmp_path / "link", "--steps", "3"), "a symbolic link to")
+    assert not (tmp_path / "nowhere").exists()
+    # A lock file another user made and this one cannot open (a shared folder).
+    import os
+
+    real_open = os.open
+
+    def no_lock(path, *args, **kw):
+        if str(path).endswith("locdiff.lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kw)
+    monkeypatch.setattr(os, "open", no_lock)
+    expect_error(capsys, train_argv(files, tmp_path / "shared", "--steps", "3"),
+                 "locdiff.lock: cannot open the folder's lock file (Permission denied)")
+
+
 def test_a_folder_of_the_users_own_files_is_not_trained_into(files, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()

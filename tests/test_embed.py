@@ -321,3 +321,37 @@ def test_a_run_that_reads_nothing_says_why_and_leaves_a_folder_to_rerun(tmp_path
     save_photo(photos / "good.jpg", 1)
     res = embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
     assert res.embedded == 1 and open_embeddings(out).shape[0] == 1
+
+
+def test_one_embed_at_a_time_and_its_folder_is_checked_first(tmp_path, encoder):
+    # Two embeds into one folder numbered their shards alike: the manifest paired photos with
+    # other photos' vectors. The folder is locked as a run's is; a bad --out is named before
+    # the encoder runs.
+    from locdiff.runfolder import RunLock
+
+    photos = tmp_path / "photos"
+    photo_folder(photos, 3)
+    out = tmp_path / "E"
+    with RunLock(out):
+        with pytest.raises(DataError, match="in use by this process"):
+            embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
+    res = embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
+    assert res.embedded == 3
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for bad, fragment in ((tmp_path / "afile" / "sub", "is a file, so the embeddings folder cannot be made"),
+                          (tmp_path / "dangling", "a symbolic link to .*nowhere, which does not exist")):
+        with pytest.raises(DataError, match=fragment):
+            embed_images([photos], bad, encoder=encoder, progress=False, log=lambda msg: None)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_hidden_npy_files_are_not_shards(tmp_path, encoder):
+    # A killed writer's temporary (".emb-000005.npy.x.npy") sorted first and shifted every row.
+    photos = tmp_path / "photos"
+    photo_folder(photos, 3)
+    out = tmp_path / "E"
+    embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
+    before = np.asarray(open_embeddings(out))
+    np.save(out / ".emb-000005.npy.k2j4x9_q.npy", before)
+    np.testing.assert_array_equal(np.asarray(open_embeddings(out)), before)

@@ -36,6 +36,7 @@ from locdiff.data.files import DataError, atomic_save_npy, atomic_write_bytes
 from locdiff.devices import resolve_device
 from locdiff.encoder import DEFAULT_MODEL, SPEC_FILE, Encoder, canonical_model, vision_config
 from locdiff.images import find_images, ignored_message
+from locdiff.runfolder import LOCK_FILE, RunLock, check_run_folder
 
 MANIFEST, COORDS, SKIPPED, GEOTAGGED = "manifest.csv", "coords.csv", "skipped.csv", "geotagged"
 FIELDS = ("path", "shard", "row", "lat", "lon")
@@ -83,7 +84,7 @@ def _check_not_foreign(out: Path) -> None:
     skipped.csv and encoder.json, which in any other folder may be the user's own."""
     if not out.is_dir():
         return
-    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".emb-"))
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".emb-") and p.name != LOCK_FILE)
     if not entries or MANIFEST in entries:
         return
     if SPEC_FILE in entries:
@@ -200,7 +201,22 @@ def embed_images(inputs, out, model: str = DEFAULT_MODEL, pretrained: str = "wei
     if ignored:
         log(f"warning: {ignored_message(ignored)}")
     _check_not_foreign(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_folder(out, "embeddings folder")  # before the encoder loads, as train checks its --out
+    # One writer at a time: two embeds into one folder numbered their shards alike and paired
+    # manifest lines with another photo's vector.
+    lock = RunLock(out).acquire()
+    try:
+        return _embed_locked(files, ignored, out, model, pretrained, batch_size, shard_size, dtype, device,
+                             progress, encoder, log)
+    except BaseException:
+        lock.withdraw()  # a folder this run made and left empty goes again
+        raise
+    finally:
+        lock.release()
+
+
+def _embed_locked(files, ignored, out, model, pretrained, batch_size, shard_size, dtype, device, progress,
+                  encoder, log) -> EmbedResult:
     rows = _load_state(out, log)
     # A folder with no rows yet (a first run that read nothing) takes any settings.
     spec = _check_spec(out, model, pretrained, dtype) if rows else None

@@ -50,12 +50,19 @@ class RunLock:
 
         self._made_dir = not self.path.parent.exists()
         self._made_file = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"{self.path.parent}: cannot make the folder ({err.strerror})") from None
         key = str(self.path.resolve())
         if key in RunLock._held:
             raise DataError(f"{self.path.parent}: run folder in use by this process (PID {os.getpid()}); wait for "
                             "its training to finish or choose another --out")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # group-writable (within the umask): a shared folder's next user can take it over
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
+        except OSError as err:
+            raise DataError(f"{self.path}: cannot open the folder's lock file ({err.strerror}); it must be "
+                            "writable by whoever writes into the folder") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -209,18 +216,24 @@ def check_output_file(path, what: str, inputs=(), run=None) -> Path:
     return p
 
 
-def check_run_folder(path) -> Path:
+def check_run_folder(path, what: str = "run folder") -> Path:
     """``path`` is a folder or can be made one: every existing part is a folder, the nearest
-    existing one is writable."""
+    existing one is writable (``what``: the folder's name in the errors)."""
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise DataError(f"{p}: exists and is a file, not a run folder")
+    try:
+        if p.is_symlink() and not p.exists():
+            raise DataError(f"{p}: a symbolic link to {os.readlink(p)}, which does not exist; make that folder or "
+                            "give another path")
+        if p.exists() and not p.is_dir():
+            raise DataError(f"{p}: exists and is a file, not a {what}")
+    except OSError as err:  # a name too long, a loop of links
+        raise DataError(f"{p}: cannot be used as a folder ({err.strerror})") from None
     ancestor = p
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise DataError(f"{p}: {ancestor} is a file, so the run folder cannot be made")
-    _check_writable(ancestor, p, "run folder")
+        raise DataError(f"{p}: {ancestor} is a file, so the {what} cannot be made")
+    _check_writable(ancestor, p, what)
     return p
 
 

@@ -136,7 +136,9 @@ def open_embeddings(path) -> np.ndarray | ShardedArray:
     if not path.exists():
         raise DataError(f"{path}: embeddings file not found")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".npy")
+        # Hidden files are never shards: a killed writer's temporary (".emb-000005.npy.x.npy")
+        # sorted first and shifted every row against the manifest.
+        files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and not p.name.startswith("."))
         if not files:
             raise DataError(f"{path}: folder holds no .npy shards")
         arrays = [_check_emb(_open_npy(f), f) for f in files]
