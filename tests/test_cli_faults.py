@@ -440,3 +440,36 @@ def test_a_temperature_override_reaches_the_densities(files):
     sharp, broad = (geo.predict(emb[:2], geocode=False, temperature=t) for t in (0.05, 5.0))
     assert sharp.temperature == 0.05 and broad.temperature == 5.0
     assert (sharp.radius_km[:, -1] < broad.radius_km[:, -1]).all()
+
+
+def test_a_metrics_file_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_path):
+    # A full disk mid-run: metrics.jsonl's flush failed with a traceback before the final save
+    # could say what it kept. Now one warning, later lines skipped, close() quiet.
+    import errno
+    import warnings
+
+    from locdiff.trainlog import TrainLog
+
+    log = TrainLog(tmp_path)
+    log.write(1, {"loss": 0.5})
+
+    class Full:
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.flush()
+    log._fh.close()
+    log._fh = Full()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        log.write(2, {"loss": 0.4})
+        log.write(3, {"loss": 0.3})
+        log.close()
+    assert [str(w.message) for w in seen] == [
+        f"{tmp_path / 'metrics.jsonl'}: cannot be written (No space left on device); the metrics of later steps "
+        "are not recorded there, the run goes on"]
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1, "loss": 0.5}']

@@ -321,7 +321,7 @@ def test_write_errors_no_space_check_foresees_are_named(files, tmp_path, capsys,
     out = tmp_path / "run"
     code, text, err = run_cli(capsys, *train_argv(files, out, "--steps", 8, "--set", "train.checkpoint_every=4"))
     assert code == 0 and failed, err
-    assert "warning: checkpoint of step 4 not saved" in text + err and "cannot be written (File too large)" in text + err
+    assert "locdiff train: warning: checkpoint of step 4 not saved" in err and "cannot be written (File too large)" in err
     assert json.loads(load_checkpoint(out)[1]["state"])["step"] == 8
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 

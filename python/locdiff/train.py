@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections import deque
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -554,7 +555,8 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
             try:
                 keeper.save(snapshot(), step)
             except DataError as err:  # the next save may find the space freed
-                log(f"warning: checkpoint of step {step} not saved: {err}")
+                # A warning (on stderr, with the command's name), not a progress line.
+                warnings.warn(f"checkpoint of step {step} not saved: {err}", RuntimeWarning, stacklevel=2)
             last_ckpt = now
     del batches  # stops the loader's workers before the final work
     if nonfinite:  # ended (time, signal, last step) in a streak: these weights are not a result

@@ -66,18 +66,39 @@ class TrainLog:
         # A NaN or infinite value is written as null: the file stays strict JSON for any reader.
         rec.update({k: (v if not isinstance(v, float) else round(v, 6) if math.isfinite(v) else None)
                     for k, v in values.items()})
-        self._fh.write(json.dumps(rec, allow_nan=False) + "\n")
-        self._fh.flush()
+        if self._fh is not None:
+            try:
+                self._fh.write(json.dumps(rec, allow_nan=False) + "\n")
+                self._fh.flush()
+            except OSError as err:
+                self._lost(err)
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k.replace("val_", "validation/", 1) if k.startswith("val_") else f"train/{k}",
                                         v, step)
 
+    def _lost(self, err: OSError) -> None:
+        # A full disk or quota: the run goes on (its checkpoints say for themselves whether they
+        # could be saved) and this file stops here, said once, rather than a traceback.
+        import warnings
+
+        warnings.warn(f"{self.path}: cannot be written ({err.strerror or err}); the metrics of later steps are not "
+                      "recorded there, the run goes on", RuntimeWarning, stacklevel=3)
+        self._fh, fh = None, self._fh
+        try:
+            fh.close()
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError as err:
+                self._fh = fh
+                self._lost(err)
         if self._tb is not None:
             self._tb.close()
             self._tb = None
