@@ -355,3 +355,19 @@ def test_hidden_npy_files_are_not_shards(tmp_path, encoder):
     before = np.asarray(open_embeddings(out))
     np.save(out / ".emb-000005.npy.k2j4x9_q.npy", before)
     np.testing.assert_array_equal(np.asarray(open_embeddings(out)), before)
+
+
+def test_file_names_that_are_not_utf8_are_kept(tmp_path, encoder):
+    # A latin-1 name crashed embed (UnicodeEncodeError) and left a manifest every rerun hit.
+    import os
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save_photo(photos / "ok.jpg", 1)
+    odd = os.path.join(os.fsencode(photos), b"caf\xe9.jpg")
+    save_photo(Path(os.fsdecode(odd)), 2)
+    out = tmp_path / "E"
+    res = embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
+    assert res.embedded == 2
+    again = embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
+    assert again.embedded == 0 and again.already == 2 and open_embeddings(out).shape[0] == 2

@@ -39,6 +39,9 @@ from locdiff.images import find_images, ignored_message
 from locdiff.runfolder import LOCK_FILE, RunLock, check_run_folder
 
 MANIFEST, COORDS, SKIPPED, GEOTAGGED = "manifest.csv", "coords.csv", "skipped.csv", "geotagged"
+# File names that are not UTF-8 (a latin-1 "caf\xe9.jpg") go into the CSVs as their own bytes
+# and come back as the same names: encoding them strictly crashed every later run.
+PATH_ERRORS = "surrogateescape"
 FIELDS = ("path", "shard", "row", "lat", "lon")
 DTYPES = ("float16", "float32")
 SHARD = re.compile(r"emb-(\d{6})\.npy")
@@ -71,7 +74,7 @@ def _read_manifest(out: Path) -> tuple[list[dict], bool]:
     path = out / MANIFEST
     if not path.exists():
         return [], True
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8", errors=PATH_ERRORS)
     rows = list(csv.DictReader(io.StringIO(text)))
     if rows and set(FIELDS) - set(rows[0]):
         raise DataError(f"{path}: not a locdiff embed manifest (columns {sorted(rows[0])}, expected {list(FIELDS)})")
@@ -136,7 +139,7 @@ def _write_csv(path: Path, header, rows) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     w.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8", errors=PATH_ERRORS))
 
 
 def _append_manifest(out: Path, rows: list[list]) -> None:
@@ -146,7 +149,7 @@ def _append_manifest(out: Path, rows: list[list]) -> None:
     if not path.exists() or path.stat().st_size == 0:
         w.writerow(FIELDS)
     w.writerows(rows)
-    with open(path, "a", encoding="utf-8", newline="") as fh:
+    with open(path, "a", encoding="utf-8", errors=PATH_ERRORS, newline="") as fh:
         fh.write(buf.getvalue())
         fh.flush()
         os.fsync(fh.fileno())
