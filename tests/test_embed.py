@@ -371,3 +371,18 @@ def test_file_names_that_are_not_utf8_are_kept(tmp_path, encoder):
     assert res.embedded == 2
     again = embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
     assert again.embedded == 0 and again.already == 2 and open_embeddings(out).shape[0] == 2
+
+
+def test_the_write_that_failed_first_is_the_one_named(tmp_path, encoder, monkeypatch):
+    # On a full disk skipped.csv's write failed too, and its error replaced the shard's.
+    import locdiff.embed as E
+
+    photos = tmp_path / "photos"
+    photo_folder(photos, 3)
+
+    def full(path, *a, **k):
+        raise DataError(f"{path}: no space left to write it")
+    monkeypatch.setattr(E, "atomic_save_npy", full)
+    monkeypatch.setattr(E, "_write_csv", lambda path, *a: full(path))
+    with pytest.raises(DataError, match=r"emb-000000.npy: no space left"):
+        embed_images([photos], tmp_path / "E", encoder=encoder, progress=False, log=lambda msg: None)

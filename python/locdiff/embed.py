@@ -277,15 +277,25 @@ def _embed_todo(encoder, todo, out, rows, res, batch_size, shard_size, dtype, pr
             while len(buf_rows) >= shard_size:
                 flush(shard_size)
         flush(len(buf_rows))
-    finally:
+    except BaseException:
         bar.close()
-        if len(res.skipped) > MAX_REPORTED:
-            log(f"warning: ... and {len(res.skipped) - MAX_REPORTED} more unreadable files, all listed in {out / SKIPPED}")
-        _write_csv(out / SKIPPED, ("path", "reason"),
-                   [(str(Path(p).resolve()), r.removeprefix(f"{p}: ")) for p, r in res.skipped])
+        try:  # what was skipped so far, but never in place of the error that stopped the run
+            _write_skipped(out, res, log)
+        except DataError:
+            pass
+        raise
+    bar.close()
+    _write_skipped(out, res, log)
     if not res.embedded and not rows:
         shown = [str(p) for p, _ in res.skipped[:3]] + (["..."] if len(res.skipped) > 3 else [])
         raise DataError(f"{', '.join(shown)}: none of the images could be read (the reasons are in {out / SKIPPED})")
+
+
+def _write_skipped(out: Path, res: EmbedResult, log) -> None:
+    if len(res.skipped) > MAX_REPORTED:
+        log(f"warning: ... and {len(res.skipped) - MAX_REPORTED} more unreadable files, all listed in {out / SKIPPED}")
+    _write_csv(out / SKIPPED, ("path", "reason"),
+               [(str(Path(p).resolve()), r.removeprefix(f"{p}: ")) for p, r in res.skipped])
 
 
 def _write_coords(out: Path, rows: list[dict], changed: bool, log) -> None:
