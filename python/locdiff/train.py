@@ -551,7 +551,8 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         now = time.perf_counter()
         due = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or \
             now - last_ckpt > 60 * tc.checkpoint_minutes
-        if due and not nonfinite:  # weights whose loss is non-finite never replace the last good checkpoint
+        # Not at the last step: the final save follows at once (and names a failure itself).
+        if due and not nonfinite and step < tc.steps:  # a non-finite loss never replaces the last good checkpoint
             try:
                 keeper.save(snapshot(), step)
             except DataError as err:  # the next save may find the space freed
