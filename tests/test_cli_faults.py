@@ -473,3 +473,23 @@ def test_a_metrics_file_that_cannot_be_written_is_said_once_and_the_run_goes_on(
         f"{tmp_path / 'metrics.jsonl'}: cannot be written (No space left on device); the metrics of later steps "
         "are not recorded there, the run goes on"]
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1, "loss": 0.5}']
+
+
+def test_outputs_write_through_links_and_keep_protection_and_long_names(files, tmp_path, capsys, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "pred.csv").write_text("old results\n")
+    (tmp_path / "mine.csv").symlink_to(shared / "pred.csv")
+    argv = ["predict", "--run", files / "base", "--embeddings", files / "emb.npy", "--out"]
+    assert run_cli(capsys, *argv, tmp_path / "mine.csv")[0] == 0
+    assert (tmp_path / "mine.csv").is_symlink() and (shared / "pred.csv").read_text().startswith("lat,lon")
+    # A 250-byte name is legal; its temporary's name must be too.
+    long = tmp_path / ("p" * 246 + ".csv")
+    assert run_cli(capsys, *argv, long)[0] == 0 and long.read_text().startswith("lat,lon")
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("keep.csv") else real_access(p, mode))
+    (tmp_path / "keep.csv").write_text("mine\n")
+    expect_error(capsys, argv + [tmp_path / "keep.csv"], "keep.csv: is write-protected")
+    assert (tmp_path / "keep.csv").read_text() == "mine\n"

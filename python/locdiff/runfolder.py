@@ -198,9 +198,14 @@ def check_output_file(path, what: str, inputs=(), run=None) -> Path:
     and writing it loses nothing the command reads: it is none of the files ``inputs`` and
     not inside the run folder ``run``."""
     p = Path(path)
-    if p.is_dir():
-        raise DataError(f"{p}: is a folder; the {what} needs a file name")
-    target = p.resolve()
+    try:
+        if p.is_dir():
+            raise DataError(f"{p}: is a folder; the {what} needs a file name")
+        target = p.resolve()
+        if target.exists() and not os.access(target, os.W_OK):  # replacing it would drop its protection
+            raise DataError(f"{p}: is write-protected; make it writable or choose another file for the {what}")
+    except OSError as err:  # a name too long, a loop of links
+        raise DataError(f"{p}: cannot be used for the {what} ({err.strerror})") from None
     for source in inputs:
         if source is None:
             continue
@@ -208,7 +213,7 @@ def check_output_file(path, what: str, inputs=(), run=None) -> Path:
             raise DataError(f"{p}: is the input {source}; the {what} needs a file of its own")
     if run is not None and Path(run).resolve() in target.parents:
         raise DataError(f"{p}: lies inside the run folder {run}; write the {what} outside it")
-    parent = p.parent if str(p.parent) else Path(".")
+    parent = target.parent  # a symbolic link's target is what gets written
     if not parent.is_dir():
         what_is = "is a file, not a folder" if parent.exists() else "does not exist"
         raise DataError(f"{p}: folder {parent} for the {what} {what_is}")
@@ -226,11 +231,11 @@ def check_run_folder(path, what: str = "run folder") -> Path:
                             "give another path")
         if p.exists() and not p.is_dir():
             raise DataError(f"{p}: exists and is a file, not a {what}")
+        ancestor = p
+        while not ancestor.exists():
+            ancestor = ancestor.parent
     except OSError as err:  # a name too long, a loop of links
         raise DataError(f"{p}: cannot be used as a folder ({err.strerror})") from None
-    ancestor = p
-    while not ancestor.exists():
-        ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise DataError(f"{p}: {ancestor} is a file, so the {what} cannot be made")
     _check_writable(ancestor, p, what)

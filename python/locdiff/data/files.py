@@ -41,8 +41,12 @@ def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it, so a
     killed process leaves either the old file or the new one, never half of one."""
     path = Path(path)
+    if path.is_symlink():  # write where the link points, and keep the link
+        path = Path(os.path.realpath(path))
+    # The temporary's name is 14 bytes longer than the file's: a long name gets a short one.
+    prefix = f".{path.name}." if len(os.fsencode(path.name)) <= 230 else ".locdiff-write."
     with _write_errors(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
