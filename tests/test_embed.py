@@ -171,6 +171,14 @@ def test_resume_skips_done_files_and_adds_new_ones(tmp_path, encoder):
     sub = open_embeddings(out / "geotagged" / "embeddings.npy")
     np.testing.assert_array_equal(sub, before)
     assert len(read_coords(out / "geotagged" / "coords.csv", rows=len(sub))) == 3
+    # A run stopped (full disk, kill) between the manifest and these files left them missing
+    # or short; the next run rebuilds them rather than point to them.
+    (out / "geotagged" / "coords.csv").unlink()
+    (out / "coords.csv").write_text("lat,lon,row,path\n")
+    (out / "geotagged" / ".embeddings.123.npy.tmp").write_bytes(b"half")
+    embed_images([tmp_path / "d"], out, **kw)
+    assert len(read_coords(out / "geotagged" / "coords.csv", rows=3)) == 3
+    assert len(read_coords(out / "coords.csv")) == 3 and not list((out / "geotagged").glob(".*.tmp"))
     with pytest.raises(DataError, match="embedded with --model .* --dtype float32, asked for .* --dtype float16"):
         embed_images([tmp_path / "d"], out, encoder=encoder, progress=False, log=lambda m: None)
 

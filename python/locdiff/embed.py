@@ -105,7 +105,7 @@ def _check_not_foreign(out: Path) -> None:
 def _load_state(out: Path, log) -> list[dict]:
     """The manifest rows whose shards are complete; everything else a killed run left (temp
     files, a shard without its complete lines) is removed."""
-    for tmp in out.glob(".emb-*"):
+    for tmp in [*out.glob(".emb-*"), *(out / GEOTAGGED).glob(".*.tmp")]:
         tmp.unlink(missing_ok=True)
     others = [p.name for p in out.glob("*.npy") if not SHARD.fullmatch(p.name)]
     if others:
@@ -298,16 +298,39 @@ def _write_skipped(out: Path, res: EmbedResult, log) -> None:
                [(str(Path(p).resolve()), r.removeprefix(f"{p}: ")) for p, r in res.skipped])
 
 
+def _csv_rows(path: Path) -> int | None:
+    """Data rows of a CSV this module wrote (None: no file)."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as fh:
+            return max(0, sum(1 for _ in csv.reader(fh)) - 1)
+    except FileNotFoundError:
+        return None
+
+
+def _npy_rows(path: Path) -> int | None:
+    try:
+        return int(np.load(path, mmap_mode="r").shape[0])
+    except (OSError, ValueError):
+        return None
+
+
 def _write_coords(out: Path, rows: list[dict], changed: bool, log) -> None:
     geo = [(i, r) for i, r in enumerate(rows) if r["lat"] != ""]
     if not geo:
         return
     table = [[r["lat"], r["lon"], i, r["path"]] for i, r in geo]
     header = ("lat", "lon", "row", "path")
-    if changed or not (out / COORDS).exists():
+    # Rewritten when something was embedded, and whenever a file is missing or does not hold
+    # the geotagged rows: a run stopped by a full disk or a kill between the manifest and these
+    # left them short, and the next run said they were ready.
+    if changed or _csv_rows(out / COORDS) != len(geo):
         _write_csv(out / COORDS, header, table)
     sub = out / GEOTAGGED
-    if len(geo) == len(rows) or not (changed or not (sub / "embeddings.npy").exists()):
+    if len(geo) == len(rows):
+        return
+    whole = (_csv_rows(sub / COORDS) == len(geo) and (sub / SPEC_FILE).exists()
+             and _npy_rows(sub / "embeddings.npy") == len(geo))
+    if not changed and whole:
         return
     # Not every photo is geotagged: a copy of the geotagged rows pairs with their coords.
     from locdiff.data.files import open_embeddings
