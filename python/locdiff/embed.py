@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,10 @@ class EmbedResult:
     def summary(self) -> str:
         s = (f"embedded {self.embedded} new images ({self.already} already done, {len(self.skipped)} unreadable "
              f"skipped); {self.rows} rows in {self.out}, {self.geotagged} with EXIF GPS")
-        if self.geotagged and self.geotagged == self.rows:
-            s += f"; train with --embeddings {self.out} --coords {self.out / COORDS}"
-        elif self.geotagged:
-            g = self.out / GEOTAGGED
-            s += f"; train with --embeddings {g / 'embeddings.npy'} --coords {g / COORDS}"
+        if self.geotagged:  # quoted, so that a path with spaces pastes as one argument
+            emb, folder = (self.out, self.out) if self.geotagged == self.rows else \
+                (self.out / GEOTAGGED / "embeddings.npy", self.out / GEOTAGGED)
+            s += f"; train with --embeddings {shlex.quote(str(emb))} --coords {shlex.quote(str(folder / COORDS))}"
         return s
 
 
