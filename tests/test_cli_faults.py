@@ -493,3 +493,17 @@ def test_outputs_write_through_links_and_keep_protection_and_long_names(files, t
     (tmp_path / "keep.csv").write_text("mine\n")
     expect_error(capsys, argv + [tmp_path / "keep.csv"], "keep.csv: is write-protected")
     assert (tmp_path / "keep.csv").read_text() == "mine\n"
+
+
+def test_a_run_killed_before_it_saved_anything_resumes_from_step_0(files, tmp_path, capsys):
+    # A job killed in its first second leaves only the lock (and maybe a temporary); a
+    # requeue script passes --resume every time, and that must start the run, not fail.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "locdiff.lock").write_text("PID 1 on elsewhere\n")
+    (out / ".config.json.abc123.tmp").write_text("{")
+    code, _, err = run_cli(capsys, *train_argv(files, out, "--steps", "3", "--resume"))
+    assert code == 0 and "holds no config.json or checkpoint yet" in err and "starting at step 0" in err
+    assert (out / CONFIG_FILE).exists() and json.loads(load_checkpoint(out)[1]["state"])["step"] == 3
+    # A folder that never held a run is still no run to resume.
+    expect_error(capsys, train_argv(files, tmp_path / "new", "--steps", "3", "--resume"), "nothing to resume")

@@ -39,16 +39,23 @@ def _keys(data: dict) -> list[str]:
         [k for k, v in data.items() if not isinstance(v, dict)]
 
 
-def _run_config_text(out: Path) -> str | None:
-    """Rank 0 reads the run's config.json (the run folder is rank 0's); every rank gets it."""
+def _run_config_text(out: Path) -> tuple[str | None, bool]:
+    """Rank 0 reads the run's config.json (the run folder is rank 0's); every rank gets it,
+    and whether the folder is a run killed before it wrote anything (its lock, temporaries)."""
     from locdiff.run import CONFIG_FILE
+    from locdiff.runfolder import LOCK_FILE, RUN_TEMP
 
-    text = None
+    data = None
     if distributed.is_main():
         path = out / CONFIG_FILE
-        text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-    data = distributed.broadcast_bytes(text.encode() if text is not None else None)
-    return data.decode() or None
+        if path.is_file():
+            data = b"C" + path.read_text(encoding="utf-8", errors="replace").encode()
+        else:
+            names = [p.name for p in out.iterdir()] if out.is_dir() else []
+            started = LOCK_FILE in names and all(n == LOCK_FILE or RUN_TEMP.fullmatch(n) for n in names)
+            data = b"S" if started else b"N"
+    data = distributed.broadcast_bytes(data)
+    return (data[1:].decode() or None) if data[:1] == b"C" else None, data == b"S"
 
 
 def resolve_settings(args, resume_base: str | None = None):
@@ -137,7 +144,12 @@ def cmd_train(args) -> int:
     join_process_group(args, dev)
     out = Path(args.out)
     check_run_folder(out)
-    base = _run_config_text(out) if args.resume else None  # (a collective: every rank first)
+    base, started = _run_config_text(out) if args.resume else (None, False)  # (a collective: every rank)
+    if started:  # killed before it saved anything: a requeued --resume starts it at step 0
+        if distributed.is_main():
+            print(f"locdiff train: note: {out} holds no config.json or checkpoint yet (a run stopped before it "
+                  "saved anything); starting at step 0", file=sys.stderr)
+        args.resume = False
     if args.resume and distributed.is_main():
         check_resumable(out)  # before the data flags it would otherwise ask for
     cfg, origin = resolve_settings(args, base)
