@@ -143,8 +143,8 @@ def ensure_space(folder, needed: int, what: str) -> None:
     ``needed`` bytes (plus a margin) free."""
     free = free_bytes(folder)
     if free < needed + SPACE_MARGIN:
-        raise DataError(f"{folder}: {what} needs {_mb(needed + SPACE_MARGIN)} free but the file system has "
-                        f"{_mb(free)}; free some space")
+        raise DataError(f"{folder}: {what} needs {_mb(needed + SPACE_MARGIN)} free ({_mb(needed)} and a "
+                        f"{_mb(SPACE_MARGIN)} margin) but the file system has {_mb(free)}; free some space")
 
 
 class Checkpoints:
