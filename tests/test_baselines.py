@@ -7,6 +7,7 @@ import pytest
 
 from locdiff import grids
 from locdiff.baselines import GeocellClassifier, KnnDensity, Regressor, knn_predict, spherical_kmeans
+from locdiff.baselines.knn import NeighbourIndex
 from locdiff.geo import great_circle_km
 from locdiff.metrics import distance_metrics
 
@@ -248,3 +249,10 @@ def test_gallery_rows_are_read_in_chunks_and_named(monkeypatch, tmp_path):
     emb[23, 2] = np.inf
     with pytest.raises(ValueError, match="gallery embeddings row 23 is NaN or infinite"):
         knn.NeighbourIndex(emb, rng.uniform(-60, 60, (30, 2)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_a_gallery_device_this_torch_lacks_is_named():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="device='cuda': this torch sees no CUDA device"):
+        NeighbourIndex(rng.normal(size=(5, 3)), rng.uniform(-60, 60, (5, 2)), device="cuda")

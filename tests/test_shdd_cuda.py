@@ -173,3 +173,19 @@ def test_inputs_on_two_devices_are_named_errors():
 
     with pytest.raises(ValueError, match="target is on cpu"):
         shdd_kl_op(c.cuda(), c, *ring_args(grids.for_degree(8), 8, "cuda"), 1.0)
+
+
+def test_gallery_search_on_the_gpu_matches_the_cpu():
+    # LocDiff-H's neighbour search runs where the model does; its results come back on the CPU.
+    import numpy as np
+
+    from locdiff.baselines.knn import NeighbourIndex
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(5000, 32)).astype(np.float32)
+    coords = np.stack([rng.uniform(-80, 80, 5000), rng.uniform(-180, 180, 5000)], 1)
+    query = rng.normal(size=(300, 32)).astype(np.float32)
+    s_cpu, j_cpu = NeighbourIndex(emb, coords).search(query, 10)
+    s_gpu, j_gpu = NeighbourIndex(emb, coords, device="cuda").search(query, 10)
+    assert s_gpu.device.type == "cpu" and torch.equal(j_gpu, j_cpu)
+    torch.testing.assert_close(s_gpu, s_cpu, atol=1e-5, rtol=0)

@@ -102,7 +102,7 @@ def _hybrid(args, pred):
     cfg = HybridConfig.of_run(settings, f"{args.run}/{CONFIG_FILE}")
     if not settings:
         print(f"locdiff {args.command}: note: " + UNFITTED_NOTE.format(**cfg.to_dict()), file=sys.stderr)
-    return Hybrid(*gallery, cfg)
+    return Hybrid(*gallery, cfg, device=pred.device)  # the search runs where the model does
 
 
 def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, coeffs: bool = True,

@@ -84,7 +84,7 @@ class Geolocator:
             cfg = HybridConfig.of_run(settings, f"{run}/{CONFIG_FILE}")
             if not settings:
                 warnings.warn(UNFITTED_NOTE.format(**cfg.to_dict()), stacklevel=2)
-            hybrid = Hybrid(g_emb, g_coords, cfg)
+            hybrid = Hybrid(g_emb, g_coords, cfg, device=pred.device)
         return cls(pred, run, spec, spec_path, device, hybrid)
 
     @property

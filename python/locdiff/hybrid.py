@@ -145,8 +145,8 @@ class Hybrid:
     """LocDiff-H over a gallery; see the module docstring."""
 
     def __init__(self, gallery_emb, gallery_coords, config: HybridConfig | None = None,
-                 index: NeighbourIndex | None = None):
-        self.index = index or NeighbourIndex(gallery_emb, gallery_coords)
+                 index: NeighbourIndex | None = None, device=None):
+        self.index = index or NeighbourIndex(gallery_emb, gallery_coords, device=device)
         self.config = config or HybridConfig()
 
     def _prepare(self, coeffs, temperature: float, emb, points, neighbours: int,
