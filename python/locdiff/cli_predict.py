@@ -18,6 +18,9 @@ from locdiff.runfolder import check_output_file
 from locdiff.run import CONFIG_FILE
 
 
+SCORE_BAR_ROWS = 10_000  # predictions from this many rows on show a bar while their modes are scored
+
+
 def _check_top_k(k: int, degree: int, lo: int = 0) -> None:
     from locdiff.answers import top_k_limit
 
@@ -221,8 +224,11 @@ def _predict_embeddings(args, dev, out, png) -> int:
     from locdiff.data.files import write_coords_csv
 
     latlon, topk = _answers(pred, hybrid, emb, res, k)
+    from tqdm.auto import tqdm
+
     extra = {}
-    for j in range(k):
+    # One density pass per mode: minutes for many rows, after the predicting bar has ended.
+    for j in tqdm(range(k), desc="scoring modes", unit="mode", disable=len(latlon) < SCORE_BAR_ROWS):
         extra[f"lat_{j + 1}"] = topk[:, j, 0]
         extra[f"lon_{j + 1}"] = topk[:, j, 1]
         extra[f"score_{j + 1}"] = _log_density(pred, hybrid, emb, res["coeffs"], topk[:, j])
