@@ -177,3 +177,17 @@ def test_timestep_features_tell_timesteps_apart():
     assert (d[torch.arange(999), torch.arange(1, 1000)] < d[torch.arange(999), 999 - torch.arange(999) // 2].clamp_min(1e-3) + 1e-9).float().mean() > 0.95
     # The features of a 100-step schedule at t span the same range as 1000 steps at 10 t.
     torch.testing.assert_close(timestep_features(torch.tensor([50]), 128, 100), f[500:501])
+
+
+def test_weights_of_a_one_wide_run_from_before_the_norm_was_dropped_are_named():
+    # Such runs learned from LayerNorm(1)'s bias, a constant; their emb_net.0.* weights
+    # have no module now, and loading them says so rather than list unexpected keys.
+    from locdiff.data.files import DataError
+    from locdiff.run import RunConfig, _load_weights
+
+    cfg = RunConfig(model=_cfg(emb_dim=1))
+    net = CSUNet(cfg.model)
+    sd = {**net.state_dict(), "emb_net.0.weight": torch.ones(1), "emb_net.0.bias": torch.zeros(1)}
+    with pytest.raises(DataError, match="trained when a 1-wide embedding was normalised to a constant"):
+        _load_weights(CSUNet(cfg.model), sd, "ckpt", cfg)
+    _load_weights(CSUNet(cfg.model), net.state_dict(), "ckpt", cfg)  # today's weights load

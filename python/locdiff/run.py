@@ -272,6 +272,11 @@ def _load_weights(net, sd: dict, path, config: RunConfig) -> None:
         held = math.isqrt(bias.shape[0]) - 1
         raise DataError(f"{path}: the weights are of degree {held} but {CONFIG_FILE} says model.degree = "
                         f"{config.model.degree}")
+    if config.model.emb_dim == 1 and "emb_net.0.weight" in sd:
+        # Runs of a 1-wide embedding before the norm was dropped learned from its LayerNorm's bias
+        # alone, a constant: such weights have no use for the condition now read.
+        raise DataError(f"{path}: trained when a 1-wide embedding was normalised to a constant (the model ignored "
+                        "it); train the run again")
     try:
         net.load_state_dict(sd)
     except RuntimeError as err:
