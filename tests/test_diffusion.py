@@ -65,6 +65,10 @@ def test_ddim_timesteps():
     for bad in (11, 0, 2.5):
         with pytest.raises(ValueError, match=f"steps must be an int in \\[1, 10\\], got {bad}"):
             ddim_timesteps(10, bad)
+    import numpy as np  # numpy integers are integers (Predictor.settings takes them)
+
+    assert ddim_timesteps(np.int64(10), np.int64(4)) == ddim_timesteps(10, 4)
+    assert len(get_schedule("linear", np.int64(10))) == len(get_schedule("cosine", np.int32(10))) == 10
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])

@@ -16,6 +16,8 @@ True
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from locdiff.diffusion.schedules import Schedule
@@ -95,8 +97,9 @@ def ddim_timesteps(n: int, steps: int) -> list[int]:
     """``steps`` distinct timesteps from ``n - 1`` down, ``n / steps`` apart ("trailing"
     spacing, so the first step starts from pure noise; Lin et al. 2024, Table 2): with
     ``steps = n`` every timestep once, so DDIM at eta = 1 is DDPM."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= n:
         raise ValueError(f"steps must be an int in [1, {n}], got {steps!r}")
+    steps = int(steps)
     return [round(n - k * n / steps) - 1 for k in range(steps)]
 
 

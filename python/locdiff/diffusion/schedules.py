@@ -10,6 +10,7 @@ with ``abar_t = prod_{s<=t} (1 - beta_s)``, timesteps ``t = 0 .. n-1``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +48,9 @@ def _from_betas(betas: torch.Tensor) -> Schedule:
 
 
 def _check_steps(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n (the number of timesteps) must be an int >= 1, got {n!r}")
-    return n
+    return int(n)
 
 
 def get_linear_schedule(n: int, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -58,7 +59,8 @@ def get_linear_schedule(n: int, beta_start: float = 1e-4, beta_end: float = 0.02
     spans the same signal-to-noise range as the 1000-step original; clipped at ``max_beta``
     as the cosine schedule is (below 20 steps the rescaled betas pass 1, and abar turns
     negative)."""
-    scale = 1000.0 / _check_steps(n)
+    n = _check_steps(n)
+    scale = 1000.0 / n
     betas = torch.linspace(beta_start * scale, beta_end * scale, n, dtype=torch.float64)
     return _from_betas(betas.clamp(max=max_beta))
 
@@ -67,7 +69,8 @@ def get_cosine_schedule(n: int, s: float = 0.008, max_beta: float = 0.999) -> Sc
     """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17):
     ``abar_t = f(t) / f(0)``, ``f(t) = cos(((t/n + s) / (1 + s)) * pi/2)^2``, with betas
     clipped at ``max_beta`` to avoid the singularity at ``t = n``."""
-    steps = torch.arange(_check_steps(n) + 1, dtype=torch.float64)
+    n = _check_steps(n)
+    steps = torch.arange(n + 1, dtype=torch.float64)
     f = torch.cos(((steps / n + s) / (1 + s)) * math.pi / 2) ** 2
     abar = f / f[0]
     betas = (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
