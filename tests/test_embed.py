@@ -277,8 +277,9 @@ def test_cli_embed_errors(tmp_path, tiny, capsys, monkeypatch, case):
 def test_an_unreachable_hub_points_to_the_offline_ways(tmp_path, monkeypatch):
     import transformers
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
 
     import socket
 
@@ -303,6 +304,11 @@ def test_an_unreachable_hub_points_to_the_offline_ways(tmp_path, monkeypatch):
                                         "resolved .*set HF_HUB_OFFLINE=1"):
         vision_config("nobody/no-such-clip", "weights")
     assert asked == [False, True]
+    # Behind a proxy only the proxy resolves outside names: the hub is asked.
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    with pytest.raises(DataError, match="from a local folder, the cache or the hub"):
+        vision_config("nobody/no-such-clip", "weights")
+    assert asked == [False, True, False]
 
 
 def test_missing_extra_is_named(monkeypatch):
@@ -363,6 +369,8 @@ def test_hidden_npy_files_are_not_shards(tmp_path, encoder):
     before = np.asarray(open_embeddings(out))
     np.save(out / ".emb-000005.npy.k2j4x9_q.npy", before)
     np.testing.assert_array_equal(np.asarray(open_embeddings(out)), before)
+    np.save(out / ".scratch.npy", before)  # not a shard, so no reason to refuse the folder either
+    assert embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None).already == 3
 
 
 def test_file_names_that_are_not_utf8_are_kept(tmp_path, encoder):
@@ -373,12 +381,17 @@ def test_file_names_that_are_not_utf8_are_kept(tmp_path, encoder):
     photos.mkdir()
     save_photo(photos / "ok.jpg", 1)
     odd = os.path.join(os.fsencode(photos), b"caf\xe9.jpg")
-    save_photo(Path(os.fsdecode(odd)), 2)
+    save_photo(Path(os.fsdecode(odd)), 2, latlon=(45.0, 5.0))
     out = tmp_path / "E"
     res = embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
     assert res.embedded == 2
     again = embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
     assert again.embedded == 0 and again.already == 2 and open_embeddings(out).shape[0] == 2
+    import warnings
+
+    with warnings.catch_warnings():  # training reads embed's coordinates without a latin-1 guess
+        warnings.simplefilter("error")
+        assert len(read_coords(out / "geotagged" / "coords.csv")) == 1
 
 
 def test_the_write_that_failed_first_is_the_one_named(tmp_path, encoder, monkeypatch):

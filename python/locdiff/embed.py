@@ -107,7 +107,7 @@ def _load_state(out: Path, log) -> list[dict]:
     files, a shard without its complete lines) is removed."""
     for tmp in [*out.glob(".emb-*"), *(out / GEOTAGGED).glob(".*.tmp")]:
         tmp.unlink(missing_ok=True)
-    others = [p.name for p in out.glob("*.npy") if not SHARD.fullmatch(p.name)]
+    others = [p.name for p in out.glob("*.npy") if not SHARD.fullmatch(p.name) and not p.name.startswith(".")]
     if others:
         raise DataError(f"{out}: holds other .npy files ({', '.join(sorted(others)[:3])}), which would be read "
                         "as embeddings; use an empty folder or one written by locdiff embed")
@@ -318,7 +318,10 @@ def _write_coords(out: Path, rows: list[dict], changed: bool, log) -> None:
     geo = [(i, r) for i, r in enumerate(rows) if r["lat"] != ""]
     if not geo:
         return
-    table = [[r["lat"], r["lon"], i, r["path"]] for i, r in geo]
+    # The path column is for people (the manifest keeps the exact name): a name that is not
+    # UTF-8 is shown with U+FFFD, so that training reads the file without a latin-1 warning.
+    table = [[r["lat"], r["lon"], i, r["path"].encode("utf-8", PATH_ERRORS).decode("utf-8", "replace")]
+             for i, r in geo]
     header = ("lat", "lon", "row", "path")
     # Rewritten when something was embedded, and whenever a file is missing or does not hold
     # the geotagged rows: a run stopped by a full disk or a kill between the manifest and these
