@@ -37,7 +37,12 @@ void check(cudaError_t err, const char* what) {
 class DeviceScratch {
  public:
   DeviceScratch(int64_t elems, cudaStream_t stream) : stream_(stream) {
-    check(cudaMallocAsync(&ptr_, sizeof(double) * elems, stream), "alloc");
+    const cudaError_t err = cudaMallocAsync(&ptr_, sizeof(double) * elems, stream);
+    if (err != cudaSuccess) {
+      ptr_ = nullptr;
+      cudaGetLastError();  // clear it, or the next launch check reports this failure as its own
+      check(err, "alloc");
+    }
   }
   ~DeviceScratch() {
     if (ptr_) cudaFreeAsync(ptr_, stream_);
