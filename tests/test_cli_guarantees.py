@@ -97,6 +97,34 @@ def test_second_signal_stops_at_once_and_the_last_checkpoint_stays_whole(files, 
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
+def test_under_torchrun_the_same_signal_twice_is_one_request(monkeypatch):
+    # A scheduler signals every process of a job, and torchrun's agent forwards its own copy:
+    # each worker got SIGTERM twice and stopped at once, without its agreed checkpoint.
+    from locdiff import stopping
+
+    for env, second, stops in (({"LOCAL_RANK": "1"}, signal.SIGTERM, False),
+                               ({"LOCAL_RANK": "1"}, signal.SIGINT, True),  # another signal: the user insists
+                               ({}, signal.SIGTERM, True)):                # no torchrun: a second request
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        stop = stopping.StopSignals()
+        stop._handle(signal.SIGTERM, None)
+        if stops:
+            with pytest.raises(stopping.Interrupted):
+                stop._handle(second, None)
+        else:
+            stop._handle(second, None)
+            assert stop.signum == signal.SIGTERM
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(stopping, "DUPLICATE_WINDOW_S", 0.0)  # long after: the user insists
+    stop = stopping.StopSignals()
+    stop._handle(signal.SIGTERM, None)
+    with pytest.raises(stopping.Interrupted):
+        stop._handle(signal.SIGTERM, None)
+
+
 def test_second_signal_during_the_final_save_stops_at_once(files, tmp_path, monkeypatch):
     from locdiff import train as train_module
     from locdiff.stopping import Interrupted

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
               "group stopped first; its own error line says why", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"{prefix}: {err}; the last checkpoint saved is intact", file=sys.stderr)
+        print(f"{prefix}: {err}; any checkpoint saved before is intact", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)

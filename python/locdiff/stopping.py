@@ -8,9 +8,17 @@ scheduler sees an interrupted job, not a finished one); a second stops at once b
 """
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Seconds within which a worker under torchrun takes the same signal again as the same request.
+DUPLICATE_WINDOW_S = 5.0
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
 class Interrupted(KeyboardInterrupt):
@@ -31,6 +39,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum: int | None = None
+        self._first_at = 0.0
         self._old = {}
 
     @property
@@ -47,8 +56,14 @@ class StopSignals:
 
     def _handle(self, signum, _frame):
         if self.signum is not None:
-            raise Interrupted(signum)
-        self.signum = signum
+            # Under torchrun a scheduler's SIGTERM to every process of the job reaches each
+            # worker twice (directly and forwarded by the agent): the same signal soon after
+            # is that one request, not a second.
+            if not (signum == self.signum and _under_torchrun()
+                    and time.monotonic() - self._first_at < DUPLICATE_WINDOW_S):
+                raise Interrupted(signum)
+            return
+        self.signum, self._first_at = signum, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
