@@ -192,12 +192,14 @@ def test_config_of_another_format_version(data, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("command", ["predict", "evaluate", "predict-gallery"])
 def test_predict_and_evaluate_merge_in_input_order(data, one_process, tmp_path, command):
+    # predict-gallery: LocDiff-H, whose gallery rank 0 alone loads and searches.
     def args(out):
-        if command == "predict":
+        if command.startswith("predict"):
+            gallery = ["--gallery-embeddings", data / "emb.npy", "--gallery-coords", data / "coords.npy"]
             return ["predict", "--run-dir", one_process, "--embeddings", data / "emb.npy", "--out", out,
-                    "--top-k", "2", "--device", "cpu"]
+                    "--top-k", "2", "--device", "cpu", *(gallery if command == "predict-gallery" else [])]
         return ["evaluate", "--run-dir", one_process, "--embeddings", data / "emb.npy", "--coords",
                 data / "coords.npy", "--json", out, "--device", "cpu"]
     # --run-dir: torchrun's parser would take --run for its --run-path. Batches of 16 rows: the 96 rows are split 3 + 3 batches between the processes.
@@ -206,7 +208,7 @@ def test_predict_and_evaluate_merge_in_input_order(data, one_process, tmp_path, 
     finish(_locdiff(*args(tmp_path / "a" / "out")))
     finish(_locdiff(*args(tmp_path / "b" / "out"), nproc=2))
     one, two = (tmp_path / "a" / "out").read_text(), (tmp_path / "b" / "out").read_text()
-    if command == "predict":
+    if command.startswith("predict"):
         assert one == two and len(one.splitlines()) == 97
     else:
         a, b = json.loads(one), json.loads(two)

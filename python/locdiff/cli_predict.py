@@ -159,7 +159,7 @@ def cmd_evaluate(args) -> int:
         (lambda msg: print(f"locdiff evaluate: {msg}", file=sys.stderr, flush=True))
     emb, coords = load_pair(args.embeddings, args.coords, log=note)
     check_dim(emb, args.embeddings, pred, args.run)
-    hybrid = _hybrid(args, pred)
+    hybrid = _hybrid(args, pred) if distributed.is_main() else None  # rank 0 alone answers with it
     done = sharded_predict(pred, emb, progress=distributed.is_main(), **sampling)
     if not distributed.is_main():
         return 0
@@ -215,9 +215,12 @@ def _predict_embeddings(args, dev, out, png) -> int:
     emb = open_embeddings(args.embeddings)
     check_dim(emb, args.embeddings, pred, args.run)
     check_finite_embeddings(args.embeddings)
-    hybrid = _hybrid(args, pred)
-    # The vectors (K floats a row, 10 KB at L = 32) only where something reads them.
-    needs_coeffs = hybrid is not None or k > 0 or bool(png)
+    # The gallery on rank 0 alone, which answers with it (on GPUs each rank's copy took the
+    # gallery's memory again).
+    hybrid = _hybrid(args, pred) if distributed.is_main() else None
+    # The vectors (K floats a row, 10 KB at L = 32) only where something reads them; decided
+    # from the flags, alike on every rank, since the ranks' outputs are gathered.
+    needs_coeffs = _gallery_paths(args) is not None or k > 0 or bool(png)
     res = sharded_predict(pred, emb, top_k=k, progress=distributed.is_main(), coeffs=needs_coeffs, **sampling)
     if not distributed.is_main():
         return 0

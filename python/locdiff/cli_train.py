@@ -51,10 +51,20 @@ def _run_config_text(out: Path) -> tuple[str | None, bool]:
         if path.is_file():
             data = b"C" + path.read_text(encoding="utf-8", errors="replace").encode()
         else:
+            from locdiff.train import check_resumable
+
             names = [p.name for p in out.iterdir()] if out.is_dir() else []
             started = LOCK_FILE in names and all(n == LOCK_FILE or RUN_TEMP.fullmatch(n) for n in names)
-            data = b"S" if started else b"N"
+            data = b"S"
+            if not started:
+                try:
+                    check_resumable(out)
+                    data = b"N"
+                except DataError as err:  # every rank says it, not only rank 0
+                    data = b"E" + str(err).encode()
     data = distributed.broadcast_bytes(data)
+    if data[:1] == b"E":
+        raise DataError(data[1:].decode())
     return (data[1:].decode() or None) if data[:1] == b"C" else None, data == b"S"
 
 
