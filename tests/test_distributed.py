@@ -164,3 +164,22 @@ def test_a_launcher_started_with_on_parent_death_ends_with_its_parent():
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the child outlived its killed parent")
+
+
+def test_shutdown_takes_a_peer_that_left_as_done(monkeypatch):
+    # A SIGTERM during rank 0's final calibration stopped rank 1, and rank 0's closing
+    # barrier raised a traceback after its work and checkpoint were done.
+    from locdiff import distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    left = []
+
+    def barrier():
+        raise RuntimeError(f"[../gloo/transport/tcp/pair.cc] {distributed._PEER_GONE[0]}")
+    monkeypatch.setattr(distributed.dist, "barrier", barrier)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: left.append(1))
+    distributed.shutdown(wait=True)
+    assert left == [1]
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    with pytest.raises(RuntimeError, match="a real bug"):
+        distributed.shutdown(wait=True)

@@ -118,7 +118,11 @@ def shutdown(wait: bool = False) -> None:
     left first can abort at exit); only where every rank got here without an error."""
     if is_distributed():
         if wait:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError as err:  # a peer stopped by a signal meanwhile: this rank's work is done
+                if not peer_left(err):
+                    raise
         dist.destroy_process_group()
 
 
