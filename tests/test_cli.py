@@ -209,6 +209,9 @@ def test_demo_plumbing(tmp_path, capsys, monkeypatch):
     task = P.PlacesTask(emb, coords, [f"place {i}" for i in range(n)], groups, P.split_groups(groups, 0.2, 0))
     asked = {}
     monkeypatch.setattr(P, "load_places", lambda **kw: asked.update(kw) or task)
+    import locdiff.cli_common as CC  # the synthetic task needs none of the demo extra's packages
+
+    monkeypatch.setattr(CC, "_missing", lambda module: False)
     monkeypatch.setenv("LOCDIFF_DEMO_MINUTES", "0.05")
     code, out, _ = run_cli(capsys, "demo", "--out", tmp_path / "demo", "--split-seed", "3", "--text", "name")
     assert code == 0

@@ -26,8 +26,8 @@ def cmd_demo(args) -> int:
     for flag, value in (("--seed", args.seed), ("--split-seed", args.split_seed)):
         if value < 0:
             raise CliError(f"{flag} {value}: expected an integer >= 0")
-    require_packages("demo")  # before the folder is made
     check_run_folder(args.out)  # a file or an unwritable place: before the minutes of work
+    require_packages("demo")  # before the folder is made
     run_demo(args.out, split=args.split, device=args.device, seed=args.seed, split_seed=args.split_seed,
              variant=args.text)
     return 0
