@@ -40,28 +40,23 @@ def _keys(data: dict) -> list[str]:
 
 
 def _run_config_text(out: Path) -> tuple[str | None, bool]:
-    """Rank 0 reads the run's config.json (the run folder is rank 0's); every rank gets it,
-    and whether the folder is a run killed before it wrote anything (its lock, temporaries)."""
+    """For ``--resume``: rank 0 reads the run's config.json (the run folder is rank 0's) and
+    every rank gets it, or learns that the folder is a run killed before it wrote anything
+    (only its lock and temporaries: True), or raises the same error as rank 0."""
     from locdiff.run import CONFIG_FILE
-    from locdiff.runfolder import LOCK_FILE, RUN_TEMP
+    from locdiff.runfolder import LOCK_FILE, entries_besides_lock
+    from locdiff.train import check_resumable
 
     data = None
     if distributed.is_main():
-        path = out / CONFIG_FILE
-        if path.is_file():
-            data = b"C" + path.read_text(encoding="utf-8", errors="replace").encode()
-        else:
-            from locdiff.train import check_resumable
-
-            names = [p.name for p in out.iterdir()] if out.is_dir() else []
-            started = LOCK_FILE in names and all(n == LOCK_FILE or RUN_TEMP.fullmatch(n) for n in names)
+        if not (out / CONFIG_FILE).is_file() and (out / LOCK_FILE).exists() and not entries_besides_lock(out):
             data = b"S"
-            if not started:
-                try:
-                    check_resumable(out)
-                    data = b"N"
-                except DataError as err:  # every rank says it, not only rank 0
-                    data = b"E" + str(err).encode()
+        else:
+            try:
+                check_resumable(out)
+                data = b"C" + (out / CONFIG_FILE).read_text(encoding="utf-8", errors="replace").encode()
+            except DataError as err:  # every rank says it, not only rank 0
+                data = b"E" + str(err).encode()
     data = distributed.broadcast_bytes(data)
     if data[:1] == b"E":
         raise DataError(data[1:].decode())
@@ -147,7 +142,7 @@ def cmd_train(args) -> int:
     from locdiff.encoder import record_encoder
     from locdiff.devices import resolve_device
     from locdiff.runfolder import check_run_folder
-    from locdiff.train import check_resumable, train
+    from locdiff.train import train
 
     dev = resolve_device(args.device)
     # The process group first: under torchrun every rank checks the same settings.
@@ -160,8 +155,6 @@ def cmd_train(args) -> int:
             print(f"locdiff train: note: {out} holds no config.json or checkpoint yet (a run stopped before it "
                   "saved anything); starting at step 0", file=sys.stderr)
         args.resume = False
-    if args.resume and distributed.is_main():
-        check_resumable(out)  # before the data flags it would otherwise ask for
     cfg, origin = resolve_settings(args, base)
     _check(cfg, origin, dev, distributed.world_size())
     if cfg.train.tensorboard:

@@ -119,6 +119,15 @@ def foreign_entries(run_dir) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not (RUN_ENTRIES.fullmatch(p.name) or RUN_TEMP.fullmatch(p.name)))
 
 
+def entries_besides_lock(run_dir) -> list[str]:
+    """The names in ``run_dir`` other than its lock and atomic writes' temporaries (sorted):
+    what a run that has written nothing yet leaves is only those."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE and not RUN_TEMP.fullmatch(p.name))
+
+
 def clean_stale_temp(run_dir) -> list[Path]:
     """Remove the temporary files of atomic writes of a run's files (``.NAME.*.tmp``) that a
     killed process left; call with the run's lock held, so that no live writer owns them."""

@@ -202,13 +202,9 @@ def _check_not_foreign(run_dir: Path, has_cfg: bool) -> None:
     """A new run may reuse a run's folder (one stopped before its first checkpoint), never
     overwrite a folder of the user's own files. A run writes config.json first: without it,
     files named as a run's (a train.toml to train from, say) are the user's."""
-    from locdiff.runfolder import LOCK_FILE, RUN_TEMP, foreign_entries
+    from locdiff.runfolder import entries_besides_lock, foreign_entries
 
-    if has_cfg:
-        foreign = foreign_entries(run_dir)
-    else:
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE and not RUN_TEMP.fullmatch(p.name)) \
-            if run_dir.is_dir() else []
+    foreign = foreign_entries(run_dir) if has_cfg else entries_besides_lock(run_dir)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise DataError(f"{run_dir}: holds files that no locdiff run writes ({shown}); train into an empty or "
