@@ -505,13 +505,14 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     t = check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    for name, flat in (("pred", p), ("target", q)):
-        bound = kl_exponent_bound(flat, t)
-        if flat.shape[0] and float(bound.max()) > KL_MAX_EXPONENT:
-            b = int(bound.argmax())
-            raise ValueError(f"{name} row {b}: |f| / temperature may reach {float(bound[b]):.3g}, past "
-                             f"{KL_MAX_EXPONENT:g}, where the KL loses its digits in float64; expected vectors "
-                             "of a smaller scale or a higher temperature")
+    bp, bq = kl_exponent_bound(p, t), kl_exponent_bound(q, t)
+    both = torch.cat([bp, bq.to(bp)])
+    if both.numel() and float(both.max()) > KL_MAX_EXPONENT:  # one reduction, one device sync for both
+        name, bound = ("pred", bp) if bp.numel() and float(bp.max()) > KL_MAX_EXPONENT else ("target", bq)
+        b = int(bound.argmax())
+        raise ValueError(f"{name} row {b}: |f| / temperature may reach {float(bound[b]):.3g}, past "
+                         f"{KL_MAX_EXPONENT:g}, where the KL loses its digits in float64; expected vectors "
+                         "of a smaller scale or a higher temperature")
     grid = _normalizer_grid(grid, degree, t, p, q)
     if not grid.is_ring:
         raise ValueError(f"kl_divergence needs a ring grid (equiangular or gauss_legendre), got {grid.kind}")
