@@ -45,22 +45,19 @@ def run(op: str, like: Tensor, *args, bwd: bool = False):
     if like.device.type == "cpu":
         return kernel(*args, torch.get_num_threads(), dtype_tag(like))
     with torch.cuda.device(like.device):
-        try:
-            return kernel(*args, torch.cuda.current_stream(like.device).cuda_stream, dtype_tag(like))
-        except RuntimeError as err:
-            if SCRATCH_OOM not in str(err):
-                raise
-        # The kernels' scratch buffers come from the driver, beside torch's cache: hand that
-        # back and try once more, then fail as torch does when memory runs out.
-        torch.cuda.empty_cache()
-        try:
-            return kernel(*args, torch.cuda.current_stream(like.device).cuda_stream, dtype_tag(like))
-        except RuntimeError as err:
-            if SCRATCH_OOM not in str(err):
-                raise
-            raise torch.OutOfMemoryError(f"locdiff {op} on {like.device}: no GPU memory for its scratch buffers "
-                                         f"(up to 128 MB per grid) even after torch.cuda.empty_cache(); use "
-                                         "smaller batches or free GPU memory") from None
+        # The kernels' scratch buffers come from the driver, beside torch's cache: on running
+        # out, hand that back and try once more, then fail as torch does.
+        for attempt in (1, 2):
+            try:
+                return kernel(*args, torch.cuda.current_stream(like.device).cuda_stream, dtype_tag(like))
+            except RuntimeError as err:
+                if SCRATCH_OOM not in str(err):
+                    raise
+            if attempt == 1:
+                torch.cuda.empty_cache()
+        raise torch.OutOfMemoryError(f"locdiff {op} on {like.device}: no GPU memory for its scratch buffers "
+                                     f"(up to 128 MB per grid) even after torch.cuda.empty_cache(); use "
+                                     "smaller batches or free GPU memory")
 
 
 def _one_thread_in_forked_child() -> None:
