@@ -19,9 +19,15 @@ import torch
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 
 
+def check_count(value, name: str) -> int:
+    """``value`` as an int >= 1 (numpy integers too), or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
 def check_top_k_args(k, min_separation_km) -> tuple[int, float]:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    check_count(k, "k")
     if isinstance(min_separation_km, bool) or not (isinstance(min_separation_km, numbers.Real)
                                                    and math.isfinite(min_separation_km) and min_separation_km >= 0):
         raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from locdiff.baselines.candidates import check_top_k_args, separated_top_k
+from locdiff.baselines.candidates import check_count, check_top_k_args, separated_top_k
 from locdiff.geo import latlon_to_xyz, xyz_to_latlon
 from locdiff.metrics import check_latlon
 
@@ -45,8 +45,7 @@ def _check_mixture_args(k, temperature, kappa=None) -> None:
     """ValueError naming the first of ``k`` (int >= 1), ``temperature`` (> 0) and ``kappa``
     (>= 0, 0 being the uniform density) that is out of range: k = 0 gave -inf densities,
     temperature 0 NaN weights, and a negative temperature silently favoured dissimilar places."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    check_count(k, "k")
     if isinstance(temperature, bool) or not (isinstance(temperature, (int, float, np.number))
                                              and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")

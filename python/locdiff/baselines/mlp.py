@@ -82,8 +82,8 @@ def predict_batches(net: nn.Module | None, x, batch: int = 4096) -> torch.Tensor
     A ValueError names a query of the wrong shape, a RuntimeError a model not fitted."""
     if net is None:
         raise RuntimeError("the baseline is not fitted yet: call fit(emb, coords) first")
-    first = next(m for m in net.modules() if isinstance(m, nn.Linear))
-    last = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    first, last = linears[0], linears[-1]
     if np.ndim(x) != 2 or np.shape(x)[1] != first.in_features:
         raise ValueError(f"query embeddings must have shape (N, {first.in_features}) like the training ones, "
                          f"got {tuple(np.shape(x))}")
