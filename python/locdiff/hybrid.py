@@ -149,11 +149,6 @@ class Hybrid:
         self.index = index or NeighbourIndex(gallery_emb, gallery_coords, device=device)
         self.config = config or HybridConfig()
 
-    def _prepare(self, coeffs, temperature: float, emb, points, neighbours: int,
-                 bandwidths_km=()) -> list[dict]:
-        """:meth:`_parts` held at once, for the fit, which goes over them per setting."""
-        return list(self._parts(coeffs, temperature, emb, points, neighbours, bandwidths_km))
-
     def _parts(self, coeffs, temperature: float, emb, points, neighbours: int, bandwidths_km=()):
         """Per batch of 256 rows, what every setting needs: similarities (b, k), gallery
         locations mu (b, k, 3), the extra points (b, P, 3) given by ``points(slice)``, log q
@@ -331,9 +326,10 @@ class Hybrid:
             raise ValueError(f"groups must have one entry per validation place ({len(coords)}), "
                              f"got shape {groups.shape}")
         k = self.config.neighbours
-        at_mode = self._prepare(coeffs, temperature, emb, self._points(model_latlon, len(emb), "model_latlon"), k)
-        at_truth = self._prepare(coeffs, temperature, emb, self._points(coords, len(emb), "coords"), k, bandwidths_km) \
-            if objective == "nll" else None
+        # Held at once: the fit goes over the same parts once per setting.
+        at_mode = list(self._parts(coeffs, temperature, emb, self._points(model_latlon, len(emb), "model_latlon"), k))
+        at_truth = list(self._parts(coeffs, temperature, emb, self._points(coords, len(emb), "coords"), k,
+                                    bandwidths_km)) if objective == "nll" else None
 
         def errors(cfg):
             return np.asarray(great_circle_km(self._choose(at_mode, cfg), coords))
