@@ -157,17 +157,16 @@ def test_reverse_geocoding():
     assert [out[1][0]["country_code"], out[1][1]["country_code"]] == ["AU", "JP"]
 
 
-@pytest.mark.parametrize("sharpness", [4.0, 16.0, 46.0, 150.0])
-def test_credible_radii_of_exact_shdds_match_a_1d_integral(sharpness):
+@pytest.mark.parametrize("L, sharpness", [(16, 4.0), (16, 16.0), (16, 46.0), (16, 150.0), (16, 1000.0), (8, 2000.0)])
+def test_credible_radii_of_exact_shdds_match_a_1d_integral(L, sharpness):
     # An exact SHDD's density depends on the angle to its point alone, so its credible
     # regions are caps whose radii a 1-D integral gives, the same at every point, poles too.
-    # Cells of 2x the decode resolution had put them up to 90 % off.
+    # Cells of 2x the decode resolution had put them up to 90 % off; a 16x cap, 68 % at 1000.
     from scipy.integrate import cumulative_trapezoid
     from scipy.special import eval_legendre
 
-    L = 16
     t = (L + 1) ** 2 / (4 * math.pi) / sharpness
-    theta = np.linspace(0, math.pi, 200_001)
+    theta = np.linspace(0, math.pi, 400_001)
     f = sum((2 * l + 1) * eval_legendre(l, np.cos(theta)) for l in range(L + 1)) / (4 * math.pi)
     mass = cumulative_trapezoid(np.exp(f / t - f.max() / t) * np.sin(theta), theta, initial=0)
     reference = [EARTH_RADIUS_KM * np.interp(q * mass[-1], mass, theta) for q in (0.5, 0.9)]
@@ -179,6 +178,17 @@ def test_credible_radii_of_exact_shdds_match_a_1d_integral(sharpness):
     # An exact SHDD's side lobes hold almost nothing once sharpened: one basin has it all.
     if sharpness >= 16:
         np.testing.assert_allclose(summarize(c, modes, t, geocode=False).probability[:, 0], 1.0, atol=2e-3)
+
+
+def test_credible_grid_follows_its_rule_wherever_calibration_can_go():
+    # Calibration stops at the normaliser's sharpest (shdd.normalizer_max_sharpness); the
+    # credible regions stay resolved up to there, and never take more than MAX_CELLS cells.
+    from locdiff.answers import MAX_CELLS, credible_max_sharpness
+
+    for L in (1, 4, 16, 32, 64, 128):
+        sharpest = credible_max_sharpness(L)
+        assert sharpest >= shdd.normalizer_max_sharpness(L), L
+        assert math.prod(grids.ring_shape(L, 1.2 * math.sqrt(sharpest))) <= MAX_CELLS
 
 
 def test_density_rows_kept_on_request():

@@ -52,7 +52,10 @@ _CHUNK_CELLS = 1 << 20  # rows x grid cells handled at once (under 100 MB with t
 # 1.2 sqrt(f0 / t) x on Gauss-Legendre rings keeps it within 4 % (docs/photos.md, "Answers").
 # Basins climb on the 2x grid (the valleys between them need no finer cells) and sum their
 # masses on the credible grid, where two equal lobes share the mass equally wherever they fall.
-MIN_OVERSAMPLE, MAX_OVERSAMPLE = 2.0, 16.0
+# A budget of cells rather than a cap on the oversampling: the rule then holds up to the
+# sharpest temperature calibration chooses at L <= 128, and no degree takes more memory
+# (docs/photos.md, "Answers").
+MIN_OVERSAMPLE, MAX_CELLS = 2.0, 1 << 23
 
 
 def top_k_limit(degree: int) -> int:
@@ -70,8 +73,27 @@ def default_grid(degree: int) -> grids.Grid:
 def credible_grid(degree: int, temperature: float) -> grids.Grid:
     """The ring grid of the credible regions of ``softmax(f / temperature)``, degree L."""
     sharpness = shdd.exact_peak(degree) / shdd.check_temperature(temperature)
-    oversample = min(MAX_OVERSAMPLE, max(MIN_OVERSAMPLE, 1.2 * math.sqrt(sharpness)))
-    return grids.for_degree(degree, "gauss_legendre", oversample=oversample)
+    return grids.for_degree(degree, "gauss_legendre", oversample=_credible_oversample(degree, sharpness))
+
+
+def _credible_oversample(degree: int, sharpness: float) -> float:
+    """1.2 sqrt(sharpness) x the decode resolution, within MIN_OVERSAMPLE and MAX_CELLS."""
+    return max(MIN_OVERSAMPLE, min(1.2 * math.sqrt(sharpness), _largest_oversample(degree)))
+
+
+@functools.lru_cache(maxsize=None)
+def _largest_oversample(degree: int) -> float:
+    """The largest oversampling (in steps of 5 %) whose ring grid has at most MAX_CELLS cells."""
+    oversample = MIN_OVERSAMPLE
+    while math.prod(grids.ring_shape(degree, oversample * 1.05)) <= MAX_CELLS:
+        oversample *= 1.05
+    return oversample
+
+
+def credible_max_sharpness(degree: int) -> float:
+    """The sharpness f0 / t up to which :func:`credible_grid` follows its rule at ``degree``:
+    past it the grid stops at MAX_CELLS cells and narrow regions are resolved to its spacing."""
+    return (_largest_oversample(degree) / 1.2) ** 2
 
 
 def _ring(grid, degree: int) -> grids.Grid:
