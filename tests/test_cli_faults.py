@@ -38,7 +38,8 @@ def test_an_output_never_replaces_an_input_or_the_run(files, tmp_path, capsys):
     (["--sampler", "ddim", "--sample-steps", "51"], "--sample-steps 51: steps must be in [1, 50] for DDIM"),
     (["--guidance", "nan"], "--guidance nan: guidance must be a finite number"),
     (["--guidance", "1e30"], "--guidance 1e+30: guidance must be a finite number in [-1e+06, 1e+06]"),
-    (["--sampler", "ddim", "--eta", "-3"], "--eta -3.0: eta must be a finite number in [0, inf]"),
+    (["--sampler", "ddim", "--eta", "-3"], "--eta -3.0: eta must be a finite number in [0, 1]"),
+    (["--sampler", "ddim", "--eta", "1.5"], "--eta 1.5: eta must be a finite number in [0, 1]"),
     (["--samples", "0"], "--samples 0: samples must be an int >= 1"),
     (["--sampler", "ddpm", "--samples", "100000000000"], "use fewer --samples"),
 ])

@@ -15,17 +15,26 @@ def test_linear_schedule_closed_form():
     torch.testing.assert_close(s.betas[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
     expected = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     torch.testing.assert_close(s.alphas_cumprod, expected)
-    # Rescaled for fewer steps: same end-point SNR range, roughly.
-    s100 = get_linear_schedule(100)
-    assert abs(math.log(s100.alphas_cumprod[-1]) / math.log(s.alphas_cumprod[-1]) - 1) < 0.1
+    # Fewer steps are points of the same curve: its first and last abar, and between them
+    # the original's at the same fraction of the way (log-interpolated between its steps).
+    for n in (10, 100, 2000):  # (below 6 steps the beta clip binds at the last step)
+        ab = get_linear_schedule(n).alphas_cumprod
+        torch.testing.assert_close(ab[[0, -1]], expected[[0, -1]], rtol=1e-9, atol=0)
+        i = n // 3
+        pos = 999 * i / (n - 1)
+        lo, frac = int(pos), pos - int(pos)
+        want = math.exp((1 - frac) * math.log(expected[lo]) + frac * math.log(expected[lo + 1]))
+        assert float(ab[i]) == pytest.approx(want, rel=1e-9), n
 
 
-def test_cosine_schedule_closed_form():
-    n, s_ = 200, 0.008
+@pytest.mark.parametrize("n", [200, 1000])
+def test_cosine_schedule_closed_form(n):
+    # Eq. 17 at u = t / 1000 for the 1000 steps; n steps from the first to the last of them.
+    s_ = 0.008
     s = get_cosine_schedule(n, s=s_)
-    t = torch.arange(1, n + 1, dtype=torch.float64)
-    f = lambda u: torch.cos((u / n + s_) / (1 + s_) * math.pi / 2) ** 2  # noqa: E731
-    expected = f(t) / f(torch.zeros(1, dtype=torch.float64))
+    u = (1 + 999 * torch.arange(n, dtype=torch.float64) / (n - 1)) / 1000
+    f = lambda u: torch.cos((u + s_) / (1 + s_) * math.pi / 2) ** 2  # noqa: E731
+    expected = f(u) / f(torch.zeros(1, dtype=torch.float64))
     # Equal until the beta clip at the very end.
     torch.testing.assert_close(s.alphas_cumprod[:-1], expected[:-1], rtol=1e-10, atol=1e-12)
     assert (s.betas > 0).all() and (s.betas <= 0.999).all()
@@ -80,6 +89,37 @@ def test_ddim_with_every_timestep_at_eta_1_is_ddpm(schedule):
     a = sample_ddpm(model, x, s, prediction="x0", generator=torch.Generator().manual_seed(1))
     b = sample_ddim(model, x, s, steps=100, eta=1.0, prediction="x0", generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("n", [2, 10])
+def test_few_steps_span_the_whole_noise_range(name, n):
+    # Rescaled betas drove the linear schedule's last abar to 1e-17 at n = 10: a float32 eps
+    # prediction then gave 0 for the clean vector. A 2-step cosine schedule started at 0.49.
+    s = get_schedule(name, n)
+    assert float(s.alphas_cumprod[0]) > 0.9998 and float(s.alphas_cumprod[-1]) < 2e-3
+    target = torch.full((3, 4), 0.2)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+
+    def exact_eps(x, t):  # data = the point ``target``: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+        a = s.abar(t, x.dtype)[:, None]
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+    out = sample_ddim(exact_eps, x, s, steps=1, prediction="eps")
+    torch.testing.assert_close(out, target, atol=2e-3, rtol=0)
+
+
+def test_ddim_refuses_eta_past_one():
+    # Past 1 sigma^2 exceeds 1 - abar_prev: the step adds more noise than the marginal holds.
+    s = get_cosine_schedule(10)
+    x = torch.zeros(2, 3)
+    for bad in (1.01, 5.0, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match=f"eta must be a number in \\[0, 1\\], got {bad!r}"):
+            sample_ddim(lambda x, t: x, x, s, steps=3, eta=bad, prediction="x0")
+    from locdiff.ranges import SettingError, check_section
+    from locdiff.run import PredictConfig
+
+    with pytest.raises(SettingError, match="predict.eta = 2.0: expected a number in \\[0, 1\\]"):
+        check_section("predict", PredictConfig(eta=2.0))
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 10, 19, 20, 50, 1000])

@@ -98,6 +98,36 @@ def test_checkpoint_round_trip(tmp_path):
         train(emb, coords, tmp_path / "run", tiny_config(steps=5), progress=False)
 
 
+def test_a_checkpoint_holds_its_noise_schedule(tmp_path):
+    # The network learned each timestep's noise level: a config edited to another schedule,
+    # or a checkpoint from before the record with other than 1,000 steps, is refused.
+    from safetensors.torch import save as st_save
+
+    from locdiff.run import SCHEDULE_KEY, tensors_digest
+
+    emb, coords = synthetic(200)
+    run = tmp_path / "run"
+    train(emb, coords, run, tiny_config(steps=2), progress=False)
+    tensors, meta = load_checkpoint(run)
+    torch.testing.assert_close(tensors[SCHEDULE_KEY], DiffusionConfig(timesteps=100).make_schedule().alphas_cumprod)
+    raw = json.loads((run / CONFIG_FILE).read_text())
+
+    def set_timesteps(n):
+        raw["diffusion"]["timesteps"] = n
+        (run / CONFIG_FILE).write_text(json.dumps(raw))
+    set_timesteps(200)
+    with pytest.raises(DataError, match="trained under another noise schedule \\(100 steps\\) than config.json's "
+                                        "diffusion.schedule = 'cosine', timesteps = 200 gives"):
+        load_model(run)
+    set_timesteps(100)
+    old = {k: v for k, v in tensors.items() if k != SCHEDULE_KEY}
+    (run / CHECKPOINT_FILE).write_bytes(st_save(old, metadata={**meta, "sha256": tensors_digest(old)}))
+    with pytest.raises(DataError, match="trained under the 100-step cosine schedule of an earlier locdiff"):
+        load_model(run)
+    set_timesteps(1000)  # 1000-step schedules are the same as before the record
+    load_model(run)
+
+
 class CrashingRows:
     """Embeddings that raise on the n-th batch read, like a process killed mid-run."""
 

@@ -82,7 +82,7 @@ class Predictor:
         if s["sampler"] == "ddim" and s["steps"] > len(self.schedule):
             raise ValueError(f"steps must be in [1, {len(self.schedule)}] for DDIM (the run's diffusion timesteps), "
                              f"got {s['steps']}")
-        for name, lo, hi in (("guidance", -MAX_GUIDANCE, MAX_GUIDANCE), ("eta", 0.0, math.inf)):
+        for name, lo, hi in (("guidance", -MAX_GUIDANCE, MAX_GUIDANCE), ("eta", 0.0, 1.0)):
             v = s[name]
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not (
                     math.isfinite(v) and lo <= v <= hi):

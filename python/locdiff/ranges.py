@@ -79,7 +79,7 @@ RULES = {
               "val_size": _int(0), "checkpoint_every": _int(0), "checkpoint_minutes": _num(0, lo_open=True),
               "seed": _int(0, 2**63 - 1), "accumulate": _int(1), "keep_checkpoints": _int(1), "log_every": _int(1)},
     "data": {"workers": _optional(_int(0)), "prefetch": _int(1)},
-    "predict": {"steps": _int(1), "samples": _int(1), "guidance": _num(-MAX_GUIDANCE, MAX_GUIDANCE), "eta": _num(0),
+    "predict": {"steps": _int(1), "samples": _int(1), "guidance": _num(-MAX_GUIDANCE, MAX_GUIDANCE), "eta": _num(0, 1),
                 "temperature": _num(0, lo_open=True), "batch_size": _int(1), "coarse_degree": _optional(_int(1))},
 }
 

@@ -25,12 +25,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from locdiff.data.files import DataError, atomic_write_bytes
-from locdiff.diffusion import EMA, DiffusionConfig
+from locdiff.diffusion import EMA, DiffusionConfig, Schedule
+from locdiff.diffusion.schedules import REFERENCE_STEPS
 from locdiff.models import CSUNet, CSUNetConfig
 from locdiff.ops import validation
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+SCHEDULE_KEY = "schedule.alphas_cumprod"  # in checkpoints, beside the weights
 # 2: the density head, v prediction and the degree-resolving SHDD-KL (runs of version 1
 # were trained with another loss and decode differently).
 FORMAT_VERSION = 2
@@ -207,11 +209,13 @@ def tensors_digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def checkpoint_bytes(net, ema: EMA, opt, state: dict) -> bytes:
+def checkpoint_bytes(net, ema: EMA, opt, state: dict, schedule: Schedule | None = None) -> bytes:
     """One safetensors file with weights (``model.``), EMA weights (``ema.``), optimizer
-    tensors (``optim.<param>.<name>``) and as metadata the JSON training state and the
-    tensors' SHA-256."""
+    tensors (``optim.<param>.<name>``), the noise schedule's abar (:data:`SCHEDULE_KEY`) and
+    as metadata the JSON training state and the tensors' SHA-256."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if schedule is not None:
+        tensors[SCHEDULE_KEY] = schedule.alphas_cumprod.detach().cpu().contiguous()
     tensors.update({f"ema.{k}": v.cpu().contiguous() for k, v in ema.state_dict().items()})
     osd = opt.state_dict()
     for pid, st in osd["state"].items():
@@ -224,9 +228,9 @@ def checkpoint_bytes(net, ema: EMA, opt, state: dict) -> bytes:
     return st_save(tensors, metadata=meta)
 
 
-def save_checkpoint(run_dir, net, ema: EMA, opt, state: dict) -> None:
+def save_checkpoint(run_dir, net, ema: EMA, opt, state: dict, schedule: Schedule | None = None) -> None:
     """:func:`checkpoint_bytes` written atomically to the run's checkpoint file."""
-    atomic_write_bytes(Path(run_dir) / CHECKPOINT_FILE, checkpoint_bytes(net, ema, opt, state))
+    atomic_write_bytes(Path(run_dir) / CHECKPOINT_FILE, checkpoint_bytes(net, ema, opt, state, schedule))
 
 
 def parse_checkpoint(data: bytes, path) -> tuple[dict, dict]:
@@ -263,6 +267,26 @@ def load_checkpoint(run_dir, name: str = CHECKPOINT_FILE) -> tuple[dict, dict]:
     return parse_checkpoint(path.read_bytes(), path)
 
 
+def check_schedule(tensors: dict, path, config: RunConfig) -> None:
+    """A DataError unless the noise schedule the weights were trained under (recorded in
+    the checkpoint) is the one ``config`` gives: the network has learned what each timestep's
+    noise level is, and a sampler on another schedule feeds it levels it never saw."""
+    dc = config.diffusion
+    held = tensors.get(SCHEDULE_KEY)
+    if held is None:
+        # Checkpoints from before the record: 1000-step schedules are unchanged since, and
+        # shorter ones were the betas rescaled by 1000 / n (docs/model.md, "Noise schedules").
+        if dc.timesteps != REFERENCE_STEPS:
+            raise DataError(f"{path}: trained under the {dc.timesteps}-step {dc.schedule} schedule of an earlier "
+                            f"locdiff, whose noise levels differ from this version's; train the run again")
+        return
+    want = dc.make_schedule().alphas_cumprod
+    if held.shape != want.shape or not torch.allclose(held.to(want.dtype), want, rtol=1e-6, atol=0):
+        raise DataError(f"{path}: trained under another noise schedule ({len(held)} steps) than {CONFIG_FILE}'s "
+                        f"diffusion.schedule = {dc.schedule!r}, timesteps = {dc.timesteps} gives; restore the "
+                        "run's own config.json")
+
+
 def _load_weights(net, sd: dict, path, config: RunConfig) -> None:
     bad = next((k for k, v in sd.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
@@ -287,6 +311,8 @@ def _load_weights(net, sd: dict, path, config: RunConfig) -> None:
 def restore(tensors: dict, meta: dict, net, ema: EMA, opt, path=CHECKPOINT_FILE, config=None) -> dict:
     """Load a checkpoint's weights, EMA and optimizer state; returns the training state."""
     cfg = config or RunConfig(model=net.config)
+    if config is not None:
+        check_schedule(tensors, path, config)
     _load_weights(net, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path, cfg)
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")},
                         int(meta.get("ema_updates", 0)))
@@ -307,6 +333,7 @@ def load_model(run_dir, device="cpu", ema: bool = True) -> tuple[CSUNet, RunConf
     device = validation.check_device(device)
     config, raw = read_config(run_dir)
     tensors, _ = load_checkpoint(run_dir)
+    check_schedule(tensors, Path(run_dir) / CHECKPOINT_FILE, config)
     net = CSUNet(config.model)
     prefix = "ema." if ema else "model."
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

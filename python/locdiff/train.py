@@ -458,7 +458,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         if not _finite_weights(net):  # never replace a good checkpoint with a diverged one
             raise _diverged(step, float("nan"), keeper, tc, 0, False)
         state.update(step=step, elapsed_s=elapsed(), recent=list(recent), world_size=world, accumulate=tc.accumulate)
-        return checkpoint_bytes(net, ema, opt, state)
+        return checkpoint_bytes(net, ema, opt, state, schedule)
 
     # In a job's log (no terminal) a line every 30 s, not one a step: a million steps wrote 86 MB.
     bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not (progress and main),

@@ -110,7 +110,11 @@ def sample_ddim(model, x: torch.Tensor, schedule: Schedule, steps: int = 10, eta
     """DDIM (Song et al. 2021, Eq. 12) on ``steps`` timesteps ``t_k`` of :func:`ddim_timesteps`:
     ``x_{prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z``,
     ``sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)`` (Eq. 16);
-    ``eta = 0`` is deterministic, ``eta = 1`` is DDPM-like. The last step returns ``x0_hat``."""
+    ``eta = 0`` is deterministic, ``eta = 1`` is DDPM-like. The last step returns ``x0_hat``.
+    ``eta`` must lie in [0, 1]: past 1, sigma^2 exceeds 1 - abar_prev and the step adds more
+    noise than the marginal holds."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     ts = ddim_timesteps(len(schedule), steps)
     for k, i in enumerate(ts):
         t = _t(i, x)

@@ -53,28 +53,49 @@ def _check_steps(n) -> int:
     return int(n)
 
 
+# The published schedules have 1,000 steps. A schedule of n steps takes n points of the same
+# curve from its first step to its last, so that every n spans the same signal-to-noise
+# range (abar from 0.9999 to about 4e-5 for linear, 2e-9 for cosine) and n = 1000 is the
+# original: rescaling the betas instead drove abar_(n-1) to 1e-17 at n = 10, past float32's
+# reach, and left abar_0 at 0.49 for a 2-step cosine.
+REFERENCE_STEPS = 1000
+
+
+def _positions(n: int) -> torch.Tensor:
+    """Fractional indices into the 1000-step original, 0 .. 999, of the n timesteps (the
+    last alone for n = 1)."""
+    if n == 1:
+        return torch.tensor([REFERENCE_STEPS - 1.0], dtype=torch.float64)
+    return (REFERENCE_STEPS - 1) * torch.arange(n, dtype=torch.float64) / (n - 1)
+
+
+def _from_abar(abar: torch.Tensor, max_beta: float) -> Schedule:
+    prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    return _from_betas((1 - abar / prev).clamp(max=max_beta))
+
+
 def get_linear_schedule(n: int, beta_start: float = 1e-4, beta_end: float = 0.02,
                         max_beta: float = 0.999) -> Schedule:
-    """Linear betas (Ho et al. 2020, Sec. 4), rescaled by ``1000 / n`` so that every ``n``
-    spans the same signal-to-noise range as the 1000-step original; clipped at ``max_beta``
-    as the cosine schedule is (below 20 steps the rescaled betas pass 1, and abar turns
-    negative)."""
+    """Linear betas from ``beta_start`` to ``beta_end`` over 1000 steps (Ho et al. 2020,
+    Sec. 4); other ``n`` take n points of that curve from its first step to its last, log abar
+    interpolated between steps, with betas clipped at ``max_beta`` as the cosine schedule's."""
     n = _check_steps(n)
-    scale = 1000.0 / n
-    betas = torch.linspace(beta_start * scale, beta_end * scale, n, dtype=torch.float64)
-    return _from_betas(betas.clamp(max=max_beta))
+    ref = torch.log1p(-torch.linspace(beta_start, beta_end, REFERENCE_STEPS, dtype=torch.float64)
+                      .clamp(max=max_beta)).cumsum(0)
+    pos = _positions(n)
+    lo = pos.floor().long().clamp(max=REFERENCE_STEPS - 2)
+    return _from_abar(torch.lerp(ref[lo], ref[lo + 1], pos - lo).exp(), max_beta)
 
 
 def get_cosine_schedule(n: int, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
     """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17):
-    ``abar_t = f(t) / f(0)``, ``f(t) = cos(((t/n + s) / (1 + s)) * pi/2)^2``, with betas
-    clipped at ``max_beta`` to avoid the singularity at ``t = n``."""
+    ``abar(u) = f(u) / f(0)``, ``f(u) = cos(((u + s) / (1 + s)) pi / 2)^2``, at ``u = t / 1000``
+    for the 1000 steps t = 1 .. 1000 (other ``n``: n points from the first to the last), with
+    betas clipped at ``max_beta`` to avoid the singularity at ``u = 1``."""
     n = _check_steps(n)
-    steps = torch.arange(n + 1, dtype=torch.float64)
-    f = torch.cos(((steps / n + s) / (1 + s)) * math.pi / 2) ** 2
-    abar = f / f[0]
-    betas = (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
-    return _from_betas(betas)
+    u = torch.cat([torch.zeros(1, dtype=torch.float64), (_positions(n) + 1) / REFERENCE_STEPS])
+    f = torch.cos(((u + s) / (1 + s)) * math.pi / 2) ** 2
+    return _from_abar(f[1:] / f[0], max_beta)
 
 
 def get_schedule(name: str, n: int) -> Schedule:
