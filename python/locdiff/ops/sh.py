@@ -176,8 +176,10 @@ def register_sh_autograd(forward_op, backward_op) -> None:
             x = xyz.detach().requires_grad_(True)
             g = grad_out.detach().requires_grad_(True)
             y = spherical_harmonics_reference(x, ctx.degree)
+            if not y.requires_grad:  # degree 0: a constant, whose derivatives are all 0
+                return torch.zeros_like(xyz), torch.zeros_like(grad_out), None
             (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
-            d_xyz, d_g = torch.autograd.grad(gx, (x, g), grad_grad_xyz, allow_unused=True)
+            d_xyz, d_g = torch.autograd.grad(gx, (x, g), grad_grad_xyz, materialize_grads=True)
         return d_xyz, d_g, None
 
     forward_op.register_autograd(backward, setup_context=setup_forward)
