@@ -310,6 +310,24 @@ def test_predictor_names_a_bad_or_unknown_setting(files, overrides, error):
         pred.predict(emb, **overrides)
 
 
+def test_predictor_takes_embeddings_as_any_tensor(files):
+    # An encoder under bfloat16 autocast, or one whose output still requires grad, hands over
+    # such tensors; numpy reads neither, and the errors named numpy, not the argument.
+    import torch
+
+    from locdiff.predict import Predictor
+
+    pred = Predictor.from_run(files / "base", "cpu")
+    emb = np.load(files / "emb.npy")[:3]
+    want = pred.predict(emb)["latlon"]
+    for tensor in (torch.tensor(emb), torch.tensor(emb).bfloat16(), torch.tensor(emb).requires_grad_()):
+        got = pred.predict(tensor)["latlon"]
+        if tensor.dtype == torch.bfloat16:
+            np.testing.assert_allclose(got, pred.predict(tensor.float().numpy())["latlon"])
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
 def test_paths_of_the_wrong_kind_are_named_as_such(files, tmp_path, capsys):
     expect_error(capsys, ["predict", "--run", files / "emb.npy", "--embeddings", files / "emb.npy", "--out",
                           tmp_path / "p.csv"], "emb.npy: is a file, not a run folder")

@@ -21,7 +21,7 @@ import numpy as np
 
 from locdiff import shdd
 from locdiff.answers import LEVELS, answer_first_modes, summarize, top_k_limit
-from locdiff.data.files import DataError, embeddings_ok, first_bad_embedding, load_pair
+from locdiff.data.files import DataError, embeddings_float32, embeddings_ok, first_bad_embedding, load_pair
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
 from locdiff.extras import require
 
@@ -152,7 +152,7 @@ class Geolocator:
             if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
                 raise DataError("no inputs: expected image paths or an (N, D) array with N >= 1")
             try:
-                emb = np.asarray(inputs, np.float32)
+                emb = embeddings_float32(inputs)
             except (TypeError, ValueError):
                 raise DataError(f"inputs: expected image paths, or an (N, D) array of embeddings, not a mix or "
                                 f"{type(inputs).__name__} of other things") from None

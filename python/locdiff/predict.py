@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from locdiff import grids, shdd
-from locdiff.data.files import embeddings_ok, first_bad_embedding
+from locdiff.data.files import embeddings_float32, embeddings_ok, first_bad_embedding
 from locdiff.devices import resolve_device
 from locdiff.ops import validation
 from locdiff.diffusion import guided, sample_ddim, sample_ddpm, split_prediction
@@ -99,7 +99,7 @@ class Predictor:
         return s
 
     def _embeddings(self, emb) -> torch.Tensor:
-        emb = torch.from_numpy(np.array(emb, np.float32)).to(self.device)
+        emb = torch.from_numpy(embeddings_float32(emb)).to(self.device)
         if emb.ndim != 2 or emb.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings have shape {tuple(emb.shape)}, the model expects "
                              f"(N, {self.embedding_dim})")
@@ -210,7 +210,7 @@ class Predictor:
         bs = self.config.predict.batch_size
         keep, lls, tks, tvs = [], [], [], []
         for i in tqdm(range(0, n, bs), desc="predicting", unit="batch", disable=not progress):
-            c = self.coefficients(np.asarray(emb[i:i + bs], np.float32), seed=i,
+            c = self.coefficients(embeddings_float32(emb[i:i + bs]), seed=i,
                                   **{k: s[k] for k in ("sampler", "steps", "samples", "guidance", "eta")})
             if coeffs:
                 keep.append(c.numpy())

@@ -171,6 +171,16 @@ def _check_emb(arr: np.ndarray, path) -> np.ndarray:
 MAX_EMBEDDING_ABS = 1e12
 
 
+def embeddings_float32(emb) -> np.ndarray:
+    """``emb`` (an array, nested lists, or a torch tensor of any dtype and device, with or
+    without grad) as a float32 numpy array: numpy reads neither bfloat16 nor a tensor that
+    requires grad or lives on a GPU."""
+    if hasattr(emb, "detach") and hasattr(emb, "numpy"):  # a tensor (torch is not imported here)
+        emb = emb.detach().cpu()
+        emb = (emb.float() if emb.is_floating_point() else emb).numpy()
+    return np.array(emb, np.float32)
+
+
 def embeddings_ok(block) -> bool:
     """Whether every value of a block (numpy or torch) is finite with magnitude at most
     :data:`MAX_EMBEDDING_ABS` (one reduction: NaN fails the comparison)."""
