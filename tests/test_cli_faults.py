@@ -526,3 +526,15 @@ def test_a_run_killed_before_it_saved_anything_resumes_from_step_0(files, tmp_pa
     assert (out / CONFIG_FILE).exists() and json.loads(load_checkpoint(out)[1]["state"])["step"] == 3
     # A folder that never held a run is still no run to resume.
     expect_error(capsys, train_argv(files, tmp_path / "new", "--steps", "3", "--resume"), "nothing to resume")
+
+
+def test_integer_flags_read_integers_as_set_does():
+    # `--set train.steps=1e5` was accepted while `--steps 1e5` was an argparse error.
+    from locdiff.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--embeddings", "e.npy", "--coords", "c.csv", "--out", "r",
+                                      "--steps", "2e1", "--seed", "1_000", "--batch-size", "0x10"])
+    assert (args.steps, args.seed, args.batch_size) == (20, 1000, 16)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--embeddings", "e.npy", "--coords", "c.csv", "--out", "r",
+                                   "--seed", "1.5"])

@@ -265,7 +265,7 @@ def parse_value(raw: str, tp, name: str, source: str = "--set"):
         return convert(value, tp, name, source)
     if tp in (int, float):
         try:
-            value = float(raw) if tp is float else _int(raw)
+            value = float(raw) if tp is float else integer(raw)
         except ValueError:
             raise ConfigError(f"{source}: {name} = {raw!r}: expected {_expected(tp)}") from None
         return value
@@ -285,7 +285,9 @@ def _unquote(raw: str) -> str:
     return raw
 
 
-def _int(raw: str) -> int:
+def integer(raw: str) -> int:
+    """An integer written as a setting may be: ``20000``, ``20_000``, ``1e5``, ``0x10`` (the
+    command line's integer flags read theirs the same way as ``--set``)."""
     try:
         return int(raw.replace("_", ""), 0)
     except ValueError:
