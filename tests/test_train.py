@@ -128,6 +128,33 @@ def test_a_checkpoint_holds_its_noise_schedule(tmp_path):
     load_model(run)
 
 
+def test_a_resume_keeps_its_data_and_says_how_the_run_was_made(tmp_path):
+    # The held-out rows and the data order follow from the data: a resume on reordered,
+    # edited or fewer rows would validate on rows it had trained on.
+    emb, coords = synthetic(300)
+    run = tmp_path / "run"
+    train(emb, coords, run, tiny_config(steps=4, val_size=50, val_every=2, warmup_steps=1), progress=False)
+    for e, c, what in ((emb[::-1].copy(), coords[::-1].copy(), "as many rows, with other values or in another order"),
+                       (emb, coords + [1.0, 0.0], "as many rows, with other values"),
+                       (emb[:250], coords[:250], "300 rows then, 250 now")):
+        with pytest.raises(DataError, match=f"--resume on other training data than the run's \\({what}"):
+            train(e, c, run, tiny_config(steps=8, val_size=50, val_every=2, warmup_steps=1), resume=True,
+                  progress=False)
+    notes = []
+    train(emb, coords, run, tiny_config(steps=8, val_size=50, val_every=2, warmup_steps=1), resume=True,
+          progress=False, log=notes.append)
+    assert any("train.steps 4 -> 8: the learning-rate schedule now spans 8 steps, and at step 4 the rate goes "
+               "from" in n for n in notes), notes
+    raw = json.loads((run / CONFIG_FILE).read_text())
+    assert raw["resumes"] == [{"step": 4, "steps": 8, "processes": 1}]
+    assert raw["software"]["torch"] == torch.__version__ and raw["software"]["device"] == "cpu"
+    assert raw["training_data"]["rows"] == 300
+    # train.toml holds the prediction settings the run started with, not the calibrated ones,
+    # so that a run from it validates as this one did.
+    toml = (run / "train.toml").read_text()
+    assert raw["predict"]["temperature"] != 1.0 and "temperature = 1.0" in toml
+
+
 class CrashingRows:
     """Embeddings that raise on the n-th batch read, like a process killed mid-run."""
 

@@ -165,11 +165,25 @@ def cmd_evaluate(args) -> int:
         return 0
     m = evaluate(_Predicted(pred, done), emb, coords, hybrid=hybrid, progress=True)
     # What produced the figures: the prediction settings in force and LocDiff-H's, if it ran.
-    m["settings"] = {**pred.settings(**sampling), "hybrid": hybrid.config.to_dict() if hybrid else None}
+    m["settings"] = {**pred.settings(**sampling), "hybrid": hybrid.config.to_dict() if hybrid else None,
+                     "batch_size": pred.config.predict.batch_size}
+    m["run"] = _provenance(args.run)
     atomic_write_bytes(out, (json.dumps(m, indent=2) + "\n").encode())
     print(format_table({"LocDiff-H" if hybrid else "LocDiff": m}))
     print(f"metrics written to {out}")
     return 0
+
+
+def _provenance(run) -> dict:
+    """Which weights produced the figures: the run folder, its last finished step, the EMA
+    weights (what Predictor.from_run reads) and the locdiff that read them."""
+    import locdiff
+    from locdiff.run import read_config
+    from locdiff.train import FINISHED_KEY
+
+    raw = read_config(run)[1]
+    return {"folder": str(Path(run).resolve()), "weights": "ema", "finished_step": raw.get(FINISHED_KEY),
+            "trained_with": raw.get("software"), "locdiff": locdiff.__version__}
 
 
 def cmd_predict(args) -> int:

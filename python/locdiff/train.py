@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -83,6 +84,21 @@ def piece_seed(seed: int, step: int, piece: int) -> int:
     return int(np.random.SeedSequence([seed, step, piece]).generate_state(1, np.uint64)[0])
 
 
+# config.json's record of the training data: the held-out rows and the data order follow
+# from it, so a resume on other data would validate on rows it had trained on.
+DATA_KEY = "training_data"
+
+
+def data_fingerprint(embeddings, coords) -> dict:
+    """Rows and a SHA-256 of all coordinates and of 1,024 evenly spaced embedding rows (a
+    reordered, edited or shortened file changes it; reading the sample is cheap at any size)."""
+    n = len(coords)
+    h = hashlib.sha256(np.ascontiguousarray(coords, np.float64).tobytes())
+    idx = np.unique(np.linspace(0, n - 1, min(n, 1024)).astype(np.int64))
+    h.update(np.ascontiguousarray(_gather(embeddings, idx), np.float32).tobytes())
+    return {"rows": int(n), "sha256": h.hexdigest()}
+
+
 def _gather(emb, idx: np.ndarray) -> np.ndarray:
     # Sorted reads keep memory-mapped files sequential; the batch order is restored after.
     order = np.argsort(idx)
@@ -143,7 +159,7 @@ def check_resumable(run_dir) -> None:
         raise DataError(f"{run_dir}: nothing to resume (no config.json or checkpoint); leave out --resume to start")
 
 
-def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int,
+def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int, data: dict,
                     log) -> tuple[RunConfig, bytes | None, dict | None]:
     """Rank 0: the config to train with, the checkpoint bytes to resume from (None: step 0)
     and, when there is nothing left to train, why and the checkpoint's training state (None:
@@ -167,6 +183,13 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
     if raw.get("embedding_dim", emb_dim) != emb_dim:
         raise DataError(f"{cfg_path}: the run was trained on {raw['embedding_dim']}-dimensional embeddings, "
                         f"these have {emb_dim}")
+    held = raw.get(DATA_KEY)
+    if isinstance(held, dict) and held != data:
+        what = (f"{held.get('rows')} rows then, {data['rows']} now" if held.get("rows") != data["rows"] else
+                "as many rows, with other values or in another order")
+        raise DataError(f"{cfg_path}: --resume on other training data than the run's ({what}): the held-out "
+                        "rows and the order of the data follow from them; resume with the run's files, or train "
+                        "into a new --out")
     config = RunConfig(old.model, old.diffusion, config.train, old.predict, config.data)
     if not has_ckpt:
         kept = saved_checkpoints(run_dir)  # (no checkpoint.safetensors: the kept and best ones)
@@ -175,13 +198,20 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
                             f"to {CHECKPOINT_FILE} and --resume, or train into a new --out")
         log(f"{run_dir}: no checkpoint yet (stopped before its first); starting at step 0 with its settings")
         return config, None, None
-    data = ckpt_path.read_bytes()
-    _, meta = parse_checkpoint(data, ckpt_path)  # damaged: refused before config.json is rewritten
+    ckpt_bytes = ckpt_path.read_bytes()
+    _, meta = parse_checkpoint(ckpt_bytes, ckpt_path)  # damaged: refused before config.json is rewritten
     state = json.loads(meta.get("state", "{}"))
     why = _nothing_left(state, config.train, raw.get(FINISHED_KEY))
     done = None if why is None else {"why": why, **{k: state.get(k) for k in ("step", "elapsed_s", "history",
                                                                             "skipped", "best")}}
-    return config, data, done
+    step = int(state.get("step", 0))
+    if (done is None and old.train.steps != config.train.steps and step >= config.train.warmup_steps
+            and old.train.max_minutes is None and config.train.max_minutes is None):
+        before = lr_factor(step, step / old.train.steps, old.train) * old.train.lr
+        after = lr_factor(step, step / config.train.steps, config.train) * config.train.lr
+        log(f"note: train.steps {old.train.steps} -> {config.train.steps}: the learning-rate schedule now spans "
+            f"{config.train.steps} steps, and at step {step} the rate goes from {before:.3g} to {after:.3g}")
+    return config, ckpt_bytes, done
 
 
 def _nothing_left(state: dict, tc: TrainConfig, finished_step) -> str | None:
@@ -309,7 +339,9 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
             for p in clean_stale_temp(run_dir):
                 log(f"removed {p.name}, left by a process killed while writing")
             try:
-                config, ckpt, done = _prepare_folder(run_dir, config, resume, d, log)
+                data = data_fingerprint(embeddings, coords)
+                extra_config = {**(extra_config or {}), DATA_KEY: data}
+                config, ckpt, done = _prepare_folder(run_dir, config, resume, d, data, log)
             except DataError:
                 lock.withdraw()  # refused before any work: nothing of this command stays behind
                 raise
@@ -334,6 +366,16 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
             val = (_gather(embeddings, val_idx), coords[val_idx])
         return _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val, progress,
                       extra_config, log)
+
+
+def _software(dev, world: int) -> dict:
+    """What made the run, for config.json: versions, device, processes and threads."""
+    import platform
+
+    import locdiff
+
+    return {"locdiff": locdiff.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": dev.type, "processes": world, "threads": torch.get_num_threads()}
 
 
 def _tqdm_write(msg: str) -> None:
@@ -382,6 +424,10 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
             log(f"note: the run's steps were cut into {before} pieces (processes x accumulate), these into "
                 f"{world * tc.accumulate}: the noise of later steps differs from an uninterrupted run's")
     resumed_at = state["step"] if ckpt is not None else None
+    if resumed_at is not None:  # config.json says how the run was made: 30 steps, then resumed to 60
+        state["resumes"] = [*state.get("resumes", []), {"step": resumed_at, "steps": tc.steps, "processes": world}]
+        extra["resumes"] = state["resumes"]
+    extra["software"] = _software(dev, world)
     # Validation predicts with the settings the run started with, not the calibrated ones a
     # finished run holds, so that a resumed run's validations compare with its earlier ones.
     state.setdefault("val_predict", asdict(config.predict))
@@ -391,7 +437,9 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         write_config(run_dir, config, extra)
         from locdiff import config as C
 
-        atomic_write_bytes(run_dir / TOML_FILE, C.dumps(config, version=TOML_VERSION, header=(
+        # The prediction settings the run started with, not those calibrated since: a run
+        # from this file validates as this one did.
+        atomic_write_bytes(run_dir / TOML_FILE, C.dumps(val_config, version=TOML_VERSION, header=(
             "The settings of this run as last started or resumed (train.steps included); `locdiff train "
             "--config train.toml` repeats them.")).encode())
         keeper = Checkpoints(run_dir, tc.keep_checkpoints)
