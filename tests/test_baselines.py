@@ -256,3 +256,28 @@ def test_a_gallery_device_this_torch_lacks_is_named():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="device='cuda': this torch sees no CUDA device"):
         NeighbourIndex(rng.normal(size=(5, 3)), rng.uniform(-60, 60, (5, 2)), device="cuda")
+
+
+def _three_cell_classifier():
+    """Cells of very different areas, class probabilities 0.6 / 0.3 / 0.1 everywhere."""
+    from locdiff.baselines.geocell import _voronoi_areas
+    from locdiff.geo import latlon_to_xyz
+
+    m = GeocellClassifier(cells=3)
+    m.centres = latlon_to_xyz(np.array([[70.0, 0.0], [0.0, 0.0], [-30.0, 120.0]]))
+    m.cell_area = _voronoi_areas(m.centres, n=200_000)
+    m.net = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    with torch.no_grad():
+        m.net[0].weight.zero_()
+        m.net[0].bias.copy_(torch.log(torch.tensor([0.6, 0.3, 0.1])))
+    return m
+
+
+def test_geocell_density_integrates_to_one_and_keeps_each_cells_mass():
+    m = _three_cell_classifier()
+    g = grids.for_degree(32, oversample=2)
+    logd = m.log_density_at(np.zeros((g.size, 2), np.float32), g.latlon.numpy())
+    assert float((np.exp(logd) * g.area.numpy()).sum()) == pytest.approx(1.0, abs=0.01)
+    p = m.grid_probabilities(np.zeros((1, 2), np.float32), g)[0]
+    owner = m._cell_of(g.latlon.numpy())
+    np.testing.assert_allclose([p[owner == j].sum() for j in range(3)], [0.6, 0.3, 0.1], atol=0.01)

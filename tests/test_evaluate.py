@@ -78,3 +78,33 @@ def test_uniform_baseline_density_scores_as_uniform():
     assert s["nll"] == pytest.approx(math.log(4 * math.pi))
     # Searching the Earth at random: every truth needs about half its area (log scale: ~0.05).
     assert 0.0 < s["rva_auc"] < 0.1
+
+
+def test_density_scores_rank_cells_by_their_probabilities():
+    # RvA ranks cells by probability (density x area), as density_metrics does on the grid.
+    import torch
+
+    from locdiff import metrics as M
+    from locdiff.evaluate import _rva_grid
+
+    truths = np.array([[70.0, 20.0], [-75.0, 100.0], [5.0, -60.0], [85.0, 10.0]])
+    c = shdd.encode(truths + [[3.0, 4.0]], 16)
+    got = density_scores(c, truths, 4.0)["rva_auc"]
+    g = _rva_grid()
+    p = shdd.density(torch.as_tensor(c), g, 4.0).numpy()
+    assert got == pytest.approx(M.density_metrics(p, g.area.numpy(), g.xyz.numpy(), truths)["rva_auc"], abs=1e-6)
+
+
+def test_evaluate_uses_the_temperature_it_is_given():
+    from types import SimpleNamespace
+
+    truths = np.array([[48.85, 2.35], [-33.87, 151.21]])
+
+    class Fixed:
+        config = SimpleNamespace(predict=SimpleNamespace(temperature=1.0))
+
+        def predict(self, emb, progress=False, **kw):
+            return {"latlon": truths, "coeffs": shdd.encode(truths, 16)}
+
+    m = evaluate(Fixed(), np.zeros((2, 2)), truths, temperature=4.0)
+    assert m["nll"] == pytest.approx(density_scores(shdd.encode(truths, 16), truths, 4.0)["nll"])

@@ -251,3 +251,15 @@ def test_normaliser_holds_where_the_model_is_sharper_than_the_vmf(degree, sharpn
         log_z = float(shdd.log_normalizer(coeffs, temperature=t)[0])
         reference = _log_vmf_integral(degree, t, point, mu, bandwidth_km) - log_z
         assert log_e == pytest.approx(reference, abs=0.005), (steps, log_e, reference)
+
+
+def test_the_snap_stays_among_the_entries_near_the_answer():
+    # The most similar entry overall (Sydney) is far from the answer (Paris): the snap takes
+    # the best entry within snap_km of the answer, never one elsewhere.
+    paris, sydney = np.array([48.8566, 2.3522]), np.array([-33.87, 151.21])
+    coeffs = shdd.encode(paris[None], 16)
+    g_emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2]], np.float32)
+    h = Hybrid(g_emb, np.stack([sydney, paris, paris + [0.02, 0.02]]),
+               HybridConfig(neighbours=3, weight=0.5, temperature=0.05))
+    out = h.predict(coeffs, 1.0, np.array([[1.0, 0.0]], np.float32), shdd.decode(coeffs))
+    np.testing.assert_allclose(out[0], paris, atol=1e-6)

@@ -97,3 +97,9 @@ def test_table_lists_every_method_with_its_interval():
     assert "0.50" in text.splitlines()[3] and "ratio: LocDiff's median" in text.splitlines()[0]
     alone = I.format_intervals(I.median_intervals({"kNN": [1.0, 2, 3]}, [0, 1, 2], reps=50))
     assert "ratio" not in alone.splitlines()[0]
+
+
+def test_the_bootstrap_draws_every_group():
+    # Two groups of errors 1 and 100: resamples of both groups reach both ends.
+    out = I.median_intervals({"m": [1.0, 1.0, 100.0, 100.0]}, [0, 0, 1, 1], reps=200)["m"]
+    assert out["interval_km"] == [1.0, 100.0]

@@ -126,3 +126,9 @@ def test_search_area_refuses_non_finite_probabilities():
     prob[1, 2] = np.nan
     with pytest.raises(ValueError, match="prob row 1 holds NaN"):
         M.search_area_km2(prob, np.full(4, math.pi), np.array([0, 1]))
+
+
+def test_accuracy_counts_a_distance_equal_to_the_threshold():
+    # "Within d km" includes d itself.
+    m = M.metrics_from_distances(np.array([1.0, 25.0, 200.0, 750.0, 2500.0]))
+    assert [m[f"acc_{t}km"] for t in (1, 25, 200, 750, 2500)] == [0.2, 0.4, 0.6, 0.8, 1.0]

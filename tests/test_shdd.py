@@ -514,3 +514,13 @@ def test_decode_tables_that_cannot_fit_are_named(monkeypatch):
         shdd_gemm._gemm_layout(table, 200, 301, float(grid.lon0), 602, torch.float64)
     monkeypatch.undo()
     np.testing.assert_allclose(shdd.decode(c, grid=grid).numpy(), [[10.0, 20.0]], atol=1e-9)
+
+
+@pytest.mark.parametrize("degree", [32, 64, 128])
+def test_default_separation_is_the_kernels_first_zero(degree):
+    from numpy.polynomial import legendre
+
+    theta = np.linspace(1e-6, 0.5, 400_001)
+    kernel = legendre.legval(np.cos(theta), 2 * np.arange(degree + 1) + 1.0)
+    assert shdd.default_separation_km(degree) == pytest.approx(theta[np.argmax(kernel < 0)] * geo.EARTH_RADIUS_KM,
+                                                               rel=0.02)

@@ -300,3 +300,60 @@ def test_predict_without_the_vectors_gives_the_same_answers(tmp_path):
     assert "coeffs" not in lean and full["coeffs"].shape == (40, pred.config.model.dim)
     np.testing.assert_array_equal(lean["latlon"], full["latlon"])
     np.testing.assert_array_equal(lean["topk_latlon"], full["topk_latlon"])
+
+
+def test_clearly_better_needs_the_gain():
+    from locdiff.selection import clearly_better
+
+    assert not clearly_better(0.98, 1.0) and not clearly_better(1.01, 1.0) and clearly_better(0.96, 1.0)
+
+
+@pytest.mark.parametrize("other_km, expected", [(99.0, "density"), (50.0, "function")])
+def test_calibration_keeps_the_runs_rule_unless_another_is_clearly_better(other_km, expected):
+    # Validation medians move a few percent between seeds: only a clear gain changes the rule.
+    from types import SimpleNamespace
+
+    from locdiff import calibration, shdd
+    from locdiff.geo import EARTH_RADIUS_KM
+
+    rng = np.random.default_rng(0)
+    coords = np.stack([rng.uniform(-50, 50, 40), rng.uniform(-170, 170, 40)], 1)
+
+    def north(km):
+        return coords + [np.degrees(km / EARTH_RADIUS_KM), 0.0]
+
+    class Fixed:
+        degree = 8
+        config = SimpleNamespace(predict=SimpleNamespace(mode_of="density"))
+
+        def coefficients(self, emb):
+            return torch.as_tensor(shdd.encode(coords, 8))
+
+        def locate(self, coeffs, cd, mode_of, temperature):
+            return north(500.0) if cd is not None else north(100.0 if mode_of == "density" else other_km)
+
+    out = calibration.calibrate(Fixed(), (np.zeros((40, 2)), coords))
+    assert out["mode_of"] == expected and out["coarse_degree"] is None
+
+
+def test_a_loss_spike_is_skipped_and_gradients_are_clipped(tmp_path, monkeypatch):
+    # One batch whose loss jumps 1000x above the recent median is skipped (after the 200
+    # steps the median needs); every other step clips its gradients at train.grad_clip.
+    import locdiff.train as T
+
+    real, calls, clips = T.diffusion_loss, [0], []
+
+    def spiking(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls[0] += 1
+        return (loss * 1000, parts) if calls[0] == 205 else (loss, parts)
+
+    def clip(params, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return torch.tensor(0.0)
+    monkeypatch.setattr(T, "diffusion_loss", spiking)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    emb, coords = synthetic(200)
+    res = train(emb, coords, tmp_path / "run", tiny_config(steps=210, batch_size=16, spike_factor=3.0, grad_clip=0.5),
+                progress=False)
+    assert res.skipped_steps == 1 and clips == [0.5] * 209

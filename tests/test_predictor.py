@@ -1,0 +1,60 @@
+"""Predictor's sampling settings against the calls they stand for, on a randomised CS-UNet:
+guidance, DDIM with guidance, and the coarse degree (each once did nothing or the wrong thing
+under a mutation that left every other test passing)."""
+import numpy as np
+import pytest
+import torch
+
+from locdiff import shdd
+from locdiff.diffusion import DiffusionConfig, guided, sample_ddim
+from locdiff.models import CSUNet, CSUNetConfig
+from locdiff.predict import Predictor
+from locdiff.run import PredictConfig, RunConfig
+
+
+def _predictor(density_head: bool) -> Predictor:
+    mc = CSUNetConfig(degree=4, emb_dim=8, widths=(48, 32, 16), cond_dim=24, dropout=0.0, density_head=density_head)
+    net = CSUNet(mc)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # away from the zero-output start, so that every input matters
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    cfg = RunConfig(model=mc, diffusion=DiffusionConfig(prediction="x0", timesteps=50),
+                    predict=PredictConfig(sampler="ddim", steps=5, samples=1))
+    return Predictor(net.eval(), cfg)
+
+
+def test_density_guidance_is_the_guided_combination_of_the_head():
+    p = _predictor(True)
+    emb = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    c0 = p.coefficients(emb, sampler="density", guidance=0.0)
+    c2 = p.coefficients(emb, sampler="density", guidance=2.0)
+    x = torch.randn(3, p.config.model.dim, generator=torch.Generator().manual_seed(0))  # the seed's noise
+    t = torch.full((3,), 49, dtype=torch.long)
+    e = torch.as_tensor(emb)
+    with torch.no_grad():
+        cond = p.net(x, t, e, drop=None, density_rows=3)[1]
+        uncond = p.net(x, t, e, drop=torch.ones(3, dtype=torch.bool), density_rows=3)[1]
+    scale = p.config.diffusion.scale
+    torch.testing.assert_close(c0, cond / scale)
+    torch.testing.assert_close(c2, (3 * cond - 2 * uncond) / scale)
+
+
+def test_sampling_applies_guidance():
+    p = _predictor(False)
+    emb = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
+    got = p.sample(emb, guidance=2.0, seed=3)[:, 0]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, p.config.model.dim, generator=gen)
+    want = sample_ddim(guided(p.net, torch.as_tensor(emb), 2.0), x, p.schedule, steps=5, prediction="x0",
+                       generator=gen)
+    torch.testing.assert_close(got, want / p.config.diffusion.scale)
+
+
+@pytest.mark.parametrize("cd", [1, 2])
+def test_the_coarse_degree_decodes_that_degree_then_climbs_on_all(cd):
+    p = _predictor(False)
+    pts = np.array([[10.0, 20.0], [-40.0, 100.0]])
+    c = torch.as_tensor(shdd.encode(pts, 4) + 0.3 * shdd.encode(pts[::-1] + 30, 4))
+    want = shdd.ascend(c, shdd.decode(c[:, :(cd + 1) ** 2]))[0]
+    np.testing.assert_allclose(p.locate(c, coarse_degree=cd, mode_of="function"), want)
