@@ -281,3 +281,17 @@ def test_geocell_density_integrates_to_one_and_keeps_each_cells_mass():
     p = m.grid_probabilities(np.zeros((1, 2), np.float32), g)[0]
     owner = m._cell_of(g.latlon.numpy())
     np.testing.assert_allclose([p[owner == j].sum() for j in range(3)], [0.6, 0.3, 0.1], atol=0.01)
+
+
+def test_knn_density_fit_takes_the_lowest_validation_nll_of_its_grid():
+    # Each setting scored independently through log_density_at: the fit's choice is the
+    # minimum, the grid's ends (k = 50, the widest bandwidth) included.
+    # (noisy embeddings: the best is the grid's far corner, k = 50, T 0.2, 400 km)
+    emb, coords = clusters(600, spread_deg=3.0, noise=1.0)
+    vemb, vcoords = clusters(100, spread_deg=3.0, seed=1, noise=1.0)
+    ks, temps, bws = (5, 50), (0.05, 0.2), (25, 400)
+    kd = KnnDensity(emb, coords).fit(vemb, vcoords, ks=ks, temperatures=temps, bandwidths_km=bws)
+    nll = {(k, t, bw): -KnnDensity(emb, coords, k=k, temperature=t, kappa=(6371.0088 / bw) ** 2)
+           .log_density_at(vemb, vcoords).mean() for k in ks for t in temps for bw in bws}
+    k, t, bw = min(nll, key=nll.get)
+    assert (kd.k, kd.temperature) == (k, t) and kd.kappa == pytest.approx((6371.0088 / bw) ** 2)

@@ -326,7 +326,7 @@ def test_a_run_that_reads_nothing_says_why_and_leaves_a_folder_to_rerun(tmp_path
     photos.mkdir()
     (photos / "bad.jpg").write_text("not an image")
     out = tmp_path / "E"
-    with pytest.raises(DataError, match=rf"bad.jpg: none of the images could be read \(the reasons are in .*skipped.csv\)"):
+    with pytest.raises(DataError, match=r"bad.jpg: none of the images could be read \(the reasons are in .*skipped.csv\)"):
         embed_images([photos], out, encoder=encoder, progress=False, log=lambda msg: None)
     with open(out / "skipped.csv", newline="") as fh:
         assert [r["reason"][:20] for r in csv.DictReader(fh)] == ["not a readable image"]

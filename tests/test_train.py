@@ -357,3 +357,15 @@ def test_a_loss_spike_is_skipped_and_gradients_are_clipped(tmp_path, monkeypatch
     res = train(emb, coords, tmp_path / "run", tiny_config(steps=210, batch_size=16, spike_factor=3.0, grad_clip=0.5),
                 progress=False)
     assert res.skipped_steps == 1 and clips == [0.5] * 209
+
+
+def test_a_time_bounded_run_decays_its_learning_rate_over_its_time(tmp_path):
+    # Under train.max_minutes the schedule follows the clock as well as the steps: a run
+    # stopped by time ends near min_lr_ratio, not at the peak rate of a far-off step count.
+    emb, coords = synthetic(200)
+    cfg = tiny_config(steps=1_000_000, batch_size=16, max_minutes=0.1, log_every=1, min_lr_ratio=0.0, warmup_steps=1)
+    res = train(emb, coords, tmp_path / "run", cfg, progress=False)
+    assert res.time_up
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+           if '"lr"' in line]
+    assert len(lrs) > 5 and lrs[1] > 0.5 * cfg.train.lr and lrs[-1] < 0.05 * cfg.train.lr
