@@ -99,6 +99,7 @@ def test_gallery_runs_locdiff_h(files, tmp_path, capsys):
     # and which weights: the folder, its finished step, the EMA weights, what trained them
     assert plain["run"]["weights"] == "ema" and plain["run"]["finished_step"] == 3
     assert plain["run"]["trained_with"]["device"] == "cpu" and "batch_size" in plain["settings"]
+    assert plain["settings"]["seed"] == 0
     assert plain["acc_1km"] < 0.2 and hybrid["acc_1km"] > 0.9
     assert run_cli(capsys, "predict", *base, *gallery, "--out", tmp_path / "p.csv", "--top-k", 3)[0] == 0
     rows = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)

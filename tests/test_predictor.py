@@ -58,3 +58,15 @@ def test_the_coarse_degree_decodes_that_degree_then_climbs_on_all(cd):
     c = torch.as_tensor(shdd.encode(pts, 4) + 0.3 * shdd.encode(pts[::-1] + 30, 4))
     want = shdd.ascend(c, shdd.decode(c[:, :(cd + 1) ** 2]))[0]
     np.testing.assert_allclose(p.locate(c, coarse_degree=cd, mode_of="function"), want)
+
+
+def test_a_seed_gives_an_independent_repeatable_draw():
+    p = _predictor(False)
+    emb = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    draw = {s: p.predict(emb, sampler="ddpm", samples=1, seed=s)["coeffs"] for s in (0, 0, 7)}
+    np.testing.assert_array_equal(p.predict(emb, sampler="ddpm", samples=1)["coeffs"], draw[0])
+    np.testing.assert_array_equal(p.predict(emb, sampler="ddpm", samples=1, seed=7)["coeffs"], draw[7])
+    assert not np.allclose(draw[0], draw[7])
+    for bad in (-1, 2**31, 1.5, True):
+        with pytest.raises(ValueError, match=f"seed must be an int in \\[0, 2147483647\\], got {bad!r}"):
+            p.predict(emb, seed=bad)

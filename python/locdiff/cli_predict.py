@@ -108,20 +108,21 @@ def _hybrid(args, pred):
     return Hybrid(*gallery, cfg, device=pred.device)  # the search runs where the model does
 
 
-def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, coeffs: bool = True,
+def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, coeffs: bool = True, seed: int = 0,
                     **sampling) -> dict | None:
     """``pred.predict(emb, top_k, coeffs=...)`` over the processes of a ``torchrun`` group:
     each takes whole batches of ``predict.batch_size`` rows, seeded by their position as in
     one process; rank 0 gets the merged outputs in input order, the others None."""
     if distributed.world_size() == 1:
-        return pred.predict(emb, top_k=top_k, progress=progress, coeffs=coeffs, **sampling)
+        return pred.predict(emb, top_k=top_k, progress=progress, coeffs=coeffs, seed=seed, **sampling)
     from locdiff import shdd
+    from locdiff.predict import batch_seed
 
     bs, n = pred.config.predict.batch_size, len(emb)
     part = distributed.split_for_rank(-(-n // bs))
     parts: dict = {"latlon": [], "coeffs": [], "topk_latlon": [], "topk_values": []}
     for g in range(part.start * bs, min(part.stop * bs, n), bs):
-        c = pred.coefficients(np.asarray(emb[g:g + bs], np.float32), seed=g, **sampling)
+        c = pred.coefficients(np.asarray(emb[g:g + bs], np.float32), seed=batch_seed(seed, g), **sampling)
         if coeffs:
             parts["coeffs"].append(c.numpy())
         parts["latlon"].append(pred.locate(c))
@@ -160,13 +161,13 @@ def cmd_evaluate(args) -> int:
     emb, coords = load_pair(args.embeddings, args.coords, log=note)
     check_dim(emb, args.embeddings, pred, args.run)
     hybrid = _hybrid(args, pred) if distributed.is_main() else None  # rank 0 alone answers with it
-    done = sharded_predict(pred, emb, progress=distributed.is_main(), **sampling)
+    done = sharded_predict(pred, emb, progress=distributed.is_main(), seed=args.seed, **sampling)
     if not distributed.is_main():
         return 0
     m = evaluate(_Predicted(pred, done), emb, coords, hybrid=hybrid, progress=True)
     # What produced the figures: the prediction settings in force and LocDiff-H's, if it ran.
     m["settings"] = {**pred.settings(**sampling), "hybrid": hybrid.config.to_dict() if hybrid else None,
-                     "batch_size": pred.config.predict.batch_size}
+                     "batch_size": pred.config.predict.batch_size, "seed": args.seed}
     m["run"] = _provenance(args.run)
     atomic_write_bytes(out, (json.dumps(m, indent=2) + "\n").encode())
     print(format_table({"LocDiff-H" if hybrid else "LocDiff": m}))
@@ -235,7 +236,8 @@ def _predict_embeddings(args, dev, out, png) -> int:
     # The vectors (K floats a row, 10 KB at L = 32) only where something reads them; decided
     # from the flags, alike on every rank, since the ranks' outputs are gathered.
     needs_coeffs = _gallery_paths(args) is not None or k > 0 or bool(png)
-    res = sharded_predict(pred, emb, top_k=k, progress=distributed.is_main(), coeffs=needs_coeffs, **sampling)
+    res = sharded_predict(pred, emb, top_k=k, progress=distributed.is_main(), coeffs=needs_coeffs, seed=args.seed,
+                          **sampling)
     if not distributed.is_main():
         return 0
     from locdiff.data.files import write_coords_csv
@@ -333,6 +335,18 @@ def _predict_images(args, dev, out, jsonl, html, png) -> int:
     return 0
 
 
+def _seed(raw: str) -> int:
+    import argparse
+
+    from locdiff.config import integer
+    from locdiff.predict import MAX_SEED, check_seed
+
+    try:
+        return check_seed(integer(raw))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r}: expected an integer in [0, {MAX_SEED}]") from None
+
+
 def add_sampling(p) -> None:
     from locdiff.run import SAMPLERS
 
@@ -343,6 +357,8 @@ def add_sampling(p) -> None:
     g.add_argument("--samples", type=int, default=None, help="sampled vectors per input (ddim, ddpm)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight")
     g.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the sampled noise (ddim, ddpm; default 0): another seed, an independent draw")
     g = p.add_argument_group("LocDiff-H (retrieval over a gallery)")
     g.add_argument("--gallery-embeddings", default=None, help="gallery embeddings (e.g. the training set's)")
     g.add_argument("--gallery-coords", default=None, help="gallery coordinates")

@@ -41,6 +41,24 @@ def density_mode_grid(degree: int, temperature: float):
     return None if oversample > MAX_MODE_OVERSAMPLE else grids.for_degree(degree, "gauss_legendre", oversample=oversample)
 
 
+MAX_SEED = 2**31 - 1
+
+
+def check_seed(seed) -> int:
+    """``seed`` if it is an int in [0, MAX_SEED], else a ValueError naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+    return int(seed)
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """The seed of the prediction batch whose first row is ``start``: ``start`` itself for
+    seed 0, else a 32-bit mix of both (torch's CPU generator keeps 32 bits of a seed)."""
+    if seed == 0:
+        return int(start)
+    return int(np.random.SeedSequence([int(seed), int(start)]).generate_state(1)[0])
+
+
 class Predictor:
     """Wraps a network and its :class:`locdiff.run.RunConfig` for batched prediction. Every
     setting of ``config.predict`` can be overridden per call."""
@@ -192,7 +210,8 @@ class Predictor:
         start = shdd.decode(c[:, :(cd + 1) ** 2])
         return np.asarray(shdd.ascend(c, start)[0])
 
-    def predict(self, emb, top_k: int = 0, progress: bool = False, coeffs: bool = True, **overrides) -> dict:
+    def predict(self, emb, top_k: int = 0, progress: bool = False, coeffs: bool = True, seed: int = 0,
+                **overrides) -> dict:
         """``{"latlon": (N, 2), "coeffs": (N, K)}`` numpy arrays (``coeffs=False``: without
         the vectors, K floats a row, which the answers alone do not need), plus ``"topk_latlon"``
         (N, k, 2) and ``"topk_values"`` (N, k) when ``top_k`` > 0: the function's distinct
@@ -200,17 +219,20 @@ class Predictor:
         the first: ``locdiff.answers.answer_first_modes`` puts it there as the CLI does).
         Batched by the config's ``batch_size``; ``emb`` may be a memory-mapped array.
         ``overrides``: any setting of :class:`locdiff.run.PredictConfig` (sampler, steps,
-        samples, guidance, eta, coarse_degree, mode_of, temperature)."""
+        samples, guidance, eta, coarse_degree, mode_of, temperature). ``seed``: the noise of
+        the batch from row i is drawn from :func:`batch_seed` (seed, i): the same file, batch
+        size and seed give the same answers, another seed an independent draw."""
         from tqdm.auto import tqdm
 
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: no further modes), got {top_k!r}")
+        check_seed(seed)
         s = self.settings(**overrides)
         n = len(emb)
         bs = self.config.predict.batch_size
         keep, lls, tks, tvs = [], [], [], []
         for i in tqdm(range(0, n, bs), desc="predicting", unit="batch", disable=not progress):
-            c = self.coefficients(embeddings_float32(emb[i:i + bs]), seed=i,
+            c = self.coefficients(embeddings_float32(emb[i:i + bs]), seed=batch_seed(seed, i),
                                   **{k: s[k] for k in ("sampler", "steps", "samples", "guidance", "eta")})
             if coeffs:
                 keep.append(c.numpy())
