@@ -55,9 +55,8 @@ def _check_steps(n) -> int:
 
 # The published schedules have 1,000 steps. A schedule of n steps takes n points of the same
 # curve from its first step to its last, so that every n spans the same signal-to-noise
-# range (abar from 0.9999 to about 4e-5 for linear, 2e-9 for cosine) and n = 1000 is the
-# original: rescaling the betas instead drove abar_(n-1) to 1e-17 at n = 10, past float32's
-# reach, and left abar_0 at 0.49 for a 2-step cosine.
+# range (abar from 0.9999 down to 4e-5 or less) and n = 1000 is the original; a short
+# schedule's last abar stays within float32's reach (docs/model.md, "Noise schedules").
 REFERENCE_STEPS = 1000
 
 
