@@ -55,6 +55,11 @@ def test_set_values_a_setting_refuses_are_error_lines(files, tmp_path, capsys):
                  "--set 'predict.sampler=foo': sampler must be one of")
     expect_error(capsys, train_argv(files, tmp_path / "r", "--set", "predict.sampler=ddim", "--set",
                                     "predict.steps=1000"), "predict.steps")
+    # Each loader worker is a process: 5,000 of them took the machine's memory.
+    from locdiff.settings import max_workers
+
+    expect_error(capsys, train_argv(files, tmp_path / "r", "--set", "data.workers=5000"),
+                 f"--set data.workers=5000: expected none or an integer in [0, {max_workers()}]")
     assert not (tmp_path / "r").exists()
 
 

@@ -38,10 +38,22 @@ def validate(config, *, source: str | None = None, device=None, rows_per_call: i
     if pc.sampler == "ddim" and pc.steps > dc.timesteps:
         raise SettingError("predict.steps", pc.steps, f"an integer in [1, {dc.timesteps}] for the ddim sampler "
                            "(diffusion.timesteps)", source)
+    workers, most = config.data.workers, max_workers()
+    if workers is not None and workers > most:
+        raise SettingError("data.workers", workers, f"none or an integer in [0, {most}] (4 loader processes per CPU "
+                           "core, at least 8: each is a process holding a copy of the trainer)", source)
     cd = config.predict.coarse_degree
     if cd is not None and cd >= deg:
         raise SettingError("predict.coarse_degree", cd, f"none or an integer in [1, {deg - 1}] (below model.degree)",
                            source)
+
+
+def max_workers() -> int:
+    """The most loader processes a run may start: 4 per CPU core, at least 8. Each is a
+    forked process; thousands of them exhaust the memory of the whole machine."""
+    import os
+
+    return max(8, 4 * (os.cpu_count() or 1))
 
 
 def parameters_at(model_config, degree: int) -> int:
