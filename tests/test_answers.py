@@ -286,3 +286,22 @@ def test_html_map_is_valid_and_offline(answers, tmp_path):
     assert chk.external == []  # Leaflet and the heat plugin are in the page; only tiles are fetched
     assert "tile.openstreetmap.org" in text and "L.heatLayer" in text
     assert text.count("L.circleMarker") == 6 and "a &lt;b&gt; &amp; c" in text and "a <b> & c" not in text
+
+
+def test_names_stay_text_in_the_csv_and_the_map(tmp_path):
+    # A photo's name is the user's data: no spreadsheet formula in the CSV, and no script in
+    # the map, whose popups folium puts in JavaScript template literals (`${...}` runs there).
+    from locdiff.answer_files import write_csv, write_html_map
+
+    c = shdd.encode(np.array([[48.85, 2.35], [40.7, -74.0]]), 8)
+    modes, _ = shdd.top_k(c, 1)
+    names = ["=HYPERLINK(\"http://x\").jpg", "${alert(document.domain)}`\\`.jpg"]
+    answers = summarize(c, modes, 1.0, names=names, geocode=False, density=True)
+    write_csv(tmp_path / "a.csv", answers)
+    with open(tmp_path / "a.csv", newline="", encoding="utf-8") as fh:
+        assert [r["input"] for r in csv.DictReader(fh)] == ["'" + names[0], names[1]]
+    pytest.importorskip("folium")
+    pytest.importorskip("xstatic.pkg.leaflet")
+    write_html_map(tmp_path / "m.html", answers)
+    text = (tmp_path / "m.html").read_text(encoding="utf-8")
+    assert "${alert" not in text and "&#36;{alert(document.domain)}&#96;&#92;&#96;.jpg" in text

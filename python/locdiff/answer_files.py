@@ -30,6 +30,12 @@ def write_jsonl(path, answers) -> None:
     atomic_write_bytes(path, "".join(lines).encode("utf-8"))
 
 
+def _csv_text(text: str) -> str:
+    """A name as a CSV cell no spreadsheet evaluates: a leading ``= + - @``, tab or carriage
+    return (a photo named ``=HYPERLINK(...).jpg``) gets a quote before it (OWASP's rule)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def write_csv(path, answers) -> None:
     """One line per (input, mode); the credible areas and radii repeat on each line."""
     cred = [f"{name}_{round(100 * q)}" for q in answers.levels for name in ("area_km2", "radius_km")]
@@ -39,7 +45,7 @@ def write_csv(path, answers) -> None:
     for rec in answers.records():
         tail = [rec["other_probability"]] + [v for c in rec["credible"].values() for v in c.values()]
         for m in rec["modes"] or [{}]:
-            w.writerow([rec["input"], *(m.get(f, "") for f in CSV_FIELDS[1:]), *tail])
+            w.writerow([_csv_text(rec["input"]), *(m.get(f, "") for f in CSV_FIELDS[1:]), *tail])
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
@@ -68,11 +74,18 @@ def _heat_points(answers, i: int, floor: float):
     return [[round(float(a), 4), round(float(b), 4), round(float(c), 4)] for (a, b), c in zip(ll, w)]
 
 
-def _popup(rec: dict, m: dict) -> str:
+def _html_text(text: str) -> str:
+    """``text`` as HTML text that also stays inert inside the JavaScript template literals
+    folium puts popups and layer names in: ``${...}`` there runs as script (a photo named
+    ``${alert(1)}.jpg``), so ``$``, backticks and backslashes become character references."""
     import html
 
-    where = html.escape(", ".join(x for x in (m.get("place"), m.get("region"), m.get("country")) if x))
-    return (f"<b>{html.escape(rec['input'])}</b><br>mode {m['rank']}: {m['probability']:.1%}<br>{m['lat']:.4f}, {m['lon']:.4f}"
+    return html.escape(text).replace("$", "&#36;").replace("`", "&#96;").replace("\\", "&#92;")
+
+
+def _popup(rec: dict, m: dict) -> str:
+    where = _html_text(", ".join(x for x in (m.get("place"), m.get("region"), m.get("country")) if x))
+    return (f"<b>{_html_text(rec['input'])}</b><br>mode {m['rank']}: {m['probability']:.1%}<br>{m['lat']:.4f}, {m['lon']:.4f}"
             + (f"<br>{where} ({m['place_km']:.0f} km)" if where else ""))
 
 
@@ -80,7 +93,6 @@ def write_html_map(path, answers, max_inputs: int = HTML_MAX_INPUTS, heat_floor:
     """An interactive map of the first ``max_inputs`` inputs (needs ``answers.density``:
     ``summarize(..., density=True)`` or ``density=max_inputs``); the first input's layer is
     shown, the others can be switched on in the layer list."""
-    import html
 
     folium = require("folium", "the HTML map")
     from folium.plugins import HeatMap
@@ -92,7 +104,7 @@ def write_html_map(path, answers, max_inputs: int = HTML_MAX_INPUTS, heat_floor:
     # Only Leaflet itself is needed (no jQuery, Bootstrap or icon fonts), from the page.
     fmap.default_js, fmap.default_css = [("leaflet", leaflet_js)], [("leaflet_css", leaflet_css)]
     for i, rec in enumerate(answers.records()[:min(max_inputs, len(answers.density))]):
-        layer = folium.FeatureGroup(name=html.escape(rec["input"]), show=i == 0)
+        layer = folium.FeatureGroup(name=_html_text(rec["input"]), show=i == 0)
         heat = HeatMap(_heat_points(answers, i, heat_floor), radius=18, blur=15, min_opacity=0.3)
         heat.default_js = [("leaflet-heat.js", heat_js)]
         heat.add_to(layer)
