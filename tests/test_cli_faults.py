@@ -30,6 +30,12 @@ def test_an_output_never_replaces_an_input_or_the_run(files, tmp_path, capsys):
                  "lies inside the run folder")
     expect_error(capsys, ["predict", "--run", run, "--embeddings", emb, "--out", tmp_path / "a.csv",
                           "--map", tmp_path / "a.csv"], "name the same file")
+    # A folder of shards: every file in it is read (one was overwritten with the CSV).
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.save(shards / "emb-000000.npy", np.load(emb))
+    expect_error(capsys, ["predict", "--run", run, "--embeddings", shards, "--out", shards / "emb-000000.npy"],
+                 "lies inside the input folder")
     assert emb.read_bytes() == before
     load_checkpoint(run)  # intact
 

@@ -194,3 +194,29 @@ def test_a_large_pair_is_announced(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "LOAD_NOTE_ROWS", 10)
     files.load_pair(tmp_path / "e.npy", tmp_path / "c.npy", log=heard.append)
     assert heard == [f"reading {tmp_path / 'c.npy'} and checking the 12 rows of {tmp_path / 'e.npy'}"]
+
+
+def test_files_that_are_not_arrays_are_named_not_waited_on(tmp_path):
+    # A FIFO blocked np.load for ever; np.load reads a .npz whatever its name; strings and
+    # bools passed as coordinates.
+    import os
+
+    from locdiff.config import ConfigError, read_toml
+
+    os.mkfifo(tmp_path / "fifo.npy")
+    with pytest.raises(DataError, match="not a regular file"):
+        open_embeddings(tmp_path / "fifo.npy")
+    with pytest.raises(DataError, match="not a regular file"):
+        read_coords(tmp_path / "fifo.npy")
+    os.mkfifo(tmp_path / "fifo.toml")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_toml(tmp_path / "fifo.toml")
+    with open(tmp_path / "z.npy", "wb") as fh:
+        np.savez(fh, a=np.zeros((3, 2)))
+    for read in (open_embeddings, read_coords):
+        with pytest.raises(DataError, match="a .npz archive, not a .npy file"):
+            read(tmp_path / "z.npy")
+    for bad in (np.full((3, 2), "1"), np.ones((3, 2), bool)):
+        np.save(tmp_path / "c.npy", bad)
+        with pytest.raises(DataError, match=f"coordinates must be numbers .*got dtype {bad.dtype}"):
+            read_coords(tmp_path / "c.npy")

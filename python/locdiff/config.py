@@ -56,6 +56,8 @@ def read_toml(path, *, version: int | None = None) -> dict:
     """The table of a TOML file, ``format_version`` checked against ``version`` and
     removed (when ``version`` is given)."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read, /dev/zero never end it
+        raise ConfigError(f"{path}: not a regular file; give a TOML config file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -123,10 +123,15 @@ class ShardedArray:
 
 
 def _open_npy(path: Path) -> np.ndarray:
+    # A FIFO or device would block np.load, or feed it without end.
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not a regular file (a FIFO, device or socket); give a .npy file")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as err:  # numpy raises several types for a corrupt header
         raise DataError(f"{path}: not a readable .npy file ({err})") from None
+    if not isinstance(arr, np.ndarray):  # np.load reads a .npz archive whatever its name
+        raise DataError(f"{path}: a .npz archive, not a .npy file; save one array with np.save")
     return arr
 
 
@@ -251,11 +256,17 @@ def read_coords(path, rows: int | None = None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: " + ("is a folder; expected a coordinates file (CSV or .npy)" if path.is_dir()
+                                       else "not a regular file (a FIFO, device or socket)" if path.exists()
                                        else "coordinates file not found"))
     if path.suffix == ".npy":
-        arr = np.array(_open_npy(path), np.float64)
-        if arr.ndim != 2 or arr.shape[1] != 2:
-            raise DataError(f"{path}: coordinates must have shape (N, 2), got {arr.shape}")
+        raw = _open_npy(path)
+        if raw.ndim != 2 or raw.shape[1] != 2:
+            raise DataError(f"{path}: coordinates must have shape (N, 2), got {raw.shape}")
+        if raw.dtype.kind not in "fiu":
+            raise DataError(f"{path}: coordinates must be numbers (float or integer), got dtype {raw.dtype}")
+        if rows is not None and len(raw) != rows:  # before a header's claimed rows are read
+            raise DataError(f"{path}: {len(raw)} coordinate rows but the embeddings have {rows}")
+        arr = np.array(raw, np.float64)
         where = lambda i: f"row {i}"  # noqa: E731
     else:
         arr, lines = _read_csv(path)
