@@ -243,7 +243,7 @@ def test_interrupted_command_exits_128_plus_signal(files, tmp_path, sig, code):
     (["--max-minutes", "-1"], "--max-minutes -1.0: expected a finite number > 0"),
     (["--max-minutes", "nan"], "--max-minutes nan: expected a finite number > 0"),
     (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
-    (["--set", "model.widths=[0, 4]"], "--set model.widths=[0, 4]: expected a non-empty list of integers >= 1"),
+    (["--set", "model.widths=[0, 4]"], "--set model.widths=[0, 4]: expected a non-empty list of integers in [1, 65536]"),
     (["--set", "train.lr=0"], "--set train.lr=0: expected"),  # as typed, not the parsed 0.0
 ])
 def test_settings_out_of_range(files, tmp_path, capsys, extra, fragment):
@@ -404,6 +404,10 @@ def _set_config(run, fn):
     (lambda c: {**c, "train": {**c["train"], "batch_size": 0}}, "train.batch_size = 0: expected an integer >= 1"),
     (lambda c: {**c, "model": {**c["model"], "degree": 6}}, "the weights are of degree 4 but config.json says "
                                                             "model.degree = 6"),
+    # named before the network is built: degree 2000 took gigabytes first
+    (lambda c: {**c, "model": {**c["model"], "degree": 2000}}, "the weights are of degree 4 but config.json says "
+                                                               "model.degree = 2000"),
+    (lambda c: {**c, "model": {**c["model"], "bottleneck_depth": 10**8}}, "model.bottleneck_depth"),
 ])
 def test_damaged_config(files, tmp_path, capsys, damage, fragment):
     run = _copy_run(files, tmp_path)

@@ -179,12 +179,17 @@ def test_the_run_config_round_trips():
 
 
 @pytest.mark.parametrize("section, kwargs, message", [
-    ("diffusion", dict(timesteps=0), "diffusion.timesteps = 0: expected an integer >= 2"),
+    ("diffusion", dict(timesteps=0), r"diffusion.timesteps = 0: expected an integer in \[2, 100000\]"),
+    # sizes a shared file could set to anything: they spun or took gigabytes before a message
+    ("diffusion", dict(timesteps=10**9), r"diffusion.timesteps = 1000000000: expected an integer in \[2, 100000\]"),
+    ("model", dict(bottleneck_depth=10**8), r"model.bottleneck_depth = 100000000: expected an integer in \[0, 64\]"),
+    ("model", dict(cond_dim=10**12), r"model.cond_dim = 1000000000000: expected an integer in \[1, 65536\]"),
+    ("model", dict(emb_widths=(16, 10**12)), r"model.emb_widths = \(16, 1000000000000\): expected a list"),
     ("diffusion", dict(p_uncond=2.0), r"diffusion.p_uncond = 2.0: expected a number in \[0, 1\)"),
     ("diffusion", dict(density_fraction=-1.0), r"diffusion.density_fraction = -1.0: expected a number in \(0, 1\]"),
     ("diffusion", dict(timestep_power=0.0), "diffusion.timestep_power = 0.0: expected a finite number > 0"),
     ("diffusion", dict(schedule="foo"), "diffusion.schedule = 'foo': expected one of 'cosine', 'linear'"),
-    ("model", dict(widths=()), "model.widths = \\(\\): expected a non-empty list of integers >= 1"),
+    ("model", dict(widths=()), "model.widths = \\(\\): expected a non-empty list of integers in \\[1, 65536\\]"),
     ("model", dict(dropout=1.0), r"model.dropout = 1.0: expected a number in \[0, 1\)"),
 ])
 def test_configs_built_in_python_check_their_ranges(section, kwargs, message):

@@ -56,18 +56,24 @@ def _choice(*names):
     return (lambda v: v in names), "one of " + ", ".join(repr(n) for n in names)
 
 
-def _ints(lo):
-    return (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_int(lo)[0](x) for x in v),
-            f"a non-empty list of integers >= {lo}")
+def _ints(lo, hi, allow_empty=False):
+    def ok(v):
+        return isinstance(v, (list, tuple)) and (allow_empty or len(v) > 0) and all(_int(lo, hi)[0](x) for x in v)
+    return ok, f"a{'' if allow_empty else ' non-empty'} list of integers in [{lo}, {hi}]"
+
+
+# Sizes a shared config file could set to anything: past these, building the network or the
+# schedule spun or allocated gigabytes before any message (widths 1e12, 1e8 bottleneck layers).
+MAX_WIDTH, MAX_DEPTH, MAX_TIMESTEPS = 1 << 16, 64, 100_000
 
 
 RULES = {
-    "model": {"emb_dim": _int(1), "widths": _ints(1), "cond_dim": _int(1), "dropout": _num(0, 1, hi_open=True),
-              "emb_widths": ((lambda v: isinstance(v, (list, tuple)) and all(_int(1)[0](x) for x in v)),
-                             "a list of integers >= 1"),
+    "model": {"emb_dim": _int(1, MAX_WIDTH), "widths": _ints(1, MAX_WIDTH), "cond_dim": _int(1, MAX_WIDTH),
+              "dropout": _num(0, 1, hi_open=True), "emb_widths": _ints(1, MAX_WIDTH, allow_empty=True),
               "emb_dropout": _num(0, 1, hi_open=True), "w0": _num(0, lo_open=True), "w0_first": _num(0, lo_open=True),
-              "bottleneck_depth": _int(0), "density_from": _choice("embedding", "trunk"), "timesteps": _int(2)},
-    "diffusion": {"schedule": _choice("cosine", "linear"), "timesteps": _int(2),
+              "bottleneck_depth": _int(0, MAX_DEPTH), "density_from": _choice("embedding", "trunk"),
+              "timesteps": _int(2, MAX_TIMESTEPS)},
+    "diffusion": {"schedule": _choice("cosine", "linear"), "timesteps": _int(2, MAX_TIMESTEPS),
                   "prediction": _choice("eps", "x0", "v"), "mse_weight": _num(0), "kl_weight": _num(0),
                   "kl_sharpness": _num(0, lo_open=True), "kl_grid_oversample": _num(0, lo_open=True),
                   "density_fraction": _num(0, 1, lo_open=True), "smoothing": _optional(_num(0, lo_open=True)),

@@ -287,15 +287,21 @@ def check_schedule(tensors: dict, path, config: RunConfig) -> None:
                         "run's own config.json")
 
 
+def _check_degree(sd: dict, path, config: RunConfig) -> None:
+    # Before the network is built: a config.json saying degree 2000 beside degree-4 weights
+    # took gigabytes first.
+    bias = sd.get("out.bias")
+    if bias is not None and (bias.ndim != 1 or bias.shape[0] != config.model.dim):
+        held = math.isqrt(bias.shape[0]) - 1 if bias.ndim == 1 else f"? (out.bias of shape {tuple(bias.shape)})"
+        raise DataError(f"{path}: the weights are of degree {held} but {CONFIG_FILE} says model.degree = "
+                        f"{config.model.degree}")
+
+
 def _load_weights(net, sd: dict, path, config: RunConfig) -> None:
     bad = next((k for k, v in sd.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise DataError(f"{path}: weight {bad} holds NaN or infinite values (the run diverged or the file is damaged)")
-    bias = sd.get("out.bias")
-    if bias is not None and bias.shape[0] != config.model.dim:
-        held = math.isqrt(bias.shape[0]) - 1
-        raise DataError(f"{path}: the weights are of degree {held} but {CONFIG_FILE} says model.degree = "
-                        f"{config.model.degree}")
+    _check_degree(sd, path, config)
     if config.model.emb_dim == 1 and "emb_net.0.weight" in sd:
         # Runs of a 1-wide embedding before the norm was dropped learned from its LayerNorm's bias
         # alone, a constant: such weights have no use for the condition now read.
@@ -334,8 +340,9 @@ def load_model(run_dir, device="cpu", ema: bool = True) -> tuple[CSUNet, RunConf
     config, raw = read_config(run_dir)
     tensors, _ = load_checkpoint(run_dir)
     check_schedule(tensors, Path(run_dir) / CHECKPOINT_FILE, config)
-    net = CSUNet(config.model)
     prefix = "ema." if ema else "model."
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    _check_degree(sd, Path(run_dir) / CHECKPOINT_FILE, config)
+    net = CSUNet(config.model)
     _load_weights(net, sd, Path(run_dir) / CHECKPOINT_FILE, config)
     return net.to(device).eval(), config, raw
