@@ -204,3 +204,17 @@ def test_configs_built_in_python_check_their_ranges(section, kwargs, message):
     with pytest.raises(ranges.SettingError, match=message):
         cls(**kwargs)
     assert doctest.testmod(ranges).failed == 0
+
+
+def test_files_nested_past_the_parsers_depth_are_one_line_errors(tmp_path):
+    # A shared config nested 100,000 deep raised RecursionError tracebacks.
+    from locdiff.config import ConfigError, read_toml
+    from locdiff.data import DataError
+    from locdiff.run import read_config
+
+    (tmp_path / "config.json").write_text('{"a": ' + "[" * 100_000 + "}")
+    with pytest.raises(DataError, match="config.json: invalid JSON"):
+        read_config(tmp_path)
+    (tmp_path / "x.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="x.toml: invalid TOML \\(nested too deeply\\)"):
+        read_toml(tmp_path / "x.toml")

@@ -68,6 +68,8 @@ def read_toml(path, *, version: int | None = None) -> dict:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML ({err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML (nested too deeply)") from None
     return check_version(data, version, str(path)) if version is not None else data
 
 

@@ -232,9 +232,12 @@ def read_spec(path) -> dict:
     import json
 
     try:
-        return json.loads(open(path, encoding="utf-8").read())
-    except (OSError, ValueError) as err:
+        spec = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError, RecursionError) as err:
         raise DataError(f"{path}: not a readable encoder description ({_one_line(err)})") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{path}: not an encoder description (a JSON {type(spec).__name__}, not an object)")
+    return spec
 
 
 def spec_path_for_embeddings(embeddings):

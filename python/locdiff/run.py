@@ -196,6 +196,8 @@ def read_config(run_dir) -> tuple[RunConfig, dict]:
         raw = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: invalid JSON ({getattr(err, 'msg', err)})") from None
+    except RecursionError:  # nesting deeper than the parser goes: no config is
+        raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
     return config_from_raw(raw, str(path)), raw
 
 

@@ -34,7 +34,7 @@ def _kept_lines(path: Path, upto: int) -> list[str]:
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except ValueError:  # a line cut short by a kill
+        except (ValueError, RecursionError):  # a line cut short by a kill, or no log line at all
             continue
         if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= upto:
             keep.append(line)
