@@ -109,6 +109,13 @@ def test_a_dangling_link_or_an_unopenable_lock_is_one_line(files, tmp_path, caps
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
     expect_error(capsys, train_argv(files, tmp_path / "link", "--steps", "3"), "a symbolic link to")
     assert not (tmp_path / "nowhere").exists()
+    # A lock planted as a link to someone's file: the file is not written.
+    (tmp_path / "planted").mkdir()
+    (tmp_path / "victim").write_text("precious")
+    (tmp_path / "planted" / "locdiff.lock").symlink_to(tmp_path / "victim")
+    expect_error(capsys, train_argv(files, tmp_path / "planted", "--steps", "3"),
+                 "the folder's lock file is a symbolic link")
+    assert (tmp_path / "victim").read_text() == "precious"
     # A lock file another user made and this one cannot open (a shared folder).
     import os
 

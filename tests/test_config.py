@@ -218,3 +218,18 @@ def test_files_nested_past_the_parsers_depth_are_one_line_errors(tmp_path):
     (tmp_path / "x.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000)
     with pytest.raises(ConfigError, match="x.toml: invalid TOML \\(nested too deeply\\)"):
         read_toml(tmp_path / "x.toml")
+
+
+def test_a_network_too_large_at_every_degree_is_named_as_such():
+    # It was "--degree 4: expected an integer in [1, 0]", blaming the degree.
+    import torch
+
+    from locdiff.models import CSUNetConfig
+    from locdiff.ranges import SettingError
+    from locdiff.run import RunConfig
+    from locdiff.settings import validate
+
+    cfg = RunConfig(model=CSUNetConfig(degree=4, emb_dim=8, widths=(65536, 65536), cond_dim=65536))
+    with pytest.raises(SettingError, match=r"model.widths = \[65536, 65536\]: expected a network whose training "
+                                           r"fits at degree 1 .*needs more than the .* GiB"):
+        validate(cfg, device=torch.device("cpu"))

@@ -58,9 +58,14 @@ class RunLock:
         if key in RunLock._held:
             raise DataError(f"{self.path.parent}: run folder in use by this process (PID {os.getpid()}); wait for "
                             "its training to finish or choose another --out")
-        try:  # group-writable (within the umask): a shared folder's next user can take it over
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
+        # Group-writable (within the umask): a shared folder's next user can take it over. Never
+        # through a link: a lock planted as one would have this process write the file it names.
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o664)
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise DataError(f"{self.path}: the folder's lock file is a symbolic link (to {os.readlink(self.path)}); "
+                                "remove the link") from None
             raise DataError(f"{self.path}: cannot open the folder's lock file ({err.strerror}); it must be "
                             "writable by whoever writes into the folder") from None
         try:

@@ -31,6 +31,11 @@ def validate(config, *, source: str | None = None, device=None, rows_per_call: i
     top, why = KERNEL_MAX_DEGREE, "the SHDD kernels' largest degree"
     if device is not None:
         top, why = max_degree(config, device, rows_per_call or config.train.batch_size)
+        if top < 1:  # the network itself is too large: the degree is not what to change
+            raise SettingError("model.widths", list(mc.widths), "a network whose training fits at degree 1 "
+                               f"(model.widths, cond_dim and emb_widths set its size; this one needs more than "
+                               f"{why.split('fits ', 1)[-1]})",
+                               source)
     deg = mc.degree
     if isinstance(deg, bool) or not isinstance(deg, int) or not 1 <= deg <= top:
         raise SettingError("model.degree", deg, f"an integer in [1, {top}] ({why})", source)
