@@ -233,3 +233,10 @@ def test_a_network_too_large_at_every_degree_is_named_as_such():
     with pytest.raises(SettingError, match=r"model.widths = \[65536, 65536\]: expected a network whose training "
                                            r"fits at degree 1 .*needs more than the .* GiB"):
         validate(cfg, device=torch.device("cpu"))
+
+
+def test_a_toml_file_with_a_byte_order_mark_is_read(tmp_path):
+    from locdiff.config import read_toml
+
+    (tmp_path / "x.toml").write_bytes(b"\xef\xbb\xbf[train]\nsteps = 5\n")
+    assert read_toml(tmp_path / "x.toml") == {"train": {"steps": 5}}

@@ -221,3 +221,10 @@ def test_files_that_are_not_arrays_are_named_not_waited_on(tmp_path):
         np.save(tmp_path / "c.npy", bad)
         with pytest.raises(DataError, match=f"coordinates must be numbers .*got dtype {bad.dtype}"):
             read_coords(tmp_path / "c.npy")
+
+
+def test_utf16_coordinates_cut_short_are_named(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes("lat,lon\n1,2\n".encode("utf-16") + b"\x00")  # an odd byte count
+    with pytest.raises(DataError, match="UTF-16 text cut short or damaged"):
+        read_coords(path)

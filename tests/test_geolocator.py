@@ -119,7 +119,8 @@ def test_width_mismatch_names_both(setup, tmp_path):
 
 
 @pytest.mark.parametrize("change, fragment", [
-    ({"seed": "abc"}, "seed = 'abc': expected an integer >= 0"),
+    ({"seed": "abc"}, r"seed = 'abc': expected an integer in \[0, 9223372036854775807\]"),
+    ({"image_size": 100_000}, r"image_size = 100000: expected an integer in \[1, 4096\]"),  # took 20 GB a photo
     ({"pretrained": "maybe"}, "pretrained = 'maybe': expected one of weights, none"),
     ({"config": {"hidden_size": "big"}}, "config is not a CLIP vision architecture"),
     ({"config": {"hidden_size": 64, "num_attention_heads": 3}}, "config is not a CLIP vision architecture"),

@@ -155,6 +155,20 @@ def test_a_resume_keeps_its_data_and_says_how_the_run_was_made(tmp_path):
     assert raw["predict"]["temperature"] != 1.0 and "temperature = 1.0" in toml
 
 
+def test_damaged_checkpoint_metadata_is_named_on_resume(tmp_path):
+    # The SHA-256 covers the tensors only: edited metadata raised KeyError or ValueError.
+    from safetensors.torch import save as st_save
+
+    emb, coords = synthetic(200)
+    run = tmp_path / "run"
+    train(emb, coords, run, tiny_config(steps=2), progress=False)
+    tensors, meta = load_checkpoint(run)
+    for damage in ({"ema_updates": "many"}, {"state": "[1, 2]"}, {"state": '{"step": "x"}'}):
+        (run / CHECKPOINT_FILE).write_bytes(st_save(tensors, metadata={**meta, **damage}))
+        with pytest.raises(DataError, match="the checkpoint's metadata is damaged"):
+            train(emb, coords, run, tiny_config(steps=4), resume=True, progress=False)
+
+
 class CrashingRows:
     """Embeddings that raise on the n-th batch read, like a process killed mid-run."""
 

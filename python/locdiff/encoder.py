@@ -140,10 +140,11 @@ class Encoder:
                             f"(missing {missing or ['library: transformers']})")
         if spec["pretrained"] not in PRETRAINED:
             raise DataError(f"{path}: pretrained = {spec['pretrained']!r}: expected one of {', '.join(PRETRAINED)}")
-        for key in ("seed", "embedding_dim", "image_size"):
+        # Upper bounds too: a shared encoder.json saying image_size 100000 took 20 GB a photo.
+        for key, lo, hi in (("seed", 0, 2**63 - 1), ("embedding_dim", 1, 65536), ("image_size", 1, 4096)):
             v = spec[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1):
-                raise DataError(f"{path}: {key} = {v!r}: expected an integer >= {0 if key == 'seed' else 1}")
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise DataError(f"{path}: {key} = {v!r}: expected an integer in [{lo}, {hi}]")
         if not isinstance(spec["config"], dict):
             raise DataError(f"{path}: config = {spec['config']!r}: expected the architecture's settings (an object)")
         try:

@@ -241,10 +241,16 @@ def parse_checkpoint(data: bytes, path) -> tuple[dict, dict]:
         tensors = st_load(data)
         n = struct.unpack("<Q", data[:8])[0]
         meta = json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
-        json.loads(meta.get("state", "{}"))
     except Exception as err:
         detail = " ".join(str(err).split())[:200] or type(err).__name__
         raise DataError(f"{path}: unreadable checkpoint, truncated or not a checkpoint ({detail})") from None
+    try:
+        state = json.loads(meta.get("state", "{}"))
+    except (ValueError, RecursionError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("step", 0), int):
+        raise DataError(f"{path}: the checkpoint's metadata is damaged (training state "
+                        f"{' '.join(str(meta.get('state'))[:80].split())})")
     want = meta.get("sha256")
     if want is not None and tensors_digest(tensors) != want:
         raise DataError(f"{path}: checksum mismatch: the checkpoint's bytes changed after it was written "
@@ -322,18 +328,23 @@ def restore(tensors: dict, meta: dict, net, ema: EMA, opt, path=CHECKPOINT_FILE,
     if config is not None:
         check_schedule(tensors, path, config)
     _load_weights(net, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path, cfg)
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")},
-                        int(meta.get("ema_updates", 0)))
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
+    # The SHA-256 covers the tensors, not the metadata: an edited or damaged entry is named.
     try:
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")},
+                            int(meta.get("ema_updates", 0)))
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
         opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    except (KeyError, ValueError) as err:
-        raise DataError(f"{path}: optimizer state does not match the model ({err})") from None
-    return json.loads(meta["state"])
+        training = json.loads(meta["state"])
+        if not isinstance(training, dict) or not isinstance(training.get("step", 0), int):
+            raise ValueError(f"training state {str(training)[:80]}")
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as err:
+        raise DataError(f"{path}: the optimizer or training state does not match the model, or the checkpoint's "
+                        f"metadata is damaged ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    return training
 
 
 def load_model(run_dir, device="cpu", ema: bool = True) -> tuple[CSUNet, RunConfig, dict]:

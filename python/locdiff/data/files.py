@@ -302,7 +302,10 @@ def decode_text(data: bytes, path) -> str:
     import warnings
 
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as err:  # cut short: an odd number of bytes
+            raise DataError(f"{path}: UTF-16 text cut short or damaged ({err.reason} at byte {err.start})") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
