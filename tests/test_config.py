@@ -215,6 +215,9 @@ def test_files_nested_past_the_parsers_depth_are_one_line_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"a": ' + "[" * 100_000 + "}")
     with pytest.raises(DataError, match="config.json: invalid JSON"):
         read_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"model": {"degree": ' + "9" * 5000 + "}}")  # past int()'s digits
+    with pytest.raises(DataError, match="config.json: invalid JSON"):
+        read_config(tmp_path)
     (tmp_path / "x.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000)
     with pytest.raises(ConfigError, match="x.toml: invalid TOML \\(nested too deeply\\)"):
         read_toml(tmp_path / "x.toml")

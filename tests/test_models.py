@@ -179,6 +179,20 @@ def test_timestep_features_tell_timesteps_apart():
     torch.testing.assert_close(timestep_features(torch.tensor([50]), 128, 100), f[500:501])
 
 
+def test_float8_weights_are_checked_for_nan_in_float32():
+    # torch has no isfinite for float8: the check raised NotImplementedError.
+    from locdiff.data.files import DataError
+    from locdiff.run import RunConfig, _load_weights
+
+    cfg = RunConfig(model=_cfg())
+    sd = {k: v.to(torch.float8_e4m3fn) if v.dtype == torch.float32 else v
+          for k, v in CSUNet(cfg.model).state_dict().items()}
+    _load_weights(CSUNet(cfg.model), sd, "ckpt", cfg)
+    sd["out.bias"] = torch.full_like(sd["out.bias"], float("nan"))
+    with pytest.raises(DataError, match="weight out.bias holds NaN"):
+        _load_weights(CSUNet(cfg.model), sd, "ckpt", cfg)
+
+
 def test_weights_of_a_one_wide_run_from_before_the_norm_was_dropped_are_named():
     # Such runs learned from LayerNorm(1)'s bias, a constant; their emb_net.0.* weights
     # have no module now, and loading them says so rather than list unexpected keys.

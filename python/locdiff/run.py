@@ -194,7 +194,7 @@ def read_config(run_dir) -> tuple[RunConfig, dict]:
         raise DataError(f"{path}: not found (is {run_dir} a locdiff run folder?)")
     try:
         raw = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError) as err:  # (a JSONDecodeError, or an integer of 5,000 digits)
         raise DataError(f"{path}: invalid JSON ({getattr(err, 'msg', err)})") from None
     except RecursionError:  # nesting deeper than the parser goes: no config is
         raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
@@ -306,7 +306,9 @@ def _check_degree(sd: dict, path, config: RunConfig) -> None:
 
 
 def _load_weights(net, sd: dict, path, config: RunConfig) -> None:
-    bad = next((k for k, v in sd.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())), None)
+    # (float8 has no isfinite: such weights are checked in float32)
+    bad = next((k for k, v in sd.items() if v.dtype.is_floating_point
+                and not bool(torch.isfinite(v.float() if v.element_size() == 1 else v).all())), None)
     if bad is not None:
         raise DataError(f"{path}: weight {bad} holds NaN or infinite values (the run diverged or the file is damaged)")
     _check_degree(sd, path, config)
