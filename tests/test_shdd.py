@@ -524,3 +524,15 @@ def test_default_separation_is_the_kernels_first_zero(degree):
     kernel = legendre.legval(np.cos(theta), 2 * np.arange(degree + 1) + 1.0)
     assert shdd.default_separation_km(degree) == pytest.approx(theta[np.argmax(kernel < 0)] * geo.EARTH_RADIUS_KM,
                                                                rel=0.02)
+
+
+def test_a_density_too_large_for_memory_is_a_memory_error(monkeypatch):
+    # 256 rows at L = 1024 need 12 GB for the values alone: the process was killed, silently.
+    from locdiff.ops import validation
+
+    monkeypatch.setattr(validation, "physical_memory_bytes", lambda: 2**24)
+    monkeypatch.setattr(validation, "available_memory_bytes", lambda: 2**24)
+    with pytest.raises(MemoryError, match="density of shape .* use fewer rows at a time"):
+        shdd.density(shdd.encode(np.zeros((64, 2)), 16), grids.for_degree(16, oversample=4))
+    with pytest.raises(ValueError, match="coeffs: coefficient length must be a square"):
+        shdd.log_normalizer(np.zeros((2, 66050)), temperature=10.0)

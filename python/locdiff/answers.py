@@ -53,8 +53,8 @@ _CHUNK_CELLS = 1 << 20  # rows x grid cells handled at once (under 100 MB with t
 # Basins climb on the 2x grid (the valleys between them need no finer cells) and sum their
 # masses on the credible grid, where two equal lobes share the mass equally wherever they fall.
 # A budget of cells rather than a cap on the oversampling: the rule then holds up to the
-# sharpest temperature calibration chooses at L <= 128, and no degree takes more memory
-# (docs/photos.md, "Answers").
+# sharpest temperature calibration chooses at L <= 128. From L = 512 the 2x floor itself is
+# larger than the budget (docs/photos.md, "Answers").
 MIN_OVERSAMPLE, MAX_CELLS = 2.0, 1 << 23
 
 

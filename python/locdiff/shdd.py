@@ -71,7 +71,10 @@ def _check_coeffs(coeffs, name: str = "coeffs", finite: bool = True):
         t = t.double()
     if t.ndim == 0:
         raise ValueError(f"{name} must have shape (..., (L+1)^2), got a scalar")
-    degree = degree_of(t.shape[-1])
+    try:
+        degree = degree_of(t.shape[-1])
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
     if degree > validation.MAX_DEGREE:
         raise ValueError(f"{name}: degree {degree} exceeds {validation.MAX_DEGREE}")
     if t.dtype not in (torch.float32, torch.float64):
@@ -416,6 +419,9 @@ def density(coeffs, grid=None, temperature: float = 1.0):
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     t = check_temperature(temperature)
     grid = _grid(grid, degree)
+    # The values, then the softmax's: a large batch at a high degree fails here in words.
+    validation.check_allocation((3, flat.shape[0], grid.size), flat.dtype, flat.device, "density",
+                                "use fewer rows at a time, a lower degree or a coarser grid")
     f = shdd_api.synth(flat, _grid_args(grid, degree, flat.device))
     la = grid.area.to(device=f.device, dtype=f.dtype).log()
     p = torch.softmax(f / t + la, -1)
