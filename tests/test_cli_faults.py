@@ -35,7 +35,7 @@ def test_an_output_never_replaces_an_input_or_the_run(files, tmp_path, capsys):
     shards.mkdir()
     np.save(shards / "emb-000000.npy", np.load(emb))
     expect_error(capsys, ["predict", "--run", run, "--embeddings", shards, "--out", shards / "emb-000000.npy"],
-                 "lies inside the input folder")
+                 "would be read as a shard of the input folder")
     assert emb.read_bytes() == before
     load_checkpoint(run)  # intact
 

@@ -209,8 +209,8 @@ class Checkpoints:
 
 def check_output_file(path, what: str, inputs=(), run=None) -> Path:
     """``path`` can be written as a file: not a folder, its folder exists and is writable,
-    and writing it loses nothing the command reads: it is none of the files ``inputs``, not
-    inside one of them that is a folder (of shards) and not inside the run folder ``run``."""
+    and writing it loses nothing the command reads: it is none of the files ``inputs``, not a
+    shard of one of them that is a folder of shards, and not inside the run folder ``run``."""
     p = Path(path)
     try:
         if p.is_dir():
@@ -226,8 +226,10 @@ def check_output_file(path, what: str, inputs=(), run=None) -> Path:
         src = Path(source).resolve()
         if target == src:
             raise DataError(f"{p}: is the input {source}; the {what} needs a file of its own")
-        if src.is_dir() and src in target.parents:  # a folder of shards: any file in it may be read
-            raise DataError(f"{p}: lies inside the input folder {source}; write the {what} outside it")
+        # A folder of shards reads every .npy in it that is not hidden: one more would be read too.
+        if src.is_dir() and target.parent == src and target.suffix == ".npy" and not target.name.startswith("."):
+            raise DataError(f"{p}: would be read as a shard of the input folder {source}; write the {what} "
+                            "outside it")
     if run is not None and Path(run).resolve() in target.parents:
         raise DataError(f"{p}: lies inside the run folder {run}; write the {what} outside it")
     parent = target.parent  # a symbolic link's target is what gets written
