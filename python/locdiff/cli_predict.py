@@ -122,7 +122,7 @@ def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, coeffs: b
     part = distributed.split_for_rank(-(-n // bs))
     parts: dict = {"latlon": [], "coeffs": [], "topk_latlon": [], "topk_values": []}
     for g in range(part.start * bs, min(part.stop * bs, n), bs):
-        c = pred.coefficients(np.asarray(emb[g:g + bs], np.float32), seed=batch_seed(seed, g), **sampling)
+        c = pred.coefficients(emb[g:g + bs], seed=batch_seed(seed, g), **sampling)  # (read and cast there)
         if coeffs:
             parts["coeffs"].append(c.numpy())
         parts["latlon"].append(pred.locate(c))

@@ -232,7 +232,7 @@ class Predictor:
         bs = self.config.predict.batch_size
         keep, lls, tks, tvs = [], [], [], []
         for i in tqdm(range(0, n, bs), desc="predicting", unit="batch", disable=not progress):
-            c = self.coefficients(embeddings_float32(emb[i:i + bs]), seed=batch_seed(seed, i),
+            c = self.coefficients(emb[i:i + bs], seed=batch_seed(seed, i),  # (read and cast there)
                                   **{k: s[k] for k in ("sampler", "steps", "samples", "guidance", "eta")})
             if coeffs:
                 keep.append(c.numpy())

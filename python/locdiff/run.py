@@ -340,9 +340,7 @@ def restore(tensors: dict, meta: dict, net, ema: EMA, opt, path=CHECKPOINT_FILE,
                 _, pid, name = k.split(".", 2)
                 state.setdefault(int(pid), {})[name] = v
         opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-        training = json.loads(meta["state"])
-        if not isinstance(training, dict) or not isinstance(training.get("step", 0), int):
-            raise ValueError(f"training state {str(training)[:80]}")
+        training = json.loads(meta["state"])  # (its form was checked by parse_checkpoint)
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as err:
         raise DataError(f"{path}: the optimizer or training state does not match the model, or the checkpoint's "
                         f"metadata is damaged ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
