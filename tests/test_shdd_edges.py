@@ -264,6 +264,31 @@ def test_top_k_is_consistent_across_k(degree):
             np.testing.assert_allclose(shdd.top_k(c, k)[1], wide[:k], rtol=1e-9, err_msg=f"lat {lat}, k {k}")
 
 
+@pytest.mark.parametrize("degree", [32, 256, 512])
+@pytest.mark.parametrize("pole", [90.0, -90.0])
+def test_a_lobe_on_a_pole_leaves_room_for_the_other_modes(degree, pole):
+    # A lobe exactly on a pole makes the polar ring a plateau; its float32 rounding noise made
+    # hundreds of tied local maxima, which filled top_k's pool from L = 256 and hid the second
+    # mode. A polar ring now gives one candidate, in the C++ scan and in the torch route.
+    from locdiff.ops import shdd as ops
+    from shdd_helpers import ring_args, torch_route_candidates
+
+    other = np.array([10.0 * np.sign(pole), 20.0])
+    c = shdd.encode(np.array([pole, 0.0]), degree) + 0.5 * shdd.encode(other, degree)
+    ll, v = shdd.top_k(c, 2)
+    # (each lobe's side lobes move the other's peak: 2.2 km at L = 32)
+    assert float(locdiff.great_circle_km(ll[0], [pole, 0.0])) < 5.0
+    assert float(locdiff.great_circle_km(ll[1], other)) < 5.0
+    np.testing.assert_allclose(v[1] / v[0], 0.5, atol=0.01)
+    grid = grids.for_degree(degree)
+    c32 = torch.as_tensor(c, dtype=torch.float32)[None]
+    index, value, _ = ops.shdd_candidates_op(c32, *ring_args(grid, degree), 12)
+    ring = index[torch.isfinite(value)] // grid.nlon
+    assert int((ring == 0).sum()) + int((ring == grid.nlat - 1).sum()) == 1, ring
+    want, _ = torch_route_candidates(c32, degree, grid, 12)
+    torch.testing.assert_close(value, want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("sharpness", [2.0, 11.5, 40.0, 1000.0])
 def test_the_density_mode_of_an_exact_shdd_is_its_point(sharpness):
     # The density's mode is found by projecting softmax(f / t) on a grid: one too coarse for

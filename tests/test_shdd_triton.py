@@ -64,6 +64,31 @@ def test_candidates_match_the_torch_route(grid, degree, ncand):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("pole", [90.0, -90.0])
+def test_a_lobe_on_a_pole_is_one_candidate(pole):
+    # A zonal lobe on the pole makes every polar ring a plateau of exact ties: each ring must
+    # give one candidate, its first node, as in the torch route (test_shdd_edges: the C++ scan).
+    from locdiff.ops.triton.shdd_triton import ring_candidates_triton
+
+    degree, grid = 12, grids.for_degree(12)
+    c = shdd.encode(torch.tensor([pole, 0.0]), degree)
+    zonal = torch.zeros_like(c)
+    m0 = torch.arange(degree + 1) ** 2 + torch.arange(degree + 1)
+    zonal[m0] = c[m0]  # m = 0 only: the exact lobe, every ring constant
+    value, index = ring_candidates_triton(zonal[None].float(), grid.legendre_table(degree), degree, grid.nlat,
+                                          grid.nlon, grid.lon0, 8)
+    want_value, want_xyz = torch_route_candidates(zonal[None].float(), degree, grid, 8)
+    finite = torch.isfinite(want_value)
+    assert torch.equal(torch.isfinite(value), finite)
+    torch.testing.assert_close(value[finite], want_value[finite], rtol=2e-6, atol=0)
+    ring = index[finite] // grid.nlon
+    polar = (ring == 0) | (ring == grid.nlat - 1)
+    assert 1 <= int(polar.sum()) <= 2 and bool((index[finite][polar] % grid.nlon == 0).all()), index
+    # (the side-lobe rings tie too, and the two sorts order their nodes differently)
+    assert torch.equal(grid.xyz[index[:, 0]], want_xyz[:, 0].to(grid.xyz.dtype))
+
+
+@needs_interpreter
 @pytest.mark.parametrize("nlat, nlon", [(6, 8), (8, 15)])
 def test_fewer_maxima_than_candidates_pad_with_minus_inf(nlat, nlon):
     # nlon 15: a ring is scanned in 16 lanes, and the padding lane's index lay past the grid.

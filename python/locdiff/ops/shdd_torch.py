@@ -29,14 +29,19 @@ def ring_local_maxima(f: Tensor) -> Tensor:
     """Local maxima of grid values ``f`` (..., nlat, nlon) on a ring grid (bool, same shape),
     as the C++ scan defines them: at least the two neighbours on the ring, and no higher
     value among the three on each adjacent ring; columns wrap at the antimeridian, and the
-    ring beyond a pole is the polar ring itself half a turn away. A dozen elementwise ops,
-    so that devices without the C++ scan find candidates in a few kernels."""
+    ring beyond a pole is the polar ring itself half a turn away; a polar ring keeps only its
+    best maximum (the first of equals). A dozen elementwise ops, so that devices without the
+    C++ scan find candidates in a few kernels."""
     half = f.shape[-1] // 2
     up = torch.cat([f[..., :1, :].roll(half, -1), f[..., :-1, :]], -2)
     down = torch.cat([f[..., 1:, :], f[..., -1:, :].roll(half, -1)], -2)
     peak = (f >= f.roll(1, -1)) & (f >= f.roll(-1, -1))
     for ring in (up, down):
         peak &= ~(ring > f) & ~(ring.roll(1, -1) > f) & ~(ring.roll(-1, -1) > f)
+    for j in {0, f.shape[-2] - 1}:
+        masked = torch.where(peak[..., j, :], f[..., j, :], -torch.inf)
+        best = masked.argmax(-1, keepdim=True)  # the first of equals
+        peak[..., j, :] &= torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, best, True)
     return peak
 
 

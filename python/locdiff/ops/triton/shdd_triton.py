@@ -117,6 +117,12 @@ def _ring_scan_kernel(coeffs_ptr, table_ptr, phase_ptr, scratch_ptr, keys_ptr, n
         peak &= ~(tl.load(down + kl[None, :], mask=ok2, other=0.0) > f)
         peak &= ~(tl.load(down + k[None, :], mask=ok2, other=0.0) > f)
         peak &= ~(tl.load(down + kr[None, :], mask=ok2, other=0.0) > f)
+        # A polar ring keeps only its best maximum, the first of equals (as the C++ scan).
+        masked = tl.where(peak, f, float("-inf"))
+        ring_best = tl.max(masked, axis=1)
+        first = tl.min(tl.where(masked == ring_best[:, None], k[None, :], NLON), axis=1)
+        polar = (g == 0) | (g == nlat - 1)
+        peak &= ~polar[:, None] | (k[None, :] == first[:, None])
         index = gc[:, None] * nlon + k[None, :]
         keys = _pack(tl.where(peak, f, float("-inf")), index)
         # Per ring, then over the band's rings: sorts of NLON and ROWS * C keys, not one of
