@@ -335,7 +335,13 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[int]]:
     if lat is None or lon is None:
         raise DataError(f"{path}: CSV header needs 'lat' and 'lon' columns, got {header}")
     # Where the separator is not a comma, a comma in a number is a decimal comma ("33,7").
-    number = float if dialect.delimiter == "," else (lambda cell: float(cell.replace(",", ".", 1)))
+    comma = dialect.delimiter != ","
+
+    def number(cell: str) -> float:
+        if "_" in cell:  # float() reads "1_0" as 10: a typo, not a number in a data file
+            raise ValueError(cell)
+        return float(cell.replace(",", ".", 1) if comma else cell)
+
     out, lines = [], []
     try:
         for row in reader:
