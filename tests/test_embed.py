@@ -241,6 +241,13 @@ def test_same_seed_same_random_encoder(tiny, encoder, tmp_path):
     assert not np.allclose(other.embed(img), encoder.embed(img))
 
 
+def test_an_encoder_description_names_itself_when_its_weights_are_gone(tmp_path, encoder):
+    # A run's encoder.json names a model folder; errors about it name that file, not --model.
+    spec = {**encoder.spec, "pretrained": "weights", "model": str(tmp_path / "moved-away")}
+    with pytest.raises(DataError, match=r"^run/encoder.json: model '.*moved-away': cannot load the encoder's weights"):
+        Encoder.from_spec(spec, "cpu", path="run/encoder.json")
+
+
 def test_cli_embed(tmp_path, tiny, capsys):
     photo_folder(tmp_path / "d", n=3)
     code, out, _ = run_cli(capsys, "embed", tmp_path / "d", "--model", tiny, "--pretrained", "none",

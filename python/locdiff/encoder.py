@@ -126,7 +126,7 @@ class Encoder:
              seed: int = 0) -> "Encoder":
         """The encoder ``model`` (see the module docstring for ``pretrained``)."""
         cfg = vision_config(model, pretrained)
-        return cls._build(canonical_model(model), pretrained, cfg, device, seed)
+        return cls._build(canonical_model(model), pretrained, cfg, device, seed, f"--model {model!r}")
 
     @classmethod
     def from_spec(cls, spec: dict, device=None, path=SPEC_FILE) -> "Encoder":
@@ -154,10 +154,12 @@ class Encoder:
         if int(getattr(cfg, "projection_dim", spec["embedding_dim"])) != spec["embedding_dim"]:
             raise DataError(f"{path}: embedding_dim = {spec['embedding_dim']} but the architecture's projection_dim "
                             f"is {cfg.projection_dim}")
-        return cls._build(spec["model"], spec["pretrained"], cfg, device, spec["seed"])
+        return cls._build(spec["model"], spec["pretrained"], cfg, device, spec["seed"],
+                          f"{path}: model {spec['model']!r}")
 
     @classmethod
-    def _build(cls, model, pretrained, cfg, device, seed):
+    def _build(cls, model, pretrained, cfg, device, seed, source):
+        # source: how errors name the model (the --model flag, or the encoder.json it came from)
         import torch
 
         tf = require("transformers", "the CLIP image encoder")
@@ -177,7 +179,7 @@ class Encoder:
                 net = tf.CLIPVisionModelWithProjection.from_pretrained(model, local_files_only=local)
                 proc = proc_cls.from_pretrained(model, local_files_only=local)
             except Exception as err:  # transformers and huggingface_hub raise many types here
-                raise DataError(f"--model {model!r}: cannot load the encoder's weights "
+                raise DataError(f"{source}: cannot load the encoder's weights "
                                 f"({_one_line(err)})") from None
             cfg = net.config
         # The width of the weights themselves: a full CLIP checkpoint's vision config can
