@@ -556,3 +556,22 @@ def test_integer_flags_read_integers_as_set_does():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--embeddings", "e.npy", "--coords", "c.csv", "--out", "r",
                                    "--seed", "1.5"])
+
+
+@pytest.mark.parametrize("name, make", [
+    ("metrics.jsonl", lambda p: p.mkdir()),
+    (CHECKPOINT_FILE, lambda p: __import__("os").mkfifo(p)),  # a read would block for ever
+    ("train.toml", lambda p: p.mkdir()),
+])
+def test_a_run_file_that_is_not_a_file_stops_a_resume(files, tmp_path, capsys, name, make):
+    # before anything is written: the run's files stay as they were
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(files / "base", run)
+    (run / name).unlink()
+    make(run / name)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    expect_error(capsys, train_argv(files, run, "--resume", "--steps", "6"),
+                 f"{run / name}: not a regular file (a folder, FIFO, device or socket)")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -164,7 +164,13 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
     """Rank 0: the config to train with, the checkpoint bytes to resume from (None: step 0)
     and, when there is nothing left to train, why and the checkpoint's training state (None:
     there is), every check done before anything is written."""
+    from locdiff.trainlog import METRICS_FILE
+
     cfg_path, ckpt_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
+    for path in (cfg_path, ckpt_path, run_dir / METRICS_FILE, run_dir / TOML_FILE):
+        if path.exists() and not path.is_file():  # a FIFO would block the read, a folder raise
+            raise DataError(f"{path}: not a regular file (a folder, FIFO, device or socket) where the run keeps its "
+                            "own file; move it away, or train into a new --out")
     has_cfg, has_ckpt = cfg_path.is_file(), ckpt_path.is_file()
     if not resume:
         kept = saved_checkpoints(run_dir)
@@ -424,9 +430,15 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
             log(f"note: the run's steps were cut into {before} pieces (processes x accumulate), these into "
                 f"{world * tc.accumulate}: the noise of later steps differs from an uninterrupted run's")
     resumed_at = state["step"] if ckpt is not None else None
+    command = extra.pop("command", None)  # the command line, where a CLI started this
+    if ckpt is None and command:
+        state["command"] = command
     if resumed_at is not None:  # config.json says how the run was made: 30 steps, then resumed to 60
-        state["resumes"] = [*state.get("resumes", []), {"step": resumed_at, "steps": tc.steps, "processes": world}]
+        entry = {"step": resumed_at, "steps": tc.steps, "processes": world}
+        state["resumes"] = [*state.get("resumes", []), {**entry, **({"command": command} if command else {})}]
         extra["resumes"] = state["resumes"]
+    if state.get("command"):
+        extra["command"] = state["command"]
     extra["software"] = _software(dev, world)
     # Validation predicts with the settings the run started with, not the calibrated ones a
     # finished run holds, so that a resumed run's validations compare with its earlier ones.
