@@ -41,6 +41,12 @@ def test_train_cli_tiny(files, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "train", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv",
                            "--out", tmp_path / "run", "--degree", 3, "--steps", 3, "--resume")
     assert code == 0 and "trained 3 steps" in out
+    # config.json records the command that started the run, and each resume's
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    start = f"locdiff train --embeddings {files / 'emb.npy'} --coords {files / 'coords.csv'} --out {tmp_path / 'run'}"
+    assert cfg["command"] == start + " --degree 3 --steps 2 --device cpu"
+    resumed = start + " --degree 3 --steps 3 --resume"
+    assert cfg["resumes"] == [{"step": 2, "steps": 3, "processes": 1, "command": resumed}]
 
 
 def test_evaluate_and_predict(files, tmp_path, capsys):

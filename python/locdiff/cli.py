@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     if extra:  # named by the command's parser ("locdiff train: error: ..."), as its other errors
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what config.json records as the command
     prefix = f"locdiff {args.command}"
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)

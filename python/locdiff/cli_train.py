@@ -4,6 +4,7 @@ every setting checked before anything is read or written."""
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -175,8 +176,9 @@ def cmd_train(args) -> int:
             raise DataError(f"{d.val_embeddings}: embedding dimension {val[0].shape[1]}, but the training "
                             f"embeddings have {emb.shape[1]}")
         val = (val[0][:], val[1])
+    command = "locdiff " + shlex.join(getattr(args, "argv", []) or ["train"])
     res = train(emb, coords, out, cfg, resume=args.resume, device=args.device, val=val, progress=not args.quiet,
-                check_data=False)  # load_pair has checked both files
+                extra_config={"command": command}, check_data=False)  # load_pair has checked both files
     if not distributed.is_main():
         return 128 + res.signal if res.signal else 0
     if res.signal:
