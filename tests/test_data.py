@@ -92,6 +92,9 @@ def test_read_coords_other_separators(tmp_path, text):
     ("lat,lon\n1,2\n3\n", "line 3 has no numeric lat/lon: got '3', ''"),
     ("lat;lon\n1,2,5;3\n3;4\n", "no numeric"),
     ("lat,lon\n1_0,2\n3,4\n", "line 2 has no numeric lat/lon: got '1_0', '2'"),  # float() reads 10
+    ("lat,lon\n2.3,48.8\n151.2,-33.9\n", r"line 3 \(data row 1\) has latitude 151.2 outside \[-90, 90\]; are the "
+     r"columns swapped \(lon, lat\)\?"),
+    ("lat,lon\n1,2\n3,1e20\n", r"line 3 \(data row 1\) has longitude 1e\+20 outside \[-360, 360\]"),
     ("lat,lon\n45,5,10,2\n3,4\n", "line 2 has 4 fields but the header has 2 .*quote numbers with a decimal comma"),
     ("", "empty"),
 ])

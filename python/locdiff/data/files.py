@@ -250,8 +250,9 @@ def read_coords(path, rows: int | None = None) -> np.ndarray:
     """``(N, 2)`` float64 (lat, lon) from a CSV with ``lat`` and ``lon`` columns (header names
     ``latitude``/``longitude``/``lng`` are accepted too) or an ``(N, 2)`` ``.npy``.
 
-    Checks: the file exists and parses, no NaN, latitudes in [-90, 90], longitudes finite,
-    and, when ``rows`` is given, the row count matches. Longitudes outside [-180, 180] are wrapped.
+    Checks: the file exists and parses, no NaN, latitudes in [-90, 90], longitudes in
+    [-360, 360] (0-360 and -180-180 conventions; larger values are errors in the data), and,
+    when ``rows`` is given, the row count matches. Longitudes outside [-180, 180] are wrapped.
     """
     path = Path(path)
     if not path.is_file():
@@ -278,7 +279,12 @@ def read_coords(path, rows: int | None = None) -> np.ndarray:
         raise DataError(f"{path}: {where(bad[0])} has a NaN or infinite coordinate: {arr[bad[0]].tolist()}")
     bad = np.flatnonzero(np.abs(arr[:, 0]) > 90)
     if len(bad):
-        raise DataError(f"{path}: {where(bad[0])} has latitude {arr[bad[0], 0]} outside [-90, 90]")
+        lat, lon = arr[bad[0]]
+        swapped = "; are the columns swapped (lon, lat)?" if abs(lon) <= 90 else ""
+        raise DataError(f"{path}: {where(bad[0])} has latitude {lat} outside [-90, 90]{swapped}")
+    bad = np.flatnonzero(np.abs(arr[:, 1]) > 360)
+    if len(bad):
+        raise DataError(f"{path}: {where(bad[0])} has longitude {arr[bad[0], 1]} outside [-360, 360]")
     out = np.abs(arr[:, 1]) > 180
     arr[out, 1] = (arr[out, 1] + 180.0) % 360.0 - 180.0
     _warn_if_radians(arr, path)
