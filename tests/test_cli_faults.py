@@ -98,7 +98,8 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(files, tmp_pat
     # With the KL, predictions too large for it give skipped NaN losses before the weights
     # turn NaN; the regression alone takes the weights there.
     fresh = expect_error(capsys, train_argv(files, tmp_path / "fresh", "--steps", "30", "--lr", "1e6", "--set",
-                                            "train.warmup_steps=0", "--set", "diffusion.kl_weight=0"),
+                                            "train.warmup_steps=0", "--set", "diffusion.kl_weight=0", "--set",
+                                            "model.density_head=false"),
                          "the weights hold NaN or infinite values")
     assert "no checkpoint was saved" in fresh and not (tmp_path / "fresh" / CHECKPOINT_FILE).exists()
     for text in (out / "metrics.jsonl").read_text().splitlines():
@@ -575,3 +576,62 @@ def test_a_run_file_that_is_not_a_file_stops_a_resume(files, tmp_path, capsys, n
     expect_error(capsys, train_argv(files, run, "--resume", "--steps", "6"),
                  f"{run / name}: not a regular file (a folder, FIFO, device or socket)")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_density_head_without_the_kl_is_refused_and_an_old_such_run_samples(files, tmp_path, capsys):
+    # The head learns from the SHDD-KL alone: without it the head stays at zero, and its
+    # answers were (90, 0) for every row. An earlier locdiff trained such runs.
+    expect_error(capsys, train_argv(files, tmp_path / "r", "--set", "diffusion.kl_weight=0"),
+                 "diffusion.kl_weight=0: expected > 0 when model.density_head is true", [tmp_path / "r"])
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(files / "base", run)
+    raw = json.loads((run / CONFIG_FILE).read_text())
+    raw["diffusion"]["kl_weight"] = 0.0
+    (run / CONFIG_FILE).write_text(json.dumps(raw))
+    predict = ["predict", "--run", run, "--embeddings", files / "emb.npy", "--out", tmp_path / "p.csv"]
+    expect_error(capsys, predict, "the run's predict.sampler: sampler 'density' reads the run's density head, "
+                 "which it never trained", [tmp_path / "p.csv"])
+    code, _, _ = run_cli(capsys, *predict, "--sampler", "ddim", "--sample-steps", "2")
+    assert code == 0 and (tmp_path / "p.csv").exists()
+
+
+def _as_an_earlier_locdiff_left_it(run):
+    """A finished run as locdiff wrote it before config.json recorded the finished step and
+    the training data, and before checkpoints held the settings validation started with."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    raw = json.loads((run / CONFIG_FILE).read_text())
+    del raw["finished_step"], raw["training_data"]
+    raw["predict"]["temperature"] = 0.5  # as calibrated
+    (run / CONFIG_FILE).write_text(json.dumps(raw))
+    with safe_open(str(run / CHECKPOINT_FILE), "pt") as fh:
+        meta = fh.metadata()
+    state = json.loads(meta["state"])
+    del state["val_predict"]
+    save_file(load_file(str(run / CHECKPOINT_FILE)), str(run / CHECKPOINT_FILE),
+              metadata={**meta, "state": json.dumps(state)})
+
+
+def test_a_run_of_an_earlier_locdiff_resumes_as_it_was_left(files, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(files / "base", run)
+    _as_an_earlier_locdiff_left_it(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "locdiff.lock"}
+    # Finished: a resume to the same train.steps leaves it as it is (it was re-calibrated).
+    code, out, _ = run_cli(capsys, *train_argv(files, run, "--resume", "--steps", "3"))
+    assert code == 0 and "nothing to train" in out and "the run is unchanged" in out
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "locdiff.lock"} == before
+    # Trained on: its data cannot be checked (said), nor recorded as the run's; it validates
+    # with the settings calibration chooses at their defaults, not the calibrated ones.
+    argv = [a for a in train_argv(files, run, "--resume", "--steps", "5") if a != "--quiet"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "does not record the run's training data (an earlier locdiff made it)" in out + err
+    raw = json.loads((run / CONFIG_FILE).read_text())
+    assert "training_data" not in raw and raw["finished_step"] == 5
+    assert "temperature = 1.0" in (run / "train.toml").read_text()

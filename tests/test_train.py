@@ -302,6 +302,12 @@ def test_calibration_stops_where_the_normaliser_stops_following():
     t, _ = nll_temperature(shdd.encode(torch.as_tensor(truth), 64), truth, 64)
     sharpness = shdd.exact_peak(64) / t
     assert shdd.normalizer_max_sharpness(64) / 2 ** 0.5 < sharpness <= shdd.normalizer_max_sharpness(64)
+    # Training says so: its densities are wider than such data.
+    from locdiff.calibration import TEMPERATURE_FACTORS, sharpest_limit
+    from locdiff.diffusion.losses import kl_temperature
+
+    assert sharpest_limit(t, 64)
+    assert not any(sharpest_limit(kl_temperature(64, 16.0) * f, 64) for f in TEMPERATURE_FACTORS)
 
 
 def test_predict_without_the_vectors_gives_the_same_answers(tmp_path):

@@ -59,6 +59,27 @@ def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
     return t, value
 
 
+def sharpest_limit(temperature: float, degree: int) -> bool:
+    """Whether :func:`nll_temperature` could not go a step sharper than ``temperature``."""
+    from locdiff import shdd
+
+    sharpest = min(SHARPNESS_RANGE[1], shdd.normalizer_max_sharpness(degree))
+    return shdd.exact_peak(degree) / temperature * 2 ** 0.5 > sharpest
+
+
+# The prediction settings calibrate chooses (the training loop writes them into the run's).
+CALIBRATED = ("temperature", "mode_of", "coarse_degree", "hybrid")
+
+
+def uncalibrated(predict_config):
+    """``predict_config`` (a :class:`locdiff.run.PredictConfig`) with the settings that
+    calibration chooses at their defaults."""
+    import dataclasses
+
+    defaults = type(predict_config)()
+    return dataclasses.replace(predict_config, **{k: getattr(defaults, k) for k in CALIBRATED})
+
+
 def calibrate(predictor, val, gallery=None, log=None) -> dict:
     """Prediction settings chosen on validation data ``(emb, coords)`` with the run's
     sampler: the density temperature with the lowest NLL, the point rule (mode of the
@@ -91,6 +112,10 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
     if log:
         log(f"calibration: density temperature {out['temperature']:.3g} (validation NLL {out['val_nll']:.3f}), "
             f"mode of the {mode_of}, coarse degree {coarse} (validation median {out['val_median_km']:.0f} km)")
+        if sharpest_limit(temperature, predictor.degree):
+            log(f"calibration: note: that temperature is the sharpest degree {predictor.degree} allows: the validation "
+                "places lie closer together than its densities resolve, so densities and credible regions are wider "
+                "than the data (a higher --degree resolves finer)")
     if gallery is not None:
         from locdiff.hybrid import Hybrid
 

@@ -65,7 +65,9 @@ def _sampling(args, pred) -> dict:
         s = pred.settings(**given)
     except ValueError as err:
         name = str(err).split()[0]
-        raise CliError(f"--{SAMPLING_FLAGS.get(name, name)} {given.get(name)!r}: {err}") from None
+        where = f"the run's predict.{name}" if given.get(name) is None else \
+            f"--{SAMPLING_FLAGS.get(name, name)} {given.get(name)!r}"
+        raise CliError(f"{where}: {err}") from None
     if s["sampler"] != "density":  # one prediction batch of rows x samples vectors at a time
         rows = pred.config.predict.batch_size
         try:

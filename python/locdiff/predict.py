@@ -92,6 +92,8 @@ class Predictor:
         s.update({k: v for k, v in overrides.items() if v is not None})
         if s["sampler"] not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {s['sampler']!r}")
+        if "sampler" in overrides:  # (a call that samples)
+            self._check_sampler(s["sampler"])
         if s["mode_of"] not in MODES:
             raise ValueError(f"mode_of must be one of {MODES}, got {s['mode_of']!r}")
         for name in ("steps", "samples"):
@@ -115,6 +117,13 @@ class Predictor:
             raise ValueError(f"temperature must be a number, got {t!r}")
         s["temperature"] = shdd.check_temperature(t)
         return s
+
+    def _check_sampler(self, sampler: str) -> None:
+        mc, dc = self.config.model, self.config.diffusion
+        if sampler == "density" and mc.density_head and dc.kl_weight == 0:
+            raise ValueError("sampler 'density' reads the run's density head, which it never trained "
+                             "(model.density_head with diffusion.kl_weight = 0, as earlier locdiff versions allowed); "
+                             "use sampler 'ddim' or 'ddpm'")
 
     def _embeddings(self, emb) -> torch.Tensor:
         emb = torch.from_numpy(embeddings_float32(emb)).to(self.device)
@@ -183,6 +192,7 @@ class Predictor:
         the sampled vectors."""
         s = self.settings(**overrides)
         if s["sampler"] == "density":
+            self._check_sampler("density")
             gen = torch.Generator(self.device).manual_seed(seed)
             return self._last_step(self._embeddings(emb), s["guidance"], gen).cpu()
         return self.sample(emb, seed=seed, **{k: s[k] for k in ("sampler", "steps", "samples", "guidance",

@@ -33,14 +33,15 @@ import numpy as np
 import torch
 
 from locdiff import distributed
-from locdiff.calibration import HYBRID_GALLERY_ROWS, calibrate
+from locdiff.calibration import HYBRID_GALLERY_ROWS, calibrate, uncalibrated
 from locdiff.data.files import DataError, atomic_write_bytes
 from locdiff.devices import resolve_device
 from locdiff.diffusion import EMA, diffusion_loss
 from locdiff.models import CSUNet
 from locdiff.optim import adamw
 from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, TOML_VERSION, PredictConfig, RunConfig, TrainConfig,
-                         checkpoint_bytes, parse_checkpoint, read_config, restore, saved_checkpoints, write_config)
+                         check_schedule, checkpoint_bytes, parse_checkpoint, read_config, restore, saved_checkpoints,
+                         write_config)
 
 __all__ = ["PredictConfig", "RunConfig", "TrainConfig", "TrainResult", "calibrate", "lr_factor", "train"]
 
@@ -160,10 +161,11 @@ def check_resumable(run_dir) -> None:
 
 
 def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int, data: dict,
-                    log) -> tuple[RunConfig, bytes | None, dict | None]:
-    """Rank 0: the config to train with, the checkpoint bytes to resume from (None: step 0)
-    and, when there is nothing left to train, why and the checkpoint's training state (None:
-    there is), every check done before anything is written."""
+                    log) -> tuple[RunConfig, bytes | None, dict | None, bool]:
+    """Rank 0: the config to train with, the checkpoint bytes to resume from (None: step 0),
+    when there is nothing left to train why and the checkpoint's training state (None: there
+    is), and whether config.json may record ``data`` as the run's (not for a run whose data
+    an earlier locdiff left unrecorded); every check done before anything is written."""
     from locdiff.trainlog import METRICS_FILE
 
     cfg_path, ckpt_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
@@ -178,7 +180,7 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
             raise DataError(f"{run_dir}: already holds a trained run ({', '.join(kept)}); continue it with "
                             "--resume or choose a new --out")
         _check_not_foreign(run_dir, has_cfg)
-        return config, None, None
+        return config, None, None, True
     check_resumable(run_dir)
     old, raw = read_config(run_dir)
     diffs = _resume_differences(old, config)
@@ -190,6 +192,9 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
         raise DataError(f"{cfg_path}: the run was trained on {raw['embedding_dim']}-dimensional embeddings, "
                         f"these have {emb_dim}")
     held = raw.get(DATA_KEY)
+    if held is None:
+        log(f"note: {cfg_path} does not record the run's training data (an earlier locdiff made it): this "
+            "resume cannot check that these are the files the run trained on, and records none")
     if isinstance(held, dict) and held != data:
         what = (f"{held.get('rows')} rows then, {data['rows']} now" if held.get("rows") != data["rows"] else
                 "as many rows, with other values or in another order")
@@ -203,11 +208,16 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
             raise DataError(f"{ckpt_path}: not found, but {', '.join(kept)} are there; copy the one to go on from "
                             f"to {CHECKPOINT_FILE} and --resume, or train into a new --out")
         log(f"{run_dir}: no checkpoint yet (stopped before its first); starting at step 0 with its settings")
-        return config, None, None
+        return config, None, None, held is not None
     ckpt_bytes = ckpt_path.read_bytes()
-    _, meta = parse_checkpoint(ckpt_bytes, ckpt_path)  # damaged: refused before config.json is rewritten
+    tensors, meta = parse_checkpoint(ckpt_bytes, ckpt_path)  # damaged: refused before config.json is rewritten
+    check_schedule(tensors, ckpt_path, config)  # (before the notes below: a refused resume tells nothing else)
     state = json.loads(meta.get("state", "{}"))
-    why = _nothing_left(state, config.train, raw.get(FINISHED_KEY))
+    finished = raw.get(FINISHED_KEY)
+    if finished is None and "val_predict" not in state:
+        # An earlier locdiff recorded neither; its checkpoints at train.steps were finished runs.
+        finished = state.get("step")
+    why = _nothing_left(state, config.train, finished)
     done = None if why is None else {"why": why, **{k: state.get(k) for k in ("step", "elapsed_s", "history",
                                                                             "skipped", "best")}}
     step = int(state.get("step", 0))
@@ -217,7 +227,7 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
         after = lr_factor(step, step / config.train.steps, config.train) * config.train.lr
         log(f"note: train.steps {old.train.steps} -> {config.train.steps}: the learning-rate schedule now spans "
             f"{config.train.steps} steps, and at step {step} the rate goes from {before:.3g} to {after:.3g}")
-    return config, ckpt_bytes, done
+    return config, ckpt_bytes, done, held is not None
 
 
 def _nothing_left(state: dict, tc: TrainConfig, finished_step) -> str | None:
@@ -347,7 +357,9 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
             try:
                 data = data_fingerprint(embeddings, coords)
                 extra_config = {**(extra_config or {}), DATA_KEY: data}
-                config, ckpt, done = _prepare_folder(run_dir, config, resume, d, data, log)
+                config, ckpt, done, record = _prepare_folder(run_dir, config, resume, d, data, log)
+                if not record:
+                    extra_config.pop(DATA_KEY)
             except DataError:
                 lock.withdraw()  # refused before any work: nothing of this command stays behind
                 raise
@@ -442,7 +454,8 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
     extra["software"] = _software(dev, world)
     # Validation predicts with the settings the run started with, not the calibrated ones a
     # finished run holds, so that a resumed run's validations compare with its earlier ones.
-    state.setdefault("val_predict", asdict(config.predict))
+    # (A checkpoint of an earlier locdiff does not hold them: its config holds calibrated ones.)
+    state.setdefault("val_predict", asdict(config.predict if ckpt is None else uncalibrated(config.predict)))
     val_config = dataclasses.replace(config, predict=PredictConfig(**state["val_predict"]))
     keeper, tlog = None, None
     if main:
