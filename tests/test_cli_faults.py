@@ -572,6 +572,7 @@ def test_a_run_file_that_is_not_a_file_stops_a_resume(files, tmp_path, capsys, n
     shutil.copytree(files / "base", run)
     (run / name).unlink()
     make(run / name)
+    (run / "locdiff.lock").write_text("PID 1 on the machine that trained it\n")  # a refusal leaves it as found
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     expect_error(capsys, train_argv(files, run, "--resume", "--steps", "6"),
                  f"{run / name}: not a regular file (a folder, FIFO, device or socket)")

@@ -77,6 +77,7 @@ class RunLock:
                 raise DataError(f"{self.path.parent}: run folder in use by {holder} (lock {self.path}); wait for it "
                                 "to finish or choose another --out") from None
             raise DataError(f"{self.path}: cannot lock the run folder ({err.strerror})") from None
+        self._found = os.pread(fd, 4096, 0)  # the last holder's name, put back by withdraw()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd, self._key = fd, key
@@ -94,6 +95,9 @@ class RunLock:
         the lock file goes if this lock made it, and the folder if this lock made it."""
         if self._fd is not None and self._made_file:
             self.path.unlink(missing_ok=True)
+        elif self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, self._found, 0)
         self.release()
         if self._made_dir:
             try:
