@@ -1,6 +1,6 @@
 // locdiff._C: a thin pybind11 layer over the kernels. Every kernel is bound by one helper
 // under the name <op>_<device>[_bwd]; pointers arrive as integers (tensor.data_ptr()), a
-// ring grid as the tuple (nlat, nlon, table, theta, log_area, lon0), CUDA streams as
+// ring grid as the tuple (nlat, nlon, table, theta, log_area, lon0, one_mode_per_polar_ring), CUDA streams as
 // integers, and the dtype tag "float32" / "float64" last. Validation happens in Python
 // (python/locdiff/ops/). The GIL is released while kernels run so that other Python
 // threads (data loaders) keep going.
@@ -31,7 +31,7 @@ struct Arg<P*> {
   using type = std::uintptr_t;
   static P* get(std::uintptr_t address) { return reinterpret_cast<P*>(address); }
 };
-using GridTuple = std::tuple<int, int, std::uintptr_t, std::uintptr_t, std::uintptr_t, double>;
+using GridTuple = std::tuple<int, int, std::uintptr_t, std::uintptr_t, std::uintptr_t, double, bool>;
 template <>
 struct Arg<const locdiff::RingGrid&> {
   using type = GridTuple;
@@ -43,6 +43,7 @@ struct Arg<const locdiff::RingGrid&> {
     g.theta = reinterpret_cast<const double*>(std::get<3>(t));
     g.log_area = reinterpret_cast<const double*>(std::get<4>(t));
     g.lon0 = std::get<5>(t);
+    g.one_mode_per_polar_ring = std::get<6>(t);
     return g;
   }
 };

@@ -289,6 +289,24 @@ def test_a_lobe_on_a_pole_leaves_room_for_the_other_modes(degree, pole):
     torch.testing.assert_close(value, want, rtol=1e-6, atol=0)
 
 
+def test_the_polar_rule_keeps_the_modes_of_rings_far_from_the_pole():
+    # A coarse grid's polar ring can lie far from its pole (67.5 degrees on 4 rings) and hold
+    # several modes: the one-per-polar-ring rule holds only for rings close to the pole.
+    from locdiff.ops.candidates import one_mode_per_polar_ring
+
+    for degree in (1, 2, 4, 16, 64, 256):
+        for kind in ("equiangular", "gauss_legendre"):
+            assert one_mode_per_polar_ring(grids.for_degree(degree, kind).theta, degree)
+    coarse = grids.equiangular(4, 64)
+    assert not one_mode_per_polar_ring(coarse.theta, 16)
+    pts = np.array([[67.5, 0.0], [67.5, 90.0], [67.5, -112.5]])
+    c = shdd.encode(pts, 16).sum(0)
+    ll, v = shdd.top_k(c, 3, grid=coarse)
+    want_ll, want_v = shdd.top_k(c, 3)
+    np.testing.assert_allclose(v, want_v, rtol=1e-9)
+    assert float(locdiff.great_circle_km(ll, want_ll).max()) < 1e-3
+
+
 @pytest.mark.parametrize("sharpness", [2.0, 11.5, 40.0, 1000.0])
 def test_the_density_mode_of_an_exact_shdd_is_its_point(sharpness):
     # The density's mode is found by projecting softmax(f / t) on a grid: one too coarse for

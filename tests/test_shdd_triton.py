@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from locdiff import grids, shdd  # noqa: E402
 from locdiff.geo import great_circle_km  # noqa: E402
+from locdiff.ops.candidates import one_mode_per_polar_ring  # noqa: E402
 from shdd_helpers import torch_route_candidates  # noqa: E402
 from triton_interpreter import needs_interpreter, run_interpreted  # noqa: E402
 
@@ -49,7 +50,8 @@ def test_candidates_match_the_torch_route(grid, degree, ncand):
 
     c = _noisy(HARD, degree, 0.3, degree).float()
     table = grid.legendre_table(degree)
-    value, index = ring_candidates_triton(c, table, degree, grid.nlat, grid.nlon, grid.lon0, ncand)
+    value, index = ring_candidates_triton(c, table, degree, grid.nlat, grid.nlon, grid.lon0, ncand,
+                                          one_mode_per_polar_ring(grid.theta, degree))
     want_value, want_xyz = torch_route_candidates(c, degree, grid, ncand)
     assert value.shape == (len(HARD), ncand) and value.dtype == torch.float64
     finite = torch.isfinite(want_value)
@@ -67,7 +69,7 @@ def test_candidates_match_the_torch_route(grid, degree, ncand):
 @pytest.mark.parametrize("pole", [90.0, -90.0])
 def test_a_lobe_on_a_pole_is_one_candidate(pole):
     # A zonal lobe on the pole makes every polar ring a plateau of exact ties: each ring must
-    # give one candidate, its first node, as in the torch route (test_shdd_edges: the C++ scan).
+    # give one candidate, its last node, as in the torch route (test_shdd_edges: the C++ scan).
     from locdiff.ops.triton.shdd_triton import ring_candidates_triton
 
     degree, grid = 12, grids.for_degree(12)
@@ -76,14 +78,14 @@ def test_a_lobe_on_a_pole_is_one_candidate(pole):
     m0 = torch.arange(degree + 1) ** 2 + torch.arange(degree + 1)
     zonal[m0] = c[m0]  # m = 0 only: the exact lobe, every ring constant
     value, index = ring_candidates_triton(zonal[None].float(), grid.legendre_table(degree), degree, grid.nlat,
-                                          grid.nlon, grid.lon0, 8)
+                                          grid.nlon, grid.lon0, 8, one_per_polar_ring=True)
     want_value, want_xyz = torch_route_candidates(zonal[None].float(), degree, grid, 8)
     finite = torch.isfinite(want_value)
     assert torch.equal(torch.isfinite(value), finite)
     torch.testing.assert_close(value[finite], want_value[finite], rtol=2e-6, atol=0)
     ring = index[finite] // grid.nlon
     polar = (ring == 0) | (ring == grid.nlat - 1)
-    assert 1 <= int(polar.sum()) <= 2 and bool((index[finite][polar] % grid.nlon == 0).all()), index
+    assert 1 <= int(polar.sum()) <= 2 and bool((index[finite][polar] % grid.nlon == grid.nlon - 1).all()), index
     # (the side-lobe rings tie too, and the two sorts order their nodes differently)
     assert torch.equal(grid.xyz[index[:, 0]], want_xyz[:, 0].to(grid.xyz.dtype))
 
@@ -97,7 +99,7 @@ def test_fewer_maxima_than_candidates_pad_with_minus_inf(nlat, nlon):
     degree, grid = 2, grids.equiangular(nlat, nlon)
     c = shdd.encode(torch.tensor([[30.0, 40.0]]), degree).float()
     value, index = ring_candidates_triton(c, grid.legendre_table(degree), degree, grid.nlat, grid.nlon,
-                                          grid.lon0, 64)
+                                          grid.lon0, 64, one_mode_per_polar_ring(grid.theta, degree))
     want, _ = torch_route_candidates(c, degree, grid, 64)
     assert value.shape == (1, 64) and int(torch.isfinite(value).sum()) == int(torch.isfinite(want).sum()) >= 1
     assert not torch.isfinite(value[0, -1]) and index.min() >= 0 and index.max() < grid.size

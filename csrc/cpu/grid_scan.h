@@ -87,14 +87,16 @@ LOCDIFF_CLONES void scan_candidates(const F* const* rows, const RingGrid& grid, 
           for (int dk = -1; dk <= 1; ++dk)
             if (at(j + dj, k + dk) > v) mj[k] = ninf;
       }
-      // A polar ring circles the pole within a grid step, so it holds at most one mode.
-      // Keep its best node: a lobe on the pole makes the ring a plateau whose rounding noise
-      // would otherwise fill the pool with copies of that lobe.
-      int best = -1;
-      for (int k = 0; k < N; ++k)
-        if (mj[k] > ninf && (best < 0 || mj[k] > mj[best])) best = k;
-      for (int k = 0; k < N; ++k)
-        if (k != best) mj[k] = ninf;
+      // A polar ring close to its pole holds at most one mode: keep its best node (the last
+      // of equals, as the Triton scan), since a lobe on the pole makes the ring a plateau
+      // whose rounding noise would otherwise fill the pool with copies of that lobe.
+      if (grid.one_mode_per_polar_ring) {
+        int best = -1;
+        for (int k = 0; k < N; ++k)
+          if (mj[k] > ninf && (best < 0 || mj[k] >= mj[best])) best = k;
+        for (int k = 0; k < N; ++k)
+          if (k != best) mj[k] = ninf;
+      }
     }
     F* __restrict cm = ss.chunk_max.data() + int64_t(j / 8) * N;
 #pragma omp simd

@@ -28,6 +28,9 @@ struct RingGrid {
   const double* theta = nullptr;     // (nlat,) colatitudes, radians
   const double* log_area = nullptr;  // (nlat,) log of the cell area of each ring (steradians)
   double lon0 = 0.0;                 // longitude of column 0, radians
+  // The local-maximum scan keeps one maximum per polar ring (rings close to their pole:
+  // locdiff.ops.candidates.one_mode_per_polar_ring).
+  bool one_mode_per_polar_ring = false;
 };
 
 // Start of the block of order m in the table (units of nhalf * ...): sum_{m'<m} (L+1-m').

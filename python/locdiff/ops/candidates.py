@@ -20,6 +20,21 @@ import torch
 from torch import Tensor
 
 
+# A polar ring within this many radians x degree of its pole spans less than the kernel's
+# first-zero radius (top_k's default separation, 3.78 / L): it holds at most one mode, and
+# the scans keep only its best maximum (docs/kernels.md, "Decode").
+POLAR_RING_REACH = 0.059 * 64 / 2
+
+
+def one_mode_per_polar_ring(theta: Tensor, degree: int) -> bool:
+    """Whether the scans keep one maximum per polar ring of a grid with colatitudes ``theta``
+    at ``degree``: where both polar rings lie within POLAR_RING_REACH / degree of their pole."""
+    if not theta.numel():
+        return False
+    reach = max(float(theta[0]), math.pi - float(theta[-1]))
+    return reach * max(int(degree), 1) <= POLAR_RING_REACH
+
+
 def suppress_near(xyz: Tensor, valid: Tensor, cos_sep: float) -> Tensor:
     """Greedy suppression along dim 1 (entries sorted best first): keep an entry if it is
     valid and no kept earlier one lies within the separation (dot >= cos_sep). xyz

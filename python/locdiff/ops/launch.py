@@ -16,9 +16,12 @@ def dtype_tag(t: Tensor) -> str:
     return "float32" if t.dtype == torch.float32 else "float64"
 
 
-def grid_args(table: Tensor, theta: Tensor, log_area: Tensor, nlat: int, nlon: int, lon0: float) -> tuple:
-    """A ring grid as the kernels take it: (nlat, nlon, table, theta, log_area, lon0)."""
-    return (nlat, nlon, table.data_ptr(), theta.data_ptr(), log_area.data_ptr(), float(lon0))
+def grid_args(table: Tensor, theta: Tensor, log_area: Tensor, nlat: int, nlon: int, lon0: float,
+              one_mode_per_polar_ring: bool = False) -> tuple:
+    """A ring grid as the kernels take it: (nlat, nlon, table, theta, log_area, lon0, and
+    whether the local-maximum scan keeps one maximum per polar ring)."""
+    return (nlat, nlon, table.data_ptr(), theta.data_ptr(), log_area.data_ptr(), float(lon0),
+            bool(one_mode_per_polar_ring))
 
 
 def one_device(op: str, **tensors: Tensor) -> None:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from locdiff.ops import launch, validation
+from locdiff.ops.candidates import one_mode_per_polar_ring
 
 # Decoding synthesises f on the grid in chunks of vectors (at most _CHUNK_VALUES grid values,
 # so no batch x grid matrix), then the C++ scan keeps each vector's local maxima:
@@ -117,7 +118,7 @@ def candidates_cpu(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tenso
     start = torch.empty((b, ncand, 2), dtype=torch.float64)
     if not b:
         return index, value, start
-    grid = launch.grid_args(table, theta, log_area, nlat, nlon, lon0)
+    grid = launch.grid_args(table, theta, log_area, nlat, nlon, lon0, one_mode_per_polar_ring(theta, degree))
     if (2 * degree >= nlon or degree <= _FUSED_MAX_DEGREE
             or (degree <= _FUSED_WIDE_DEGREE and b >= _FUSED_WIDE_BATCH)):
         launch.run("shdd_candidates", coeffs, coeffs.data_ptr(), b, degree, grid, ncand, index.data_ptr(),

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from locdiff.ops.candidates import refine_candidates
+from locdiff.ops.candidates import one_mode_per_polar_ring, refine_candidates
 from locdiff.ops.sh import spherical_harmonics_op
 from locdiff.ops.shdd import shdd_synth_op
 from locdiff.ops.shdd_reference import shdd_eval_reference, shdd_hessian_reference, shdd_refine_reference
@@ -25,22 +25,24 @@ def _chunks(coeffs: Tensor, size: int):
         yield coeffs[b0:b0 + step]
 
 
-def ring_local_maxima(f: Tensor) -> Tensor:
+def ring_local_maxima(f: Tensor, one_per_polar_ring: bool = False) -> Tensor:
     """Local maxima of grid values ``f`` (..., nlat, nlon) on a ring grid (bool, same shape),
     as the C++ scan defines them: at least the two neighbours on the ring, and no higher
     value among the three on each adjacent ring; columns wrap at the antimeridian, and the
-    ring beyond a pole is the polar ring itself half a turn away; a polar ring keeps only its
-    best maximum (the first of equals). A dozen elementwise ops, so that devices without the
-    C++ scan find candidates in a few kernels."""
+    ring beyond a pole is the polar ring itself half a turn away; with ``one_per_polar_ring``
+    a polar ring keeps only its best maximum (the last of equals; candidates.
+    one_mode_per_polar_ring). A dozen elementwise ops, so that devices without the C++ scan
+    find candidates in a few kernels."""
     half = f.shape[-1] // 2
     up = torch.cat([f[..., :1, :].roll(half, -1), f[..., :-1, :]], -2)
     down = torch.cat([f[..., 1:, :], f[..., -1:, :].roll(half, -1)], -2)
     peak = (f >= f.roll(1, -1)) & (f >= f.roll(-1, -1))
     for ring in (up, down):
         peak &= ~(ring > f) & ~(ring.roll(1, -1) > f) & ~(ring.roll(-1, -1) > f)
-    for j in {0, f.shape[-2] - 1}:
+    for j in ({0, f.shape[-2] - 1} if one_per_polar_ring else ()):
         masked = torch.where(peak[..., j, :], f[..., j, :], -torch.inf)
-        best = masked.argmax(-1, keepdim=True)  # the first of equals
+        n = masked.shape[-1]
+        best = n - 1 - masked.flip(-1).argmax(-1, keepdim=True)  # the last of equals
         peak[..., j, :] &= torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, best, True)
     return peak
 
@@ -50,10 +52,11 @@ def candidates(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, d
     """shdd_candidates: grid values in chunks, their local maxima, the ncand best; start is
     the grid point (colatitude, longitude)."""
     ring = (table, theta, log_area, degree, nlat, nlon, lon0)
+    polar = one_mode_per_polar_ring(theta, degree)
     values, indices = [], []
     for c in _chunks(coeffs, nlat * nlon):
         f = shdd_synth_op(c, *ring).view(-1, nlat, nlon)
-        masked = torch.where(ring_local_maxima(f), f, -torch.inf).flatten(1)
+        masked = torch.where(ring_local_maxima(f, polar), f, -torch.inf).flatten(1)
         v, i = masked.topk(min(ncand, nlat * nlon), -1)
         values.append(v.double())
         indices.append(i)

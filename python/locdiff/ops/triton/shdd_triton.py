@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from locdiff.ops.candidates import one_mode_per_polar_ring
 from locdiff.ops.triton.sh_triton import on_device
 
 _TWO_PI = 2 * math.pi
@@ -47,7 +48,7 @@ def _pack(value, index):
 
 @triton.jit
 def _ring_scan_kernel(coeffs_ptr, table_ptr, phase_ptr, scratch_ptr, keys_ptr, n_items, n_bands, L, nlat,
-                      nlon, nhalf, BAND: tl.constexpr, ROWS: tl.constexpr, NLON: tl.constexpr,
+                      nlon, nhalf, polar_one, BAND: tl.constexpr, ROWS: tl.constexpr, NLON: tl.constexpr,
                       BLOCK_I: tl.constexpr, C: tl.constexpr, C_RING: tl.constexpr, ANCHOR: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -117,17 +118,19 @@ def _ring_scan_kernel(coeffs_ptr, table_ptr, phase_ptr, scratch_ptr, keys_ptr, n
         peak &= ~(tl.load(down + kl[None, :], mask=ok2, other=0.0) > f)
         peak &= ~(tl.load(down + k[None, :], mask=ok2, other=0.0) > f)
         peak &= ~(tl.load(down + kr[None, :], mask=ok2, other=0.0) > f)
-        # A polar ring keeps only its best maximum, the first of equals (as the C++ scan).
-        masked = tl.where(peak, f, float("-inf"))
-        ring_best = tl.max(masked, axis=1)
-        first = tl.min(tl.where(masked == ring_best[:, None], k[None, :], NLON), axis=1)
-        polar = (g == 0) | (g == nlat - 1)
-        peak &= ~polar[:, None] | (k[None, :] == first[:, None])
         index = gc[:, None] * nlon + k[None, :]
         keys = _pack(tl.where(peak, f, float("-inf")), index)
         # Per ring, then over the band's rings: sorts of NLON and ROWS * C keys, not one of
         # ROWS * NLON (fewer registers).
-        best = tl.topk(tl.reshape(tl.topk(keys, C_RING), (ROWS * C_RING,)), C)
+        ring_keys = tl.topk(keys, C_RING)
+        # A polar ring close to its pole keeps only its best maximum, the last of equals (the
+        # largest key; as the C++ scan; polar_one: candidates.one_mode_per_polar_ring). On the
+        # ring's few kept keys, not the whole ring: a reduction over NLON spilled registers.
+        polar = ((g == 0) | (g == nlat - 1)) & (polar_one != 0)
+        ring_best = tl.max(ring_keys, axis=1)
+        none = _pack(tl.full((ROWS, C_RING), float("-inf"), tl.float32), tl.zeros((ROWS, C_RING), tl.int32))
+        ring_keys = tl.where(polar[:, None] & (ring_keys != ring_best[:, None]), none, ring_keys)
+        best = tl.topk(tl.reshape(ring_keys, (ROWS * C_RING,)), C)
         tl.store(keys_ptr + tl.cast(item, tl.int64) * C + tl.arange(0, C), best)
         tl.debug_barrier()  # before the next item overwrites the slot
 
@@ -152,14 +155,15 @@ def _num_programs(device: torch.device, n_items: int) -> int:
 
 
 def ring_candidates_triton(coeffs: torch.Tensor, table: torch.Tensor, degree: int, nlat: int, nlon: int,
-                           lon0: float, ncand: int) -> tuple[torch.Tensor, torch.Tensor]:
+                           lon0: float, ncand: int,
+                           one_per_polar_ring: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """coeffs (B, (degree+1)^2) float32/float64 on a ring grid -> (value (B, ncand) float64,
     flat grid index (B, ncand) int64) of the best local maxima, best first; value -inf where
     a vector has fewer maxima. The same local maxima as locdiff.ops.shdd_torch.ring_local_maxima."""
-    return _ring_candidates(coeffs.contiguous(), table, degree, nlat, nlon, lon0, ncand)
+    return _ring_candidates(coeffs.contiguous(), table, degree, nlat, nlon, lon0, ncand, one_per_polar_ring)
 
 
-def _ring_candidates(coeffs, table, degree, nlat, nlon, lon0, ncand):
+def _ring_candidates(coeffs, table, degree, nlat, nlon, lon0, ncand, one_per_polar_ring=False):
     b = coeffs.shape[0]
     band = 6
     rows = band + 2
@@ -177,6 +181,7 @@ def _ring_candidates(coeffs, table, degree, nlat, nlon, lon0, ncand):
         with on_device(coeffs):
             wrap_triton(_ring_scan_kernel)[(nprog,)](
                 coeffs, table, phase, scratch, keys, n_items, n_bands, degree, nlat, nlon, (nlat + 1) // 2,
+                int(one_per_polar_ring),
                 BAND=band, ROWS=rows, NLON=nlon_block, BLOCK_I=min(32, triton.next_power_of_2(degree + 1)),
                 C=c, C_RING=c_ring, ANCHOR=16, num_warps=_num_warps(nlon_block))
     top = keys.view(b, n_bands * c).topk(min(ncand, n_bands * c), dim=-1).values
@@ -198,7 +203,8 @@ def shdd_candidates_triton_op(coeffs: torch.Tensor, table: torch.Tensor, theta: 
                               ncand: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """locdiff::shdd_candidates as one fused Triton kernel: (index, value, start) with start
     the grid point's (colatitude, longitude) (no sub-cell step)."""
-    value, index = _ring_candidates(coeffs, table, degree, nlat, nlon, lon0, ncand)
+    value, index = _ring_candidates(coeffs, table, degree, nlat, nlon, lon0, ncand,
+                                    one_mode_per_polar_ring(theta, degree))
     colat = theta[index // nlon]
     lon = lon0 + _TWO_PI * (index % nlon).to(torch.float64) / nlon  # as the grid's own points
     return index, value, torch.stack([colat, lon], -1)
