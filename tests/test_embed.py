@@ -107,6 +107,14 @@ def test_a_folder_of_the_users_own_files_is_not_embedded_into(tmp_path, encoder)
             embed_images(photos, mine, encoder=encoder, progress=False)
         assert (mine / name).read_text() == text
         (mine / name).unlink()
+    # A run trained on embed's output holds a valid encoder.json beside its own files.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "encoder.json").write_text(json.dumps(encoder.spec))
+    (run / "checkpoint.safetensors").write_bytes(b"weights")
+    with pytest.raises(DataError, match=r"run: is a training run's folder \(checkpoint.safetensors\)"):
+        embed_images(photos, run, encoder=encoder, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors", "encoder.json"]
     # A device this machine lacks is named before the folder is made.
     with pytest.raises(DataError, match="cuda:99"):
         embed_images(photos, tmp_path / "new", model=str(tiny_model_dir(tmp_path / "tiny")), pretrained="none",

@@ -88,6 +88,11 @@ def _check_not_foreign(out: Path) -> None:
     if not out.is_dir():
         return
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".emb-") and p.name != LOCK_FILE)
+    # A run trained on embed's output holds its encoder.json too: never embed into a run.
+    run_files = [e for e in entries if e in ("config.json", "train.toml", "metrics.jsonl")
+                 or (e.startswith("checkpoint") and e.endswith(".safetensors"))]
+    if run_files:
+        raise DataError(f"{out}: is a training run's folder ({', '.join(run_files[:3])}); embed into another --out")
     if not entries or MANIFEST in entries:
         return
     if SPEC_FILE in entries:
