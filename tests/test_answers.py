@@ -243,6 +243,24 @@ def test_jsonl_and_csv(answers, tmp_path):
     assert float(rows[0]["probability"]) == recs[0]["modes"][0]["probability"]
 
 
+def test_close_credible_levels_keep_their_own_columns(tmp_path):
+    # Levels are keys and CSV columns by their percentage: 99 % and 99.4 % once shared "99".
+    from locdiff.answer_files import write_csv
+
+    c = shdd.encode(np.array([[48.85, 2.35]]), 8)
+    modes, _ = shdd.top_k(c, 1)
+    a = summarize(c, modes, 2.0, levels=(0.9, 0.99, 0.994))
+    assert list(a.records()[0]["credible"]) == ["90%", "99%", "99.4%"]
+    assert a.radius_km[0, 1] < a.radius_km[0, 2]
+    write_csv(tmp_path / "a.csv", a)
+    with open(tmp_path / "a.csv", newline="") as fh:
+        header, row = list(csv.reader(fh))
+    assert header[-6:] == ["area_km2_90", "radius_km_90", "area_km2_99", "radius_km_99", "area_km2_99.4",
+                           "radius_km_99.4"] and len(row) == len(header)
+    with pytest.raises(ValueError, match="levels must differ in percent"):
+        summarize(c, modes, 2.0, levels=(0.9, 0.9))
+
+
 class _Checker(HTMLParser):
     """Well-nested tags (void elements aside) and every external script or stylesheet."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from locdiff.answers import level_label
 from locdiff.data.files import atomic_write_bytes
 from locdiff.extras import require
 
@@ -38,7 +39,7 @@ def _csv_text(text: str) -> str:
 
 def write_csv(path, answers) -> None:
     """One line per (input, mode); the credible areas and radii repeat on each line."""
-    cred = [f"{name}_{round(100 * q)}" for q in answers.levels for name in ("area_km2", "radius_km")]
+    cred = [f"{name}_{level_label(q)}" for q in answers.levels for name in ("area_km2", "radius_km")]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow([*CSV_FIELDS, "other_probability", *cred])

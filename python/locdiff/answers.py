@@ -290,7 +290,7 @@ class Answers:
             if self.places is not None and self.places[i][j] is not None:
                 m.update(self.places[i][j])
             modes.append(m)
-        credible = {f"{round(100 * q)}%": {"area_km2": round(float(a), 1), "radius_km": round(float(r), 1)}
+        credible = {f"{level_label(q)}%": {"area_km2": round(float(a), 1), "radius_km": round(float(r), 1)}
                     for q, a, r in zip(self.levels, self.area_km2[i], self.radius_km[i])}
         return {"input": str(self.names[i]), "lat": round(float(self.latlon[i, 0]), 5),
                 "lon": round(float(self.latlon[i, 1]), 5), "modes": modes,
@@ -298,6 +298,12 @@ class Answers:
 
     def records(self) -> list[dict]:
         return [self.record(i) for i in range(len(self))]
+
+
+def level_label(q: float) -> str:
+    """A credible level as its percentage in the answers' keys and columns: 0.9 -> "90",
+    0.994 -> "99.4"."""
+    return f"{100 * float(q):.6g}"
 
 
 def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, levels=LEVELS, grid=None,
@@ -318,6 +324,8 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
         raise ValueError(f"modes must have shape ({c.shape[0]}, k, 2), got {tuple(m.shape)}")
     if not all(0 < q < 1 for q in levels):
         raise ValueError(f"levels must be fractions in (0, 1), got {levels!r}")
+    if len({level_label(q) for q in levels}) < len(levels):  # each is a column and a key of the answers
+        raise ValueError(f"levels must differ in percent to 6 digits, got {levels!r}")
     temperature = shdd.check_temperature(temperature)
     if not isinstance(density, (bool, int)) or density < 0:
         raise ValueError(f"density must be True, False or a number of inputs >= 0, got {density!r}")
