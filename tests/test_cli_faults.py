@@ -583,7 +583,7 @@ def test_a_density_head_without_the_kl_is_refused_and_an_old_such_run_samples(fi
     # The head learns from the SHDD-KL alone: without it the head stays at zero, and its
     # answers were (90, 0) for every row. An earlier locdiff trained such runs.
     expect_error(capsys, train_argv(files, tmp_path / "r", "--set", "diffusion.kl_weight=0"),
-                 "diffusion.kl_weight=0: expected > 0 when model.density_head is true", [tmp_path / "r"])
+                 "diffusion.kl_weight = 0.0: expected > 0 when model.density_head is true", [tmp_path / "r"])
     import shutil
 
     run = tmp_path / "old"
@@ -596,11 +596,14 @@ def test_a_density_head_without_the_kl_is_refused_and_an_old_such_run_samples(fi
                  "which it never trained", [tmp_path / "p.csv"])
     code, _, _ = run_cli(capsys, *predict, "--sampler", "ddim", "--sample-steps", "2")
     assert code == 0 and (tmp_path / "p.csv").exists()
+    code, _, err = run_cli(capsys, *train_argv(files, run, "--resume", "--steps", "5"))  # its denoiser trains on
+    assert code == 0, err
 
 
-def _as_an_earlier_locdiff_left_it(run):
+def _as_an_earlier_locdiff_left_it(run, validated: bool):
     """A finished run as locdiff wrote it before config.json recorded the finished step and
-    the training data, and before checkpoints held the settings validation started with."""
+    the training data, and before checkpoints held the settings validation started with
+    (``validated``: as if it had validated, and so calibrated its prediction settings)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -612,6 +615,8 @@ def _as_an_earlier_locdiff_left_it(run):
         meta = fh.metadata()
     state = json.loads(meta["state"])
     del state["val_predict"]
+    if validated:
+        state["history"] = [{"step": 3, "val_median_km": 1000.0, "val_acc_750km": 0.5}]
     save_file(load_file(str(run / CHECKPOINT_FILE)), str(run / CHECKPOINT_FILE),
               metadata={**meta, "state": json.dumps(state)})
 
@@ -621,7 +626,7 @@ def test_a_run_of_an_earlier_locdiff_resumes_as_it_was_left(files, tmp_path, cap
 
     run = tmp_path / "old"
     shutil.copytree(files / "base", run)
-    _as_an_earlier_locdiff_left_it(run)
+    _as_an_earlier_locdiff_left_it(run, validated=True)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "locdiff.lock"}
     # Finished: a resume to the same train.steps leaves it as it is (it was re-calibrated).
     code, out, _ = run_cli(capsys, *train_argv(files, run, "--resume", "--steps", "3"))
@@ -636,3 +641,20 @@ def test_a_run_of_an_earlier_locdiff_resumes_as_it_was_left(files, tmp_path, cap
     raw = json.loads((run / CONFIG_FILE).read_text())
     assert "training_data" not in raw and raw["finished_step"] == 5
     assert "temperature = 1.0" in (run / "train.toml").read_text()
+    # A run that never validated was never calibrated: its settings are its own.
+    never = tmp_path / "never"
+    shutil.copytree(files / "base", never)
+    _as_an_earlier_locdiff_left_it(never, validated=False)
+    code, _, err = run_cli(capsys, *train_argv(files, never, "--resume", "--steps", "5"))
+    assert code == 0, err
+    assert "temperature = 0.5" in (never / "train.toml").read_text()
+
+
+def test_sampling_flags_the_sampler_does_not_use_are_named(files, tmp_path, capsys):
+    base = ["predict", "--run", files / "base", "--embeddings", files / "emb.npy", "--out", tmp_path / "p.csv"]
+    code, _, err = run_cli(capsys, *base, "--samples", "5", "--sample-steps", "7")  # the run's density sampler
+    assert code == 0 and "note: --sample-steps, --samples do not apply to the density sampler (ignored)" in err
+    code, _, err = run_cli(capsys, *base, "--sampler", "ddpm", "--eta", "0.5")
+    assert code == 0 and "note: --eta does not apply to the ddpm sampler (ignored)" in err
+    code, _, err = run_cli(capsys, *base, "--sampler", "ddim", "--sample-steps", "2", "--eta", "0.5")
+    assert code == 0 and "note" not in err

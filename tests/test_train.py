@@ -308,6 +308,10 @@ def test_calibration_stops_where_the_normaliser_stops_following():
 
     assert sharpest_limit(t, 64)
     assert not any(sharpest_limit(kl_temperature(64, 16.0) * f, 64) for f in TEMPERATURE_FACTORS)
+    # From L = 256 the normaliser's limit lies below the table's sharpest entry: only a choice
+    # at the table's sharp end says so, not one the NLL preferred over a sharper entry.
+    table = [kl_temperature(256, 16.0) * f for f in TEMPERATURE_FACTORS]
+    assert sharpest_limit(table[0], 256) and not sharpest_limit(table[1], 256)
 
 
 def test_predict_without_the_vectors_gives_the_same_answers(tmp_path):
@@ -389,3 +393,13 @@ def test_a_time_bounded_run_decays_its_learning_rate_over_its_time(tmp_path):
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
            if '"lr"' in line]
     assert len(lrs) > 5 and lrs[1] > 0.5 * cfg.train.lr and lrs[-1] < 0.05 * cfg.train.lr
+
+
+def test_empty_data_and_a_val_that_is_not_a_pair_are_named_before_any_file(tmp_path):
+    emb, coords = synthetic(40)
+    not_a_pair = "val: expected a pair \\(embeddings, coordinates\\), got ndarray"
+    for args, kw, match in (((emb[:0], coords[:0]), {}, "embeddings: no rows to train on"),
+                            ((emb, coords), {"val": emb}, not_a_pair)):
+        with pytest.raises(DataError, match=match):
+            train(*args, tmp_path / "run", tiny_config(steps=2), progress=False, **kw)
+        assert not (tmp_path / "run").exists()

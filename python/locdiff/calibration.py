@@ -60,11 +60,14 @@ def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
 
 
 def sharpest_limit(temperature: float, degree: int) -> bool:
-    """Whether :func:`nll_temperature` could not go a step sharper than ``temperature``."""
+    """Whether :func:`nll_temperature`'s choice ``temperature`` lies at the sharp end of its
+    search (the table's sharpest or past it) and a step sharper is out of its range: the NLL
+    may have wanted sharper."""
     from locdiff import shdd
 
     sharpest = min(SHARPNESS_RANGE[1], shdd.normalizer_max_sharpness(degree))
-    return shdd.exact_peak(degree) / temperature * 2 ** 0.5 > sharpest
+    at_end = temperature <= kl_temperature(degree, 16.0) * TEMPERATURE_FACTORS[0] * (1 + 1e-9)
+    return at_end and shdd.exact_peak(degree) / temperature * 2 ** 0.5 > sharpest
 
 
 # The prediction settings calibrate chooses (the training loop writes them into the run's).

@@ -29,10 +29,6 @@ def validate(config, *, source: str | None = None, device=None, rows_per_call: i
         raise SettingError("diffusion.kl_weight", dc.kl_weight, "> 0 when diffusion.mse_weight is 0 (the loss "
                            "would be empty)", source)
     top, why = KERNEL_MAX_DEGREE, "the SHDD kernels' largest degree"
-    if device is not None and mc.density_head and dc.kl_weight == 0:
-        # (for training only: a run so made by an earlier locdiff can still sample with its denoiser)
-        raise SettingError("diffusion.kl_weight", dc.kl_weight, "> 0 when model.density_head is true (the head "
-                           "learns from the SHDD-KL alone; without it the head stays at zero)", source)
     if device is not None:
         top, why = max_degree(config, device, rows_per_call or config.train.batch_size)
         if top < 1:  # the network itself is too large: the degree is not what to change

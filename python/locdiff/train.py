@@ -169,7 +169,8 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
     from locdiff.trainlog import METRICS_FILE
 
     cfg_path, ckpt_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
-    for path in (cfg_path, ckpt_path, run_dir / METRICS_FILE, run_dir / TOML_FILE):
+    kept = [run_dir / name for name in saved_checkpoints(run_dir)]  # (a folder so named too)
+    for path in (cfg_path, ckpt_path, run_dir / METRICS_FILE, run_dir / TOML_FILE, *kept):
         if path.exists() and not path.is_file():  # a FIFO would block the read, a folder raise
             raise DataError(f"{path}: not a regular file (a folder, FIFO, device or socket) where the run keeps its "
                             "own file; move it away, or train into a new --out")
@@ -192,9 +193,6 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
         raise DataError(f"{cfg_path}: the run was trained on {raw['embedding_dim']}-dimensional embeddings, "
                         f"these have {emb_dim}")
     held = raw.get(DATA_KEY)
-    if held is None:
-        log(f"note: {cfg_path} does not record the run's training data (an earlier locdiff made it): this "
-            "resume cannot check that these are the files the run trained on, and records none")
     if isinstance(held, dict) and held != data:
         what = (f"{held.get('rows')} rows then, {data['rows']} now" if held.get("rows") != data["rows"] else
                 "as many rows, with other values or in another order")
@@ -208,10 +206,13 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
             raise DataError(f"{ckpt_path}: not found, but {', '.join(kept)} are there; copy the one to go on from "
                             f"to {CHECKPOINT_FILE} and --resume, or train into a new --out")
         log(f"{run_dir}: no checkpoint yet (stopped before its first); starting at step 0 with its settings")
-        return config, None, None, held is not None
+        return config, None, None, True  # (from step 0: the data it trains on is this)
     ckpt_bytes = ckpt_path.read_bytes()
     tensors, meta = parse_checkpoint(ckpt_bytes, ckpt_path)  # damaged: refused before config.json is rewritten
     check_schedule(tensors, ckpt_path, config)  # (before the notes below: a refused resume tells nothing else)
+    if held is None:
+        log(f"note: {cfg_path} does not record the run's training data (an earlier locdiff made it): this "
+            "resume cannot check that these are the files the run trained on, and records none")
     state = json.loads(meta.get("state", "{}"))
     finished = raw.get(FINISHED_KEY)
     if finished is None and "val_predict" not in state:
@@ -228,6 +229,16 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
         log(f"note: train.steps {old.train.steps} -> {config.train.steps}: the learning-rate schedule now spans "
             f"{config.train.steps} steps, and at step {step} the rate goes from {before:.3g} to {after:.3g}")
     return config, ckpt_bytes, done, held is not None
+
+
+def _check_density_head(config: RunConfig) -> None:
+    """A new run's density head needs the SHDD-KL, the only loss that trains it (an earlier
+    locdiff's run so made resumes: its denoiser trains on, its head stays unused)."""
+    from locdiff.ranges import SettingError
+
+    if config.model.density_head and config.diffusion.kl_weight == 0:
+        raise SettingError("diffusion.kl_weight", config.diffusion.kl_weight, "> 0 when model.density_head is "
+                           "true (the head learns from the SHDD-KL alone; without it the head stays at zero)")
 
 
 def _nothing_left(state: dict, tc: TrainConfig, finished_step) -> str | None:
@@ -321,14 +332,21 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
     if len(embeddings.shape) != 2:
         raise DataError(f"embeddings must have shape (N, D), got {tuple(embeddings.shape)}")
     n, d = embeddings.shape
+    if n == 0:
+        raise DataError("embeddings: no rows to train on")
     coords = np.asarray(coords, np.float64)
     if len(coords) != n:
         raise DataError(f"coordinates: {len(coords)} rows but the embeddings have {n}")
     if val is not None:  # before training, not at its first validation
+        if not isinstance(val, (tuple, list)) or len(val) != 2:
+            raise DataError(f"val: expected a pair (embeddings, coordinates), got {type(val).__name__}")
         v_emb, v_coords = val
         if np.ndim(v_emb) != 2 or np.shape(v_emb)[1] != d or np.shape(v_coords) != (len(v_emb), 2):
             raise DataError(f"val: embeddings (M, {d}) and coordinates (M, 2) expected, got {np.shape(v_emb)} and "
                             f"{np.shape(v_coords)}")
+    from locdiff.data.dataset import check_rows_readable
+
+    check_rows_readable(embeddings)  # before the run folder is touched
     if check_data:
         _check_rows(embeddings, coords, "")
         if val is not None:
@@ -358,6 +376,8 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
                 data = data_fingerprint(embeddings, coords)
                 extra_config = {**(extra_config or {}), DATA_KEY: data}
                 config, ckpt, done, record = _prepare_folder(run_dir, config, resume, d, data, log)
+                if ckpt is None:
+                    _check_density_head(config)
                 if not record:
                     extra_config.pop(DATA_KEY)
             except DataError:
@@ -454,8 +474,10 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
     extra["software"] = _software(dev, world)
     # Validation predicts with the settings the run started with, not the calibrated ones a
     # finished run holds, so that a resumed run's validations compare with its earlier ones.
-    # (A checkpoint of an earlier locdiff does not hold them: its config holds calibrated ones.)
-    state.setdefault("val_predict", asdict(config.predict if ckpt is None else uncalibrated(config.predict)))
+    # (A checkpoint of an earlier locdiff does not hold them: where it validated, its config
+    # holds calibrated ones.)
+    calibrated = ckpt is not None and bool(state["history"])
+    state.setdefault("val_predict", asdict(uncalibrated(config.predict) if calibrated else config.predict))
     val_config = dataclasses.replace(config, predict=PredictConfig(**state["val_predict"]))
     keeper, tlog = None, None
     if main:
