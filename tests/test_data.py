@@ -39,6 +39,7 @@ def test_shards(tmp_path):
     (np.zeros(5, np.float32), "2-D"),
     (np.zeros((3, 2), np.int64), r"floating point \(float16, float32 or float64\), got int64"),
     (np.zeros((3, 2), np.longdouble), r"floating point \(float16, float32 or float64\), got float128"),
+    (np.zeros((3, 2), ">f4"), r"embeddings in the other byte order \(>f4\); save them in this machine's"),
 ])
 def test_embedding_errors(tmp_path, content, match):
     path = tmp_path / "e.npy"

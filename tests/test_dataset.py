@@ -121,6 +121,13 @@ def test_fortran_ordered_files_are_refused(tmp_path):
     np.save(tmp_path / "f.npy", np.asfortranarray(np.ones((4, 3), np.float32)))
     with pytest.raises(DataError, match="Fortran-ordered"):
         EmbeddingDataset(tmp_path / "f.npy", np.zeros((4, 2)))
+    # train refuses it before the run folder is made, not at the loader's first batch
+    from locdiff.data.files import open_embeddings
+    from locdiff.train import train
+
+    with pytest.raises(DataError, match="Fortran-ordered"):
+        train(open_embeddings(tmp_path / "f.npy"), np.zeros((4, 2)), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 # ---- the sampler ---------------------------------------------------------------------------

@@ -169,6 +169,11 @@ def test_bad_arguments(setup, tmp_path):
     for k in (0, cap + 1, 10**9):  # a huge k was left to the decode's memory check
         with pytest.raises(ValueError, match=rf"top_k must be an int in \[1, {cap}\] .* got {k}"):
             geo.predict(np.zeros((1, 16)), top_k=k)
+    assert len(geo.predict(np.zeros((1, 16)), top_k=np.int64(2), geocode=False)) == 1  # numpy ints are ints
+    for size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"batch_size must be an int >= 1 \(photos embedded at once\), got "
+                                             rf"{size}"):
+            geo.predict(np.zeros((1, 16)), batch_size=size)
     with pytest.raises(DataError, match="no inputs: expected image paths or an"):
         geo.predict([])
     with pytest.raises(DataError, match="inputs: expected image paths, or an .* not a mix"):

@@ -70,3 +70,9 @@ def test_a_seed_gives_an_independent_repeatable_draw():
     for bad in (-1, 2**31, 1.5, True):
         with pytest.raises(ValueError, match=f"seed must be an int in \\[0, 2147483647\\], got {bad!r}"):
             p.predict(emb, seed=bad)
+    # sample() and coefficients() take a batch's seed (predict's come from batch_seed)
+    for bad in (-1, 2**70, 1.5, True):
+        for call in (lambda: p.sample(emb, seed=bad), lambda: p.coefficients(emb, sampler="density", seed=bad)):
+            with pytest.raises(ValueError, match=f"seed must be an int in \\[0, 2\\^63 - 1\\], got {bad!r}"):
+                call()
+    np.testing.assert_array_equal(p.sample(emb, seed=np.int64(3)), p.sample(emb, seed=3))

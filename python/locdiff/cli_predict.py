@@ -68,6 +68,11 @@ def _sampling(args, pred) -> dict:
         where = f"the run's predict.{name}" if given.get(name) is None else \
             f"--{SAMPLING_FLAGS.get(name, name)} {given.get(name)!r}"
         raise CliError(f"{where}: {err}") from None
+    ignored = {"density": ("steps", "samples", "eta"), "ddpm": ("steps", "eta")}.get(s["sampler"], ())
+    unused = [f"--{SAMPLING_FLAGS[k]}" for k in ignored if given[k] is not None]
+    if unused and distributed.is_main():
+        print(f"locdiff {args.command}: note: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply "
+              f"to the {s['sampler']} sampler (ignored)", file=sys.stderr)
     if s["sampler"] != "density":  # one prediction batch of rows x samples vectors at a time
         rows = pred.config.predict.batch_size
         try:

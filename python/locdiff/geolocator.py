@@ -139,9 +139,12 @@ class Geolocator:
         elif geocode:  # before the predictions, not after them
             require("reverse_geocode", "reverse geocoding (geocode=True; geocode=False leaves it out)")
         cap = top_k_limit(self.predictor.degree)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= cap:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= cap:
             raise ValueError(f"top_k must be an int in [1, {cap}] (the most separate modes a degree-"
                              f"{self.predictor.degree} run reports), got {top_k!r}")
+        top_k = int(top_k)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1 (photos embedded at once), got {batch_size!r}")
         t = self.predictor.settings(**sampling)["temperature"]  # checked before any photo is read
         skipped = []
         if _is_paths(inputs):

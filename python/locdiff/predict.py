@@ -51,6 +51,14 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def _generator_seed(seed) -> int:
+    """``seed`` of :meth:`Predictor.sample` and :meth:`Predictor.coefficients` (a batch's
+    seed, :func:`batch_seed`): an int in [0, 2^63 - 1], else a ValueError naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2^63 - 1], got {seed!r}")
+    return int(seed)
+
+
 def batch_seed(seed: int, start: int) -> int:
     """The seed of the prediction batch whose first row is ``start``: ``start`` itself for
     seed 0, else a 32-bit mix of both (torch's CPU generator keeps 32 bits of a seed)."""
@@ -174,7 +182,7 @@ class Predictor:
         dc = self.config.diffusion
         self.check_sample_memory(emb.shape[0], s["samples"], f"{emb.shape[0]} rows x samples={s['samples']}",
                                  "use fewer samples or rows per call")
-        gen = torch.Generator(self.device).manual_seed(seed)
+        gen = torch.Generator(self.device).manual_seed(_generator_seed(seed))
         rep = emb.repeat_interleave(s["samples"], 0)
         x = torch.randn(rep.shape[0], self.config.model.dim, generator=gen, device=self.device)
         model = guided(self.net, rep, s["guidance"])
@@ -193,7 +201,7 @@ class Predictor:
         s = self.settings(**overrides)
         if s["sampler"] == "density":
             self._check_sampler("density")
-            gen = torch.Generator(self.device).manual_seed(seed)
+            gen = torch.Generator(self.device).manual_seed(_generator_seed(seed))
             return self._last_step(self._embeddings(emb), s["guidance"], gen).cpu()
         return self.sample(emb, seed=seed, **{k: s[k] for k in ("sampler", "steps", "samples", "guidance",
                                                                 "eta")}).mean(1)

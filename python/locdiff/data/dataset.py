@@ -209,6 +209,12 @@ class EmbeddingDataset(Dataset):
         raise DataError(f"{self._names[s]}: row {row - self._offsets[s]} of the embeddings {what}")
 
 
+def check_rows_readable(embeddings) -> None:
+    """A DataError now, not at the loader's first batch, for embeddings it cannot read by
+    rows (a Fortran-ordered .npy, an array that is not 2-D floats)."""
+    _parts_of(embeddings)
+
+
 def _parts_of(embeddings) -> tuple[list, list[str]]:
     """File readers for memory-mapped arrays (as :func:`open_embeddings` returns them), the
     arrays themselves otherwise; and a name for each part, for error messages."""

@@ -163,6 +163,9 @@ def open_embeddings(path) -> np.ndarray | ShardedArray:
 def _check_emb(arr: np.ndarray, path) -> np.ndarray:
     if arr.ndim != 2:
         raise DataError(f"{path}: embeddings must be 2-D (N, D), got shape {arr.shape}")
+    if arr.dtype.kind == "f" and not arr.dtype.isnative and arr.dtype.itemsize in (2, 4, 8):
+        raise DataError(f"{path}: embeddings in the other byte order ({arr.dtype.str}); save them in "
+                        "this machine's: np.save(path, a.astype(a.dtype.newbyteorder('=')))")
     if arr.dtype not in (np.float16, np.float32, np.float64):
         raise DataError(f"{path}: embeddings must be floating point (float16, float32 or float64), got {arr.dtype}")
     if len(arr) == 0:
