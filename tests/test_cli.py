@@ -267,6 +267,19 @@ def test_demo_plumbing(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "demo" / "run" / "checkpoint.safetensors").exists()
 
 
+def test_config_of_a_run_reads_back_as_its_settings(files, tmp_path, capsys):
+    from locdiff import config as C
+    from locdiff.run import TOML_VERSION, read_config
+
+    code, out, _ = run_cli(capsys, "config", "--run", files / "run")
+    assert code == 0 and out.startswith(f"# The settings of the run {files / 'run'}.")
+    (tmp_path / "run.toml").write_text(out)
+    assert C.from_dict(RunConfig, C.read_toml(tmp_path / "run.toml", version=TOML_VERSION)) == \
+        read_config(files / "run")[0]
+    code, _, err = run_cli(capsys, "config", "--run", tmp_path / "nope")
+    assert code == 2 and "nope: run folder not found" in err
+
+
 def test_config_defaults_is_every_setting_and_reads_back(tmp_path, capsys):
     from locdiff import config as C
     from locdiff.run import TOML_VERSION
