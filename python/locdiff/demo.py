@@ -115,9 +115,8 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     from locdiff.metrics import best_of_k_metrics, metrics_from_distances
     from locdiff.plot import plot_predictions
     from locdiff.predict import Predictor
-    from locdiff.run import CONFIG_FILE, saved_checkpoints
-    from locdiff.train import TOML_FILE, train
-    from locdiff.trainlog import METRICS_FILE
+    from locdiff.runfolder import run_files
+    from locdiff.train import train
 
     t0 = time.perf_counter()
     budget = budget_minutes or float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_MIN))
@@ -126,9 +125,8 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     # A rerun replaces the demo's run, removed before any work (train refuses a folder that
     # holds a trained run's checkpoints, kept or best ones too).
     run = out / "run"
-    old = [run / name for name in (CONFIG_FILE, TOML_FILE, METRICS_FILE, *saved_checkpoints(run))] if run.is_dir() \
-        else []
-    if any(p.exists() for p in old):
+    old = run_files(run)
+    if old:
         log(f"replacing the previous demo run in {run}")
     for p in old:
         p.unlink(missing_ok=True)

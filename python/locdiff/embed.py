@@ -37,7 +37,7 @@ from locdiff.data.files import DataError, atomic_save_npy, atomic_write_bytes
 from locdiff.devices import resolve_device
 from locdiff.encoder import DEFAULT_MODEL, SPEC_FILE, Encoder, canonical_model, vision_config
 from locdiff.images import find_images, ignored_message
-from locdiff.runfolder import LOCK_FILE, RunLock, check_run_folder
+from locdiff.runfolder import LOCK_FILE, RunLock, check_run_folder, run_files
 
 MANIFEST, COORDS, SKIPPED, GEOTAGGED = "manifest.csv", "coords.csv", "skipped.csv", "geotagged"
 # File names that are not UTF-8 (a latin-1 "caf\xe9.jpg") go into the CSVs as their own bytes
@@ -89,10 +89,9 @@ def _check_not_foreign(out: Path) -> None:
         return
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".emb-") and p.name != LOCK_FILE)
     # A run trained on embed's output holds its encoder.json too: never embed into a run.
-    run_files = [e for e in entries if e in ("config.json", "train.toml", "metrics.jsonl")
-                 or (e.startswith("checkpoint") and e.endswith(".safetensors"))]
-    if run_files:
-        raise DataError(f"{out}: is a training run's folder ({', '.join(run_files[:3])}); embed into another --out")
+    runs = sorted(p.name for p in run_files(out))
+    if runs:
+        raise DataError(f"{out}: is a training run's folder ({', '.join(runs[:3])}); embed into another --out")
     if not entries or MANIFEST in entries:
         return
     if SPEC_FILE in entries:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from locdiff.data.files import DataError, atomic_write_bytes
-from locdiff.run import CHECKPOINT_FILE
+from locdiff.run import CHECKPOINT_FILE, saved_checkpoints
 
 LOCK_FILE = "locdiff.lock"
 BEST_FILE = "checkpoint-best.safetensors"
@@ -117,6 +117,17 @@ class RunLock:
 _RUN_FILES = r"(config\.json|train\.toml|metrics\.jsonl|encoder\.json|checkpoint(-best|-step\d+)?\.safetensors)"
 RUN_ENTRIES = re.compile(rf"({_RUN_FILES}|locdiff\.lock|tensorboard)")
 RUN_TEMP = re.compile(rf"\.{_RUN_FILES}\.[A-Za-z0-9_]+\.tmp")
+
+
+def run_files(run_dir) -> list[Path]:
+    """The files a trained run keeps in ``run_dir`` that exist there (as anything: a folder
+    so named too): config.json, train.toml, metrics.jsonl and every checkpoint. Not its
+    encoder.json, which an embedding folder holds as well."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return []
+    named = [folder / name for name in ("config.json", "train.toml", "metrics.jsonl")]
+    return [p for p in named if p.exists()] + [folder / name for name in saved_checkpoints(folder)]
 
 
 def foreign_entries(run_dir) -> list[str]:

@@ -166,17 +166,16 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
     when there is nothing left to train why and the checkpoint's training state (None: there
     is), and whether config.json may record ``data`` as the run's (not for a run whose data
     an earlier locdiff left unrecorded); every check done before anything is written."""
-    from locdiff.trainlog import METRICS_FILE
+    from locdiff.runfolder import run_files
 
     cfg_path, ckpt_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
-    kept = [run_dir / name for name in saved_checkpoints(run_dir)]  # (a folder so named too)
-    for path in (cfg_path, ckpt_path, run_dir / METRICS_FILE, run_dir / TOML_FILE, *kept):
-        if path.exists() and not path.is_file():  # a FIFO would block the read, a folder raise
+    for path in run_files(run_dir):
+        if not path.is_file():  # a FIFO would block the read, a folder raise
             raise DataError(f"{path}: not a regular file (a folder, FIFO, device or socket) where the run keeps its "
                             "own file; move it away, or train into a new --out")
     has_cfg, has_ckpt = cfg_path.is_file(), ckpt_path.is_file()
+    kept = saved_checkpoints(run_dir)  # the latest, kept and best ones
     if not resume:
-        kept = saved_checkpoints(run_dir)
         if kept:  # a new run would remove them (kept and best ones too, with no checkpoint.safetensors)
             raise DataError(f"{run_dir}: already holds a trained run ({', '.join(kept)}); continue it with "
                             "--resume or choose a new --out")
@@ -201,7 +200,6 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
                         "into a new --out")
     config = RunConfig(old.model, old.diffusion, config.train, old.predict, config.data)
     if not has_ckpt:
-        kept = saved_checkpoints(run_dir)  # (no checkpoint.safetensors: the kept and best ones)
         if kept:  # starting at step 0 would remove them: the user must choose
             raise DataError(f"{ckpt_path}: not found, but {', '.join(kept)} are there; copy the one to go on from "
                             f"to {CHECKPOINT_FILE} and --resume, or train into a new --out")
