@@ -44,19 +44,17 @@ def density_mode_grid(degree: int, temperature: float):
 MAX_SEED = 2**31 - 1
 
 
-def check_seed(seed) -> int:
-    """``seed`` if it is an int in [0, MAX_SEED], else a ValueError naming it."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+def check_seed(seed, most: int = MAX_SEED, shown: str | None = None) -> int:
+    """``seed`` if it is an int in [0, ``most``] (written ``shown`` in the error), else a
+    ValueError naming it. :meth:`Predictor.sample` and :meth:`Predictor.coefficients` take a
+    batch's seed (:func:`batch_seed`), up to 2^63 - 1."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= most:
+        raise ValueError(f"seed must be an int in [0, {shown or most}], got {seed!r}")
     return int(seed)
 
 
 def _generator_seed(seed) -> int:
-    """``seed`` of :meth:`Predictor.sample` and :meth:`Predictor.coefficients` (a batch's
-    seed, :func:`batch_seed`): an int in [0, 2^63 - 1], else a ValueError naming it."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2^63 - 1], got {seed!r}")
-    return int(seed)
+    return check_seed(seed, 2**63 - 1, "2^63 - 1")
 
 
 def batch_seed(seed: int, start: int) -> int:

@@ -325,10 +325,10 @@ def _load_weights(net, sd: dict, path, config: RunConfig) -> None:
 
 
 def restore(tensors: dict, meta: dict, net, ema: EMA, opt, path=CHECKPOINT_FILE, config=None) -> dict:
-    """Load a checkpoint's weights, EMA and optimizer state; returns the training state."""
+    """Load a checkpoint's weights, EMA and optimizer state; returns the training state.
+    (Its noise schedule is checked by the caller: train's rank 0, before the checkpoint
+    reaches the other processes.)"""
     cfg = config or RunConfig(model=net.config)
-    if config is not None:
-        check_schedule(tensors, path, config)
     _load_weights(net, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path, cfg)
     # The SHA-256 covers the tensors, not the metadata: an edited or damaged entry is named.
     try:

@@ -465,7 +465,9 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         state["command"] = command
     if resumed_at is not None:  # config.json says how the run was made: 30 steps, then resumed to 60
         entry = {"step": resumed_at, "steps": tc.steps, "processes": world}
-        state["resumes"] = [*state.get("resumes", []), {**entry, **({"command": command} if command else {})}]
+        if command:
+            entry["command"] = command
+        state["resumes"] = [*state.get("resumes", []), entry]
         extra["resumes"] = state["resumes"]
     if state.get("command"):
         extra["command"] = state["command"]

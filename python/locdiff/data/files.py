@@ -275,8 +275,8 @@ def read_coords(path, rows: int | None = None) -> np.ndarray:
     else:
         arr, lines = _read_csv(path)
         where = lambda i: f"line {lines[i]} (data row {i})"  # noqa: E731  (the line an editor shows)
-    if rows is not None and len(arr) != rows:
-        raise DataError(f"{path}: {len(arr)} coordinate rows but the embeddings have {rows}")
+        if rows is not None and len(arr) != rows:
+            raise DataError(f"{path}: {len(arr)} coordinate rows but the embeddings have {rows}")
     bad = np.flatnonzero(~np.isfinite(arr).all(1))
     if len(bad):
         raise DataError(f"{path}: {where(bad[0])} has a NaN or infinite coordinate: {arr[bad[0]].tolist()}")
