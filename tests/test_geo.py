@@ -16,3 +16,17 @@ def test_float32_coordinates_are_exact_on_poles_and_the_antimeridian():
     assert same.dtype == np.float32 and float(np.abs(same).max()) < 1e-6  # km
     c32, c64 = shdd.encode(np.float32([[90.0, 0.0]]), 256), shdd.encode(np.array([[90.0, 0.0]]), 256)
     assert float(np.abs(np.asarray(c32, np.float64) - np.asarray(c64)).max()) < 2e-6
+
+
+def test_great_circle_km_refuses_points_off_the_sphere_and_keeps_nan_as_missing():
+    import pytest
+
+    ok = great_circle_km(np.array([[np.nan, 0.0], [10.0, 20.0]]), np.array([0.0, 0.0]))
+    assert np.isnan(ok[0]) and abs(ok[1] - 2476.17) < 0.01
+    for bad in ([100.0, 0.0], [-90.5, 10.0], [10.0, np.inf], [-np.inf, 0.0]):
+        for make in (np.array, torch.tensor):
+            with pytest.raises(ValueError, match=r"b: points must be .*lat in \[-90, 90\]"):
+                great_circle_km(make([0.0, 0.0]), make(bad))
+    for radius in (-1.0, 0.0, np.inf, True):
+        with pytest.raises(ValueError, match="radius_km must be a finite number > 0"):
+            great_circle_km(np.zeros(2), np.ones(2), radius)

@@ -93,10 +93,22 @@ def xyz_to_latlon(xyz):
     return xp.stack([lat * (180 / math.pi), lon], -1)
 
 
+def _check_distance_points(p, name: str, xp) -> None:
+    """Latitudes in [-90, 90] and finite longitudes, or a ValueError naming ``name`` and the
+    first bad pair. NaN passes: it marks a missing answer, whose distance is NaN."""
+    lat, lon = p[..., 0], p[..., 1]
+    bad = (xp.abs(lat) > 90) | xp.isinf(lat) | xp.isinf(lon)
+    if bool(bad.any()):
+        first = p[bad][0]
+        raise ValueError(f"{name}: points must be (lat, lon) degrees with lat in [-90, 90] and a finite lon "
+                         f"(NaN for none), got ({float(first[0])}, {float(first[1])})")
+
+
 def great_circle_km(a, b, radius_km: float = EARTH_RADIUS_KM):
     """Great-circle distance in km between ``(..., 2)`` (lat, lon) degree arrays (broadcast).
 
     Uses the atan2 form of Vincenty's formula, accurate for antipodes and tiny distances.
+    A pair holding NaN gets NaN (a missing answer); latitudes beyond +-90 are errors.
 
     >>> round(float(great_circle_km(np.array([0.0, 0.0]), np.array([0.0, 90.0]))), 3)
     10007.557
@@ -110,6 +122,11 @@ def great_circle_km(a, b, radius_km: float = EARTH_RADIUS_KM):
     dtype = np.result_type(a.dtype, np.asarray(b).dtype) if xp is np else torch.promote_types(a.dtype, b.dtype)
     # In float64 whatever the input: float32 put (12.3, 180) 1 m from (12.3, -180).
     a, b = (a.double(), b.double()) if xp is torch else (a.astype(np.float64, copy=False), np.asarray(b, np.float64))
+    _check_distance_points(a, "a", xp)
+    _check_distance_points(b, "b", xp)
+    if isinstance(radius_km, bool) or not isinstance(radius_km, (int, float, np.integer, np.floating)) or not (
+            math.isfinite(radius_km) and radius_km > 0):
+        raise ValueError(f"radius_km must be a finite number > 0, got {radius_km!r}")
     lat1, lon1 = a[..., 0] * (math.pi / 180), a[..., 1] * (math.pi / 180)
     lat2, lon2 = b[..., 0] * (math.pi / 180), b[..., 1] * (math.pi / 180)
     dlon = lon2 - lon1
