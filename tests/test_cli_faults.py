@@ -351,7 +351,7 @@ def test_paths_of_the_wrong_kind_are_named_as_such(files, tmp_path, capsys):
     expect_error(capsys, ["predict", "--run", files / "emb.npy", "--embeddings", files / "emb.npy", "--out",
                           tmp_path / "p.csv"], "emb.npy: is a file, not a run folder")
     expect_error(capsys, ["evaluate", "--run", files / "base", "--embeddings", files / "emb.npy", "--coords",
-                          tmp_path, "--json", tmp_path / "m.json"], "is a folder; expected a coordinates file")
+                          tmp_path, "--json", tmp_path / "m.json"], "a folder, not a regular file; expected a coordinates file")
     expect_error(capsys, ["train", "--out", tmp_path / "none", "--resume"], "nothing to resume")
 
 
@@ -559,12 +559,12 @@ def test_integer_flags_read_integers_as_set_does():
                                    "--seed", "1.5"])
 
 
-@pytest.mark.parametrize("name, make", [
-    ("metrics.jsonl", lambda p: p.mkdir()),
-    (CHECKPOINT_FILE, lambda p: __import__("os").mkfifo(p)),  # a read would block for ever
-    ("train.toml", lambda p: p.mkdir()),
+@pytest.mark.parametrize("name, make, what", [
+    ("metrics.jsonl", lambda p: p.mkdir(), "a folder"),
+    (CHECKPOINT_FILE, lambda p: __import__("os").mkfifo(p), "a FIFO"),  # a read would block for ever
+    ("train.toml", lambda p: p.mkdir(), "a folder"),
 ])
-def test_a_run_file_that_is_not_a_file_stops_a_resume(files, tmp_path, capsys, name, make):
+def test_a_run_file_that_is_not_a_file_stops_a_resume(files, tmp_path, capsys, name, make, what):
     # before anything is written: the run's files stay as they were
     import shutil
 
@@ -575,7 +575,7 @@ def test_a_run_file_that_is_not_a_file_stops_a_resume(files, tmp_path, capsys, n
     (run / "locdiff.lock").write_text("PID 1 on the machine that trained it\n")  # a refusal leaves it as found
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     expect_error(capsys, train_argv(files, run, "--resume", "--steps", "6"),
-                 f"{run / name}: not a regular file (a folder, FIFO, device or socket)")
+                 f"{run / name}: {what}, not a regular file, where the run keeps its own file")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
@@ -627,6 +627,11 @@ def test_a_run_of_an_earlier_locdiff_resumes_as_it_was_left(files, tmp_path, cap
     run = tmp_path / "old"
     shutil.copytree(files / "base", run)
     _as_an_earlier_locdiff_left_it(run, validated=True)
+    # evaluate --json names the step it finished at, as for a run of this version.
+    code, _, err = run_cli(capsys, "evaluate", "--run", run, "--embeddings", files / "emb.npy", "--coords",
+                           files / "coords.csv", "--json", tmp_path / "old.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "old.json").read_text())["run"]["finished_step"] == 3
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "locdiff.lock"}
     # Finished: a resume to the same train.steps leaves it as it is (it was re-calibrated).
     code, out, _ = run_cli(capsys, *train_argv(files, run, "--resume", "--steps", "3"))

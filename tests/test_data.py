@@ -210,12 +210,12 @@ def test_files_that_are_not_arrays_are_named_not_waited_on(tmp_path):
     from locdiff.config import ConfigError, read_toml
 
     os.mkfifo(tmp_path / "fifo.npy")
-    with pytest.raises(DataError, match="not a regular file"):
+    with pytest.raises(DataError, match="fifo.npy: a FIFO, not a regular file; give a .npy file"):
         open_embeddings(tmp_path / "fifo.npy")
-    with pytest.raises(DataError, match="not a regular file"):
+    with pytest.raises(DataError, match="fifo.npy: a FIFO, not a regular file; expected a coordinates file"):
         read_coords(tmp_path / "fifo.npy")
     os.mkfifo(tmp_path / "fifo.toml")
-    with pytest.raises(ConfigError, match="not a regular file"):
+    with pytest.raises(ConfigError, match="fifo.toml: a FIFO, not a regular file; give a TOML config file"):
         read_toml(tmp_path / "fifo.toml")
     with open(tmp_path / "z.npy", "wb") as fh:
         np.savez(fh, a=np.zeros((3, 2)))

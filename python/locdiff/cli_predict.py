@@ -186,11 +186,11 @@ def _provenance(run) -> dict:
     """Which weights produced the figures: the run folder, its last finished step, the EMA
     weights (what Predictor.from_run reads) and the locdiff that read them."""
     import locdiff
-    from locdiff.run import read_config
-    from locdiff.train import FINISHED_KEY
+    from locdiff.run import CHECKPOINT_FILE, checkpoint_state, finished_step, read_config
 
     raw = read_config(run)[1]
-    return {"folder": str(Path(run).resolve()), "weights": "ema", "finished_step": raw.get(FINISHED_KEY),
+    done = finished_step(raw, checkpoint_state(Path(run) / CHECKPOINT_FILE))
+    return {"folder": str(Path(run).resolve()), "weights": "ema", "finished_step": done,
             "trained_with": raw.get("software"), "locdiff": locdiff.__version__}
 
 

@@ -23,7 +23,7 @@ import types
 import typing
 from pathlib import Path, PurePath
 
-from locdiff.data.files import DataError
+from locdiff.data.files import DataError, not_a_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,8 +56,9 @@ def read_toml(path, *, version: int | None = None) -> dict:
     """The table of a TOML file, ``format_version`` checked against ``version`` and
     removed (when ``version`` is given)."""
     path = Path(path)
-    if path.exists() and not path.is_file():  # a FIFO would block the read, /dev/zero never end it
-        raise ConfigError(f"{path}: not a regular file; give a TOML config file")
+    what = not_a_file(path)
+    if what is not None:
+        raise ConfigError(f"{path}: {what}, not a regular file; give a TOML config file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

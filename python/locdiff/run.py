@@ -33,6 +33,9 @@ from locdiff.ops import validation
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 SCHEDULE_KEY = "schedule.alphas_cumprod"  # in checkpoints, beside the weights
+# config.json's record of the step whose final validation and calibration completed: a
+# resume of a run at train.steps without it runs them again rather than saying "nothing".
+FINISHED_KEY = "finished_step"
 # 2: the density head, v prediction and the degree-resolving SHDD-KL (runs of version 1
 # were trained with another loss and decode differently).
 FORMAT_VERSION = 2
@@ -256,6 +259,29 @@ def parse_checkpoint(data: bytes, path) -> tuple[dict, dict]:
         raise DataError(f"{path}: checksum mismatch: the checkpoint's bytes changed after it was written "
                         "(a damaged copy or disk); restore it from a copy or train again")
     return tensors, meta
+
+
+def checkpoint_state(path) -> dict:
+    """The training state in a checkpoint's header (the step, its history), read without the
+    weights; {} where the header cannot be read (the loaders name what is wrong)."""
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            meta = json.loads(f.read(min(n, 1 << 26))).get("__metadata__") or {}
+        state = json.loads(meta.get("state", "{}"))
+    except (OSError, ValueError, RecursionError, struct.error, AttributeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def finished_step(raw: dict, state: dict):
+    """The step at which the run last finished (its validation and calibration done), from
+    its raw config and its checkpoint's ``state``; None for a run stopped before that. An
+    earlier locdiff recorded neither this nor ``val_predict``: its checkpoints were finished."""
+    finished = raw.get(FINISHED_KEY)
+    if finished is None and "val_predict" not in state:
+        finished = state.get("step")
+    return finished
 
 
 def saved_checkpoints(run_dir) -> list[str]:

@@ -34,21 +34,18 @@ import torch
 
 from locdiff import distributed
 from locdiff.calibration import HYBRID_GALLERY_ROWS, calibrate, uncalibrated
-from locdiff.data.files import DataError, atomic_write_bytes
+from locdiff.data.files import DataError, atomic_write_bytes, not_a_file
 from locdiff.devices import resolve_device
 from locdiff.diffusion import EMA, diffusion_loss
 from locdiff.models import CSUNet
 from locdiff.optim import adamw
-from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, TOML_VERSION, PredictConfig, RunConfig, TrainConfig,
-                         check_schedule, checkpoint_bytes, parse_checkpoint, read_config, restore, saved_checkpoints,
-                         write_config)
+from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, FINISHED_KEY, TOML_VERSION, PredictConfig, RunConfig,
+                         TrainConfig, check_schedule, checkpoint_bytes, finished_step, parse_checkpoint, read_config,
+                         restore, saved_checkpoints, write_config)
 
 __all__ = ["PredictConfig", "RunConfig", "TrainConfig", "TrainResult", "calibrate", "lr_factor", "train"]
 
 TOML_FILE = "train.toml"
-# config.json's record of the step whose final validation and calibration completed: a
-# resume of a run at train.steps without it runs them again rather than saying "nothing".
-FINISHED_KEY = "finished_step"
 # Consecutive steps with a NaN or infinite loss after which a run counts as diverged.
 MAX_NONFINITE_STEPS = 20
 # Validation sets from this many rows on get a line before each validation.
@@ -170,9 +167,10 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
 
     cfg_path, ckpt_path = run_dir / CONFIG_FILE, run_dir / CHECKPOINT_FILE
     for path in run_files(run_dir):
-        if not path.is_file():  # a FIFO would block the read, a folder raise
-            raise DataError(f"{path}: not a regular file (a folder, FIFO, device or socket) where the run keeps its "
-                            "own file; move it away, or train into a new --out")
+        what = not_a_file(path)
+        if what is not None:
+            raise DataError(f"{path}: {what}, not a regular file, where the run keeps its own file; move it away, "
+                            "or train into a new --out")
     has_cfg, has_ckpt = cfg_path.is_file(), ckpt_path.is_file()
     kept = saved_checkpoints(run_dir)  # the latest, kept and best ones
     if not resume:
@@ -212,11 +210,7 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
         log(f"note: {cfg_path} does not record the run's training data (an earlier locdiff made it): this "
             "resume cannot check that these are the files the run trained on, and records none")
     state = json.loads(meta.get("state", "{}"))
-    finished = raw.get(FINISHED_KEY)
-    if finished is None and "val_predict" not in state:
-        # An earlier locdiff recorded neither; its checkpoints at train.steps were finished runs.
-        finished = state.get("step")
-    why = _nothing_left(state, config.train, finished)
+    why = _nothing_left(state, config.train, finished_step(raw, state))
     done = None if why is None else {"why": why, **{k: state.get(k) for k in ("step", "elapsed_s", "history",
                                                                             "skipped", "best")}}
     step = int(state.get("step", 0))
@@ -239,11 +233,11 @@ def _check_density_head(config: RunConfig) -> None:
                            "true (the head learns from the SHDD-KL alone; without it the head stays at zero)")
 
 
-def _nothing_left(state: dict, tc: TrainConfig, finished_step) -> str | None:
+def _nothing_left(state: dict, tc: TrainConfig, finished) -> str | None:
     """Why a checkpoint with this training state has no step left under ``tc``, or None
     (also when the run stopped before its final validation and calibration completed)."""
     step, spent = int(state.get("step", 0)), float(state.get("elapsed_s", 0.0))
-    if finished_step != step:
+    if finished != step:
         return None
     if step >= tc.steps:
         return f"the run is at step {step} and train.steps is {tc.steps}: nothing to train (raise --steps to go on)"

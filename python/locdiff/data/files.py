@@ -26,6 +26,23 @@ class DataError(ValueError):
     """A data file is missing, malformed or inconsistent; the message names the file."""
 
 
+def not_a_file(path) -> str | None:
+    """What stands at ``path`` where a regular file should ("a folder", "a FIFO", ...), or
+    None for a regular file or nothing at all. Reading a FIFO blocks, a device may never end."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, what in ((stat.S_ISREG, None), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
 def cache_dir() -> Path:
     """``$LOCDIFF_CACHE`` or ``~/.cache/locdiff``."""
     return Path(os.environ.get("LOCDIFF_CACHE") or Path.home() / ".cache" / "locdiff").expanduser()
@@ -123,9 +140,9 @@ class ShardedArray:
 
 
 def _open_npy(path: Path) -> np.ndarray:
-    # A FIFO or device would block np.load, or feed it without end.
-    if not Path(path).is_file():
-        raise DataError(f"{path}: not a regular file (a FIFO, device or socket); give a .npy file")
+    what = not_a_file(path)
+    if what is not None:
+        raise DataError(f"{path}: {what}, not a regular file; give a .npy file")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as err:  # numpy raises several types for a corrupt header
@@ -258,10 +275,10 @@ def read_coords(path, rows: int | None = None) -> np.ndarray:
     when ``rows`` is given, the row count matches. Longitudes outside [-180, 180] are wrapped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: " + ("is a folder; expected a coordinates file (CSV or .npy)" if path.is_dir()
-                                       else "not a regular file (a FIFO, device or socket)" if path.exists()
-                                       else "coordinates file not found"))
+    what = not_a_file(path)
+    if what is not None or not path.exists():
+        raise DataError(f"{path}: " + (f"{what}, not a regular file; expected a coordinates file (CSV or .npy)"
+                                       if what else "coordinates file not found"))
     if path.suffix == ".npy":
         raw = _open_npy(path)
         if raw.ndim != 2 or raw.shape[1] != 2:
