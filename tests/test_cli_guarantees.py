@@ -504,6 +504,23 @@ def test_failed_resume_leaves_config_json(files, tmp_path, capsys):
     assert (run / CONFIG_FILE).read_bytes() == before
 
 
+def test_a_checkpoint_longer_than_its_header_says_is_not_read_whole(files, tmp_path, capsys):
+    # A sparse copy of 12 GB was read into memory before safetensors refused it.
+    import os
+
+    run = _copy_run(files, tmp_path)
+    ckpt = run / CHECKPOINT_FILE
+    size = ckpt.stat().st_size
+    os.truncate(ckpt, 12 << 30)
+    want = f"unreadable checkpoint, truncated or not a checkpoint ({12 << 30} bytes where its header describes {size})"
+    expect_error(capsys, train_argv(files, run, "--resume", "--steps", 6), want)
+    expect_error(capsys, ["predict", "--run", run, "--embeddings", files / "emb.npy", "--out", tmp_path / "p.csv"],
+                 want)
+    ckpt.write_bytes(b"\xff" * 64)
+    expect_error(capsys, ["predict", "--run", run, "--embeddings", files / "emb.npy", "--out", tmp_path / "p.csv"],
+                 "(64 bytes, no safetensors header)")
+
+
 def test_a_log_file_gets_few_progress_lines(files, tmp_path):
     # Without a terminal (a scheduler's log file) the bar wrote a line a step.
     argv = [sys.executable, "-m", "locdiff", *map(str, [a for a in train_argv(files, tmp_path / "run", "--steps", 60)

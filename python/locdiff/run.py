@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -238,6 +239,34 @@ def save_checkpoint(run_dir, net, ema: EMA, opt, state: dict, schedule: Schedule
     atomic_write_bytes(Path(run_dir) / CHECKPOINT_FILE, checkpoint_bytes(net, ema, opt, state, schedule))
 
 
+MAX_HEADER_BYTES = 1 << 26  # a checkpoint's JSON header: names, shapes, offsets and the training state
+
+
+def _unreadable(path, detail: str) -> DataError:
+    return DataError(f"{path}: unreadable checkpoint, truncated or not a checkpoint ({detail})")
+
+
+def read_checkpoint_bytes(path) -> bytes:
+    """A checkpoint file's bytes, once its header has said how many there are: a file of
+    another length (truncated, padded, a sparse file of gigabytes) is refused before it is
+    read whole."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+            raise _unreadable(path, f"{size} bytes, no safetensors header")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, RecursionError, TypeError, KeyError, IndexError, AttributeError) as err:
+            raise _unreadable(path, f"its header does not parse: {type(err).__name__}") from None
+        if 8 + n + end != size:
+            raise _unreadable(path, f"{size} bytes where its header describes {8 + n + end}")
+        f.seek(0)
+        return f.read()
+
+
 def parse_checkpoint(data: bytes, path) -> tuple[dict, dict]:
     """``(tensors, metadata)`` of checkpoint bytes, the checksum verified when recorded."""
     try:
@@ -245,8 +274,7 @@ def parse_checkpoint(data: bytes, path) -> tuple[dict, dict]:
         n = struct.unpack("<Q", data[:8])[0]
         meta = json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
     except Exception as err:
-        detail = " ".join(str(err).split())[:200] or type(err).__name__
-        raise DataError(f"{path}: unreadable checkpoint, truncated or not a checkpoint ({detail})") from None
+        raise _unreadable(path, " ".join(str(err).split())[:200] or type(err).__name__) from None
     try:
         state = json.loads(meta.get("state", "{}"))
     except (ValueError, RecursionError):
@@ -267,7 +295,7 @@ def checkpoint_state(path) -> dict:
     try:
         with open(path, "rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]
-            meta = json.loads(f.read(min(n, 1 << 26))).get("__metadata__") or {}
+            meta = json.loads(f.read(min(n, MAX_HEADER_BYTES))).get("__metadata__") or {}
         state = json.loads(meta.get("state", "{}"))
     except (OSError, ValueError, RecursionError, struct.error, AttributeError):
         return {}
@@ -298,7 +326,7 @@ def load_checkpoint(run_dir, name: str = CHECKPOINT_FILE) -> tuple[dict, dict]:
             raise DataError(f"{path}: not found, but {', '.join(others)} are there; copy the one to use to "
                             f"{name} (checkpoint-best: the lowest validation median)")
         raise DataError(f"{path}: no checkpoint (training has not saved one yet)")
-    return parse_checkpoint(path.read_bytes(), path)
+    return parse_checkpoint(read_checkpoint_bytes(path), path)
 
 
 def check_schedule(tensors: dict, path, config: RunConfig) -> None:

@@ -40,8 +40,8 @@ from locdiff.diffusion import EMA, diffusion_loss
 from locdiff.models import CSUNet
 from locdiff.optim import adamw
 from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, FINISHED_KEY, TOML_VERSION, PredictConfig, RunConfig,
-                         TrainConfig, check_schedule, checkpoint_bytes, finished_step, parse_checkpoint, read_config,
-                         restore, saved_checkpoints, write_config)
+                         TrainConfig, check_schedule, checkpoint_bytes, finished_step, parse_checkpoint,
+                         read_checkpoint_bytes, read_config, restore, saved_checkpoints, write_config)
 
 __all__ = ["PredictConfig", "RunConfig", "TrainConfig", "TrainResult", "calibrate", "lr_factor", "train"]
 
@@ -203,7 +203,7 @@ def _prepare_folder(run_dir: Path, config: RunConfig, resume: bool, emb_dim: int
                             f"to {CHECKPOINT_FILE} and --resume, or train into a new --out")
         log(f"{run_dir}: no checkpoint yet (stopped before its first); starting at step 0 with its settings")
         return config, None, None, True  # (from step 0: the data it trains on is this)
-    ckpt_bytes = ckpt_path.read_bytes()
+    ckpt_bytes = read_checkpoint_bytes(ckpt_path)
     tensors, meta = parse_checkpoint(ckpt_bytes, ckpt_path)  # damaged: refused before config.json is rewritten
     check_schedule(tensors, ckpt_path, config)  # (before the notes below: a refused resume tells nothing else)
     if held is None:
