@@ -226,6 +226,19 @@ def test_validation_median_falls_as_training_proceeds(tmp_path):
     cfg = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
     # Calibration wrote the density temperature and the point rule it chose.
     assert cfg["predict"]["temperature"] > 0 and cfg["predict"]["mode_of"] in ("density", "function")
+    # and the masses of the credible regions that held 50 % and 90 % of the validation
+    # places, which the answers use (tests/test_coverage.py: they hold that share of new places).
+    from locdiff.answers import LEVELS
+    from locdiff.coverage import level_for
+    from locdiff.geolocator import Geolocator
+
+    record = cfg["predict"]["credible"]["locdiff"]
+    assert record["places"] == 200
+    geo = Geolocator.from_run(tmp_path / "run")
+    emb = synthetic(40, seed=9)[0]
+    assert geo.predict(emb, geocode=False, progress=False).masses == tuple(level_for(record, q) for q in LEVELS)
+    # Other settings than calibration saw: the nominal masses.
+    assert geo.predict(emb, geocode=False, progress=False, temperature=1.0).masses == LEVELS
 
 
 def test_calibration_reads_a_fixed_sample_of_a_large_validation_set(monkeypatch):

@@ -4,6 +4,7 @@
     python benchmarks/tools/model_tables.py degree --degree 64 --minutes 6 --out runs/L64
     python benchmarks/tools/model_tables.py samplers --run demo-run/run --places 120
     python benchmarks/tools/model_tables.py reliability --run demo-run/run
+    python benchmarks/tools/model_tables.py coverage --run demo-run/run --text name
     python benchmarks/tools/model_tables.py hybrid --run demo-run/run
     python benchmarks/tools/model_tables.py regions --predictions demo-run/predictions.csv
 
@@ -36,10 +37,10 @@ def header(first: str, extra: str = "") -> str:
     return f"| {first} | " + " | ".join(KEYS) + f" | {extra} |\n|" + "---|" * (len(KEYS) + 2)
 
 
-def task(split: str):
+def task(split: str, text: str = "full"):
     from locdiff.data.places import load_places
 
-    return load_places(split=split, progress=False).splits()
+    return load_places(variant=text, split=split, progress=False).splits()
 
 
 def cmd_degree(a) -> None:
@@ -118,6 +119,38 @@ def cmd_reliability(a) -> None:
         sel = (prob >= lo) & ((prob < hi) if hi < 1 else (prob <= hi))
         if sel.any():
             print(f"| {lo:.1f}-{hi:.1f} | {sel.sum()} | {prob[sel].mean():.3f} | {hit[sel].mean():.3f} |")
+
+
+def cmd_coverage(a) -> None:
+    """How often the test places lie in the 50 % and 90 % credible regions: the density's own
+    (nominal mass) against those whose masses held 50 % and 90 % of the validation places, as
+    calibration computes them (locdiff.coverage), and the regions' median areas."""
+    from locdiff.answers import credible_area, credible_grid
+    from locdiff.calibration import COVERAGE_ROWS
+    from locdiff.coverage import hpd_scores, level_for, validation_levels
+    from locdiff.predict import Predictor
+
+    _, va, te = task(a.split, a.text)
+    pred = Predictor.from_run(a.run)
+    tau = pred.config.predict.temperature
+    grid = credible_grid(pred.degree, tau)
+    cv = pred.coefficients(va[0]).double()
+    record = validation_levels(lambda rows, g: shdd.density(cv[rows], g, tau), grid, va[1], COVERAGE_ROWS)
+    c = pred.coefficients(te[0]).double()
+    levels = (0.5, 0.9)
+    masses = tuple(level_for(record, q) for q in levels)
+    scores, nominal, calibrated = [], [], []
+    for i in range(0, len(c), 64):
+        p = torch.as_tensor(shdd.density(c[i:i + 64], grid, tau))
+        scores.append(hpd_scores(p, grid, te[1][i:i + 64]).numpy())
+        nominal.append(credible_area(p, grid, levels).numpy())
+        calibrated.append(credible_area(p, grid, masses).numpy())
+    s, nominal, calibrated = np.concatenate(scores), np.concatenate(nominal), np.concatenate(calibrated)
+    print(f"temperature {tau:.3g}; {len(s)} test places; masses from {record.get('places', 0)} validation places")
+    print("| region | mass | test places inside | median area km² |\n|---|---|---|---|")
+    for j, (q, m) in enumerate(zip(levels, masses)):
+        print(f"| {q:.0%}, nominal | {q:.3f} | {np.mean(s < q):.1%} | {np.median(nominal[:, j]):,.0f} |")
+        print(f"| {q:.0%}, calibrated | {m:.3f} | {np.mean(s < m):.1%} | {np.median(calibrated[:, j]):,.0f} |")
 
 
 def cmd_hybrid(a) -> None:
@@ -206,9 +239,11 @@ def main() -> None:
     d.add_argument("--minutes", type=float)
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
-    for name in ("samplers", "reliability", "hybrid"):
+    for name in ("samplers", "reliability", "coverage", "hybrid"):
         p = sub.add_parser(name)
         p.add_argument("--run", required=True)
+        if name == "coverage":
+            p.add_argument("--text", default="full", choices=("full", "name"), help="as locdiff demo --text")
         if name == "samplers":
             p.add_argument("--places", type=int, default=120)
             p.add_argument("--only", help="the samplers whose name contains this text")
@@ -220,8 +255,8 @@ def main() -> None:
         p.add_argument("--split", default="regions", choices=("regions", "random"))
     a = ap.parse_args()
     torch.set_num_threads(2)
-    {"degree": cmd_degree, "samplers": cmd_samplers, "reliability": cmd_reliability, "hybrid": cmd_hybrid,
-     "regions": cmd_regions}[a.cmd](a)
+    {"degree": cmd_degree, "samplers": cmd_samplers, "reliability": cmd_reliability, "coverage": cmd_coverage,
+     "hybrid": cmd_hybrid, "regions": cmd_regions}[a.cmd](a)
 
 
 if __name__ == "__main__":

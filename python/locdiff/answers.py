@@ -22,7 +22,9 @@ the rank.
 
 Credible regions: the highest-density region holding a fraction q of the probability (cells
 taken by decreasing density per unit area, the last one in part); its area in km^2 and the
-radius of a spherical cap of the same area.
+radius of a spherical cap of the same area. Given a run's ``coverage`` record, the q region
+is the one that held a fraction q of its validation places (:mod:`locdiff.coverage`), whose
+mass ``Answers.masses`` gives.
 
 >>> ans = summarize(out["coeffs"], out["topk_latlon"], pred.config.predict.temperature)  # doctest: +SKIP
 >>> ans.records()[0]["modes"][0]                                                          # doctest: +SKIP
@@ -269,6 +271,7 @@ class Answers:
     area_km2: np.ndarray
     radius_km: np.ndarray
     levels: tuple = LEVELS
+    masses: tuple = LEVELS  # the density's mass in each level's region (calibrated: not the level)
     temperature: float = 1.0
     places: list | None = None
     coeffs: np.ndarray | None = None
@@ -308,13 +311,17 @@ def level_label(q: float) -> str:
 
 def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, levels=LEVELS, grid=None,
               geocode: bool = True, density: bool | int = False, min_separation_km: float | None = None,
-              cell_probabilities=None) -> Answers:
+              cell_probabilities=None, coverage: dict | None = None) -> Answers:
     """:class:`Answers` for SHDD vectors ``coeffs`` (N, (L+1)^2) and their top-k ``modes``
     (N, k, 2) (``predict``'s ``topk_latlon``); ``latlon`` defaults to the first mode.
     ``cell_probabilities(rows, grid)`` -> (n, G) replaces the vectors' density by another
     one on the grid (LocDiff-H's: ``Hybrid.grid_probabilities``) for ``rows``, a slice.
     ``density``: True keeps every input's density on ``grid`` in ``.density``, an int n the
-    first n inputs' (a map shows a few; each row holds the whole grid)."""
+    first n inputs' (a map shows a few; each row holds the whole grid). ``coverage``: a record
+    of :func:`locdiff.coverage.fit_levels` for these densities (a run's ``predict.credible``
+    entry): each level's region is the one that held that share of the validation places."""
+    from locdiff.coverage import check_record, level_for
+
     c = torch.as_tensor(np.asarray(coeffs), dtype=torch.float64)
     if c.ndim != 2:
         raise ValueError(f"coeffs must have shape (N, (L+1)^2), got {tuple(c.shape)}")
@@ -327,6 +334,7 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
     if len({level_label(q) for q in levels}) < len(levels):  # each is a column and a key of the answers
         raise ValueError(f"levels must differ in percent to 6 digits, got {levels!r}")
     temperature = shdd.check_temperature(temperature)
+    masses = tuple(level_for(check_record(coverage or {}, "coverage"), q) for q in levels)
     if not isinstance(density, (bool, int)) or density < 0:
         raise ValueError(f"density must be True, False or a number of inputs >= 0, got {density!r}")
     keep = c.shape[0] if density is True else int(density)
@@ -352,7 +360,7 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
         coarse = p if near is None else cells(rows, grid)
         owner = basin_owner(coarse, grid, m[rows], sep)
         probs.append(basin_mass(p, fine, m[rows], sep, owner=owner if near is None else owner[:, near]))
-        areas.append(credible_area(p, fine, levels))
+        areas.append(credible_area(p, fine, masses))
         if i < keep:
             dens.append(coarse[:keep - i].float())
     prob = torch.cat(probs).numpy() if n else np.zeros((0, m.shape[1]))
@@ -360,7 +368,7 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
     latlon = m[:, 0].numpy() if latlon is None else np.asarray(latlon, np.float64)
     return Answers(names=list(names) if names is not None else [f"row {i}" for i in range(n)], latlon=latlon,
                    modes=m.numpy(), probability=prob, other=np.clip(1 - np.nansum(prob, 1), 0, 1),
-                   area_km2=area, radius_km=cap_radius_km(area), levels=tuple(levels),
+                   area_km2=area, radius_km=cap_radius_km(area), levels=tuple(levels), masses=masses,
                    temperature=float(temperature), places=reverse_geocode_modes(m.numpy()) if geocode else None,
                    coeffs=c.numpy(),
                    density=torch.cat(dens).numpy() if dens else None, grid=grid)

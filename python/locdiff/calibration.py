@@ -1,8 +1,9 @@
 """Prediction settings of a trained run chosen on validation data (:func:`calibrate`): the
 density temperature by NLL, the point rule (mode of the density or of the function, coarse
-decoding degree; the run's own rule unless another is clearly better) and the LocDiff-H
-settings by NLL, used where they clearly beat the model's median. The training loop calls
-it at the end of a run; it reads nothing but a predictor and arrays.
+decoding degree; the run's own rule unless another is clearly better), the LocDiff-H
+settings by NLL, used where they clearly beat the model's median, and the masses of the
+credible regions that hold what they claim (:mod:`locdiff.coverage`). The training loop
+calls it at the end of a run; it reads nothing but a predictor and arrays.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ HYBRID_GALLERY_ROWS = 200_000
 # Calibration reads at most this many validation rows (a fixed sample): 20,000 rows and the
 # gallery above took minutes after the time budget, for settings a few thousand fix.
 CALIBRATION_ROWS = 10_000
+# Credible regions are calibrated on at most this many of those rows: each needs its density
+# on the credible grid, as an answer does; the quantiles kept are 0.01 apart.
+COVERAGE_ROWS = 2_000
 
 
 def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
@@ -71,7 +75,7 @@ def sharpest_limit(temperature: float, degree: int) -> bool:
 
 
 # The prediction settings calibrate chooses (the training loop writes them into the run's).
-CALIBRATED = ("temperature", "mode_of", "coarse_degree", "hybrid")
+CALIBRATED = ("temperature", "mode_of", "coarse_degree", "hybrid", "credible")
 
 
 def uncalibrated(predict_config):
@@ -87,9 +91,13 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
     """Prediction settings chosen on validation data ``(emb, coords)`` with the run's
     sampler: the density temperature with the lowest NLL, the point rule (mode of the
     density or of the function, coarse decoding degree or none) with the lowest median error
-    and, with a ``gallery`` ``(emb, coords)``, the LocDiff-H settings (:meth:`Hybrid.fit`).
+    and, with a ``gallery`` ``(emb, coords)``, the LocDiff-H settings (:meth:`Hybrid.fit`);
+    then the masses of the density's credible regions (:func:`coverage.validation_levels`).
     At most CALIBRATION_ROWS validation rows are used. Returns ``{"temperature", "mode_of",
-    "coarse_degree", "hybrid", "val_nll", "val_median_km"}``."""
+    "coarse_degree", "hybrid", "credible", "val_nll", "val_median_km"}``."""
+    from locdiff import shdd
+    from locdiff.answers import credible_grid
+    from locdiff.coverage import MIN_PLACES, level_for, validation_levels
     from locdiff.metrics import distance_metrics
 
     if len(val[1]) > CALIBRATION_ROWS:
@@ -110,7 +118,7 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
     mode_of, coarse = min(medians, key=medians.get)
     if default in medians and not clearly_better(medians[mode_of, coarse], medians[default]):
         mode_of, coarse = default
-    out = {"temperature": temperature, "mode_of": mode_of, "coarse_degree": coarse, "hybrid": {},
+    out = {"temperature": temperature, "mode_of": mode_of, "coarse_degree": coarse, "hybrid": {}, "credible": {},
            "val_nll": val_nll, "val_median_km": medians[mode_of, coarse]}
     if log:
         log(f"calibration: density temperature {out['temperature']:.3g} (validation NLL {out['val_nll']:.3f}), "
@@ -119,6 +127,16 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
             log(f"calibration: note: that temperature is the sharpest degree {predictor.degree} allows: the validation "
                 "places lie closer together than its densities resolve, so densities and credible regions are wider "
                 "than the data (a higher --degree resolves finer)")
+    grid = credible_grid(predictor.degree, temperature)
+    own = validation_levels(lambda rows, g: shdd.density(coeffs[rows], g, temperature), grid, val[1], COVERAGE_ROWS)
+    if own:
+        out["credible"]["locdiff"] = own
+        if log:
+            log(f"calibration: the credible regions holding 50 % and 90 % of the validation places hold "
+                f"{level_for(own, 0.5):.3g} and {level_for(own, 0.9):.3g} of the density")
+    elif log:
+        log(f"calibration: note: {min(len(val[1]), COVERAGE_ROWS)} validation places are too few to calibrate the "
+            f"credible regions (at least {MIN_PLACES}): they hold their nominal mass")
     if gallery is not None:
         from locdiff.hybrid import Hybrid
 

@@ -131,7 +131,9 @@ class Geolocator:
         listed in ``.skipped``). ``density=True`` keeps each density on ``.grid`` (an int n: the
         first n inputs'). ``sampling``:
         the run's prediction settings to override (``Predictor.predict``); a ``temperature``
-        among them is the density's for the probabilities and credible regions too.
+        among them is the density's for the probabilities and credible regions too. With the
+        run's own settings and no gallery, each level's credible region is the one that held
+        that share of the run's validation places (``.masses``: its mass; locdiff.coverage).
         ``progress``: a bar while photos are embedded. ``geocode``: name each mode's country,
         region and place (needs reverse_geocode, of the photos extra); None: where installed."""
         if geocode is None:
@@ -145,7 +147,8 @@ class Geolocator:
         top_k = int(top_k)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1 (photos embedded at once), got {batch_size!r}")
-        t = self.predictor.settings(**sampling)["temperature"]  # checked before any photo is read
+        settings = self.predictor.settings(**sampling)  # checked before any photo is read
+        t = settings["temperature"]
         skipped = []
         if _is_paths(inputs):
             emb, names, skipped = self.embed(inputs, batch_size, progress)
@@ -182,10 +185,20 @@ class Geolocator:
             latlon = h.predict(c, t, emb, out["latlon"])
             modes = h.top_k(c, t, emb, out["latlon"], out["topk_latlon"], top_k, sep, answer=latlon)
             cells = lambda rows, grid: h.grid_probabilities(c[rows], t, emb[rows], grid)  # noqa: E731
-        ans = summarize(out["coeffs"], modes, t, latlon=latlon, names=names,
-                        levels=levels, geocode=geocode, density=density, cell_probabilities=cells)
+        ans = summarize(out["coeffs"], modes, t, latlon=latlon, names=names, levels=levels, geocode=geocode,
+                        density=density, cell_probabilities=cells, coverage=self._coverage(settings))
         ans.skipped = skipped
         return ans
+
+
+    def _coverage(self, settings: dict) -> dict:
+        """The run's calibrated credible masses for LocDiff's density, or {} (nominal masses)
+        for LocDiff-H's and where the settings differ from those calibration saw."""
+        own = self.predictor.settings()
+        if self.hybrid is not None or any(settings[k] != own[k] for k in ("sampler", "steps", "samples",
+                                                                          "guidance", "eta", "temperature")):
+            return {}
+        return self.predictor.config.predict.credible.get("locdiff", {})
 
 
 def _gallery_arrays(gallery) -> tuple[np.ndarray, np.ndarray, str]:

@@ -112,7 +112,10 @@ class PredictConfig:
     vector's function ("function"). ``coarse_degree``: decode the mode truncated to this
     degree, then ascend from there (coarse to fine; None: the global mode).
     ``hybrid``: the LocDiff-H settings (:class:`locdiff.hybrid.HybridConfig`) calibrated on
-    validation data with the training set as gallery, used when a gallery is given."""
+    validation data with the training set as gallery, used when a gallery is given.
+    ``credible``: the masses of LocDiff's credible regions that held each share of the
+    validation places (``{"locdiff": record}``, :mod:`locdiff.coverage`), written by
+    calibration; {}: regions of their nominal mass."""
 
     sampler: str = "density"
     steps: int = 20
@@ -123,9 +126,13 @@ class PredictConfig:
     mode_of: str = "density"
     coarse_degree: int | None = None
     hybrid: dict = field(default_factory=dict)
+    credible: dict = field(default_factory=dict)
     batch_size: int = 512
 
     def __post_init__(self):
+        from locdiff.coverage import check_records
+
+        check_records(self.credible)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.mode_of not in MODES:

@@ -673,6 +673,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         config.predict.coarse_degree = cal["coarse_degree"]
         config.predict.mode_of = cal["mode_of"]
         config.predict.hybrid = cal["hybrid"]
+        config.predict.credible = cal["credible"]
     if stop.signum:
         result.signal = int(stop.signum)
         return result

@@ -1,0 +1,104 @@
+"""Credible regions that hold what they claim: split-conformal levels from validation places.
+
+A density's q credible region is its highest-density region holding mass q. Calibrating the
+temperature by NLL does not make that region hold the truth q of the time: where the density
+is too sharp in places, or a condition's modes get the wrong masses, it holds it less often.
+:func:`hpd_scores` gives, for each validation place, the mass of the cells denser than the
+one it lies in (the smallest region holding it); :func:`fit_levels` keeps their quantiles,
+and :func:`level_for` returns the mass whose region held a fraction q of those places, which
+then holds q of new places like them (Vovk et al. 2005; Romano et al. 2020), to within the
+validation set's size. Figures: docs/model.md, "Calibration".
+
+>>> rec = fit_levels(np.linspace(0, 1, 1001) ** 2)      # a density too sharp: truths fall far out
+>>> round(level_for(rec, 0.5), 2), round(level_for(rec, 0.9), 2)
+(0.25, 0.81)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from locdiff.geo import latlon_to_xyz
+
+# The quantiles kept, every 0.01 of the validation places (a run's config holds them).
+QUANTILE_STEP = 0.01
+# Fewer validation places than this leave the regions at their nominal mass.
+MIN_PLACES = 100
+
+
+def hpd_scores(p: torch.Tensor, grid, latlon) -> torch.Tensor:
+    """(B,) mass of the cells of ``p`` (B, G) denser than the cell holding each point of
+    ``latlon`` (B, 2): the mass of the smallest highest-density region holding the point."""
+    area = grid.area.to(p)
+    dens = p / area
+    xyz = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64))).to(grid.xyz)
+    cell = (xyz @ grid.xyz.T).argmax(1)
+    at = dens.gather(1, cell.to(p.device)[:, None])
+    return (p * (dens > at)).sum(1).clamp(0.0, 1.0)
+
+
+def fit_levels(scores) -> dict:
+    """The record :func:`level_for` reads: the number of places and the quantiles of their
+    scores every QUANTILE_STEP; {} for fewer than MIN_PLACES places."""
+    s = np.sort(np.asarray(scores, np.float64))
+    s = s[np.isfinite(s)]
+    if len(s) < MIN_PLACES:
+        return {}
+    qs = np.linspace(0.0, 1.0, round(1 / QUANTILE_STEP) + 1)
+    return {"places": int(len(s)), "quantiles": [round(float(v), 5) for v in np.quantile(s, qs)]}
+
+
+def level_for(record: dict, q: float) -> float:
+    """The mass of the region that held a fraction ``q`` of the validation places (the
+    ceil((n + 1) q) / n quantile of their scores, split conformal's rule), or ``q`` itself
+    where ``record`` is empty. 1.0: no region short of the whole sphere did."""
+    if not record:
+        return float(q)
+    n = record["places"]
+    rank = math.ceil((n + 1) * q) / n
+    if rank > 1:
+        return 1.0
+    quantiles = record["quantiles"]
+    return float(np.interp(rank, np.linspace(0.0, 1.0, len(quantiles)), quantiles))
+
+
+def validation_levels(cells, grid, coords, rows: int | None = None) -> dict:
+    """:func:`fit_levels` of the validation places ``coords`` (N, 2) under the densities
+    ``cells(rows, grid)`` -> (n, G) cell probabilities of the rows of a slice (the densities
+    :func:`locdiff.answers.summarize` reports), at most ``rows`` places (the first)."""
+    coords = np.asarray(coords, np.float64)[:rows]
+    chunk = max(1, (1 << 22) // grid.size)
+    scores = [hpd_scores(torch.as_tensor(cells(slice(i, i + chunk), grid)), grid, coords[i:i + chunk])
+              for i in range(0, len(coords), chunk)]
+    return fit_levels(torch.cat(scores).numpy()) if scores else {}
+
+
+# The densities a run's record covers: LocDiff's. LocDiff-H's puts retrieval's mass on the
+# gallery places' cells, whose regions cover by other rules (docs/model.md, "Calibration").
+KINDS = ("locdiff",)
+
+
+def check_record(record, name: str = "predict.credible") -> dict:
+    """``record`` if it is {} or a record of :func:`fit_levels`, else a ValueError naming it."""
+    if record == {}:
+        return record
+    ok = (isinstance(record, dict) and set(record) == {"places", "quantiles"}
+          and isinstance(record["places"], int) and record["places"] >= 1
+          and isinstance(record["quantiles"], list) and len(record["quantiles"]) >= 2
+          and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in record["quantiles"])
+          and all(a <= b for a, b in zip(record["quantiles"], record["quantiles"][1:])))
+    if not ok:
+        raise ValueError(f"{name} must be {{}} or {{places = n, quantiles = [increasing numbers in [0, 1]]}} as "
+                         f"calibration writes it, got {str(record)[:120]}")
+    return record
+
+
+def check_records(records, name: str = "predict.credible") -> dict:
+    """A run's ``predict.credible``: {} or a record per density of KINDS, checked."""
+    if not isinstance(records, dict) or not set(records) <= set(KINDS):
+        raise ValueError(f"{name} must be a table with keys among {KINDS}, got {str(records)[:120]}")
+    for kind, record in records.items():
+        check_record(record, f"{name}.{kind}")
+    return records

@@ -1,0 +1,69 @@
+"""Credible regions calibrated on validation places hold the truth as often as they claim
+on new places, where the density's own regions do not; the scores are the regions' masses."""
+import numpy as np
+import pytest
+import torch
+
+from locdiff import grids, shdd
+from locdiff.coverage import check_record, check_records, fit_levels, hpd_scores, level_for
+from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+
+
+def displaced(truth, rng, most_km):
+    """Points up to ``most_km`` from each truth, in random directions."""
+    p = latlon_to_xyz(truth)
+    e = np.cross(p, rng.normal(size=p.shape))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    a = rng.uniform(0, most_km, (len(p), 1)) / EARTH_RADIUS_KM
+    return xyz_to_latlon(np.cos(a) * p + np.sin(a) * e)
+
+
+def places(n, seed):
+    """Truths, and exact SHDDs (L = 8) up to 2,500 km off them: densities sharper than the
+    truths' spread around their peaks."""
+    rng = np.random.default_rng(seed)
+    truth = np.c_[np.degrees(np.arcsin(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)]
+    return truth, torch.as_tensor(shdd.encode(displaced(truth, rng, 2500.0), 8))
+
+
+def test_hpd_scores_are_the_mass_denser_than_the_point():
+    rng = np.random.default_rng(0)
+    grid = grids.gauss_legendre(12, 24)
+    p = torch.as_tensor(rng.dirichlet(np.ones(grid.size), 5))
+    where = np.c_[rng.uniform(-80, 80, 5), rng.uniform(-180, 180, 5)]
+    got = hpd_scores(p, grid, where).numpy()
+    dens = (p / grid.area).numpy()
+    cell = np.argmax(latlon_to_xyz(where) @ grid.xyz.numpy().T, 1)
+    want = [p[i].numpy()[dens[i] > dens[i, c]].sum() for i, c in enumerate(cell)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_calibrated_regions_hold_the_truth_as_often_as_they_claim():
+    t = shdd.exact_peak(8) / 8  # sharper than the spread: its own regions hold the truth 28-70 % of the time
+    grid = grids.for_degree(8, "gauss_legendre", oversample=6)
+
+    def scores(truth, c):
+        return hpd_scores(torch.as_tensor(shdd.density(c, grid, t)), grid, truth).numpy()
+    record = fit_levels(scores(*places(1500, 1)))
+    fresh = scores(*places(1500, 2))
+    for q in (0.5, 0.8, 0.9):
+        assert np.mean(fresh < q) < q - 0.15  # the density's own regions: far too small
+        mass = level_for(record, q)
+        assert mass > q and abs(np.mean(fresh < mass) - q) < 0.035, (q, mass, np.mean(fresh < mass))
+
+
+def test_level_for_follows_split_conformal_rule():
+    scores = np.arange(1, 201) / 201.0  # 200 distinct places
+    rec = fit_levels(scores)
+    assert rec["places"] == 200 and len(rec["quantiles"]) == 101
+    # ceil(201 q) / 200 of them: q = 0.5 -> 101 places, the 101st smallest score
+    assert level_for(rec, 0.5) == pytest.approx(np.quantile(scores, 101 / 200), abs=1e-4)
+    assert level_for(rec, 0.999) == 1.0  # more than the places can vouch for: the sphere
+    assert level_for({}, 0.9) == 0.9  # no record: the nominal mass
+    assert fit_levels(scores[:99]) == {}  # too few places to calibrate
+    assert check_record(rec) is rec and check_records({"locdiff": rec}) and check_records({}) == {}
+    for bad in ({"places": 3}, {"places": 3, "quantiles": [0.5, 0.2]}, {"places": 3, "quantiles": [0, 2]}, [1]):
+        with pytest.raises(ValueError, match="predict.credible must be"):
+            check_record(bad)
+    with pytest.raises(ValueError, match="keys among"):
+        check_records({"photos": rec})
