@@ -422,3 +422,20 @@ def test_the_write_that_failed_first_is_the_one_named(tmp_path, encoder, monkeyp
     monkeypatch.setattr(E, "_write_csv", lambda path, *a: full(path))
     with pytest.raises(DataError, match=r"emb-000000.npy: no space left"):
         embed_images([photos], tmp_path / "E", encoder=encoder, progress=False, log=lambda msg: None)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(shard_size=0), r"shard_size \(--shard-size\) 0: expected an integer >= 1"),
+    (dict(batch_size=-1), r"batch_size \(--batch-size\) -1: expected an integer >= 1"),
+    (dict(batch_size=2.0), r"batch_size \(--batch-size\) 2.0: expected an integer >= 1"),
+    (dict(dtype="int8"), r"dtype \(--dtype\) 'int8': expected one of float16, float32"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, encoder, bad, message):
+    photo_folder(tmp_path / "d", n=2)
+    with pytest.raises(DataError, match=message):
+        embed_images([tmp_path / "d"], tmp_path / "E", encoder=encoder, progress=False, log=lambda m: None, **bad)
+    assert not (tmp_path / "E").exists()
+    # numpy integers are integers
+    res = embed_images([tmp_path / "d"], tmp_path / "E", encoder=encoder, batch_size=np.int64(2),
+                       shard_size=np.int64(2), progress=False, log=lambda m: None)
+    assert res.rows == 2

@@ -176,11 +176,11 @@ def _check_spec(out: Path, model: str, pretrained: str, dtype: str) -> dict | No
 
 
 def _check_args(batch_size, shard_size, dtype) -> None:
-    for name, v in (("--batch-size", batch_size), ("--shard-size", shard_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    for name, v in (("batch_size (--batch-size)", batch_size), ("shard_size (--shard-size)", shard_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise DataError(f"{name} {v!r}: expected an integer >= 1")
     if dtype not in DTYPES:
-        raise DataError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise DataError(f"dtype (--dtype) {dtype!r}: expected one of {', '.join(DTYPES)}")
 
 
 def embed_images(inputs, out, model: str = DEFAULT_MODEL, pretrained: str = "weights", *, batch_size: int = 32,
