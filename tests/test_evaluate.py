@@ -20,6 +20,9 @@ class ShiftedPredictor:
     def __init__(self, truths, shifts_km):
         self.truths, self.shifts = truths, shifts_km
 
+    def credible(self, **kw):
+        return {}  # (no calibrated record: regions of nominal mass)
+
     def predict(self, emb, progress=False, **kw):
         lat = self.truths[:, 0] + np.degrees(self.shifts / EARTH_RADIUS_KM)
         return {"latlon": np.stack([lat, self.truths[:, 1]], 1), "coeffs": shdd.encode(self.truths, 16)}
@@ -52,7 +55,37 @@ def test_accuracies_median_and_geoscore_are_exact():
     logz = shdd.log_normalizer(shdd.encode(truths, 16), temperature=1.0)
     assert m["nll"] == pytest.approx(float(np.mean(logz - 289 / (4 * math.pi))), rel=1e-6)
     assert m["rva_auc"] > rva_of_cells(3)  # the truth's cell or one beside it
+    assert m["coverage_50"] == 1.0 and m["coverage_90"] == 1.0  # in the densest cell
     assert "median_km" in format_table({"x": m})
+
+
+def test_coverage_is_the_share_of_truths_in_the_regions_the_answers_draw():
+    # Densities up to 2,500 km north of their truths: the nominal regions hold too few
+    # truths; a record fitted to these places' own scores holds the share it claims.
+    from locdiff.answers import credible_grid
+    from locdiff.coverage import fit_levels, place_scores
+
+    rng = np.random.default_rng(1)
+    truths = np.stack([rng.uniform(-60, 60, 300), rng.uniform(-180, 180, 300)], 1)
+    off = truths + np.c_[np.degrees(rng.uniform(0, 2500, 300) / EARTH_RADIUS_KM), np.zeros(300)]
+    coeffs = shdd.encode(off, 8)
+    t = shdd.exact_peak(8) / 8
+
+    class Off:
+        record = {}
+
+        def predict(self, emb, progress=False, **kw):
+            return {"latlon": off, "coeffs": coeffs}
+
+        def credible(self, **kw):
+            return self.record
+
+    nominal = evaluate(Off(), np.zeros((300, 2)), truths, temperature=t)
+    assert nominal["coverage_50"] < 0.4 and nominal["coverage_90"] < 0.8, nominal
+    p = Off()
+    p.record = fit_levels(place_scores(lambda rows, g: shdd.density(coeffs[rows], g, t), credible_grid(8, t), truths))
+    calibrated = evaluate(p, np.zeros((300, 2)), truths, temperature=t)
+    assert 0.5 <= calibrated["coverage_50"] < 0.53 and 0.9 <= calibrated["coverage_90"] < 0.93, calibrated
 
 
 def test_density_scores_rank_a_better_density_higher():
@@ -105,6 +138,9 @@ def test_evaluate_uses_the_temperature_it_is_given():
 
         def predict(self, emb, progress=False, **kw):
             return {"latlon": truths, "coeffs": shdd.encode(truths, 16)}
+
+        def credible(self, **kw):
+            return {}
 
     m = evaluate(Fixed(), np.zeros((2, 2)), truths, temperature=4.0)
     assert m["nll"] == pytest.approx(density_scores(shdd.encode(truths, 16), truths, 4.0)["nll"])

@@ -148,7 +148,7 @@ class _Predicted:
     """A predictor whose outputs are already computed (for :func:`locdiff.evaluate.evaluate`)."""
 
     def __init__(self, pred, out: dict):
-        self.config, self._out = pred.config, out
+        self.config, self._out, self.credible = pred.config, out, pred.credible
 
     def predict(self, emb, **_):
         return self._out
@@ -171,13 +171,16 @@ def cmd_evaluate(args) -> int:
     done = sharded_predict(pred, emb, progress=distributed.is_main(), seed=args.seed, **sampling)
     if not distributed.is_main():
         return 0
-    m = evaluate(_Predicted(pred, done), emb, coords, hybrid=hybrid, progress=True)
+    m = evaluate(_Predicted(pred, done), emb, coords, hybrid=hybrid, progress=True, **sampling)
     # What produced the figures: the prediction settings in force and LocDiff-H's, if it ran.
     m["settings"] = {**pred.settings(**sampling), "hybrid": hybrid.config.to_dict() if hybrid else None,
                      "batch_size": pred.config.predict.batch_size, "seed": args.seed}
     m["run"] = _provenance(args.run)
     atomic_write_bytes(out, (json.dumps(m, indent=2) + "\n").encode())
     print(format_table({"LocDiff-H" if hybrid else "LocDiff": m}))
+    print(f"inside the credible regions the answers report: {100 * m['coverage_50']:.1f} % of the places in the 50 % "
+          f"region, {100 * m['coverage_90']:.1f} % in the 90 % region" + ("" if hybrid or pred.credible(**sampling) else
+                                                                          " (regions of nominal mass: not calibrated)"))
     print(f"metrics written to {out}")
     return 0
 

@@ -64,15 +64,20 @@ def level_for(record: dict, q: float) -> float:
     return float(np.interp(rank, np.linspace(0.0, 1.0, len(quantiles)), quantiles))
 
 
-def validation_levels(cells, grid, coords, rows: int | None = None) -> dict:
-    """:func:`fit_levels` of the validation places ``coords`` (N, 2) under the densities
-    ``cells(rows, grid)`` -> (n, G) cell probabilities of the rows of a slice (the densities
-    :func:`locdiff.answers.summarize` reports), at most ``rows`` places (the first)."""
+def place_scores(cells, grid, coords, rows: int | None = None) -> np.ndarray:
+    """:func:`hpd_scores` of places ``coords`` (N, 2) under the densities ``cells(rows, grid)``
+    -> (n, G), the cell probabilities of the rows of a slice (the densities the answers
+    report), for at most ``rows`` places (the first)."""
     coords = np.asarray(coords, np.float64)[:rows]
     chunk = max(1, (1 << 22) // grid.size)
     scores = [hpd_scores(torch.as_tensor(cells(slice(i, i + chunk), grid)), grid, coords[i:i + chunk])
               for i in range(0, len(coords), chunk)]
-    return fit_levels(torch.cat(scores).numpy()) if scores else {}
+    return torch.cat(scores).numpy() if scores else np.empty(0)
+
+
+def validation_levels(cells, grid, coords, rows: int | None = None) -> dict:
+    """:func:`fit_levels` of the :func:`place_scores` of validation places."""
+    return fit_levels(place_scores(cells, grid, coords, rows))
 
 
 # The densities a run's record covers: LocDiff's. LocDiff-H's puts retrieval's mass on the

@@ -1,6 +1,7 @@
 """Evaluation with the field's metrics (docs/evaluation.md): accuracies within 1 / 25 / 200 /
 750 / 2500 km, median and mean error, GeoScore, and for densities NLL and Recall-vs-Area,
-for a trained run, LocDiff-H and the baselines alike.
+for a trained run, LocDiff-H and the baselines alike; for a run, also how often the truth
+lies in the credible regions its answers report.
 
 >>> from locdiff.predict import Predictor
 >>> m = evaluate(Predictor.from_run("runs/demo"), test_emb, test_coords)  # doctest: +SKIP
@@ -78,24 +79,45 @@ def hybrid_density_scores(hybrid, coeffs, temperature: float, emb, true_latlon, 
     return {"nll": M.nll(hybrid.log_density_at(coeffs, temperature, emb, true_latlon)), "rva_auc": M.rva_auc(search)}
 
 
+def coverage_scores(cells, degree: int, temperature: float, true_latlon, record: dict) -> dict:
+    """``coverage_50`` and ``coverage_90``: the share of the truths inside the 50 % and 90 %
+    credible regions of the densities ``cells(rows, grid)`` as the answers draw them (masses
+    from ``record``, :mod:`locdiff.coverage`; {}: nominal)."""
+    from locdiff.answers import LEVELS, credible_grid, level_label
+    from locdiff.coverage import level_for, place_scores
+
+    scores = place_scores(cells, credible_grid(degree, temperature), true_latlon)
+    return {f"coverage_{level_label(q)}": float(np.mean(scores < level_for(record, q))) for q in LEVELS}
+
+
 def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress: bool = False, **kw) -> dict:
     """Metrics for a :class:`locdiff.predict.Predictor` on ``emb`` (N, D) and true ``coords``
     (N, 2): accuracies, median and mean km, GeoScore, and ``nll`` / ``rva_auc`` of the
-    predicted densities (at the run's temperature, or ``temperature`` among ``kw``) when
+    predicted densities (at the run's temperature, or ``temperature`` among ``kw``) and the
+    share of truths in the answers' credible regions (:func:`coverage_scores`) when
     ``density``. With ``hybrid`` (a :class:`locdiff.hybrid.Hybrid`), the same keys for
     LocDiff-H. ``kw``: prediction settings (sampler, steps, samples, guidance, ...)."""
+    from locdiff import shdd
+
     coords = M.check_latlon(coords, "coords", rows=len(emb))  # before the predictions
     out = predictor.predict(emb, progress=progress, **kw)
     tau = kw.get("temperature")
     tau = predictor.config.predict.temperature if tau is None else float(tau)
+    c = out["coeffs"]
+    degree = shdd.degree_of(np.shape(c)[1])
     if hybrid is None:
         m = M.distance_metrics(out["latlon"], coords)
         if density:
-            m.update(density_scores(out["coeffs"], coords, tau, progress=progress))
+            m.update(density_scores(c, coords, tau, progress=progress))
+            c64 = torch.as_tensor(np.asarray(c)).double()
+            m.update(coverage_scores(lambda rows, g: shdd.density(c64[rows], g, tau), degree, tau, coords,
+                                     predictor.credible(**kw)))
     else:
-        m = M.distance_metrics(hybrid.predict(out["coeffs"], tau, emb, out["latlon"]), coords)
+        m = M.distance_metrics(hybrid.predict(c, tau, emb, out["latlon"]), coords)
         if density:
-            m.update(hybrid_density_scores(hybrid, out["coeffs"], tau, emb, coords, progress=progress))
+            m.update(hybrid_density_scores(hybrid, c, tau, emb, coords, progress=progress))
+            m.update(coverage_scores(lambda rows, g: hybrid.grid_probabilities(c[rows], tau, emb[rows], g), degree,
+                                     tau, coords, {}))
     m["n"] = int(len(coords))
     return m
 

@@ -147,8 +147,7 @@ class Geolocator:
         top_k = int(top_k)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1 (photos embedded at once), got {batch_size!r}")
-        settings = self.predictor.settings(**sampling)  # checked before any photo is read
-        t = settings["temperature"]
+        t = self.predictor.settings(**sampling)["temperature"]  # checked before any photo is read
         skipped = []
         if _is_paths(inputs):
             emb, names, skipped = self.embed(inputs, batch_size, progress)
@@ -186,19 +185,10 @@ class Geolocator:
             modes = h.top_k(c, t, emb, out["latlon"], out["topk_latlon"], top_k, sep, answer=latlon)
             cells = lambda rows, grid: h.grid_probabilities(c[rows], t, emb[rows], grid)  # noqa: E731
         ans = summarize(out["coeffs"], modes, t, latlon=latlon, names=names, levels=levels, geocode=geocode,
-                        density=density, cell_probabilities=cells, coverage=self._coverage(settings))
+                        density=density, cell_probabilities=cells,
+                        coverage=self.predictor.credible(**sampling) if self.hybrid is None else {})
         ans.skipped = skipped
         return ans
-
-
-    def _coverage(self, settings: dict) -> dict:
-        """The run's calibrated credible masses for LocDiff's density, or {} (nominal masses)
-        for LocDiff-H's and where the settings differ from those calibration saw."""
-        own = self.predictor.settings()
-        if self.hybrid is not None or any(settings[k] != own[k] for k in ("sampler", "steps", "samples",
-                                                                          "guidance", "eta", "temperature")):
-            return {}
-        return self.predictor.config.predict.credible.get("locdiff", {})
 
 
 def _gallery_arrays(gallery) -> tuple[np.ndarray, np.ndarray, str]:

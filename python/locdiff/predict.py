@@ -124,6 +124,15 @@ class Predictor:
         s["temperature"] = shdd.check_temperature(t)
         return s
 
+    def credible(self, **overrides) -> dict:
+        """The run's credible-region record for LocDiff's density (:mod:`locdiff.coverage`,
+        written by calibration) under these prediction settings, or {} (nominal masses) where
+        they differ from the run's own: calibration saw only those."""
+        s, own = self.settings(**overrides), self.settings()
+        if any(s[k] != own[k] for k in ("sampler", "steps", "samples", "guidance", "eta", "temperature")):
+            return {}
+        return self.config.predict.credible.get("locdiff", {})
+
     def _check_sampler(self, sampler: str) -> None:
         mc, dc = self.config.model, self.config.diffusion
         if sampler == "density" and mc.density_head and dc.kl_weight == 0:
