@@ -309,3 +309,22 @@ def test_tensorboard_event_files(files, tmp_path, capsys):
                            "--quiet")
     assert code == 0, err
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_predict_needs_one_input_and_maps_only_photos(files, tmp_path, capsys):
+    run = ["predict", "--run", files / "run", "--out", tmp_path / "p.csv"]
+    _expect_error(capsys, run, "give --embeddings FILE or --images PATH... (one of them)", [tmp_path / "p.csv"])
+    _expect_error(capsys, [*run, "--embeddings", files / "emb.npy", "--images", files],
+                  "give --embeddings FILE or --images PATH... (one of them)", [tmp_path / "p.csv"])
+    _expect_error(capsys, [*run, "--embeddings", files / "emb.npy", "--html", tmp_path / "m.html"],
+                  "--html maps the answers of --images", [tmp_path / "p.csv", tmp_path / "m.html"])
+
+
+@pytest.mark.parametrize("seed", ["1.5", "-1", "2147483648", "x"])
+def test_a_seed_out_of_range_is_an_argument_error(files, tmp_path, capsys, seed):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(capsys, "predict", "--run", files / "run", "--embeddings", files / "emb.npy", "--out",
+                tmp_path / "p.csv", "--seed", seed)
+    assert stop.value.code == 2
+    assert f"--seed: {seed!r}: expected an integer in [0, 2147483647]" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()

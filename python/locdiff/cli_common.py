@@ -60,12 +60,3 @@ def join_process_group(args, dev) -> None:
     if not (math.isfinite(t) and t > 0):
         raise CliError(f"--dist-timeout {t}: expected a finite number of seconds > 0")
     distributed.init(backend="nccl" if dev.type == "cuda" else "gloo", timeout_s=t)
-
-
-def positive_int(name: str, value, lo: int = 1, hi: int | None = None) -> None:
-    """``--name value: expected an integer in [lo, hi]`` unless it is one."""
-    if value is None:
-        return
-    if not lo <= value <= (hi if hi is not None else value):
-        span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise CliError(f"--{name} {value}: expected an integer {span}")
