@@ -328,3 +328,15 @@ def test_a_seed_out_of_range_is_an_argument_error(files, tmp_path, capsys, seed)
     assert stop.value.code == 2
     assert f"--seed: {seed!r}: expected an integer in [0, 2147483647]" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "--embeddings and --coords are needed (or data.embeddings and data.coords in --config)"),
+    (["--embeddings", "emb.npy", "--coords", "coords.csv", "--val-embeddings", "emb.npy"],
+     "--val-embeddings and --val-coords go together"),
+    (["--embeddings", "emb.npy", "--coords", "coords.csv", "--val-embeddings", "emb7.npy", "--val-coords",
+      "coords.csv"], "emb7.npy: embedding dimension 7, but the training embeddings have 6"),
+])
+def test_train_refuses_missing_or_mismatched_data_before_writing(files, tmp_path, capsys, argv, fragment):
+    argv = [files / a if a.endswith((".npy", ".csv")) else a for a in argv]
+    _expect_error(capsys, ["train", "--out", tmp_path / "run", "--steps", 2, *argv], fragment, [tmp_path / "run"])
