@@ -67,3 +67,13 @@ def test_level_for_follows_split_conformal_rule():
             check_record(bad)
     with pytest.raises(ValueError, match="keys among"):
         check_records({"photos": rec})
+
+
+def test_calibration_takes_fewer_places_where_each_costs_more():
+    from locdiff.answers import credible_grid
+    from locdiff.calibration import COVERAGE_MIN_ROWS, COVERAGE_ROWS, coverage_rows
+
+    cells = {L: credible_grid(L, shdd.exact_peak(L) / 16).size for L in (16, 64, 128, 512)}
+    assert coverage_rows(cells[16]) == coverage_rows(cells[64]) == COVERAGE_ROWS
+    assert COVERAGE_MIN_ROWS < coverage_rows(cells[128]) < COVERAGE_ROWS
+    assert coverage_rows(cells[512]) == COVERAGE_MIN_ROWS

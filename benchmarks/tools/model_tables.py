@@ -126,7 +126,7 @@ def cmd_coverage(a) -> None:
     (nominal mass) against those whose masses held 50 % and 90 % of the validation places, as
     calibration computes them (locdiff.coverage), and the regions' median areas."""
     from locdiff.answers import credible_area, credible_grid
-    from locdiff.calibration import COVERAGE_ROWS
+    from locdiff.calibration import coverage_rows
     from locdiff.coverage import hpd_scores, level_for, validation_levels
     from locdiff.predict import Predictor
 
@@ -135,7 +135,7 @@ def cmd_coverage(a) -> None:
     tau = pred.config.predict.temperature
     grid = credible_grid(pred.degree, tau)
     cv = pred.coefficients(va[0]).double()
-    record = validation_levels(lambda rows, g: shdd.density(cv[rows], g, tau), grid, va[1], COVERAGE_ROWS)
+    record = validation_levels(lambda rows, g: shdd.density(cv[rows], g, tau), grid, va[1], coverage_rows(grid.size))
     c = pred.coefficients(te[0]).double()
     levels = (0.5, 0.9)
     masses = tuple(level_for(record, q) for q in levels)

@@ -31,8 +31,15 @@ HYBRID_GALLERY_ROWS = 200_000
 # gallery above took minutes after the time budget, for settings a few thousand fix.
 CALIBRATION_ROWS = 10_000
 # Credible regions are calibrated on at most this many of those rows: each needs its density
-# on the credible grid, as an answer does; the quantiles kept are 0.01 apart.
-COVERAGE_ROWS = 2_000
+# on the credible grid, as an answer does; the quantiles kept are 0.01 apart. Past
+# COVERAGE_CELLS rows x cells (from L = 128) fewer rows, never under 400: at L = 128 a place
+# took 0.1 s on two CPU cores (docs/model.md, "Calibration").
+COVERAGE_ROWS, COVERAGE_CELLS, COVERAGE_MIN_ROWS = 2_000, 10 ** 9, 400
+
+
+def coverage_rows(grid_cells: int) -> int:
+    """How many validation rows calibrate the credible regions on a grid of that many cells."""
+    return min(COVERAGE_ROWS, max(COVERAGE_MIN_ROWS, COVERAGE_CELLS // grid_cells))
 
 
 def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
@@ -128,14 +135,15 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
                 "places lie closer together than its densities resolve, so densities and credible regions are wider "
                 "than the data (a higher --degree resolves finer)")
     grid = credible_grid(predictor.degree, temperature)
-    own = validation_levels(lambda rows, g: shdd.density(coeffs[rows], g, temperature), grid, val[1], COVERAGE_ROWS)
+    own = validation_levels(lambda rows, g: shdd.density(coeffs[rows], g, temperature), grid, val[1],
+                            coverage_rows(grid.size))
     if own:
         out["credible"]["locdiff"] = own
         if log:
             log(f"calibration: the credible regions holding 50 % and 90 % of the validation places hold "
                 f"{level_for(own, 0.5):.3g} and {level_for(own, 0.9):.3g} of the density")
     elif log:
-        log(f"calibration: note: {min(len(val[1]), COVERAGE_ROWS)} validation places are too few to calibrate the "
+        log(f"calibration: note: {len(val[1])} validation places are too few to calibrate the "
             f"credible regions (at least {MIN_PLACES}): they hold their nominal mass")
     if gallery is not None:
         from locdiff.hybrid import Hybrid
