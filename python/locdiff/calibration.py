@@ -132,8 +132,8 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
             f"mode of the {mode_of}, coarse degree {coarse} (validation median {out['val_median_km']:.0f} km)")
         if sharpest_limit(temperature, predictor.degree):
             log(f"calibration: note: that temperature is the sharpest degree {predictor.degree} allows: the validation "
-                "places lie closer together than its densities resolve, so densities and credible regions are wider "
-                "than the data (a higher --degree resolves finer)")
+                "places lie closer together than its densities resolve, so densities are wider than the data (the "
+                "credible regions below are calibrated to them; a higher --degree resolves finer)")
     grid = credible_grid(predictor.degree, temperature)
     own = validation_levels(lambda rows, g: shdd.density(coeffs[rows], g, temperature), grid, val[1],
                             coverage_rows(grid.size))
