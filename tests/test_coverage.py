@@ -34,8 +34,11 @@ def test_hpd_scores_are_the_mass_denser_than_the_point():
     got = hpd_scores(p, grid, where).numpy()
     dens = (p / grid.area).numpy()
     cell = np.argmax(latlon_to_xyz(where) @ grid.xyz.numpy().T, 1)
-    want = [p[i].numpy()[dens[i] > dens[i, c]].sum() for i, c in enumerate(cell)]
+    want = [p[i].numpy()[dens[i] > dens[i, c]].sum() + 0.5 * p[i, c].item() for i, c in enumerate(cell)]
     np.testing.assert_allclose(got, want, rtol=1e-12)
+    # A flat density: every cell ties, and a point lies in its region of mass q with chance q.
+    flat = grid.area[None] / grid.area.sum()
+    assert hpd_scores(flat, grid, where[:1]).item() == pytest.approx(0.5)
 
 
 def test_calibrated_regions_hold_the_truth_as_often_as_they_claim():

@@ -26,17 +26,23 @@ from locdiff.geo import latlon_to_xyz
 QUANTILE_STEP = 0.01
 # Fewer validation places than this leave the regions at their nominal mass.
 MIN_PLACES = 100
+# Densities within this relative difference count as equal.
+TIE = 1e-9
 
 
 def hpd_scores(p: torch.Tensor, grid, latlon) -> torch.Tensor:
     """(B,) mass of the cells of ``p`` (B, G) denser than the cell holding each point of
-    ``latlon`` (B, 2): the mass of the smallest highest-density region holding the point."""
+    ``latlon`` (B, 2), plus half the mass of those as dense as it (that cell included): the
+    mass of the smallest highest-density region holding the point, cells of equal density
+    taken in random order (a flat density's region of mass q holds the point half the time
+    at q = 0.5, as its area says)."""
     area = grid.area.to(p)
     dens = p / area
     xyz = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64))).to(grid.xyz)
     cell = (xyz @ grid.xyz.T).argmax(1)
     at = dens.gather(1, cell.to(p.device)[:, None])
-    return (p * (dens > at)).sum(1).clamp(0.0, 1.0)
+    tie = (dens - at).abs() <= TIE * at  # (p / area rounds: a flat density's cells differ in the last bits)
+    return ((p * ((dens > at) & ~tie)).sum(1) + 0.5 * (p * tie).sum(1)).clamp(0.0, 1.0)
 
 
 def fit_levels(scores) -> dict:
@@ -64,14 +70,17 @@ def level_for(record: dict, q: float) -> float:
     return float(np.interp(rank, np.linspace(0.0, 1.0, len(quantiles)), quantiles))
 
 
-def place_scores(cells, grid, coords, rows: int | None = None) -> np.ndarray:
+def place_scores(cells, grid, coords, rows: int | None = None, progress: bool = False) -> np.ndarray:
     """:func:`hpd_scores` of places ``coords`` (N, 2) under the densities ``cells(rows, grid)``
     -> (n, G), the cell probabilities of the rows of a slice (the densities the answers
-    report), for at most ``rows`` places (the first)."""
+    report), for at most ``rows`` places (the first); ``progress``: a bar."""
+    from tqdm.auto import tqdm
+
     coords = np.asarray(coords, np.float64)[:rows]
     chunk = max(1, (1 << 22) // grid.size)
     scores = [hpd_scores(torch.as_tensor(cells(slice(i, i + chunk), grid)), grid, coords[i:i + chunk])
-              for i in range(0, len(coords), chunk)]
+              for i in tqdm(range(0, len(coords), chunk), desc="credible regions", unit="batch",
+                            disable=not progress)]
     return torch.cat(scores).numpy() if scores else np.empty(0)
 
 

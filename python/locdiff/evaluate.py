@@ -79,14 +79,15 @@ def hybrid_density_scores(hybrid, coeffs, temperature: float, emb, true_latlon, 
     return {"nll": M.nll(hybrid.log_density_at(coeffs, temperature, emb, true_latlon)), "rva_auc": M.rva_auc(search)}
 
 
-def coverage_scores(cells, degree: int, temperature: float, true_latlon, record: dict) -> dict:
+def coverage_scores(cells, degree: int, temperature: float, true_latlon, record: dict,
+                    progress: bool = False) -> dict:
     """``coverage_50`` and ``coverage_90``: the share of the truths inside the 50 % and 90 %
     credible regions of the densities ``cells(rows, grid)`` as the answers draw them (masses
     from ``record``, :mod:`locdiff.coverage`; {}: nominal)."""
     from locdiff.answers import LEVELS, credible_grid, level_label
     from locdiff.coverage import level_for, place_scores
 
-    scores = place_scores(cells, credible_grid(degree, temperature), true_latlon)
+    scores = place_scores(cells, credible_grid(degree, temperature), true_latlon, progress=progress)
     return {f"coverage_{level_label(q)}": float(np.mean(scores < level_for(record, q))) for q in LEVELS}
 
 
@@ -111,13 +112,13 @@ def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress
             m.update(density_scores(c, coords, tau, progress=progress))
             c64 = torch.as_tensor(np.asarray(c)).double()
             m.update(coverage_scores(lambda rows, g: shdd.density(c64[rows], g, tau), degree, tau, coords,
-                                     predictor.credible(**kw)))
+                                     predictor.credible(**kw), progress))
     else:
         m = M.distance_metrics(hybrid.predict(c, tau, emb, out["latlon"]), coords)
         if density:
             m.update(hybrid_density_scores(hybrid, c, tau, emb, coords, progress=progress))
             m.update(coverage_scores(lambda rows, g: hybrid.grid_probabilities(c[rows], tau, emb[rows], g), degree,
-                                     tau, coords, {}))
+                                     tau, coords, {}, progress))
     m["n"] = int(len(coords))
     return m
 
