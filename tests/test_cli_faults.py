@@ -663,3 +663,15 @@ def test_sampling_flags_the_sampler_does_not_use_are_named(files, tmp_path, caps
     assert code == 0 and "note: --eta does not apply to the ddpm sampler (ignored)" in err
     code, _, err = run_cli(capsys, *base, "--sampler", "ddim", "--sample-steps", "2", "--eta", "0.5")
     assert code == 0 and "note" not in err
+
+
+def test_an_earlier_locdiffs_run_counts_as_finished_only_at_its_end():
+    # Earlier versions wrote periodic checkpoints without any marker: one at step 400 of
+    # 1,000 was a run killed mid-way, not a finished one.
+    from locdiff.run import finished_step
+
+    assert finished_step({"train": {"steps": 1000}}, {"step": 400}) is None
+    assert finished_step({"train": {"steps": 1000}}, {"step": 1000}) == 1000
+    assert finished_step({"train": {"steps": 1000, "max_minutes": 1.0}}, {"step": 400, "elapsed_s": 61.0}) == 400
+    assert finished_step({"train": {"steps": 1000}, "finished_step": 7}, {"step": 9}) == 7
+    assert finished_step({"train": {"steps": 5}}, {"step": 5, "val_predict": {}}) is None  # this version's, cut

@@ -237,8 +237,23 @@ def test_validation_median_falls_as_training_proceeds(tmp_path):
     geo = Geolocator.from_run(tmp_path / "run")
     emb = synthetic(40, seed=9)[0]
     assert geo.predict(emb, geocode=False, progress=False).masses == tuple(level_for(record, q) for q in LEVELS)
-    # Other settings than calibration saw: the nominal masses.
+    # Other settings than calibration saw: the nominal masses; settings the sampler ignores
+    # change nothing.
     assert geo.predict(emb, geocode=False, progress=False, temperature=1.0).masses == LEVELS
+    assert geo.predict(emb, geocode=False, progress=False, samples=4).masses == tuple(level_for(record, q)
+                                                                                       for q in LEVELS)
+    # evaluate() takes predict()'s other arguments too (the seed) beside the coverage.
+    from locdiff.evaluate import evaluate
+
+    m = evaluate(geo.predictor, emb, synthetic(40, seed=9)[1], seed=1)
+    assert 0 <= m["coverage_50"] <= m["coverage_90"] <= 1
+    # A new run from this run's settings (locdiff config --run) does not inherit its record.
+    from locdiff.run import read_config
+
+    other = read_config(tmp_path / "run")[0]
+    assert other.predict.credible
+    train(*synthetic(300), tmp_path / "other", other, progress=False)
+    assert json.loads((tmp_path / "other" / CONFIG_FILE).read_text())["predict"]["credible"] == {}
 
 
 def test_calibration_reads_a_fixed_sample_of_a_large_validation_set(monkeypatch):

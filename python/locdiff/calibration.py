@@ -135,8 +135,12 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
                 "places lie closer together than its densities resolve, so densities are wider than the data (the "
                 "credible regions below are calibrated to them; a higher --degree resolves finer)")
     grid = credible_grid(predictor.degree, temperature)
-    own = validation_levels(lambda rows, g: shdd.density(coeffs[rows], g, temperature), grid, val[1],
-                            coverage_rows(grid.size))
+    # A fixed sample, not the first rows: a validation file in some order (by region, say)
+    # would calibrate to its first part.
+    n = min(len(val[1]), coverage_rows(grid.size))
+    pick = np.sort(np.random.default_rng(0).choice(len(val[1]), n, replace=False))
+    own = validation_levels(lambda rows, g: shdd.density(coeffs[pick[rows]], g, temperature), grid,
+                            np.asarray(val[1])[pick])
     if own:
         out["credible"]["locdiff"] = own
         if log:

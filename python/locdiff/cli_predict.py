@@ -68,7 +68,9 @@ def _sampling(args, pred) -> dict:
         where = f"the run's predict.{name}" if given.get(name) is None else \
             f"--{SAMPLING_FLAGS.get(name, name)} {given.get(name)!r}"
         raise CliError(f"{where}: {err}") from None
-    ignored = {"density": ("steps", "samples", "eta"), "ddpm": ("steps", "eta")}.get(s["sampler"], ())
+    from locdiff.predict import IGNORED_BY_SAMPLER
+
+    ignored = IGNORED_BY_SAMPLER[s["sampler"]]
     unused = [f"--{SAMPLING_FLAGS[k]}" for k in ignored if given[k] is not None]
     if unused and distributed.is_main():
         print(f"locdiff {args.command}: note: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply "
@@ -178,9 +180,10 @@ def cmd_evaluate(args) -> int:
     m["run"] = _provenance(args.run)
     atomic_write_bytes(out, (json.dumps(m, indent=2) + "\n").encode())
     print(format_table({"LocDiff-H" if hybrid else "LocDiff": m}))
+    nominal = " (LocDiff-H's regions: nominal mass, not calibrated)" if hybrid else \
+        "" if pred.credible(**sampling) else " (regions of nominal mass: not calibrated)"
     print(f"inside the credible regions the answers report: {100 * m['coverage_50']:.1f} % of the places in the 50 % "
-          f"region, {100 * m['coverage_90']:.1f} % in the 90 % region" + ("" if hybrid or pred.credible(**sampling) else
-                                                                          " (regions of nominal mass: not calibrated)"))
+          f"region, {100 * m['coverage_90']:.1f} % in the 90 % region{nominal}")
     print(f"metrics written to {out}")
     return 0
 

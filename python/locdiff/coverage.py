@@ -11,7 +11,7 @@ validation set's size. Figures: docs/model.md, "Calibration".
 
 >>> rec = fit_levels(np.linspace(0, 1, 1001) ** 2)      # a density too sharp: truths fall far out
 >>> round(level_for(rec, 0.5), 2), round(level_for(rec, 0.9), 2)
-(0.25, 0.81)
+(0.26, 0.83)
 """
 from __future__ import annotations
 
@@ -31,35 +31,37 @@ TIE = 1e-9
 
 
 def hpd_scores(p: torch.Tensor, grid, latlon) -> torch.Tensor:
-    """(B,) mass of the cells of ``p`` (B, G) denser than the cell holding each point of
-    ``latlon`` (B, 2), plus half the mass of those as dense as it (that cell included): the
-    mass of the smallest highest-density region holding the point, cells of equal density
-    taken in random order (a flat density's region of mass q holds the point half the time
-    at q = 0.5, as its area says)."""
+    """(B,) mass of the cells of ``p`` (B, G) at least as dense as the cell holding each point
+    of ``latlon`` (B, 2), that cell included: the mass of the smallest highest-density region
+    that holds the point's whole cell. A region of mass m (:func:`locdiff.answers.credible_area`)
+    holds every point whose score is at most m."""
     area = grid.area.to(p)
     dens = p / area
     xyz = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64))).to(grid.xyz)
     cell = (xyz @ grid.xyz.T).argmax(1)
     at = dens.gather(1, cell.to(p.device)[:, None])
-    tie = (dens - at).abs() <= TIE * at  # (p / area rounds: a flat density's cells differ in the last bits)
-    return ((p * ((dens > at) & ~tie)).sum(1) + 0.5 * (p * tie).sum(1)).clamp(0.0, 1.0)
+    # (p / area rounds: cells of one density differ in the last bits)
+    return (p * (dens >= at * (1 - TIE))).sum(1).clamp(0.0, 1.0)
 
 
 def fit_levels(scores) -> dict:
-    """The record :func:`level_for` reads: the number of places and the quantiles of their
-    scores every QUANTILE_STEP; {} for fewer than MIN_PLACES places."""
+    """The record :func:`level_for` reads: the number of places and their scores' order
+    statistics every QUANTILE_STEP of the way (each rounded up: a mass never below the one
+    that held its share); {} for fewer than MIN_PLACES places."""
     s = np.sort(np.asarray(scores, np.float64))
     s = s[np.isfinite(s)]
     if len(s) < MIN_PLACES:
         return {}
     qs = np.linspace(0.0, 1.0, round(1 / QUANTILE_STEP) + 1)
-    return {"places": int(len(s)), "quantiles": [round(float(v), 5) for v in np.quantile(s, qs)]}
+    return {"places": int(len(s)),
+            "quantiles": [min(1.0, math.ceil(float(v) * 1e5) / 1e5) for v in np.quantile(s, qs, method="higher")]}
 
 
 def level_for(record: dict, q: float) -> float:
     """The mass of the region that held a fraction ``q`` of the validation places (the
-    ceil((n + 1) q) / n quantile of their scores, split conformal's rule), or ``q`` itself
-    where ``record`` is empty. 1.0: no region short of the whole sphere did."""
+    ceil((n + 1) q)-th smallest of their scores, split conformal's rule, taken at the next
+    kept quantile up), or ``q`` itself where ``record`` is empty. 1.0: no region short of the
+    whole sphere did."""
     if not record:
         return float(q)
     n = record["places"]
@@ -67,7 +69,8 @@ def level_for(record: dict, q: float) -> float:
     if rank > 1:
         return 1.0
     quantiles = record["quantiles"]
-    return float(np.interp(rank, np.linspace(0.0, 1.0, len(quantiles)), quantiles))
+    step = 1 / (len(quantiles) - 1)
+    return float(quantiles[min(len(quantiles) - 1, math.ceil(rank / step - 1e-9))])
 
 
 def place_scores(cells, grid, coords, rows: int | None = None, progress: bool = False) -> np.ndarray:
@@ -77,10 +80,9 @@ def place_scores(cells, grid, coords, rows: int | None = None, progress: bool = 
     from tqdm.auto import tqdm
 
     coords = np.asarray(coords, np.float64)[:rows]
-    chunk = max(1, (1 << 22) // grid.size)
-    scores = [hpd_scores(torch.as_tensor(cells(slice(i, i + chunk), grid)), grid, coords[i:i + chunk])
-              for i in tqdm(range(0, len(coords), chunk), desc="credible regions", unit="batch",
-                            disable=not progress)]
+    n, chunk = len(coords), max(1, (1 << 22) // grid.size)
+    scores = [hpd_scores(torch.as_tensor(cells(slice(i, min(i + chunk, n)), grid)), grid, coords[i:i + chunk])
+              for i in tqdm(range(0, n, chunk), desc="credible regions", unit="batch", disable=not progress)]
     return torch.cat(scores).numpy() if scores else np.empty(0)
 
 
@@ -99,7 +101,7 @@ def check_record(record, name: str = "predict.credible") -> dict:
     if record == {}:
         return record
     ok = (isinstance(record, dict) and set(record) == {"places", "quantiles"}
-          and isinstance(record["places"], int) and record["places"] >= 1
+          and isinstance(record["places"], int) and not isinstance(record["places"], bool) and record["places"] >= 1
           and isinstance(record["quantiles"], list) and len(record["quantiles"]) >= 2
           and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in record["quantiles"])
           and all(a <= b for a, b in zip(record["quantiles"], record["quantiles"][1:])))

@@ -88,7 +88,7 @@ def coverage_scores(cells, degree: int, temperature: float, true_latlon, record:
     from locdiff.coverage import level_for, place_scores
 
     scores = place_scores(cells, credible_grid(degree, temperature), true_latlon, progress=progress)
-    return {f"coverage_{level_label(q)}": float(np.mean(scores < level_for(record, q))) for q in LEVELS}
+    return {f"coverage_{level_label(q)}": float(np.mean(scores <= level_for(record, q))) for q in LEVELS}
 
 
 def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress: bool = False, **kw) -> dict:
@@ -99,6 +99,7 @@ def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress
     ``density``. With ``hybrid`` (a :class:`locdiff.hybrid.Hybrid`), the same keys for
     LocDiff-H. ``kw``: prediction settings (sampler, steps, samples, guidance, ...)."""
     from locdiff import shdd
+    from locdiff.predict import SETTINGS
 
     coords = M.check_latlon(coords, "coords", rows=len(emb))  # before the predictions
     out = predictor.predict(emb, progress=progress, **kw)
@@ -112,7 +113,7 @@ def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress
             m.update(density_scores(c, coords, tau, progress=progress))
             c64 = torch.as_tensor(np.asarray(c)).double()
             m.update(coverage_scores(lambda rows, g: shdd.density(c64[rows], g, tau), degree, tau, coords,
-                                     predictor.credible(**kw), progress))
+                                     predictor.credible(**{k: v for k, v in kw.items() if k in SETTINGS}), progress))
     else:
         m = M.distance_metrics(hybrid.predict(c, tau, emb, out["latlon"]), coords)
         if density:

@@ -42,6 +42,9 @@ def density_mode_grid(degree: int, temperature: float):
 
 
 MAX_SEED = 2**31 - 1
+# The prediction settings a call may override, and those each sampler does not read.
+SETTINGS = ("sampler", "steps", "samples", "guidance", "eta", "coarse_degree", "temperature", "mode_of")
+IGNORED_BY_SAMPLER = {"density": ("steps", "samples", "eta"), "ddpm": ("steps", "eta"), "ddim": ()}
 
 
 def check_seed(seed, most: int = MAX_SEED, shown: str | None = None) -> int:
@@ -90,8 +93,7 @@ class Predictor:
     def settings(self, **overrides) -> dict:
         """The run's prediction settings with ``overrides`` (None: the run's own), checked:
         a ValueError names the first one out of range."""
-        s = {k: getattr(self.config.predict, k) for k in ("sampler", "steps", "samples", "guidance", "eta",
-                                                          "coarse_degree", "temperature", "mode_of")}
+        s = {k: getattr(self.config.predict, k) for k in SETTINGS}
         unknown = sorted(set(overrides) - set(s))
         if unknown:
             raise TypeError(f"unknown prediction setting {unknown[0]!r}; expected one of {sorted(s)}")
@@ -129,7 +131,9 @@ class Predictor:
         written by calibration) under these prediction settings, or {} (nominal masses) where
         they differ from the run's own: calibration saw only those."""
         s, own = self.settings(**overrides), self.settings()
-        if any(s[k] != own[k] for k in ("sampler", "steps", "samples", "guidance", "eta", "temperature")):
+        used = [k for k in ("sampler", "steps", "samples", "guidance", "eta", "temperature")
+                if k not in IGNORED_BY_SAMPLER[s["sampler"]]]
+        if any(s[k] != own[k] for k in used):
             return {}
         return self.config.predict.credible.get("locdiff", {})
 

@@ -312,10 +312,16 @@ def checkpoint_state(path) -> dict:
 def finished_step(raw: dict, state: dict):
     """The step at which the run last finished (its validation and calibration done), from
     its raw config and its checkpoint's ``state``; None for a run stopped before that. An
-    earlier locdiff recorded neither this nor ``val_predict``: its checkpoints were finished."""
+    earlier locdiff recorded neither this nor ``val_predict``: its checkpoint at the end of
+    its steps or time budget was a finished run's."""
     finished = raw.get(FINISHED_KEY)
     if finished is None and "val_predict" not in state:
-        finished = state.get("step")
+        # (one that stopped at train.steps or at its time budget; a periodic checkpoint did not)
+        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        step, steps, budget = state.get("step", 0), train.get("steps"), train.get("max_minutes")
+        if (isinstance(steps, int) and step >= steps) or (
+                isinstance(budget, (int, float)) and state.get("elapsed_s", 0) >= 60 * budget):
+            finished = step
     return finished
 
 

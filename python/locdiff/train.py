@@ -370,6 +370,9 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
                 config, ckpt, done, record = _prepare_folder(run_dir, config, resume, d, data, log)
                 if ckpt is None:
                     _check_density_head(config)
+                    # Calibration's record of other weights (a config from locdiff config --run) does
+                    # not hold for these: this run's own calibration writes its record.
+                    config.predict.credible = {}
                 if not record:
                     extra_config.pop(DATA_KEY)
             except DataError:
