@@ -3,11 +3,11 @@
 A density's q credible region is its highest-density region holding mass q. Calibrating the
 temperature by NLL does not make that region hold the truth q of the time: where the density
 is too sharp in places, or a condition's modes get the wrong masses, it holds it less often.
-:func:`hpd_scores` gives, for each validation place, the mass of the cells denser than the
-one it lies in (the smallest region holding it); :func:`fit_levels` keeps their quantiles,
-and :func:`level_for` returns the mass whose region held a fraction q of those places, which
-then holds q of new places like them (Vovk et al. 2005; Romano et al. 2020), to within the
-validation set's size. Figures: docs/model.md, "Calibration".
+:func:`hpd_scores` gives, for each validation place, the mass of the cells at least as dense
+as the one it lies in (the smallest region holding its cell); :func:`fit_levels` keeps their
+quantiles, and :func:`level_for` returns the mass whose region held a fraction q of those
+places, which then holds at least q of new places like them (split conformal prediction:
+Vovk et al. 2005; Romano et al. 2020). Figures: docs/model.md, "Calibration".
 
 >>> rec = fit_levels(np.linspace(0, 1, 1001) ** 2)      # a density too sharp: truths fall far out
 >>> round(level_for(rec, 0.5), 2), round(level_for(rec, 0.9), 2)
