@@ -236,6 +236,9 @@ def test_demo_plumbing(tmp_path, capsys, monkeypatch):
         assert m["top5_median_km"] <= m["top3_median_km"] <= m.get("median_km", np.inf)
         assert m["top5_acc_750km"] >= m["top3_acc_750km"] >= m.get("acc_750km", 0.0)
     assert "best of the first k answers" in out
+    cover = report["metrics"]["LocDiff"]
+    assert 0 <= cover["coverage_50"] <= cover["coverage_90"] <= 1
+    assert f"hold {100 * cover['coverage_50']:.1f} % of the test places in the 50 % region" in out
     assert list(report["metrics"]) == ["LocDiff", "LocDiff-H", "1-NN", "10-NN", "kNN-vMF", "geocell", "regression"]
     assert {"nll", "rva_auc"} <= set(report["metrics"]["geocell"]) and {"nll", "rva_auc"} <= set(report["metrics"]["LocDiff-H"])
     assert report["train_steps"] > 0 and report["train_samples_per_s"] > 0

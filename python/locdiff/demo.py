@@ -109,7 +109,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     from locdiff import great_circle_km, shdd
     from locdiff.answers import answer_first_modes
     from locdiff.data.places import load_places
-    from locdiff.evaluate import TOP_K_COLUMNS, density_scores, format_table, hybrid_density_scores
+    from locdiff.evaluate import TOP_K_COLUMNS, coverage_scores, density_scores, format_table, hybrid_density_scores
     from locdiff.hybrid import Hybrid
     from locdiff.intervals import format_intervals, median_intervals
     from locdiff.metrics import best_of_k_metrics, metrics_from_distances
@@ -164,7 +164,10 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     preds = {"LocDiff": p["latlon"], "LocDiff-H": hyb.predict(p["coeffs"], tau, te[0], p["latlon"]), **preds}
     top["LocDiff-H"] = hyb.top_k(p["coeffs"], tau, te[0], p["latlon"], p["topk_latlon"], TOP_K, separation_km,
                                  answer=preds["LocDiff-H"])
-    density.update({"LocDiff": density_scores(p["coeffs"], te[1], tau),
+    c64 = torch.as_tensor(p["coeffs"]).double()
+    density.update({"LocDiff": {**density_scores(p["coeffs"], te[1], tau),
+                                **coverage_scores(lambda r, g: shdd.density(c64[r], g, tau), pred.degree, tau, te[1],
+                                                  pred.credible())},
                     "LocDiff-H": hybrid_density_scores(hyb, p["coeffs"], tau, te[0], te[1])})
     # One set of per-place errors gives the table's point metrics and the intervals.
     errors = {name: np.asarray(great_circle_km(np.asarray(q, np.float64), te[1])) for name, q in preds.items()}
@@ -198,6 +201,11 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     log(format_table(rows))
     log("")
     log(format_intervals(spread))
+    log("")
+    own = rows["LocDiff"]
+    how = "calibrated on the validation places" if pred.credible() else "nominal masses: too few validation places"
+    log(f"LocDiff's credible regions ({how}) hold {100 * own['coverage_50']:.1f} % of the test places in the 50 % "
+        f"region and {100 * own['coverage_90']:.1f} % in the 90 % region")
     log("")
     log(f"best of the first k answers (top-k modes or places at least {separation_km:.0f} km apart)")
     log(format_table({name: rows[name] for name in METHODS if name in top}, TOP_K_COLUMNS))
