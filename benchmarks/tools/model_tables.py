@@ -126,7 +126,7 @@ def cmd_coverage(a) -> None:
     (nominal mass) against those whose masses held 50 % and 90 % of the validation places, as
     calibration computes them (locdiff.coverage), and the regions' median areas."""
     from locdiff.answers import credible_area, credible_grid
-    from locdiff.calibration import coverage_rows
+    from locdiff.calibration import coverage_sample
     from locdiff.coverage import hpd_scores, level_for, validation_levels
     from locdiff.predict import Predictor
 
@@ -135,8 +135,7 @@ def cmd_coverage(a) -> None:
     tau = pred.config.predict.temperature
     grid = credible_grid(pred.degree, tau)
     cv = pred.coefficients(va[0]).double()
-    pick = np.sort(np.random.default_rng(0).choice(len(va[1]), min(len(va[1]), coverage_rows(grid.size)),
-                                                   replace=False))  # (calibration's sample)
+    pick = coverage_sample(len(va[1]), grid.size)
     record = validation_levels(lambda rows, g: shdd.density(cv[pick[rows]], g, tau), grid, va[1][pick])
     c = pred.coefficients(te[0]).double()
     levels = (0.5, 0.9)

@@ -42,6 +42,14 @@ def coverage_rows(grid_cells: int) -> int:
     return min(COVERAGE_ROWS, max(COVERAGE_MIN_ROWS, COVERAGE_CELLS // grid_cells))
 
 
+def coverage_sample(n_rows: int, grid_cells: int) -> np.ndarray:
+    """The validation rows (sorted indices) that calibrate the credible regions: a fixed
+    sample, not the first rows, since a validation file in some order (by region, say) would
+    calibrate to its first part."""
+    n = min(n_rows, coverage_rows(grid_cells))
+    return np.sort(np.random.default_rng(0).choice(n_rows, n, replace=False))
+
+
 def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
     """The density temperature with the lowest NLL of ``coords`` under the SHDD vectors
     ``coeffs`` -> (temperature, that NLL): the best of ``TEMPERATURE_FACTORS``, then, where
@@ -135,10 +143,7 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
                 "places lie closer together than its densities resolve, so densities are wider than the data (the "
                 "credible regions below are calibrated to them; a higher --degree resolves finer)")
     grid = credible_grid(predictor.degree, temperature)
-    # A fixed sample, not the first rows: a validation file in some order (by region, say)
-    # would calibrate to its first part.
-    n = min(len(val[1]), coverage_rows(grid.size))
-    pick = np.sort(np.random.default_rng(0).choice(len(val[1]), n, replace=False))
+    pick = coverage_sample(len(val[1]), grid.size)
     own = validation_levels(lambda rows, g: shdd.density(coeffs[pick[rows]], g, temperature), grid,
                             np.asarray(val[1])[pick])
     if own:

@@ -109,7 +109,8 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     from locdiff import great_circle_km, shdd
     from locdiff.answers import answer_first_modes
     from locdiff.data.places import load_places
-    from locdiff.evaluate import TOP_K_COLUMNS, coverage_scores, density_scores, format_table, hybrid_density_scores
+    from locdiff.evaluate import (TOP_K_COLUMNS, density_scores, format_table, hybrid_density_scores,
+                                  vector_coverage)
     from locdiff.hybrid import Hybrid
     from locdiff.intervals import format_intervals, median_intervals
     from locdiff.metrics import best_of_k_metrics, metrics_from_distances
@@ -164,10 +165,8 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
     preds = {"LocDiff": p["latlon"], "LocDiff-H": hyb.predict(p["coeffs"], tau, te[0], p["latlon"]), **preds}
     top["LocDiff-H"] = hyb.top_k(p["coeffs"], tau, te[0], p["latlon"], p["topk_latlon"], TOP_K, separation_km,
                                  answer=preds["LocDiff-H"])
-    c64 = torch.as_tensor(p["coeffs"]).double()
     density.update({"LocDiff": {**density_scores(p["coeffs"], te[1], tau),
-                                **coverage_scores(lambda r, g: shdd.density(c64[r], g, tau), pred.degree, tau, te[1],
-                                                  pred.credible())},
+                                **vector_coverage(p["coeffs"], tau, te[1], pred.credible())},
                     "LocDiff-H": hybrid_density_scores(hyb, p["coeffs"], tau, te[0], te[1])})
     # One set of per-place errors gives the table's point metrics and the intervals.
     errors = {name: np.asarray(great_circle_km(np.asarray(q, np.float64), te[1])) for name, q in preds.items()}

@@ -91,6 +91,16 @@ def coverage_scores(cells, degree: int, temperature: float, true_latlon, record:
     return {f"coverage_{level_label(q)}": float(np.mean(scores <= level_for(record, q))) for q in LEVELS}
 
 
+def vector_coverage(coeffs, temperature: float, true_latlon, record: dict, progress: bool = False) -> dict:
+    """:func:`coverage_scores` of the densities ``softmax(f / temperature)`` of SHDD vectors
+    ``coeffs`` (N, K): LocDiff's own."""
+    from locdiff import shdd
+
+    c = torch.as_tensor(np.asarray(coeffs)).double()
+    return coverage_scores(lambda rows, g: shdd.density(c[rows], g, temperature), shdd.degree_of(c.shape[1]),
+                           temperature, true_latlon, record, progress)
+
+
 def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress: bool = False, **kw) -> dict:
     """Metrics for a :class:`locdiff.predict.Predictor` on ``emb`` (N, D) and true ``coords``
     (N, 2): accuracies, median and mean km, GeoScore, and ``nll`` / ``rva_auc`` of the
@@ -106,20 +116,18 @@ def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress
     tau = kw.get("temperature")
     tau = predictor.config.predict.temperature if tau is None else float(tau)
     c = out["coeffs"]
-    degree = shdd.degree_of(np.shape(c)[1])
     if hybrid is None:
         m = M.distance_metrics(out["latlon"], coords)
         if density:
             m.update(density_scores(c, coords, tau, progress=progress))
-            c64 = torch.as_tensor(np.asarray(c)).double()
-            m.update(coverage_scores(lambda rows, g: shdd.density(c64[rows], g, tau), degree, tau, coords,
-                                     predictor.credible(**{k: v for k, v in kw.items() if k in SETTINGS}), progress))
+            own = predictor.credible(**{k: v for k, v in kw.items() if k in SETTINGS})
+            m.update(vector_coverage(c, tau, coords, own, progress))
     else:
         m = M.distance_metrics(hybrid.predict(c, tau, emb, out["latlon"]), coords)
         if density:
             m.update(hybrid_density_scores(hybrid, c, tau, emb, coords, progress=progress))
-            m.update(coverage_scores(lambda rows, g: hybrid.grid_probabilities(c[rows], tau, emb[rows], g), degree,
-                                     tau, coords, {}, progress))
+            m.update(coverage_scores(lambda rows, g: hybrid.grid_probabilities(c[rows], tau, emb[rows], g),
+                                     shdd.degree_of(np.shape(c)[1]), tau, coords, {}, progress))
     m["n"] = int(len(coords))
     return m
 

@@ -253,20 +253,32 @@ def _unreadable(path, detail: str) -> DataError:
     return DataError(f"{path}: unreadable checkpoint, truncated or not a checkpoint ({detail})")
 
 
+def _read_header(f, path, size: int) -> tuple[int, dict]:
+    """(length, parsed JSON) of the safetensors header at the start of open file ``f`` of
+    ``size`` bytes, or a DataError naming ``path``."""
+    head = f.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+        raise _unreadable(path, f"{size} bytes, no safetensors header")
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, RecursionError) as err:
+        raise _unreadable(path, f"its header does not parse: {type(err).__name__}") from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, "its header does not parse: not a table")
+    return n, header
+
+
 def read_checkpoint_bytes(path) -> bytes:
     """A checkpoint file's bytes, once its header has said how many there are: a file of
     another length (truncated, padded, a sparse file of gigabytes) is refused before it is
     read whole."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
-            raise _unreadable(path, f"{size} bytes, no safetensors header")
+        n, header = _read_header(f, path, size)
         try:
-            header = json.loads(f.read(n))
             end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, RecursionError, TypeError, KeyError, IndexError, AttributeError) as err:
+        except (ValueError, TypeError, KeyError, IndexError) as err:
             raise _unreadable(path, f"its header does not parse: {type(err).__name__}") from None
         if 8 + n + end != size:
             raise _unreadable(path, f"{size} bytes where its header describes {8 + n + end}")
@@ -301,10 +313,9 @@ def checkpoint_state(path) -> dict:
     weights; {} where the header cannot be read (the loaders name what is wrong)."""
     try:
         with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            meta = json.loads(f.read(min(n, MAX_HEADER_BYTES))).get("__metadata__") or {}
+            meta = _read_header(f, path, os.fstat(f.fileno()).st_size)[1].get("__metadata__") or {}
         state = json.loads(meta.get("state", "{}"))
-    except (OSError, ValueError, RecursionError, struct.error, AttributeError):
+    except (OSError, DataError, ValueError, RecursionError, AttributeError):
         return {}
     return state if isinstance(state, dict) else {}
 

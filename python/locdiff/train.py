@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from locdiff import distributed
-from locdiff.calibration import HYBRID_GALLERY_ROWS, calibrate, uncalibrated
+from locdiff.calibration import CALIBRATED, HYBRID_GALLERY_ROWS, calibrate, uncalibrated
 from locdiff.data.files import DataError, atomic_write_bytes, not_a_file
 from locdiff.devices import resolve_device
 from locdiff.diffusion import EMA, diffusion_loss
@@ -672,11 +672,8 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         rows = train_idx if len(train_idx) <= HYBRID_GALLERY_ROWS else \
             np.sort(np.random.default_rng(tc.seed).choice(train_idx, HYBRID_GALLERY_ROWS, replace=False))
         cal = calibrate(ema_predictor(), val, (_gather(embeddings, rows), coords[rows]), log)
-        config.predict.temperature = cal["temperature"]
-        config.predict.coarse_degree = cal["coarse_degree"]
-        config.predict.mode_of = cal["mode_of"]
-        config.predict.hybrid = cal["hybrid"]
-        config.predict.credible = cal["credible"]
+        for name in CALIBRATED:
+            setattr(config.predict, name, cal[name])
     if stop.signum:
         result.signal = int(stop.signum)
         return result
