@@ -42,8 +42,10 @@ def density_mode_grid(degree: int, temperature: float):
 
 
 MAX_SEED = 2**31 - 1
-# The prediction settings a call may override, and those each sampler does not read.
-SETTINGS = ("sampler", "steps", "samples", "guidance", "eta", "coarse_degree", "temperature", "mode_of")
+# The prediction settings a call may override: those that make the vectors, then those that
+# read them; and the ones each sampler does not read.
+SAMPLING = ("sampler", "steps", "samples", "guidance", "eta")
+SETTINGS = (*SAMPLING, "coarse_degree", "temperature", "mode_of")
 IGNORED_BY_SAMPLER = {"density": ("steps", "samples", "eta"), "ddpm": ("steps", "eta"), "ddim": ()}
 
 
@@ -131,8 +133,7 @@ class Predictor:
         written by calibration) under these prediction settings, or {} (nominal masses) where
         they differ from the run's own: calibration saw only those."""
         s, own = self.settings(**overrides), self.settings()
-        used = [k for k in ("sampler", "steps", "samples", "guidance", "eta", "temperature")
-                if k not in IGNORED_BY_SAMPLER[s["sampler"]]]
+        used = [k for k in (*SAMPLING, "temperature") if k not in IGNORED_BY_SAMPLER[s["sampler"]]]
         if any(s[k] != own[k] for k in used):
             return {}
         return self.config.predict.credible.get("locdiff", {})
@@ -214,8 +215,7 @@ class Predictor:
             self._check_sampler("density")
             gen = torch.Generator(self.device).manual_seed(_generator_seed(seed))
             return self._last_step(self._embeddings(emb), s["guidance"], gen).cpu()
-        return self.sample(emb, seed=seed, **{k: s[k] for k in ("sampler", "steps", "samples", "guidance",
-                                                                "eta")}).mean(1)
+        return self.sample(emb, seed=seed, **{k: s[k] for k in SAMPLING}).mean(1)
 
     def locate(self, coeffs, coarse_degree: int | None = None, mode_of: str | None = None,
                temperature: float | None = None) -> np.ndarray:
@@ -262,7 +262,7 @@ class Predictor:
         keep, lls, tks, tvs = [], [], [], []
         for i in tqdm(range(0, n, bs), desc="predicting", unit="batch", disable=not progress):
             c = self.coefficients(emb[i:i + bs], seed=batch_seed(seed, i),  # (read and cast there)
-                                  **{k: s[k] for k in ("sampler", "steps", "samples", "guidance", "eta")})
+                                  **{k: s[k] for k in SAMPLING})
             if coeffs:
                 keep.append(c.numpy())
             lls.append(self.locate(c, s["coarse_degree"], s["mode_of"], s["temperature"]))
