@@ -124,6 +124,21 @@ def test_gallery_runs_locdiff_h(files, tmp_path, capsys):
     assert code == 2 and "--gallery-coords" in err and not (tmp_path / "x.json").exists()
 
 
+def test_evaluate_checks_credible_regions_on_a_sample_past_its_budget(files, tmp_path, capsys, monkeypatch):
+    # (At high degree each place's regions take millions of cells: locdiff.evaluate.)
+    import locdiff.evaluate as E
+
+    monkeypatch.setattr(E, "COVERAGE_CELLS", 1)
+    monkeypatch.setattr(E, "COVERAGE_MIN_PLACES", 16)
+    base = ["--run", files / "run", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv"]
+    for extra, name in (([], "a.json"), (["--gallery-embeddings", files / "emb.npy", "--gallery-coords",
+                                          files / "coords.csv"], "h.json")):
+        code, out, _ = run_cli(capsys, "evaluate", *base, *extra, "--json", tmp_path / name)
+        m = json.loads((tmp_path / name).read_text())
+        assert code == 0 and m["coverage_places"] == 16 and "(a fixed sample of 16 of the 64 places)" in out
+        assert 0 <= m["coverage_50"] <= m["coverage_90"] <= 1 and 16 * m["coverage_90"] % 1 == 0
+
+
 @pytest.mark.parametrize("emb,coords,fragment", [
     ("missing.npy", "coords.csv", "missing.npy: embeddings file not found"),
     ("emb.npy", "missing.csv", "missing.csv: coordinates file not found"),

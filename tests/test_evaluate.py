@@ -88,6 +88,34 @@ def test_coverage_is_the_share_of_truths_in_the_regions_the_answers_draw():
     assert 0.5 <= calibrated["coverage_50"] < 0.53 and 0.9 <= calibrated["coverage_90"] < 0.93, calibrated
 
 
+def test_coverage_is_checked_on_a_fixed_sample_of_places_past_its_budget(monkeypatch):
+    # Places in order, the first half on their densities, the second 2,500 km off: a sample
+    # of the first rows would report full coverage; a fixed random sample reports the mix,
+    # and the same share as the regions of exactly those places.
+    import locdiff.evaluate as E
+    from locdiff.answers import credible_grid
+    from locdiff.coverage import place_scores
+
+    rng = np.random.default_rng(2)
+    truths = np.stack([rng.uniform(-60, 60, 400), rng.uniform(-180, 180, 400)], 1)
+    off = truths.copy()
+    off[200:, 0] += np.degrees(2500 / EARTH_RADIUS_KM)
+    coeffs, t = shdd.encode(off, 8), shdd.exact_peak(8) / 8
+    grid = credible_grid(8, t)
+    assert len(E.coverage_places(400, grid.size)) == 400  # within the budget: every place
+    monkeypatch.setattr(E, "COVERAGE_CELLS", 100 * grid.size)
+    monkeypatch.setattr(E, "COVERAGE_MIN_PLACES", 50)
+    pick = E.coverage_places(400, grid.size)
+    assert len(pick) == 100 and np.all(np.diff(pick) > 0) and 30 < (pick < 200).sum() < 70
+    assert np.array_equal(pick, E.coverage_places(400, grid.size))  # the same sample every time
+    m = E.vector_coverage(coeffs, t, truths, {})
+    assert m["coverage_places"] == 100
+    scores = place_scores(lambda rows, g: shdd.density(coeffs[pick][rows], g, t), grid, truths[pick])
+    assert m["coverage_90"] == np.mean(scores <= 0.9) and 0.3 < m["coverage_90"] < 0.75
+    monkeypatch.setattr(E, "COVERAGE_MIN_PLACES", 300)
+    assert len(E.coverage_places(400, grid.size)) == 300  # never fewer than the floor
+
+
 def test_density_scores_rank_a_better_density_higher():
     truths = np.array([[48.85, 2.35], [-33.87, 151.21]])
     right = shdd.encode(truths, 16)

@@ -32,8 +32,8 @@ HYBRID_GALLERY_ROWS = 200_000
 CALIBRATION_ROWS = 10_000
 # Credible regions are calibrated on at most this many of those rows: each needs its density
 # on the credible grid, as an answer does; the quantiles kept are 0.01 apart. Past
-# COVERAGE_CELLS rows x cells (from L = 128) fewer rows, never under 400: at L = 128 a place
-# took 0.1 s on two CPU cores (docs/model.md, "Calibration").
+# COVERAGE_CELLS rows x cells (from L = 128) fewer rows, never under 400 (costs:
+# docs/model.md, "Calibration").
 COVERAGE_ROWS, COVERAGE_CELLS, COVERAGE_MIN_ROWS = 2_000, 10 ** 9, 400
 
 

@@ -182,8 +182,10 @@ def cmd_evaluate(args) -> int:
     print(format_table({"LocDiff-H" if hybrid else "LocDiff": m}))
     nominal = " (LocDiff-H's regions: nominal mass, not calibrated)" if hybrid else \
         "" if pred.credible(**sampling) else " (regions of nominal mass: not calibrated)"
+    sample = f" (a fixed sample of {m['coverage_places']:,} of the {len(coords):,} places)" \
+        if m["coverage_places"] < len(coords) else ""
     print(f"inside the credible regions the answers report: {100 * m['coverage_50']:.1f} % of the places in the 50 % "
-          f"region, {100 * m['coverage_90']:.1f} % in the 90 % region{nominal}")
+          f"region, {100 * m['coverage_90']:.1f} % in the 90 % region{nominal}{sample}")
     print(f"metrics written to {out}")
     return 0
 

@@ -20,6 +20,10 @@ from locdiff.geo import latlon_to_xyz
 # same for all: 94 x 256 cells of 21,000 km^2 on average, fine enough for the densities
 # compared here, cheap enough for a dense k-NN mixture (docs/evaluation.md, "Metrics").
 RVA_DEGREE, RVA_OVERSAMPLE = 32, 2.0
+# The credible regions are checked on densities on their own grid, as the answers draw them:
+# from L = 128 (1.8M cells a place) that costs more than the NLL and RvA, and past this many
+# cells in all a fixed sample of the places is checked (docs/evaluation.md, "Metrics").
+COVERAGE_CELLS, COVERAGE_MIN_PLACES = 2 * 10 ** 10, 2_000
 
 
 def _rva_grid():
@@ -79,16 +83,29 @@ def hybrid_density_scores(hybrid, coeffs, temperature: float, emb, true_latlon, 
     return {"nll": M.nll(hybrid.log_density_at(coeffs, temperature, emb, true_latlon)), "rva_auc": M.rva_auc(search)}
 
 
+def coverage_places(n_rows: int, grid_cells: int) -> np.ndarray:
+    """The places (sorted row indices) whose credible regions are checked: all of them up to
+    COVERAGE_CELLS densities' cells in all, else a fixed random sample of that many cells'
+    worth, never fewer than COVERAGE_MIN_PLACES."""
+    n = min(n_rows, max(COVERAGE_MIN_PLACES, COVERAGE_CELLS // grid_cells))
+    return np.arange(n_rows) if n == n_rows else np.sort(np.random.default_rng(0).choice(n_rows, n, replace=False))
+
+
 def coverage_scores(cells, degree: int, temperature: float, true_latlon, record: dict,
                     progress: bool = False) -> dict:
     """``coverage_50`` and ``coverage_90``: the share of the truths inside the 50 % and 90 %
-    credible regions of the densities ``cells(rows, grid)`` as the answers draw them (masses
-    from ``record``, :mod:`locdiff.coverage`; {}: nominal)."""
+    credible regions of the densities ``cells(rows, grid)`` (``rows``: an index array) as the
+    answers draw them (masses from ``record``, :mod:`locdiff.coverage`; {}: nominal), and
+    ``coverage_places``, how many places that share is of (:func:`coverage_places`)."""
     from locdiff.answers import LEVELS, credible_grid, level_label
     from locdiff.coverage import level_for, place_scores
 
-    scores = place_scores(cells, credible_grid(degree, temperature), true_latlon, progress=progress)
-    return {f"coverage_{level_label(q)}": float(np.mean(scores <= level_for(record, q))) for q in LEVELS}
+    grid = credible_grid(degree, temperature)
+    pick = coverage_places(len(true_latlon), grid.size)
+    scores = place_scores(lambda rows, g: cells(pick[rows], g), grid, np.asarray(true_latlon, np.float64)[pick],
+                          progress=progress)
+    return {**{f"coverage_{level_label(q)}": float(np.mean(scores <= level_for(record, q))) for q in LEVELS},
+            "coverage_places": int(len(pick))}
 
 
 def vector_coverage(coeffs, temperature: float, true_latlon, record: dict, progress: bool = False) -> dict:
