@@ -128,8 +128,8 @@ def test_evaluate_checks_credible_regions_on_a_sample_past_its_budget(files, tmp
     # (At high degree each place's regions take millions of cells: locdiff.evaluate.)
     import locdiff.evaluate as E
 
-    monkeypatch.setattr(E, "COVERAGE_CELLS", 1)
-    monkeypatch.setattr(E, "COVERAGE_MIN_PLACES", 16)
+    monkeypatch.setattr(E, "COVERAGE_CHECK_CELLS", 1)
+    monkeypatch.setattr(E, "COVERAGE_CHECK_MIN_PLACES", 16)
     base = ["--run", files / "run", "--embeddings", files / "emb.npy", "--coords", files / "coords.csv"]
     for extra, name in (([], "a.json"), (["--gallery-embeddings", files / "emb.npy", "--gallery-coords",
                                           files / "coords.csv"], "h.json")):

@@ -103,8 +103,8 @@ def test_coverage_is_checked_on_a_fixed_sample_of_places_past_its_budget(monkeyp
     coeffs, t = shdd.encode(off, 8), shdd.exact_peak(8) / 8
     grid = credible_grid(8, t)
     assert len(E.coverage_places(400, grid.size)) == 400  # within the budget: every place
-    monkeypatch.setattr(E, "COVERAGE_CELLS", 100 * grid.size)
-    monkeypatch.setattr(E, "COVERAGE_MIN_PLACES", 50)
+    monkeypatch.setattr(E, "COVERAGE_CHECK_CELLS", 100 * grid.size)
+    monkeypatch.setattr(E, "COVERAGE_CHECK_MIN_PLACES", 50)
     pick = E.coverage_places(400, grid.size)
     assert len(pick) == 100 and np.all(np.diff(pick) > 0) and 30 < (pick < 200).sum() < 70
     assert np.array_equal(pick, E.coverage_places(400, grid.size))  # the same sample every time
@@ -112,7 +112,7 @@ def test_coverage_is_checked_on_a_fixed_sample_of_places_past_its_budget(monkeyp
     assert m["coverage_places"] == 100
     scores = place_scores(lambda rows, g: shdd.density(coeffs[pick][rows], g, t), grid, truths[pick])
     assert m["coverage_90"] == np.mean(scores <= 0.9) and 0.3 < m["coverage_90"] < 0.75
-    monkeypatch.setattr(E, "COVERAGE_MIN_PLACES", 300)
+    monkeypatch.setattr(E, "COVERAGE_CHECK_MIN_PLACES", 300)
     assert len(E.coverage_places(400, grid.size)) == 300  # never fewer than the floor
 
 

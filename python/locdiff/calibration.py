@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from locdiff.data.sampler import fixed_sample
 from locdiff.diffusion.losses import kl_temperature
 from locdiff.selection import clearly_better
 
@@ -43,11 +44,8 @@ def coverage_rows(grid_cells: int) -> int:
 
 
 def coverage_sample(n_rows: int, grid_cells: int) -> np.ndarray:
-    """The validation rows (sorted indices) that calibrate the credible regions: a fixed
-    sample, not the first rows, since a validation file in some order (by region, say) would
-    calibrate to its first part."""
-    n = min(n_rows, coverage_rows(grid_cells))
-    return np.sort(np.random.default_rng(0).choice(n_rows, n, replace=False))
+    """The validation rows (sorted indices) that calibrate the credible regions."""
+    return fixed_sample(n_rows, coverage_rows(grid_cells))
 
 
 def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
@@ -116,7 +114,7 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
     from locdiff.metrics import distance_metrics
 
     if len(val[1]) > CALIBRATION_ROWS:
-        rows = np.sort(np.random.default_rng(0).choice(len(val[1]), CALIBRATION_ROWS, replace=False))
+        rows = fixed_sample(len(val[1]), CALIBRATION_ROWS)
         if log:
             log(f"calibration: on {CALIBRATION_ROWS:,} of the {len(val[1]):,} validation rows")
         val = (np.asarray(val[0][rows]), np.asarray(val[1])[rows])

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from locdiff import metrics as M
+from locdiff.data.sampler import fixed_sample
 from locdiff.geo import latlon_to_xyz
 
 # RvA of every method is measured on one grid, so the smallest search area (one cell) is the
@@ -23,7 +24,7 @@ RVA_DEGREE, RVA_OVERSAMPLE = 32, 2.0
 # The credible regions are checked on densities on their own grid, as the answers draw them:
 # from L = 128 (1.8M cells a place) that costs more than the NLL and RvA, and past this many
 # cells in all a fixed sample of the places is checked (docs/evaluation.md, "Metrics").
-COVERAGE_CELLS, COVERAGE_MIN_PLACES = 2 * 10 ** 10, 2_000
+COVERAGE_CHECK_CELLS, COVERAGE_CHECK_MIN_PLACES = 2 * 10 ** 10, 2_000
 
 
 def _rva_grid():
@@ -85,10 +86,9 @@ def hybrid_density_scores(hybrid, coeffs, temperature: float, emb, true_latlon, 
 
 def coverage_places(n_rows: int, grid_cells: int) -> np.ndarray:
     """The places (sorted row indices) whose credible regions are checked: all of them up to
-    COVERAGE_CELLS densities' cells in all, else a fixed random sample of that many cells'
-    worth, never fewer than COVERAGE_MIN_PLACES."""
-    n = min(n_rows, max(COVERAGE_MIN_PLACES, COVERAGE_CELLS // grid_cells))
-    return np.arange(n_rows) if n == n_rows else np.sort(np.random.default_rng(0).choice(n_rows, n, replace=False))
+    COVERAGE_CHECK_CELLS cells in all, else a fixed sample of that many cells' worth, never
+    fewer than COVERAGE_CHECK_MIN_PLACES."""
+    return fixed_sample(n_rows, max(COVERAGE_CHECK_MIN_PLACES, COVERAGE_CHECK_CELLS // grid_cells))
 
 
 def coverage_scores(cells, degree: int, temperature: float, true_latlon, record: dict,

@@ -23,6 +23,15 @@ from locdiff import distributed
 from locdiff.data.files import DataError
 
 
+def fixed_sample(n_rows: int, most: int) -> np.ndarray:
+    """Sorted indices of at most ``most`` of ``n_rows`` rows: all of them, or a fixed random
+    sample (the same every call), never the first rows, which in a file in some order (by
+    region, say) would be one part of it."""
+    if n_rows <= most:
+        return np.arange(n_rows)
+    return np.sort(np.random.default_rng(0).choice(n_rows, most, replace=False))
+
+
 class BatchSampler(Sampler):
     """Yields this rank's part of each global batch (an int64 array of row indices) of one
     epoch, or of all epochs from the current position when ``infinite``.
