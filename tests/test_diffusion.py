@@ -6,7 +6,7 @@ import torch
 
 from locdiff.diffusion import (EMA, DiffusionConfig, diffusion_loss, get_cosine_schedule,
                                get_linear_schedule, guided, sample_ddim, sample_ddpm, split_prediction)
-from locdiff.diffusion.samplers import ddim_timesteps
+from locdiff.diffusion.samplers import PREDICTIONS, ddim_timesteps
 from locdiff.diffusion.schedules import get_schedule
 
 
@@ -344,11 +344,13 @@ def test_the_kl_of_an_eps_prediction_is_weighted_by_abar(monkeypatch):
     assert parts["kl"] == pytest.approx(float(s.abar(net.t).mean()), rel=1e-5)
 
 
-def test_a_clipped_split_stays_consistent():
+def test_every_split_recombines_into_its_noisy_vector():
     s = get_cosine_schedule(100)
     t = torch.tensor([10, 50, 90])
     x_t = 3 * torch.randn(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     a = s.abar(t, torch.float64)
-    x0, eps = split_prediction(torch.randn(3, 9, dtype=torch.float64), x_t, a, "eps", clip=0.5)
-    assert x0.abs().max() <= 0.5
-    torch.testing.assert_close(a.sqrt()[:, None] * x0 + (1 - a).sqrt()[:, None] * eps, x_t)
+    for prediction in PREDICTIONS:
+        x0, eps = split_prediction(torch.randn(3, 9, dtype=torch.float64), x_t, a, prediction)
+        torch.testing.assert_close(a.sqrt()[:, None] * x0 + (1 - a).sqrt()[:, None] * eps, x_t)
+    with pytest.raises(ValueError, match=r"prediction must be one of \('eps', 'x0', 'v'\), got 'y'"):
+        split_prediction(x_t, x_t, a, "y")

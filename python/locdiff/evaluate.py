@@ -21,6 +21,7 @@ from locdiff.geo import latlon_to_xyz
 # same for all: 94 x 256 cells of 21,000 km^2 on average, fine enough for the densities
 # compared here, cheap enough for a dense k-NN mixture (docs/evaluation.md, "Metrics").
 RVA_DEGREE, RVA_OVERSAMPLE = 32, 2.0
+RVA_BATCH = 256  # places whose densities on that grid are held at once
 # The credible regions are checked on densities on their own grid, as the answers draw them:
 # from L = 128 (1.8M cells a place) that costs more than the NLL and RvA, and past this many
 # cells in all a fixed sample of the places is checked (docs/evaluation.md, "Metrics").
@@ -33,8 +34,7 @@ def _rva_grid():
     return grids.for_degree(RVA_DEGREE, oversample=RVA_OVERSAMPLE)
 
 
-def _search_areas(grid_probabilities, true_latlon, batch: int = 256, log: bool = False,
-                  progress: bool = False) -> np.ndarray:
+def _search_areas(grid_probabilities, true_latlon, log: bool = False, progress: bool = False) -> np.ndarray:
     """Search area (km^2) per sample from ``grid_probabilities(rows: slice, grid) -> (b, G)``
     (``log``: log-probabilities, which keep the order of cells whose probabilities underflow;
     ``progress``: a bar, as this takes longer than the predictions)."""
@@ -44,9 +44,9 @@ def _search_areas(grid_probabilities, true_latlon, batch: int = 256, log: bool =
     cells = grid.xyz.numpy()
     xyz = latlon_to_xyz(np.asarray(true_latlon, np.float64))
     out = []
-    for i in tqdm(range(0, len(xyz), batch), desc="recall vs area", unit="batch", disable=not progress):
-        prob = grid_probabilities(slice(i, i + batch), grid)
-        cell = np.argmax(xyz[i:i + batch] @ cells.T, 1)
+    for i in tqdm(range(0, len(xyz), RVA_BATCH), desc="recall vs area", unit="batch", disable=not progress):
+        prob = grid_probabilities(slice(i, i + RVA_BATCH), grid)
+        cell = np.argmax(xyz[i:i + RVA_BATCH] @ cells.T, 1)
         out.append(M.search_area_km2(prob, grid.area.numpy(), cell, log=log))
     return np.concatenate(out) if out else np.empty(0)
 

@@ -241,11 +241,6 @@ def checkpoint_bytes(net, ema: EMA, opt, state: dict, schedule: Schedule | None 
     return st_save(tensors, metadata=meta)
 
 
-def save_checkpoint(run_dir, net, ema: EMA, opt, state: dict, schedule: Schedule | None = None) -> None:
-    """:func:`checkpoint_bytes` written atomically to the run's checkpoint file."""
-    atomic_write_bytes(Path(run_dir) / CHECKPOINT_FILE, checkpoint_bytes(net, ema, opt, state, schedule))
-
-
 MAX_HEADER_BYTES = 1 << 26  # a checkpoint's JSON header: names, shapes, offsets and the training state
 
 

@@ -22,11 +22,9 @@ import numbers
 import numpy as np
 import torch
 
-from locdiff import grids as _grids
-from locdiff import grids  # noqa: F401  (doctest of project)
+from locdiff import grids
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 from locdiff.ops import shdd_api, validation
-from locdiff.ops.shdd_torch import ring_local_maxima  # noqa: F401  (public here since the first release)
 from locdiff.sh import spherical_harmonics
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -64,7 +62,7 @@ def degree_of(k: int) -> int:
     return n - 1
 
 
-def _check_coeffs(coeffs, name: str = "coeffs", finite: bool = True):
+def _check_coeffs(coeffs, name: str = "coeffs"):
     """-> (flat (B, K) float32/float64 contiguous, degree, leading shape, was_numpy)."""
     t, numpy = _to_torch(coeffs, name)
     if not t.is_floating_point():
@@ -84,7 +82,7 @@ def _check_coeffs(coeffs, name: str = "coeffs", finite: bool = True):
     # A NaN or inf makes the float64 sum non-finite, so a finite sum clears the whole array
     # in one pass with no (B, K) mask (a mask costs a large decode a visible share); a
     # non-finite sum (or one of huge finite float64 values) gets the element-wise check.
-    if finite and flat.numel() and not math.isfinite(float(flat.detach().sum(dtype=torch.float64))):
+    if flat.numel() and not math.isfinite(float(flat.detach().sum(dtype=torch.float64))):
         ok = torch.isfinite(flat)
         if not bool(ok.all()):
             b, k = (~ok).nonzero()[0].tolist()
@@ -92,13 +90,13 @@ def _check_coeffs(coeffs, name: str = "coeffs", finite: bool = True):
     return flat.contiguous(), degree, lead, numpy
 
 
-def _check_has_modes(flat: torch.Tensor, name: str = "coeffs") -> None:
+def _check_has_modes(flat: torch.Tensor) -> None:
     """A row with no coefficient of degree >= 1 is a constant function: every point is its
     maximum, so a decoded point would be an artefact of the grid's first node."""
     flat_rows = ~flat[:, 1:].detach().any(-1)
     if flat.shape[0] and bool(flat_rows.any()):
         b = int(flat_rows.nonzero()[0, 0])
-        raise ValueError(f"{name} row {b} describes a constant function (every coefficient of degree >= 1 is "
+        raise ValueError(f"coeffs row {b} describes a constant function (every coefficient of degree >= 1 is "
                          f"zero), which has no mode; expected a vector with some degree >= 1 content")
 
 
@@ -150,7 +148,7 @@ NORMALIZER_MAX_CELLS = 1 << 22
 NORMALIZER_KIND = "gauss_legendre"
 
 
-def _normalizer_grid(grid, degree: int, t: float, *coeffs: torch.Tensor) -> _grids.Grid:
+def _normalizer_grid(grid, degree: int, t: float, *coeffs: torch.Tensor) -> grids.Grid:
     """``grid``, or the default grid of the normalisers for the sharpest row of ``coeffs``."""
     if grid is not None:
         return _grid(grid, degree)
@@ -159,13 +157,13 @@ def _normalizer_grid(grid, degree: int, t: float, *coeffs: torch.Tensor) -> _gri
     want = max(NORMALIZER_OVERSAMPLE, 0.65 * math.sqrt(norm * math.sqrt(exact_peak(degree)) / t))
     fitting = _normalizer_oversamples(degree)
     chosen = next((o for o in fitting if o >= want), fitting[-1])
-    return _grids.for_degree(degree, NORMALIZER_KIND, oversample=chosen)
+    return grids.for_degree(degree, NORMALIZER_KIND, oversample=chosen)
 
 
 def _normalizer_oversamples(degree: int) -> tuple:
     """The steps of NORMALIZER_LADDER whose grids stay within NORMALIZER_MAX_CELLS at
     ``degree`` (the first step always)."""
-    fitting = [o for o in NORMALIZER_LADDER if math.prod(_grids.ring_shape(degree, o)) <= NORMALIZER_MAX_CELLS]
+    fitting = [o for o in NORMALIZER_LADDER if math.prod(grids.ring_shape(degree, o)) <= NORMALIZER_MAX_CELLS]
     return tuple(fitting) or NORMALIZER_LADDER[:1]
 
 
@@ -176,10 +174,11 @@ def normalizer_max_sharpness(degree: int) -> float:
     return (_normalizer_oversamples(degree)[-1] / 0.65) ** 2
 
 
-def _grid(grid, degree: int, oversample: float = 1.0, kind: str = "equiangular") -> _grids.Grid:
+def _grid(grid, degree: int) -> grids.Grid:
+    """``grid``, checked, or the decode grid of degree ``degree`` where it is None."""
     if grid is None:
-        return _grids.for_degree(degree, kind, oversample=oversample)
-    if not isinstance(grid, _grids.Grid):
+        return grids.for_degree(degree)
+    if not isinstance(grid, grids.Grid):
         raise TypeError(f"grid must be a locdiff.grids.Grid or None, got {type(grid).__name__}")
     return grid
 
@@ -196,7 +195,7 @@ def _pairs(flat: torch.Tensor, lead: tuple, latlon) -> tuple:
     return c, ll.expand(*shape, 2).reshape(-1, 2), shape
 
 
-def _grid_args(grid: _grids.Grid, degree: int, device) -> shdd_api.GridArgs:
+def _grid_args(grid: grids.Grid, degree: int, device) -> shdd_api.GridArgs:
     device = torch.device(device)
     xyz, area = grid.tensors(device, "xyz", "area")
     ring = None
@@ -204,7 +203,7 @@ def _grid_args(grid: _grids.Grid, degree: int, device) -> shdd_api.GridArgs:
         table = grid.legendre_table(degree, device)
         theta, log_area = grid.tensors(device, "theta", "log_ring_area")
         ring = (table, theta, log_area, degree, grid.nlat, grid.nlon, grid.lon0)
-    return shdd_api.GridArgs(xyz=xyz, area=area, radius=_grids.half_max_radius(degree), ring=ring,
+    return shdd_api.GridArgs(xyz=xyz, area=area, radius=grids.half_max_radius(degree), ring=ring,
                              dense=functools.partial(grid.sh_table, degree, device))
 
 
@@ -293,7 +292,7 @@ def project(weights, degree: int, grid):
     [20.0, 30.0]
     """
     degree = validation.check_degree(degree)
-    if not isinstance(grid, _grids.Grid):
+    if not isinstance(grid, grids.Grid):
         raise TypeError(f"grid must be a locdiff.grids.Grid, got {type(grid).__name__}")
     w, numpy = _to_torch(weights, "weights")
     if w.ndim == 0 or w.shape[-1] != grid.size:
@@ -358,7 +357,7 @@ def ascend(coeffs, latlon, *, backend: str | None = None):
     if c.shape[0] == 0:
         return (_out(torch.empty(*shape, 2, dtype=torch.float64), numpy),
                 _out(torch.empty(shape, dtype=torch.float64), numpy))
-    u, f = shdd_api.ascend(c, xyz.contiguous(), degree, _grids.half_max_radius(degree), backend)
+    u, f = shdd_api.ascend(c, xyz.contiguous(), degree, grids.half_max_radius(degree), backend)
     return _out(xyz_to_latlon(u).reshape(*shape, 2).detach(), numpy), _out(f.reshape(shape).detach(), numpy)
 
 

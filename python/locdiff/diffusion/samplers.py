@@ -25,11 +25,10 @@ from locdiff.diffusion.schedules import Schedule
 PREDICTIONS = ("eps", "x0", "v")
 
 
-def split_prediction(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction: str,
-                     clip: float | None = None):
+def split_prediction(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction: str):
     """``(x0_hat, eps_hat)`` from a network output, by ``x_t = sqrt(abar) x0 + sqrt(1-abar) eps``
     (Ho et al. 2020, Eq. 4); ``"v"`` is ``v = sqrt(abar) eps - sqrt(1-abar) x0`` (Salimans & Ho
-    2022, Sec. 4). ``clip`` bounds ``x0_hat`` elementwise (then eps is recomputed)."""
+    2022, Sec. 4)."""
     a = abar.reshape(-1, *([1] * (x_t.dim() - 1)))
     if prediction == "eps":
         eps = out
@@ -41,10 +40,7 @@ def split_prediction(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, p
         x0 = a.sqrt() * x_t - (1 - a).sqrt() * out
         eps = (1 - a).sqrt() * x_t + a.sqrt() * out
     else:
-        raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt().clamp_min(1e-12)
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     return x0, eps
 
 
@@ -69,7 +65,7 @@ def _t(i: int, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_ddpm(model, x: torch.Tensor, schedule: Schedule, *, prediction: str,
-                clip: float | None = None, generator: torch.Generator | None = None, callback=None):
+                generator: torch.Generator | None = None, callback=None):
     """Ancestral sampling (Ho et al. 2020, Alg. 2) through every timestep, using the
     posterior ``q(x_{t-1} | x_t, x0_hat)`` (Eq. 6-7):
     mean ``sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t``,
@@ -79,7 +75,7 @@ def sample_ddpm(model, x: torch.Tensor, schedule: Schedule, *, prediction: str,
         t = _t(i, x)
         ab, ab_prev = schedule.abar(t, x.dtype), schedule.abar(t - 1, x.dtype)
         beta = (1 - ab / ab_prev)[:, None]
-        x0, _ = split_prediction(model(x, t), x, ab, prediction, clip)
+        x0, _ = split_prediction(model(x, t), x, ab, prediction)
         ab, ab_prev = ab[:, None], ab_prev[:, None]
         mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * x
         if i > 0:
@@ -105,8 +101,7 @@ def ddim_timesteps(n: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def sample_ddim(model, x: torch.Tensor, schedule: Schedule, steps: int = 10, eta: float = 0.0, *,
-                prediction: str, clip: float | None = None,
-                generator: torch.Generator | None = None, callback=None):
+                prediction: str, generator: torch.Generator | None = None, callback=None):
     """DDIM (Song et al. 2021, Eq. 12) on ``steps`` timesteps ``t_k`` of :func:`ddim_timesteps`:
     ``x_{prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z``,
     ``sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)`` (Eq. 16);
@@ -119,7 +114,7 @@ def sample_ddim(model, x: torch.Tensor, schedule: Schedule, steps: int = 10, eta
     for k, i in enumerate(ts):
         t = _t(i, x)
         ab = schedule.abar(t, x.dtype)
-        x0, eps = split_prediction(model(x, t), x, ab, prediction, clip)
+        x0, eps = split_prediction(model(x, t), x, ab, prediction)
         i_prev = ts[k + 1] if k + 1 < len(ts) else -1
         ab_prev = schedule.abar(_t(i_prev, x), x.dtype)[:, None]
         ab = ab[:, None]

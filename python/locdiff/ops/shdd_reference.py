@@ -59,20 +59,6 @@ def shdd_hessian_reference(coeffs, xyz, row, sh_fn=spherical_harmonics_reference
     return torch.einsum("nij,nia,njb->nab", h.detach(), e, e)
 
 
-def decode_naive(coeffs, xyz, y=None, chunk=8192):
-    """The naive decode: dense f over a point set, argmax -> (B, 3) best points, (B,) values."""
-    if y is None:
-        y = spherical_harmonics_reference(xyz.to(coeffs.dtype), _degree(coeffs))
-    best_v = torch.full((coeffs.shape[0],), -torch.inf, dtype=coeffs.dtype)
-    best_i = torch.zeros(coeffs.shape[0], dtype=torch.int64)
-    for g0 in range(0, y.shape[0], chunk):
-        v, i = (coeffs @ y[g0:g0 + chunk].T).max(-1)
-        take = v > best_v
-        best_v = torch.where(take, v, best_v)
-        best_i = torch.where(take, i + g0, best_i)
-    return xyz[best_i], best_v
-
-
 def _tangent_basis(u):
     """e1 = normalise(a x u) with a = z unless u is near the axis (then x), e2 = u x e1."""
     a = torch.zeros_like(u)
