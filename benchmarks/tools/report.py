@@ -1,7 +1,7 @@
 """Markdown tables from a pytest-benchmark JSON of test_sh_bench.py / test_decode_bench.py /
 test_kl_bench.py / test_train_bench.py.
 
-    python benchmarks/tools/report.py benchmarks/results/xeon-2c-480mb/sh_cpu.json
+    python benchmarks/tools/report.py benchmarks/results/MACHINE/sh_cpu.json
 
 Spherical harmonics: ns per output value (best time of the rounds / values; on a shared
 machine the median carries the neighbours' load), per pass; a * marks a result that failed

@@ -24,7 +24,7 @@ import locdiff
 def best_of(fns, rounds, untimed=1, timed=2):
     # Each implementation's calls run in a row, the first `untimed` of them untimed: a call
     # right after another implementation's inherits its cache state (streamed stores leave
-    # the output out of the cache, ordinary ones in it), which tilted single-call rounds.
+    # the output out of the cache, ordinary ones in it), which would tilt single-call rounds.
     best = [float("inf")] * len(fns)
     for _ in range(rounds):
         for i, fn in enumerate(fns):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from locdiff import grids, shdd
-from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz
+from locdiff.geo import EARTH_RADIUS_KM, cos_of_km, great_circle_km, latlon_to_xyz
 from locdiff.extras import require
 
 LEVELS = (0.5, 0.9)
@@ -49,9 +49,8 @@ _CHUNK_CELLS = 1 << 20  # rows x grid cells handled at once (under 100 MB with t
 
 
 # Credible regions are counted in grid cells, so the cells must be small beside the lobe of
-# softmax(f / t), sharper than f's by sqrt(f0 / t): at 2x the decode resolution a 50 %
-# region's radius was up to 90 % off at the random-split demo's sharpness (46);
-# 1.2 sqrt(f0 / t) x on Gauss-Legendre rings keeps it within 4 % (docs/photos.md, "Answers").
+# softmax(f / t), sharper than f's by sqrt(f0 / t): 1.2 sqrt(f0 / t) x the decode resolution
+# on Gauss-Legendre rings keeps a region's radius within 4 % (docs/photos.md, "Answers").
 # Basins climb on the 2x grid (the valleys between them need no finer cells) and sum their
 # masses on the credible grid, where two equal lobes share the mass equally wherever they fall.
 # A budget of cells rather than a cap on the oversampling: the rule then holds up to the
@@ -147,7 +146,7 @@ def _mode_of_peaks(grid, modes: torch.Tensor, sep_km: float, peaks: torch.Tensor
     cos = torch.einsum("pc,pkc->pk", grid.xyz[cell], xyz[row])
     cos = torch.where(ok[row], cos, torch.tensor(-2.0, dtype=cos.dtype))
     best_cos, best = cos.max(-1) if len(row) else (cos.new_empty(0), row.new_empty(0))
-    near = best_cos >= math.cos(min(sep_km / EARTH_RADIUS_KM, math.pi))
+    near = best_cos >= cos_of_km(sep_km)
     owner = torch.full(peaks.shape, -1, dtype=torch.long)
     owner[row, cell] = torch.where(near, best, -1)
     return owner.gather(1, peaks)

@@ -28,8 +28,8 @@ COARSE_DEGREES = (4, 8, 16)
 # LocDiff-H is calibrated against at most this many training rows as gallery (the search
 # runs over all of them for every validation row).
 HYBRID_GALLERY_ROWS = 200_000
-# Calibration reads at most this many validation rows (a fixed sample): 20,000 rows and the
-# gallery above took minutes after the time budget, for settings a few thousand fix.
+# Calibration reads at most this many validation rows (a fixed sample): it runs after the
+# time budget, and a few thousand rows fix the settings it chooses.
 CALIBRATION_ROWS = 10_000
 # Credible regions are calibrated on at most this many of those rows: each needs its density
 # on the credible grid, as an answer does; the quantiles kept are 0.01 apart. Past
@@ -125,8 +125,8 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
         for cd in (None, *(d for d in COARSE_DEGREES if d < predictor.degree)):
             latlon = predictor.locate(coeffs, cd, mode_of, temperature)
             medians[mode_of, cd] = distance_metrics(latlon, val[1])["median_km"]
-    # The run's own rule stands unless another beats it clearly (docs/model.md, "Point
-    # predictions"): on the places task the validation choice was often the worse on test.
+    # The run's own rule stands unless another beats it clearly: validation medians move by
+    # a few percent between seeds (docs/model.md, "Point predictions").
     default = (predictor.config.predict.mode_of, None)
     mode_of, coarse = min(medians, key=medians.get)
     if default in medians and not clearly_better(medians[mode_of, coarse], medians[default]):

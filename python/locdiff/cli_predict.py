@@ -245,8 +245,8 @@ def _predict_embeddings(args, dev, out, png) -> int:
     emb = open_embeddings(args.embeddings)
     check_dim(emb, args.embeddings, pred, args.run)
     check_finite_embeddings(args.embeddings)
-    # The gallery on rank 0 alone, which answers with it (on GPUs each rank's copy took the
-    # gallery's memory again).
+    # The gallery on rank 0 alone, which answers with it (a copy per rank would hold the
+    # gallery's memory once a rank).
     hybrid = _hybrid(args, pred) if distributed.is_main() else None
     # The vectors (K floats a row, 10 KB at L = 32) only where something reads them; decided
     # from the flags, alike on every rank, since the ranks' outputs are gathered.
@@ -261,7 +261,7 @@ def _predict_embeddings(args, dev, out, png) -> int:
     from tqdm.auto import tqdm
 
     extra = {}
-    # One density pass per mode: minutes for many rows, after the predicting bar has ended.
+    # One density pass per mode, after the predicting bar has ended: a bar for many rows.
     for j in tqdm(range(k), desc="scoring modes", unit="mode", disable=len(latlon) < SCORE_BAR_ROWS):
         extra[f"lat_{j + 1}"] = topk[:, j, 0]
         extra[f"lon_{j + 1}"] = topk[:, j, 1]

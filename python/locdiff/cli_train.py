@@ -69,12 +69,12 @@ def resolve_settings(args, resume_base: str | None = None):
     (``--degree``, ``--set key=value`` as typed, or the TOML file's name) for error messages."""
     import json
 
-    from locdiff.run import TOML_VERSION, RunConfig, config_from_raw
+    from locdiff.run import CONFIG_FILE, TOML_VERSION, RunConfig, config_from_raw
 
     origin: dict[str, str] = {}
     cfg = RunConfig()
     if resume_base:
-        source = str(Path(args.out) / "config.json")
+        source = str(Path(args.out) / CONFIG_FILE)
         try:
             raw = json.loads(resume_base)
         except ValueError as err:

@@ -21,13 +21,12 @@ import numpy as np
 import torch
 
 from locdiff.geo import latlon_to_xyz
+from locdiff.metrics import TIE
 
 # The quantiles kept, every 0.01 of the validation places (a run's config holds them).
 QUANTILE_STEP = 0.01
 # Fewer validation places than this leave the regions at their nominal mass.
 MIN_PLACES = 100
-# Densities within this relative difference count as equal.
-TIE = 1e-9
 
 
 def hpd_scores(p: torch.Tensor, grid, latlon) -> torch.Tensor:

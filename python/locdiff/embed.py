@@ -41,7 +41,7 @@ from locdiff.runfolder import LOCK_FILE, RunLock, check_run_folder, run_files
 
 MANIFEST, COORDS, SKIPPED, GEOTAGGED = "manifest.csv", "coords.csv", "skipped.csv", "geotagged"
 # File names that are not UTF-8 (a latin-1 "caf\xe9.jpg") go into the CSVs as their own bytes
-# and come back as the same names: encoding them strictly crashed every later run.
+# and come back as the same names, which strict encoding could not write.
 PATH_ERRORS = "surrogateescape"
 FIELDS = ("path", "shard", "row", "lat", "lon")
 DTYPES = ("float16", "float32")
@@ -328,8 +328,8 @@ def _write_coords(out: Path, rows: list[dict], changed: bool, log) -> None:
              for i, r in geo]
     header = ("lat", "lon", "row", "path")
     # Rewritten when something was embedded, and whenever a file is missing or does not hold
-    # the geotagged rows: a run stopped by a full disk or a kill between the manifest and these
-    # left them short, and the next run said they were ready.
+    # the geotagged rows: a run stopped (full disk, kill) between the manifest and these
+    # leaves them short.
     if changed or _csv_rows(out / COORDS) != len(geo):
         _write_csv(out / COORDS, header, table)
     sub = out / GEOTAGGED

@@ -140,7 +140,7 @@ class Encoder:
                             f"(missing {missing or ['library: transformers']})")
         if spec["pretrained"] not in PRETRAINED:
             raise DataError(f"{path}: pretrained = {spec['pretrained']!r}: expected one of {', '.join(PRETRAINED)}")
-        # Upper bounds too: a shared encoder.json saying image_size 100000 took 20 GB a photo.
+        # Upper bounds too: a shared encoder.json could ask for images of any size.
         for key, lo, hi in (("seed", 0, 2**63 - 1), ("embedding_dim", 1, 65536), ("image_size", 1, 4096)):
             v = spec[key]
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:

@@ -11,7 +11,16 @@ import math
 import numpy as np
 import torch
 
+from locdiff.ops.validation import check_last_dim
+
 EARTH_RADIUS_KM = 6371.0088
+
+
+def cos_of_km(km: float) -> float:
+    """The cosine of the angle a great-circle distance of ``km`` subtends (-1 from half the
+    Earth's circumference on): points at most ``km`` apart have unit vectors whose dot
+    product is at least this."""
+    return math.cos(min(km / EARTH_RADIUS_KM, math.pi))
 
 
 def _backend(a):
@@ -27,11 +36,6 @@ def _as_float_array(a, name: str):
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     return a.astype(np.float64) if a.dtype.kind in "iu" else a
-
-
-def _check_last_dim(a, size: int, name: str):
-    if a.ndim == 0 or a.shape[-1] != size:
-        raise ValueError(f"{name} must have shape (..., {size}), got {tuple(a.shape)}")
 
 
 def _largest_magnitudes(latlon) -> tuple[float, float]:
@@ -52,7 +56,7 @@ def latlon_to_xyz(latlon):
     array([0., 0., 1.])
     """
     latlon = _as_float_array(latlon, "latlon")
-    _check_last_dim(latlon, 2, "latlon")
+    check_last_dim(latlon, 2, "latlon")
     xp = _backend(latlon)
     lat = latlon[..., 0]
     # One reduction checks both columns (NaN fails the comparison), the message only on
@@ -80,7 +84,7 @@ def xyz_to_latlon(xyz):
     On the poles lon is 0. ``atan2`` keeps full precision near the poles, where asin does not.
     """
     xyz = _as_float_array(xyz, "xyz")
-    _check_last_dim(xyz, 3, "xyz")
+    check_last_dim(xyz, 3, "xyz")
     xp = _backend(xyz)
     x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
     r = xp.hypot(x, y) if xp is np else torch.hypot(x, y)
@@ -114,8 +118,8 @@ def great_circle_km(a, b, radius_km: float = EARTH_RADIUS_KM):
     10007.557
     """
     a, b = _as_float_array(a, "a"), _as_float_array(b, "b")
-    _check_last_dim(a, 2, "a")
-    _check_last_dim(b, 2, "b")
+    check_last_dim(a, 2, "a")
+    check_last_dim(b, 2, "b")
     xp = _backend(a)
     if xp is torch and not isinstance(b, torch.Tensor):
         b = torch.as_tensor(b, dtype=a.dtype, device=a.device)

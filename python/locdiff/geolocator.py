@@ -28,11 +28,13 @@ from locdiff.extras import require
 
 def find_encoder_spec(run_dir) -> Path | None:
     """The encoder.json a run records (see the module docstring), or None."""
+    from locdiff.run import CONFIG_FILE
+
     run = Path(run_dir)
     if (run / SPEC_FILE).is_file():
         return run / SPEC_FILE
     try:
-        data = json.loads((run / "config.json").read_text()).get("data", {})
+        data = json.loads((run / CONFIG_FILE).read_text()).get("data", {})
     except (OSError, ValueError, AttributeError):
         return None
     emb = data.get("embeddings") if isinstance(data, dict) else None
@@ -108,7 +110,7 @@ class Geolocator:
 
     def embed(self, paths, batch_size: int = 32, progress: bool = True):
         """(embeddings (n, D) float32, names of the images read, skipped [(path, reason)]),
-        with a progress bar on stderr (``progress``): a CPU takes seconds per photo."""
+        with a progress bar on stderr (``progress``)."""
         from tqdm.auto import tqdm
 
         from locdiff.images import find_images

@@ -115,7 +115,8 @@ def _legendre_table(theta: torch.Tensor, nlat: int, degree: int) -> torch.Tensor
     return shdd_api.legendre_table(theta, (nlat + 1) // 2, degree)
 
 
-def _next_pow2(n: float) -> int:
+def next_pow2(n: float) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
@@ -153,7 +154,7 @@ def equiangular(nlat: int, nlon: int | None = None) -> Grid:
     [67.5, -180.0]
     """
     nlat = _check_size(nlat, "nlat", 2)
-    nlon = _next_pow2(2 * nlat) if nlon is None else _check_size(nlon, "nlon", 3)
+    nlon = next_pow2(2 * nlat) if nlon is None else _check_size(nlon, "nlon", 3)
     edges = torch.arange(nlat + 1, dtype=torch.float64) * (math.pi / nlat)
     theta = (edges[:-1] + edges[1:]) / 2
     ring_area = (edges[:-1].cos() - edges[1:].cos()) * (2 * math.pi / nlon)
@@ -164,7 +165,7 @@ def gauss_legendre(nlat: int, nlon: int | None = None) -> Grid:
     """Rings at the Gauss-Legendre nodes in cos(colatitude); cell area = weight * 2 pi / nlon
     (exact quadrature of band-limited products up to degree 2 nlat - 1 in latitude)."""
     nlat = _check_size(nlat, "nlat", 2)
-    nlon = _next_pow2(2 * nlat) if nlon is None else _check_size(nlon, "nlon", 3)
+    nlon = next_pow2(2 * nlat) if nlon is None else _check_size(nlon, "nlon", 3)
     x, w = np.polynomial.legendre.leggauss(nlat)
     z = torch.from_numpy(x[::-1].copy())  # north to south
     theta = torch.arccos(z.clamp(-1, 1))
@@ -220,7 +221,7 @@ def ring_shape(degree: int, oversample: float = 1.0) -> tuple[int, int]:
     """``(nlat, nlon)`` of the ring grid :func:`for_degree` builds, without building it."""
     h = half_max_radius(degree) / oversample
     nlat = max(4, math.ceil(math.pi / h))
-    return nlat + nlat % 2, max(8, _next_pow2(2 * math.pi / h))
+    return nlat + nlat % 2, max(8, next_pow2(2 * math.pi / h))
 
 
 __all__ = ["Grid", "KINDS", "equiangular", "fibonacci", "for_degree", "gauss_legendre", "half_max_radius"]

@@ -33,7 +33,7 @@ import torch
 
 from locdiff import shdd
 from locdiff.baselines.knn import NeighbourIndex, log_vmf_mixture
-from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_latlon
+from locdiff.geo import EARTH_RADIUS_KM, cos_of_km, great_circle_km, latlon_to_xyz, xyz_to_latlon
 from locdiff.metrics import check_latlon
 from locdiff.selection import MIN_GAIN, clearly_better
 
@@ -56,7 +56,7 @@ def lobe_width(coeffs: torch.Tensor, temperature: float) -> float:
     degree = shdd.degree_of(coeffs.shape[-1])
     if not len(coeffs) or degree == 0:
         return math.pi
-    peak = float(coeffs.norm(dim=-1).max()) * math.sqrt(coeffs.shape[-1] / (4 * math.pi)) / temperature
+    peak = float(shdd.peak_bound(coeffs, temperature).max())
     return 2.0 / math.sqrt(max(peak, 1e-12) * degree * (degree + 2))
 
 
@@ -189,16 +189,22 @@ class Hybrid:
         return torch.cat(out) if out else mu.new_empty(mu.shape[:2])
 
     @staticmethod
-    def _log_r(part: dict, xyz: torch.Tensor, cfg: HybridConfig) -> torch.Tensor:
-        """log of the retrieval factor ``(1 - w) / (4 pi) + w sum_j a_j vMF(x; mu_j)``."""
+    def _log_weights(part: dict, cfg: HybridConfig) -> tuple[torch.Tensor, float]:
+        """(log a_j (b, k), the neighbours' weights; log of the 'anywhere' weight
+        ``(1 - w) / (4 pi)``)."""
         log_a = torch.log_softmax(part["sim"][:, :cfg.neighbours] / cfg.temperature, 1)
-        mu = part["mu"][:, :cfg.neighbours]
         w = cfg.weight
-        base = torch.full(xyz.shape[:2], math.log1p(-w) - math.log(4 * math.pi) if w < 1 else -math.inf,
-                          dtype=torch.float64)
-        if w == 0:
+        return log_a, math.log1p(-w) - math.log(4 * math.pi) if w < 1 else -math.inf
+
+    @classmethod
+    def _log_r(cls, part: dict, xyz: torch.Tensor, cfg: HybridConfig) -> torch.Tensor:
+        """log of the retrieval factor ``(1 - w) / (4 pi) + w sum_j a_j vMF(x; mu_j)``."""
+        log_a, base = cls._log_weights(part, cfg)
+        base = torch.full(xyz.shape[:2], base, dtype=torch.float64)
+        if cfg.weight == 0:
             return base
-        return torch.logaddexp(base, log_vmf_mixture(xyz, mu, log_a, cfg.kappa) + math.log(w))
+        mu = part["mu"][:, :cfg.neighbours]
+        return torch.logaddexp(base, log_vmf_mixture(xyz, mu, log_a, cfg.kappa) + math.log(cfg.weight))
 
     def _choose(self, parts, cfg: HybridConfig) -> torch.Tensor:
         out = []
@@ -214,20 +220,19 @@ class Hybrid:
             score = torch.cat([part["lq_x"], part["lq_mu"][:, :k]], 1) + self._log_r(part, cand, cfg)
             best = cand[torch.arange(len(cand)), score.argmax(1)]
             if cfg.snap_km > 0:
-                near = (mu @ best[:, :, None])[..., 0] >= math.cos(cfg.snap_km / EARTH_RADIUS_KM)
+                near = (mu @ best[:, :, None])[..., 0] >= cos_of_km(cfg.snap_km)
                 sim = part["sim"][:, :k].masked_fill(~near, -math.inf)
                 j = sim.argmax(1)
                 best = torch.where(near.any(1, keepdim=True), mu[torch.arange(len(mu)), j], best)
             out.append(best)
         return xyz_to_latlon(torch.cat(out)).numpy() if out else np.empty((0, 2))
 
-    @staticmethod
-    def _log_norm(part: dict, cfg: HybridConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    @classmethod
+    def _log_norm(cls, part: dict, cfg: HybridConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(log Z (b,), log of each neighbour's share ``w a_j E_j[q]`` (b, k), log of the
         'anywhere' weight ``(1 - w) / (4 pi)``)."""
         k, w = cfg.neighbours, cfg.weight
-        log_a = torch.log_softmax(part["sim"][:, :k] / cfg.temperature, 1)
-        base = math.log1p(-w) - math.log(4 * math.pi) if w < 1 else -math.inf
+        log_a, base = cls._log_weights(part, cfg)
         share = log_a + part["lq_vmf"][cfg.bandwidth_km][:, :k] + (math.log(w) if w > 0 else -math.inf)
         norm = torch.logaddexp(torch.logsumexp(share, 1), torch.full(share.shape[:1], base, dtype=share.dtype))
         return norm, share, base

@@ -17,6 +17,8 @@ from locdiff.geo import EARTH_RADIUS_KM, great_circle_km
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 GEOSCORE_SCALE_KM = 1492.7
+# Densities within this relative difference count as equal (search areas, credible regions).
+TIE = 1e-9
 EARTH_AREA_KM2 = 4 * math.pi * EARTH_RADIUS_KM ** 2
 # Area budgets of the RvA curve: from 1 km^2 to the whole Earth, log-spaced.
 RVA_MIN_KM2 = 1.0
@@ -142,12 +144,12 @@ def search_area_km2(prob, cell_area_sr, true_cell, log: bool = False) -> np.ndar
     if log:
         dens = prob - np.log(area)[None]
         true_d = dens[rows, true_cell][:, None]
-        tie = np.abs(dens - true_d) <= 1e-9 * np.maximum(1.0, np.abs(true_d))
+        tie = np.abs(dens - true_d) <= TIE * np.maximum(1.0, np.abs(true_d))
         tie |= (dens == -np.inf) & (true_d == -np.inf)
     else:
         dens = prob / area[None]
         true_d = dens[rows, true_cell][:, None]
-        tie = np.abs(dens - true_d) <= 1e-9 * np.abs(true_d)
+        tie = np.abs(dens - true_d) <= TIE * np.abs(true_d)
     # Cells denser than the truth's come first; cells of equal density (within rounding)
     # count half, the expected cost of searching them in random order.
     ahead = ((dens > true_d) & ~tie) * area[None] + 0.5 * tie * area[None]

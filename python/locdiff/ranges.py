@@ -63,7 +63,7 @@ def _ints(lo, hi, allow_empty=False):
 
 
 # Sizes a shared config file could set to anything: past these, building the network or the
-# schedule spun or allocated gigabytes before any message (widths 1e12, 1e8 bottleneck layers).
+# schedule would spin or allocate without bound before any message.
 MAX_WIDTH, MAX_DEPTH, MAX_TIMESTEPS = 1 << 16, 64, 100_000
 
 

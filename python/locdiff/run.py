@@ -32,6 +32,7 @@ from locdiff.models import CSUNet, CSUNetConfig
 from locdiff.ops import validation
 
 CONFIG_FILE = "config.json"
+TOML_FILE = "train.toml"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 SCHEDULE_KEY = "schedule.alphas_cumprod"  # in checkpoints, beside the weights
 # config.json's record of the step whose final validation and calibration completed: a
@@ -370,7 +371,7 @@ def check_schedule(tensors: dict, path, config: RunConfig) -> None:
 
 def _check_degree(sd: dict, path, config: RunConfig) -> None:
     # Before the network is built: a config.json saying degree 2000 beside degree-4 weights
-    # took gigabytes first.
+    # would build a network of that degree first.
     bias = sd.get("out.bias")
     if bias is not None and (bias.ndim != 1 or bias.shape[0] != config.model.dim):
         held = math.isqrt(bias.shape[0]) - 1 if bias.ndim == 1 else f"? (out.bias of shape {tuple(bias.shape)})"

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from locdiff.data.files import DataError, atomic_write_bytes
-from locdiff.run import CHECKPOINT_FILE, saved_checkpoints
+from locdiff.run import CHECKPOINT_FILE, CONFIG_FILE, TOML_FILE, saved_checkpoints
+from locdiff.trainlog import METRICS_FILE
 
 LOCK_FILE = "locdiff.lock"
 BEST_FILE = "checkpoint-best.safetensors"
@@ -126,7 +127,7 @@ def run_files(run_dir) -> list[Path]:
     folder = Path(run_dir)
     if not folder.is_dir():
         return []
-    named = [folder / name for name in ("config.json", "train.toml", "metrics.jsonl")]
+    named = [folder / name for name in (CONFIG_FILE, TOML_FILE, METRICS_FILE)]
     return [p for p in named if p.exists()] + [folder / name for name in saved_checkpoints(folder)]
 
 

@@ -92,12 +92,10 @@ def training_bytes(config, degree: int, rows: int) -> int:
 
 
 def kl_grid_points(degree: int, sharpness: float, oversample: float) -> int:
-    """Points of the SHDD-KL grid, sized as :func:`locdiff.diffusion.losses.kl_grid` sizes it
-    (computed here, so that nothing is built for a degree that does not fit)."""
-    std = 1.85 / ((degree + 1) * math.sqrt(sharpness))
-    nlat = max(8, math.ceil(oversample * math.pi / std))
-    nlat += nlat % 2
-    return nlat * (1 << (2 * nlat - 1).bit_length())
+    """Points of the SHDD-KL grid (nothing is built for a degree that does not fit)."""
+    from locdiff.diffusion.losses import kl_grid_shape
+
+    return math.prod(kl_grid_shape(degree, sharpness, oversample))
 
 
 def available_bytes(device) -> tuple[int | None, str]:

@@ -92,7 +92,7 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
     compute_dtype = xyz.dtype if xyz.dtype in (torch.float32, torch.float64) else torch.float32
     flat = xyz
     if xyz.ndim != 2 or xyz.dtype != compute_dtype or not xyz.is_contiguous():
-        # Only when needed: each of these costs microseconds even as a no-op.
+        # Only when needed: each costs a call even as a no-op (docs/kernels.md, "Per-call costs").
         flat = xyz.reshape(n, 3).to(compute_dtype).contiguous()
     if out is not None and backend != "triton" and out.dtype == compute_dtype and out.is_contiguous():
         ops_sh.spherical_harmonics(flat, degree, backend, out.view(n, K))

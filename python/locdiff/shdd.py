@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from locdiff import grids
-from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+from locdiff.geo import EARTH_RADIUS_KM, cos_of_km, latlon_to_xyz, xyz_to_latlon
 from locdiff.ops import shdd_api, validation
+from locdiff.ops.candidates import FIRST_ZERO
 from locdiff.sh import spherical_harmonics
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -152,9 +153,8 @@ def _normalizer_grid(grid, degree: int, t: float, *coeffs: torch.Tensor) -> grid
     """``grid``, or the default grid of the normalisers for the sharpest row of ``coeffs``."""
     if grid is not None:
         return _grid(grid, degree)
-    # |f(x)| <= |c| sqrt(K / 4 pi) (Cauchy-Schwarz; an exact SHDD reaches it at its point).
-    norm = max((float(c.detach().norm(dim=-1).max()) for c in coeffs if c.numel()), default=0.0)
-    want = max(NORMALIZER_OVERSAMPLE, 0.65 * math.sqrt(norm * math.sqrt(exact_peak(degree)) / t))
+    peak = max((float(peak_bound(c, t).max()) for c in coeffs if c.numel()), default=0.0)
+    want = max(NORMALIZER_OVERSAMPLE, 0.65 * math.sqrt(peak))
     fitting = _normalizer_oversamples(degree)
     chosen = next((o for o in fitting if o >= want), fitting[-1])
     return grids.for_degree(degree, NORMALIZER_KIND, oversample=chosen)
@@ -264,9 +264,8 @@ def _per_coefficient(per_degree: torch.Tensor, degree: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _heat_kernel_weights(degree: int, smoothing: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """smoothing_factors for a bandwidth, per coefficient: a training loop encodes its
-    targets with one bandwidth every step, and building these took longer than the
-    harmonics at training batch sizes. Read-only by use: encode only multiplies by it."""
+    """smoothing_factors for a bandwidth, per coefficient, cached: a training loop encodes its
+    targets with one bandwidth every step. Read-only by use: encode only multiplies by it."""
     return _per_coefficient(smoothing_factors(degree, smoothing, dtype=dtype, device=device), degree)
 
 
@@ -364,7 +363,7 @@ def ascend(coeffs, latlon, *, backend: str | None = None):
 def default_separation_km(degree: int) -> float:
     """Default minimum distance between top-k modes: the first zero of the degree-L kernel
     (about 376 km x 64 / L on Earth)."""
-    return 0.059 * 64 / max(degree, 1) * EARTH_RADIUS_KM
+    return FIRST_ZERO / max(degree, 1) * EARTH_RADIUS_KM
 
 
 def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, refine: bool = True,
@@ -396,7 +395,7 @@ def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, 
         # Each of the 4k + 8 candidates holds about eight float64 numbers on the way.
         validation.check_allocation((flat.shape[0], 4 * k + 8, 8), torch.float64, flat.device,
                                     f"top_k's candidates for k = {k}", "ask for fewer modes (k)")
-        cos_sep = math.cos(min(sep_km / EARTH_RADIUS_KM, math.pi))
+        cos_sep = cos_of_km(sep_km)
         xyz, vals = shdd_api.top_k(flat, _grid_args(grid, degree, flat.device), degree, k, cos_sep, refine, backend)
         # A value can overflow to +inf at a real mode (coefficients near 1e307); -inf marks none.
         latlon = torch.where((vals > -torch.inf)[..., None], xyz_to_latlon(xyz), torch.nan)
@@ -481,11 +480,12 @@ def log_density_at(coeffs, latlon, grid=None, temperature: float = 1.0):
 KL_MAX_EXPONENT = 1e12
 
 
-def kl_exponent_bound(flat: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A bound on max |f| / t of each row (B,): |f(x)| <= ||c|| sqrt(K / 4 pi) for every x
-    (the addition theorem), float64."""
-    k = flat.shape[-1]
-    return flat.detach().double().norm(dim=-1) * (math.sqrt(k / (4 * math.pi)) / temperature)
+def peak_bound(coeffs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """A bound on max |f| / t of each row of ``coeffs`` (..., K), float64: |f(x)| <= ||c||
+    sqrt(K / 4 pi) for every x (Cauchy-Schwarz and the addition theorem; an exact SHDD
+    reaches it at its point)."""
+    k = coeffs.shape[-1]
+    return coeffs.detach().double().norm(dim=-1) * (math.sqrt(k / (4 * math.pi)) / temperature)
 
 
 def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reduction: str = "mean"):
@@ -510,7 +510,7 @@ def kl_divergence(pred, target, *, grid=None, temperature: float = 1.0, reductio
     t = check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    bp, bq = kl_exponent_bound(p, t), kl_exponent_bound(q, t)
+    bp, bq = peak_bound(p, t), peak_bound(q, t)
     both = torch.cat([bp, bq.to(bp)])
     if both.numel() and float(both.max()) > KL_MAX_EXPONENT:  # one reduction, one device sync for both
         name, bound = ("pred", bp) if bp.numel() and float(bp.max()) > KL_MAX_EXPONENT else ("target", bq)

@@ -39,13 +39,12 @@ from locdiff.devices import resolve_device
 from locdiff.diffusion import EMA, diffusion_loss
 from locdiff.models import CSUNet
 from locdiff.optim import adamw
-from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, FINISHED_KEY, TOML_VERSION, PredictConfig, RunConfig,
+from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, FINISHED_KEY, TOML_FILE, TOML_VERSION, PredictConfig, RunConfig,
                          TrainConfig, check_schedule, checkpoint_bytes, finished_step, parse_checkpoint,
                          read_checkpoint_bytes, read_config, restore, saved_checkpoints, write_config)
 
 __all__ = ["PredictConfig", "RunConfig", "TrainConfig", "TrainResult", "calibrate", "lr_factor", "train"]
 
-TOML_FILE = "train.toml"
 # Consecutive steps with a NaN or infinite loss after which a run counts as diverged.
 MAX_NONFINITE_STEPS = 20
 # Validation sets from this many rows on get a line before each validation.
@@ -552,7 +551,7 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
         state.update(step=step, elapsed_s=elapsed(), recent=list(recent), world_size=world, accumulate=tc.accumulate)
         return checkpoint_bytes(net, ema, opt, state, schedule)
 
-    # In a job's log (no terminal) a line every 30 s, not one a step: a million steps wrote 86 MB.
+    # In a job's log (no terminal) a line every 30 s, not one a step, which would fill the log.
     bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not (progress and main),
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
     stack.callback(bar.close)

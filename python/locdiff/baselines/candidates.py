@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 import torch
 
-from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+from locdiff.geo import cos_of_km, latlon_to_xyz, xyz_to_latlon
 
 
 def check_count(value, name: str) -> int:
@@ -50,7 +50,7 @@ def separated_top_k(xyz: torch.Tensor, scores: torch.Tensor, k: int, min_separat
     kept = torch.full((n, k, 3), math.nan, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.long)
     rows = torch.arange(n)
-    cos_sep = math.cos(min(sep / EARTH_RADIUS_KM, math.pi))
+    cos_sep = cos_of_km(sep)
     for m in range(xyz.shape[1]):
         c = xyz[:, m]
         close = ((kept @ c[:, :, None])[..., 0] > cos_sep) & (torch.arange(k) < count[:, None])

@@ -43,8 +43,8 @@ def _unit_rows(a, name: str, offset: int = 0) -> torch.Tensor:
 
 def _check_mixture_args(k, temperature, kappa=None) -> None:
     """ValueError naming the first of ``k`` (int >= 1), ``temperature`` (> 0) and ``kappa``
-    (>= 0, 0 being the uniform density) that is out of range: k = 0 gave -inf densities,
-    temperature 0 NaN weights, and a negative temperature silently favoured dissimilar places."""
+    (>= 0, 0 being the uniform density) that is out of range: k = 0 gives no density,
+    temperature 0 NaN weights, and a negative temperature favours dissimilar places."""
     check_count(k, "k")
     if isinstance(temperature, bool) or not (isinstance(temperature, (int, float, np.number))
                                              and math.isfinite(temperature) and temperature > 0):
@@ -54,8 +54,8 @@ def _check_mixture_args(k, temperature, kappa=None) -> None:
         raise ValueError(f"kappa must be a finite number >= 0, got {kappa!r}")
 
 
-# Similarities held at once in a search (floats): a 2M-place gallery against 256 queries
-# took 2 GB, against 2,048 16 GB; blocks of the gallery keep it to 256 MB.
+# Similarities held at once in a search (floats, 256 MB): blocks of the gallery keep a
+# multi-million-row gallery's search within it, whatever the query batch.
 MAX_BLOCK = 1 << 26
 # Results kept for queries searched again (LocDiff-H's answer, ranking and scores each
 # search the same rows): at most this many (row, neighbour) pairs, 12 bytes each (400 MB),
@@ -67,8 +67,8 @@ class NeighbourIndex:
     """Cosine-similarity search over a gallery of (embedding, location) pairs, ``batch``
     queries at a time against blocks of the gallery (at most MAX_BLOCK similarities held),
     the results of recent searches kept for the same queries (CACHE_PAIRS). ``device``: where
-    the gallery is held and searched (a GPU searches a multi-million-row gallery in minutes
-    where a CPU takes hours); results come back on the CPU."""
+    the gallery is held and searched (a GPU, for multi-million-row galleries); results come
+    back on the CPU."""
 
     def __init__(self, emb, coords, batch: int = 2048, device=None):
         from locdiff.ops.validation import check_device

@@ -251,7 +251,7 @@ def check_finite_embeddings(path, chunk: int = 65_536) -> None:
         raise DataError(f"{path}: row {bad[0]} of the embeddings {bad[1]}")
 
 
-# Files from this many rows on get a line before they are read and checked (a minute at 5 M).
+# Files from this many rows on get a line before they are read and checked (that takes a while).
 LOAD_NOTE_ROWS = 1_000_000
 
 

@@ -90,10 +90,17 @@ def kl_grid(degree: int, sharpness: float, oversample: float = 0.5):
     kappa = 16 that holds from spacing 2 std, oversample 0.5)."""
     from locdiff import grids
 
+    return grids.gauss_legendre(*kl_grid_shape(degree, sharpness, oversample))
+
+
+def kl_grid_shape(degree: int, sharpness: float, oversample: float = 0.5) -> tuple[int, int]:
+    """``(rings, points per ring)`` of :func:`kl_grid`, without building it."""
+    from locdiff import grids
+
     std = 1.85 / ((degree + 1) * math.sqrt(sharpness))
     nlat = max(8, math.ceil(oversample * math.pi / std))
     nlat += nlat % 2
-    return grids.gauss_legendre(nlat, grids._next_pow2(2 * nlat))
+    return nlat, grids.next_pow2(2 * nlat)
 
 
 def sample_timesteps(b: int, n: int, power: float, device, generator=None) -> torch.Tensor:
@@ -114,7 +121,7 @@ def shdd_kl(pred: torch.Tensor, target: torch.Tensor, degree: int, cfg: Diffusio
 
     t = kl_temperature(degree, cfg.kl_sharpness)
     # A NaN or infinity makes its row's bound non-finite: one reduction (one sync) checks both.
-    bound = shdd.kl_exponent_bound(pred.reshape(-1, pred.shape[-1]), t)
+    bound = shdd.peak_bound(pred.reshape(-1, pred.shape[-1]), t)
     if not bool((bound <= shdd.KL_MAX_EXPONENT).all()):
         nan = pred.sum() * float("nan")  # keeps the graph: backward runs, the step is skipped
         return nan if reduction != "none" else nan.expand(pred.shape[:-1])

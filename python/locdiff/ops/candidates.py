@@ -20,10 +20,12 @@ import torch
 from torch import Tensor
 
 
-# A polar ring within this many radians x degree of its pole spans less than the kernel's
-# first-zero radius (top_k's default separation, 3.78 / L): it holds at most one mode, and
-# the scans keep only its best maximum (docs/kernels.md, "Decode").
-POLAR_RING_REACH = 0.059 * 64 / 2
+# The degree-L SHDD kernel's first zero lies about FIRST_ZERO / L radians from its point
+# (top_k's default separation). A polar ring within POLAR_RING_REACH / L radians of its pole
+# spans less than that: it holds at most one mode, and the scans keep only its best maximum
+# (docs/kernels.md, "Decode").
+FIRST_ZERO = 0.059 * 64
+POLAR_RING_REACH = FIRST_ZERO / 2
 
 
 def one_mode_per_polar_ring(theta: Tensor, degree: int) -> bool:

@@ -76,7 +76,8 @@ def check_float_tensor(x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
 
 
-def check_last_dim(x: torch.Tensor, size: int, name: str) -> None:
+def check_last_dim(x, size: int, name: str) -> None:
+    """A ValueError naming ``x`` (a tensor or array) unless its last dimension is ``size``."""
     if x.ndim == 0 or x.shape[-1] != size:
         raise ValueError(f"{name} must have shape (..., {size}), got {tuple(x.shape)}")
 
