@@ -416,7 +416,7 @@ def test_device_the_kernels_cannot_use(files, tmp_path, capsys, device, fragment
 
 
 @pytest.mark.parametrize("hybrid, fragment", [
-    ({"weight": 2.0}, "config.json: predict.hybrid: weight must be in [0, 1], got 2.0"),
+    ({"weight": 2.0}, "config.json: predict.hybrid: weight must be a number in [0, 1], got 2.0"),
     ({"foo": 1}, "config.json: predict.hybrid has an unknown key 'foo'"),
     ([1, 2], "config.json: predict.hybrid = [1, 2]: expected a table"),
 ])

@@ -12,6 +12,32 @@ from locdiff.hybrid import Hybrid, HybridConfig
 PARIS, LYON = np.array([48.8566, 2.3522]), np.array([45.764, 4.8357])
 
 
+@pytest.mark.parametrize("field,value,fragment", [
+    ("neighbours", True, "neighbours must be an int >= 1, got True"),
+    ("neighbours", 0, "neighbours must be an int >= 1, got 0"),
+    ("neighbours", 2.5, "neighbours must be an int >= 1, got 2.5"),
+    ("temperature", "0.05", "temperature must be a positive finite number, got '0.05'"),
+    ("temperature", 0.0, "temperature must be a positive finite number, got 0.0"),
+    ("bandwidth_km", float("nan"), "bandwidth_km must be a positive finite number, got nan"),
+    ("weight", 1.5, "weight must be a number in [0, 1], got 1.5"),
+    ("weight", float("nan"), "weight must be a number in [0, 1], got nan"),
+    ("weight", None, "weight must be a number in [0, 1], got None"),
+    ("snap_km", float("inf"), "snap_km must be a finite number >= 0, got inf"),
+])
+def test_hybrid_settings_out_of_range_name_the_setting(field, value, fragment):
+    with pytest.raises(ValueError) as err:
+        HybridConfig(**{field: value})
+    assert fragment in str(err.value)
+
+
+def test_hybrid_settings_take_numpy_numbers_as_plain_ones():
+    import json
+
+    cfg = HybridConfig(neighbours=np.int64(4), weight=np.float32(0.5), bandwidth_km=np.int64(25))
+    assert type(cfg.neighbours) is int and type(cfg.weight) is float and type(cfg.bandwidth_km) is float
+    json.dumps(cfg.to_dict())
+
+
 def _model(points, degree=16):
     """A model density: the mean SHDD of some points (a smooth bump around them)."""
     return shdd.encode(np.asarray(points, np.float64), degree).mean(0)[None]

@@ -29,6 +29,7 @@ def test_resampled_medians_are_numpy_medians_of_the_resampled_errors():
     expected = [np.median(np.repeat(errors, w)) for w in weights]
     np.testing.assert_allclose(I._weighted_medians(errors, weights), expected)
     assert I.median_intervals({"m": [1.0, 2, 3, 4]}, [0, 0, 0, 0], reps=20)["m"]["interval_km"] == [2.5, 2.5]
+    assert I.median_intervals({"m": [1.0, 2, 3, 4]}, [0, 0, 0, 0], reps=np.int64(20))["m"]["interval_km"] == [2.5, 2.5]
 
 
 def test_interval_covers_the_true_median_at_about_the_level():
@@ -80,6 +81,7 @@ def test_same_seed_same_interval():
     (dict(errors_km={"m": [1.0]}, groups=[]), ["groups", "non-empty"]),
     (dict(errors_km={"m": [1.0]}, groups=[0], reference="x"), ["reference", "'x'", "['m']"]),
     (dict(errors_km={"m": [1.0]}, groups=[0], reps=0), ["reps", "0"]),
+    (dict(errors_km={"m": [1.0]}, groups=[0], reps=True), ["reps", "True"]),
     (dict(errors_km={"m": [1.0]}, groups=[0], level=1.5), ["level", "1.5"]),
 ])
 def test_bad_input_names_the_argument(kwargs, words):

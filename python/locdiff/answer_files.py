@@ -9,15 +9,13 @@ written atomically.
 from __future__ import annotations
 
 import base64
-import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from locdiff.answers import level_label
-from locdiff.data.files import atomic_write_bytes
+from locdiff.data.files import atomic_write_bytes, atomic_write_csv
 from locdiff.extras import require
 
 CSV_FIELDS = ("input", "rank", "lat", "lon", "probability", "country", "country_code", "region", "place",
@@ -40,14 +38,13 @@ def _csv_text(text: str) -> str:
 def write_csv(path, answers) -> None:
     """One line per (input, mode); the credible areas and radii repeat on each line."""
     cred = [f"{name}_{level_label(q)}" for q in answers.levels for name in ("area_km2", "radius_km")]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([*CSV_FIELDS, "other_probability", *cred])
-    for rec in answers.records():
-        tail = [rec["other_probability"]] + [v for c in rec["credible"].values() for v in c.values()]
-        for m in rec["modes"] or [{}]:
-            w.writerow([_csv_text(rec["input"]), *(m.get(f, "") for f in CSV_FIELDS[1:]), *tail])
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+    def rows():
+        for rec in answers.records():
+            tail = [rec["other_probability"]] + [v for c in rec["credible"].values() for v in c.values()]
+            for m in rec["modes"] or [{}]:
+                yield [_csv_text(rec["input"]), *(m.get(f, "") for f in CSV_FIELDS[1:]), *tail]
+    atomic_write_csv(path, [*CSV_FIELDS, "other_probability", *cred], rows())
 
 
 def _data_url(path: Path, mime: str) -> str:

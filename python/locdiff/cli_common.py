@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from locdiff.data.files import DataError
+from locdiff.errors import DataError
 
 # What each optional feature imports, and the pip requirement that brings it.
 OPTIONAL = {

@@ -4,7 +4,6 @@ in whole prediction batches (each keeps the seed it has in one process, so the m
 output equals a single process's) and rank 0 writes one output in input order."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 
 from locdiff import distributed
 from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, check_dim, require_packages
-from locdiff.data.files import DataError, atomic_write_bytes, check_finite_embeddings, load_pair, open_embeddings
+from locdiff.data.files import DataError, atomic_write_json, check_finite_embeddings, load_pair, open_embeddings
 from locdiff.runfolder import check_output_file
 from locdiff.run import CONFIG_FILE
 
@@ -178,7 +177,7 @@ def cmd_evaluate(args) -> int:
     m["settings"] = {**pred.settings(**sampling), "hybrid": hybrid.config.to_dict() if hybrid else None,
                      "batch_size": pred.config.predict.batch_size, "seed": args.seed}
     m["run"] = _provenance(args.run)
-    atomic_write_bytes(out, (json.dumps(m, indent=2) + "\n").encode())
+    atomic_write_json(out, m)
     print(format_table({"LocDiff-H" if hybrid else "LocDiff": m}))
     nominal = " (LocDiff-H's regions: nominal mass, not calibrated)" if hybrid else \
         "" if pred.credible(**sampling) else " (regions of nominal mass: not calibrated)"

@@ -46,7 +46,7 @@ def _run_config_text(out: Path) -> tuple[str | None, bool]:
     (only its lock and temporaries: True), or raises the same error as rank 0."""
     from locdiff.run import CONFIG_FILE
     from locdiff.runfolder import LOCK_FILE, entries_besides_lock
-    from locdiff.train import check_resumable
+    from locdiff.resume import check_resumable
 
     data = None
     if distributed.is_main():

@@ -23,7 +23,8 @@ import types
 import typing
 from pathlib import Path, PurePath
 
-from locdiff.data.files import DataError, not_a_file
+from locdiff.data.files import not_a_file
+from locdiff.errors import DataError
 
 if sys.version_info >= (3, 11):
     import tomllib

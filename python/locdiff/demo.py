@@ -12,16 +12,13 @@ metrics JSON, every method's per-place answers and a map.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from locdiff.data.files import atomic_write_bytes
+from locdiff.data.files import atomic_write_csv, atomic_write_json
 from locdiff.geo import EARTH_RADIUS_KM
 
 BUDGET_ENV = "LOCDIFF_DEMO_MINUTES"
@@ -90,13 +87,9 @@ def _baselines(tr, va, te, budget_min: float, log, seed: int = 0, separation_km:
 
 def _write_predictions(path: Path, texts, truth, preds: dict) -> None:
     """One row per test place: its text, the truth and every point method's answer."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["text", "lat", "lon", *(f"{name} {c}" for name in preds for c in ("lat", "lon"))])
     cols = np.concatenate([np.asarray(truth), *(np.asarray(q) for q in preds.values())], 1)
-    for text, row in zip(texts, cols):
-        w.writerow([text, *(f"{v:.5f}" for v in row)])
-    atomic_write_bytes(path, buf.getvalue().encode())
+    atomic_write_csv(path, ["text", "lat", "lon", *(f"{name} {c}" for name in preds for c in ("lat", "lon"))],
+                     ([text, *(f"{v:.5f}" for v in row)] for text, row in zip(texts, cols)))
 
 
 def run_demo(out, split: str = "regions", device: str | None = None, budget_minutes: float | None = None,
@@ -195,7 +188,7 @@ def run_demo(out, split: str = "regions", device: str | None = None, budget_minu
               "data_seconds": round(t_data, 1), "baseline_seconds": round(t_base, 1),
               "eval_seconds": round(t_eval, 1), "wall_seconds": round(wall, 1),
               "threads": torch.get_num_threads(), "config": pred.config.to_dict()}
-    atomic_write_bytes(out / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_json(out / "metrics.json", report)
     log("")
     log(format_table(rows))
     log("")

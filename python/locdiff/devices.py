@@ -1,7 +1,7 @@
 """Which torch device a command runs on, from what the user asked for."""
 from __future__ import annotations
 
-from locdiff.data.files import DataError
+from locdiff.errors import DataError
 
 
 def resolve_device(device: str | None = None):

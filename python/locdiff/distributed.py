@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from locdiff.data.files import DataError
+from locdiff.errors import DataError
 
 DEFAULT_TIMEOUT_S = 600.0
 

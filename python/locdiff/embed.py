@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from locdiff.data.files import DataError, atomic_save_npy, atomic_write_bytes
+from locdiff.data.files import (DataError, atomic_replace, atomic_save_npy, atomic_write_bytes, atomic_write_csv,
+                                atomic_write_json)
 from locdiff.devices import resolve_device
 from locdiff.encoder import DEFAULT_MODEL, SPEC_FILE, Encoder, canonical_model, vision_config
 from locdiff.images import find_images, ignored_message
@@ -139,11 +140,7 @@ def _load_state(out: Path, log) -> list[dict]:
 
 
 def _write_csv(path: Path, header, rows) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8", errors=PATH_ERRORS))
+    atomic_write_csv(path, header, rows, errors=PATH_ERRORS)
 
 
 def _append_manifest(out: Path, rows: list[list]) -> None:
@@ -234,7 +231,7 @@ def _embed_locked(files, ignored, out, model, pretrained, batch_size, shard_size
         encoder = encoder or Encoder.load(model, pretrained, device)
         if spec is None:
             spec = {**encoder.spec, "dtype": dtype}
-            atomic_write_bytes(out / SPEC_FILE, (json.dumps(spec, indent=2) + "\n").encode())
+            atomic_write_json(out / SPEC_FILE, spec)
         _embed_todo(encoder, todo, out, rows, res, batch_size, shard_size, np.dtype(dtype), progress, log)
     _write_coords(out, rows, res.embedded > 0, log)
     res.rows, res.geotagged = len(rows), sum(1 for r in rows if r["lat"] != "")
@@ -345,15 +342,13 @@ def _write_coords(out: Path, rows: list[dict], changed: bool, log) -> None:
     sub.mkdir(exist_ok=True)
     emb = open_embeddings(out)
     idx = np.array([i for i, _ in geo])
-    target = sub / "embeddings.npy"
-    tmp = sub / f".embeddings.{os.getpid()}.npy.tmp"
     # Copied in chunks through a memory map, so a large collection never sits in RAM.
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=emb.dtype, shape=(len(idx), emb.shape[1]))
-    for i in range(0, len(idx), 65_536):
-        arr[i:i + 65_536] = emb[idx[i:i + 65_536]]
-    arr.flush()
-    del arr
-    os.replace(tmp, target)
+    with atomic_replace(sub / "embeddings.npy") as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=emb.dtype, shape=(len(idx), emb.shape[1]))
+        for i in range(0, len(idx), 65_536):
+            arr[i:i + 65_536] = emb[idx[i:i + 65_536]]
+        arr.flush()
+        del arr
     _write_csv(sub / COORDS, header, table)
     atomic_write_bytes(sub / SPEC_FILE, (out / SPEC_FILE).read_bytes())
     log(f"{len(geo)} of {len(rows)} images have EXIF GPS: copied their embeddings to {sub} for training")

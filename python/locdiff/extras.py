@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from locdiff.data.files import DataError
+from locdiff.errors import DataError
 
 EXTRA = "photos"
 

@@ -24,6 +24,7 @@ from locdiff.answers import LEVELS, answer_first_modes, summarize, top_k_limit
 from locdiff.data.files import DataError, embeddings_float32, embeddings_ok, first_bad_embedding, load_pair
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
 from locdiff.extras import require
+from locdiff.ops.validation import check_int
 
 
 def find_encoder_spec(run_dir) -> Path | None:
@@ -147,8 +148,7 @@ class Geolocator:
             raise ValueError(f"top_k must be an int in [1, {cap}] (the most separate modes a degree-"
                              f"{self.predictor.degree} run reports), got {top_k!r}")
         top_k = int(top_k)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1 (photos embedded at once), got {batch_size!r}")
+        check_int(batch_size, "batch_size", note=" (photos embedded at once)")
         t = self.predictor.settings(**sampling)["temperature"]  # checked before any photo is read
         skipped = []
         if _is_paths(inputs):

@@ -141,9 +141,7 @@ def _ring_grid(kind, theta: torch.Tensor, ring_area: torch.Tensor, nlon: int) ->
 
 
 def _check_size(n, name: str, minimum: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {n!r}")
-    return int(n)
+    return validation.check_int(n, name, minimum)
 
 
 def equiangular(nlat: int, nlon: int | None = None) -> Grid:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -35,6 +36,7 @@ from locdiff import shdd
 from locdiff.baselines.knn import NeighbourIndex, log_vmf_mixture
 from locdiff.geo import EARTH_RADIUS_KM, cos_of_km, great_circle_km, latlon_to_xyz, xyz_to_latlon
 from locdiff.metrics import check_latlon
+from locdiff.ops.validation import check_int
 from locdiff.selection import MIN_GAIN, clearly_better
 
 # The tangent-plane rule for E_j[q]: nodes out to RULE_EXTENT vMF standard deviations
@@ -104,16 +106,15 @@ class HybridConfig:
     snap_km: float = 10.0
 
     def __post_init__(self):
-        if not (isinstance(self.neighbours, int) and self.neighbours >= 1):
-            raise ValueError(f"neighbours must be an int >= 1, got {self.neighbours!r}")
-        for name in ("temperature", "bandwidth_km"):
+        object.__setattr__(self, "neighbours", check_int(self.neighbours, "neighbours"))  # (frozen)
+        for name, ok, expected in (("temperature", lambda v: v > 0, "a positive finite number"),
+                                   ("bandwidth_km", lambda v: v > 0, "a positive finite number"),
+                                   ("weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                                   ("snap_km", lambda v: v >= 0, "a finite number >= 0")):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-        if not 0 <= self.weight <= 1:
-            raise ValueError(f"weight must be in [0, 1], got {self.weight!r}")
-        if not (math.isfinite(self.snap_km) and self.snap_km >= 0):
-            raise ValueError(f"snap_km must be a finite number >= 0, got {self.snap_km!r}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and ok(v)):
+                raise ValueError(f"{name} must be {expected}, got {v!r}")
+            object.__setattr__(self, name, float(v))  # (frozen)
 
     @property
     def kappa(self) -> float:

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from locdiff.ops.validation import check_int
+
 
 def _weighted_medians(errors: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Median of ``errors`` (N,) under each row of integer ``weights`` (R, N) -> (R,): as
@@ -48,8 +50,7 @@ def median_intervals(errors_km: Mapping[str, object], groups, reference: str | N
         errors[name] = e
     if reference is not None and reference not in errors:
         raise ValueError(f"reference must be one of {sorted(errors)}, got {reference!r}")
-    if not (isinstance(reps, int) and reps >= 1):
-        raise ValueError(f"reps must be an int >= 1, got {reps!r}")
+    reps = check_int(reps, "reps")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
 

@@ -19,6 +19,7 @@ from locdiff import grids, shdd
 from locdiff.data.files import embeddings_float32, embeddings_ok, first_bad_embedding
 from locdiff.devices import resolve_device
 from locdiff.ops import validation
+from locdiff.ops.validation import check_int
 from locdiff.diffusion import guided, sample_ddim, sample_ddpm, split_prediction
 from locdiff.run import MODES, SAMPLERS, load_model
 from locdiff.ranges import MAX_GUIDANCE
@@ -107,8 +108,7 @@ class Predictor:
         if s["mode_of"] not in MODES:
             raise ValueError(f"mode_of must be one of {MODES}, got {s['mode_of']!r}")
         for name in ("steps", "samples"):
-            if isinstance(s[name], bool) or not isinstance(s[name], (int, np.integer)) or s[name] < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {s[name]!r}")
+            check_int(s[name], name)
         if s["sampler"] == "ddim" and s["steps"] > len(self.schedule):
             raise ValueError(f"steps must be in [1, {len(self.schedule)}] for DDIM (the run's diffusion timesteps), "
                              f"got {s['steps']}")
@@ -253,8 +253,7 @@ class Predictor:
         size and seed give the same answers, another seed an independent draw."""
         from tqdm.auto import tqdm
 
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0: no further modes), got {top_k!r}")
+        check_int(top_k, "top_k", 0, note=" (0: no further modes)")
         check_seed(seed)
         s = self.settings(**overrides)
         n = len(emb)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from locdiff.data.files import DataError
+from locdiff.errors import DataError
 
 # Classifier-free guidance weights accepted (config and Predictor): beyond, the guided vector
 # is the difference of two predictions scaled past float32's useful precision.

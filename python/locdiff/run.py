@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from locdiff.data.files import DataError, atomic_write_bytes
+from locdiff.data.files import DataError, atomic_write_json
 from locdiff.diffusion import EMA, DiffusionConfig, Schedule
 from locdiff.diffusion.schedules import REFERENCE_STEPS
 from locdiff.models import CSUNet, CSUNetConfig
@@ -170,7 +170,7 @@ def write_config(run_dir, config: RunConfig, extra: dict | None = None) -> None:
     d = config.to_dict()
     for k, v in (extra or {}).items():
         d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
-    atomic_write_bytes(Path(run_dir) / CONFIG_FILE, (json.dumps(d, indent=2) + "\n").encode())
+    atomic_write_json(Path(run_dir) / CONFIG_FILE, d)
 
 
 def config_from_raw(raw, source: str) -> RunConfig:

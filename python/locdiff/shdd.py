@@ -326,9 +326,7 @@ def decode(coeffs, *, refine: bool = True, grid=None, candidates: int = 4, backe
     flat, degree, lead, numpy = _check_coeffs(coeffs)
     grid = _grid(grid, degree)
     validation.check_backend(backend)
-    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
-        raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
-    candidates = int(candidates)
+    candidates = validation.check_int(candidates, "candidates")
     if flat.shape[0] == 0:
         return _out(torch.empty(*lead, 2, dtype=torch.float64, device=flat.device), numpy)
     _check_has_modes(flat)
@@ -379,9 +377,7 @@ def top_k(coeffs, k: int, min_separation_km: float | None = None, *, grid=None, 
     True
     """
     flat, degree, lead, numpy = _check_coeffs(coeffs)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    k = int(k)
+    k = validation.check_int(k, "k")
     if min_separation_km is not None and (isinstance(min_separation_km, (str, bytes, bool))
                                           or not isinstance(min_separation_km, numbers.Real)):
         raise TypeError(f"min_separation_km must be a real number or None, got {min_separation_km!r}")

@@ -17,17 +17,11 @@ import numpy as np
 import torch
 
 from locdiff.geo import cos_of_km, latlon_to_xyz, xyz_to_latlon
-
-
-def check_count(value, name: str) -> int:
-    """``value`` as an int >= 1 (numpy integers too), or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
+from locdiff.ops.validation import check_int
 
 
 def check_top_k_args(k, min_separation_km) -> tuple[int, float]:
-    check_count(k, "k")
+    check_int(k, "k")
     if isinstance(min_separation_km, bool) or not (isinstance(min_separation_km, numbers.Real)
                                                    and math.isfinite(min_separation_km) and min_separation_km >= 0):
         raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from locdiff.baselines.candidates import check_count, check_top_k_args, separated_top_k
+from locdiff.baselines.candidates import check_top_k_args, separated_top_k
+from locdiff.ops.validation import check_int
 from locdiff.baselines.mlp import check_training_pair, fit, mlp, predict_batches
 from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_latlon
 from locdiff.metrics import check_latlon
@@ -26,7 +27,7 @@ def spherical_kmeans(latlon, k: int, iters: int = 30, seed: int = 0) -> np.ndarr
     """``k`` unit-vector centres ``(k, 3)`` of the points (k-means++ seeding, cosine
     assignment, centres renormalised means)."""
     latlon = check_latlon(latlon, "latlon")
-    check_count(k, "k")
+    check_int(k, "k")
     if len(latlon) == 0:
         raise ValueError("latlon must hold at least one point")
     x = torch.as_tensor(latlon_to_xyz(latlon))
@@ -53,7 +54,7 @@ class GeocellClassifier:
 
     def __init__(self, cells: int = 512, widths=(1024, 1024), dropout: float = 0.2,
                  smoothing_km: float = 100.0, label_smoothing: float = 0.0, seed: int = 0):
-        check_count(cells, "cells")
+        check_int(cells, "cells")
         self.cells, self.widths, self.dropout = int(cells), tuple(widths), float(dropout)
         self.smoothing_km, self.label_smoothing, self.seed = float(smoothing_km), float(label_smoothing), seed
         self.net = None

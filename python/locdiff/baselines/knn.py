@@ -14,7 +14,8 @@ import math
 import numpy as np
 import torch
 
-from locdiff.baselines.candidates import check_count, check_top_k_args, separated_top_k
+from locdiff.baselines.candidates import check_top_k_args, separated_top_k
+from locdiff.ops.validation import check_int
 from locdiff.geo import latlon_to_xyz, xyz_to_latlon
 from locdiff.metrics import check_latlon
 
@@ -45,7 +46,7 @@ def _check_mixture_args(k, temperature, kappa=None) -> None:
     """ValueError naming the first of ``k`` (int >= 1), ``temperature`` (> 0) and ``kappa``
     (>= 0, 0 being the uniform density) that is out of range: k = 0 gives no density,
     temperature 0 NaN weights, and a negative temperature favours dissimilar places."""
-    check_count(k, "k")
+    check_int(k, "k")
     if isinstance(temperature, bool) or not (isinstance(temperature, (int, float, np.number))
                                              and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import io
+import json
 import os
 import re
 import tempfile
@@ -21,9 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """A data file is missing, malformed or inconsistent; the message names the file."""
+from locdiff.errors import DataError
 
 
 def not_a_file(path) -> str | None:
@@ -54,9 +54,12 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it, so a
-    killed process leaves either the old file or the new one, never half of one."""
+@contextlib.contextmanager
+def atomic_replace(path):
+    """Yields a temporary path beside ``path`` (``.NAME.XXXXXXXX.tmp``) to write; when the
+    block ends it is synced and becomes ``path`` (``os.replace``), and when the block fails
+    it is removed: a killed process leaves either the old file or the new one, never half of
+    one. A failed write is a DataError naming ``path``."""
     path = Path(path)
     if path.is_symlink():  # write where the link points, and keep the link
         path = Path(os.path.realpath(path))
@@ -64,10 +67,10 @@ def atomic_write_bytes(path, data: bytes) -> None:
     prefix = f".{path.name}." if len(os.fsencode(path.name)) <= 230 else ".locdiff-write."
     with _write_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
+            yield Path(tmp)
+            with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             # mkstemp creates 0600 files; give the result the permissions of a normal file.
             os.chmod(tmp, _umask_mode())
@@ -75,6 +78,12 @@ def atomic_write_bytes(path, data: bytes) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_replace`."""
+    with atomic_replace(path) as tmp:
+        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager
@@ -90,19 +99,25 @@ def _write_errors(path: Path):
             from None
 
 
+def atomic_write_csv(path, header, rows, errors: str = "strict") -> None:
+    """A CSV of ``header`` and ``rows`` (lines ending in \\n, UTF-8 with ``errors``) written
+    through :func:`atomic_replace`."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8", errors=errors))
+
+
+def atomic_write_json(path, obj) -> None:
+    """``obj`` as indented JSON with a final newline, written through :func:`atomic_replace`."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
 def atomic_save_npy(path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    with _write_errors(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, array)
-            os.chmod(tmp, _umask_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    """``np.save`` through :func:`atomic_replace`."""
+    with atomic_replace(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
 
 
 class ShardedArray:
@@ -393,21 +408,25 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[int]]:
 
 def write_coords_csv(path, latlon: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
     """Write ``lat,lon`` (plus ``extra`` columns) atomically."""
-    import io
-
-    buf = io.StringIO()
     cols = ["lat", "lon"] + list(extra or {})
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
     ex = [np.asarray(v) for v in (extra or {}).values()]
     # Further coordinates (lat_1, lon_1, ...) as the answer's: 6 decimals, about 0.1 m.
     degrees = [re.fullmatch(r"(lat|lon)_\d+", c) is not None for c in cols[2:]]
-    for i in range(len(latlon)):
-        w.writerow([f"{latlon[i, 0]:.6f}", f"{latlon[i, 1]:.6f}"] + [_fmt(e[i], d) for e, d in zip(ex, degrees)])
-    atomic_write_bytes(path, buf.getvalue().encode())
+    atomic_write_csv(path, cols, ([f"{latlon[i, 0]:.6f}", f"{latlon[i, 1]:.6f}"]
+                                  + [_fmt(e[i], d) for e, d in zip(ex, degrees)] for i in range(len(latlon))))
 
 
 def _fmt(v, degrees: bool = False) -> str:
     if isinstance(v, (float, np.floating)):
         return f"{v:.6f}" if degrees else f"{v:.6g}"
     return str(v)
+
+
+def gather_rows(emb, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of ``emb`` (an array, a memmap or shards) as float32, in that order:
+    read sorted, so that memory-mapped files are read sequentially."""
+    order = np.argsort(idx)
+    rows = np.asarray(emb[idx[order]], dtype=np.float32)
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out

@@ -10,10 +10,11 @@ with ``abar_t = prod_{s<=t} (1 - beta_s)``, timesteps ``t = 0 .. n-1``.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
+
+from locdiff.ops.validation import check_int
 
 
 @dataclass
@@ -48,9 +49,7 @@ def _from_betas(betas: torch.Tensor) -> Schedule:
 
 
 def _check_steps(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n (the number of timesteps) must be an int >= 1, got {n!r}")
-    return int(n)
+    return check_int(n, "n (the number of timesteps)")
 
 
 # The published schedules have 1,000 steps. A schedule of n steps takes n points of the same

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import torch
 from torch.autograd import forward_ad
 
@@ -74,6 +75,14 @@ def check_float_tensor(x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
+
+
+def check_int(value, name: str, minimum: int = 1, note: str = "") -> int:
+    """``value`` as an int (numpy integers too, not bools) of at least ``minimum``, or a
+    ValueError naming ``name`` (``note``: what it counts, in the message)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{note}, got {value!r}")
+    return int(value)
 
 
 def check_last_dim(x, size: int, name: str) -> None:
