@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from locdiff.baselines import GeocellClassifier, KnnDensity, knn_predict, knn_top_k
-from locdiff.baselines.candidates import separated_top_k
+from locdiff.top_answers import separated_top_k
 from locdiff.geo import great_circle_km, latlon_to_xyz
 from locdiff.metrics import best_of_k_metrics, distance_metrics
 

@@ -42,6 +42,7 @@ import torch
 from locdiff import grids, shdd
 from locdiff.geo import EARTH_RADIUS_KM, cos_of_km, great_circle_km, latlon_to_xyz
 from locdiff.extras import require
+from locdiff.top_answers import answer_first_top_k
 
 LEVELS = (0.5, 0.9)
 MAX_TOP_K = 100  # modes per answer at most, and never more than the sphere holds apart
@@ -192,8 +193,6 @@ def answer_first_modes(latlon, modes, min_separation_km: float) -> np.ndarray:
     """LocDiff's answers best first: the answer ``latlon`` (N, 2), then the top-k ``modes``
     (N, k, 2) in their order (highest first; NaN rows: none) that lie ``min_separation_km``
     from it and from each other -> (N, k, 2), NaN where fewer."""
-    from locdiff.baselines.candidates import answer_first_top_k
-
     modes = np.asarray(modes, np.float64)
     k = modes.shape[1]
     rank = np.where(np.isfinite(modes).all(2), k - 1.0 - np.arange(k), -np.inf)

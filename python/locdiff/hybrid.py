@@ -38,6 +38,7 @@ from locdiff.geo import EARTH_RADIUS_KM, cos_of_km, great_circle_km, latlon_to_x
 from locdiff.metrics import check_latlon
 from locdiff.ops.validation import check_int
 from locdiff.selection import MIN_GAIN, clearly_better
+from locdiff.top_answers import answer_first_top_k, check_top_k_args
 
 # The tangent-plane rule for E_j[q]: nodes out to RULE_EXTENT vMF standard deviations
 # (the vMF falls to e^-18 there), RULE_SPACING widths of the product of the vMF and q's
@@ -263,7 +264,6 @@ class Hybrid:
         (``answer``, :meth:`predict`'s when the caller has it, else computed here), then the
         model's ``modes`` (B, m, 2; NaN: none) and the gallery neighbours, ranked by p_H;
         NaN where fewer."""
-        from locdiff.baselines.candidates import answer_first_top_k, check_top_k_args
 
         k, sep = check_top_k_args(k, min_separation_km)
         cfg = config or self.config

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from locdiff.geo import EARTH_RADIUS_KM, great_circle_km
+from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 GEOSCORE_SCALE_KM = 1492.7
@@ -185,8 +185,6 @@ def rva_auc(search_km2) -> float:
 def density_metrics(prob, cell_area_sr, cell_xyz, true_latlon, log_density=None) -> dict[str, float]:
     """``rva_auc`` (and ``nll`` when ``log_density`` of the truths is given) for densities on a
     grid: ``prob`` (B, G), ``cell_area_sr`` (G,), ``cell_xyz`` (G, 3) cell centres."""
-    from locdiff.geo import latlon_to_xyz
-
     xyz = latlon_to_xyz(_np(true_latlon))
     cells = _np(cell_xyz)
     # The truth's cell is the nearest centre (largest dot product), in chunks to bound memory.

@@ -1,4 +1,5 @@
-"""Run folders: the run's settings (:class:`RunConfig`), device choice, and checkpoint I/O.
+"""Run folders: the run's settings (:class:`RunConfig`), config.json and checkpoint I/O, and
+loading a trained model.
 
 A run folder holds ``config.json`` (model, diffusion, training, data and prediction
 settings) and ``checkpoint.safetensors`` (weights, EMA weights, optimizer state; the training

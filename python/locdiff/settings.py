@@ -1,5 +1,6 @@
-"""Ranges of a run's settings, checked before anything is written or computed, and the
-largest SHDD degree whose training fits this machine's memory.
+"""A run's settings checked as a whole before anything is written or computed: their
+ranges (the rules of :mod:`locdiff.ranges`) and the largest SHDD degree whose training fits
+this machine's memory.
 
 Types are :mod:`locdiff.config`'s business; this module checks values: each failure is one
 :class:`SettingError` line naming the setting, its value and what is expected.

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from locdiff.baselines.candidates import check_top_k_args, separated_top_k
-from locdiff.ops.validation import check_int
 from locdiff.baselines.mlp import check_training_pair, fit, mlp, predict_batches
 from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_latlon
 from locdiff.metrics import check_latlon
+from locdiff.ops.validation import check_int
+from locdiff.top_answers import check_top_k_args, separated_top_k
 
 
 def spherical_kmeans(latlon, k: int, iters: int = 30, seed: int = 0) -> np.ndarray:

@@ -14,10 +14,10 @@ import math
 import numpy as np
 import torch
 
-from locdiff.baselines.candidates import check_top_k_args, separated_top_k
-from locdiff.ops.validation import check_int
-from locdiff.geo import latlon_to_xyz, xyz_to_latlon
+from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 from locdiff.metrics import check_latlon
+from locdiff.ops.validation import check_int
+from locdiff.top_answers import check_top_k_args, separated_top_k
 
 
 # Rows converted, checked and normalised at a time: a multi-million-row float16 gallery went
@@ -229,8 +229,6 @@ class KnnDensity:
     def fit(self, val_emb, val_coords, ks=(5, 10, 20, 50), temperatures=(0.01, 0.02, 0.05, 0.1, 0.2),
             bandwidths_km=(10, 25, 50, 100, 200, 400, 800)) -> "KnnDensity":
         """Choose ``k``, ``temperature`` and ``kappa`` by the lowest validation NLL (grid search)."""
-        from locdiff.geo import EARTH_RADIUS_KM
-
         sim, idx = self.index.search(val_emb, max(ks))
         x = torch.as_tensor(latlon_to_xyz(np.asarray(val_coords, np.float64)))[:, None, :]
         best = (math.inf, None)

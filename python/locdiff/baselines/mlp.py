@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from locdiff.metrics import check_latlon
 from locdiff.optim import adamw
 
 
@@ -95,8 +96,6 @@ def predict_batches(net: nn.Module | None, x, batch: int = 4096) -> torch.Tensor
 def check_training_pair(emb, coords) -> tuple[np.ndarray, np.ndarray]:
     """``(emb (N, D) float32, coords (N, 2) float64)`` of a learned baseline's fit, N >= 1,
     or a ValueError naming what is wrong (the row counts, a NaN, latitudes out of range)."""
-    from locdiff.metrics import check_latlon
-
     if np.ndim(emb) != 2 or len(emb) == 0:
         raise ValueError(f"emb must have shape (N, D) with N >= 1, got {tuple(np.shape(emb))}")
     x = np.asarray(emb, np.float32)

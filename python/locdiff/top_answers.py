@@ -1,7 +1,7 @@
-"""Top-k answers of the baselines, comparable with LocDiff's top-k modes (``shdd.top_k``):
-candidate locations taken best first, each kept only if it lies at least
-``min_separation_km`` from every one kept before it, so that k answers are k different
-places rather than k neighbours of one.
+"""Top-k answers of any method (the baselines', LocDiff-H's, LocDiff's answer before its
+modes), comparable with LocDiff's top-k modes (``shdd.top_k``): candidate locations taken
+best first, each kept only if it lies at least ``min_separation_km`` from every one kept
+before it, so that k answers are k different places rather than k neighbours of one.
 
 >>> import torch
 >>> xyz = torch.tensor([[[1.0, 0, 0], [1.0, 0.001, 0], [0, 1.0, 0]]], dtype=torch.float64)
