@@ -418,8 +418,9 @@ def test_a_time_bounded_run_decays_its_learning_rate_over_its_time(tmp_path):
     cfg = tiny_config(steps=1_000_000, batch_size=16, max_minutes=0.1, log_every=1, min_lr_ratio=0.0, warmup_steps=1)
     res = train(emb, coords, tmp_path / "run", cfg, progress=False)
     assert res.time_up
-    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-           if '"lr"' in line]
+    from locdiff.trainlog import read_metrics
+
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r]
     assert len(lrs) > 5 and lrs[1] > 0.5 * cfg.train.lr and lrs[-1] < 0.05 * cfg.train.lr
 
 
