@@ -14,6 +14,7 @@ import numpy as np
 
 from locdiff.data.files import DataError, gather_rows, not_a_file
 from locdiff.optim import lr_factor
+from locdiff.predict import SAMPLING
 from locdiff.run import (CHECKPOINT_FILE, CONFIG_FILE, RunConfig, TrainConfig, check_schedule, finished_step,
                          parse_checkpoint, read_checkpoint_bytes, read_config, saved_checkpoints)
 
@@ -36,7 +37,7 @@ def data_fingerprint(embeddings, coords) -> dict:
 # Settings a resumed run keeps: the network, the objective, and the prediction settings that
 # training does not calibrate (calibrated ones are set again at the end of the resumed run).
 KEPT_ON_RESUME = {"model": None, "diffusion": None,
-                  "predict": ("sampler", "steps", "samples", "guidance", "eta", "batch_size"),
+                  "predict": (*SAMPLING, "batch_size"),
                   "train": ("seed", "val_size")}  # which rows are held out for validation
 
 
