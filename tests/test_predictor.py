@@ -76,3 +76,19 @@ def test_a_seed_gives_an_independent_repeatable_draw():
             with pytest.raises(ValueError, match=f"seed must be an int in \\[0, 2\\^63 - 1\\], got {bad!r}"):
                 call()
     np.testing.assert_array_equal(p.sample(emb, seed=np.int64(3)), p.sample(emb, seed=3))
+
+
+def test_a_part_of_the_rows_is_predicted_as_in_the_whole():
+    # (torchrun's ranks each predict their part: cli_predict.sharded_predict)
+    from dataclasses import replace
+
+    p = _predictor(False)
+    p.config = replace(p.config, predict=replace(p.config.predict, batch_size=4))
+    emb = np.random.default_rng(1).normal(size=(11, 8)).astype(np.float32)
+    whole = p.predict(emb, top_k=2, sampler="ddpm", seed=5)
+    for part in (slice(4, 11), slice(0, 4), slice(8, 20), slice(12, 16)):
+        got = p.predict(emb, top_k=2, sampler="ddpm", seed=5, part=part)
+        for key, v in whole.items():
+            np.testing.assert_array_equal(got[key], v[part], err_msg=f"{key} {part}")
+    with pytest.raises(ValueError, match=r"part must start at a multiple of predict.batch_size \(4\)"):
+        p.predict(emb, part=slice(2, 6))

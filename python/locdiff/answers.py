@@ -309,7 +309,7 @@ def level_label(q: float) -> str:
 
 def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, levels=LEVELS, grid=None,
               geocode: bool = True, density: bool | int = False, min_separation_km: float | None = None,
-              cell_probabilities=None, coverage: dict | None = None) -> Answers:
+              cell_probabilities=None, coverage: dict | None = None, progress: bool = False) -> Answers:
     """:class:`Answers` for SHDD vectors ``coeffs`` (N, (L+1)^2) and their top-k ``modes``
     (N, k, 2) (``predict``'s ``topk_latlon``); ``latlon`` defaults to the first mode.
     ``cell_probabilities(rows, grid)`` -> (n, G) replaces the vectors' density by another
@@ -317,7 +317,10 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
     ``density``: True keeps every input's density on ``grid`` in ``.density``, an int n the
     first n inputs' (a map shows a few; each row holds the whole grid). ``coverage``: a record
     of :func:`locdiff.coverage.fit_levels` for these densities (a run's ``predict.credible``
-    entry): each level's region is the one that held that share of the validation places."""
+    entry): each level's region is the one that held that share of the validation places.
+    ``progress``: a bar over the inputs."""
+    from tqdm.auto import tqdm
+
     from locdiff.coverage import check_record, level_for
 
     c = torch.as_tensor(np.asarray(coeffs), dtype=torch.float64)
@@ -346,27 +349,27 @@ def summarize(coeffs, modes, temperature: float, latlon=None, names=None, *, lev
                                else cell_probabilities(rows, g))
 
     n = c.shape[0]
-    probs, areas, dens = [], [], []
+    # Outputs filled in place (docs/evaluation.md, "Memory on large sets").
+    prob, area = np.empty((n, m.shape[1])), np.empty((n, len(levels)))
+    dens = np.empty((min(keep, n), grid.size), np.float32) if keep else None
     # The basins climb on the 2x grid, but their masses are summed on the fine one: on the 2x
     # grid a sharp lobe's mass depends on where it falls between nodes (two equal modes came
     # out 0.62 / 0.38; tests/test_answers.py). Each fine cell joins its nearest coarse cell's basin.
     near = None if fine is grid else _nearest_cell(fine, grid)
     chunk = max(1, _CHUNK_CELLS // fine.size)
-    for i in range(0, n, chunk):
+    for i in tqdm(range(0, n, chunk), desc="answers", unit="batch", disable=not progress):
         rows = slice(i, i + chunk)
         p = cells(rows, fine)
         coarse = p if near is None else cells(rows, grid)
         owner = basin_owner(coarse, grid, m[rows], sep)
-        probs.append(basin_mass(p, fine, m[rows], sep, owner=owner if near is None else owner[:, near]))
-        areas.append(credible_area(p, fine, masses))
+        prob[rows] = basin_mass(p, fine, m[rows], sep, owner=owner if near is None else owner[:, near]).numpy()
+        area[rows] = credible_area(p, fine, masses).numpy()
         if i < keep:
-            dens.append(coarse[:keep - i].float())
-    prob = torch.cat(probs).numpy() if n else np.zeros((0, m.shape[1]))
-    area = torch.cat(areas).numpy() if n else np.zeros((0, len(levels)))
+            dens[rows] = coarse[:keep - i].float().numpy()
     latlon = m[:, 0].numpy() if latlon is None else np.asarray(latlon, np.float64)
     return Answers(names=list(names) if names is not None else [f"row {i}" for i in range(n)], latlon=latlon,
                    modes=m.numpy(), probability=prob, other=np.clip(1 - np.nansum(prob, 1), 0, 1),
                    area_km2=area, radius_km=cap_radius_km(area), levels=tuple(levels), masses=masses,
                    temperature=float(temperature), places=reverse_geocode_modes(m.numpy()) if geocode else None,
                    coeffs=c.numpy(),
-                   density=torch.cat(dens).numpy() if dens else None, grid=grid)
+                   density=dens if n else None, grid=grid)

@@ -123,25 +123,10 @@ def sharded_predict(pred, emb, top_k: int = 0, progress: bool = False, coeffs: b
     one process; rank 0 gets the merged outputs in input order, the others None."""
     if distributed.world_size() == 1:
         return pred.predict(emb, top_k=top_k, progress=progress, coeffs=coeffs, seed=seed, **sampling)
-    from locdiff import shdd
-    from locdiff.predict import batch_seed
-
     bs, n = pred.config.predict.batch_size, len(emb)
-    part = distributed.split_for_rank(-(-n // bs))
-    parts: dict = {"latlon": [], "coeffs": [], "topk_latlon": [], "topk_values": []}
-    for g in range(part.start * bs, min(part.stop * bs, n), bs):
-        c = pred.coefficients(emb[g:g + bs], seed=batch_seed(seed, g), **sampling)  # (read and cast there)
-        if coeffs:
-            parts["coeffs"].append(c.numpy())
-        parts["latlon"].append(pred.locate(c))
-        if top_k:
-            tl, tv = shdd.top_k(c.double(), top_k)
-            parts["topk_latlon"].append(np.asarray(tl))
-            parts["topk_values"].append(np.asarray(tv))
-    empty = {"latlon": (0, 2), "coeffs": (0, pred.config.model.dim), "topk_latlon": (0, top_k, 2),
-             "topk_values": (0, top_k)}
-    mine = {k: np.concatenate(v) if v else np.empty(empty[k], np.float32 if k == "coeffs" else np.float64)
-            for k, v in parts.items() if (top_k or not k.startswith("topk")) and (coeffs or k != "coeffs")}
+    batches = distributed.split_for_rank(-(-n // bs))
+    rows = slice(batches.start * bs, min(batches.stop * bs, n))
+    mine = pred.predict(emb, top_k=top_k, coeffs=coeffs, seed=seed, part=rows, **sampling)
     return distributed.gather_in_order(mine)
 
 
@@ -261,7 +246,7 @@ def _predict_embeddings(args, dev, out, png) -> int:
 
     extra = {}
     # One density pass per mode, after the predicting bar has ended: a bar for many rows.
-    for j in tqdm(range(k), desc="scoring modes", unit="mode", disable=len(latlon) < SCORE_BAR_ROWS):
+    for j in tqdm(range(k), desc="scoring modes", unit="mode", disable=not k or len(latlon) < SCORE_BAR_ROWS):
         extra[f"lat_{j + 1}"] = topk[:, j, 0]
         extra[f"lon_{j + 1}"] = topk[:, j, 1]
         extra[f"score_{j + 1}"] = _log_density(pred, hybrid, emb, res["coeffs"], topk[:, j])

@@ -80,9 +80,11 @@ def place_scores(cells, grid, coords, rows: int | None = None, progress: bool = 
 
     coords = np.asarray(coords, np.float64)[:rows]
     n, chunk = len(coords), max(1, (1 << 22) // grid.size)
-    scores = [hpd_scores(torch.as_tensor(cells(slice(i, min(i + chunk, n)), grid)), grid, coords[i:i + chunk])
-              for i in tqdm(range(0, n, chunk), desc="credible regions", unit="batch", disable=not progress)]
-    return torch.cat(scores).numpy() if scores else np.empty(0)
+    scores = np.empty(n)  # (filled in place: docs/evaluation.md, "Memory on large sets")
+    for i in tqdm(range(0, n, chunk), desc="credible regions", unit="batch", disable=not progress):
+        p = torch.as_tensor(cells(slice(i, min(i + chunk, n)), grid))
+        scores[i:i + chunk] = hpd_scores(p, grid, coords[i:i + chunk]).numpy()
+    return scores
 
 
 def validation_levels(cells, grid, coords, rows: int | None = None) -> dict:

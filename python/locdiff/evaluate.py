@@ -43,12 +43,12 @@ def _search_areas(grid_probabilities, true_latlon, log: bool = False, progress: 
     grid = _rva_grid()
     cells = grid.xyz.numpy()
     xyz = latlon_to_xyz(np.asarray(true_latlon, np.float64))
-    out = []
+    out = np.empty(len(xyz))  # (filled in place: docs/evaluation.md, "Memory on large sets")
     for i in tqdm(range(0, len(xyz), RVA_BATCH), desc="recall vs area", unit="batch", disable=not progress):
         prob = grid_probabilities(slice(i, i + RVA_BATCH), grid)
         cell = np.argmax(xyz[i:i + RVA_BATCH] @ cells.T, 1)
-        out.append(M.search_area_km2(prob, grid.area.numpy(), cell, log=log))
-    return np.concatenate(out) if out else np.empty(0)
+        out[i:i + RVA_BATCH] = M.search_area_km2(prob, grid.area.numpy(), cell, log=log)
+    return out
 
 
 def density_scores(coeffs, true_latlon, temperature: float = 1.0, progress: bool = False) -> dict:

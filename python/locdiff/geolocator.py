@@ -137,7 +137,7 @@ class Geolocator:
         among them is the density's for the probabilities and credible regions too. With the
         run's own settings and no gallery, each level's credible region is the one that held
         that share of the run's validation places (``.masses``: its mass; locdiff.coverage).
-        ``progress``: a bar while photos are embedded. ``geocode``: name each mode's country,
+        ``progress``: bars while photos are embedded, predicted and answered. ``geocode``: name each mode's country,
         region and place (needs reverse_geocode, of the photos extra); None: where installed."""
         if geocode is None:
             geocode = importlib.util.find_spec("reverse_geocode") is not None
@@ -174,7 +174,7 @@ class Geolocator:
         if len(emb) == 0:
             raise DataError("no image could be read: " + "; ".join(r for _, r in skipped[:3]) if skipped else
                             "no inputs: expected image paths or an (N, D) array with N >= 1")
-        out = self.predictor.predict(emb, top_k=top_k, **sampling)
+        out = self.predictor.predict(emb, top_k=top_k, progress=progress, **sampling)
         sep = shdd.default_separation_km(self.predictor.degree)
         if self.hybrid is None:
             latlon, cells = out["latlon"], None
@@ -188,7 +188,8 @@ class Geolocator:
             cells = lambda rows, grid: h.grid_probabilities(c[rows], t, emb[rows], grid)  # noqa: E731
         ans = summarize(out["coeffs"], modes, t, latlon=latlon, names=names, levels=levels, geocode=geocode,
                         density=density, cell_probabilities=cells,
-                        coverage=self.predictor.credible(**sampling) if self.hybrid is None else {})
+                        coverage=self.predictor.credible(**sampling) if self.hybrid is None else {},
+                        progress=progress)
         ans.skipped = skipped
         return ans
 

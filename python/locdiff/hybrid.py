@@ -35,6 +35,7 @@ import torch
 from locdiff import shdd
 from locdiff.baselines.knn import NeighbourIndex, log_vmf_mixture
 from locdiff.geo import EARTH_RADIUS_KM, cos_of_km, great_circle_km, latlon_to_xyz, xyz_to_latlon
+from locdiff.heap import release_free_memory
 from locdiff.metrics import check_latlon
 from locdiff.ops.validation import check_int
 from locdiff.selection import MIN_GAIN, clearly_better
@@ -154,8 +155,10 @@ class Hybrid:
     def _parts(self, coeffs, temperature: float, emb, points, neighbours: int, bandwidths_km=()):
         """Per batch of 256 rows, what every setting needs: similarities (b, k), gallery
         locations mu (b, k, 3), the extra points (b, P, 3) given by ``points(slice)``, log q
-        at mu and at the points, and for each of ``bandwidths_km`` log E_j[q] (b, k). A
-        generator: a single pass holds one batch's (tens of KB a row), not every row's."""
+        at mu and at the points, for each of ``bandwidths_km`` log E_j[q] (b, k), and the
+        batch's ``rows`` (a slice) of ``n``. A generator: a single pass holds one batch's
+        (tens of KB a row), not every row's, and fills its outputs in place
+        (docs/evaluation.md, "Memory on large sets")."""
         c_all = torch.as_tensor(np.asarray(coeffs)).double()
         if c_all.ndim != 2 or np.ndim(emb) != 2 or len(emb) != len(c_all):
             raise ValueError(f"coeffs (B, K) and emb (B, D) must have one row per query, got {tuple(c_all.shape)} "
@@ -172,10 +175,12 @@ class Hybrid:
                 flat = xyz.reshape(len(xyz), -1, 3)
                 v = shdd.values_at(c[rows, None], xyz_to_latlon(flat)) / temperature - logz[rows, None]
                 return v.reshape(xyz.shape[:-1])
-            part = {"sim": sim.double(), "mu": mu, "x": x, "lq_mu": log_q(mu), "lq_x": log_q(x), "lq_vmf": {}}
+            part = {"sim": sim.double(), "mu": mu, "x": x, "lq_mu": log_q(mu), "lq_x": log_q(x), "lq_vmf": {},
+                    "rows": sl, "n": len(c_all)}
             lobe = lobe_width(c, temperature) if bandwidths_km else math.pi
             for bw in bandwidths_km:
                 part["lq_vmf"][bw] = self._log_mean_q(log_q, mu, bw / EARTH_RADIUS_KM, lobe)
+            release_free_memory()
             yield part
 
     @staticmethod
@@ -185,10 +190,10 @@ class Hybrid:
         of the vMF and q's sharpest lobe, ``(bandwidth^-2 + lobe^-2)^-1/2``."""
         offsets, log_w = vmf_lattice(bandwidth, RULE_SPACING * (bandwidth ** -2 + lobe ** -2) ** -0.5)
         step = max(1, RULE_CHUNK // max(1, mu.shape[1] * len(offsets)))
-        out = []
+        out = mu.new_empty(mu.shape[:2])
         for i in range(0, len(mu), step):
-            out.append(torch.logsumexp(log_q(vmf_rule(mu[i:i + step], offsets), slice(i, i + step)) + log_w, -1))
-        return torch.cat(out) if out else mu.new_empty(mu.shape[:2])
+            out[i:i + step] = torch.logsumexp(log_q(vmf_rule(mu[i:i + step], offsets), slice(i, i + step)) + log_w, -1)
+        return out
 
     @staticmethod
     def _log_weights(part: dict, cfg: HybridConfig) -> tuple[torch.Tensor, float]:
@@ -208,13 +213,15 @@ class Hybrid:
         mu = part["mu"][:, :cfg.neighbours]
         return torch.logaddexp(base, log_vmf_mixture(xyz, mu, log_a, cfg.kappa) + math.log(cfg.weight))
 
-    def _choose(self, parts, cfg: HybridConfig) -> torch.Tensor:
-        out = []
+    def _choose(self, parts, cfg: HybridConfig) -> np.ndarray:
+        out = torch.empty(0, 3, dtype=torch.float64)
         for part in parts:
+            if not len(out):
+                out = torch.empty(part["n"], 3, dtype=torch.float64)
             if cfg.weight == 0:
                 # No retrieval: LocDiff-H is LocDiff, whose answer need not be the highest
                 # point of q among the gallery's places (it is the mode of the smoothed density).
-                out.append(part["x"][:, 0])
+                out[part["rows"]] = part["x"][:, 0]
                 continue
             k = cfg.neighbours
             mu = part["mu"][:, :k]
@@ -226,8 +233,8 @@ class Hybrid:
                 sim = part["sim"][:, :k].masked_fill(~near, -math.inf)
                 j = sim.argmax(1)
                 best = torch.where(near.any(1, keepdim=True), mu[torch.arange(len(mu)), j], best)
-            out.append(best)
-        return xyz_to_latlon(torch.cat(out)).numpy() if out else np.empty((0, 2))
+            out[part["rows"]] = best
+        return xyz_to_latlon(out).numpy() if len(out) else np.empty((0, 2))
 
     @classmethod
     def _log_norm(cls, part: dict, cfg: HybridConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -240,11 +247,13 @@ class Hybrid:
         return norm, share, base
 
     def _log_density(self, parts, cfg: HybridConfig) -> np.ndarray:
-        out = []
+        out = np.empty(0)
         for part in parts:
+            if not len(out):
+                out = np.empty(part["n"])
             norm, _, _ = self._log_norm(part, cfg)
-            out.append((part["lq_x"] + self._log_r(part, part["x"], cfg))[:, 0] - norm)
-        return torch.cat(out).numpy() if out else np.empty(0)
+            out[part["rows"]] = ((part["lq_x"] + self._log_r(part, part["x"], cfg))[:, 0] - norm).numpy()
+        return out
 
     @staticmethod
     def _points(latlon, rows: int, name: str):
@@ -274,12 +283,14 @@ class Hybrid:
             return np.empty((0, k, 2))
         found = torch.as_tensor(np.isfinite(modes).all(2))
         xyz = torch.as_tensor(latlon_to_xyz(np.nan_to_num(modes)))
-        cands, scores = [], []
+        m = modes.shape[1] + min(cfg.neighbours, len(self.index))
+        cand = torch.empty(len(modes), m, 3, dtype=torch.float64)
+        score = torch.empty(len(modes), m, dtype=torch.float64)
         for part in self._parts(coeffs, temperature, emb, lambda sl: xyz[sl], cfg.neighbours):
             c = torch.cat([part["x"], part["mu"][:, :cfg.neighbours]], 1)
-            cands.append(c)
-            scores.append(torch.cat([part["lq_x"], part["lq_mu"][:, :cfg.neighbours]], 1) + self._log_r(part, c, cfg))
-        cand, score = torch.cat(cands), torch.cat(scores)
+            cand[part["rows"]] = c
+            score[part["rows"]] = torch.cat([part["lq_x"], part["lq_mu"][:, :cfg.neighbours]], 1) \
+                + self._log_r(part, c, cfg)
         score[:, :modes.shape[1]][~found] = -math.inf
         return answer_first_top_k(answer, cand, score, k, sep)
 
@@ -297,18 +308,16 @@ class Hybrid:
         cfg = config or self.config
         none = lambda sl: torch.empty(len(np.asarray(coeffs)[sl]), 0, 3, dtype=torch.float64)  # noqa: E731
         parts = self._parts(coeffs, temperature, emb, none, cfg.neighbours, (cfg.bandwidth_km,))
-        out, row = [], 0
+        out = np.empty((len(np.asarray(coeffs)), grid.size))
         for part in parts:
-            b = len(part["sim"])
-            c = torch.as_tensor(np.asarray(coeffs[row:row + b])).double()
-            row += b
+            c = torch.as_tensor(np.asarray(coeffs[part["rows"]])).double()
             norm, share, base = self._log_norm(part, cfg)
             q = torch.as_tensor(shdd.density(c, grid, temperature))
             p = q * torch.exp(base - norm)[:, None] if math.isfinite(base) else torch.zeros_like(q)
             cell = (part["mu"][:, :cfg.neighbours] @ grid.xyz.T).argmax(-1)  # (b, k)
             p.scatter_add_(1, cell, torch.exp(share - norm[:, None]))
-            out.append(p.numpy())
-        return np.concatenate(out) if out else np.empty((0, grid.size))
+            out[part["rows"]] = p.numpy()
+        return out
 
     def fit(self, coeffs, temperature: float, emb, model_latlon, coords, objective: str = "nll",
             weights=(0.05, 0.2, 0.5, 0.8, 0.95), bandwidths_km=(10.0, 25.0, 75.0),

@@ -231,8 +231,11 @@ class Predictor:
             # Rows per chunk so that the (rows, grid) densities and their temporaries stay
             # within DENSITY_CHUNK_BYTES: at high degree the grid holds millions of points.
             step = max(1, min(256, DENSITY_CHUNK_BYTES // (3 * 8 * grid.size)))
-            c = torch.cat([shdd.project(shdd.density(c[i:i + step], grid, s["temperature"]), self.degree, grid)
-                           for i in range(0, len(c), step)]) if len(c) else c
+            smooth = torch.empty_like(c)  # (filled in place: docs/evaluation.md, "Memory on large sets")
+            for i in range(0, len(c), step):
+                p = shdd.density(c[i:i + step], grid, s["temperature"])
+                smooth[i:i + step] = shdd.project(p, self.degree, grid)
+            c = smooth
         cd = s["coarse_degree"]
         if cd is None or cd >= self.degree:
             return np.asarray(shdd.decode(c))
@@ -240,7 +243,7 @@ class Predictor:
         return np.asarray(shdd.ascend(c, start)[0])
 
     def predict(self, emb, top_k: int = 0, progress: bool = False, coeffs: bool = True, seed: int = 0,
-                **overrides) -> dict:
+                part: slice | None = None, **overrides) -> dict:
         """``{"latlon": (N, 2), "coeffs": (N, K)}`` numpy arrays (``coeffs=False``: without
         the vectors, K floats a row, which the answers alone do not need), plus ``"topk_latlon"``
         (N, k, 2) and ``"topk_values"`` (N, k) when ``top_k`` > 0: the function's distinct
@@ -250,30 +253,32 @@ class Predictor:
         ``overrides``: any setting of :class:`locdiff.run.PredictConfig` (sampler, steps,
         samples, guidance, eta, coarse_degree, mode_of, temperature). ``seed``: the noise of
         the batch from row i is drawn from :func:`batch_seed` (seed, i): the same file, batch
-        size and seed give the same answers, another seed an independent draw."""
+        size and seed give the same answers, another seed an independent draw. ``part``: the
+        rows ``start:stop`` of ``emb`` alone (``start`` a multiple of ``batch_size``), batched and
+        seeded as in the whole; N is then their number."""
         from tqdm.auto import tqdm
 
         check_int(top_k, "top_k", 0, note=" (0: no further modes)")
         check_seed(seed)
         s = self.settings(**overrides)
-        n = len(emb)
         bs = self.config.predict.batch_size
-        keep, lls, tks, tvs = [], [], [], []
+        lo, hi, _ = (part or slice(0, len(emb))).indices(len(emb))
+        if lo % bs and lo < hi:
+            raise ValueError(f"part must start at a multiple of predict.batch_size ({bs}), got {part!r}")
+        n = max(0, hi - lo)
+        # The outputs are filled in place (docs/evaluation.md, "Memory on large sets").
+        out = {"latlon": np.empty((n, 2))}
+        if coeffs:
+            out["coeffs"] = np.empty((n, self.config.model.dim), np.float32)
+        if top_k:
+            out["topk_latlon"], out["topk_values"] = np.empty((n, top_k, 2)), np.empty((n, top_k))
         for i in tqdm(range(0, n, bs), desc="predicting", unit="batch", disable=not progress):
-            c = self.coefficients(emb[i:i + bs], seed=batch_seed(seed, i),  # (read and cast there)
-                                  **{k: s[k] for k in SAMPLING})
+            rows = emb[lo + i:min(lo + i + bs, hi)]  # (read and cast in coefficients)
+            c = self.coefficients(rows, seed=batch_seed(seed, lo + i), **{k: s[k] for k in SAMPLING})
             if coeffs:
-                keep.append(c.numpy())
-            lls.append(self.locate(c, s["coarse_degree"], s["mode_of"], s["temperature"]))
+                out["coeffs"][i:i + bs] = c.numpy()
+            out["latlon"][i:i + bs] = self.locate(c, s["coarse_degree"], s["mode_of"], s["temperature"])
             if top_k:
                 tl, tv = shdd.top_k(c.double(), top_k)
-                tks.append(np.asarray(tl))
-                tvs.append(np.asarray(tv))
-        K = self.config.model.dim
-        out = {"latlon": np.concatenate(lls) if lls else np.empty((0, 2))}
-        if coeffs:
-            out["coeffs"] = np.concatenate(keep) if keep else np.empty((0, K), np.float32)
-        if top_k:
-            out["topk_latlon"] = np.concatenate(tks) if tks else np.empty((0, top_k, 2))
-            out["topk_values"] = np.concatenate(tvs) if tvs else np.empty((0, top_k))
+                out["topk_latlon"][i:i + bs], out["topk_values"][i:i + bs] = np.asarray(tl), np.asarray(tv)
         return out
