@@ -118,6 +118,17 @@ def test_atomic_writes(tmp_path):
     assert (tmp_path / "q.csv").read_text() == ("lat,lon,lat_1,lon_1,p_1\n-34.002255,-151.038123,-34.002255,"
                                                 "-151.038123,0.123457\n")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # A failed write names the file; an error reading another file in the block is its own.
+    from locdiff.data.files import DataError, atomic_replace
+
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        with atomic_replace(tmp_path / "c.bin") as tmp:
+            tmp.write_bytes(b"x")
+            open(tmp_path / "nothing-here")
+    with pytest.raises(DataError, match="c.bin: cannot be written"):
+        with atomic_replace(tmp_path / "c.bin") as tmp:
+            raise PermissionError(13, "Permission denied", str(tmp))
+    assert not (tmp_path / "c.bin").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_places_gazetteer_and_split():

@@ -89,6 +89,8 @@ def test_top_k_starts_with_the_answer_and_ranks_places_by_the_hybrid_density():
     assert great_circle_km(top[0, 1], sydney) < 1
     assert np.isnan(top[0, 2]).all() or great_circle_km(top[0, 2], top[0, 1]) >= 1000
     assert h.top_k(coeffs[:0], 5.0, emb[:0], mode[:0], np.asarray(modes)[:0], k=2).shape == (0, 2, 2)
+    with pytest.raises(ValueError, match=r"modes must have shape \(1, m, 2\), one row per query, got \(2, 3, 2\)"):
+        h.top_k(coeffs, 5.0, emb, mode, np.repeat(np.asarray(modes), 2, 0), k=2)
 
 
 def test_does_not_snap_to_a_gallery_place_the_model_rules_out():

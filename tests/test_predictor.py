@@ -92,3 +92,5 @@ def test_a_part_of_the_rows_is_predicted_as_in_the_whole():
             np.testing.assert_array_equal(got[key], v[part], err_msg=f"{key} {part}")
     with pytest.raises(ValueError, match=r"part must start at a multiple of predict.batch_size \(4\)"):
         p.predict(emb, part=slice(2, 6))
+    with pytest.raises(ValueError, match=r"part must be a slice of consecutive rows \(step 1\)"):
+        p.predict(emb, part=slice(0, 8, 2))

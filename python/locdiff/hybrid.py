@@ -277,6 +277,9 @@ class Hybrid:
         k, sep = check_top_k_args(k, min_separation_km)
         cfg = config or self.config
         modes = np.asarray(modes, np.float64)
+        if modes.ndim != 3 or len(modes) != len(np.asarray(coeffs)):
+            raise ValueError(f"modes must have shape ({len(np.asarray(coeffs))}, m, 2), one row per query, got "
+                             f"{modes.shape}")
         if answer is None:
             answer = self.predict(coeffs, temperature, emb, model_latlon, cfg)
         if not len(modes):

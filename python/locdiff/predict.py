@@ -262,7 +262,9 @@ class Predictor:
         check_seed(seed)
         s = self.settings(**overrides)
         bs = self.config.predict.batch_size
-        lo, hi, _ = (part or slice(0, len(emb))).indices(len(emb))
+        lo, hi, step = (part or slice(0, len(emb))).indices(len(emb))
+        if step != 1:
+            raise ValueError(f"part must be a slice of consecutive rows (step 1), got {part!r}")
         if lo % bs and lo < hi:
             raise ValueError(f"part must start at a multiple of predict.batch_size ({bs}), got {part!r}")
         n = max(0, hi - lo)

@@ -59,7 +59,8 @@ def atomic_replace(path):
     """Yields a temporary path beside ``path`` (``.NAME.XXXXXXXX.tmp``) to write; when the
     block ends it is synced and becomes ``path`` (``os.replace``), and when the block fails
     it is removed: a killed process leaves either the old file or the new one, never half of
-    one. A failed write is a DataError naming ``path``."""
+    one. A failed write is a DataError naming ``path``; an error reading another file in the
+    block is raised as it is."""
     path = Path(path)
     if path.is_symlink():  # write where the link points, and keep the link
         path = Path(os.path.realpath(path))
@@ -68,16 +69,17 @@ def atomic_replace(path):
     with _write_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
         os.close(fd)
-        try:
+    try:
+        with _write_errors(path, tmp):
             yield Path(tmp)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             # mkstemp creates 0600 files; give the result the permissions of a normal file.
             os.chmod(tmp, _umask_mode())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -87,12 +89,16 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def _write_errors(path: Path):
+def _write_errors(path: Path, tmp: str | None = None):
     """A failed write (a full disk or quota, a file-size limit, a read-only or forbidden
-    folder) as a DataError naming the file: free-space checks cannot foresee them all."""
+    folder) as a DataError naming the file: free-space checks cannot foresee them all. An
+    error naming another file than ``path`` or its temporary ``tmp`` (a source read while
+    writing) passes as it is."""
     try:
         yield
     except OSError as err:
+        if tmp is not None and err.filename is not None and os.fsdecode(err.filename) not in (str(path), tmp):
+            raise
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DataError(f"{path}: no space left to write it ({err.strerror}); free some space") from None
         raise DataError(f"{path}: cannot be written ({err.strerror or err}); lift the limit or write elsewhere") \
@@ -177,8 +183,8 @@ def open_embeddings(path) -> np.ndarray | ShardedArray:
     if not path.exists():
         raise DataError(f"{path}: embeddings file not found")
     if path.is_dir():
-        # Hidden files are never shards: a killed writer's temporary (".emb-000005.npy.x.npy")
-        # sorted first and shifted every row against the manifest.
+        # Hidden files are never shards: a killed writer's temporary (".emb-000005.npy.XXXX.tmp")
+        # would sort first and shift every row against the manifest.
         files = sorted(p for p in path.iterdir() if p.suffix == ".npy" and not p.name.startswith("."))
         if not files:
             raise DataError(f"{path}: folder holds no .npy shards")
