@@ -156,7 +156,7 @@ class Hybrid:
         """Per batch of 256 rows, what every setting needs: similarities (b, k), gallery
         locations mu (b, k, 3), the extra points (b, P, 3) given by ``points(slice)``, log q
         at mu and at the points, for each of ``bandwidths_km`` log E_j[q] (b, k), and the
-        batch's ``rows`` (a slice) of ``n``. A generator: a single pass holds one batch's
+        batch's ``rows`` (a slice). A generator: a single pass holds one batch's
         (tens of KB a row), not every row's, and fills its outputs in place
         (docs/evaluation.md, "Memory on large sets")."""
         c_all = torch.as_tensor(np.asarray(coeffs)).double()
@@ -176,7 +176,7 @@ class Hybrid:
                 v = shdd.values_at(c[rows, None], xyz_to_latlon(flat)) / temperature - logz[rows, None]
                 return v.reshape(xyz.shape[:-1])
             part = {"sim": sim.double(), "mu": mu, "x": x, "lq_mu": log_q(mu), "lq_x": log_q(x), "lq_vmf": {},
-                    "rows": sl, "n": len(c_all)}
+                    "rows": sl}
             lobe = lobe_width(c, temperature) if bandwidths_km else math.pi
             for bw in bandwidths_km:
                 part["lq_vmf"][bw] = self._log_mean_q(log_q, mu, bw / EARTH_RADIUS_KM, lobe)
@@ -213,11 +213,10 @@ class Hybrid:
         mu = part["mu"][:, :cfg.neighbours]
         return torch.logaddexp(base, log_vmf_mixture(xyz, mu, log_a, cfg.kappa) + math.log(cfg.weight))
 
-    def _choose(self, parts, cfg: HybridConfig) -> np.ndarray:
-        out = torch.empty(0, 3, dtype=torch.float64)
+    def _choose(self, parts, cfg: HybridConfig, n: int) -> np.ndarray:
+        """LocDiff-H's answers (n, 2) from the :meth:`_parts` of n rows."""
+        out = torch.empty(n, 3, dtype=torch.float64)
         for part in parts:
-            if not len(out):
-                out = torch.empty(part["n"], 3, dtype=torch.float64)
             if cfg.weight == 0:
                 # No retrieval: LocDiff-H is LocDiff, whose answer need not be the highest
                 # point of q among the gallery's places (it is the mode of the smoothed density).
@@ -234,7 +233,7 @@ class Hybrid:
                 j = sim.argmax(1)
                 best = torch.where(near.any(1, keepdim=True), mu[torch.arange(len(mu)), j], best)
             out[part["rows"]] = best
-        return xyz_to_latlon(out).numpy() if len(out) else np.empty((0, 2))
+        return xyz_to_latlon(out).numpy() if n else np.empty((0, 2))
 
     @classmethod
     def _log_norm(cls, part: dict, cfg: HybridConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -246,11 +245,10 @@ class Hybrid:
         norm = torch.logaddexp(torch.logsumexp(share, 1), torch.full(share.shape[:1], base, dtype=share.dtype))
         return norm, share, base
 
-    def _log_density(self, parts, cfg: HybridConfig) -> np.ndarray:
-        out = np.empty(0)
+    def _log_density(self, parts, cfg: HybridConfig, n: int) -> np.ndarray:
+        """log p_H (n,) at the points of the :meth:`_parts` of n rows."""
+        out = np.empty(n)
         for part in parts:
-            if not len(out):
-                out = np.empty(part["n"])
             norm, _, _ = self._log_norm(part, cfg)
             out[part["rows"]] = ((part["lq_x"] + self._log_r(part, part["x"], cfg))[:, 0] - norm).numpy()
         return out
@@ -264,7 +262,7 @@ class Hybrid:
         """The mode of p_H among the model's mode and the gallery neighbours -> (B, 2)."""
         cfg = config or self.config
         points = self._points(model_latlon, len(emb), "model_latlon")
-        return self._choose(self._parts(coeffs, temperature, emb, points, cfg.neighbours), cfg)
+        return self._choose(self._parts(coeffs, temperature, emb, points, cfg.neighbours), cfg, len(emb))
 
     def top_k(self, coeffs, temperature: float, emb, model_latlon, modes, k: int = 5,
               min_separation_km: float = 1000.0, config: HybridConfig | None = None,
@@ -302,7 +300,7 @@ class Hybrid:
         cfg = config or self.config
         parts = self._parts(coeffs, temperature, emb, self._points(latlon, len(emb), "latlon"), cfg.neighbours,
                             (cfg.bandwidth_km,))
-        return self._log_density(parts, cfg)
+        return self._log_density(parts, cfg, len(emb))
 
     def grid_probabilities(self, coeffs, temperature: float, emb, grid, config: HybridConfig | None = None) -> np.ndarray:
         """Cell probabilities ``(B, G)`` of p_H on ``grid``: the 'anywhere' part is the
@@ -350,10 +348,10 @@ class Hybrid:
                                     bandwidths_km)) if objective == "nll" else None
 
         def errors(cfg):
-            return np.asarray(great_circle_km(self._choose(at_mode, cfg), coords))
+            return np.asarray(great_circle_km(self._choose(at_mode, cfg, len(emb)), coords))
 
         def score(cfg):
-            return -float(np.mean(self._log_density(at_truth, cfg))) if objective == "nll" \
+            return -float(np.mean(self._log_density(at_truth, cfg, len(emb)))) if objective == "nll" \
                 else float(np.median(errors(cfg)))
 
         best = (math.inf, self.config)
