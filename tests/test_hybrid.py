@@ -291,3 +291,17 @@ def test_the_snap_stays_among_the_entries_near_the_answer():
                HybridConfig(neighbours=3, weight=0.5, temperature=0.05))
     out = h.predict(coeffs, 1.0, np.array([[1.0, 0.0]], np.float32), shdd.decode(coeffs))
     np.testing.assert_allclose(out[0], paris, atol=1e-6)
+
+
+def test_predict_and_top_k_show_bars_on_request_with_the_same_answers(capsys):
+    coeffs = np.repeat(_model([PARIS, LYON]), 300, 0)  # two batches of the gallery pass
+    mode = np.repeat(shdd.decode(coeffs[:1]), 300, 0)
+    modes = np.repeat(np.asarray(shdd.top_k(coeffs[:1], 2)[0]), 300, 0)
+    emb = np.tile(np.array([[1.0, 0.05]], np.float32), (300, 1))
+    h = Hybrid(np.eye(2, dtype=np.float32), np.stack([PARIS, LYON]), HybridConfig(neighbours=2, weight=0.5))
+    quiet = h.top_k(coeffs, 5.0, emb, mode, modes, k=2)
+    assert capsys.readouterr().err == ""
+    shown = h.top_k(coeffs, 5.0, emb, mode, modes, k=2, progress=True)
+    err = capsys.readouterr().err
+    assert "LocDiff-H answers" in err and "LocDiff-H top-k" in err and "2/2" in err
+    np.testing.assert_array_equal(shown, quiet)

@@ -269,10 +269,11 @@ def _answers(pred, hybrid, emb, res, k: int):
     if hybrid is None:
         return res["latlon"], answer_first_modes(res["latlon"], res["topk_latlon"], sep) if k else None
     tau = pred.config.predict.temperature
-    latlon = hybrid.predict(res["coeffs"], tau, emb, res["latlon"])
+    latlon = hybrid.predict(res["coeffs"], tau, emb, res["latlon"], progress=True)
     if not k:
         return latlon, None
-    topk = hybrid.top_k(res["coeffs"], tau, emb, res["latlon"], res["topk_latlon"], k, sep, answer=latlon)
+    topk = hybrid.top_k(res["coeffs"], tau, emb, res["latlon"], res["topk_latlon"], k, sep, answer=latlon,
+                        progress=True)
     return latlon, topk
 
 

@@ -140,7 +140,7 @@ def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress
             own = predictor.credible(**{k: v for k, v in kw.items() if k in SETTINGS})
             m.update(vector_coverage(c, tau, coords, own, progress))
     else:
-        m = M.distance_metrics(hybrid.predict(c, tau, emb, out["latlon"]), coords)
+        m = M.distance_metrics(hybrid.predict(c, tau, emb, out["latlon"], progress=progress), coords)
         if density:
             m.update(hybrid_density_scores(hybrid, c, tau, emb, coords, progress=progress))
             m.update(coverage_scores(lambda rows, g: hybrid.grid_probabilities(c[rows], tau, emb[rows], g),

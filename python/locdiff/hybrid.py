@@ -144,6 +144,10 @@ class HybridConfig:
         return asdict(self)
 
 
+def _bar(label: str, progress: bool) -> str | None:
+    return label if progress else None
+
+
 class Hybrid:
     """LocDiff-H over a gallery; see the module docstring."""
 
@@ -152,18 +156,21 @@ class Hybrid:
         self.index = index or NeighbourIndex(gallery_emb, gallery_coords, device=device)
         self.config = config or HybridConfig()
 
-    def _parts(self, coeffs, temperature: float, emb, points, neighbours: int, bandwidths_km=()):
+    def _parts(self, coeffs, temperature: float, emb, points, neighbours: int, bandwidths_km=(),
+               progress: str | None = None):
         """Per batch of 256 rows, what every setting needs: similarities (b, k), gallery
         locations mu (b, k, 3), the extra points (b, P, 3) given by ``points(slice)``, log q
         at mu and at the points, for each of ``bandwidths_km`` log E_j[q] (b, k), and the
         batch's ``rows`` (a slice). A generator: a single pass holds one batch's
         (tens of KB a row), not every row's, and fills its outputs in place
-        (docs/evaluation.md, "Memory on large sets")."""
+        (docs/evaluation.md, "Memory on large sets"). ``progress``: a bar's label, or None."""
+        from tqdm.auto import tqdm
+
         c_all = torch.as_tensor(np.asarray(coeffs)).double()
         if c_all.ndim != 2 or np.ndim(emb) != 2 or len(emb) != len(c_all):
             raise ValueError(f"coeffs (B, K) and emb (B, D) must have one row per query, got {tuple(c_all.shape)} "
                              f"and {tuple(np.shape(emb))}")
-        for i in range(0, len(c_all), 256):
+        for i in tqdm(range(0, len(c_all), 256), desc=progress, unit="batch", disable=progress is None):
             sl = slice(i, i + 256)
             c = c_all[sl]
             sim, idx = self.index.search(emb[sl], neighbours)
@@ -258,20 +265,21 @@ class Hybrid:
         xyz = torch.as_tensor(latlon_to_xyz(check_latlon(latlon, name, rows=rows)))
         return lambda sl: xyz[sl][:, None]
 
-    def predict(self, coeffs, temperature: float, emb, model_latlon, config: HybridConfig | None = None) -> np.ndarray:
+    def predict(self, coeffs, temperature: float, emb, model_latlon, config: HybridConfig | None = None,
+                progress: bool = False) -> np.ndarray:
         """The mode of p_H among the model's mode and the gallery neighbours -> (B, 2)."""
         cfg = config or self.config
         points = self._points(model_latlon, len(emb), "model_latlon")
-        return self._choose(self._parts(coeffs, temperature, emb, points, cfg.neighbours), cfg, len(emb))
+        bar = _bar("LocDiff-H answers", progress)
+        return self._choose(self._parts(coeffs, temperature, emb, points, cfg.neighbours, progress=bar), cfg, len(emb))
 
     def top_k(self, coeffs, temperature: float, emb, model_latlon, modes, k: int = 5,
               min_separation_km: float = 1000.0, config: HybridConfig | None = None,
-              answer=None) -> np.ndarray:
+              answer=None, progress: bool = False) -> np.ndarray:
         """LocDiff-H's first k answers ``min_separation_km`` apart -> ``(B, k, 2)``: its answer
         (``answer``, :meth:`predict`'s when the caller has it, else computed here), then the
         model's ``modes`` (B, m, 2; NaN: none) and the gallery neighbours, ranked by p_H;
-        NaN where fewer."""
-
+        NaN where fewer. ``progress``: show bars."""
         k, sep = check_top_k_args(k, min_separation_km)
         cfg = config or self.config
         modes = np.asarray(modes, np.float64)
@@ -279,7 +287,7 @@ class Hybrid:
             raise ValueError(f"modes must have shape ({len(np.asarray(coeffs))}, m, 2), one row per query, got "
                              f"{modes.shape}")
         if answer is None:
-            answer = self.predict(coeffs, temperature, emb, model_latlon, cfg)
+            answer = self.predict(coeffs, temperature, emb, model_latlon, cfg, progress)
         if not len(modes):
             return np.empty((0, k, 2))
         found = torch.as_tensor(np.isfinite(modes).all(2))
@@ -287,7 +295,8 @@ class Hybrid:
         m = modes.shape[1] + min(cfg.neighbours, len(self.index))
         cand = torch.empty(len(modes), m, 3, dtype=torch.float64)
         score = torch.empty(len(modes), m, dtype=torch.float64)
-        for part in self._parts(coeffs, temperature, emb, lambda sl: xyz[sl], cfg.neighbours):
+        for part in self._parts(coeffs, temperature, emb, lambda sl: xyz[sl], cfg.neighbours,
+                                progress=_bar("LocDiff-H top-k", progress)):
             c = torch.cat([part["x"], part["mu"][:, :cfg.neighbours]], 1)
             cand[part["rows"]] = c
             score[part["rows"]] = torch.cat([part["lq_x"], part["lq_mu"][:, :cfg.neighbours]], 1) \
