@@ -182,3 +182,20 @@ def test_bad_arguments(setup, tmp_path):
     bad.write_bytes(b"nope")
     with pytest.warns(UserWarning), pytest.raises(DataError, match="no image could be read: .*x.png"):
         geo.predict([bad])
+
+
+def test_a_memory_mapped_array_is_predicted_in_place_like_a_copy(setup, tmp_path):
+    d, _, run = setup
+    geo = Geolocator.from_run(run, device="cpu")
+    emb = np.asarray(open_embeddings(d / "E")[np.arange(4)], np.float16)
+    np.save(tmp_path / "q.npy", emb)
+    mapped = np.load(tmp_path / "q.npy", mmap_mode="r")  # read-only: nothing may write to it
+    from_map = geo.predict(mapped, top_k=2, geocode=False, progress=False)
+    from_copy = geo.predict(emb.astype(np.float32), top_k=2, geocode=False, progress=False)
+    np.testing.assert_array_equal(from_map.latlon, from_copy.latlon)
+    np.testing.assert_array_equal(from_map.modes, from_copy.modes)
+    bad = np.array(emb, np.float32)
+    bad[2, 5] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(DataError, match="row 2 of the embeddings is NaN or infinite"):
+        geo.predict(np.load(tmp_path / "bad.npy", mmap_mode="r"), geocode=False, progress=False)

@@ -21,7 +21,7 @@ import numpy as np
 
 from locdiff import shdd
 from locdiff.answers import LEVELS, answer_first_modes, summarize, top_k_limit
-from locdiff.data.files import DataError, embeddings_float32, embeddings_ok, first_bad_embedding, load_pair
+from locdiff.data.files import DataError, embeddings_float32, load_pair, scan_embeddings
 from locdiff.encoder import SPEC_FILE, Encoder, read_spec, spec_path_for_embeddings
 from locdiff.extras import require
 from locdiff.ops.validation import check_int
@@ -40,6 +40,11 @@ def find_encoder_spec(run_dir) -> Path | None:
         return None
     emb = data.get("embeddings") if isinstance(data, dict) else None
     return spec_path_for_embeddings(emb) if emb and Path(emb).exists() else None
+
+
+def _is_float_array(inputs) -> bool:
+    return isinstance(inputs, np.ndarray) and inputs.dtype in (np.float16, np.float32, np.float64) \
+        and inputs.ndim == 2
 
 
 def _is_paths(inputs) -> bool:
@@ -159,7 +164,8 @@ class Geolocator:
             if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
                 raise DataError("no inputs: expected image paths or an (N, D) array with N >= 1")
             try:
-                emb = embeddings_float32(inputs)
+                # A float numpy array (a memory map too) is read a batch at a time, not copied.
+                emb = inputs if _is_float_array(inputs) else embeddings_float32(inputs)
             except (TypeError, ValueError):
                 raise DataError(f"inputs: expected image paths, or an (N, D) array of embeddings, not a mix or "
                                 f"{type(inputs).__name__} of other things") from None
@@ -168,9 +174,9 @@ class Geolocator:
         if emb.ndim != 2 or emb.shape[1] != self.embedding_dim:
             raise DataError(f"embeddings of shape {tuple(emb.shape)}, but the run {self.run_dir} was trained on "
                             f"{self.embedding_dim}-dimensional ones")
-        if not embeddings_ok(emb):
-            row, what = first_bad_embedding(emb)
-            raise DataError(f"row {row} of the embeddings {what}")
+        bad = scan_embeddings(emb)
+        if bad:
+            raise DataError(f"row {bad[0]} of the embeddings {bad[1]}")
         if len(emb) == 0:
             raise DataError("no image could be read: " + "; ".join(r for _, r in skipped[:3]) if skipped else
                             "no inputs: expected image paths or an (N, D) array with N >= 1")
@@ -183,8 +189,9 @@ class Geolocator:
             # LocDiff-H: its answer, its ranking of the modes and gallery places, and its
             # density for the basins' probabilities and the credible regions.
             c, h = out["coeffs"], self.hybrid
-            latlon = h.predict(c, t, emb, out["latlon"])
-            modes = h.top_k(c, t, emb, out["latlon"], out["topk_latlon"], top_k, sep, answer=latlon)
+            latlon = h.predict(c, t, emb, out["latlon"], progress=progress)
+            modes = h.top_k(c, t, emb, out["latlon"], out["topk_latlon"], top_k, sep, answer=latlon,
+                            progress=progress)
             cells = lambda rows, grid: h.grid_probabilities(c[rows], t, emb[rows], grid)  # noqa: E731
         ans = summarize(out["coeffs"], modes, t, latlon=latlon, names=names, levels=levels, geocode=geocode,
                         density=density, cell_probabilities=cells,
