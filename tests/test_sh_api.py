@@ -442,3 +442,65 @@ def test_jacobians_in_reverse_mode_and_forward_mode_refused(rng):
             call()
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="xyz carries a forward-mode tangent"):
         f(fwAD.make_dual(x, torch.ones_like(x)))
+
+
+@pytest.mark.parametrize("in_dims", [0, 1])
+def test_vmap_maps_the_op_and_its_gradient_op_as_one_batch(in_dims, rng, recwarn):
+    # The batching rules (ops/sh.py) give what a loop over the samples gives, with no
+    # per-sample fallback (torch warns when it falls back).
+    from locdiff.ops import spherical_harmonics_backward_op
+
+    x = torch.from_numpy(rng.standard_normal((4, 5, 3)))
+    g = torch.from_numpy(rng.standard_normal((x.shape[1 - in_dims], 36)))  # one sample's points
+    looped = torch.stack([spherical_harmonics_op(s, 5) for s in x.unbind(in_dims)])
+    assert_close(torch.func.vmap(lambda s: spherical_harmonics_op(s, 5), in_dims=in_dims)(x), looped)
+    grads = torch.stack([spherical_harmonics_backward_op(s, g, 5) for s in x.unbind(in_dims)])
+    mapped = torch.func.vmap(lambda s: spherical_harmonics_backward_op(s, g, 5), in_dims=in_dims)(x)
+    assert_close(mapped, grads)
+    assert_close(mapped, torch.stack([_reference_vjp(s, g, 5) for s in x.unbind(in_dims)]))
+    assert not [w for w in recwarn if "batching rule" in str(w.message)]
+
+
+def _reference_vjp(xyz, g, degree):
+    x = xyz.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(spherical_harmonics_reference(x, degree), x, g)
+    return gx
+
+
+def test_ops_read_strided_views_as_their_contiguous_copies(rng):
+    # An op reached directly (torch.ops.locdiff, a torch.func fallback) may get a strided
+    # view; the kernels read dense rows, so the ops make their inputs contiguous.
+    from locdiff import grids
+    from locdiff.ops import spherical_harmonics_backward_op
+    from locdiff.shdd import _grid_args
+
+    x = torch.from_numpy(rng.standard_normal((6, 4, 3)))[:, 1]  # (6, 3), row stride 12
+    g = torch.from_numpy(rng.standard_normal((36, 6))).T          # (6, 36), column-major
+    assert not x.is_contiguous() and not g.is_contiguous()
+    assert_close(spherical_harmonics_op(x, 5), spherical_harmonics_op(x.contiguous(), 5))
+    assert_close(torch.ops.locdiff.spherical_harmonics(x, 5), spherical_harmonics_op(x.contiguous(), 5))
+    assert_close(spherical_harmonics_backward_op(x, g, 5),
+                 spherical_harmonics_backward_op(x.contiguous(), g.contiguous(), 5))
+    out = torch.empty(6, 36, dtype=torch.float64)
+    spherical_harmonics_out_op(x, 5, out)
+    assert_close(out, spherical_harmonics_op(x.contiguous(), 5))
+    with pytest.raises(ValueError, match=r"grad_out must have shape \(6, 36\) for xyz \(6, 3\) at degree 5, got \(6, 25\)"):
+        spherical_harmonics_backward_op(x, g[:, :25], 5)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        spherical_harmonics_out_op(x, 5, torch.empty(36, 6, dtype=torch.float64).T)
+
+    c = shdd.encode(torch.tensor([[10.0, 20.0], [-45.0, 170.0], [89.0, 0.0]], dtype=torch.float64), 6)
+    wide = torch.zeros(3, 2 * c.shape[1], dtype=torch.float64)
+    wide[:, ::2] = c
+    strided = wide[:, ::2]                                        # every other column
+    assert not strided.is_contiguous()
+    ring = _grid_args(grids.for_degree(6), 6, "cpu").ring
+    ops = torch.ops.locdiff
+    assert_close(ops.shdd_synth(strided, *ring), ops.shdd_synth(c, *ring))
+    assert_close(ops.shdd_logz(strided, *ring, 2.0), ops.shdd_logz(c, *ring, 2.0))
+    assert_close(ops.shdd_kl(strided, strided.flip(0), *ring, 2.0), ops.shdd_kl(c, c.flip(0), *ring, 2.0))
+    pts, row = x / x.norm(dim=1, keepdim=True), torch.tensor([0, 1, 2, 0, 1, 2])
+    for a, b in zip(ops.shdd_eval(strided, pts, row, 6), ops.shdd_eval(c, pts.contiguous(), row, 6)):
+        assert_close(a, b)
+    for a, b in zip(ops.shdd_decode(strided, *ring, 4, 0.1, 2, 40), ops.shdd_decode(c, *ring, 4, 0.1, 2, 40)):
+        assert_close(a, b)

@@ -1,9 +1,10 @@
 """How op wrappers reach the compiled kernels: the binding ``_C.<op>_<device>[_bwd]``, its
-trailing thread count (CPU) or CUDA stream, the dtype tag, and the checks that keep raw
-pointers honest (every tensor on one device). Also the fork rule for OpenMP (docs/kernels.md,
-"Threads and fork")."""
+trailing thread count (CPU) or CUDA stream, the dtype tag, and what keeps raw pointers
+honest (every tensor contiguous and on one device). Also the fork rule for OpenMP
+(docs/kernels.md, "Threads and fork")."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,6 +23,21 @@ def grid_args(table: Tensor, theta: Tensor, log_area: Tensor, nlat: int, nlon: i
     whether the local-maximum scan keeps one maximum per polar ring)."""
     return (nlat, nlon, table.data_ptr(), theta.data_ptr(), log_area.data_ptr(), float(lon0),
             bool(one_mode_per_polar_ring))
+
+
+def contiguous_inputs(kernel):
+    """``kernel`` (an op's implementation) with its tensor arguments made contiguous: the
+    kernels read raw pointers as dense rows, and an op reached directly (``torch.ops.locdiff``,
+    a torch.func fallback) may be handed a strided view. Free for contiguous tensors; the
+    signature, which the op's schema is read from, is kept."""
+
+    @functools.wraps(kernel)
+    def with_contiguous_inputs(*args, **kwargs):
+        args = [a.contiguous() if isinstance(a, Tensor) else a for a in args]
+        kwargs = {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        return kernel(*args, **kwargs)
+
+    return with_contiguous_inputs
 
 
 def one_device(op: str, **tensors: Tensor) -> None:

@@ -95,11 +95,13 @@ def forward_cpu_numpy(xyz: np.ndarray, degree: int) -> np.ndarray:
 
 
 @torch.library.custom_op("locdiff::spherical_harmonics", mutates_args=(), device_types="cpu")
+@launch.contiguous_inputs
 def spherical_harmonics_op(xyz: torch.Tensor, degree: int) -> torch.Tensor:
     return forward_cpu(xyz, degree)
 
 
 @spherical_harmonics_op.register_kernel("cuda")
+@launch.contiguous_inputs
 def _(xyz: torch.Tensor, degree: int) -> torch.Tensor:
     out = torch.empty((xyz.shape[0], (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
     _forward_cuda_into(xyz, degree, out)
@@ -118,12 +120,20 @@ def _(xyz: torch.Tensor, degree: int) -> torch.Tensor:
 # "Output memory").
 @torch.library.custom_op("locdiff::spherical_harmonics_out", mutates_args=("out",), device_types="cpu")
 def spherical_harmonics_out_op(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
-    _forward_cpu_into(xyz, degree, out)
+    _check_out(out)
+    _forward_cpu_into(xyz.contiguous(), degree, out)
 
 
 @spherical_harmonics_out_op.register_kernel("cuda")
 def _(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
-    _forward_cuda_into(xyz, degree, out)
+    _check_out(out)
+    _forward_cuda_into(xyz.contiguous(), degree, out)
+
+
+def _check_out(out: torch.Tensor) -> None:
+    # The kernels write dense rows; a copy would leave the caller's buffer unwritten.
+    if not out.is_contiguous():
+        raise ValueError(f"locdiff::spherical_harmonics_out: out must be contiguous, got strides {out.stride()}")
 
 
 @spherical_harmonics_out_op.register_fake
@@ -132,9 +142,14 @@ def _(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("locdiff::spherical_harmonics_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@launch.contiguous_inputs
 def spherical_harmonics_backward_op(xyz: torch.Tensor, grad_out: torch.Tensor, degree: int) -> torch.Tensor:
     grad_xyz = torch.empty_like(xyz)
     launch.one_device("spherical_harmonics_backward", xyz=xyz, grad_out=grad_out)
+    if grad_out.shape != (xyz.shape[0], (degree + 1) ** 2):  # the kernel reads that many values
+        raise ValueError(f"locdiff::spherical_harmonics_backward: grad_out must have shape "
+                         f"({xyz.shape[0]}, {(degree + 1) ** 2}) for xyz {tuple(xyz.shape)} at degree {degree}, "
+                         f"got {tuple(grad_out.shape)}")
     if xyz.shape[0]:
         launch.run("sh", xyz, xyz.data_ptr(), grad_out.data_ptr(), xyz.shape[0], degree, grad_xyz.data_ptr(),
                    bwd=True)
@@ -147,7 +162,7 @@ def _(xyz: torch.Tensor, grad_out: torch.Tensor, degree: int) -> torch.Tensor:
 
 
 def register_sh_autograd(forward_op, backward_op) -> None:
-    """Autograd for a (forward, backward) pair of spherical-harmonics ops, any backend.
+    """Autograd (and vmap) for a (forward, backward) pair of spherical-harmonics ops, any backend.
 
     The backward op computes grad_xyz = J(xyz)^T g. Its own derivative (double backward) goes
     through the differentiable pure-torch reference: slower, exact, rarely needed. Its VJPs
@@ -184,7 +199,30 @@ def register_sh_autograd(forward_op, backward_op) -> None:
 
     forward_op.register_autograd(backward, setup_context=setup_forward)
     backward_op.register_autograd(double_backward, setup_context=setup_backward)
+    _register_sh_vmap(forward_op, backward_op)
+
+
+def _register_sh_vmap(forward_op, backward_op) -> None:
+    """``torch.func.vmap`` rules: the mapped points are one longer batch of the same op (one
+    kernel launch, not one per mapped slice as torch's fallback does)."""
+
+    def batched(info, in_dims, *tensors):
+        # Each mapped tensor (..., 3) with its vmap dim first, broadcast to the batch size.
+        return [t.unsqueeze(0).expand(info.batch_size, *t.shape) if d is None else t.movedim(d, 0)
+                for t, d in zip(tensors, in_dims)]
+
+    def forward(info, in_dims, xyz, degree):
+        (x,) = batched(info, in_dims[:1], xyz)
+        out = forward_op(x.reshape(-1, 3).contiguous(), degree)
+        return out.reshape(*x.shape[:-1], out.shape[-1]), 0
+
+    def backward(info, in_dims, xyz, grad_out, degree):
+        x, g = batched(info, in_dims[:2], xyz, grad_out)
+        out = backward_op(x.reshape(-1, 3).contiguous(), g.reshape(-1, g.shape[-1]).contiguous(), degree)
+        return out.reshape(x.shape), 0
+
+    forward_op.register_vmap(forward)
+    backward_op.register_vmap(backward)
 
 
 register_sh_autograd(spherical_harmonics_op, spherical_harmonics_backward_op)
-

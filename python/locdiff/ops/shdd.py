@@ -16,7 +16,7 @@ coefficients' device, from ``locdiff.grids.Grid``) and ``degree, nlat, nlon, lon
   shdd_decode_refine(coeffs, value, start, ...) -> refined candidates
   shdd_decode(coeffs, ncand, radius, nrefine, max_iter) -> the two above in one op
 Which device and backend runs each is in locdiff.ops.registry (CPU-only ops here have torch
-or Triton routes elsewhere). Inputs are validated and contiguous (see locdiff.shdd).
+or Triton routes elsewhere). Inputs are validated (see locdiff.shdd) and made contiguous (launch.contiguous_inputs).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def _ring(op: str, first: str, t: Tensor, table: Tensor, theta: Tensor, log_area
 
 # ---- synthesis and its adjoint --------------------------------------------------------------
 @torch.library.custom_op("locdiff::shdd_synth", mutates_args=(), device_types=BOTH)
+@launch.contiguous_inputs
 def shdd_synth_op(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int,
                   nlat: int, nlon: int, lon0: float) -> Tensor:
     out = coeffs.new_empty((coeffs.shape[0], nlat * nlon))
@@ -54,6 +55,7 @@ def _(coeffs, table, theta, log_area, degree, nlat, nlon, lon0):
 
 
 @torch.library.custom_op("locdiff::shdd_adjoint", mutates_args=(), device_types=BOTH)
+@launch.contiguous_inputs
 def shdd_adjoint_op(weights: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int,
                     nlat: int, nlon: int, lon0: float) -> Tensor:
     out = weights.new_empty((weights.shape[0], (degree + 1) ** 2))
@@ -86,6 +88,7 @@ shdd_adjoint_op.register_autograd(_adjoint_backward, setup_context=_setup_linear
 
 # ---- candidates, log-partition -----------------------------------------------------------------
 @torch.library.custom_op("locdiff::shdd_candidates", mutates_args=(), device_types="cpu")
+@launch.contiguous_inputs
 def shdd_candidates_op(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int,
                        nlat: int, nlon: int, lon0: float, ncand: int) -> tuple[Tensor, Tensor, Tensor]:
     return candidates_cpu(coeffs, table, theta, log_area, degree, nlat, nlon, lon0, ncand)
@@ -100,6 +103,7 @@ def _(coeffs, table, theta, log_area, degree, nlat, nlon, lon0, ncand):
 
 
 @torch.library.custom_op("locdiff::shdd_logz", mutates_args=(), device_types="cpu")
+@launch.contiguous_inputs
 def shdd_logz_op(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int,
                  nlat: int, nlon: int, lon0: float, inv_temperature: float) -> Tensor:
     out = torch.empty((coeffs.shape[0],), dtype=torch.float64)
@@ -137,6 +141,7 @@ shdd_logz_op.register_autograd(_logz_backward, setup_context=_setup_logz)
 
 # ---- points: evaluation, Hessian, refinement ---------------------------------------------------
 @torch.library.custom_op("locdiff::shdd_eval", mutates_args=(), device_types="cpu")
+@launch.contiguous_inputs
 def shdd_eval_op(coeffs: Tensor, xyz: Tensor, row: Tensor, degree: int) -> tuple[Tensor, Tensor]:
     n = xyz.shape[0]
     value = torch.empty((n,), dtype=torch.float64)
@@ -155,6 +160,7 @@ def _(coeffs, xyz, row, degree):
 
 
 @torch.library.custom_op("locdiff::shdd_hessian", mutates_args=(), device_types="cpu")
+@launch.contiguous_inputs
 def shdd_hessian_op(coeffs: Tensor, xyz: Tensor, row: Tensor, degree: int) -> Tensor:
     """The Hessian of f on the sphere at xyz / |xyz| (N, 3) for coefficient rows ``row`` ->
     (N, 3, 3) float64: the tangent-plane map (zero along the point) whose quadratic form is
@@ -173,6 +179,7 @@ def _(coeffs, xyz, row, degree):
 
 
 @torch.library.custom_op("locdiff::shdd_refine", mutates_args=(), device_types="cpu")
+@launch.contiguous_inputs
 def shdd_refine_op(coeffs: Tensor, xyz: Tensor, row: Tensor, degree: int, radius: float,
                    max_iter: int) -> tuple[Tensor, Tensor]:
     """Trust-region Newton ascent of f from xyz (N, 3) float64 for coefficient rows ``row``
@@ -205,6 +212,7 @@ def _decode_refine_cpu(coeffs: Tensor, value: Tensor, start: Tensor, degree: int
 
 
 @torch.library.custom_op("locdiff::shdd_decode_refine", mutates_args=(), device_types="cpu")
+@launch.contiguous_inputs
 def shdd_decode_refine_op(coeffs: Tensor, value: Tensor, start: Tensor, degree: int, radius: float,
                           nrefine: int, max_iter: int) -> tuple[Tensor, Tensor]:
     """The decode's choice and refinement of grid candidates, one C++ call: the CPU form of
@@ -224,6 +232,7 @@ def _(coeffs, value, start, degree, radius, nrefine, max_iter):
 # One dispatch for the whole decode: at a single vector and low degree the custom op's Python
 # dispatch costs as much as the kernels (docs/kernels.md, "Per-call costs").
 @torch.library.custom_op("locdiff::shdd_decode", mutates_args=(), device_types="cpu")
+@launch.contiguous_inputs
 def shdd_decode_op(coeffs: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int, nlat: int,
                    nlon: int, lon0: float, ncand: int, radius: float, nrefine: int,
                    max_iter: int) -> tuple[Tensor, Tensor]:
@@ -243,6 +252,7 @@ def _(coeffs, table, theta, log_area, degree, nlat, nlon, lon0, ncand, radius, n
 
 # ---- SHDD-KL ----------------------------------------------------------------------------------
 @torch.library.custom_op("locdiff::shdd_kl", mutates_args=(), device_types=BOTH)
+@launch.contiguous_inputs
 def shdd_kl_op(pred: Tensor, target: Tensor, table: Tensor, theta: Tensor, log_area: Tensor,
                degree: int, nlat: int, nlon: int, lon0: float, inv_temperature: float) -> Tensor:
     kl = pred.new_empty((pred.shape[0],))
@@ -264,6 +274,7 @@ def _grad_outputs(pred: Tensor, target: Tensor, need_pred: bool, need_target: bo
 
 
 @torch.library.custom_op("locdiff::shdd_kl_backward", mutates_args=(), device_types=BOTH)
+@launch.contiguous_inputs
 def shdd_kl_backward_op(pred: Tensor, target: Tensor, grad: Tensor, table: Tensor, theta: Tensor,
                         log_area: Tensor, degree: int, nlat: int, nlon: int, lon0: float,
                         inv_temperature: float, need_pred: bool, need_target: bool) -> tuple[Tensor, Tensor]:
@@ -287,6 +298,7 @@ def _(pred, target, grad, table, theta, log_area, degree, nlat, nlon, lon0, inv_
 # grad_kl = 1, the size of pred), and the backward only scales it, instead of synthesising
 # both vectors of every pair a second time (docs/kernels.md, "SHDD-KL").
 @torch.library.custom_op("locdiff::shdd_kl_grad", mutates_args=(), device_types="cpu")
+@launch.contiguous_inputs
 def shdd_kl_grad_op(pred: Tensor, target: Tensor, table: Tensor, theta: Tensor, log_area: Tensor, degree: int,
                     nlat: int, nlon: int, lon0: float, inv_temperature: float, need_pred: bool,
                     need_target: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -302,6 +314,7 @@ def shdd_kl_grad_op(pred: Tensor, target: Tensor, table: Tensor, theta: Tensor, 
 
 
 @shdd_kl_grad_op.register_kernel("cuda")
+@launch.contiguous_inputs
 def _(pred, target, table, theta, log_area, degree, nlat, nlon, lon0, inv_temperature, need_pred, need_target):
     # No fused CUDA kernel: the forward, then the backward at grad 1.
     args = (table, theta, log_area, degree, nlat, nlon, lon0, inv_temperature)

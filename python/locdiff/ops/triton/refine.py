@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from locdiff.ops import launch
 from locdiff.ops.shdd_reference import refine_f_scale
 from locdiff.ops.triton.sh_triton import _blocks, _gradient_walk, _load_points, _store_points, on_device
 
@@ -126,6 +127,7 @@ def _refine_kernel(coeffs_ptr, row_ptr, xyz_ptr, fscale_ptr, radius_ptr, out_xyz
 
 
 @triton_op("locdiff::shdd_refine_triton", mutates_args=())
+@launch.contiguous_inputs
 def shdd_refine_triton_op(coeffs: torch.Tensor, xyz: torch.Tensor, row: torch.Tensor, degree: int, radius: float,
                           max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """locdiff::shdd_refine in one Triton kernel (float64 coeffs and xyz)."""

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from locdiff.ops import launch
 from locdiff.ops.sh import register_sh_autograd
 
 
@@ -359,6 +360,7 @@ def _check(xyz: torch.Tensor, degree: int) -> None:
 
 
 @triton_op("locdiff::spherical_harmonics_triton", mutates_args=())
+@launch.contiguous_inputs
 def spherical_harmonics_triton_op(xyz: torch.Tensor, degree: int) -> torch.Tensor:
     n = xyz.shape[0]
     out = torch.empty((n, (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
@@ -371,6 +373,7 @@ def spherical_harmonics_triton_op(xyz: torch.Tensor, degree: int) -> torch.Tenso
 
 
 @triton_op("locdiff::spherical_harmonics_triton_backward", mutates_args=())
+@launch.contiguous_inputs
 def spherical_harmonics_triton_backward_op(xyz: torch.Tensor, grad_out: torch.Tensor,
                                            degree: int) -> torch.Tensor:
     n = xyz.shape[0]
@@ -398,6 +401,7 @@ def spherical_harmonics_triton(xyz: torch.Tensor, degree: int) -> torch.Tensor:
 
 
 @triton_op("locdiff::shdd_eval_triton", mutates_args=())
+@launch.contiguous_inputs
 def shdd_eval_triton_op(coeffs: torch.Tensor, xyz: torch.Tensor, row: torch.Tensor,
                         degree: int) -> tuple[torch.Tensor, torch.Tensor]:
     """locdiff::shdd_eval in one Triton kernel: f = coeffs[row] . Y(xyz) and its gradient

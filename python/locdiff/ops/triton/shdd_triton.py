@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from locdiff.ops import launch
 from locdiff.ops.candidates import one_mode_per_polar_ring
 from locdiff.ops.triton.sh_triton import on_device
 
@@ -198,6 +199,7 @@ def _ring_candidates(coeffs, table, degree, nlat, nlon, lon0, ncand, one_per_pol
 
 
 @triton_op("locdiff::shdd_candidates_triton", mutates_args=())
+@launch.contiguous_inputs
 def shdd_candidates_triton_op(coeffs: torch.Tensor, table: torch.Tensor, theta: torch.Tensor, log_area: torch.Tensor,
                               degree: int, nlat: int, nlon: int, lon0: float,
                               ncand: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
