@@ -76,11 +76,13 @@ def read_image(path, size: int | None = None) -> Photo:
 
     path = Path(path)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", pil.DecompressionBombWarning)
-            img = pil.open(path)
-        for w in caught:  # Pillow's warning names no file
-            warnings.warn(f"{path}: {_one_line(w.message)}", w.category, stacklevel=2)
+        img = pil.open(path)
+        # Pillow's size warning names no file: a second one does. (Catching Pillow's instead
+        # would swap the process's warning handlers, which threads reading photos share.)
+        limit, pixels = pil.MAX_IMAGE_PIXELS, img.size[0] * img.size[1]
+        if limit and pixels > limit:
+            warnings.warn(f"{path}: Image size ({pixels} pixels) exceeds limit of {limit} pixels, could be a "
+                          "decompression bomb", pil.DecompressionBombWarning, stacklevel=2)
         with img:
             if img.format not in FORMATS:
                 raise UnreadableImage(f"{path}: not a JPEG, PNG or WebP image ({img.format})")
