@@ -96,3 +96,17 @@ def test_legendre_table_layout():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_for_degree_keeps_a_bounded_cache_of_the_latest_grids():
+    # Callers derive the oversample from a temperature: a service taking temperatures from
+    # requests must not keep a grid for every value it ever saw.
+    from locdiff.grids import _FOR_DEGREE_CACHE, FOR_DEGREE_CACHE_SIZE
+
+    first = grids.for_degree(8, oversample=1.0)
+    for i in range(3 * FOR_DEGREE_CACHE_SIZE):
+        grids.for_degree(8, oversample=1.5 + i / 1000)
+        assert grids.for_degree(8, oversample=1.0) is first  # in use: kept, the same object
+    assert len(_FOR_DEGREE_CACHE) == FOR_DEGREE_CACHE_SIZE
+    old = grids.for_degree(8, oversample=1.5)  # evicted: built again, the same grid
+    assert (old.nlat, old.nlon) == grids.ring_shape(8, 1.5)

@@ -13,7 +13,9 @@ Legendre sum per ring and an FFT per ring pair (O(L^3)); other grids use a dense
 """
 from __future__ import annotations
 
+import collections
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -188,13 +190,19 @@ def fibonacci(n: int) -> Grid:
     return _from_xyz("fibonacci", xyz, area)
 
 
-_FOR_DEGREE_CACHE: dict = {}
+# The grids most recently asked of for_degree, least recent first. Bounded: callers derive
+# the oversample from a temperature, and a service taking temperatures from requests would
+# otherwise keep a grid (and its tables) for every value it ever saw.
+_FOR_DEGREE_CACHE: collections.OrderedDict = collections.OrderedDict()
+FOR_DEGREE_CACHE_SIZE = 16
+_FOR_DEGREE_LOCK = threading.Lock()
 
 
 def for_degree(degree: int, kind: str = "equiangular", oversample: float = 1.0) -> Grid:
     """A grid fine enough for the degree-L SHDD kernel: spacing at most the kernel's
     half-maximum radius / ``oversample``, so every lobe has a grid point above half its peak
-    (the largest side lobe is 13% of the peak). Grids are cached (tables attach to them).
+    (the largest side lobe is 13% of the peak). The last FOR_DEGREE_CACHE_SIZE grids asked
+    for are cached (tables attach to them).
 
     >>> for_degree(32, "fibonacci").size > 2000
     True
@@ -205,14 +213,23 @@ def for_degree(degree: int, kind: str = "equiangular", oversample: float = 1.0) 
     if not (isinstance(oversample, (int, float)) and math.isfinite(oversample) and oversample > 0):
         raise ValueError(f"oversample must be a positive number, got {oversample!r}")
     key = (degree, kind, float(oversample))
-    if key not in _FOR_DEGREE_CACHE:
-        h = half_max_radius(degree) / oversample
-        if kind == "fibonacci":
-            grid = fibonacci(max(12, math.ceil(4 * math.pi / (h * h))))
-        else:
-            grid = (equiangular if kind == "equiangular" else gauss_legendre)(*ring_shape(degree, oversample))
-        _FOR_DEGREE_CACHE[key] = grid
-    return _FOR_DEGREE_CACHE[key]
+    with _FOR_DEGREE_LOCK:
+        grid = _FOR_DEGREE_CACHE.get(key)
+        if grid is not None:
+            _FOR_DEGREE_CACHE.move_to_end(key)
+            return grid
+    h = half_max_radius(degree) / oversample
+    if kind == "fibonacci":
+        grid = fibonacci(max(12, math.ceil(4 * math.pi / (h * h))))
+    else:
+        grid = (equiangular if kind == "equiangular" else gauss_legendre)(*ring_shape(degree, oversample))
+    with _FOR_DEGREE_LOCK:
+        # A thread that built the same grid meanwhile wins: one object per key.
+        grid = _FOR_DEGREE_CACHE.setdefault(key, grid)
+        _FOR_DEGREE_CACHE.move_to_end(key)
+        while len(_FOR_DEGREE_CACHE) > FOR_DEGREE_CACHE_SIZE:
+            _FOR_DEGREE_CACHE.popitem(last=False)
+    return grid
 
 
 def ring_shape(degree: int, oversample: float = 1.0) -> tuple[int, int]:
