@@ -295,3 +295,20 @@ def test_knn_density_fit_takes_the_lowest_validation_nll_of_its_grid():
            .log_density_at(vemb, vcoords).mean() for k in ks for t in temps for bw in bws}
     k, t, bw = min(nll, key=nll.get)
     assert (kd.k, kd.temperature) == (k, t) and kd.kappa == pytest.approx((6371.0088 / bw) ** 2)
+
+
+def test_learned_baselines_repeat_from_their_seed_and_leave_the_callers_stream_alone():
+    emb, coords = clusters(200)
+    fits = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        expected = torch.rand(3)
+        torch.manual_seed(1234)
+        reg = Regressor(widths=(16,), dropout=0.2, seed=5)
+        reg.fit(emb, coords, steps=20, batch_size=32)
+        geo = GeocellClassifier(cells=4, widths=(16,), dropout=0.2, seed=5)
+        geo.fit(emb, coords, steps=20, batch_size=32)
+        assert torch.equal(torch.rand(3), expected)  # as if neither had run
+        fits.append((reg.predict(emb[:5]), geo.predict(emb[:5])))
+    for a, b in zip(*fits):
+        np.testing.assert_array_equal(a, b)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from locdiff.baselines.mlp import check_training_pair, fit, mlp, predict_batches
+from locdiff.baselines.mlp import check_training_pair, fit, mlp, predict_batches, seeded
 from locdiff.geo import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, xyz_to_latlon
 from locdiff.metrics import check_latlon
 from locdiff.ops.validation import check_int
@@ -79,8 +79,8 @@ class GeocellClassifier:
         self.cell_area = _voronoi_areas(self.centres)
         xyz = torch.as_tensor(latlon_to_xyz(coords))
         y = self._targets(xyz)
-        torch.manual_seed(self.seed)
-        self.net = mlp(emb.shape[1], self.widths, len(self.centres), self.dropout)
+        with seeded(self.seed):
+            self.net = mlp(emb.shape[1], self.widths, len(self.centres), self.dropout)
         ls = self.label_smoothing
 
         def loss(logits, target):

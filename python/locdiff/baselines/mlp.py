@@ -3,6 +3,7 @@ trained with AdamW, linear warm-up and cosine decay, for a number of steps or mi
 keeping the weights with the best validation score."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -26,14 +27,29 @@ def mlp(d_in: int, widths, d_out: int, dropout: float = 0.1) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def fit(net: nn.Module, loss_fn, x: np.ndarray, y, *, steps: int = 3000, minutes: float | None = None,
-        batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 100,
-        val_fn=None, val_every: int = 250, seed: int = 0, log=None) -> dict:
+@contextlib.contextmanager
+def seeded(seed: int):
+    """torch's CPU generator seeded for the block and restored after it: the baselines'
+    initialisation and dropout repeat from a seed without moving a caller's own stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
+def fit(net: nn.Module, loss_fn, x: np.ndarray, y, *, seed: int = 0, **train_kw) -> dict:
     """Train ``net`` on rows of ``x`` (N, D) and targets ``y`` (a tensor of N rows) with
-    ``loss_fn(net(xb), yb)``. ``val_fn(net)`` returns a score to minimise; the best weights
-    are kept. Returns ``{"steps", "seconds", "best_score"}``."""
+    ``loss_fn(net(xb), yb)`` (settings: :func:`_train`), its dropout drawn from ``seed``
+    (:func:`seeded`). Returns ``{"steps", "seconds", "best_score"}``."""
+    with seeded(seed):
+        return _train(net, loss_fn, x, y, seed=seed, **train_kw)
+
+
+def _train(net: nn.Module, loss_fn, x: np.ndarray, y, *, steps: int = 3000, minutes: float | None = None,
+           batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.05, warmup: int = 100,
+           val_fn=None, val_every: int = 250, seed: int = 0, log=None) -> dict:
+    """:func:`fit`'s loop. ``val_fn(net)`` returns a score to minimise; the best weights are
+    kept."""
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     xt = torch.as_tensor(np.asarray(x, np.float32))
     opt = adamw(net.parameters(), lr, weight_decay)
     t0, step = time.perf_counter(), 0

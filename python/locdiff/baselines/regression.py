@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from locdiff.baselines.mlp import check_training_pair, fit, mlp, predict_batches
+from locdiff.baselines.mlp import check_training_pair, fit, mlp, predict_batches, seeded
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 
 
@@ -34,8 +34,8 @@ class Regressor:
     def fit(self, emb, coords, val=None, **train_kw) -> dict:
         emb, coords = check_training_pair(emb, coords)
         y = torch.as_tensor(latlon_to_xyz(coords)).float()
-        torch.manual_seed(self.seed)
-        self.net = mlp(emb.shape[1], self.widths, 3, self.dropout)
+        with seeded(self.seed):
+            self.net = mlp(emb.shape[1], self.widths, 3, self.dropout)
         val_fn = None
         if val is not None:
             vx = np.asarray(val[0], np.float32)
