@@ -94,3 +94,23 @@ def test_a_part_of_the_rows_is_predicted_as_in_the_whole():
         p.predict(emb, part=slice(2, 6))
     with pytest.raises(ValueError, match=r"part must be a slice of consecutive rows \(step 1\)"):
         p.predict(emb, part=slice(0, 8, 2))
+
+
+def test_one_predictor_serves_several_threads_with_their_sequential_answers():
+    # docs/conventions.md, "Threads": one object, samplers and seeds per call.
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = _predictor(True)
+    emb = np.random.default_rng(2).normal(size=(12, 8)).astype(np.float32)
+    calls = [dict(sampler=s, seed=i, temperature=t) for i, (s, t) in
+             enumerate([("density", 1.0), ("ddpm", 0.5), ("ddim", 2.0), ("density", 3.0)] * 2)]
+
+    def run(kw):
+        return p.predict(emb, top_k=2, **kw)
+
+    alone = [run(kw) for kw in calls]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, calls))
+    for a, b in zip(alone, together):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)

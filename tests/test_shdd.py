@@ -537,3 +537,28 @@ def test_a_density_too_large_for_memory_is_a_memory_error(monkeypatch):
         shdd.density(shdd.encode(np.zeros((64, 2)), 16), grids.for_degree(16, oversample=4))
     with pytest.raises(ValueError, match="coeffs: coefficient length must be a square"):
         shdd.log_normalizer(np.zeros((2, 66050)), temperature=10.0)
+
+
+def test_calls_from_several_threads_give_their_sequential_answers():
+    # docs/conventions.md, "Threads": grids, tables and kernels are shared between calls.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    tasks = []
+    for i, (degree, kind, t) in enumerate([(8, "equiangular", 0.5), (16, "gauss_legendre", 2.0),
+                                           (24, "fibonacci", 5.0), (12, "equiangular", 1.0)] * 3):
+        c = shdd.encode(rng.uniform([-90, -180], [90, 180], (6, 2)), degree) + 0.05 * rng.standard_normal(
+            (6, (degree + 1) ** 2))
+        tasks.append((c, grids.for_degree(degree, kind, oversample=1 + i / 7), t))
+
+    def run(task):
+        c, g, t = task
+        return (shdd.decode(c), shdd.top_k(c, 2)[0], shdd.density(c, g, t),
+                shdd.log_density_at(c, np.zeros((6, 2)), temperature=t), locdiff.spherical_harmonics(c[:, :3], 30))
+
+    alone = [run(task) for task in tasks]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, tasks))
+    for a, b in zip(alone, together):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
