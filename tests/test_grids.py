@@ -110,3 +110,20 @@ def test_for_degree_keeps_a_bounded_cache_of_the_latest_grids():
     assert len(_FOR_DEGREE_CACHE) == FOR_DEGREE_CACHE_SIZE
     old = grids.for_degree(8, oversample=1.5)  # evicted: built again, the same grid
     assert (old.nlat, old.nlon) == grids.ring_shape(8, 1.5)
+
+
+@pytest.mark.parametrize("kind", ["equiangular", "gauss_legendre", "fibonacci"])
+def test_nearest_is_the_largest_dot_product_in_any_chunking(kind, monkeypatch):
+    g = grids.for_degree(16, kind)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((7, 5, 3))
+    x[0, :3] = [[0, 0, 1], [0, 0, -1], [-1, 1e-12, 0]]  # poles, the antimeridian
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    want = np.argmax(x @ g.xyz.numpy().T, -1)
+    np.testing.assert_array_equal(g.nearest(x).numpy(), want)
+    monkeypatch.setattr(grids, "NEAREST_CHUNK", 3 * g.size)  # three points a chunk
+    got = g.nearest(torch.from_numpy(x).float())
+    assert got.shape == (7, 5) and got.dtype == torch.int64
+    x32 = x.astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(got.numpy(), np.argmax(x32 @ g.xyz.numpy().T, -1))
+    assert g.nearest(np.empty((0, 3))).shape == (0,)

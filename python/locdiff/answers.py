@@ -184,8 +184,7 @@ def basin_of(p: torch.Tensor, grid, modes: torch.Tensor, sep_km: float, latlon, 
     holds each point of ``latlon`` (B, 2), or -1: the check behind a reliability table (is the
     truth in the basin whose mass was reported?)."""
     owner = basin_owner(p, grid, modes, sep_km) if owner is None else owner
-    xyz = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64))).to(grid.xyz)
-    cell = (xyz @ grid.xyz.T).argmax(1)
+    cell = grid.nearest(latlon_to_xyz(np.asarray(latlon, np.float64)))
     return owner[torch.arange(len(cell)), cell]
 
 

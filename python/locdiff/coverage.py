@@ -36,8 +36,7 @@ def hpd_scores(p: torch.Tensor, grid, latlon) -> torch.Tensor:
     holds every point whose score is at most m."""
     area = grid.area.to(p)
     dens = p / area
-    xyz = torch.as_tensor(latlon_to_xyz(np.asarray(latlon, np.float64))).to(grid.xyz)
-    cell = (xyz @ grid.xyz.T).argmax(1)
+    cell = grid.nearest(latlon_to_xyz(np.asarray(latlon, np.float64)))
     at = dens.gather(1, cell.to(p.device)[:, None])
     # (p / area rounds: cells of one density differ in the last bits)
     return (p * (dens >= at * (1 - TIE))).sum(1).clamp(0.0, 1.0)

@@ -41,12 +41,11 @@ def _search_areas(grid_probabilities, true_latlon, log: bool = False, progress: 
     from tqdm.auto import tqdm
 
     grid = _rva_grid()
-    cells = grid.xyz.numpy()
     xyz = latlon_to_xyz(np.asarray(true_latlon, np.float64))
     out = np.empty(len(xyz))  # (filled in place: docs/evaluation.md, "Memory on large sets")
     for i in tqdm(range(0, len(xyz), RVA_BATCH), desc="recall vs area", unit="batch", disable=not progress):
         prob = grid_probabilities(slice(i, i + RVA_BATCH), grid)
-        cell = np.argmax(xyz[i:i + RVA_BATCH] @ cells.T, 1)
+        cell = grid.nearest(xyz[i:i + RVA_BATCH]).numpy()
         out[i:i + RVA_BATCH] = M.search_area_km2(prob, grid.area.numpy(), cell, log=log)
     return out
 

@@ -32,6 +32,10 @@ def half_max_radius(degree: int) -> float:
     return min(0.034 * 64 / max(int(degree), 1), math.pi / 2)
 
 
+# Grid.nearest holds at most this many dot products (8 bytes each) at once.
+NEAREST_CHUNK = 1 << 22
+
+
 @dataclass(frozen=True, eq=False)
 class Grid:
     """Points on the unit sphere with cell areas.
@@ -66,6 +70,19 @@ class Grid:
     def __repr__(self) -> str:
         shape = f"nlat={self.nlat}, nlon={self.nlon}" if self.is_ring else f"n={self.size}"
         return f"Grid({self.kind}, {shape})"
+
+    def nearest(self, xyz) -> torch.Tensor:
+        """Index (int64, shape ``xyz.shape[:-1]``) of the grid point nearest each unit vector
+        of ``xyz`` (..., 3) on the CPU: the largest dot product, the first of equals. Taken
+        NEAREST_CHUNK dot products at a time, so a fine grid never needs a (points x cells)
+        matrix."""
+        x = torch.as_tensor(xyz).to(device="cpu", dtype=torch.float64)
+        flat = x.reshape(-1, 3)
+        out = torch.empty(len(flat), dtype=torch.int64)
+        step = max(1, NEAREST_CHUNK // self.size)
+        for i in range(0, len(flat), step):
+            out[i:i + step] = (flat[i:i + step] @ self.xyz.T).argmax(1)
+        return out.reshape(x.shape[:-1])
 
     def tensors(self, device, *names: str):
         """The named float64 tensors on ``device`` (cached per device)."""

@@ -324,7 +324,7 @@ class Hybrid:
             norm, share, base = self._log_norm(part, cfg)
             q = torch.as_tensor(shdd.density(c, grid, temperature))
             p = q * torch.exp(base - norm)[:, None] if math.isfinite(base) else torch.zeros_like(q)
-            cell = (part["mu"][:, :cfg.neighbours] @ grid.xyz.T).argmax(-1)  # (b, k)
+            cell = grid.nearest(part["mu"][:, :cfg.neighbours])  # (b, k)
             p.scatter_add_(1, cell, torch.exp(share - norm[:, None]))
             out[part["rows"]] = p.numpy()
         return out
