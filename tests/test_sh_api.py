@@ -504,3 +504,22 @@ def test_ops_read_strided_views_as_their_contiguous_copies(rng):
         assert_close(a, b)
     for a, b in zip(ops.shdd_decode(strided, *ring, 4, 0.1, 2, 40), ops.shdd_decode(c, *ring, 4, 0.1, 2, 40)):
         assert_close(a, b)
+
+
+def test_torch_func_reverse_mode_transforms_match_the_reference(rng):
+    # torch refuses its transforms on a custom op's own autograd; ops/sh_func.py routes
+    # wrapped tensors through Functions it accepts (docs/conventions.md).
+    x = torch.from_numpy(rng.standard_normal((5, 3)))
+    xb = torch.from_numpy(rng.standard_normal((3, 5, 3)))
+    ours = lambda p: locdiff.spherical_harmonics(p, 6)  # noqa: E731
+    ref = lambda p: spherical_harmonics_reference(p, 6)  # noqa: E731
+    loss = lambda f: (lambda p: f(p).square().sum())  # noqa: E731
+    assert_close(torch.func.grad(loss(ours))(x), torch.func.grad(loss(ref))(x))
+    assert_close(torch.func.vmap(torch.func.grad(loss(ours)))(xb), torch.func.vmap(torch.func.grad(loss(ref)))(xb))
+    assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(ref)(x))
+    value, pull = torch.func.vjp(ours, x)
+    g = torch.ones_like(value)
+    assert_close(pull(g)[0], torch.func.vjp(ref, x)[1](g)[0])
+    one = lambda f: (lambda p: f(p).sum())  # noqa: E731
+    assert_close(torch.func.jacrev(torch.func.jacrev(one(ours)))(x[0]),  # a Hessian in reverse mode
+                 torch.func.jacrev(torch.func.jacrev(one(ref)))(x[0]))

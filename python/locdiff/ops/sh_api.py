@@ -8,6 +8,7 @@ import torch
 from locdiff.ops.registry import pick
 from locdiff.ops.sh import can_skip_dispatch, forward_cpu
 from locdiff.ops.sh import forward_cpu_numpy  # noqa: F401  (the numpy route, re-exported)
+from locdiff.ops.sh_func import spherical_harmonics_in_transforms
 
 
 def spherical_harmonics(flat: torch.Tensor, degree: int, backend: str | None = None,
@@ -28,4 +29,7 @@ def spherical_harmonics(flat: torch.Tensor, degree: int, backend: str | None = N
         return out
     if can_skip_dispatch(flat):
         return forward_cpu(flat, degree)
+    # torch.func.grad, vjp, jacrev, vmap (torch.compile traces the op and its formulas).
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(flat):
+        return spherical_harmonics_in_transforms(flat, degree)
     return pick("spherical_harmonics", flat.device.type)(flat, degree)
