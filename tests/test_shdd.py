@@ -562,3 +562,18 @@ def test_calls_from_several_threads_give_their_sequential_answers():
     for a, b in zip(alone, together):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_half_precision_weights_are_projected_in_float32_and_kernels_refuse_other_dtypes():
+    # A float16 buffer read as float64 by the adjoint kernel wrote past its end.
+    g = grids.for_degree(8, oversample=4)
+    p = shdd.density(shdd.encode(np.array([20.0, 30.0]), 8), g, 1.0)
+    want = shdd.project(p.astype(np.float32), 8, g)
+    for half in (torch.from_numpy(p).half(), torch.from_numpy(p).bfloat16()):
+        got = shdd.project(half, 8, g)
+        assert got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), want, atol=2e-2 * np.abs(want).max())
+    assert shdd.project(p.astype(np.float16), 8, g).dtype == np.float32
+    ring = shdd._grid_args(g, 8, "cpu").ring
+    with pytest.raises(TypeError, match="float32 or float64 tensors, got torch.float16"):
+        torch.ops.locdiff.shdd_adjoint(torch.from_numpy(p[None]).half(), *ring)

@@ -298,6 +298,8 @@ def project(weights, degree: int, grid):
         raise ValueError(f"weights must have shape (..., {grid.size}) for this grid, got {tuple(w.shape)}")
     if not w.is_floating_point():
         w = w.double()
+    elif w.dtype not in (torch.float32, torch.float64):  # half precision: in float32, as coeffs are
+        w = w.float()
     lead = tuple(w.shape[:-1])
     flat = w.reshape(-1, grid.size)
     c = shdd_api.analyze(flat, _grid_args(grid, degree, flat.device)) if flat.shape[0] else \

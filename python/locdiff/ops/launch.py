@@ -14,6 +14,9 @@ from locdiff import _C
 
 
 def dtype_tag(t: Tensor) -> str:
+    """The kernels' name for t's dtype; any other dtype would be read as one of these."""
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"locdiff's kernels take float32 or float64 tensors, got {t.dtype}")
     return "float32" if t.dtype == torch.float32 else "float64"
 
 
