@@ -312,3 +312,33 @@ def test_learned_baselines_repeat_from_their_seed_and_leave_the_callers_stream_a
         fits.append((reg.predict(emb[:5]), geo.predict(emb[:5])))
     for a, b in zip(*fits):
         np.testing.assert_array_equal(a, b)
+
+
+def test_queries_of_any_dtype_or_grad_are_read_and_bad_rows_named():
+    emb, coords = clusters(200)
+    geo = GeocellClassifier(cells=4, widths=(16,))
+    geo.fit(emb, coords, steps=20, batch_size=32)
+    reg = Regressor(widths=(16,))
+    reg.fit(emb, coords, steps=20, batch_size=32)
+    q = emb[:5].copy()
+    for model in (geo, reg):
+        want = model.predict(q)
+        np.testing.assert_array_equal(model.predict(torch.from_numpy(q).requires_grad_()), want)
+        assert model.predict(torch.from_numpy(q).bfloat16()).shape == want.shape
+        nan = q.copy()
+        nan[2, 3] = np.nan
+        with pytest.raises(ValueError, match="query embeddings row 2 is NaN or infinite"):
+            model.predict(nan)
+        with pytest.raises(TypeError, match="query embeddings must be real numbers"):
+            model.predict(q.astype(np.complex64))
+    gallery = np.eye(3, dtype=np.float32)
+    places = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    with pytest.raises(ValueError, match="query embeddings row 1 is a zero vector"):
+        knn_predict(gallery, places, np.array([[1.0, 0, 0], [0, 0, 0]], np.float32), k=1)
+    zeroed = gallery.copy()
+    zeroed[1] = 0
+    with pytest.raises(ValueError, match="row 1 is a zero vector"):
+        knn_predict(zeroed, places, gallery[:1], k=1)
+    with pytest.raises(TypeError, match="must be real numbers, got torch.bool"):
+        knn_predict(gallery, places, torch.ones(1, 3, dtype=torch.bool), k=1)
+    np.testing.assert_array_equal(knn_predict(gallery, places, torch.eye(3)[1:2].requires_grad_(), k=1), [[10.0, 0.0]])

@@ -305,3 +305,21 @@ def test_predict_and_top_k_show_bars_on_request_with_the_same_answers(capsys):
     err = capsys.readouterr().err
     assert "LocDiff-H answers" in err and "LocDiff-H top-k" in err and "2/2" in err
     np.testing.assert_array_equal(shown, quiet)
+
+
+def test_inputs_of_any_dtype_or_grad_give_the_float64_answers_and_bad_rows_are_named_in_the_whole():
+    coeffs = np.repeat(_model([PARIS, LYON]), 300, 0)
+    mode = np.repeat(shdd.decode(coeffs[:1]), 300, 0)
+    emb = np.tile(np.array([[1.0, 0.05]], np.float32), (300, 1))
+    h = Hybrid(np.eye(2, dtype=np.float32), np.stack([PARIS, LYON]), HybridConfig(neighbours=2, weight=0.5))
+    want = h.predict(coeffs, 5.0, emb, mode)
+    c_grad = torch.from_numpy(coeffs).requires_grad_()
+    np.testing.assert_array_equal(h.predict(c_grad, 5.0, torch.from_numpy(emb).requires_grad_(), mode), want)
+    np.testing.assert_allclose(h.predict(torch.from_numpy(coeffs).float(), 5.0, torch.from_numpy(emb).bfloat16(),
+                                         mode), want, atol=1e-4)
+    bad = coeffs.copy()
+    bad[290, 5] = np.nan  # in the second chunk of 256 rows
+    with pytest.raises(ValueError, match="coeffs must be finite, got nan at row 290, index 5"):
+        h.predict(bad, 5.0, emb, mode)
+    with pytest.raises(TypeError, match="query embeddings must be real numbers"):
+        h.predict(coeffs, 5.0, emb.astype(np.complex64), mode)

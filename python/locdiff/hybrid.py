@@ -144,6 +144,12 @@ class HybridConfig:
         return asdict(self)
 
 
+def _coefficients(coeffs) -> torch.Tensor:
+    """The model's vectors as float64, checked as locdiff.shdd checks them (a NaN named by its
+    row in the whole batch, not in a chunk)."""
+    return shdd.checked_coefficients(coeffs).double()
+
+
 def _bar(label: str, progress: bool) -> str | None:
     return label if progress else None
 
@@ -166,7 +172,7 @@ class Hybrid:
         (docs/evaluation.md, "Memory on large sets"). ``progress``: a bar's label, or None."""
         from tqdm.auto import tqdm
 
-        c_all = torch.as_tensor(np.asarray(coeffs)).double()
+        c_all = _coefficients(coeffs)
         if c_all.ndim != 2 or np.ndim(emb) != 2 or len(emb) != len(c_all):
             raise ValueError(f"coeffs (B, K) and emb (B, D) must have one row per query, got {tuple(c_all.shape)} "
                              f"and {tuple(np.shape(emb))}")
@@ -283,8 +289,9 @@ class Hybrid:
         k, sep = check_top_k_args(k, min_separation_km)
         cfg = config or self.config
         modes = np.asarray(modes, np.float64)
-        if modes.ndim != 3 or len(modes) != len(np.asarray(coeffs)):
-            raise ValueError(f"modes must have shape ({len(np.asarray(coeffs))}, m, 2), one row per query, got "
+        coeffs = _coefficients(coeffs)
+        if modes.ndim != 3 or len(modes) != len(coeffs):
+            raise ValueError(f"modes must have shape ({len(coeffs)}, m, 2), one row per query, got "
                              f"{modes.shape}")
         if answer is None:
             answer = self.predict(coeffs, temperature, emb, model_latlon, cfg, progress)
@@ -316,11 +323,12 @@ class Hybrid:
         model's own cell probabilities, each neighbour's part ``w a_j E_j[q]`` lands in the
         cell that holds mu_j (the vMF bandwidths are about a cell of the RvA grid or less)."""
         cfg = config or self.config
-        none = lambda sl: torch.empty(len(np.asarray(coeffs)[sl]), 0, 3, dtype=torch.float64)  # noqa: E731
+        coeffs = _coefficients(coeffs)
+        none = lambda sl: torch.empty(len(coeffs[sl]), 0, 3, dtype=torch.float64)  # noqa: E731
         parts = self._parts(coeffs, temperature, emb, none, cfg.neighbours, (cfg.bandwidth_km,))
-        out = np.empty((len(np.asarray(coeffs)), grid.size))
+        out = np.empty((len(coeffs), grid.size))
         for part in parts:
-            c = torch.as_tensor(np.asarray(coeffs[part["rows"]])).double()
+            c = coeffs[part["rows"]]
             norm, share, base = self._log_norm(part, cfg)
             q = torch.as_tensor(shdd.density(c, grid, temperature))
             p = q * torch.exp(base - norm)[:, None] if math.isfinite(base) else torch.zeros_like(q)

@@ -91,6 +91,14 @@ def _check_coeffs(coeffs, name: str = "coeffs"):
     return flat.contiguous(), degree, lead, numpy
 
 
+def checked_coefficients(coeffs, name: str = "coeffs") -> torch.Tensor:
+    """``coeffs`` (..., (L+1)^2) as a float32 / float64 torch tensor, checked as every function
+    here checks its vectors: real numbers (half precision in float32), a square count, finite
+    values (a NaN or infinity named by row and index)."""
+    flat, _, lead, _ = _check_coeffs(coeffs, name)
+    return flat.reshape(*lead, flat.shape[-1])
+
+
 def _check_has_modes(flat: torch.Tensor) -> None:
     """A row with no coefficient of degree >= 1 is a constant function: every point is its
     maximum, so a decoded point would be an artefact of the grid's first node."""

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+from locdiff.baselines.rows import float_rows
 from locdiff.metrics import check_latlon
 from locdiff.ops.validation import check_int
 from locdiff.top_answers import check_top_k_args, separated_top_k
@@ -27,18 +28,19 @@ UNIT_ROWS_CHUNK = 1 << 16
 
 def _unit_rows(a, name: str, offset: int = 0) -> torch.Tensor:
     """Rows of ``a`` (N, D) as one float32 tensor of unit rows, filled chunk by chunk from any
-    array (a read-only memory map too: it is never shared with torch), or a ValueError naming
-    the first row (counted from ``offset``) holding a NaN or infinity."""
+    array (a read-only memory map too: it is never shared with torch) or tensor; the errors
+    of :func:`float_rows`, and a ValueError naming a zero row (no direction to compare by
+    cosine similarity: every neighbour would tie)."""
     t = torch.empty((len(a), np.shape(a)[1]), dtype=torch.float32)
-    view = t.numpy()
     for i in range(0, len(a), UNIT_ROWS_CHUNK):
-        block = view[i:i + UNIT_ROWS_CHUNK]
-        block[...] = a[i:i + UNIT_ROWS_CHUNK]
-        bad = ~np.isfinite(block).all(1)
-        if bad.any():
-            raise ValueError(f"{name} row {offset + i + int(np.flatnonzero(bad)[0])} is NaN or infinite")
         rows = t[i:i + UNIT_ROWS_CHUNK]
-        rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        rows.numpy()[...] = float_rows(a[i:i + UNIT_ROWS_CHUNK], name, offset + i)
+        norm = rows.norm(dim=1, keepdim=True)
+        zero = torch.nonzero(norm[:, 0] == 0)
+        if len(zero):
+            raise ValueError(f"{name} row {offset + i + int(zero[0])} is a zero vector: it has no direction "
+                             "to compare by cosine similarity")
+        rows.div_(norm)
     return t
 
 

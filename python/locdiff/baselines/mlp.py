@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from locdiff.baselines.rows import float_rows
 from locdiff.metrics import check_latlon
 from locdiff.optim import adamw
 
@@ -105,7 +106,7 @@ def predict_batches(net: nn.Module | None, x, batch: int = 4096) -> torch.Tensor
         raise ValueError(f"query embeddings must have shape (N, {first.in_features}) like the training ones, "
                          f"got {tuple(np.shape(x))}")
     net.eval()
-    parts = [net(torch.as_tensor(np.asarray(x[i:i + batch], np.float32))) for i in range(0, len(x), batch)]
+    parts = [net(torch.from_numpy(float_rows(x[i:i + batch], "query embeddings", i))) for i in range(0, len(x), batch)]
     return torch.cat(parts) if parts else torch.empty((0, last.out_features))
 
 
@@ -114,8 +115,5 @@ def check_training_pair(emb, coords) -> tuple[np.ndarray, np.ndarray]:
     or a ValueError naming what is wrong (the row counts, a NaN, latitudes out of range)."""
     if np.ndim(emb) != 2 or len(emb) == 0:
         raise ValueError(f"emb must have shape (N, D) with N >= 1, got {tuple(np.shape(emb))}")
-    x = np.asarray(emb, np.float32)
-    bad = np.flatnonzero(~np.isfinite(x).all(1))
-    if len(bad):
-        raise ValueError(f"emb row {bad[0]} is NaN or infinite")
+    x = float_rows(emb, "emb")
     return x, check_latlon(coords, "coords", rows=len(x))
