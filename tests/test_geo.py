@@ -1,8 +1,9 @@
 """Coordinates in float32 keep float64's trigonometry: poles and the antimeridian."""
 import numpy as np
+import pytest
 import torch
 
-from locdiff import great_circle_km, latlon_to_xyz, shdd
+from locdiff import geo, great_circle_km, latlon_to_xyz, metrics, shdd
 
 
 def test_float32_coordinates_are_exact_on_poles_and_the_antimeridian():
@@ -30,3 +31,29 @@ def test_great_circle_km_refuses_points_off_the_sphere_and_keeps_nan_as_missing(
     for radius in (-1.0, 0.0, np.inf, True):
         with pytest.raises(ValueError, match="radius_km must be a finite number > 0"):
             great_circle_km(np.zeros(2), np.ones(2), radius)
+
+
+def test_bad_points_and_types_are_named_by_argument_and_row():
+    bad = np.zeros((5, 2))
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"longitudes must be finite; row 3 is \[0.0, nan\]"):
+        geo.latlon_to_xyz(bad)
+    batch = torch.zeros(2, 3, 2)
+    batch[1, 2, 0] = 95.0
+    with pytest.raises(ValueError, match=r"latitudes must be finite degrees in \[-90, 90\]; row \(1, 2\) is \[95.0"):
+        geo.latlon_to_xyz(batch)
+    for odd in (torch.tensor([[10 + 5j, 20 + 0j]]), torch.tensor([[True, False]])):
+        with pytest.raises(TypeError, match="latlon must be a real numeric array"):
+            geo.latlon_to_xyz(odd)
+    with pytest.raises(TypeError, match="pred_latlon must be real numbers, got dtype complex128"):
+        metrics.distance_metrics(np.array([[0, 50j]]), np.array([[0.0, 0.0]]))
+    with pytest.raises(TypeError, match="pred_latlon must be real numbers, got torch.bool"):
+        metrics.distance_metrics(torch.tensor([[True, True]]), np.array([[0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"a \(6, 2\) and b \(5, 2\) must broadcast"):
+        geo.great_circle_km(np.zeros((6, 2)), np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="a is on cpu but b is on meta"):
+        geo.great_circle_km(torch.zeros(1, 2), torch.zeros(1, 2, device="meta"))
+    # Another byte order is read as the same numbers, with torch or numpy on the other side.
+    far = np.array([[0.0, 90.0]], ">f8")
+    assert float(geo.great_circle_km(torch.zeros(1, 2, dtype=torch.float64), far)[0]) == pytest.approx(10007.557, abs=1e-3)
+    assert float(geo.great_circle_km(np.zeros((1, 2)), far)[0]) == pytest.approx(10007.557, abs=1e-3)

@@ -523,3 +523,10 @@ def test_torch_func_reverse_mode_transforms_match_the_reference(rng):
     one = lambda f: (lambda p: f(p).sum())  # noqa: E731
     assert_close(torch.func.jacrev(torch.func.jacrev(one(ours)))(x[0]),  # a Hessian in reverse mode
                  torch.func.jacrev(torch.func.jacrev(one(ref)))(x[0]))
+
+
+def test_out_in_the_other_byte_order_is_filled(rng):
+    xyz = rng.standard_normal((4, 3))
+    out = np.empty((4, 9), ">f8")
+    assert locdiff.spherical_harmonics(xyz, 2, out=out) is out
+    np.testing.assert_array_equal(out, locdiff.spherical_harmonics(xyz, 2))

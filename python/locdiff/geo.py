@@ -28,14 +28,18 @@ def _backend(a):
 
 
 def _as_float_array(a, name: str):
+    """``a`` as a float array or tensor (integers as float64, values in native byte order), or
+    a TypeError naming ``name`` for complex, bool or non-numeric values."""
     if isinstance(a, torch.Tensor):
-        if not (a.is_floating_point()):
-            a = a.double()
-        return a
+        if a.is_complex() or a.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real numeric array, got {a.dtype}")
+        return a if a.is_floating_point() else a.double()
     a = np.asarray(a)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
-    return a.astype(np.float64) if a.dtype.kind in "iu" else a
+    if a.dtype.kind in "iu":
+        return a.astype(np.float64)
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
 def _largest_magnitudes(latlon) -> tuple[float, float]:
@@ -58,17 +62,11 @@ def latlon_to_xyz(latlon):
     latlon = _as_float_array(latlon, "latlon")
     check_last_dim(latlon, 2, "latlon")
     xp = _backend(latlon)
-    lat = latlon[..., 0]
     # One reduction checks both columns (NaN fails the comparison), the message only on
     # failure: at a training step's batch size, each op and sync costs more than the maths.
     big_lat, big_lon = _largest_magnitudes(latlon)
     if not (big_lat <= 90 and math.isfinite(big_lon)):
-        bad = ~(xp.abs(lat) <= 90)
-        if bool(bad.any()):
-            raise ValueError(
-                f"latlon: latitudes must be finite degrees in [-90, 90], got {float(lat[bad].reshape(-1)[0])}"
-            )
-        raise ValueError("latlon: longitudes must be finite")
+        _raise_bad_latlon(latlon, xp)
     # The trigonometry in float64 whatever the input: float32 degrees made cos(90) -4.4e-8,
     # which high degrees amplify (7.9e-6 per unit at L = 256 on a pole, 2e-6 elsewhere).
     radians = (latlon.double() if xp is torch else latlon.astype(np.float64, copy=False)) * (math.pi / 180)
@@ -76,6 +74,20 @@ def latlon_to_xyz(latlon):
     clat = cos[..., 0]
     out = xp.stack([clat * cos[..., 1], clat * sin[..., 1], sin[..., 0]], -1)
     return out.to(latlon.dtype) if xp is torch else out.astype(latlon.dtype, copy=False)
+
+
+def _raise_bad_latlon(latlon, xp) -> None:
+    """A ValueError naming the first row (its index in the leading dimensions) whose latitude
+    is not finite or outside [-90, 90], or else whose longitude is not finite."""
+    lat, lon = latlon[..., 0], latlon[..., 1]
+    bad_lat = ~(xp.abs(lat) <= 90)
+    bad, what = (bad_lat, "latitudes must be finite degrees in [-90, 90]") if bool(bad_lat.any()) else \
+        (~xp.isfinite(lon), "longitudes must be finite")
+    flat = int(torch.nonzero(bad.reshape(-1))[0]) if xp is torch else int(np.flatnonzero(bad.reshape(-1))[0])
+    row = np.unravel_index(flat, tuple(lat.shape)) if lat.ndim else ()
+    where = f"row {int(row[0])}" if len(row) == 1 else f"row {tuple(int(i) for i in row)}" if row else "the point"
+    pair = [float(v) for v in latlon.reshape(-1, 2)[flat].tolist()]
+    raise ValueError(f"latlon: {what}; {where} is {pair}")
 
 
 def xyz_to_latlon(xyz):
@@ -123,6 +135,13 @@ def great_circle_km(a, b, radius_km: float = EARTH_RADIUS_KM):
     xp = _backend(a)
     if xp is torch and not isinstance(b, torch.Tensor):
         b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
+    if xp is torch and a.device != b.device:
+        raise ValueError(f"a is on {a.device} but b is on {b.device}; expected both on one device")
+    try:
+        np.broadcast_shapes(tuple(a.shape[:-1]), tuple(b.shape[:-1]))
+    except ValueError:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must broadcast: the same number of points, "
+                         "or one") from None
     dtype = np.result_type(a.dtype, np.asarray(b).dtype) if xp is np else torch.promote_types(a.dtype, b.dtype)
     # In float64 whatever the input: float32 put (12.3, 180) 1 m from (12.3, -180).
     a, b = (a.double(), b.double()) if xp is torch else (a.astype(np.float64, copy=False), np.asarray(b, np.float64))

@@ -24,20 +24,27 @@ EARTH_AREA_KM2 = 4 * math.pi * EARTH_RADIUS_KM ** 2
 RVA_MIN_KM2 = 1.0
 
 
-def _np(a) -> np.ndarray:
+def _np(a, name: str) -> np.ndarray:
+    """``a`` (an array, list or torch tensor) as float64 numpy; a TypeError naming ``name`` for
+    complex, bool or non-numeric values, which a cast would drop or invent."""
     try:
         import torch
 
         if isinstance(a, torch.Tensor):
+            if a.is_complex() or a.dtype == torch.bool:
+                raise TypeError(f"{name} must be real numbers, got {a.dtype}")
             return a.detach().cpu().double().numpy()
     except ImportError:  # pragma: no cover
         pass
-    return np.asarray(a, np.float64)
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    return np.asarray(arr, np.float64)
 
 
 def _some(a, name: str) -> np.ndarray:
     """``a`` as float64, refused when empty: a mean over nothing is no score."""
-    a = _np(a)
+    a = _np(a, name)
     if a.size == 0:
         raise ValueError(f"{name} is empty: a score needs at least one sample")
     return a
@@ -62,7 +69,7 @@ def check_latlon(x, name: str, rows: int | None = None) -> np.ndarray:
     """``x`` as a float64 ``(N, 2)`` array of finite (lat, lon) degrees with lat in [-90, 90]
     (``rows``: N expected); a ValueError naming ``name`` and the first bad row otherwise.
     Swapped (lon, lat) columns show up as latitudes out of range."""
-    a = _np(x)
+    a = _np(x, name)
     if a.ndim != 2 or a.shape[1] != 2 or (rows is not None and a.shape[0] != rows):
         want = f"({rows}, 2)" if rows is not None else "(N, 2)"
         raise ValueError(f"{name} must have shape {want} (lat, lon), got {a.shape}")
@@ -86,7 +93,7 @@ def distance_metrics(pred_latlon, true_latlon) -> dict[str, float]:
 
 def metrics_from_distances(d) -> dict[str, float]:
     """The point metrics of :func:`distance_metrics` from distances in km."""
-    d = _np(d)
+    d = _np(d, "distances")
     if d.size == 0:
         raise ValueError("metrics need at least one prediction")
     _check_distances(d, "distances")
@@ -100,7 +107,7 @@ def best_of_k_metrics(candidates, true_latlon, ks=(3, 5)) -> dict[str, float]:
     ``top<k>_<key>`` for every key of :func:`distance_metrics`. ``candidates`` (N, K, 2)
     holds each query's answers best first (a method's top-k modes); NaN rows are missing
     answers, but every query needs its first one."""
-    c, t = _np(candidates), _np(true_latlon)
+    c, t = _np(candidates, "candidates"), _np(true_latlon, "true_latlon")
     if c.ndim != 3 or c.shape[2] != 2 or t.shape != (c.shape[0], 2):
         raise ValueError(f"candidates must be (N, K, 2) for true_latlon (N, 2), got {c.shape} and {t.shape}")
     t = check_latlon(t, "true_latlon")
@@ -134,7 +141,7 @@ def search_area_km2(prob, cell_area_sr, true_cell, log: bool = False) -> np.ndar
     that holds the truth (cells tied with it count half). ``prob`` (B, G) cell probabilities
     (``log``: their logarithms, which keep the order where probabilities underflow),
     ``cell_area_sr`` (G,) in steradians, ``true_cell`` (B,) index of the truth's cell."""
-    prob, area = _np(prob), _np(cell_area_sr)
+    prob, area = _np(prob, "prob"), _np(cell_area_sr, "cell_area_sr")
     true_cell = np.asarray(true_cell, np.int64)
     bad = (np.isnan(prob) | (prob == np.inf)).any(1) if log and prob.ndim == 2 else \
         ~np.isfinite(prob).all(1) if prob.ndim == 2 else None
@@ -163,7 +170,7 @@ def recall_vs_area(search_km2, budgets_km2=None):
     s = _some(search_km2, "search_km2")
     if budgets_km2 is None:
         budgets_km2 = np.logspace(math.log10(RVA_MIN_KM2), math.log10(EARTH_AREA_KM2), 200)
-    budgets_km2 = _np(budgets_km2)
+    budgets_km2 = _np(budgets_km2, "budgets_km2")
     return budgets_km2, (s[None, :] <= budgets_km2[:, None] * (1 + 1e-12)).mean(1)
 
 
@@ -185,8 +192,8 @@ def rva_auc(search_km2) -> float:
 def density_metrics(prob, cell_area_sr, cell_xyz, true_latlon, log_density=None) -> dict[str, float]:
     """``rva_auc`` (and ``nll`` when ``log_density`` of the truths is given) for densities on a
     grid: ``prob`` (B, G), ``cell_area_sr`` (G,), ``cell_xyz`` (G, 3) cell centres."""
-    xyz = latlon_to_xyz(_np(true_latlon))
-    cells = _np(cell_xyz)
+    xyz = latlon_to_xyz(_np(true_latlon, "true_latlon"))
+    cells = _np(cell_xyz, "cell_xyz")
     # The truth's cell is the nearest centre (largest dot product), in chunks to bound memory.
     true_cell = np.concatenate([np.argmax(xyz[i:i + 4096] @ cells.T, 1) for i in range(0, len(xyz), 4096)])
     out = {"rva_auc": rva_auc(search_area_km2(prob, cell_area_sr, true_cell))}

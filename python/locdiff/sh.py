@@ -64,6 +64,12 @@ def spherical_harmonics(xyz, degree: int, *, backend: str | None = None, validat
                 raise TypeError(f"out must be a numpy array when xyz is one, got {type(out).__name__}")
             if not out.flags.writeable:
                 raise ValueError("out must be a writeable array, got a read-only one")
+            if not out.dtype.isnative:  # torch reads native byte order only: fill it by copy
+                result = spherical_harmonics(arr, degree, backend=backend, validate=validate)
+                if out.shape != result.shape:
+                    raise ValueError(f"out must have shape {result.shape}, got {out.shape}")
+                out[...] = result
+                return out
         result = spherical_harmonics(torch.from_numpy(np.ascontiguousarray(arr)), degree, backend=backend,
                                      validate=validate, out=None if out is None else torch.from_numpy(out))
         return out if out is not None else result.numpy()
