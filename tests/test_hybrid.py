@@ -323,3 +323,10 @@ def test_inputs_of_any_dtype_or_grad_give_the_float64_answers_and_bad_rows_are_n
         h.predict(bad, 5.0, emb, mode)
     with pytest.raises(TypeError, match="query embeddings must be real numbers"):
         h.predict(coeffs, 5.0, emb.astype(np.complex64), mode)
+
+
+def test_a_single_query_row_must_keep_its_batch_dimension():
+    h = Hybrid(np.eye(2, dtype=np.float32), np.stack([PARIS, LYON]))
+    coeffs = _model([PARIS])
+    with pytest.raises(ValueError, match=r"emb must have shape \(B, D\), one row per query, got \(2,\)"):
+        h.predict(coeffs, 5.0, np.array([1.0, 0.0], np.float32), shdd.decode(coeffs))

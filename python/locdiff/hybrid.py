@@ -267,15 +267,18 @@ class Hybrid:
         return out
 
     @staticmethod
-    def _points(latlon, rows: int, name: str):
-        xyz = torch.as_tensor(latlon_to_xyz(check_latlon(latlon, name, rows=rows)))
+    def _points(latlon, emb, name: str):
+        """``latlon`` (B, 2), one point per row of the queries ``emb`` (B, D), as a slicer."""
+        if np.ndim(emb) != 2:
+            raise ValueError(f"emb must have shape (B, D), one row per query, got {tuple(np.shape(emb))}")
+        xyz = torch.as_tensor(latlon_to_xyz(check_latlon(latlon, name, rows=len(emb))))
         return lambda sl: xyz[sl][:, None]
 
     def predict(self, coeffs, temperature: float, emb, model_latlon, config: HybridConfig | None = None,
                 progress: bool = False) -> np.ndarray:
         """The mode of p_H among the model's mode and the gallery neighbours -> (B, 2)."""
         cfg = config or self.config
-        points = self._points(model_latlon, len(emb), "model_latlon")
+        points = self._points(model_latlon, emb, "model_latlon")
         bar = _bar("LocDiff-H answers", progress)
         return self._choose(self._parts(coeffs, temperature, emb, points, cfg.neighbours, progress=bar), cfg, len(emb))
 
@@ -314,7 +317,7 @@ class Hybrid:
     def log_density_at(self, coeffs, temperature: float, emb, latlon, config: HybridConfig | None = None) -> np.ndarray:
         """log p_H per steradian at ``latlon`` (B, 2) -> (B,)."""
         cfg = config or self.config
-        parts = self._parts(coeffs, temperature, emb, self._points(latlon, len(emb), "latlon"), cfg.neighbours,
+        parts = self._parts(coeffs, temperature, emb, self._points(latlon, emb, "latlon"), cfg.neighbours,
                             (cfg.bandwidth_km,))
         return self._log_density(parts, cfg, len(emb))
 
@@ -360,8 +363,8 @@ class Hybrid:
                              f"got shape {groups.shape}")
         k = self.config.neighbours
         # Held at once: the fit goes over the same parts once per setting.
-        at_mode = list(self._parts(coeffs, temperature, emb, self._points(model_latlon, len(emb), "model_latlon"), k))
-        at_truth = list(self._parts(coeffs, temperature, emb, self._points(coords, len(emb), "coords"), k,
+        at_mode = list(self._parts(coeffs, temperature, emb, self._points(model_latlon, emb, "model_latlon"), k))
+        at_truth = list(self._parts(coeffs, temperature, emb, self._points(coords, emb, "coords"), k,
                                     bandwidths_km)) if objective == "nll" else None
 
         def errors(cfg):
