@@ -190,7 +190,11 @@ def test_a_memory_mapped_array_is_predicted_in_place_like_a_copy(setup, tmp_path
     emb = np.asarray(open_embeddings(d / "E")[np.arange(4)], np.float16)
     np.save(tmp_path / "q.npy", emb)
     mapped = np.load(tmp_path / "q.npy", mmap_mode="r")  # read-only: nothing may write to it
+    seen, predict = [], geo.predictor.predict
+    geo.predictor.predict = lambda emb, **kw: seen.append(emb) or predict(emb, **kw)
     from_map = geo.predict(mapped, top_k=2, geocode=False, progress=False)
+    assert seen[0] is mapped  # the map itself, not a copy
+    del geo.predictor.predict
     from_copy = geo.predict(emb.astype(np.float32), top_k=2, geocode=False, progress=False)
     np.testing.assert_array_equal(from_map.latlon, from_copy.latlon)
     np.testing.assert_array_equal(from_map.modes, from_copy.modes)

@@ -132,3 +132,10 @@ def test_accuracy_counts_a_distance_equal_to_the_threshold():
     # "Within d km" includes d itself.
     m = M.metrics_from_distances(np.array([1.0, 25.0, 200.0, 750.0, 2500.0]))
     assert [m[f"acc_{t}km"] for t in (1, 25, 200, 750, 2500)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_none_marks_a_missing_answer_and_non_numbers_are_named():
+    got = M.best_of_k_metrics([[[1, 2], [None, None]], [[3, 4], [5, 6]]], [[1, 2], [3, 4]], ks=(2,))
+    assert got["top2_median_km"] == 0.0
+    with pytest.raises(TypeError, match="candidates must be real numbers"):
+        M.best_of_k_metrics(np.array([[[1, 2], ["a", None]]], dtype=object), [[1, 2]], ks=(2,))

@@ -445,20 +445,25 @@ def test_jacobians_in_reverse_mode_and_forward_mode_refused(rng):
 
 
 @pytest.mark.parametrize("in_dims", [0, 1])
-def test_vmap_maps_the_op_and_its_gradient_op_as_one_batch(in_dims, rng, recwarn):
-    # The batching rules (ops/sh.py) give what a loop over the samples gives, with no
-    # per-sample fallback (torch warns when it falls back).
-    from locdiff.ops import spherical_harmonics_backward_op
+def test_vmap_maps_the_op_and_its_gradient_op_as_one_batch(in_dims, rng, monkeypatch):
+    # The batching rules (ops/sh.py) give what a loop over the samples gives, in one kernel
+    # call for all samples (torch's fallback would call the op once per sample).
+    from locdiff.ops import launch, spherical_harmonics_backward_op
+    from locdiff.ops import sh as ops_sh
 
     x = torch.from_numpy(rng.standard_normal((4, 5, 3)))
     g = torch.from_numpy(rng.standard_normal((x.shape[1 - in_dims], 36)))  # one sample's points
     looped = torch.stack([spherical_harmonics_op(s, 5) for s in x.unbind(in_dims)])
-    assert_close(torch.func.vmap(lambda s: spherical_harmonics_op(s, 5), in_dims=in_dims)(x), looped)
     grads = torch.stack([spherical_harmonics_backward_op(s, g, 5) for s in x.unbind(in_dims)])
+    calls = []
+    forward, run = ops_sh.forward_cpu, launch.run
+    monkeypatch.setattr(ops_sh, "forward_cpu", lambda *a: calls.append("forward") or forward(*a))
+    monkeypatch.setattr(launch, "run", lambda *a, **k: calls.append("backward") or run(*a, **k))
+    assert_close(torch.func.vmap(lambda s: spherical_harmonics_op(s, 5), in_dims=in_dims)(x), looped)
     mapped = torch.func.vmap(lambda s: spherical_harmonics_backward_op(s, g, 5), in_dims=in_dims)(x)
+    assert calls == ["forward", "backward"]
     assert_close(mapped, grads)
     assert_close(mapped, torch.stack([_reference_vjp(s, g, 5) for s in x.unbind(in_dims)]))
-    assert not [w for w in recwarn if "batching rule" in str(w.message)]
 
 
 def _reference_vjp(xyz, g, degree):
@@ -484,9 +489,16 @@ def test_ops_read_strided_views_as_their_contiguous_copies(rng):
     out = torch.empty(6, 36, dtype=torch.float64)
     spherical_harmonics_out_op(x, 5, out)
     assert_close(out, spherical_harmonics_op(x.contiguous(), 5))
-    with pytest.raises(ValueError, match=r"grad_out must have shape \(6, 36\) for xyz \(6, 3\) at degree 5, got \(6, 25\)"):
+    with pytest.raises(ValueError, match=r"grad_out must be \(6, 36\) torch.float64 for xyz \(6, 3\) at degree 5, "
+                                         r"got \(6, 25\) torch.float64"):
         spherical_harmonics_backward_op(x, g[:, :25], 5)
-    with pytest.raises(ValueError, match="out must be contiguous"):
+    with pytest.raises(ValueError, match=r"got \(6, 36\) torch.float32"):
+        spherical_harmonics_backward_op(x, g.float(), 5)
+    with pytest.raises(ValueError, match=r"xyz must have shape \(N, 3\), got \(3,\)"):
+        spherical_harmonics_op(x[0], 5)
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(6, 36\) torch.float64 tensor, got \(6, 25\)"):
+        spherical_harmonics_out_op(x, 5, torch.empty(6, 25, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
         spherical_harmonics_out_op(x, 5, torch.empty(36, 6, dtype=torch.float64).T)
 
     c = shdd.encode(torch.tensor([[10.0, 20.0], [-45.0, 170.0], [89.0, 0.0]], dtype=torch.float64), 6)

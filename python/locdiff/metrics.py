@@ -25,8 +25,9 @@ RVA_MIN_KM2 = 1.0
 
 
 def _np(a, name: str) -> np.ndarray:
-    """``a`` (an array, list or torch tensor) as float64 numpy; a TypeError naming ``name`` for
-    complex, bool or non-numeric values, which a cast would drop or invent."""
+    """``a`` (an array, list or torch tensor) as float64 numpy, None as NaN (a missing answer);
+    a TypeError naming ``name`` for complex, bool or non-numeric values, which a cast would
+    drop or invent."""
     try:
         import torch
 
@@ -37,9 +38,13 @@ def _np(a, name: str) -> np.ndarray:
     except ImportError:  # pragma: no cover
         pass
     arr = np.asarray(a)
-    if arr.dtype.kind not in "fiu":
+    if arr.dtype.kind not in "fiuO":
         raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
-    return np.asarray(arr, np.float64)
+    try:
+        return np.asarray(arr, np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be real numbers (or None for a missing answer), got {arr.reshape(-1)[:3]}") \
+            from None
 
 
 def _some(a, name: str) -> np.ndarray:

@@ -88,7 +88,8 @@ class GeocellClassifier:
 
         val_fn = None
         if val is not None:
-            vx, vll = torch.as_tensor(np.asarray(val[0], np.float32)), np.asarray(val[1], np.float64)
+            vx, vll = check_training_pair(*val, name="val")
+            vx = torch.from_numpy(vx)
             if select == "nll":
                 val_fn = lambda net: -float(np.mean(self._log_density(net(vx), vll)))  # noqa: E731
             else:

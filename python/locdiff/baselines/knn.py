@@ -14,8 +14,8 @@ import math
 import numpy as np
 import torch
 
-from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 from locdiff.baselines.rows import float_rows
+from locdiff.geo import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 from locdiff.metrics import check_latlon
 from locdiff.ops.validation import check_int
 from locdiff.top_answers import check_top_k_args, separated_top_k
@@ -26,20 +26,28 @@ from locdiff.top_answers import check_top_k_args, separated_top_k
 UNIT_ROWS_CHUNK = 1 << 16
 
 
-def _unit_rows(a, name: str, offset: int = 0) -> torch.Tensor:
+def _unit_rows(a, name: str, offset: int = 0, zero_rows: bool = False) -> torch.Tensor:
     """Rows of ``a`` (N, D) as one float32 tensor of unit rows, filled chunk by chunk from any
     array (a read-only memory map too: it is never shared with torch) or tensor; the errors
-    of :func:`float_rows`, and a ValueError naming a zero row (no direction to compare by
-    cosine similarity: every neighbour would tie)."""
+    of :func:`float_rows`, and a ValueError naming a zero row: a query with no direction,
+    whose neighbours would all tie. ``zero_rows``: keep them as zeros instead (a gallery
+    entry no query resembles)."""
     t = torch.empty((len(a), np.shape(a)[1]), dtype=torch.float32)
     for i in range(0, len(a), UNIT_ROWS_CHUNK):
         rows = t[i:i + UNIT_ROWS_CHUNK]
         rows.numpy()[...] = float_rows(a[i:i + UNIT_ROWS_CHUNK], name, offset + i)
         norm = rows.norm(dim=1, keepdim=True)
-        zero = torch.nonzero(norm[:, 0] == 0)
-        if len(zero):
-            raise ValueError(f"{name} row {offset + i + int(zero[0])} is a zero vector: it has no direction "
-                             "to compare by cosine similarity")
+        # Squares of float32 values below about 1e-19 underflow: such rows are scaled in float64.
+        tiny = torch.nonzero(norm[:, 0] < 1e-15)[:, 0]
+        if len(tiny):
+            small = rows[tiny].double()
+            small_norm = small.norm(dim=1, keepdim=True)
+            if not zero_rows and bool((small_norm == 0).any()):
+                row = int(tiny[torch.nonzero(small_norm[:, 0] == 0)[0]])
+                raise ValueError(f"{name} row {offset + i + row} is a zero vector: it has no direction to compare "
+                                 "by cosine similarity")
+            rows[tiny] = (small / small_norm.clamp_min(1e-300)).float()
+            norm[tiny] = 1.0
         rows.div_(norm)
     return t
 
@@ -80,7 +88,7 @@ class NeighbourIndex:
         if np.ndim(emb) != 2 or len(emb) == 0:
             raise ValueError(f"gallery embeddings must have shape (M, D) with M >= 1, got {np.shape(emb)}")
         coords = check_latlon(coords, "gallery coordinates", rows=len(emb))
-        self.emb = _unit_rows(emb, "gallery embeddings").to(self.device)
+        self.emb = _unit_rows(emb, "gallery embeddings", zero_rows=True).to(self.device)
         self.xyz = torch.as_tensor(latlon_to_xyz(coords))
         self.batch = batch
         self._cache: dict = {}

@@ -110,10 +110,12 @@ def predict_batches(net: nn.Module | None, x, batch: int = 4096) -> torch.Tensor
     return torch.cat(parts) if parts else torch.empty((0, last.out_features))
 
 
-def check_training_pair(emb, coords) -> tuple[np.ndarray, np.ndarray]:
+def check_training_pair(emb, coords, name: str = "") -> tuple[np.ndarray, np.ndarray]:
     """``(emb (N, D) float32, coords (N, 2) float64)`` of a learned baseline's fit, N >= 1,
-    or a ValueError naming what is wrong (the row counts, a NaN, latitudes out of range)."""
+    or a ValueError naming what is wrong (the row counts, a NaN, latitudes out of range);
+    ``name`` prefixes the names ("val": "val emb", "val coords")."""
+    prefix = f"{name} " if name else ""
     if np.ndim(emb) != 2 or len(emb) == 0:
-        raise ValueError(f"emb must have shape (N, D) with N >= 1, got {tuple(np.shape(emb))}")
-    x = float_rows(emb, "emb")
-    return x, check_latlon(coords, "coords", rows=len(x))
+        raise ValueError(f"{prefix}emb must have shape (N, D) with N >= 1, got {tuple(np.shape(emb))}")
+    x = float_rows(emb, f"{prefix}emb")
+    return x, check_latlon(coords, f"{prefix}coords", rows=len(x))

@@ -38,8 +38,8 @@ class Regressor:
             self.net = mlp(emb.shape[1], self.widths, 3, self.dropout)
         val_fn = None
         if val is not None:
-            vx = np.asarray(val[0], np.float32)
-            vy = torch.as_tensor(latlon_to_xyz(np.asarray(val[1], np.float64))).float()
+            vx, vll = check_training_pair(*val, name="val")
+            vy = torch.as_tensor(latlon_to_xyz(vll)).float()
             val_fn = lambda net: float(_angle(net(torch.as_tensor(vx)), vy).median()) * EARTH_RADIUS_KM  # noqa: E731
         return fit(self.net, lambda p, t: _angle(p, t).mean(), emb, y, val_fn=val_fn, seed=self.seed, **train_kw)
 

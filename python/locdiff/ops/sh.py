@@ -5,7 +5,8 @@ Two ops, each with a fake kernel (shape only, for torch.compile) and per-device 
   locdiff::spherical_harmonics_backward(xyz, grad_out, degree) -> grad_xyz (N,3)
 The backward op is itself differentiable (double backward), through the pure-torch
 reference: slower, but exact, and only needed for second derivatives.
-Inputs here are already validated and contiguous (see locdiff.sh).
+Inputs here are already validated (see locdiff.sh); the ops make them contiguous
+(launch.contiguous_inputs). torch.func's transforms go through ops/sh_func.py.
 """
 from __future__ import annotations
 
@@ -94,15 +95,24 @@ def forward_cpu_numpy(xyz: np.ndarray, degree: int) -> np.ndarray:
     return out
 
 
+def _check_points(op: str, xyz: torch.Tensor) -> None:
+    # The kernels read N x 3 values of xyz's dtype (locdiff.sh checks before the public call;
+    # an op reached directly is checked here).
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ValueError(f"locdiff::{op}: xyz must have shape (N, 3), got {tuple(xyz.shape)}")
+
+
 @torch.library.custom_op("locdiff::spherical_harmonics", mutates_args=(), device_types="cpu")
 @launch.contiguous_inputs
 def spherical_harmonics_op(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    _check_points("spherical_harmonics", xyz)
     return forward_cpu(xyz, degree)
 
 
 @spherical_harmonics_op.register_kernel("cuda")
 @launch.contiguous_inputs
 def _(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    _check_points("spherical_harmonics", xyz)
     out = torch.empty((xyz.shape[0], (degree + 1) ** 2), dtype=xyz.dtype, device=xyz.device)
     _forward_cuda_into(xyz, degree, out)
     return out
@@ -120,20 +130,24 @@ def _(xyz: torch.Tensor, degree: int) -> torch.Tensor:
 # "Output memory").
 @torch.library.custom_op("locdiff::spherical_harmonics_out", mutates_args=("out",), device_types="cpu")
 def spherical_harmonics_out_op(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
-    _check_out(out)
+    _check_out(xyz, degree, out)
     _forward_cpu_into(xyz.contiguous(), degree, out)
 
 
 @spherical_harmonics_out_op.register_kernel("cuda")
 def _(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
-    _check_out(out)
+    _check_out(xyz, degree, out)
     _forward_cuda_into(xyz.contiguous(), degree, out)
 
 
-def _check_out(out: torch.Tensor) -> None:
-    # The kernels write dense rows; a copy would leave the caller's buffer unwritten.
-    if not out.is_contiguous():
-        raise ValueError(f"locdiff::spherical_harmonics_out: out must be contiguous, got strides {out.stride()}")
+def _check_out(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
+    # The kernels write N x K dense rows of xyz's dtype; a copy would leave the caller's
+    # buffer unwritten, so a strided one is refused.
+    _check_points("spherical_harmonics_out", xyz)
+    want = (xyz.shape[0], (degree + 1) ** 2)
+    if tuple(out.shape) != want or out.dtype != xyz.dtype or not out.is_contiguous():
+        raise ValueError(f"locdiff::spherical_harmonics_out: out must be a contiguous {want} {xyz.dtype} tensor, "
+                         f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}")
 
 
 @spherical_harmonics_out_op.register_fake
@@ -146,10 +160,11 @@ def _(xyz: torch.Tensor, degree: int, out: torch.Tensor) -> None:
 def spherical_harmonics_backward_op(xyz: torch.Tensor, grad_out: torch.Tensor, degree: int) -> torch.Tensor:
     grad_xyz = torch.empty_like(xyz)
     launch.one_device("spherical_harmonics_backward", xyz=xyz, grad_out=grad_out)
-    if grad_out.shape != (xyz.shape[0], (degree + 1) ** 2):  # the kernel reads that many values
-        raise ValueError(f"locdiff::spherical_harmonics_backward: grad_out must have shape "
-                         f"({xyz.shape[0]}, {(degree + 1) ** 2}) for xyz {tuple(xyz.shape)} at degree {degree}, "
-                         f"got {tuple(grad_out.shape)}")
+    _check_points("spherical_harmonics_backward", xyz)
+    if grad_out.shape != (xyz.shape[0], (degree + 1) ** 2) or grad_out.dtype != xyz.dtype:
+        raise ValueError(f"locdiff::spherical_harmonics_backward: grad_out must be ({xyz.shape[0]}, "
+                         f"{(degree + 1) ** 2}) {xyz.dtype} for xyz {tuple(xyz.shape)} at degree {degree}, "
+                         f"got {tuple(grad_out.shape)} {grad_out.dtype}")
     if xyz.shape[0]:
         launch.run("sh", xyz, xyz.data_ptr(), grad_out.data_ptr(), xyz.shape[0], degree, grad_xyz.data_ptr(),
                    bwd=True)
