@@ -67,7 +67,7 @@ def test_scores_refuse_what_they_cannot_mean():
     assert M.best_of_k_metrics(cands, truth, ks=(np.int64(2),))["top2_median_km"] == 0.0
     with pytest.raises(ValueError, match=r"true_latlon row 1 is \[200.0, 40.0\]"):
         M.best_of_k_metrics(cands, np.array([[10.0, 20.0], [200.0, 40.0]]))
-    with pytest.raises(ValueError, match="candidates \\(the answers given\\) row 2"):
+    with pytest.raises(ValueError, match=r"candidates query 1, answer 1 is \[500.0, 40.0\]"):
         M.best_of_k_metrics(np.where(cands == 30.0, 500.0, cands), truth, ks=(2,))
 
 

@@ -119,7 +119,13 @@ def best_of_k_metrics(candidates, true_latlon, ks=(3, 5)) -> dict[str, float]:
     found = ~np.isnan(c).any(2)
     if not found[:, 0].all():
         raise ValueError(f"candidates: every query needs a first answer, {int((~found[:, 0]).sum())} have none")
-    check_latlon(c[found], "candidates (the answers given)")
+    # Latitudes beyond +-90 or infinite longitudes among the answers given (NaN: none).
+    with np.errstate(invalid="ignore"):
+        bad = found & ~(np.isfinite(c).all(2) & (np.abs(c[..., 0]) <= 90))
+    if bad.any():
+        q, j = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"candidates query {q}, answer {j} is {c[q, j].tolist()}: expected finite (lat, lon) "
+                         "degrees with lat in [-90, 90]")
     d = np.asarray(great_circle_km(np.where(found[..., None], c, 0.0), t[:, None, :]))
     best = np.minimum.accumulate(np.where(found, d, np.inf), axis=1)
     out = {}
