@@ -202,19 +202,24 @@ def register_sh_autograd(forward_op, backward_op) -> None:
 
     def double_backward(ctx, grad_grad_xyz):
         xyz, grad_out = ctx.saved_tensors
-        with torch.enable_grad():
-            x = xyz.detach().requires_grad_(True)
-            g = grad_out.detach().requires_grad_(True)
-            y = spherical_harmonics_reference(x, ctx.degree)
-            if not y.requires_grad:  # degree 0: a constant, whose derivatives are all 0
-                return torch.zeros_like(xyz), torch.zeros_like(grad_out), None
-            (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
-            d_xyz, d_g = torch.autograd.grad(gx, (x, g), grad_grad_xyz, materialize_grads=True)
-        return d_xyz, d_g, None
+        return (*reference_double_backward(xyz, grad_out, grad_grad_xyz, ctx.degree), None)
 
     forward_op.register_autograd(backward, setup_context=setup_forward)
     backward_op.register_autograd(double_backward, setup_context=setup_backward)
     _register_sh_vmap(forward_op, backward_op)
+
+
+def reference_double_backward(xyz: torch.Tensor, grad_out: torch.Tensor, grad_grad_xyz: torch.Tensor,
+                              degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VJPs of the backward op (xyz, g) -> J(xyz)^T g at ``grad_grad_xyz``: d(J^T g . v)/dxyz
+    and J v, by torch.func.vjp of the pure-torch reference (which also runs inside torch.func's
+    transforms; at degree 0 both are zeros)."""
+
+    def vjp_of_harmonics(x, g):
+        return torch.func.vjp(lambda y: spherical_harmonics_reference(y, degree), x)[1](g)[0]
+
+    _, pull = torch.func.vjp(vjp_of_harmonics, xyz, grad_out)
+    return pull(grad_grad_xyz)
 
 
 def _register_sh_vmap(forward_op, backward_op) -> None:

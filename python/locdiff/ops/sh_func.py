@@ -3,16 +3,15 @@ over them).
 
 torch refuses those transforms on a custom op's own autograd (torch.library's generated
 Function has no ``setup_context``). Inside a transform, locdiff.ops.sh_api routes through the
-Functions here instead: the same forward and backward ops, and a double backward by
-torch.func.vjp of the pure-torch reference (exact, slower, rarely needed). Forward mode
-(jvp, jacfwd, hessian) stays refused: the kernels have no JVP (docs/conventions.md).
+Functions here instead: the same forward and backward ops and double backward
+(ops/sh.py, reference_double_backward). Forward mode (jvp, jacfwd, hessian) stays refused:
+the kernels have no JVP (docs/conventions.md).
 """
 from __future__ import annotations
 
 import torch
 
-from locdiff.ops.sh import spherical_harmonics_backward_op, spherical_harmonics_op
-from locdiff.ops.sh_reference import spherical_harmonics_reference
+from locdiff.ops.sh import reference_double_backward, spherical_harmonics_backward_op, spherical_harmonics_op
 
 
 class _Backward(torch.autograd.Function):
@@ -33,13 +32,7 @@ class _Backward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_grad_xyz):
         xyz, grad_out = ctx.saved_tensors
-
-        def vjp_of_harmonics(x, g):
-            return torch.func.vjp(lambda y: spherical_harmonics_reference(y, ctx.degree), x)[1](g)[0]
-
-        _, pull = torch.func.vjp(vjp_of_harmonics, xyz, grad_out)
-        d_xyz, d_grad = pull(grad_grad_xyz)
-        return d_xyz, d_grad, None
+        return (*reference_double_backward(xyz, grad_out, grad_grad_xyz, ctx.degree), None)
 
 
 class _Forward(torch.autograd.Function):
