@@ -162,17 +162,18 @@ class Hybrid:
         self.index = index or NeighbourIndex(gallery_emb, gallery_coords, device=device)
         self.config = config or HybridConfig()
 
-    def _parts(self, coeffs, temperature: float, emb, points, neighbours: int, bandwidths_km=(),
+    def _parts(self, c_all: torch.Tensor, temperature: float, emb, points, neighbours: int, bandwidths_km=(),
                progress: str | None = None):
         """Per batch of 256 rows, what every setting needs: similarities (b, k), gallery
         locations mu (b, k, 3), the extra points (b, P, 3) given by ``points(slice)``, log q
         at mu and at the points, for each of ``bandwidths_km`` log E_j[q] (b, k), and the
         batch's ``rows`` (a slice). A generator: a single pass holds one batch's
         (tens of KB a row), not every row's, and fills its outputs in place
-        (docs/evaluation.md, "Memory on large sets"). ``progress``: a bar's label, or None."""
+        (docs/evaluation.md, "Memory on large sets"). ``c_all``: the vectors as
+        :func:`_coefficients` gives them (each public method converts once). ``progress``: a
+        bar's label, or None."""
         from tqdm.auto import tqdm
 
-        c_all = _coefficients(coeffs)
         if c_all.ndim != 2 or np.ndim(emb) != 2 or len(emb) != len(c_all):
             raise ValueError(f"coeffs (B, K) and emb (B, D) must have one row per query, got {tuple(c_all.shape)} "
                              f"and {tuple(np.shape(emb))}")
@@ -277,10 +278,13 @@ class Hybrid:
     def predict(self, coeffs, temperature: float, emb, model_latlon, config: HybridConfig | None = None,
                 progress: bool = False) -> np.ndarray:
         """The mode of p_H among the model's mode and the gallery neighbours -> (B, 2)."""
-        cfg = config or self.config
+        return self._predict(_coefficients(coeffs), temperature, emb, model_latlon, config or self.config, progress)
+
+    def _predict(self, c: torch.Tensor, temperature: float, emb, model_latlon, cfg: HybridConfig,
+                 progress: bool) -> np.ndarray:
         points = self._points(model_latlon, emb, "model_latlon")
         bar = _bar("LocDiff-H answers", progress)
-        return self._choose(self._parts(coeffs, temperature, emb, points, cfg.neighbours, progress=bar), cfg, len(emb))
+        return self._choose(self._parts(c, temperature, emb, points, cfg.neighbours, progress=bar), cfg, len(emb))
 
     def top_k(self, coeffs, temperature: float, emb, model_latlon, modes, k: int = 5,
               min_separation_km: float = 1000.0, config: HybridConfig | None = None,
@@ -297,7 +301,7 @@ class Hybrid:
             raise ValueError(f"modes must have shape ({len(coeffs)}, m, 2), one row per query, got "
                              f"{modes.shape}")
         if answer is None:
-            answer = self.predict(coeffs, temperature, emb, model_latlon, cfg, progress)
+            answer = self._predict(coeffs, temperature, emb, model_latlon, cfg, progress)
         if not len(modes):
             return np.empty((0, k, 2))
         found = torch.as_tensor(np.isfinite(modes).all(2))
@@ -317,8 +321,8 @@ class Hybrid:
     def log_density_at(self, coeffs, temperature: float, emb, latlon, config: HybridConfig | None = None) -> np.ndarray:
         """log p_H per steradian at ``latlon`` (B, 2) -> (B,)."""
         cfg = config or self.config
-        parts = self._parts(coeffs, temperature, emb, self._points(latlon, emb, "latlon"), cfg.neighbours,
-                            (cfg.bandwidth_km,))
+        parts = self._parts(_coefficients(coeffs), temperature, emb, self._points(latlon, emb, "latlon"),
+                            cfg.neighbours, (cfg.bandwidth_km,))
         return self._log_density(parts, cfg, len(emb))
 
     def grid_probabilities(self, coeffs, temperature: float, emb, grid, config: HybridConfig | None = None) -> np.ndarray:
@@ -362,6 +366,7 @@ class Hybrid:
             raise ValueError(f"groups must have one entry per validation place ({len(coords)}), "
                              f"got shape {groups.shape}")
         k = self.config.neighbours
+        coeffs = _coefficients(coeffs)
         # Held at once: the fit goes over the same parts once per setting.
         at_mode = list(self._parts(coeffs, temperature, emb, self._points(model_latlon, emb, "model_latlon"), k))
         at_truth = list(self._parts(coeffs, temperature, emb, self._points(coords, emb, "coords"), k,
