@@ -70,6 +70,12 @@ def geoscore(distance_km) -> float:
     return float(np.mean(5000.0 * np.exp(-d / GEOSCORE_SCALE_KM)))
 
 
+def _off_the_sphere(a: np.ndarray) -> np.ndarray:
+    """Mask over the (lat, lon) pairs of ``a`` (..., 2): not finite, or latitude beyond +-90."""
+    with np.errstate(invalid="ignore"):
+        return ~(np.isfinite(a).all(-1) & (np.abs(a[..., 0]) <= 90))
+
+
 def check_latlon(x, name: str, rows: int | None = None) -> np.ndarray:
     """``x`` as a float64 ``(N, 2)`` array of finite (lat, lon) degrees with lat in [-90, 90]
     (``rows``: N expected); a ValueError naming ``name`` and the first bad row otherwise.
@@ -78,8 +84,7 @@ def check_latlon(x, name: str, rows: int | None = None) -> np.ndarray:
     if a.ndim != 2 or a.shape[1] != 2 or (rows is not None and a.shape[0] != rows):
         want = f"({rows}, 2)" if rows is not None else "(N, 2)"
         raise ValueError(f"{name} must have shape {want} (lat, lon), got {a.shape}")
-    with np.errstate(invalid="ignore"):
-        bad = ~(np.isfinite(a).all(1) & (np.abs(a[:, 0]) <= 90))
+    bad = _off_the_sphere(a)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{name} row {i} is {a[i].tolist()}: expected finite (lat, lon) degrees with lat in "
@@ -119,9 +124,7 @@ def best_of_k_metrics(candidates, true_latlon, ks=(3, 5)) -> dict[str, float]:
     found = ~np.isnan(c).any(2)
     if not found[:, 0].all():
         raise ValueError(f"candidates: every query needs a first answer, {int((~found[:, 0]).sum())} have none")
-    # Latitudes beyond +-90 or infinite longitudes among the answers given (NaN: none).
-    with np.errstate(invalid="ignore"):
-        bad = found & ~(np.isfinite(c).all(2) & (np.abs(c[..., 0]) <= 90))
+    bad = found & _off_the_sphere(c)  # among the answers given (NaN: none)
     if bad.any():
         q, j = (int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"candidates query {q}, answer {j} is {c[q, j].tolist()}: expected finite (lat, lon) "
