@@ -223,6 +223,9 @@ def test_longitudes_stay_in_their_documented_range():
         for arr in (np.array(xyz), torch.tensor(xyz, dtype=torch.float64)):
             assert np.asarray(xyz_to_latlon(arr)).tolist() == want, xyz
     assert shdd.decode(shdd.encode(np.array([10.0, -180.0]), 16)).tolist() == pytest.approx([10.0, 180.0])
+    # The zero vector points nowhere: a missing answer, not the point (0, 0).
+    for arr in (np.zeros((2, 3)), torch.zeros(2, 3, dtype=torch.float64), torch.tensor([[0.0, 0.0, -0.0]])):
+        assert np.isnan(np.asarray(xyz_to_latlon(arr))).all(), arr
 
 
 def test_searches_return_plain_results_and_take_numpy_scalars_as_scalars():

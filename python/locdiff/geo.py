@@ -94,6 +94,7 @@ def xyz_to_latlon(xyz):
     """(lat, lon) degrees of ``(..., 3)`` vectors (any non-zero length); lon in (-180, 180].
 
     On the poles lon is 0. ``atan2`` keeps full precision near the poles, where asin does not.
+    The zero vector has no direction: (NaN, NaN), the mark of a missing answer.
     """
     xyz = _as_float_array(xyz, "xyz")
     check_last_dim(xyz, 3, "xyz")
@@ -106,7 +107,8 @@ def xyz_to_latlon(xyz):
     # is (-180, 180]. Within float rounding of a pole the longitude means nothing: 0 there.
     lon = xp.where(lon <= -180.0, lon + 360.0, lon)
     lon = xp.where(r <= 1e-15 * abs(z), 0.0 * lon, lon)
-    return xp.stack([lat * (180 / math.pi), lon], -1)
+    out = xp.stack([lat * (180 / math.pi), lon], -1)
+    return xp.where(((r == 0) & (z == 0))[..., None], math.nan, out)
 
 
 def _check_distance_points(p, name: str, xp) -> None:
