@@ -350,7 +350,8 @@ def test_a_seed_out_of_range_is_an_argument_error(files, tmp_path, capsys, seed)
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    ([], "--embeddings and --coords are needed (or data.embeddings and data.coords in --config)"),
+    ([], "--embeddings and --coords are needed (or data.embeddings and data.coords in --config; --unconditional "
+         "trains on --coords alone)"),
     (["--embeddings", "emb.npy", "--coords", "coords.csv", "--val-embeddings", "emb.npy"],
      "--val-embeddings and --val-coords go together"),
     (["--embeddings", "emb.npy", "--coords", "coords.csv", "--val-embeddings", "emb7.npy", "--val-coords",

@@ -79,3 +79,91 @@ def test_density_reports_the_modes(predictor):
     # One place, one mode: the second-highest local maximum is far below the first.
     assert great_circle_km(modes[1, 0].numpy(), SYDNEY) < 300
     assert values[1, 1] < 0.5 * values[1, 0]
+
+
+# Unconditional: a model of where locations lie, trained on coordinates alone.
+PLACES, SHARES = np.array([PARIS, SECOND, SYDNEY]), np.array([0.5, 0.3, 0.2])
+
+
+def three_places(n, seed):
+    return PLACES[np.random.default_rng(seed).choice(3, n, p=SHARES)]
+
+
+@pytest.fixture(scope="module")
+def unconditional(tmp_path_factory):
+    run = tmp_path_factory.mktemp("unconditional") / "run"
+    cfg = RunConfig(model=CSUNetConfig(degree=12, widths=(256, 128), cond_dim=64, dropout=0.0, emb_widths=(64,)),
+                    diffusion=DiffusionConfig(prediction="x0", kl_weight=1.0, timesteps=250),
+                    train=TrainConfig(steps=1000, batch_size=128, lr=2e-3, warmup_steps=100, val_every=500,
+                                      checkpoint_every=0, ema_decay=0.99))
+    result = train(None, three_places(3000, 0), run, cfg, val=(None, three_places(400, 1)), progress=False)
+    return Predictor.from_run(run), result
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 20)])
+def test_unconditional_draws_reproduce_the_trained_distribution(unconditional, sampler, steps):
+    pred = unconditional[0]
+    drawn = pred.draw(None, 400, sampler=sampler, steps=steps, seed=2)
+    assert drawn.shape == (1, 400, 2)
+    near, shares = _shares(drawn[0], PLACES)
+    assert near >= 0.95
+    assert np.abs(np.array(shares) - SHARES).max() <= 0.1, shares
+
+
+def test_unconditional_density_ranks_the_places_by_their_share(unconditional):
+    from locdiff import shdd
+    from locdiff.evaluate import evaluate
+
+    pred, result = unconditional
+    assert not pred.conditional and pred.embedding_dim == 1
+    modes, _ = shdd.top_k(pred.coefficients(None).double(), 3)
+    d = np.array([[great_circle_km(m, p) for p in PLACES] for m in modes[0].numpy()])
+    assert (d.argmin(1) == [0, 1, 2]).all() and d.min(1).max() < 300, d
+    # Validation tracked the density (its NLL fell below the uniform density's, log 4 pi),
+    # and the best checkpoint is the one with the lowest.
+    nll = [h["nll"] for h in result.history]
+    assert max(nll) < np.log(4 * np.pi) and result.best["nll"] == min(nll)
+    test = three_places(300, 3)
+    m = evaluate(pred, None, test)
+    assert m["n"] == 300 and m["nll"] < np.log(4 * np.pi) - 2
+    assert abs(m["acc_200km"] - np.mean((test == PARIS).all(1))) < 1e-9  # one answer, Paris, for every place
+
+
+def test_each_kind_of_run_refuses_the_other_kinds_input(predictor, unconditional):
+    with pytest.raises(ValueError, match="embeddings are needed: this run was trained on embeddings"):
+        predictor.coefficients(None)
+    with pytest.raises(ValueError, match="trained without embeddings .* give emb=None"):
+        unconditional[0].coefficients(np.full((2, 1), 0.5, np.float32))
+    assert unconditional[0].predict(np.ones((2, 1), np.float32))["latlon"].shape == (2, 2)  # the constant rows
+    with pytest.raises(ValueError, match="n must be"):
+        unconditional[0].draw(None, 0)
+
+
+def test_train_refuses_embeddings_for_an_unconditional_config(tmp_path):
+    from locdiff.data.files import DataError
+
+    cfg = RunConfig(model=CSUNetConfig(degree=4, conditional=False))
+    with pytest.raises(DataError, match="model.conditional = False trains a model without them"):
+        train(np.zeros((50, 3), np.float32), three_places(50, 0), tmp_path / "r", cfg, progress=False)
+    with pytest.raises(DataError, match=r"val: embeddings given, but the training rows have none"):
+        train(None, three_places(50, 0), tmp_path / "r", RunConfig(),
+              val=(np.zeros((5, 3), np.float32), three_places(5, 1)), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_draw_checks_every_row_before_drawing_and_empty_places_are_refused(predictor, unconditional, tmp_path):
+    from locdiff.data.files import DataError
+    from locdiff.evaluate import evaluate
+
+    emb = np.tile(np.eye(8, dtype=np.float32)[:1], (40, 1))
+    emb[30, 2] = np.nan
+    with pytest.raises(ValueError, match="embeddings row 30 is NaN"):  # the row in the input, not in a batch
+        predictor.draw(emb, 20)
+    with pytest.raises(MemoryError, match="n=10000000000000 draws"):
+        unconditional[0].draw(None, 10 ** 13)
+    with pytest.raises(ValueError, match="coords: no places to evaluate"):
+        evaluate(unconditional[0], None, np.zeros((0, 2)))
+    with pytest.raises(DataError, match="coordinates: no rows to train on"):
+        train(None, np.zeros((0, 2)), tmp_path / "r", RunConfig(), progress=False)
+    with pytest.raises(DataError, match="val: no coordinates to validate on"):
+        train(None, three_places(50, 0), tmp_path / "r", RunConfig(), val=(None, np.zeros((0, 2))), progress=False)

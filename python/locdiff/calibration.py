@@ -48,6 +48,16 @@ def coverage_sample(n_rows: int, grid_cells: int) -> np.ndarray:
     return fixed_sample(n_rows, coverage_rows(grid_cells))
 
 
+def unconditional_nll(coeffs, coords, temperature: float) -> float:
+    """The mean NLL of ``coords`` (M, 2) under the density ``softmax(f / temperature)`` of one
+    SHDD vector ``coeffs`` (1, K): its normaliser taken once, not once a place."""
+    from locdiff import shdd
+
+    c = torch.as_tensor(np.asarray(coeffs, np.float64)).reshape(1, -1)
+    f = shdd.values_at(c, torch.as_tensor(np.asarray(coords, np.float64)))
+    return float(shdd.log_normalizer(c, temperature=temperature)[0] - (f / temperature).mean())
+
+
 def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
     """The density temperature with the lowest NLL of ``coords`` under the SHDD vectors
     ``coeffs`` -> (temperature, that NLL): the best of ``TEMPERATURE_FACTORS``, then, where
@@ -56,8 +66,12 @@ def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
     from locdiff import shdd
 
     truth = torch.as_tensor(np.asarray(coords, np.float64))
+    coeffs = torch.as_tensor(coeffs)
+    one = bool((coeffs == coeffs[:1]).all())  # an unconditional run: one vector for every place
 
     def nll_at(t):
+        if one:
+            return unconditional_nll(coeffs[:1], truth, t)
         return -float(shdd.log_density_at(coeffs, truth, temperature=t).mean())
 
     temps = [kl_temperature(degree, 16.0) * f for f in TEMPERATURE_FACTORS]
@@ -120,11 +134,13 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
         val = (np.asarray(val[0][rows]), np.asarray(val[1])[rows])
     coeffs = predictor.coefficients(val[0]).double()
     temperature, val_nll = nll_temperature(coeffs, val[1], predictor.degree)
+    # An unconditional run has one vector for every place: one answer to find, not one a place.
+    distinct = coeffs[:1] if bool((coeffs == coeffs[:1]).all()) else coeffs
     medians = {}
     for mode_of in ("density", "function"):
         for cd in (None, *(d for d in COARSE_DEGREES if d < predictor.degree)):
-            latlon = predictor.locate(coeffs, cd, mode_of, temperature)
-            medians[mode_of, cd] = distance_metrics(latlon, val[1])["median_km"]
+            latlon = predictor.locate(distinct, cd, mode_of, temperature)
+            medians[mode_of, cd] = distance_metrics(np.broadcast_to(latlon, (len(coeffs), 2)), val[1])["median_km"]
     # The run's own rule stands unless another beats it clearly: validation medians move by
     # a few percent between seeds (docs/model.md, "Point predictions").
     default = (predictor.config.predict.mode_of, None)

@@ -12,7 +12,8 @@ import numpy as np
 
 from locdiff import distributed
 from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, check_dim, require_packages
-from locdiff.data.files import DataError, atomic_write_json, check_finite_embeddings, load_pair, open_embeddings
+from locdiff.data.files import (DataError, atomic_write_json, check_finite_embeddings, load_pair, open_embeddings,
+                                read_coords)
 from locdiff.runfolder import check_output_file
 from locdiff.run import CONFIG_FILE
 
@@ -69,11 +70,14 @@ def _sampling(args, pred) -> dict:
         raise CliError(f"{where}: {err}") from None
     from locdiff.predict import IGNORED_BY_SAMPLER
 
-    ignored = IGNORED_BY_SAMPLER[s["sampler"]]
+    sampler = s["sampler"]
+    if getattr(args, "draws", None) is not None and given["sampler"] is None and sampler == "density":
+        sampler = "ddim"  # what draws use where the run answers by its density (Predictor.draw)
+    ignored = IGNORED_BY_SAMPLER[sampler]
     unused = [f"--{SAMPLING_FLAGS[k]}" for k in ignored if given[k] is not None]
     if unused and distributed.is_main():
         print(f"locdiff {args.command}: note: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply "
-              f"to the {s['sampler']} sampler (ignored)", file=sys.stderr)
+              f"to the {sampler} sampler (ignored)", file=sys.stderr)
     if s["sampler"] != "density":  # one prediction batch of rows x samples vectors at a time
         rows = pred.config.predict.batch_size
         try:
@@ -151,10 +155,19 @@ def cmd_evaluate(args) -> int:
     sampling = _sampling(args, pred)
     note = None if not distributed.is_main() else \
         (lambda msg: print(f"locdiff evaluate: {msg}", file=sys.stderr, flush=True))
-    emb, coords = load_pair(args.embeddings, args.coords, log=note)
-    check_dim(emb, args.embeddings, pred, args.run)
+    _check_inputs_for(pred, args)
+    if pred.conditional:
+        emb, coords = load_pair(args.embeddings, args.coords, log=note)
+        check_dim(emb, args.embeddings, pred, args.run)
+    else:  # one prediction for every place, made by rank 0
+        emb, coords = None, read_coords(args.coords)
+        if not len(coords):
+            raise CliError(f"{args.coords}: coordinates file has no rows")
     hybrid = _hybrid(args, pred) if distributed.is_main() else None  # rank 0 alone answers with it
-    done = sharded_predict(pred, emb, progress=distributed.is_main(), seed=args.seed, **sampling)
+    if emb is not None:
+        done = sharded_predict(pred, emb, progress=distributed.is_main(), seed=args.seed, **sampling)
+    else:
+        done = pred.predict(None, seed=args.seed, **sampling) if distributed.is_main() else None
     if not distributed.is_main():
         return 0
     m = evaluate(_Predicted(pred, done), emb, coords, hybrid=hybrid, progress=True, **sampling)
@@ -174,6 +187,20 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _check_inputs_for(pred, args) -> None:
+    """What the kind of run needs: embeddings (or photos) for a conditional run, none and no
+    gallery for one trained without them; a CliError naming the flag otherwise."""
+    given = [f for f, v in (("--embeddings", args.embeddings), ("--images", getattr(args, "images", None)),
+                            ("--gallery-embeddings", args.gallery_embeddings),
+                            ("--gallery-coords", args.gallery_coords)) if v]
+    if not pred.conditional and given:
+        raise CliError(f"{given[0]}: {args.run} was trained without embeddings (an unconditional model of "
+                       "locations); leave out --embeddings, --images and the gallery")
+    if pred.conditional and not (args.embeddings or getattr(args, "images", None)):
+        raise CliError(f"--embeddings is needed: {args.run} was trained on embeddings"
+                       + (" (or give --images)" if args.command == "predict" else ""))
+
+
 def _provenance(run) -> dict:
     """Which weights produced the figures: the run folder, its last finished step, the EMA
     weights (what Predictor.from_run reads) and the locdiff that read them."""
@@ -187,8 +214,18 @@ def _provenance(run) -> dict:
 
 
 def cmd_predict(args) -> int:
+    if args.draws is not None and args.draws < 1:
+        raise CliError(f"--draws {args.draws}: expected a number of locations to draw, at least 1")
+    if not _conditional_run(args.run):
+        if args.embeddings is not None or args.images is not None:
+            flag = "--embeddings" if args.embeddings is not None else "--images"
+            raise CliError(f"{flag}: {args.run} was trained without embeddings (an unconditional model of "
+                           "locations); leave out --embeddings and --images")
+        return _predict_unconditional(args)
     if (args.embeddings is None) == (args.images is None):
         raise CliError("give --embeddings FILE or --images PATH... (one of them)")
+    if args.draws is not None and args.images:
+        raise CliError("--draws: locations are drawn for --embeddings (or a run trained without them), not --images")
     if args.images:
         # Photos are answered by the first process alone, outside any process group: the
         # others end at once rather than wait in a group for however long the photos take.
@@ -226,6 +263,7 @@ def _predict_embeddings(args, dev, out, png) -> int:
     k = 0 if args.top_k is None else args.top_k
     _check_top_k(k, pred.degree)
     sampling = _sampling(args, pred)
+    _check_draws(args, sampling)
     emb = open_embeddings(args.embeddings)
     check_dim(emb, args.embeddings, pred, args.run)
     check_finite_embeddings(args.embeddings)
@@ -250,12 +288,83 @@ def _predict_embeddings(args, dev, out, png) -> int:
         extra[f"lat_{j + 1}"] = topk[:, j, 0]
         extra[f"lon_{j + 1}"] = topk[:, j, 1]
         extra[f"score_{j + 1}"] = _log_density(pred, hybrid, emb, res["coeffs"], topk[:, j])
+    if args.draws is not None:
+        drawn = _draws(args, pred, emb, sampling)
+        for j in range(args.draws):
+            extra.update({f"draw_lat_{j + 1}": drawn[:, j, 0], f"draw_lon_{j + 1}": drawn[:, j, 1]})
     write_coords_csv(out, latlon, extra)
     if png:
         _png(png, res["coeffs"], [f"row {i}" for i in range(len(latlon))], topk if k else None,
              latlon, pred.config.predict.temperature)
     print(f"{len(latlon)} predictions written to {out}" + (f", map to {png}" if png else ""))
     return 0
+
+
+def _conditional_run(run) -> bool:
+    from locdiff.run import read_config
+
+    return read_config(run)[0].model.conditional  # (names a missing folder or a damaged config)
+
+
+def _predict_unconditional(args) -> int:
+    """A run trained without embeddings: its answer (one row, with --top-k its modes), or
+    with --draws N locations drawn from it (N rows), made by the first process."""
+    from locdiff.data.files import write_coords_csv
+
+    dev = _join(args)
+    if not distributed.is_main():
+        return 0
+    if args.gallery_embeddings or args.gallery_coords:
+        raise CliError(f"--gallery-embeddings: {args.run} was trained without embeddings (an unconditional model of "
+                       "locations), and LocDiff-H retrieves by embedding")
+    out = check_output_file(args.out, "predictions CSV", _inputs(args), args.run)
+    png = check_output_file(args.map, "map", _inputs(args), args.run) if args.map else None
+    if args.html:
+        raise CliError("--html maps the answers of --images")
+    if png is not None and png.resolve() == out.resolve():
+        raise CliError(f"--out and --map name the same file: {out.resolve()}")
+    require_packages(*(["--map"] if png else []))
+    pred = _predictor(args.run, dev)
+    k = 0 if args.top_k is None else args.top_k
+    _check_top_k(k, pred.degree)
+    if k and args.draws is not None:
+        raise CliError(f"--top-k {k}: with --draws the output holds the drawn locations alone; ask for the modes "
+                       "without --draws")
+    sampling = _sampling(args, pred)
+    _check_draws(args, sampling)
+    res = pred.predict(None, top_k=k, seed=args.seed, **sampling)
+    latlon, topk = _answers(pred, None, None, res, k)
+    if args.draws is not None:
+        drawn = _draws(args, pred, None, sampling)[0]
+        write_coords_csv(out, drawn)
+        what = f"{len(drawn)} locations drawn from {args.run}"
+    else:
+        extra = {}
+        for j in range(k):
+            extra.update({f"lat_{j + 1}": topk[:, j, 0], f"lon_{j + 1}": topk[:, j, 1],
+                          f"score_{j + 1}": _log_density(pred, None, None, res["coeffs"], topk[:, j])})
+        write_coords_csv(out, latlon, extra)
+        what = f"the answer of {args.run} (trained without embeddings)"
+    if png:
+        _png(png, res["coeffs"], ["the model's density"], topk if k else None, latlon,
+             pred.config.predict.temperature)
+    print(f"{what} written to {out}" + (f", map to {png}" if png else ""))
+    return 0
+
+
+def _check_draws(args, sampling: dict) -> None:
+    if args.draws is not None and sampling["sampler"] == "density":
+        raise CliError("--sampler density: --draws takes locations from --sampler ddim or ddpm")
+
+
+def _draws(args, pred, emb, sampling: dict) -> np.ndarray:
+    """``--draws N`` locations drawn from each input's distribution (N, draws, 2), with the
+    sampler given, or the run's where it draws (else DDIM)."""
+    try:
+        return pred.draw(emb, args.draws, **{k: sampling[k] for k in ("sampler", "steps", "guidance", "eta")},
+                         seed=args.seed, progress=True)
+    except MemoryError as err:
+        raise CliError(f"--draws {args.draws}: {err}") from None
 
 
 def _answers(pred, hybrid, emb, res, k: int):
@@ -374,7 +483,8 @@ def add_parsers(sub) -> None:
 
     e = sub.add_parser("evaluate", help="metrics of a run on labelled data (torchrun: split across processes)")
     e.add_argument("--run", "--run-dir", dest="run", required=True, help=RUN_HELP)
-    e.add_argument("--embeddings", required=True)
+    e.add_argument("--embeddings", default=None, help="embeddings (.npy or folder of shards); none for a run trained "
+                   "without them")
     e.add_argument("--coords", required=True)
     e.add_argument("--json", required=True, help="output metrics JSON")
     e.add_argument("--device", default="auto", help=argparse.SUPPRESS)
@@ -391,6 +501,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--top-k", type=int, default=None,
                    help="the k answers, best first (the answer, then the highest other modes), as lat_j, lon_j "
                         "and score_j, the log density per steradian there (default: 0; 5 with --images)")
+    r.add_argument("--draws", type=int, default=None, metavar="N",
+                   help="N locations drawn from each input's distribution (DDIM or DDPM), as draw_lat_j, draw_lon_j; "
+                        "for a run trained without embeddings, N rows of lat, lon")
     r.add_argument("--map", default=None, help="PNG world map of the first predictions")
     r.add_argument("--html", default=None, help="with --images: interactive HTML map (density and modes)")
     r.add_argument("--device", default="auto", help=argparse.SUPPRESS)

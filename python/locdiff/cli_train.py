@@ -12,7 +12,7 @@ from pathlib import Path
 from locdiff import config as C
 from locdiff import distributed
 from locdiff.cli_common import CliError, add_dist_timeout, join_process_group, require_packages
-from locdiff.data.files import DataError, load_pair
+from locdiff.data.files import DataError, load_pair, read_coords
 from locdiff.ranges import SettingError
 
 # Flags for the common settings: argparse destination -> setting.
@@ -101,6 +101,9 @@ def resolve_settings(args, resume_base: str | None = None):
         except SettingError as err:  # a config's own range check, worded as _check words it
             raise CliError(f"{_flag(dest)} {err.value}: expected {err.expected}") from None
         origin[key] = _flag(dest)
+    if getattr(args, "unconditional", None):
+        cfg = _set(cfg, "model.conditional", False)
+        origin["model.conditional"] = "--unconditional"
     cfg = C.apply_overrides(cfg, args.set or [])
     # A --set's origin is the flag as typed: messages echo "train.lr=0", not the parsed 0.0.
     origin.update({item.partition("=")[0].strip(): f"--set {item.strip()}" for item in args.set or []})
@@ -139,6 +142,33 @@ def _check_derived(cfg, origin: dict, emb_dim: int) -> None:
             raise CliError(f"{origin[key]}: this setting follows {follows}; leave it out")
 
 
+def _check_data_flags(cfg, origin: dict) -> None:
+    """The data a run needs: embeddings and coordinates, or for an unconditional run
+    (``--unconditional``, model.conditional = false) coordinates alone."""
+    d = cfg.data
+    if cfg.model.conditional:
+        if not d.embeddings or not d.coords:
+            raise CliError("--embeddings and --coords are needed (or data.embeddings and data.coords in --config; "
+                           "--unconditional trains on --coords alone)")
+        if bool(d.val_embeddings) != bool(d.val_coords):
+            raise CliError("--val-embeddings and --val-coords go together")
+        return
+    where = origin.get("model.conditional", "")
+    how = where if where.startswith("--") else f"model.conditional = false{f' in {where}' if where else ''}"
+    for flag, key in (("--embeddings", "data.embeddings"), ("--val-embeddings", "data.val_embeddings")):
+        path, source = getattr(d, key.partition(".")[2]), origin.get(key, "")
+        if not path:
+            continue
+        if not source:  # the run's own, on --resume: it was trained on embeddings
+            raise CliError(f"{how}: the run was trained on embeddings ({key} = {path}); --resume cannot make it "
+                           "unconditional: train into a new --out")
+        named = flag if source.startswith("--") else f"{key} in {source}"
+        raise CliError(f"{named}: {how} trains a model of where the coordinates lie, without embeddings; leave "
+                       f"out {named}" + (f" or {where}" if where.startswith("--") else ""))
+    if not d.coords:
+        raise CliError(f"--coords is needed ({how} trains on coordinates alone)")
+
+
 def cmd_train(args) -> int:
     from locdiff.encoder import record_encoder
     from locdiff.devices import resolve_device
@@ -161,21 +191,25 @@ def cmd_train(args) -> int:
     if cfg.train.tensorboard:
         require_packages("--tensorboard")
     d = cfg.data
-    if not d.embeddings or not d.coords:
-        raise CliError("--embeddings and --coords are needed (or data.embeddings and data.coords in --config)")
-    if bool(d.val_embeddings) != bool(d.val_coords):
-        raise CliError("--val-embeddings and --val-coords go together")
+    _check_data_flags(cfg, origin)
     note = None if args.quiet or not distributed.is_main() else \
         (lambda msg: print(f"locdiff train: {msg}", file=sys.stderr, flush=True))
-    emb, coords = load_pair(d.embeddings, d.coords, log=note)
-    _check_derived(cfg, origin, emb.shape[1])
     val = None
-    if d.val_embeddings:
-        val = load_pair(d.val_embeddings, d.val_coords, log=note)
-        if val[0].shape[1] != emb.shape[1]:
-            raise DataError(f"{d.val_embeddings}: embedding dimension {val[0].shape[1]}, but the training "
-                            f"embeddings have {emb.shape[1]}")
-        val = (val[0][:], val[1])
+    if cfg.model.conditional:
+        emb, coords = load_pair(d.embeddings, d.coords, log=note)
+        if d.val_embeddings:
+            val = load_pair(d.val_embeddings, d.val_coords, log=note)
+            if val[0].shape[1] != emb.shape[1]:
+                raise DataError(f"{d.val_embeddings}: embedding dimension {val[0].shape[1]}, but the training "
+                                f"embeddings have {emb.shape[1]}")
+            val = (val[0][:], val[1])
+    else:  # where the coordinates lie, given nothing
+        emb, coords = None, read_coords(d.coords)
+        val = (None, read_coords(d.val_coords)) if d.val_coords else None
+        for path, rows in ((d.coords, coords), (d.val_coords, val[1] if val else None)):
+            if rows is not None and not len(rows):
+                raise DataError(f"{path}: coordinates file has no rows")
+    _check_derived(cfg, origin, emb.shape[1] if emb is not None else 1)
     command = "locdiff " + shlex.join(getattr(args, "argv", []) or ["train"])
     res = train(emb, coords, out, cfg, resume=args.resume, device=args.device, val=val, progress=not args.quiet,
                 extra_config={"command": command}, check_data=False)  # load_pair has checked both files
@@ -189,9 +223,10 @@ def cmd_train(args) -> int:
     if res.nothing_to_do:
         print(f"{out}: {res.nothing_to_do}; the run is unchanged")
         return 0
-    if record_encoder(d.embeddings, out):
+    if d.embeddings and record_encoder(d.embeddings, out):
         print(f"recorded the image encoder of {d.embeddings} in {out}")
-    best = f"; best validation median {res.best['median_km']:.0f} km at step {res.best['step']}" if res.best else ""
+    best = "" if not res.best else f"; best validation NLL {res.best['nll']:.3f} at step {res.best['step']}" \
+        if "nll" in res.best else f"; best validation median {res.best['median_km']:.0f} km at step {res.best['step']}"
     if res.samples_per_s > 0:
         print(f"trained {res.steps} steps in {res.elapsed_s / 60:.1f} min ({res.samples_per_s:.0f} samples/s{best}); "
               f"run saved in {out}")
@@ -234,6 +269,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--seed", type=C.integer, default=None, help="seed of the initialisation, order and noise")
     t.add_argument("--accumulate", type=C.integer, default=None, help="pieces each process cuts its rows into")
     t.add_argument("--workers", type=C.integer, default=None, help="loader processes (default 2 for files)")
+    t.add_argument("--unconditional", action="store_true", default=None,
+                   help="no embeddings: a model of where the --coords lie (model.conditional = false)")
     t.add_argument("--val-embeddings", default=None, help="validation embeddings (else rows are held out)")
     t.add_argument("--val-coords", default=None, help="validation coordinates")
     t.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard event files")

@@ -123,12 +123,23 @@ def evaluate(predictor, emb, coords, density: bool = True, hybrid=None, progress
     predicted densities (at the run's temperature, or ``temperature`` among ``kw``) and the
     share of truths in the answers' credible regions (:func:`coverage_scores`) when
     ``density``. With ``hybrid`` (a :class:`locdiff.hybrid.Hybrid`), the same keys for
-    LocDiff-H. ``kw``: prediction settings (sampler, steps, samples, guidance, ...)."""
+    LocDiff-H. ``kw``: prediction settings (sampler, steps, samples, guidance, ...).
+    ``emb=None``: an unconditional run's one prediction, scored against every place."""
     from locdiff import shdd
     from locdiff.predict import SETTINGS
 
-    coords = M.check_latlon(coords, "coords", rows=len(emb))  # before the predictions
-    out = predictor.predict(emb, progress=progress, **kw)
+    if emb is None:  # an unconditional run: one input, one prediction for every place
+        coords = M.check_latlon(coords, "coords")
+        if not len(coords):
+            raise ValueError("coords: no places to evaluate")
+        if hybrid is not None:
+            raise ValueError("hybrid: LocDiff-H retrieves by embedding, and an unconditional run has none")
+        out = predictor.predict(None, **kw)
+        out = {"latlon": np.repeat(out["latlon"], len(coords), 0),
+               "coeffs": torch.as_tensor(out["coeffs"]).double().expand(len(coords), -1)}  # (one row's memory)
+    else:
+        coords = M.check_latlon(coords, "coords", rows=len(emb))  # before the predictions
+        out = predictor.predict(emb, progress=progress, **kw)
     tau = kw.get("temperature")
     tau = predictor.config.predict.temperature if tau is None else float(tau)
     c = out["coeffs"]

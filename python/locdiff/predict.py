@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from locdiff import grids, shdd
-from locdiff.data.files import embeddings_float32, embeddings_ok, first_bad_embedding
+from locdiff.data.files import constant_embeddings, embeddings_float32, embeddings_ok, first_bad_embedding
 from locdiff.devices import resolve_device
 from locdiff.ops import validation
 from locdiff.ops.validation import check_int
@@ -145,14 +145,34 @@ class Predictor:
                              "(model.density_head with diffusion.kl_weight = 0, as earlier locdiff versions allowed); "
                              "use sampler 'ddim' or 'ddpm'")
 
+    @property
+    def conditional(self) -> bool:
+        """False for a run trained without embeddings (``model.conditional``): its methods take
+        ``emb=None``, one input, the distribution of locations it learned."""
+        return self.config.model.conditional
+
+    def inputs(self, emb):
+        """``emb`` checked against the kind of run: an unconditional run takes None (its one
+        input, the constant 1, :func:`locdiff.data.files.constant_embeddings`), a conditional
+        run embeddings; a ValueError otherwise."""
+        if emb is None:
+            if self.conditional:
+                raise ValueError("embeddings are needed: this run was trained on embeddings (model.conditional); "
+                                 "emb=None is for a run trained without them")
+            return constant_embeddings(1)
+        return emb
+
     def _embeddings(self, emb) -> torch.Tensor:
-        emb = torch.from_numpy(embeddings_float32(emb)).to(self.device)
+        emb = torch.from_numpy(embeddings_float32(self.inputs(emb))).to(self.device)
         if emb.ndim != 2 or emb.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings have shape {tuple(emb.shape)}, the model expects "
                              f"(N, {self.embedding_dim})")
         if not embeddings_ok(emb):
             row, what = first_bad_embedding(emb.cpu().numpy())
             raise ValueError(f"embeddings row {row} {what}")
+        if not self.conditional and not bool((emb == 1).all()):
+            raise ValueError("this run was trained without embeddings (model.conditional = False): give emb=None, "
+                             "or rows of the constant 1")
         return emb
 
     @torch.no_grad()
@@ -204,6 +224,34 @@ class Predictor:
             out = sample_ddim(model, x, self.schedule, steps=s["steps"], eta=s["eta"], prediction=dc.prediction,
                               generator=gen)
         return (out.float() / dc.scale).reshape(emb.shape[0], s["samples"], -1).cpu()
+
+    def draw(self, emb, n: int, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+             eta: float | None = None, seed: int = 0, progress: bool = False) -> np.ndarray:
+        """``n`` locations drawn from each input's distribution: ``(B, n, 2)`` (lat, lon) in
+        degrees, the point of each vector that DDIM or DDPM draws (the maximum of its f). The
+        run's sampler where it draws, else DDIM. Drawn in batches of about ``predict.batch_size``
+        vectors, each seeded by :func:`batch_seed` (seed, its first draw's index over all rows):
+        the same seed, ``n`` and batch size give the same draws."""
+        from tqdm.auto import tqdm
+
+        check_int(n, "n", 1)
+        check_seed(seed)
+        sampler = sampler or (self.config.predict.sampler if self.config.predict.sampler != "density" else "ddim")
+        rows = embeddings_float32(self.inputs(emb))
+        self._embeddings(rows)  # every row checked before any draw
+        validation.check_allocation((len(rows), n, 2), torch.float64, torch.device("cpu"),
+                                    f"{len(rows)} rows x n={n} draws", hint="draw fewer locations at a time")
+        out = np.empty((len(rows), n, 2))
+        per = self.config.predict.batch_size
+        block, chunk = (max(1, per // n), n) if n <= per else (1, per)  # rows, then draws a batch
+        batches = [(i, j) for i in range(0, len(rows), block) for j in range(0, n, chunk)]
+        for i, j in tqdm(batches, desc="drawing", unit="batch", disable=not progress):
+            m = min(chunk, n - j)
+            v = self.sample(rows[i:i + block], sampler=sampler, steps=steps, samples=m, guidance=guidance,
+                            eta=eta, seed=batch_seed(seed, i * n + j))
+            out[i:i + block, j:j + m] = np.asarray(shdd.decode(v.reshape(-1, v.shape[-1]).double())).reshape(
+                len(v), m, 2)
+        return out
 
     @torch.no_grad()
     def coefficients(self, emb, seed: int = 0, **overrides) -> torch.Tensor:
@@ -260,6 +308,7 @@ class Predictor:
 
         check_int(top_k, "top_k", 0, note=" (0: no further modes)")
         check_seed(seed)
+        emb = self.inputs(emb)
         s = self.settings(**overrides)
         bs = self.config.predict.batch_size
         lo, hi, step = (part or slice(0, len(emb))).indices(len(emb))

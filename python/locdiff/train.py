@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from locdiff import distributed
-from locdiff.calibration import CALIBRATED, HYBRID_GALLERY_ROWS, calibrate, uncalibrated
-from locdiff.data.files import DataError, atomic_write_bytes, gather_rows
+from locdiff.calibration import CALIBRATED, HYBRID_GALLERY_ROWS, calibrate, uncalibrated, unconditional_nll
+from locdiff.data.files import DataError, atomic_write_bytes, constant_embeddings, gather_rows
 from locdiff.devices import resolve_device
 from locdiff.diffusion import EMA, diffusion_loss
+from locdiff.diffusion.losses import kl_temperature
 from locdiff.models import CSUNet
 from locdiff.optim import adamw, lr_factor
 from locdiff.resume import DATA_KEY, data_fingerprint, prepare_folder
@@ -129,10 +130,36 @@ def _check_rows(embeddings, coords, which: str) -> None:
         raise DataError(f"{which}embeddings row {bad[0]} {bad[1]}")
 
 
+def _inputs_of(embeddings, coords, val, config: RunConfig) -> tuple:
+    """``(embeddings, val)`` to train on: without embeddings (None) the constant rows of an
+    unconditional model, whose config says so; a DataError where the two disagree."""
+    if embeddings is not None:
+        if not config.model.conditional:
+            raise DataError("embeddings were given, but model.conditional = False trains a model without them: "
+                            "pass embeddings=None, or set model.conditional = True")
+        if val is not None and isinstance(val, (tuple, list)) and len(val) == 2 and val[0] is None:
+            raise DataError("val: embeddings None, but the training rows have embeddings; give both or neither")
+        return embeddings, val
+    config.model.conditional = False
+    rows = np.shape(coords)[0] if np.ndim(coords) else 0
+    if rows == 0:
+        raise DataError("coordinates: no rows to train on")
+    if val is not None and isinstance(val, (tuple, list)) and len(val) == 2:
+        if val[0] is not None:
+            raise DataError("val: embeddings given, but the training rows have none (an unconditional model); "
+                            "give val as (None, coords)")
+        if not (np.shape(val[1])[0] if np.ndim(val[1]) else 0):
+            raise DataError("val: no coordinates to validate on")
+        val = (constant_embeddings(np.shape(val[1])[0]), val[1])
+    return constant_embeddings(rows), val
+
+
 def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resume: bool = False,
           device: str | None = None, val: tuple | None = None, progress: bool = True,
           extra_config: dict | None = None, log=None, check_data: bool = True) -> TrainResult:
     """Train a CS-UNet on ``embeddings`` (N, D) (array, memmap or shards) and ``coords`` (N, 2).
+    ``embeddings=None``: an unconditional model of where the ``coords`` lie
+    (``model.conditional = False``; validation then tracks the density's NLL).
 
     ``val``: optional ``(embeddings, coords)`` for validation; by default ``val_size`` random
     rows are held out of the training data. Validation reports the median error and the
@@ -158,6 +185,7 @@ def train(embeddings, coords, run_dir, config: RunConfig | None = None, *, resum
     dev = resolve_device(device)
     if distributed.is_distributed() and dev.type == "cuda":
         dev = distributed.device()
+    embeddings, val = _inputs_of(embeddings, coords, val, config)
     if not hasattr(embeddings, "shape"):  # a list of rows
         embeddings = np.asarray(embeddings, np.float32)
     if len(embeddings.shape) != 2:
@@ -375,13 +403,25 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
 
         if len(val[0]) >= VALIDATION_NOTE_ROWS:  # minutes of silence otherwise, the bar standing still
             log(f"step {step}: validating on {len(val[0]):,} rows")
-        m = distance_metrics(ema_predictor().predict(val[0], coeffs=False)["latlon"], val[1])
+        pred = ema_predictor()
+        if mc.conditional:
+            m = distance_metrics(pred.predict(val[0], coeffs=False)["latlon"], val[1])
+        else:  # one input, so one answer; what the run learns is its density
+            one = pred.predict(val[0][:1])
+            m = distance_metrics(np.repeat(one["latlon"], len(val[1]), 0), val[1])
+            nll = unconditional_nll(one["coeffs"], val[1], kl_temperature(mc.degree, dc.kl_sharpness))
         v = {"step": step, "median_km": round(m["median_km"], 1), "acc_750km": round(m["acc_750km"], 4)}
+        if not mc.conditional:
+            v["nll"] = round(nll, 4)
         state["history"].append(v)
-        tlog.write(step, {"val_median_km": v["median_km"], "val_acc_750km": v["acc_750km"]})
-        log(f"step {step}: validation median {v['median_km']:.0f} km, acc@750km {100 * v['acc_750km']:.1f}%")
-        if state["best"] is None or v["median_km"] < state["best"]["median_km"]:
-            state["best"] = {"step": step, "median_km": v["median_km"]}
+        tlog.write(step, {f"val_{k}": x for k, x in v.items() if k != "step"})
+        log(f"step {step}: validation " + (f"NLL {v['nll']:.3f} (density at the KL's temperature)"
+                                           if "nll" in v else
+                                           f"median {v['median_km']:.0f} km, acc@750km {100 * v['acc_750km']:.1f}%"))
+        # An unconditional run has one answer for every place: its best is its best density.
+        key = "median_km" if mc.conditional else "nll"
+        if state["best"] is None or v[key] < state["best"].get(key, math.inf):
+            state["best"] = {"step": step, **{k: v[k] for k in ("median_km", "nll") if k in v}}
             keeper.save_best(snapshot(), step)
         return v
 
@@ -510,7 +550,9 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
     if not stop.signum and val is not None and step > 0:
         rows = train_idx if len(train_idx) <= HYBRID_GALLERY_ROWS else \
             np.sort(np.random.default_rng(tc.seed).choice(train_idx, HYBRID_GALLERY_ROWS, replace=False))
-        cal = calibrate(ema_predictor(), val, (gather_rows(embeddings, rows), coords[rows]), log)
+        # Retrieval by embedding has nothing to retrieve by in an unconditional run.
+        gallery = (gather_rows(embeddings, rows), coords[rows]) if mc.conditional else None
+        cal = calibrate(ema_predictor(), val, gallery, log)
         for name in CALIBRATED:
             setattr(config.predict, name, cal[name])
     if stop.signum:

@@ -217,6 +217,12 @@ def _check_emb(arr: np.ndarray, path) -> np.ndarray:
 MAX_EMBEDDING_ABS = 1e12
 
 
+def constant_embeddings(rows: int) -> np.ndarray:
+    """The input of an unconditional model (``model.conditional = False``): the constant 1
+    for each of ``rows`` rows, ``(rows, 1)`` float32."""
+    return np.ones((rows, 1), np.float32)
+
+
 def embeddings_float32(emb) -> np.ndarray:
     """``emb`` (an array, nested lists, or a torch tensor of any dtype and device, with or
     without grad) as a float32 numpy array: numpy reads neither bfloat16 nor a tensor that
@@ -417,7 +423,7 @@ def write_coords_csv(path, latlon: np.ndarray, extra: dict[str, np.ndarray] | No
     cols = ["lat", "lon"] + list(extra or {})
     ex = [np.asarray(v) for v in (extra or {}).values()]
     # Further coordinates (lat_1, lon_1, ...) as the answer's: 6 decimals, about 0.1 m.
-    degrees = [re.fullmatch(r"(lat|lon)_\d+", c) is not None for c in cols[2:]]
+    degrees = [re.fullmatch(r"(draw_)?(lat|lon)_\d+", c) is not None for c in cols[2:]]
     atomic_write_csv(path, cols, ([f"{latlon[i, 0]:.6f}", f"{latlon[i, 1]:.6f}"]
                                   + [_fmt(e[i], d) for e, d in zip(ex, degrees)] for i in range(len(latlon))))
 

@@ -35,7 +35,9 @@ class CSUNetConfig:
     denoiser's, an SHDD vector describing the distribution of the location given the input
     (trained by SHDD-KL, see ``locdiff.diffusion.losses``). ``density_from``: the head reads
     the embedding features alone ("embedding": the distribution given the condition) or
-    beside the denoiser's last hidden layer ("trunk": given the condition and x_t)."""
+    beside the denoiser's last hidden layer ("trunk": given the condition and x_t).
+    ``conditional``: False for a model of where locations lie, given nothing (trained without
+    embeddings: each row's input is the constant 1, ``emb_dim`` 1)."""
 
     degree: int = 32
     emb_dim: int = 384
@@ -51,6 +53,7 @@ class CSUNetConfig:
     # the places task (docs/model.md, "Samplers").
     density_head: bool = True
     density_from: str = "embedding"
+    conditional: bool = True
     timesteps: int = 1000
     extra: dict = field(default_factory=dict)
 
