@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from locdiff import grids, shdd
-from locdiff.baselines.knn import log_vmf_mixture
+from locdiff.baselines.knn import NeighbourIndex, log_vmf_mixture
 from locdiff.calibration import unconditional_nll
 from locdiff.data.files import cache_dir
 from locdiff.diffusion import DiffusionConfig
-from locdiff.geo import latlon_to_xyz, xyz_to_latlon
+from locdiff.geo import great_circle_km, latlon_to_xyz, xyz_to_latlon
 from locdiff.models import CSUNetConfig
 from locdiff.predict import Predictor
 from locdiff.run import PredictConfig, RunConfig, TrainConfig
@@ -79,12 +79,12 @@ def kde_nll(centres: np.ndarray, points: np.ndarray, km: float, chunk: int = 200
     return -float(torch.cat(out).mean())
 
 
-def nearest_km(centres: np.ndarray, points: np.ndarray, chunk: int = 500) -> np.ndarray:
-    """Great-circle km from each of ``points`` to the nearest of ``centres``."""
-    c = torch.as_tensor(latlon_to_xyz(centres))
-    x = torch.as_tensor(latlon_to_xyz(points))
-    dots = torch.cat([(x[i:i + chunk] @ c.T).amax(1) for i in range(0, len(x), chunk)])
-    return EARTH_KM * torch.arccos(dots.clamp(-1, 1)).numpy()
+def nearest_km(centres: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Great-circle km from each of ``points`` to the nearest of ``centres`` (the k-NN
+    baseline's index, searching unit vectors by cosine)."""
+    index = NeighbourIndex(latlon_to_xyz(centres), centres)
+    _, idx = index.search(latlon_to_xyz(points), 1)
+    return np.asarray(great_circle_km(points, centres[np.asarray(idx)[:, 0]]))
 
 
 def described(tr: np.ndarray, drawn: np.ndarray) -> dict:

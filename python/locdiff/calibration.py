@@ -58,6 +58,11 @@ def unconditional_nll(coeffs, coords, temperature: float) -> float:
     return float(shdd.log_normalizer(c, temperature=temperature)[0] - (f / temperature).mean())
 
 
+def one_vector(coeffs: torch.Tensor) -> bool:
+    """Whether every row of ``coeffs`` is the same vector, as in an unconditional run."""
+    return bool((coeffs == coeffs[:1]).all())
+
+
 def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
     """The density temperature with the lowest NLL of ``coords`` under the SHDD vectors
     ``coeffs`` -> (temperature, that NLL): the best of ``TEMPERATURE_FACTORS``, then, where
@@ -67,7 +72,7 @@ def nll_temperature(coeffs, coords, degree: int) -> tuple[float, float]:
 
     truth = torch.as_tensor(np.asarray(coords, np.float64))
     coeffs = torch.as_tensor(coeffs)
-    one = bool((coeffs == coeffs[:1]).all())  # an unconditional run: one vector for every place
+    one = one_vector(coeffs)  # an unconditional run: one normaliser for every place
 
     def nll_at(t):
         if one:
@@ -135,7 +140,7 @@ def calibrate(predictor, val, gallery=None, log=None) -> dict:
     coeffs = predictor.coefficients(val[0]).double()
     temperature, val_nll = nll_temperature(coeffs, val[1], predictor.degree)
     # An unconditional run has one vector for every place: one answer to find, not one a place.
-    distinct = coeffs[:1] if bool((coeffs == coeffs[:1]).all()) else coeffs
+    distinct = coeffs[:1] if one_vector(coeffs) else coeffs
     medians = {}
     for mode_of in ("density", "function"):
         for cd in (None, *(d for d in COARSE_DEGREES if d < predictor.degree)):

@@ -155,7 +155,10 @@ def cmd_evaluate(args) -> int:
     sampling = _sampling(args, pred)
     note = None if not distributed.is_main() else \
         (lambda msg: print(f"locdiff evaluate: {msg}", file=sys.stderr, flush=True))
-    _check_inputs_for(pred, args)
+    if not pred.conditional:
+        _check_no_inputs(args)
+    elif not args.embeddings:
+        raise CliError(f"--embeddings is needed: {args.run} was trained on embeddings")
     if pred.conditional:
         emb, coords = load_pair(args.embeddings, args.coords, log=note)
         check_dim(emb, args.embeddings, pred, args.run)
@@ -187,18 +190,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _check_inputs_for(pred, args) -> None:
-    """What the kind of run needs: embeddings (or photos) for a conditional run, none and no
-    gallery for one trained without them; a CliError naming the flag otherwise."""
+def _check_no_inputs(args) -> None:
+    """For a run trained without embeddings: a CliError naming the first input flag given
+    (embeddings, photos or a gallery), since it has nothing to read them by."""
     given = [f for f, v in (("--embeddings", args.embeddings), ("--images", getattr(args, "images", None)),
                             ("--gallery-embeddings", args.gallery_embeddings),
                             ("--gallery-coords", args.gallery_coords)) if v]
-    if not pred.conditional and given:
+    if given:
+        why = ("LocDiff-H retrieves by embedding: leave out the gallery" if given[0].startswith("--gallery") else
+               "leave out --embeddings and --images")
         raise CliError(f"{given[0]}: {args.run} was trained without embeddings (an unconditional model of "
-                       "locations); leave out --embeddings, --images and the gallery")
-    if pred.conditional and not (args.embeddings or getattr(args, "images", None)):
-        raise CliError(f"--embeddings is needed: {args.run} was trained on embeddings"
-                       + (" (or give --images)" if args.command == "predict" else ""))
+                       f"locations); {why}")
 
 
 def _provenance(run) -> dict:
@@ -216,13 +218,10 @@ def _provenance(run) -> dict:
 def cmd_predict(args) -> int:
     if args.draws is not None and args.draws < 1:
         raise CliError(f"--draws {args.draws}: expected a number of locations to draw, at least 1")
-    if not _conditional_run(args.run):
-        if args.embeddings is not None or args.images is not None:
-            flag = "--embeddings" if args.embeddings is not None else "--images"
-            raise CliError(f"{flag}: {args.run} was trained without embeddings (an unconditional model of "
-                           "locations); leave out --embeddings and --images")
-        return _predict_unconditional(args)
-    if (args.embeddings is None) == (args.images is None):
+    conditional = _conditional_run(args.run)
+    if not conditional:
+        _check_no_inputs(args)
+    elif (args.embeddings is None) == (args.images is None):
         raise CliError("give --embeddings FILE or --images PATH... (one of them)")
     if args.draws is not None and args.images:
         raise CliError("--draws: locations are drawn for --embeddings (or a run trained without them), not --images")
@@ -237,7 +236,7 @@ def cmd_predict(args) -> int:
     else:
         dev = _join(args)
         if not distributed.is_main():  # outputs are rank 0's: other nodes need not see their folders
-            return _predict_embeddings(args, dev, None, None)
+            return _predict_embeddings(args, dev, None, None) if conditional else 0
     inputs = _inputs(args)
     out = check_output_file(args.out, "predictions CSV", inputs, args.run)
     jsonl = check_output_file(out.with_suffix(".jsonl"), "predictions JSON Lines", inputs, args.run) \
@@ -255,6 +254,8 @@ def cmd_predict(args) -> int:
     require_packages(*[f for f, on in (("--map", png), ("--html", html), ("--images", args.images)) if on])
     if args.images:
         return _predict_images(args, dev, out, jsonl, html, png)
+    if not conditional:
+        return _predict_unconditional(args, dev, out, png)
     return _predict_embeddings(args, dev, out, png)
 
 
@@ -280,14 +281,7 @@ def _predict_embeddings(args, dev, out, png) -> int:
     from locdiff.data.files import write_coords_csv
 
     latlon, topk = _answers(pred, hybrid, emb, res, k)
-    from tqdm.auto import tqdm
-
-    extra = {}
-    # One density pass per mode, after the predicting bar has ended: a bar for many rows.
-    for j in tqdm(range(k), desc="scoring modes", unit="mode", disable=not k or len(latlon) < SCORE_BAR_ROWS):
-        extra[f"lat_{j + 1}"] = topk[:, j, 0]
-        extra[f"lon_{j + 1}"] = topk[:, j, 1]
-        extra[f"score_{j + 1}"] = _log_density(pred, hybrid, emb, res["coeffs"], topk[:, j])
+    extra = _mode_columns(pred, hybrid, emb, res, topk, k)
     if args.draws is not None:
         drawn = _draws(args, pred, emb, sampling)
         for j in range(args.draws):
@@ -306,24 +300,25 @@ def _conditional_run(run) -> bool:
     return read_config(run)[0].model.conditional  # (names a missing folder or a damaged config)
 
 
-def _predict_unconditional(args) -> int:
-    """A run trained without embeddings: its answer (one row, with --top-k its modes), or
-    with --draws N locations drawn from it (N rows), made by the first process."""
+def _mode_columns(pred, hybrid, emb, res: dict, topk, k: int) -> dict:
+    """The CSV columns lat_j, lon_j and score_j of the k answers (N, k, 2); ``res``: the
+    predictions, whose vectors are there when k > 0."""
+    from tqdm.auto import tqdm
+
+    extra = {}
+    # One density pass per mode, after the predicting bar has ended: a bar for many rows.
+    for j in tqdm(range(k), desc="scoring modes", unit="mode", disable=not k or len(topk) < SCORE_BAR_ROWS):
+        extra[f"lat_{j + 1}"] = topk[:, j, 0]
+        extra[f"lon_{j + 1}"] = topk[:, j, 1]
+        extra[f"score_{j + 1}"] = _log_density(pred, hybrid, emb, res["coeffs"], topk[:, j])
+    return extra
+
+
+def _predict_unconditional(args, dev, out, png) -> int:
+    """A run trained without embeddings (rank 0): its answer (one row, with --top-k its
+    modes), or with --draws N locations drawn from it (N rows)."""
     from locdiff.data.files import write_coords_csv
 
-    dev = _join(args)
-    if not distributed.is_main():
-        return 0
-    if args.gallery_embeddings or args.gallery_coords:
-        raise CliError(f"--gallery-embeddings: {args.run} was trained without embeddings (an unconditional model of "
-                       "locations), and LocDiff-H retrieves by embedding")
-    out = check_output_file(args.out, "predictions CSV", _inputs(args), args.run)
-    png = check_output_file(args.map, "map", _inputs(args), args.run) if args.map else None
-    if args.html:
-        raise CliError("--html maps the answers of --images")
-    if png is not None and png.resolve() == out.resolve():
-        raise CliError(f"--out and --map name the same file: {out.resolve()}")
-    require_packages(*(["--map"] if png else []))
     pred = _predictor(args.run, dev)
     k = 0 if args.top_k is None else args.top_k
     _check_top_k(k, pred.degree)
@@ -339,11 +334,7 @@ def _predict_unconditional(args) -> int:
         write_coords_csv(out, drawn)
         what = f"{len(drawn)} locations drawn from {args.run}"
     else:
-        extra = {}
-        for j in range(k):
-            extra.update({f"lat_{j + 1}": topk[:, j, 0], f"lon_{j + 1}": topk[:, j, 1],
-                          f"score_{j + 1}": _log_density(pred, None, None, res["coeffs"], topk[:, j])})
-        write_coords_csv(out, latlon, extra)
+        write_coords_csv(out, latlon, _mode_columns(pred, None, None, res, topk, k))
         what = f"the answer of {args.run} (trained without embeddings)"
     if png:
         _png(png, res["coeffs"], ["the model's density"], topk if k else None, latlon,

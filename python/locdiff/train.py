@@ -415,9 +415,9 @@ def _train(stack, embeddings, coords, run_dir, config, ckpt, dev, train_idx, val
             v["nll"] = round(nll, 4)
         state["history"].append(v)
         tlog.write(step, {f"val_{k}": x for k, x in v.items() if k != "step"})
-        log(f"step {step}: validation " + (f"NLL {v['nll']:.3f} (density at the KL's temperature)"
-                                           if "nll" in v else
-                                           f"median {v['median_km']:.0f} km, acc@750km {100 * v['acc_750km']:.1f}%"))
+        what = (f"NLL {v['nll']:.3f} (density at the KL's temperature)" if "nll" in v else
+                f"median {v['median_km']:.0f} km, acc@750km {100 * v['acc_750km']:.1f}%")
+        log(f"step {step}: validation {what}")
         # An unconditional run has one answer for every place: its best is its best density.
         key = "median_km" if mc.conditional else "nll"
         if state["best"] is None or v[key] < state["best"].get(key, math.inf):
